@@ -1,0 +1,17 @@
+#!/usr/bin/env node
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { serveCommand } from './serve.js';
+import { inspectCommands } from './inspect.js';
+
+let y = yargs(hideBin(process.argv))
+  .scriptName('vhost-xdp')
+  .usage('$0 <command> [options]\n\nA vhost-user virtio-net backend with an XDP offload broker.')
+  .strict()
+  .demandCommand(1, 'name a command (see --help)')
+  .recommendCommands()
+  .help()
+  .wrap(Math.min(110, process.stdout.columns || 100));
+y = serveCommand(y);
+y = inspectCommands(y);
+await y.parseAsync();

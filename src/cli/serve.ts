@@ -1,0 +1,67 @@
+import fs from 'node:fs';
+import type { Argv } from 'yargs';
+import { logger, setLogLevel, type LogLevel } from '../log.js';
+import { Service } from '../service/service.js';
+import { parseDeviceOption, validateSpec, SpecError, type DeviceSpec } from '../service/device-spec.js';
+
+const log = logger('vhost-xdp');
+
+export function serveCommand(y: Argv) {
+  return y.command(
+    'serve',
+    'Serve virtio-net devices over vhost-user sockets (QEMU or DPDK virtio-user connect to them)',
+    (a) => a
+      .option('socket', { type: 'string', describe: 'vhost-user socket path of the (single) device' })
+      .option('port', { type: 'string', describe: 'host port: tap:IFNAME (created if missing, removed on exit if we created it)' })
+      .option('queues', { type: 'number', default: 1, describe: 'queue pairs offered to the guest' })
+      .option('name', { type: 'string', default: 'dev0', describe: 'device name used in logs, status and the control API' })
+      .option('client', { type: 'boolean', default: false, describe: 'connect to the socket (QEMU listens with server=on) and reconnect with backoff' })
+      .option('threads', { type: 'number', default: 1, describe: 'datapath worker threads per device (queue pairs dealt round-robin)' })
+      .option('busy-poll', { type: 'boolean', default: false, describe: 'spin on the rings instead of sleeping in epoll (burns a core, lowers latency)' })
+      .option('mtu', { type: 'number', describe: 'MTU applied to the port until the frontend sends NET_SET_MTU' })
+      .option('device', { type: 'string', array: true, describe: 'more devices: name=N,socket=PATH,port=tap:IF[,queues=N,client=1,threads=N,busy-poll=1,mtu=N] (repeatable)' })
+      .option('config', { type: 'string', describe: 'JSON file: {"devices":[{name,socket,port,queues,...}], "control": PATH}' })
+      .option('control', { type: 'string', describe: 'control API unix socket (ws), mode 0600; used by status/stats' })
+      .option('log-level', { type: 'string', choices: ['debug', 'info', 'warn', 'error'], default: 'info' })
+      .example('$0 serve --socket /tmp/vx0.sock --port tap:vx0 --queues 2', 'one device; start QEMU with -chardev socket,path=/tmp/vx0.sock')
+      .example('$0 serve --device name=a,socket=/tmp/a.sock,port=tap:vxa --device name=b,socket=/tmp/b.sock,port=tap:vxb --control /tmp/vx.ctl', 'two devices in one process'),
+    async (argv) => {
+      setLogLevel(argv['log-level'] as LogLevel);
+      let specs: DeviceSpec[];
+      let control = argv.control ?? null;
+      try {
+        const defaults = { queues: argv.queues, client: argv.client, threads: argv.threads, busyPoll: argv['busy-poll'], mtu: argv.mtu };
+        specs = [];
+        if (argv.config) {
+          const cfg = JSON.parse(fs.readFileSync(argv.config, 'utf8')) as { devices?: Partial<DeviceSpec>[]; control?: string };
+          for (const d of cfg.devices ?? []) specs.push(validateSpec({ ...defaults, name: '', socket: '', port: '', ...d } as DeviceSpec));
+          control ??= cfg.control ?? null;
+        }
+        if (argv.socket || argv.port) {
+          if (!argv.socket || !argv.port) throw new SpecError('--socket and --port go together');
+          specs.push(validateSpec({ ...defaults, name: argv.name, socket: argv.socket, port: argv.port }));
+        }
+        for (const d of argv.device ?? []) specs.push(parseDeviceOption(d, defaults));
+        if (specs.length === 0) throw new SpecError('nothing to serve: give --socket and --port, --device, or --config');
+      } catch (e) {
+        console.error(`vhost-xdp serve: ${(e as Error).message}`);
+        process.exit(2);
+      }
+      let svc: Service;
+      try {
+        svc = await Service.start(specs, control);
+      } catch (e) {
+        console.error(`vhost-xdp serve: ${(e as Error).message}`);
+        process.exit(1);
+      }
+      const shutdown = (sig: string) => {
+        log.info(`${sig}: shutting down`);
+        void svc.stop().then(() => process.exit(0));
+      };
+      process.once('SIGINT', () => shutdown('SIGINT'));
+      process.once('SIGTERM', () => shutdown('SIGTERM'));
+      // One line on stdout that scripts can wait for.
+      console.log(`vhost-xdp ready: ${specs.map((s) => `${s.name} ${s.client ? 'client' : 'server'} ${s.socket} ${s.port} queues=${s.queues}`).join('; ')}${control ? `; control ${control}` : ''}`);
+    },
+  );
+}

@@ -1,0 +1,213 @@
+// Entry point of a datapath worker thread: one epoll loop over the kick eventfds and host queue
+// fds of the queue pairs it serves, plus a control eventfd through which the main thread's
+// synchronous requests arrive (received with receiveMessageOnPort, so the loop never yields).
+import { workerData, parentPort, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
+import { Epoll, EPOLLIN, eventfdDrain, eventfdSignal } from '../sys/libc.js';
+import { GuestMemory } from '../vhost-user/guest-memory.js';
+import { SplitQueue } from '../virtio/split-queue.js';
+import { openHostQueue } from '../ports/host-queue.js';
+import type { HostQueue } from '../ports/port.js';
+import type { VringConfig } from '../vhost-user/backend.js';
+import { logger } from '../log.js';
+import { RxPath, TxPath, BURST, type PathContext } from './queue-paths.js';
+import { C, COUNTERS } from './stats.js';
+import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type DatapathRequest, type DatapathWorkerData, type FrameFormat } from './datapath-messages.js';
+
+const data = workerData as DatapathWorkerData & { port: MessagePort };
+const log = logger(`${data.name}/datapath`);
+const ctl = new Int32Array(data.control);
+const stats = new Float64Array(data.stats);
+const epoll = new Epoll(128);
+const TOKEN_CONTROL = 1 << 16;
+const TOKEN_KICK = 2 << 16;
+const TOKEN_HOST = 3 << 16;
+
+let memory: GuestMemory | null = null;
+let format: FrameFormat = { eventIdx: false, headerLength: 12, mergeable: false, maxFrame: 1518 + 12 };
+const hosts = new Map<number, HostQueue>();
+interface Running { cfg: VringConfig; rx?: RxPath; tx?: TxPath; }
+const vrings = new Map<number, Running>();
+let exiting = false;
+
+function context(pair: number): PathContext {
+  return {
+    name: data.name, stats, pair,
+    onBroken: (index, why) => {
+      log.warn(`vring ${index} stopped: ${why} (device needs reset)`);
+      const v = vrings.get(index);
+      if (v && v.cfg.errFd >= 0) eventfdSignal(v.cfg.errFd);
+    },
+  };
+}
+
+function hostArmed(pair: number, armed: boolean): void {
+  const h = hosts.get(pair);
+  if (!h) return;
+  epoll.modify(h.fd, armed ? EPOLLIN : 0, TOKEN_HOST | pair);
+}
+
+function start(cfg: VringConfig): void {
+  if (!memory) throw new Error(`vring ${cfg.index}: no memory table`);
+  const pair = cfg.index >> 1;
+  if (!data.pairs.includes(pair)) throw new Error(`vring ${cfg.index} is not served by this worker`);
+  const host = hosts.get(pair);
+  if (!host) throw new Error(`vring ${cfg.index}: no host queue for pair ${pair}`);
+  const q = new SplitQueue(memory, { size: cfg.size, descGpa: cfg.descGpa, availGpa: cfg.availGpa, usedGpa: cfg.usedGpa },
+    { eventIdx: format.eventIdx, name: `${data.name}/q${cfg.index}` });
+  q.lastAvailIdx = cfg.lastAvailIdx;
+  // Resume where the guest's used ring is (after a reconnect the frontend only tells us avail).
+  const usedRegion = memory.regionFor(cfg.usedGpa, 4);
+  q.usedIdx = usedRegion.view.getUint16(cfg.usedGpa - usedRegion.gpa + 2, true);
+  const run: Running = { cfg };
+  if (cfg.index % 2 === 0) {
+    run.rx = new RxPath(q, cfg.index, cfg.callFd, context(pair), host, memory, format.headerLength, format.mergeable, format.maxFrame);
+    // Kicks on the receive queue matter only while we wait for buffers.
+    q.setKickNotification(false);
+  } else {
+    run.tx = new TxPath(q, cfg.index, cfg.callFd, context(pair), host, format.headerLength);
+  }
+  epoll.add(cfg.kickFd, EPOLLIN, TOKEN_KICK | cfg.index);
+  vrings.set(cfg.index, run);
+  if (run.rx) hostArmed(pair, true);
+  serve(cfg.index);
+}
+
+function stop(index: number): number {
+  const run = vrings.get(index);
+  if (!run) throw new Error(`vring ${index} is not running`);
+  epoll.remove(run.cfg.kickFd);
+  vrings.delete(index);
+  if (run.rx) hostArmed(index >> 1, false);
+  const last = run.rx ? run.rx.stop() : run.tx!.stop();
+  run.rx?.free();
+  run.tx?.free();
+  return last;
+}
+
+function setMemory(next: GuestMemory): void {
+  // Running rings move to the new table before the main thread unmaps the old one.
+  const restart = [...vrings.values()].map((r) => r.cfg);
+  const bases = restart.map((cfg) => stop(cfg.index));
+  memory = next;
+  restart.forEach((cfg, i) => start({ ...cfg, lastAvailIdx: bases[i]! }));
+}
+
+function handle(req: DatapathRequest): number {
+  switch (req.op) {
+    case 'memory':
+      setMemory(new GuestMemory(req.regions));
+      return 0;
+    case 'host': {
+      const old = hosts.get(req.pair);
+      if (old) epoll.remove(old.fd);
+      hosts.delete(req.pair);
+      if (req.cfg) {
+        const h = openHostQueue(req.cfg);
+        hosts.set(req.pair, h);
+        epoll.add(h.fd, vrings.has(req.pair * 2) ? EPOLLIN : 0, TOKEN_HOST | req.pair);
+      }
+      return 0;
+    }
+    case 'format':
+      format = req.format;
+      return 0;
+    case 'start':
+      start(req.vring);
+      return 0;
+    case 'stop':
+      return stop(req.index);
+    case 'call': {
+      const run = vrings.get(req.index);
+      if (run) (run.rx ?? run.tx)!.callFd = req.fd;
+      return 0;
+    }
+    case 'exit':
+      for (const i of [...vrings.keys()]) stop(i);
+      exiting = true;
+      return 0;
+  }
+}
+
+function drainControl(): void {
+  eventfdDrain(data.controlFd);
+  for (;;) {
+    const m = receiveMessageOnPort(data.port);
+    if (!m) return;
+    const { seq, req } = m.message as { seq: number; req: DatapathRequest };
+    let status = 0;
+    let value = 0;
+    try {
+      value = handle(req);
+    } catch (e) {
+      status = 1;
+      data.port.postMessage({ seq, error: (e as Error).message });
+    }
+    Atomics.store(ctl, CTL_STATUS, status);
+    Atomics.store(ctl, CTL_VALUE, value);
+    Atomics.store(ctl, CTL_SEQ, seq);
+    Atomics.notify(ctl, CTL_SEQ);
+  }
+}
+
+/** Runs one vring until its burst is used; returns true when it has more work. */
+function serve(index: number): boolean {
+  const run = vrings.get(index);
+  if (!run) return false;
+  if (run.tx) return run.tx.process(BURST, !data.busyPoll);
+  const rx = run.rx!;
+  const r = rx.process(BURST);
+  if (r === 'starved' && !rx.starving) {
+    rx.starving = true;
+    hostArmed(index >> 1, false);
+    rx.queue.setKickNotification(true);
+    // Buffers may have arrived between the last pop and enabling kicks.
+    if (rx.queue.availableCount() > 0) return wake(index);
+  }
+  return r === 'more';
+}
+
+function wake(index: number): boolean {
+  const run = vrings.get(index);
+  if (run?.rx?.starving) {
+    run.rx.starving = false;
+    run.rx.queue.setKickNotification(false);
+    hostArmed(index >> 1, true);
+  }
+  return serve(index);
+}
+
+const pending = new Set<number>();
+
+function onEvent(token: number): void {
+  const kind = token & 0xffff0000;
+  const index = token & 0xffff;
+  if (kind === TOKEN_CONTROL) return drainControl();
+  if (kind === TOKEN_KICK) {
+    const run = vrings.get(index);
+    if (!run) return;
+    eventfdDrain(run.cfg.kickFd);
+    stats[(index >> 1) * COUNTERS.length + C.kicks]! += 1;
+    if (wake(index)) pending.add(index);
+    return;
+  }
+  if (kind === TOKEN_HOST) {
+    if (serve(index * 2)) pending.add(index * 2);
+  }
+}
+
+epoll.add(data.controlFd, EPOLLIN, TOKEN_CONTROL);
+parentPort?.postMessage({ ready: true });
+
+while (!exiting) {
+  // Busy-poll spins on every running vring; otherwise sleep in epoll until something is ready.
+  const timeout = data.busyPoll || pending.size > 0 ? 0 : 1000;
+  epoll.wait(timeout, onEvent);
+  if (data.busyPoll) {
+    for (const i of vrings.keys()) serve(i);
+  } else if (pending.size > 0) {
+    const again = [...pending];
+    pending.clear();
+    for (const i of again) if (serve(i)) pending.add(i);
+  }
+}
+epoll.close();

@@ -1,0 +1,165 @@
+import { logger, type Logger } from '../log.js';
+import { bit, hasBit } from '../vhost-user/protocol.js';
+import type { VhostUserBackend, VringConfig } from '../vhost-user/backend.js';
+import type { RegionInfo } from '../vhost-user/guest-memory.js';
+import type { Port } from '../ports/port.js';
+import { OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, NetFeature as F, describeFeatures, vnetHeaderLength } from './features.js';
+import { DeviceStats } from './stats.js';
+import { DatapathThread } from './datapath-thread.js';
+import type { FrameFormat } from './datapath-messages.js';
+
+export interface NetDeviceOptions {
+  name: string;
+  port: Port;
+  /** Queue pairs offered to the frontend (the port must have as many queues). */
+  queuePairs: number;
+  /** Datapath worker threads; queue pairs are dealt out round-robin. */
+  threads: number;
+  busyPoll: boolean;
+  /** MTU used before (or without) NET_SET_MTU. */
+  mtu?: number;
+}
+
+const ETH_HLEN = 14;
+const VLAN_HLEN = 4;
+const MAX_GSO_FRAME = 65550;
+
+/**
+ * The virtio-net device behind one vhost-user socket: negotiates features, applies MTU and
+ * offloads to its port, and hands running vrings to its datapath threads.
+ */
+export class NetDevice implements VhostUserBackend {
+  readonly name: string;
+  readonly stats: DeviceStats;
+  readonly port: Port;
+  private readonly threads: DatapathThread[];
+  private readonly log: Logger;
+  private features = 0n;
+  private mtu: number;
+  private readonly running = new Set<number>();
+  /** Set when the device had to stop a ring because the guest broke it; cleared by reset. */
+  connected = false;
+  lastResetReason = '';
+
+  constructor(private readonly opts: NetDeviceOptions) {
+    this.name = opts.name;
+    this.port = opts.port;
+    this.log = logger(opts.name);
+    this.mtu = opts.mtu ?? 1500;
+    this.stats = new DeviceStats(opts.queuePairs);
+    const n = Math.max(1, Math.min(opts.threads, opts.queuePairs));
+    this.threads = Array.from({ length: n }, (_, t) => {
+      const pairs = Array.from({ length: opts.queuePairs }, (_, p) => p).filter((p) => p % n === t);
+      return new DatapathThread(`${opts.name}/t${t}`, this.stats.shared, pairs, opts.busyPoll);
+    });
+    for (let p = 0; p < opts.queuePairs; p++) this.threadFor(p).request({ op: 'host', pair: p, cfg: opts.port.queueConfig(p) });
+  }
+
+  private threadFor(pair: number): DatapathThread {
+    return this.threads[pair % this.threads.length]!;
+  }
+
+  deviceFeatures(): bigint {
+    let f = OFFERED_FEATURES;
+    if (this.opts.queuePairs < 2) f &= ~bit(F.MQ);
+    return f;
+  }
+
+  protocolFeatures(): bigint {
+    return OFFERED_PROTOCOL_FEATURES;
+  }
+
+  maxQueuePairs(): number {
+    return this.opts.queuePairs;
+  }
+
+  get negotiated(): bigint { return this.features; }
+  get currentMtu(): number { return this.mtu; }
+
+  featuresAcked(features: bigint): void {
+    if (this.running.size > 0 && features !== this.features) {
+      throw new Error('features changed while vrings are running');
+    }
+    this.features = features;
+    const has = (b: number) => hasBit(features, b);
+    this.port.configureOffloads({
+      vnetHeaderLength: vnetHeaderLength(features),
+      csum: has(F.GUEST_CSUM),
+      tso4: has(F.GUEST_TSO4),
+      tso6: has(F.GUEST_TSO6),
+      ecn: has(F.GUEST_ECN),
+    });
+    this.pushFormat();
+    this.log.info(`features acked: ${describeFeatures(features).join(' ')}`);
+  }
+
+  private format(): FrameFormat {
+    const f = this.features;
+    const headerLength = vnetHeaderLength(f);
+    const gso = hasBit(f, F.GUEST_TSO4) || hasBit(f, F.GUEST_TSO6);
+    return {
+      eventIdx: hasBit(f, F.RING_EVENT_IDX),
+      headerLength,
+      mergeable: hasBit(f, F.MRG_RXBUF),
+      maxFrame: headerLength + (gso ? MAX_GSO_FRAME : ETH_HLEN + VLAN_HLEN + this.mtu),
+    };
+  }
+
+  private pushFormat(): void {
+    const format = this.format();
+    for (const t of this.threads) t.request({ op: 'format', format });
+  }
+
+  memoryChanged(regions: RegionInfo[]): void {
+    for (const t of this.threads) t.request({ op: 'memory', regions });
+  }
+
+  startVring(cfg: VringConfig): void {
+    this.threadFor(cfg.index >> 1).request({ op: 'start', vring: cfg });
+    this.running.add(cfg.index);
+    this.connected = true;
+    this.log.debug(`vring ${cfg.index} started (size ${cfg.size}, base ${cfg.lastAvailIdx})`);
+  }
+
+  stopVring(index: number): number {
+    const last = this.threadFor(index >> 1).request({ op: 'stop', index });
+    this.running.delete(index);
+    this.log.debug(`vring ${index} stopped at ${last}`);
+    return last;
+  }
+
+  updateCallFd(index: number, fd: number): void {
+    this.threadFor(index >> 1).request({ op: 'call', index, fd });
+  }
+
+  setMtu(mtu: number): void {
+    if (!Number.isInteger(mtu) || mtu < 68 || mtu > 65535) throw new Error(`MTU ${mtu} outside 68..65535`);
+    this.port.setMtu(mtu);
+    this.mtu = mtu;
+    this.pushFormat();
+    this.log.info(`MTU ${mtu} applied to ${this.port.ifname}`);
+  }
+
+  sendRarp(mac: Uint8Array): void {
+    // Guests announce themselves (GUEST_ANNOUNCE) after migration; we have no migration yet.
+    this.log.info(`SEND_RARP for ${[...mac].map((b) => b.toString(16).padStart(2, '0')).join(':')} (nothing to do without migration)`);
+  }
+
+  sessionReset(reason: string): void {
+    for (const index of [...this.running]) {
+      try { this.stopVring(index); } catch (e) { this.log.warn(`stop vring ${index}: ${(e as Error).message}`); }
+    }
+    this.features = 0n;
+    this.connected = false;
+    this.lastResetReason = reason;
+    // Drop the worker's view of guest memory before the session unmaps it.
+    for (const t of this.threads) t.request({ op: 'memory', regions: [] });
+  }
+
+  get runningVrings(): number[] { return [...this.running].sort((a, b) => a - b); }
+
+  async close(): Promise<void> {
+    for (const t of this.threads) await t.terminate();
+    this.port.close();
+  }
+}

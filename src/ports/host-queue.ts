@@ -1,0 +1,10 @@
+import type { HostQueue, HostQueueConfig } from './port.js';
+import { TapQueue } from './tap.js';
+
+/** Opens the worker side of a port queue from its posted configuration. */
+export function openHostQueue(cfg: HostQueueConfig): HostQueue {
+  switch (cfg.kind) {
+    case 'tap':
+      return new TapQueue(cfg.fd);
+  }
+}

@@ -1,0 +1,28 @@
+/**
+ * A host attachment as the datapath sees it, one queue per virtio queue pair. Frames move
+ * between guest buffers and the host through iovec arrays in native memory (no JS copies).
+ */
+export interface HostQueue {
+  /** Readable when the host has frames for the guest. */
+  readonly fd: number;
+  /** Reads one frame (vnet header first) into the iovecs; bytes read, or -1 when none is waiting. */
+  receive(iovAddress: number, iovCount: number): number;
+  /** Sends one frame (vnet header first) from the iovecs; bytes sent, or -1 when the host is full. */
+  transmit(iovAddress: number, iovCount: number): number;
+}
+
+/** What a worker needs to open its side of a port queue (plain data: posted to workers). */
+export type HostQueueConfig = { kind: 'tap'; fd: number; ifname: string };
+
+/** The control-plane side of a port. */
+export interface Port {
+  readonly kind: string;
+  readonly ifname: string;
+  readonly queuePairs: number;
+  queueConfig(pair: number): HostQueueConfig;
+  setMtu(mtu: number): void;
+  /** Guest receive offloads acked (checksum, TSO) and the vnet header length in use. */
+  configureOffloads(opts: { vnetHeaderLength: number; csum: boolean; tso4: boolean; tso6: boolean; ecn: boolean }): void;
+  stats(): { rxPackets: number; txPackets: number; rxBytes: number; txBytes: number; rxDropped: number; txDropped: number };
+  close(): void;
+}

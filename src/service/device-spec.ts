@@ -1,0 +1,61 @@
+/** How a device is described on the command line, in a config file, or over the control API. */
+export interface DeviceSpec {
+  name: string;
+  socket: string;
+  /** `tap:IFNAME` */
+  port: string;
+  queues: number;
+  client: boolean;
+  threads: number;
+  busyPoll: boolean;
+  mtu?: number;
+}
+
+export class SpecError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'SpecError';
+  }
+}
+
+const NAME_RE = /^[A-Za-z0-9_.-]{1,32}$/;
+
+export function parsePort(port: string): { kind: 'tap'; ifname: string } {
+  const m = /^(tap):([A-Za-z0-9_.-]{1,15})$/.exec(port);
+  if (!m) throw new SpecError(`port '${port}' is not of the form tap:IFNAME (IFNAME 1..15 characters)`);
+  return { kind: 'tap', ifname: m[2]! };
+}
+
+export function validateSpec(s: DeviceSpec): DeviceSpec {
+  if (!NAME_RE.test(s.name)) throw new SpecError(`device name '${s.name}' must be 1..32 of A-Z a-z 0-9 _ . -`);
+  if (!s.socket) throw new SpecError(`device ${s.name}: a socket path is required`);
+  parsePort(s.port);
+  if (!Number.isInteger(s.queues) || s.queues < 1 || s.queues > 16) throw new SpecError(`device ${s.name}: queues ${s.queues} outside 1..16`);
+  if (!Number.isInteger(s.threads) || s.threads < 1 || s.threads > 16) throw new SpecError(`device ${s.name}: threads ${s.threads} outside 1..16`);
+  if (s.mtu !== undefined && (!Number.isInteger(s.mtu) || s.mtu < 68 || s.mtu > 65535)) throw new SpecError(`device ${s.name}: mtu ${s.mtu} outside 68..65535`);
+  return s;
+}
+
+/** Parses `name=dev1,socket=/run/x.sock,port=tap:vx1,queues=2,client=1,threads=1,busy-poll=0,mtu=1500`. */
+export function parseDeviceOption(text: string, defaults: Omit<DeviceSpec, 'name' | 'socket' | 'port'>): DeviceSpec {
+  const kv = new Map<string, string>();
+  for (const part of text.split(',')) {
+    const i = part.indexOf('=');
+    if (i <= 0) throw new SpecError(`--device '${text}': '${part}' is not key=value`);
+    kv.set(part.slice(0, i).trim(), part.slice(i + 1).trim());
+  }
+  const known = new Set(['name', 'socket', 'port', 'queues', 'client', 'threads', 'busy-poll', 'mtu']);
+  for (const k of kv.keys()) if (!known.has(k)) throw new SpecError(`--device '${text}': unknown key '${k}' (known: ${[...known].join(', ')})`);
+  const bool = (v: string | undefined, d: boolean) => (v === undefined ? d : v === '1' || v === 'true' || v === 'yes');
+  const num = (v: string | undefined, d: number | undefined) => (v === undefined ? d : Number(v));
+  return validateSpec({
+    name: kv.get('name') ?? '',
+    socket: kv.get('socket') ?? '',
+    port: kv.get('port') ?? '',
+    queues: num(kv.get('queues'), defaults.queues)!,
+    client: bool(kv.get('client'), defaults.client),
+    threads: num(kv.get('threads'), defaults.threads)!,
+    busyPoll: bool(kv.get('busy-poll'), defaults.busyPoll),
+    mtu: num(kv.get('mtu'), defaults.mtu),
+  });
+}

@@ -1,0 +1,218 @@
+import koffi from 'koffi';
+import { check, SysError, lastErrno, Errno } from './errors.js';
+
+// Raw libc entry points. Pointers travel as plain numbers (intptr_t): x86_64 user
+// addresses fit in 47 bits, so a JS number holds them exactly and no BigInt is made per call.
+const lib = koffi.load('libc.so.6');
+
+export const raw = {
+  close: lib.func('close', 'int', ['int']),
+  read: lib.func('read', 'intptr_t', ['int', 'intptr_t', 'size_t']),
+  write: lib.func('write', 'intptr_t', ['int', 'intptr_t', 'size_t']),
+  readv: lib.func('readv', 'intptr_t', ['int', 'intptr_t', 'int']),
+  writev: lib.func('writev', 'intptr_t', ['int', 'intptr_t', 'int']),
+  open: lib.func('open', 'int', ['str', 'int', 'int']),
+  unlink: lib.func('unlink', 'int', ['str']),
+  fcntl: lib.func('fcntl', 'int', ['int', 'int', 'int']),
+  ioctl: lib.func('ioctl', 'int', ['int', 'ulong', 'intptr_t']),
+  socket: lib.func('socket', 'int', ['int', 'int', 'int']),
+  bind: lib.func('bind', 'int', ['int', 'intptr_t', 'uint32']),
+  connect: lib.func('connect', 'int', ['int', 'intptr_t', 'uint32']),
+  listen: lib.func('listen', 'int', ['int', 'int']),
+  accept4: lib.func('accept4', 'int', ['int', 'intptr_t', 'intptr_t', 'int']),
+  shutdown: lib.func('shutdown', 'int', ['int', 'int']),
+  recvmsg: lib.func('recvmsg', 'intptr_t', ['int', 'intptr_t', 'int']),
+  sendmsg: lib.func('sendmsg', 'intptr_t', ['int', 'intptr_t', 'int']),
+  memfd_create: lib.func('memfd_create', 'int', ['str', 'uint']),
+  ftruncate: lib.func('ftruncate', 'int', ['int', 'int64']),
+  mmap: lib.func('mmap', 'intptr_t', ['intptr_t', 'size_t', 'int', 'int', 'int', 'int64']),
+  munmap: lib.func('munmap', 'int', ['intptr_t', 'size_t']),
+  eventfd: lib.func('eventfd', 'int', ['uint', 'int']),
+  epoll_create1: lib.func('epoll_create1', 'int', ['int']),
+  epoll_ctl: lib.func('epoll_ctl', 'int', ['int', 'int', 'int', 'intptr_t']),
+  epoll_wait: lib.func('epoll_wait', 'int', ['int', 'intptr_t', 'int', 'int']),
+  if_nametoindex: lib.func('if_nametoindex', 'uint', ['str']),
+  getpid: lib.func('getpid', 'int', []),
+  dup: lib.func('dup', 'int', ['int']),
+  sched_yield: lib.func('sched_yield', 'int', []),
+  memcpy: lib.func('memcpy', 'intptr_t', ['intptr_t', 'intptr_t', 'size_t']),
+};
+
+export const O_RDWR = 2;
+export const O_NONBLOCK = 0o4000;
+export const O_CLOEXEC = 0o2000000;
+export const F_GETFL = 3;
+export const F_SETFL = 4;
+export const PROT_READ = 1;
+export const PROT_WRITE = 2;
+export const MAP_SHARED = 1;
+export const MAP_PRIVATE = 2;
+export const MAP_ANONYMOUS = 0x20;
+export const MAP_FAILED = -1;
+export const MFD_CLOEXEC = 1;
+export const EFD_CLOEXEC = 0o2000000;
+export const EFD_NONBLOCK = 0o4000;
+export const EPOLLIN = 0x1;
+export const EPOLLOUT = 0x4;
+export const EPOLLERR = 0x8;
+export const EPOLLHUP = 0x10;
+export const EPOLL_CTL_ADD = 1;
+export const EPOLL_CTL_DEL = 2;
+export const EPOLL_CTL_MOD = 3;
+export const EPOLL_CLOEXEC = 0o2000000;
+
+/**
+ * Memory outside the JS heap with a fixed address, for structures the kernel reads through
+ * pointers (msghdr, iovec arrays, sockaddr). JS Buffers may not stay put; these do.
+ */
+export class NativeBuffer {
+  readonly address: number;
+  readonly bytes: Uint8Array;
+  readonly view: DataView;
+  readonly size: number;
+  private freed = false;
+
+  constructor(size: number) {
+    const addr = raw.mmap(0, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (addr === MAP_FAILED) throw new SysError('mmap', lastErrno(), `anonymous ${size} bytes`);
+    this.address = addr;
+    this.size = size;
+    // SAFETY: a private anonymous mapping of exactly `size` bytes, owned by this object.
+    const ab = koffi.view(addr, size);
+    this.bytes = new Uint8Array(ab);
+    this.view = new DataView(ab);
+  }
+
+  free(): void {
+    if (this.freed) return;
+    this.freed = true;
+    raw.munmap(this.address, this.size);
+  }
+}
+
+export function closeFd(fd: number): void {
+  if (fd >= 0) raw.close(fd);
+}
+
+export function setNonBlocking(fd: number): void {
+  const flags = check(raw.fcntl(fd, F_GETFL, 0), 'fcntl(F_GETFL)');
+  check(raw.fcntl(fd, F_SETFL, flags | O_NONBLOCK), 'fcntl(F_SETFL)');
+}
+
+/** A MAP_SHARED mapping of an fd; the view lets JS read and write the shared memory in place. */
+export class SharedMapping {
+  readonly address: number;
+  readonly size: number;
+  readonly buffer: ArrayBuffer;
+  private unmapped = false;
+
+  constructor(fd: number, size: number, offset: number) {
+    const addr = raw.mmap(0, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset);
+    if (addr === MAP_FAILED) throw new SysError('mmap', lastErrno(), `fd ${fd} size ${size} offset ${offset}`);
+    this.address = addr;
+    this.size = size;
+    // SAFETY: the mapping covers [addr, addr+size) and lives until unmap(); views made from
+    // this buffer must not be used after that (owners drop them first).
+    this.buffer = koffi.view(addr, size);
+  }
+
+  unmap(): void {
+    if (this.unmapped) return;
+    this.unmapped = true;
+    raw.munmap(this.address, this.size);
+  }
+}
+
+export function memfdCreate(name: string, size: number): number {
+  const fd = check(raw.memfd_create(name, MFD_CLOEXEC), 'memfd_create');
+  if (raw.ftruncate(fd, size) < 0) {
+    const e = lastErrno();
+    raw.close(fd);
+    throw new SysError('ftruncate', e);
+  }
+  return fd;
+}
+
+// eventfd: kick/call notifications between frontend and backend.
+const eventScratch = new NativeBuffer(4096);
+
+export function eventfdCreate(nonblocking = true): number {
+  return check(raw.eventfd(0, EFD_CLOEXEC | (nonblocking ? EFD_NONBLOCK : 0)), 'eventfd');
+}
+
+/** Adds 1 to an eventfd counter. */
+export function eventfdSignal(fd: number): void {
+  eventScratch.view.setBigUint64(0, 1n, true);
+  const r = raw.write(fd, eventScratch.address, 8);
+  if (r < 0) {
+    const e = lastErrno();
+    if (e !== Errno.EAGAIN) throw new SysError('write(eventfd)', e);
+  }
+}
+
+/** Reads and clears an eventfd counter; returns 0 when nothing was pending (non-blocking fd). */
+export function eventfdDrain(fd: number): number {
+  const r = raw.read(fd, eventScratch.address + 8, 8);
+  if (r < 0) {
+    const e = lastErrno();
+    if (e === Errno.EAGAIN) return 0;
+    throw new SysError('read(eventfd)', e);
+  }
+  return Number(eventScratch.view.getBigUint64(8, true));
+}
+
+export function ifNameToIndex(name: string): number {
+  const idx = raw.if_nametoindex(name);
+  if (idx === 0) throw new SysError('if_nametoindex', lastErrno(), name);
+  return idx;
+}
+
+/** epoll set; events carry a 32-bit token chosen by the caller. */
+export class Epoll {
+  readonly fd: number;
+  private readonly ev: NativeBuffer;
+  private readonly maxEvents: number;
+
+  constructor(maxEvents = 64) {
+    this.fd = check(raw.epoll_create1(EPOLL_CLOEXEC), 'epoll_create1');
+    this.maxEvents = maxEvents;
+    // struct epoll_event is packed on x86_64: u32 events + u64 data = 12 bytes.
+    this.ev = new NativeBuffer(Math.max(4096, maxEvents * 12));
+  }
+
+  private ctl(op: number, fd: number, events: number, token: number): void {
+    this.ev.view.setUint32(0, events, true);
+    this.ev.view.setUint32(4, token >>> 0, true);
+    this.ev.view.setUint32(8, 0, true);
+    check(raw.epoll_ctl(this.fd, op, fd, this.ev.address), 'epoll_ctl', `fd ${fd}`);
+  }
+
+  add(fd: number, events: number, token: number): void { this.ctl(EPOLL_CTL_ADD, fd, events, token); }
+  modify(fd: number, events: number, token: number): void { this.ctl(EPOLL_CTL_MOD, fd, events, token); }
+  remove(fd: number): void {
+    raw.epoll_ctl(this.fd, EPOLL_CTL_DEL, fd, this.ev.address);
+  }
+
+  /**
+   * Waits up to timeoutMs; calls onEvent(token, events) for each ready fd and returns the count.
+   * EINTR counts as zero events.
+   */
+  wait(timeoutMs: number, onEvent: (token: number, events: number) => void): number {
+    const n = raw.epoll_wait(this.fd, this.ev.address, this.maxEvents, timeoutMs);
+    if (n < 0) {
+      const e = lastErrno();
+      if (e === Errno.EINTR) return 0;
+      throw new SysError('epoll_wait', e);
+    }
+    const v = this.ev.view;
+    for (let i = 0; i < n; i++) onEvent(v.getUint32(i * 12 + 4, true), v.getUint32(i * 12, true));
+    return n;
+  }
+
+  close(): void {
+    raw.close(this.fd);
+    this.ev.free();
+  }
+}
+
+export { SysError, Errno, check, lastErrno };

@@ -1,0 +1,193 @@
+import { raw, NativeBuffer, closeFd, check, SysError, lastErrno, Errno } from './libc.js';
+
+const AF_UNIX = 1;
+const SOCK_STREAM = 1;
+const SOCK_NONBLOCK = 0o4000;
+const SOCK_CLOEXEC = 0o2000000;
+const SOL_SOCKET = 1;
+const SCM_RIGHTS = 1;
+const MSG_CTRUNC = 0x8;
+const MSG_NOSIGNAL = 0x4000;
+const MSG_CMSG_CLOEXEC = 0x40000000;
+
+/** Most fds one message may carry; vhost-user's SET_MEM_TABLE carries at most 8. */
+export const MAX_FDS_PER_MESSAGE = 32;
+
+// Scratch layout (one per socket): msghdr @0 (56 B), iovec @64 (16 B),
+// control @128 (cmsghdr 16 B + 4 B per fd), data @1024.
+const MSGHDR = 0;
+const IOV = 64;
+const CONTROL = 128;
+const CONTROL_LEN = 16 + 4 * MAX_FDS_PER_MESSAGE;
+const DATA = 1024;
+
+function sockaddrUn(buf: NativeBuffer, at: number, path: string): number {
+  const bytes = Buffer.from(path, 'utf8');
+  if (bytes.length >= 108) throw new SysError('sockaddr_un', Errno.ENAMETOOLONG!, path);
+  buf.bytes.fill(0, at, at + 110);
+  buf.view.setUint16(at, AF_UNIX, true);
+  buf.bytes.set(bytes, at + 2);
+  return 2 + bytes.length + 1;
+}
+
+export interface Received {
+  /** Bytes read; 0 means the peer closed. -1 means nothing available (EAGAIN). */
+  n: number;
+  fds: number[];
+}
+
+/** A stream unix socket driven through libc, so that fds can ride along (SCM_RIGHTS). */
+export class UnixSocket {
+  readonly fd: number;
+  private readonly scratch: NativeBuffer;
+  private closed = false;
+
+  constructor(fd: number) {
+    this.fd = fd;
+    this.scratch = new NativeBuffer(DATA + 65536);
+  }
+
+  static listen(path: string, backlog = 8): UnixSocket {
+    const fd = check(raw.socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), 'socket');
+    const s = new UnixSocket(fd);
+    try {
+      const len = sockaddrUn(s.scratch, DATA, path);
+      check(raw.bind(fd, s.scratch.address + DATA, len), 'bind', path);
+      check(raw.listen(fd, backlog), 'listen', path);
+    } catch (e) {
+      s.close();
+      throw e;
+    }
+    return s;
+  }
+
+  /** Connects (blocking), then switches the socket to non-blocking. */
+  static connect(path: string): UnixSocket {
+    const fd = check(raw.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), 'socket');
+    const s = new UnixSocket(fd);
+    try {
+      const len = sockaddrUn(s.scratch, DATA, path);
+      check(raw.connect(fd, s.scratch.address + DATA, len), 'connect', path);
+      const flags = raw.fcntl(fd, 3, 0);
+      raw.fcntl(fd, 4, flags | 0o4000);
+    } catch (e) {
+      s.close();
+      throw e;
+    }
+    return s;
+  }
+
+  /** Accepts one pending connection; null when none is pending. */
+  accept(): UnixSocket | null {
+    const fd = raw.accept4(this.fd, 0, 0, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      const e = lastErrno();
+      if (e === Errno.EAGAIN || e === Errno.EINTR) return null;
+      throw new SysError('accept4', e);
+    }
+    return new UnixSocket(fd);
+  }
+
+  /**
+   * Reads up to `max` bytes into `into` at `offset`, collecting any fds sent with them.
+   * A truncated fd list is a protocol error: the fds that did arrive are closed.
+   */
+  recv(into: Uint8Array, offset: number, max: number): Received {
+    const s = this.scratch;
+    const want = Math.min(max, 65536);
+    const v = s.view;
+    s.bytes.fill(0, 0, CONTROL + CONTROL_LEN);
+    v.setBigUint64(IOV, BigInt(s.address + DATA), true);
+    v.setBigUint64(IOV + 8, BigInt(want), true);
+    v.setBigUint64(MSGHDR + 16, BigInt(s.address + IOV), true); // msg_iov
+    v.setBigUint64(MSGHDR + 24, 1n, true); // msg_iovlen
+    v.setBigUint64(MSGHDR + 32, BigInt(s.address + CONTROL), true); // msg_control
+    v.setBigUint64(MSGHDR + 40, BigInt(CONTROL_LEN), true); // msg_controllen
+    const n = raw.recvmsg(this.fd, s.address + MSGHDR, MSG_CMSG_CLOEXEC);
+    if (n < 0) {
+      const e = lastErrno();
+      if (e === Errno.EAGAIN || e === Errno.EINTR) return { n: -1, fds: [] };
+      throw new SysError('recvmsg', e);
+    }
+    const fds = this.parseRights(Number(v.getBigUint64(MSGHDR + 40, true)));
+    const flags = v.getInt32(MSGHDR + 48, true);
+    if (flags & MSG_CTRUNC) {
+      for (const fd of fds) closeFd(fd);
+      throw new SysError('recvmsg', Errno.EMSGSIZE!, `more than ${MAX_FDS_PER_MESSAGE} fds in one message`);
+    }
+    into.set(s.bytes.subarray(DATA, DATA + n), offset);
+    return { n, fds };
+  }
+
+  private parseRights(controlLen: number): number[] {
+    const fds: number[] = [];
+    const v = this.scratch.view;
+    let off = 0;
+    while (off + 16 <= controlLen) {
+      const len = Number(v.getBigUint64(CONTROL + off, true));
+      const level = v.getInt32(CONTROL + off + 8, true);
+      const type = v.getInt32(CONTROL + off + 12, true);
+      if (len < 16 || off + len > controlLen) break;
+      if (level === SOL_SOCKET && type === SCM_RIGHTS) {
+        for (let p = 16; p + 4 <= len; p += 4) fds.push(v.getInt32(CONTROL + off + p, true));
+      }
+      off += (len + 7) & ~7;
+    }
+    return fds;
+  }
+
+  /** Sends all of `data` with `fds` attached to its first byte; throws on a short write. */
+  send(data: Uint8Array, fds: readonly number[] = []): void {
+    if (fds.length > MAX_FDS_PER_MESSAGE) throw new SysError('sendmsg', Errno.EINVAL, 'too many fds');
+    if (data.length > 65536) throw new SysError('sendmsg', Errno.EMSGSIZE!, 'message too large');
+    const s = this.scratch;
+    const v = s.view;
+    s.bytes.fill(0, 0, CONTROL + CONTROL_LEN);
+    s.bytes.set(data, DATA);
+    v.setBigUint64(IOV, BigInt(s.address + DATA), true);
+    v.setBigUint64(IOV + 8, BigInt(data.length), true);
+    v.setBigUint64(MSGHDR + 16, BigInt(s.address + IOV), true);
+    v.setBigUint64(MSGHDR + 24, 1n, true);
+    if (fds.length > 0) {
+      const clen = 16 + 4 * fds.length;
+      v.setBigUint64(CONTROL, BigInt(clen), true);
+      v.setInt32(CONTROL + 8, SOL_SOCKET, true);
+      v.setInt32(CONTROL + 12, SCM_RIGHTS, true);
+      fds.forEach((fd, i) => v.setInt32(CONTROL + 16 + 4 * i, fd, true));
+      v.setBigUint64(MSGHDR + 32, BigInt(s.address + CONTROL), true);
+      v.setBigUint64(MSGHDR + 40, BigInt((clen + 7) & ~7), true);
+    }
+    let sent = 0;
+    let spins = 0;
+    while (sent < data.length) {
+      const n = raw.sendmsg(this.fd, s.address + MSGHDR, MSG_NOSIGNAL);
+      if (n < 0) {
+        const e = lastErrno();
+        // Control messages are small; a full socket buffer means a stuck peer. Bounded retry.
+        if ((e === Errno.EAGAIN || e === Errno.EINTR) && spins++ < 1000) { raw.sched_yield(); continue; }
+        throw new SysError('sendmsg', e);
+      }
+      sent += n;
+      if (sent < data.length) {
+        // fds went with the first chunk; the rest is plain data.
+        v.setBigUint64(MSGHDR + 32, 0n, true);
+        v.setBigUint64(MSGHDR + 40, 0n, true);
+        v.setBigUint64(IOV, BigInt(s.address + DATA + sent), true);
+        v.setBigUint64(IOV + 8, BigInt(data.length - sent), true);
+      }
+    }
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    raw.close(this.fd);
+    this.scratch.free();
+  }
+
+  get isClosed(): boolean { return this.closed; }
+}
+
+export function unlinkPath(path: string): void {
+  raw.unlink(path);
+}

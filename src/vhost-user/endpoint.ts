@@ -1,0 +1,137 @@
+import fs from 'node:fs';
+import koffi from 'koffi';
+import { UnixSocket, unlinkPath } from '../sys/unix-socket.js';
+import { logger, type Logger } from '../log.js';
+import { Session } from './session.js';
+import type { VhostUserBackend } from './backend.js';
+
+type PollHandle = ReturnType<typeof koffi.node.poll>;
+
+export interface EndpointOptions {
+  path: string;
+  /** server: we listen and the frontend connects (QEMU `server=off`); client: we connect, with backoff. */
+  mode: 'server' | 'client';
+  backend: VhostUserBackend;
+  /** Socket file permissions in server mode. */
+  socketMode?: number;
+  onConnect?: (s: Session) => void;
+  onDisconnect?: (reason: string) => void;
+}
+
+const BACKOFF_MIN_MS = 100;
+const BACKOFF_MAX_MS = 5000;
+
+/**
+ * The socket side of one device: listens (or connects) and runs one Session at a time.
+ * vhost-user is one frontend per device, so a second connection is refused, not queued.
+ */
+export class VhostUserEndpoint {
+  private listener: UnixSocket | null = null;
+  private listenPoll: PollHandle | null = null;
+  private session: Session | null = null;
+  private sessionPoll: PollHandle | null = null;
+  private retryTimer: NodeJS.Timeout | null = null;
+  private backoff = BACKOFF_MIN_MS;
+  private stopped = false;
+  private readonly log: Logger;
+  connections = 0;
+
+  constructor(private readonly opts: EndpointOptions) {
+    this.log = logger(opts.backend.name);
+  }
+
+  start(): void {
+    if (this.opts.mode === 'server') this.listen();
+    else this.tryConnect();
+  }
+
+  get current(): Session | null { return this.session; }
+
+  private listen(): void {
+    const { path } = this.opts;
+    if (fs.existsSync(path)) {
+      const st = fs.lstatSync(path);
+      if (!st.isSocket()) throw new Error(`${path} exists and is not a socket; refusing to replace it`);
+      unlinkPath(path);
+    }
+    this.listener = UnixSocket.listen(path);
+    fs.chmodSync(path, this.opts.socketMode ?? 0o600);
+    this.listenPoll = koffi.node.poll(this.listener.fd, { readable: true }, () => this.acceptAll());
+  }
+
+  private acceptAll(): void {
+    for (;;) {
+      let s: UnixSocket | null;
+      try {
+        s = this.listener!.accept();
+      } catch (e) {
+        this.log.error(`accept: ${(e as Error).message}`);
+        return;
+      }
+      if (!s) return;
+      if (this.session) {
+        this.log.warn('refusing a second frontend connection while one is active');
+        s.close();
+        continue;
+      }
+      this.attach(s);
+    }
+  }
+
+  private tryConnect(): void {
+    this.retryTimer = null;
+    if (this.stopped) return;
+    let s: UnixSocket;
+    try {
+      s = UnixSocket.connect(this.opts.path);
+    } catch (e) {
+      this.log.debug(`connect ${this.opts.path}: ${(e as Error).message}; retrying in ${this.backoff} ms`);
+      this.scheduleConnect();
+      return;
+    }
+    this.backoff = BACKOFF_MIN_MS;
+    this.attach(s);
+  }
+
+  private scheduleConnect(): void {
+    if (this.stopped || this.retryTimer) return;
+    this.retryTimer = setTimeout(() => this.tryConnect(), this.backoff);
+    this.backoff = Math.min(this.backoff * 2, BACKOFF_MAX_MS);
+  }
+
+  private attach(sock: UnixSocket): void {
+    this.connections++;
+    const session = new Session(sock, this.opts.backend, (_s, reason) => this.detached(reason));
+    this.session = session;
+    this.log.info(`frontend connected (${this.opts.mode} mode, ${this.opts.path})`);
+    this.sessionPoll = koffi.node.poll(sock.fd, { readable: true, disconnect: true }, () => session.onReadable());
+    this.opts.onConnect?.(session);
+  }
+
+  private detached(reason: string): void {
+    this.sessionPoll?.close();
+    this.sessionPoll = null;
+    this.session = null;
+    this.log.info(`frontend disconnected: ${reason}`);
+    this.opts.onDisconnect?.(reason);
+    if (this.opts.mode === 'client' && !this.stopped) this.scheduleConnect();
+  }
+
+  /** Closes the session and the listener; removes the socket file we created. */
+  stop(): void {
+    if (this.stopped) return;
+    this.stopped = true;
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    // Stop polling before close(): the fd number may be reused at once.
+    this.sessionPoll?.close();
+    this.sessionPoll = null;
+    this.session?.close('backend shutting down');
+    this.listenPoll?.close();
+    this.listenPoll = null;
+    if (this.listener) {
+      this.listener.close();
+      this.listener = null;
+      unlinkPath(this.opts.path);
+    }
+  }
+}

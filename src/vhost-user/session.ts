@@ -1,0 +1,432 @@
+import { closeFd, SysError } from '../sys/libc.js';
+import type { UnixSocket } from '../sys/unix-socket.js';
+import { logger, type Logger } from '../log.js';
+import { GuestMemory, GuestMemoryError } from './guest-memory.js';
+import { MemoryTable, MemoryTableError } from './memory-table.js';
+import { MessageReader, ProtocolError, type Message } from './message-reader.js';
+import type { VhostUserBackend } from './backend.js';
+import {
+  Request, ProtocolFeature, requestName, encodeMessage, u64Payload, vringStatePayload, hasBit,
+  F_PROTOCOL_FEATURES, FLAG_VERSION, FLAG_VERSION_MASK, FLAG_REPLY, FLAG_NEED_REPLY, VRING_INDEX_MASK,
+  VRING_NOFD_MASK, MAX_MEM_REGIONS, MEMORY_REGION_SIZE, VRING_ADDR_SIZE, type MemoryRegionDesc,
+} from './protocol.js';
+
+/** A request the session refuses; the message names the rule (logged with the device name). */
+export class RequestError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'RequestError';
+  }
+}
+
+interface VringState {
+  num: number;
+  descUser: number;
+  availUser: number;
+  usedUser: number;
+  addrSet: boolean;
+  base: number;
+  kickFd: number;
+  callFd: number;
+  errFd: number;
+  enabled: boolean;
+  started: boolean;
+  running: boolean;
+}
+
+function freshVring(enabled: boolean): VringState {
+  return { num: 0, descUser: 0, availUser: 0, usedUser: 0, addrSet: false, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled, started: false, running: false };
+}
+
+type Range = readonly [number, number];
+interface HandlerSpec {
+  /** Payload size bounds [min, max]. */
+  size: Range;
+  /** Attached fd count bounds [min, max]. */
+  fds: Range;
+  /** The request always has a reply (so REPLY_ACK does not add one). */
+  replies?: boolean;
+  /** Only valid once this protocol feature has been negotiated. */
+  protocolFeature?: ProtocolFeature;
+  run(s: Session, m: Message, v: DataView): Uint8Array | void;
+}
+
+const u64 = (v: DataView, off = 0) => Number(v.getBigUint64(off, true));
+
+function readRegion(v: DataView, off: number): MemoryRegionDesc {
+  return { gpa: u64(v, off), size: u64(v, off + 8), uva: u64(v, off + 16), mmapOffset: u64(v, off + 24) };
+}
+
+/**
+ * One table for every request: size, fd count and feature gate are checked here, before any
+ * handler runs (the rust-vmm dispatcher shape). Index checks live in `vring()`, once.
+ */
+const handlers: Partial<Record<Request, HandlerSpec>> = {
+  [Request.GET_FEATURES]: { size: [0, 0], fds: [0, 0], replies: true, run: (s) => u64Payload(s.backend.deviceFeatures()) },
+  [Request.SET_FEATURES]: { size: [8, 8], fds: [0, 0], run: (s, _m, v) => s.setFeatures(v.getBigUint64(0, true)) },
+  [Request.GET_PROTOCOL_FEATURES]: { size: [0, 0], fds: [0, 0], replies: true, run: (s) => u64Payload(s.backend.protocolFeatures()) },
+  [Request.SET_PROTOCOL_FEATURES]: { size: [8, 8], fds: [0, 0], run: (s, _m, v) => s.setProtocolFeatures(v.getBigUint64(0, true)) },
+  [Request.SET_OWNER]: { size: [0, 0], fds: [0, 0], run: (s) => { s.owned = true; } },
+  [Request.RESET_OWNER]: { size: [0, 0], fds: [0, 0], run: (s) => s.resetDevice('RESET_OWNER') },
+  [Request.RESET_DEVICE]: { size: [0, 0], fds: [0, 0], protocolFeature: ProtocolFeature.RESET_DEVICE, run: (s) => s.resetDevice('RESET_DEVICE') },
+  [Request.GET_QUEUE_NUM]: { size: [0, 0], fds: [0, 0], replies: true, protocolFeature: ProtocolFeature.MQ, run: (s) => u64Payload(s.backend.maxQueuePairs()) },
+  [Request.SET_MEM_TABLE]: { size: [8, 8 + MAX_MEM_REGIONS * MEMORY_REGION_SIZE], fds: [1, MAX_MEM_REGIONS], run: (s, m, v) => s.setMemTable(m, v) },
+  [Request.GET_MAX_MEM_SLOTS]: { size: [0, 0], fds: [0, 0], replies: true, protocolFeature: ProtocolFeature.CONFIGURE_MEM_SLOTS, run: () => u64Payload(MAX_MEM_REGIONS) },
+  [Request.ADD_MEM_REG]: { size: [8 + MEMORY_REGION_SIZE, 8 + MEMORY_REGION_SIZE], fds: [1, 1], protocolFeature: ProtocolFeature.CONFIGURE_MEM_SLOTS, run: (s, m, v) => s.addMemRegion(readRegion(v, 8), m.fds[0]!) },
+  [Request.REM_MEM_REG]: { size: [8 + MEMORY_REGION_SIZE, 8 + MEMORY_REGION_SIZE], fds: [0, 1], protocolFeature: ProtocolFeature.CONFIGURE_MEM_SLOTS, run: (s, _m, v) => s.remMemRegion(readRegion(v, 8)) },
+  [Request.SET_VRING_NUM]: { size: [8, 8], fds: [0, 0], run: (s, _m, v) => s.setVringNum(v.getUint32(0, true), v.getUint32(4, true)) },
+  [Request.SET_VRING_ADDR]: { size: [VRING_ADDR_SIZE, VRING_ADDR_SIZE], fds: [0, 0], run: (s, _m, v) => s.setVringAddr(v) },
+  [Request.SET_VRING_BASE]: { size: [8, 8], fds: [0, 0], run: (s, _m, v) => s.setVringBase(v.getUint32(0, true), v.getUint32(4, true)) },
+  [Request.GET_VRING_BASE]: { size: [8, 8], fds: [0, 0], replies: true, run: (s, _m, v) => s.getVringBase(v.getUint32(0, true)) },
+  [Request.SET_VRING_KICK]: { size: [8, 8], fds: [0, 1], run: (s, m, v) => s.setVringFd('kick', v, m) },
+  [Request.SET_VRING_CALL]: { size: [8, 8], fds: [0, 1], run: (s, m, v) => s.setVringFd('call', v, m) },
+  [Request.SET_VRING_ERR]: { size: [8, 8], fds: [0, 1], run: (s, m, v) => s.setVringFd('err', v, m) },
+  [Request.SET_VRING_ENABLE]: { size: [8, 8], fds: [0, 0], run: (s, _m, v) => s.setVringEnable(v.getUint32(0, true), v.getUint32(4, true)) },
+  [Request.NET_SET_MTU]: { size: [8, 8], fds: [0, 0], protocolFeature: ProtocolFeature.NET_MTU, run: (s, _m, v) => s.backend.setMtu(u64(v)) },
+  [Request.SEND_RARP]: { size: [8, 8], fds: [0, 0], protocolFeature: ProtocolFeature.RARP, run: (s, m) => s.backend.sendRarp(m.payload.slice(0, 6)) },
+};
+
+/**
+ * One vhost-user connection. Everything from the socket is untrusted: a bad request is
+ * refused with a log line naming the device (and a REPLY_ACK failure where negotiated);
+ * a request that cannot be answered safely closes the connection. Never throws to its caller.
+ */
+export class Session {
+  readonly backend: VhostUserBackend;
+  readonly log: Logger;
+  owned = false;
+  private features = 0n;
+  private protoFeatures = 0n;
+  private protoNegotiated = false;
+  private readonly table = new MemoryTable();
+  private memory: GuestMemory | null = null;
+  private vrings: VringState[];
+  private readonly reader: MessageReader;
+  private closed = false;
+  /** Requests refused so far (for tests and stats). */
+  refused = 0;
+
+  constructor(readonly socket: UnixSocket, backend: VhostUserBackend, private readonly onClose: (s: Session, reason: string) => void) {
+    this.backend = backend;
+    this.log = logger(backend.name);
+    this.reader = new MessageReader(socket);
+    this.vrings = Array.from({ length: backend.maxQueuePairs() * 2 }, () => freshVring(true));
+  }
+
+  /** Drains every whole message the socket has; call when it is readable. */
+  onReadable(): void {
+    try {
+      for (;;) {
+        if (this.closed) return;
+        const m = this.reader.next();
+        if (m === null) return;
+        if (m === 'closed') return this.close('frontend closed the connection');
+        this.handle(m);
+      }
+    } catch (e) {
+      const why = e instanceof ProtocolError ? e.message : `socket error: ${(e as Error).message}`;
+      this.log.warn(`closing connection: ${why}`);
+      this.close(why);
+    }
+  }
+
+  private handle(m: Message): void {
+    const { request, flags } = m.header;
+    const name = requestName(request);
+    const spec = handlers[request as Request];
+    const wantAck = (flags & FLAG_NEED_REPLY) !== 0 && this.hasProto(ProtocolFeature.REPLY_ACK);
+    let reply: Uint8Array | void = undefined;
+    let error: string | null = null;
+    let consumedFds = false;
+    try {
+      if ((flags & FLAG_VERSION_MASK) !== FLAG_VERSION) throw new RequestError(`unsupported version flags 0x${flags.toString(16)}`);
+      if (!spec) throw new RequestError('request not supported');
+      if (m.payload.length < spec.size[0] || m.payload.length > spec.size[1]) {
+        throw new RequestError(`payload of ${m.payload.length} bytes, expected ${spec.size[0]}..${spec.size[1]}`);
+      }
+      if (m.fds.length < spec.fds[0] || m.fds.length > spec.fds[1]) {
+        throw new RequestError(`${m.fds.length} fds attached, expected ${spec.fds[0]}..${spec.fds[1]}`);
+      }
+      if (spec.protocolFeature !== undefined && !this.hasProto(spec.protocolFeature)) {
+        throw new RequestError(`needs protocol feature ${ProtocolFeature[spec.protocolFeature]}, not negotiated`);
+      }
+      consumedFds = true; // from here the handler owns the fds (and closes them on its own errors)
+      reply = spec.run(this, m, new DataView(m.payload.buffer, m.payload.byteOffset, m.payload.length));
+    } catch (e) {
+      error = (e as Error).message;
+      if (!(e instanceof RequestError || e instanceof GuestMemoryError || e instanceof MemoryTableError || e instanceof SysError)) {
+        this.log.error(`${name}: unexpected ${(e as Error).stack ?? e}`);
+      }
+    } finally {
+      if (!consumedFds) for (const fd of m.fds) closeFd(fd);
+    }
+    if (error !== null) {
+      this.refused++;
+      this.log.warn(`refused ${name}: ${error}`);
+      // A request whose reply the frontend waits for cannot be answered with garbage: hang up.
+      if (spec?.replies) return this.close(`${name} failed: ${error}`);
+      if (wantAck) this.send(request, u64Payload(1));
+      return;
+    }
+    if (this.closed) return;
+    if (spec?.replies && reply) this.send(request, reply);
+    else if (wantAck) this.send(request, u64Payload(0));
+  }
+
+  private send(request: number, payload: Uint8Array): void {
+    try {
+      this.socket.send(encodeMessage(request, FLAG_VERSION | FLAG_REPLY, payload));
+    } catch (e) {
+      this.log.warn(`reply to ${requestName(request)} failed: ${(e as Error).message}`);
+      this.close('send failed');
+    }
+  }
+
+  private hasProto(f: ProtocolFeature): boolean {
+    return this.protoNegotiated && hasBit(this.protoFeatures, f);
+  }
+
+  setFeatures(f: bigint): void {
+    const offered = this.backend.deviceFeatures();
+    if ((f & ~offered) !== 0n) throw new RequestError(`features 0x${f.toString(16)} include bits never offered (0x${(f & ~offered).toString(16)})`);
+    this.features = f;
+    this.backend.featuresAcked(f);
+  }
+
+  setProtocolFeatures(f: bigint): void {
+    const offered = this.backend.protocolFeatures();
+    if ((f & ~offered) !== 0n) throw new RequestError(`protocol features 0x${f.toString(16)} include bits never offered`);
+    this.protoFeatures = f;
+    this.protoNegotiated = true;
+  }
+
+  /** The vring at `index`, or a refusal. The one place an index from the frontend is checked. */
+  private vring(index: number): VringState {
+    const v = this.vrings[index];
+    if (index >= this.vrings.length || v === undefined) throw new RequestError(`vring index ${index} out of range (device has ${this.vrings.length})`);
+    return v;
+  }
+
+  setMemTable(m: Message, v: DataView): void {
+    const n = v.getUint32(0, true);
+    try {
+      if (n < 1 || n > MAX_MEM_REGIONS) throw new RequestError(`${n} memory regions (1..${MAX_MEM_REGIONS})`);
+      if (m.fds.length !== n) throw new RequestError(`${n} regions but ${m.fds.length} fds`);
+      if (m.payload.length < 8 + n * MEMORY_REGION_SIZE) throw new RequestError(`payload too short for ${n} regions`);
+      const descs = Array.from({ length: n }, (_, i) => readRegion(v, 8 + i * MEMORY_REGION_SIZE));
+      descs.forEach((d, i) => MemoryTable.validate(d, descs.slice(0, i)));
+      const next = new MemoryTable();
+      const fds = [...m.fds];
+      m.fds.length = 0;
+      try {
+        descs.forEach((d, i) => { next.add(d, fds[i]!); fds[i] = -1; });
+      } catch (e) {
+        for (const fd of fds) closeFd(fd);
+        next.clear();
+        throw e;
+      }
+      this.replaceMemory(next);
+    } finally {
+      for (const fd of m.fds) closeFd(fd);
+    }
+  }
+
+  private replaceMemory(next: MemoryTable): void {
+    const infos = next.infos();
+    // Workers switch to the new table before the old mappings go away.
+    this.memory = new GuestMemory(infos);
+    this.backend.memoryChanged(infos);
+    this.table.replaceWith(next);
+    this.log.info(`memory table: ${infos.length} region(s), ${(infos.reduce((a, r) => a + r.size, 0) / 2 ** 20).toFixed(0)} MiB`);
+    this.restartRunning();
+  }
+
+  addMemRegion(d: MemoryRegionDesc, fd: number): void {
+    this.table.add(d, fd);
+    const infos = this.table.infos();
+    this.memory = new GuestMemory(infos);
+    this.backend.memoryChanged(infos);
+    this.restartRunning();
+  }
+
+  remMemRegion(d: MemoryRegionDesc): void {
+    const remaining = this.table.infos().filter((r) => !(r.gpa === d.gpa && r.size === d.size && r.uva === d.uva));
+    if (remaining.length === this.table.regionCount) throw new RequestError(`no region at gpa 0x${d.gpa.toString(16)} size ${d.size}`);
+    this.memory = new GuestMemory(remaining);
+    this.backend.memoryChanged(remaining);
+    this.table.remove(d);
+    this.restartRunning();
+  }
+
+  /** Ring addresses are frontend virtual addresses: running rings are re-resolved after a memory change. */
+  private restartRunning(): void {
+    this.vrings.forEach((v, i) => {
+      if (v.running) {
+        v.base = this.backend.stopVring(i);
+        v.running = false;
+      }
+      this.maybeStart(i);
+    });
+  }
+
+  setVringNum(index: number, num: number): void {
+    const v = this.vring(index);
+    if (v.running) throw new RequestError(`vring ${index} is running`);
+    if (num < 1 || num > 32768 || (num & (num - 1)) !== 0) throw new RequestError(`vring ${index} size ${num} is not a power of two in 1..32768`);
+    v.num = num;
+  }
+
+  setVringAddr(dv: DataView): void {
+    const index = dv.getUint32(0, true);
+    const v = this.vring(index);
+    if (v.running) throw new RequestError(`vring ${index} is running`);
+    v.descUser = u64(dv, 8);
+    v.usedUser = u64(dv, 16);
+    v.availUser = u64(dv, 24);
+    v.addrSet = true;
+    this.maybeStart(index);
+  }
+
+  setVringBase(index: number, num: number): void {
+    const v = this.vring(index);
+    if (v.running) throw new RequestError(`vring ${index} is running`);
+    if (num > 0xffff) throw new RequestError(`vring ${index} base ${num} exceeds 16 bits`);
+    v.base = num;
+  }
+
+  getVringBase(index: number): Uint8Array {
+    const v = this.vring(index);
+    if (v.running) {
+      v.base = this.backend.stopVring(index);
+      v.running = false;
+    }
+    v.started = false;
+    // The spec: after GET_VRING_BASE the ring is stopped; its kick fd is no longer ours to use.
+    closeFd(v.kickFd);
+    v.kickFd = -1;
+    return vringStatePayload(index, v.base);
+  }
+
+  setVringFd(kind: 'kick' | 'call' | 'err', dv: DataView, m: Message): void {
+    const word = u64(dv);
+    const index = word & VRING_INDEX_MASK;
+    const noFd = (word & VRING_NOFD_MASK) !== 0;
+    let fd = -1;
+    try {
+      if (word & ~(VRING_INDEX_MASK | VRING_NOFD_MASK)) throw new RequestError(`${kind} fd word 0x${word.toString(16)} has unknown bits`);
+      if (noFd !== (m.fds.length === 0)) throw new RequestError(noFd ? 'invalid-fd flag set but an fd is attached' : 'no fd attached and invalid-fd flag clear');
+      const v = this.vring(index);
+      fd = m.fds.pop() ?? -1;
+      if (kind === 'kick') {
+        if (v.running) {
+          v.base = this.backend.stopVring(index);
+          v.running = false;
+        }
+        closeFd(v.kickFd);
+        v.kickFd = fd;
+        fd = -1;
+        if (v.kickFd < 0) throw new RequestError(`vring ${index}: polling without a kick fd is not supported`);
+        v.started = true;
+        // Without protocol features a ring is enabled as soon as it starts (spec: "Ring states").
+        if (!this.protoNegotiated || !hasBit(this.features, F_PROTOCOL_FEATURES)) v.enabled = true;
+        this.maybeStart(index);
+      } else if (kind === 'call') {
+        closeFd(v.callFd);
+        v.callFd = fd;
+        fd = -1;
+        if (v.running) this.backend.updateCallFd(index, v.callFd);
+      } else {
+        closeFd(v.errFd);
+        v.errFd = fd;
+        fd = -1;
+      }
+    } finally {
+      closeFd(fd);
+      for (const f of m.fds) closeFd(f);
+    }
+  }
+
+  setVringEnable(index: number, enable: number): void {
+    const v = this.vring(index);
+    if (!hasBit(this.features, F_PROTOCOL_FEATURES) && !this.protoNegotiated) {
+      throw new RequestError('SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES');
+    }
+    if (enable > 1) throw new RequestError(`enable value ${enable}`);
+    v.enabled = enable === 1;
+    if (!v.enabled && v.running) {
+      v.base = this.backend.stopVring(index);
+      v.running = false;
+    }
+    this.maybeStart(index);
+  }
+
+  private maybeStart(index: number): void {
+    const v = this.vrings[index]!;
+    if (v.running || !v.started || !v.enabled || !v.addrSet || v.num === 0 || !this.memory) return;
+    let cfg;
+    try {
+      const size = v.num;
+      cfg = {
+        index, size,
+        descGpa: this.memory.uvaToGpa(v.descUser, 16 * size),
+        availGpa: this.memory.uvaToGpa(v.availUser, 6 + 2 * size),
+        usedGpa: this.memory.uvaToGpa(v.usedUser, 6 + 8 * size),
+        lastAvailIdx: v.base, kickFd: v.kickFd, callFd: v.callFd, errFd: v.errFd,
+      };
+    } catch (e) {
+      throw new RequestError(`vring ${index}: ${(e as Error).message}`);
+    }
+    this.backend.startVring(cfg);
+    v.running = true;
+  }
+
+  resetDevice(reason: string): void {
+    this.stopAll();
+    for (const v of this.vrings) this.closeVringFds(v);
+    this.vrings = this.vrings.map(() => freshVring(true));
+    this.features = 0n;
+    this.backend.sessionReset(reason);
+    this.memory = null;
+    this.table.clear();
+    this.log.info(`device reset (${reason})`);
+  }
+
+  private stopAll(): void {
+    this.vrings.forEach((v, i) => {
+      if (v.running) {
+        try { v.base = this.backend.stopVring(i); } catch (e) { this.log.warn(`stopping vring ${i}: ${(e as Error).message}`); }
+        v.running = false;
+      }
+    });
+  }
+
+  private closeVringFds(v: VringState): void {
+    closeFd(v.kickFd);
+    closeFd(v.callFd);
+    closeFd(v.errFd);
+    v.kickFd = v.callFd = v.errFd = -1;
+  }
+
+  /** Ends the session: stops rings, releases memory and fds, tells the owner. Idempotent. */
+  close(reason: string): void {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      this.stopAll();
+      this.backend.sessionReset(reason);
+    } catch (e) {
+      this.log.error(`reset after disconnect: ${(e as Error).message}`);
+    }
+    for (const v of this.vrings) this.closeVringFds(v);
+    this.memory = null;
+    this.table.clear();
+    this.reader.dropFds();
+    // The owner stops polling the fd before it is closed (a reused fd number must not fire).
+    this.onClose(this, reason);
+    this.socket.close();
+  }
+
+  get isClosed(): boolean { return this.closed; }
+  get negotiatedFeatures(): bigint { return this.features; }
+}
+

@@ -1,0 +1,51 @@
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { spawnManaged, type ManagedProcess } from './processes.js';
+import { callControl } from '../../src/control/control-client.js';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+/** The built CLI, the way users run it (`npm test` builds first). */
+export const CLI = path.resolve(here, '../../dist/src/cli/main.js');
+
+export interface Backend {
+  proc: ManagedProcess;
+  control: string;
+  dir: string;
+  call(method: string, params?: Record<string, unknown>): Promise<any>;
+  stop(signal?: NodeJS.Signals): Promise<void>;
+}
+
+export function tempDir(tag: string): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), `vx-${tag}-`));
+}
+
+/** Starts `vhost-xdp serve ARGS --control DIR/ctl` and waits for its ready line. */
+export async function startBackend(args: string[], opts: { name?: string; dir?: string; env?: NodeJS.ProcessEnv } = {}): Promise<Backend> {
+  if (!fs.existsSync(CLI)) throw new Error(`${CLI} is missing: run npm run build`);
+  const dir = opts.dir ?? tempDir('be');
+  const control = path.join(dir, 'ctl.sock');
+  const proc = spawnManaged(process.execPath, [CLI, 'serve', ...args, '--control', control], { name: opts.name ?? 'vhost-xdp', env: opts.env });
+  try {
+    await proc.waitForLine(/^vhost-xdp ready:/, 15_000);
+  } catch (e) {
+    await proc.stop('SIGKILL', 1000);
+    throw new Error(`backend did not become ready: ${(e as Error).message}\n${proc.tail(30)}`);
+  }
+  return {
+    proc, control, dir,
+    call: (method, params = {}) => callControl(control, method, params) as Promise<any>,
+    stop: async (signal = 'SIGTERM') => { await proc.stop(signal, 5000); },
+  };
+}
+
+/** Open fds of a process. */
+export function countFds(pid: number): number {
+  return fs.readdirSync(`/proc/${pid}/fd`).length;
+}
+
+/** Mappings of a process whose backing file looks like shared guest memory (memfd or hugetlbfs). */
+export function countGuestMappings(pid: number): number {
+  return fs.readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n').filter((l) => /memfd:|\/dev\/hugepages|\/hugepages\//.test(l)).length;
+}
