@@ -6,12 +6,14 @@ import { MAX_GUEST_ADDRESS, type RegionInfo } from './guest-memory.js';
 const fstat = koffi.load('libc.so.6').func('fstat', 'int', ['int', 'intptr_t']);
 const statBuf = new NativeBuffer(4096);
 
-/** st_blksize of an fd: 2 MiB for hugetlbfs, the page size for memfd/shm. */
-function blockSize(fd: number): number {
+/** Size and st_blksize (2 MiB for hugetlbfs, the page size for memfd/shm) of an fd. */
+function fileInfo(fd: number): { size: number; blockSize: number; regular: boolean } {
   check(fstat(fd, statBuf.address), 'fstat');
-  // struct stat on x86_64: st_blksize is the long at offset 56.
+  // struct stat on x86_64: st_mode u32 @24, st_size i64 @48, st_blksize i64 @56.
+  const mode = statBuf.view.getUint32(24, true);
+  const size = Number(statBuf.view.getBigInt64(48, true));
   const b = Number(statBuf.view.getBigInt64(56, true));
-  return b > 0 && b <= 1 << 30 ? b : 4096;
+  return { size, blockSize: b > 0 && b <= 1 << 30 ? b : 4096, regular: (mode & 0o170000) === 0o100000 };
 }
 
 interface Mapped {
@@ -55,7 +57,13 @@ export class MemoryTable {
   add(d: MemoryRegionDesc, fd: number): void {
     try {
       MemoryTable.validate(d, this.mapped.map((m) => m.desc));
-      const align = blockSize(fd);
+      const info = fileInfo(fd);
+      // Touching a mapping past the end of its file is SIGBUS, not an error we could catch.
+      if (!info.regular) throw new MemoryTableError('region fd is not a memory file (memfd, shm or hugetlbfs)');
+      if (d.mmapOffset + d.size > info.size) {
+        throw new MemoryTableError(`region needs ${d.mmapOffset + d.size} bytes of its file, which has ${info.size}`);
+      }
+      const align = info.blockSize;
       const len = Math.ceil((d.mmapOffset + d.size) / align) * align;
       const mapping = new SharedMapping(fd, len, 0);
       this.mapped.push({ desc: d, mapping, fd });

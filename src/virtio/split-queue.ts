@@ -1,0 +1,380 @@
+import { GuestMemory, readAddress } from '../vhost-user/guest-memory.js';
+import { DescriptorChain } from './descriptor-chain.js';
+import { VirtqueueError } from './errors.js';
+
+export { DescriptorChain } from './descriptor-chain.js';
+export { VirtqueueError } from './errors.js';
+export type { VirtqueueErrorReason } from './errors.js';
+
+/** Descriptor flags (virtio 1.x 2.7.5). */
+export const VIRTQ_DESC_F_NEXT = 1;
+export const VIRTQ_DESC_F_WRITE = 2;
+export const VIRTQ_DESC_F_INDIRECT = 4;
+/** avail->flags: the driver does not want used-buffer notifications (ignored with EVENT_IDX). */
+export const VIRTQ_AVAIL_F_NO_INTERRUPT = 1;
+/** used->flags: the device does not want kicks (ignored with EVENT_IDX). */
+export const VIRTQ_USED_F_NO_NOTIFY = 1;
+
+export const MAX_QUEUE_SIZE = 32768;
+/**
+ * Largest indirect table we walk: 32768 entries (512 KiB), the largest queue size. Linux lets an
+ * indirect table exceed the ring size, so the ring size is not the bound; the segment cap of the
+ * DescriptorChain (default 1024) still limits what a chain may actually carry.
+ */
+export const MAX_INDIRECT_ENTRIES = 32768;
+
+const U32_MAX = 0xffffffff;
+
+export interface SplitQueueLayout {
+  size: number;
+  descGpa: number;
+  availGpa: number;
+  usedGpa: number;
+}
+
+export interface SplitQueueOptions {
+  /** VIRTIO_RING_F_EVENT_IDX negotiated. */
+  eventIdx: boolean;
+  /** For errors and logs, e.g. "dev0:rx0". */
+  name: string;
+  /** VIRTIO_RING_F_INDIRECT_DESC negotiated (default true). Without it INDIRECT is refused. */
+  indirectDesc?: boolean;
+}
+
+/** Byte sizes of the three parts (spec 2.7: the event fields are always part of the layout). */
+export function splitRingBytes(size: number): { desc: number; avail: number; used: number } {
+  return { desc: 16 * size, avail: 6 + 2 * size, used: 6 + 8 * size };
+}
+
+/**
+ * virtio's vring_need_event: true when event_idx lies in [old, new), i.e. the entry at index
+ * event_idx was among those published since the last check ("notify once you pass it"), all
+ * in u16 arithmetic.
+ */
+export function vringNeedEvent(eventIdx: number, newIdx: number, oldIdx: number): boolean {
+  return ((newIdx - eventIdx - 1) & 0xffff) < ((newIdx - oldIdx) & 0xffff);
+}
+
+// A locked read-modify-write is a full barrier on x86 (and Atomics are seq-cst everywhere).
+// Plain stores are not ordered against later loads (store buffer), which is exactly the
+// "publish index, then read the other side's event/flags" pattern of notification suppression.
+const fenceCell = new Int32Array(new SharedArrayBuffer(4));
+function fullFence(): void {
+  Atomics.add(fenceCell, 0, 0);
+}
+
+/**
+ * The device side of a virtio 1.x split virtqueue living in guest memory.
+ *
+ * Trust: the guest owns the descriptor table and avail ring and may change them at any time.
+ * Every field is read exactly once into a local before it is checked, every buffer must lie
+ * inside one guest memory region, and walks are bounded, so a hostile guest can make pop()
+ * throw a VirtqueueError but never make it touch memory outside guest RAM or spin.
+ *
+ * Memory ordering: this runs in a single JS thread per queue; V8 keeps DataView stores in
+ * program order and x86 is TSO, so "used element stores, then used->idx store" needs no fence
+ * (the smp_wmb of C implementations) and "read avail->idx, then ring entries" needs none
+ * either (smp_rmb). The store→load cases (flush then read used_event/flags; write avail_event
+ * then re-read avail->idx) get a real fence (fullFence) inside needsNotify/setKickNotification.
+ */
+export class SplitQueue {
+  readonly size: number;
+  readonly name: string;
+  readonly eventIdx: boolean;
+  readonly indirectDesc: boolean;
+  readonly layout: Readonly<SplitQueueLayout>;
+
+  private readonly mem: GuestMemory;
+  private readonly mask: number;
+  private readonly descView: DataView;
+  private readonly descOff: number;
+  private readonly availView: DataView;
+  private readonly availOff: number;
+  private readonly usedView: DataView;
+  private readonly usedOff: number;
+
+  private lastAvail = 0;
+  /** Last avail->idx we read; entries in [lastAvail, shadowAvail) are known available. */
+  private shadowAvail = 0;
+  private used = 0;
+  /** used->idx as last written by flushUsed. */
+  private publishedUsed = 0;
+  /** used idx at the last needsNotify (EVENT_IDX "old"); invalid until the first one. */
+  private signalledUsed = 0;
+  private signalledValid = false;
+
+  constructor(mem: GuestMemory, layout: SplitQueueLayout, opts: SplitQueueOptions) {
+    const { size, descGpa, availGpa, usedGpa } = layout;
+    this.name = opts.name;
+    if (!Number.isInteger(size) || size < 1 || size > MAX_QUEUE_SIZE || (size & (size - 1)) !== 0) {
+      throw new VirtqueueError('bad-queue-size', opts.name, `queue size ${size} is not a power of 2 in 1..${MAX_QUEUE_SIZE}`);
+    }
+    if (descGpa % 16 !== 0 || availGpa % 2 !== 0 || usedGpa % 4 !== 0) {
+      throw new VirtqueueError(
+        'misaligned-ring',
+        opts.name,
+        `rings must be aligned desc 16/avail 2/used 4: desc 0x${descGpa.toString(16)} avail 0x${availGpa.toString(16)} used 0x${usedGpa.toString(16)}`,
+      );
+    }
+    const bytes = splitRingBytes(size);
+    const place = (what: string, gpa: number, len: number): [DataView, number] => {
+      const i = Number.isInteger(gpa) ? mem.find(gpa, len) : -1;
+      if (i < 0) throw new VirtqueueError('ring-outside-memory', opts.name, `${what} ring 0x${gpa.toString(16)}+${len} is not inside one guest memory region`);
+      const r = mem.regions[i]!;
+      return [r.view, gpa - r.gpa];
+    };
+    [this.descView, this.descOff] = place('descriptor', descGpa, bytes.desc);
+    [this.availView, this.availOff] = place('avail', availGpa, bytes.avail);
+    [this.usedView, this.usedOff] = place('used', usedGpa, bytes.used);
+    this.mem = mem;
+    this.size = size;
+    this.mask = size - 1;
+    this.eventIdx = opts.eventIdx;
+    this.indirectDesc = opts.indirectDesc ?? true;
+    this.layout = Object.freeze({ size, descGpa, availGpa, usedGpa });
+    // Resuming a ring (reconnect, migration): used->idx in guest memory is where we left off.
+    this.used = this.publishedUsed = this.signalledUsed = this.usedView.getUint16(this.usedOff + 2, true);
+  }
+
+  /** Next avail ring index we will consume (SET_VRING_BASE / GET_VRING_BASE), u16. */
+  get lastAvailIdx(): number {
+    return this.lastAvail;
+  }
+  set lastAvailIdx(v: number) {
+    this.lastAvail = this.shadowAvail = u16(v, this.name, 'lastAvailIdx');
+  }
+
+  /** Our shadow of used->idx (includes pushed but not yet flushed elements), u16. */
+  get usedIdx(): number {
+    return this.used;
+  }
+  set usedIdx(v: number) {
+    this.used = this.publishedUsed = this.signalledUsed = u16(v, this.name, 'usedIdx');
+    this.signalledValid = false;
+  }
+
+  /** Chains the driver has made available that we have not popped. Reads avail->idx. */
+  availableCount(): number {
+    const idx = this.availView.getUint16(this.availOff + 2, true);
+    const n = (idx - this.lastAvail) & 0xffff;
+    if (n > this.size) {
+      throw new VirtqueueError('avail-idx-jump', this.name, `avail->idx ${idx} is ${n} ahead of last_avail_idx ${this.lastAvail} (queue size ${this.size})`);
+    }
+    this.shadowAvail = idx;
+    return n;
+  }
+
+  /** Cheaper than availableCount() when chains are already known to be pending. */
+  hasAvailable(): boolean {
+    return this.lastAvail !== this.shadowAvail || this.availableCount() > 0;
+  }
+
+  /**
+   * Takes the next available chain into `chain`. Returns false when the ring is empty. Throws
+   * VirtqueueError for a broken chain; the avail slot is consumed either way (see
+   * VirtqueueError.head for dropping it).
+   */
+  pop(chain: DescriptorChain): boolean {
+    const last = this.lastAvail;
+    if (last === this.shadowAvail && this.availableCount() === 0) return false;
+    const head = this.availView.getUint16(this.availOff + 4 + 2 * (last & this.mask), true);
+    this.lastAvail = (last + 1) & 0xffff;
+    chain.head = head;
+    chain.count = 0;
+    chain.readableCount = 0;
+    chain.readableBytes = 0;
+    chain.writableBytes = 0;
+    if (head >= this.size) {
+      chain.head = -1;
+      throw new VirtqueueError('head-out-of-range', this.name, `avail ring slot ${last & this.mask} holds head ${head} >= queue size ${this.size}`);
+    }
+    this.walk(chain, head);
+    return true;
+  }
+
+  private walk(chain: DescriptorChain, head: number): void {
+    const mem = this.mem;
+    const regions = mem.regions;
+    const maxSegments = chain.maxSegments;
+    const gpas = chain.gpa;
+    const hosts = chain.hostAddress;
+    const lengths = chain.length;
+    const writables = chain.writable;
+    const regionIdx = chain.region;
+    const offsets = chain.offset;
+
+    let view = this.descView;
+    let base = this.descOff;
+    let entries = this.size;
+    let inIndirect = false;
+    let idx = head;
+    let hops = 0;
+    let count = 0;
+    let readable = 0;
+    let readableBytes = 0;
+    let writableBytes = 0;
+    let seenWritable = false;
+
+    for (;;) {
+      // Hop count, not a visited set: a chain longer than its table must revisit something.
+      if (++hops > entries) {
+        throw this.fail('chain-loop', `chain from head ${head} visits more than ${entries} descriptors${inIndirect ? ' of its indirect table' : ''}`, head);
+      }
+      const off = base + idx * 16;
+      // Each field is read once; the guest may be rewriting them while we look.
+      const addr = readAddress(view, off);
+      const len = view.getUint32(off + 8, true);
+      const flagsNext = view.getUint32(off + 12, true);
+      const flags = flagsNext & 0xffff;
+      const next = flagsNext >>> 16;
+
+      if ((flags & VIRTQ_DESC_F_INDIRECT) !== 0) {
+        if (!this.indirectDesc) throw this.fail('indirect-not-negotiated', `descriptor ${idx} is INDIRECT but INDIRECT_DESC was not negotiated`, head);
+        if (inIndirect) throw this.fail('indirect-nested', `indirect table of head ${head} holds another INDIRECT descriptor (${idx})`, head);
+        if ((flags & VIRTQ_DESC_F_NEXT) !== 0) throw this.fail('indirect-next', `descriptor ${idx} has both INDIRECT and NEXT`, head);
+        if (len === 0 || (len & 15) !== 0 || len > 16 * MAX_INDIRECT_ENTRIES) {
+          throw this.fail('bad-indirect-len', `indirect table length ${len} is not a non-zero multiple of 16 up to ${16 * MAX_INDIRECT_ENTRIES}`, head);
+        }
+        if (addr < 0) throw this.fail('addr-too-large', `indirect table address in descriptor ${idx} is beyond 2^52`, head);
+        const r = mem.find(addr, len);
+        if (r < 0) throw this.fail('addr-outside-memory', `indirect table 0x${addr.toString(16)}+${len} is not inside one guest memory region`, head);
+        const reg = regions[r]!;
+        view = reg.view;
+        base = addr - reg.gpa;
+        entries = len >>> 4;
+        inIndirect = true;
+        idx = 0;
+        hops = 0;
+        continue;
+      }
+
+      const writable = (flags & VIRTQ_DESC_F_WRITE) !== 0;
+      if (writable) seenWritable = true;
+      else if (seenWritable) throw this.fail('write-before-read', `readable descriptor ${idx} follows a writable one`, head);
+
+      if (len !== 0) {
+        if (addr < 0) throw this.fail('addr-too-large', `buffer address in descriptor ${idx} is beyond 2^52`, head);
+        const r = mem.find(addr, len);
+        if (r < 0) throw this.fail('addr-outside-memory', `buffer 0x${addr.toString(16)}+${len} (descriptor ${idx}) is not inside one guest memory region`, head);
+        if (writable) writableBytes += len;
+        else {
+          readableBytes += len;
+          readable++;
+        }
+        // Used lengths are u32; doubles hold the exact sum, so the check cannot itself overflow.
+        if (readableBytes + writableBytes > U32_MAX) throw this.fail('chain-too-large', `chain from head ${head} is longer than 2^32-1 bytes`, head);
+        if (count >= maxSegments) throw this.fail('chain-too-long', `chain from head ${head} has more than ${maxSegments} segments`, head);
+        const reg = regions[r]!;
+        const o = addr - reg.gpa;
+        gpas[count] = addr;
+        hosts[count] = reg.hostAddress + o;
+        lengths[count] = len;
+        writables[count] = writable ? 1 : 0;
+        regionIdx[count] = r;
+        offsets[count] = o;
+        count++;
+      }
+
+      if ((flags & VIRTQ_DESC_F_NEXT) === 0) break;
+      if (next >= entries) {
+        throw this.fail('desc-out-of-range', `descriptor ${idx} links to ${next} >= ${entries}${inIndirect ? ' (indirect table entries)' : ' (queue size)'}`, head);
+      }
+      idx = next;
+    }
+
+    chain.count = count;
+    chain.readableCount = readable;
+    chain.readableBytes = readableBytes;
+    chain.writableBytes = writableBytes;
+  }
+
+  private fail(reason: ConstructorParameters<typeof VirtqueueError>[0], detail: string, head: number): VirtqueueError {
+    return new VirtqueueError(reason, this.name, detail, head);
+  }
+
+  /** Writes a used element at usedIdx; the driver sees it only after flushUsed(). */
+  pushUsed(head: number, len: number): void {
+    if (!(head >= 0 && head < this.size && (head | 0) === head) || !(len >= 0 && len <= U32_MAX && Math.floor(len) === len)) {
+      throw new VirtqueueError('bad-argument', this.name, `pushUsed(${head}, ${len}): head must be < ${this.size} and len a u32`);
+    }
+    const off = this.usedOff + 4 + 8 * (this.used & this.mask);
+    this.usedView.setUint32(off, head, true);
+    this.usedView.setUint32(off + 4, len, true);
+    this.used = (this.used + 1) & 0xffff;
+  }
+
+  /**
+   * Publishes pushed elements by writing used->idx. The element stores above happen before this
+   * store in program order and x86 keeps stores in order (TSO), so no write fence is needed.
+   */
+  flushUsed(): void {
+    const newIdx = this.used;
+    const old = this.publishedUsed;
+    this.usedView.setUint16(this.usedOff + 2, newIdx, true);
+    this.publishedUsed = newIdx;
+    // More than 65535 elements since the last notify check: the u16 window no longer says
+    // whether used_event was crossed, so notify unconditionally next time.
+    if (((newIdx - this.signalledUsed) & 0xffff) < ((newIdx - old) & 0xffff)) this.signalledValid = false;
+  }
+
+  /** Pending pushUsed elements not yet flushed. */
+  get unflushed(): number {
+    return (this.used - this.publishedUsed) & 0xffff;
+  }
+
+  /** Un-pops the last n chains (they will be popped again, re-read from guest memory). */
+  rewind(n: number): void {
+    if (!Number.isInteger(n) || n < 0 || n > this.size) {
+      throw new VirtqueueError('bad-argument', this.name, `rewind(${n}) outside 0..${this.size}`);
+    }
+    this.lastAvail = (this.lastAvail - n) & 0xffff;
+    // Re-read avail->idx on the next pop so the avail-idx-jump check covers the rewound window.
+    this.shadowAvail = this.lastAvail;
+  }
+
+  /**
+   * Whether to signal the call eventfd for what flushUsed() published since the previous call.
+   * Call it once after each flush and signal when it says so: it advances the "old" index
+   * whatever the answer. Returns false when nothing was flushed since the previous call
+   * (except for the first call after construction or a usedIdx reset, which says true with
+   * EVENT_IDX as libvhost-user does).
+   */
+  needsNotify(): boolean {
+    const newIdx = this.publishedUsed;
+    const old = this.signalledUsed;
+    const valid = this.signalledValid;
+    this.signalledUsed = newIdx;
+    this.signalledValid = true;
+    // Nothing published since the last check: an interrupt would only be spurious.
+    if (valid && newIdx === old) return false;
+    fullFence(); // used->idx store must be visible before we read the driver's suppression state
+    if (!this.eventIdx) {
+      return (this.availView.getUint16(this.availOff, true) & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
+    }
+    if (!valid) return true;
+    const usedEvent = this.availView.getUint16(this.availOff + 4 + 2 * this.size, true);
+    return vringNeedEvent(usedEvent, newIdx, old);
+  }
+
+  /**
+   * Asks the driver to kick (enabled) or not. With EVENT_IDX, enabling writes
+   * avail_event = lastAvailIdx (kick when anything past what we consumed arrives); disabling
+   * writes nothing, so the driver stops kicking once it passes the old avail_event.
+   * The usual worker loop: setKickNotification(false); pop until empty; setKickNotification(true);
+   * then re-check availableCount() before sleeping (a chain may have raced the enable). The
+   * fence here orders that re-check after the store.
+   */
+  setKickNotification(enabled: boolean): void {
+    if (this.eventIdx) {
+      if (enabled) this.usedView.setUint16(this.usedOff + 4 + 8 * this.size, this.lastAvail, true);
+    } else {
+      this.usedView.setUint16(this.usedOff, enabled ? 0 : VIRTQ_USED_F_NO_NOTIFY, true);
+    }
+    fullFence();
+  }
+}
+
+function u16(v: number, queue: string, what: string): number {
+  if (!Number.isInteger(v) || v < 0 || v > 0xffff) throw new VirtqueueError('bad-argument', queue, `${what} ${v} is not a u16`);
+  return v;
+}
