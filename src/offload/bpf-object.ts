@@ -1,0 +1,435 @@
+// Reader for BPF ELF objects as clang builds them (`clang -target bpf -g`): one program
+// section's instructions, the BTF-defined maps it references (the `.maps` DATASEC, as
+// libbpf, iproute2 and bpftool read them), its map relocations and the license. The input
+// is untrusted: every offset, size and index is checked before use and every failure is a
+// BpfObjectError naming what was wrong. Nothing here loops more than a bounded number of
+// times per input byte.
+
+export interface BpfMapDef {
+  name: string; type: number; keySize: number; valueSize: number; maxEntries: number; flags: number;
+}
+
+export interface BpfObjectProgram {
+  section: string;
+  /**
+   * The section's instructions, copied. Each map ld_imm64 has src_reg = BPF_PSEUDO_MAP_FD
+   * and imm = its index into `maps`, ready for the loader to substitute a handle or fd.
+   * Calls to extern (kfunc) symbols have src_reg = BPF_PSEUDO_KFUNC_CALL and imm = 0.
+   */
+  insns: Uint8Array;
+  license: string;
+  /** Every map the program references, in order of first reference. */
+  maps: BpfMapDef[];
+  /** ld_imm64 at insnIndex refers to maps[mapIndex]. */
+  mapRelocations: { insnIndex: number; mapIndex: number }[];
+  /** Calls to symbols the object does not define (kfuncs); left for the caller to judge. */
+  externCalls: { insnIndex: number; symbol: string }[];
+}
+
+export class BpfObjectError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'BpfObjectError';
+  }
+}
+
+function bad(msg: string): never {
+  throw new BpfObjectError(msg);
+}
+
+const EM_BPF = 247;
+const SHT_SYMTAB = 2;
+const SHT_REL = 9;
+const SHT_NOBITS = 8;
+const SHF_EXECINSTR = 0x4;
+const SHN_UNDEF = 0;
+const SHN_LORESERVE = 0xff00;
+const STT_SECTION = 3;
+const R_BPF_64_64 = 1;
+const R_BPF_64_32 = 10;
+const INSN = 8;
+const LD_IMM64 = 0x18;
+const JMP_CALL = 0x85;
+const PSEUDO_MAP_FD = 1;
+const PSEUDO_CALL = 1;
+const PSEUDO_KFUNC_CALL = 2;
+const MAX_NAME = 4096;
+/** Far above any real program (the kernel's own cap is 1M); bounds work on hostile input. */
+const MAX_INSNS = 1 << 20;
+
+interface Section {
+  index: number; name: string; type: number; flags: number; offset: number; size: number;
+  link: number; info: number; entsize: number;
+}
+
+interface Symbol { name: string; info: number; shndx: number; value: number; size: number }
+
+/** Bounds-checked little-endian reads over the whole file. */
+class Bytes {
+  readonly b: Uint8Array;
+  readonly v: DataView;
+  constructor(b: Uint8Array) {
+    this.b = b;
+    this.v = new DataView(b.buffer, b.byteOffset, b.byteLength);
+  }
+  get length(): number { return this.b.byteLength; }
+  need(off: number, len: number, what: string): void {
+    if (!Number.isSafeInteger(off) || !Number.isSafeInteger(len) || off < 0 || len < 0 || off + len > this.b.byteLength) {
+      bad(`${what}: bytes ${off}..${off + len} outside the file (${this.b.byteLength} bytes)`);
+    }
+  }
+  u8(off: number, what: string): number { this.need(off, 1, what); return this.v.getUint8(off); }
+  u16(off: number, what: string): number { this.need(off, 2, what); return this.v.getUint16(off, true); }
+  u32(off: number, what: string): number { this.need(off, 4, what); return this.v.getUint32(off, true); }
+  /** A u64 that must fit in a JS safe integer (offsets, sizes). */
+  u64(off: number, what: string): number {
+    this.need(off, 8, what);
+    const lo = this.v.getUint32(off, true);
+    const hi = this.v.getUint32(off + 4, true);
+    if (hi >= 0x200000) bad(`${what}: value too large`);
+    return hi * 0x100000000 + lo;
+  }
+  /** NUL-terminated string within [start, limit). */
+  cstr(start: number, limit: number, what: string): string {
+    if (start < 0 || start >= limit || limit > this.b.byteLength) bad(`${what}: string offset ${start} outside its table`);
+    // Scan at most MAX_NAME bytes so many hostile names cannot cost file-size work each.
+    const scanEnd = Math.min(limit, start + MAX_NAME + 1);
+    const end = this.b.subarray(0, scanEnd).indexOf(0, start);
+    if (end < 0) bad(`${what}: string not terminated within ${scanEnd - start} bytes`);
+    return Buffer.from(this.b.buffer, this.b.byteOffset + start, end - start).toString('latin1');
+  }
+}
+
+function readSections(f: Bytes): Section[] {
+  f.need(0, 64, 'ELF header');
+  if (f.u32(0, 'ELF magic') !== 0x464c457f) bad('not an ELF file (bad magic)');
+  if (f.u8(4, 'EI_CLASS') !== 2) bad('not a 64-bit ELF object');
+  if (f.u8(5, 'EI_DATA') !== 1) bad('not a little-endian ELF object');
+  if (f.u16(18, 'e_machine') !== EM_BPF) bad(`e_machine ${f.u16(18, 'e_machine')} is not EM_BPF (247)`);
+  const shoff = f.u64(40, 'e_shoff');
+  const shentsize = f.u16(58, 'e_shentsize');
+  const shnum = f.u16(60, 'e_shnum');
+  const shstrndx = f.u16(62, 'e_shstrndx');
+  if (shentsize !== 64) bad(`e_shentsize ${shentsize} is not 64`);
+  if (shnum === 0) bad('no section headers');
+  f.need(shoff, shnum * 64, 'section header table');
+  if (shstrndx >= shnum) bad(`e_shstrndx ${shstrndx} out of range`);
+  const raw: Omit<Section, 'name'>[] = [];
+  for (let i = 0; i < shnum; i++) {
+    const h = shoff + i * 64;
+    const type = f.u32(h + 4, 'sh_type');
+    const s = {
+      index: i, type, flags: f.u64(h + 8, 'sh_flags'),
+      offset: f.u64(h + 24, 'sh_offset'), size: f.u64(h + 32, 'sh_size'),
+      link: f.u32(h + 40, 'sh_link'), info: f.u32(h + 44, 'sh_info'), entsize: f.u64(h + 56, 'sh_entsize'),
+    };
+    if (type !== SHT_NOBITS && i !== 0) f.need(s.offset, s.size, `section ${i} contents`);
+    raw.push(s);
+  }
+  const strtab = raw[shstrndx]!;
+  return raw.map((s, i) => ({
+    ...s,
+    name: i === 0 ? '' : f.cstr(strtab.offset + f.u32(shoff + i * 64, 'sh_name'), strtab.offset + strtab.size, `section ${i} name`),
+  }));
+}
+
+function readSymbols(f: Bytes, sections: Section[]): Symbol[] {
+  const symtabs = sections.filter((s) => s.type === SHT_SYMTAB);
+  if (symtabs.length !== 1) bad(`expected one symbol table, found ${symtabs.length}`);
+  const st = symtabs[0]!;
+  if (st.entsize !== 24 || st.size % 24 !== 0) bad('symbol table entry size is not 24');
+  const strtab = sections[st.link];
+  if (!strtab || strtab.type !== 3 /* SHT_STRTAB */) bad('symbol table does not link to a string table');
+  const out: Symbol[] = [];
+  for (let o = st.offset; o < st.offset + st.size; o += 24) {
+    const nameOff = f.u32(o, 'st_name');
+    out.push({
+      name: nameOff === 0 ? '' : f.cstr(strtab.offset + nameOff, strtab.offset + strtab.size, 'symbol name'),
+      info: f.u8(o + 4, 'st_info'),
+      shndx: f.u16(o + 6, 'st_shndx'),
+      value: f.u64(o + 8, 'st_value'),
+      size: f.u64(o + 16, 'st_size'),
+    });
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// BTF: just enough to read `.maps` map definitions.
+
+const BTF_KIND = {
+  INT: 1, PTR: 2, ARRAY: 3, STRUCT: 4, UNION: 5, ENUM: 6, FWD: 7, TYPEDEF: 8, VOLATILE: 9,
+  CONST: 10, RESTRICT: 11, FUNC: 12, FUNC_PROTO: 13, VAR: 14, DATASEC: 15, FLOAT: 16,
+  DECL_TAG: 17, TYPE_TAG: 18, ENUM64: 19,
+} as const;
+
+interface BtfType { kind: number; nameOff: number; vlen: number; sizeOrType: number; extra: number }
+
+class Btf {
+  private readonly f: Bytes;
+  private readonly strStart: number;
+  private readonly strEnd: number;
+  /** types[id], id 0 = void. */
+  readonly types: (BtfType | null)[] = [null];
+
+  constructor(f: Bytes, sec: Section) {
+    this.f = f;
+    const base = sec.offset;
+    const end = sec.offset + sec.size;
+    if (sec.size < 24) bad('.BTF: shorter than its header');
+    if (f.u16(base, 'BTF magic') !== 0xeb9f) bad('.BTF: bad magic');
+    const hdrLen = f.u32(base + 4, 'BTF hdr_len');
+    const typeOff = f.u32(base + 8, 'BTF type_off');
+    const typeLen = f.u32(base + 12, 'BTF type_len');
+    const strOff = f.u32(base + 16, 'BTF str_off');
+    const strLen = f.u32(base + 20, 'BTF str_len');
+    if (hdrLen < 24 || hdrLen > sec.size) bad('.BTF: bad header length');
+    const typesStart = base + hdrLen + typeOff;
+    const typesEnd = typesStart + typeLen;
+    this.strStart = base + hdrLen + strOff;
+    this.strEnd = this.strStart + strLen;
+    if (typesEnd > end || this.strEnd > end) bad('.BTF: type or string area outside the section');
+    let o = typesStart;
+    while (o < typesEnd) {
+      if (o + 12 > typesEnd) bad('.BTF: truncated type');
+      const nameOff = f.u32(o, 'btf_type.name_off');
+      const info = f.u32(o + 4, 'btf_type.info');
+      const sizeOrType = f.u32(o + 8, 'btf_type.size');
+      const kind = (info >>> 24) & 0x1f;
+      const vlen = info & 0xffff;
+      let extraLen: number;
+      switch (kind) {
+        case BTF_KIND.INT: case BTF_KIND.VAR: case BTF_KIND.DECL_TAG: extraLen = 4; break;
+        case BTF_KIND.ARRAY: extraLen = 12; break;
+        case BTF_KIND.STRUCT: case BTF_KIND.UNION: case BTF_KIND.DATASEC: case BTF_KIND.ENUM64: extraLen = 12 * vlen; break;
+        case BTF_KIND.ENUM: case BTF_KIND.FUNC_PROTO: extraLen = 8 * vlen; break;
+        case BTF_KIND.PTR: case BTF_KIND.FWD: case BTF_KIND.TYPEDEF: case BTF_KIND.VOLATILE:
+        case BTF_KIND.CONST: case BTF_KIND.RESTRICT: case BTF_KIND.FUNC: case BTF_KIND.FLOAT:
+        case BTF_KIND.TYPE_TAG: extraLen = 0; break;
+        default: bad(`.BTF: unknown type kind ${kind} (type ${this.types.length})`);
+      }
+      if (o + 12 + extraLen > typesEnd) bad('.BTF: truncated type data');
+      this.types.push({ kind, nameOff, vlen, sizeOrType, extra: o + 12 });
+      o += 12 + extraLen;
+    }
+  }
+
+  name(nameOff: number): string {
+    if (nameOff === 0) return '';
+    return this.f.cstr(this.strStart + nameOff, this.strEnd, 'BTF name');
+  }
+
+  type(id: number, what: string): BtfType {
+    const t = id > 0 ? this.types[id] : undefined;
+    if (!t) bad(`.BTF: ${what} refers to missing type ${id}`);
+    return t;
+  }
+
+  /** Follows typedef/const/volatile/restrict/type_tag; bounded so loops in hostile BTF end. */
+  skipMods(id: number, what: string): { id: number; t: BtfType } {
+    for (let depth = 0; depth < 32; depth++) {
+      const t = this.type(id, what);
+      if (t.kind !== BTF_KIND.TYPEDEF && t.kind !== BTF_KIND.CONST && t.kind !== BTF_KIND.VOLATILE &&
+          t.kind !== BTF_KIND.RESTRICT && t.kind !== BTF_KIND.TYPE_TAG) return { id, t };
+      id = t.sizeOrType;
+    }
+    bad(`.BTF: ${what}: modifier chain too long`);
+  }
+
+  sizeOf(id: number, what: string, depth = 0): number {
+    if (depth > 32) bad(`.BTF: ${what}: type nesting too deep`);
+    const { t } = this.skipMods(id, what);
+    switch (t.kind) {
+      case BTF_KIND.INT: case BTF_KIND.STRUCT: case BTF_KIND.UNION: case BTF_KIND.ENUM:
+      case BTF_KIND.ENUM64: case BTF_KIND.FLOAT: return t.sizeOrType;
+      case BTF_KIND.PTR: return 8;
+      case BTF_KIND.ARRAY: {
+        const elem = this.f.u32(t.extra, 'btf_array.type');
+        const n = this.f.u32(t.extra + 8, 'btf_array.nelems');
+        const size = this.sizeOf(elem, what, depth + 1) * n;
+        if (size > 0xffffffff) bad(`.BTF: ${what}: array too large`);
+        return size;
+      }
+      default: bad(`.BTF: ${what}: type kind ${t.kind} has no size`);
+    }
+  }
+
+  /** `__uint(name, N)` is `int (*name)[N]`: a pointer to an array of N elements. */
+  uintMember(typeId: number, what: string): number {
+    const p = this.skipMods(typeId, what).t;
+    if (p.kind !== BTF_KIND.PTR) bad(`.BTF: ${what} is not declared with __uint()`);
+    const a = this.skipMods(p.sizeOrType, what).t;
+    if (a.kind !== BTF_KIND.ARRAY) bad(`.BTF: ${what} is not declared with __uint()`);
+    return this.f.u32(a.extra + 8, 'btf_array.nelems');
+  }
+
+  /** `__type(name, T)` is `T *name`: the size of T. */
+  typeMember(typeId: number, what: string): number {
+    const p = this.skipMods(typeId, what).t;
+    if (p.kind !== BTF_KIND.PTR) bad(`.BTF: ${what} is not declared with __type()`);
+    return this.sizeOf(p.sizeOrType, what);
+  }
+
+  /** Map definitions of the `.maps` DATASEC, by variable name. */
+  mapDefs(): Map<string, BpfMapDef> {
+    const out = new Map<string, BpfMapDef>();
+    for (const t of this.types) {
+      if (!t || t.kind !== BTF_KIND.DATASEC || this.name(t.nameOff) !== '.maps') continue;
+      for (let i = 0; i < t.vlen; i++) {
+        const varId = this.f.u32(t.extra + 12 * i, 'btf_var_secinfo.type');
+        const v = this.type(varId, '.maps variable');
+        if (v.kind !== BTF_KIND.VAR) bad(`.BTF: .maps entry ${i} is not a variable`);
+        const name = this.name(v.nameOff);
+        out.set(name, this.mapDef(name, v.sizeOrType));
+      }
+    }
+    return out;
+  }
+
+  private mapDef(name: string, structId: number): BpfMapDef {
+    const st = this.skipMods(structId, `map '${name}'`).t;
+    if (st.kind !== BTF_KIND.STRUCT) bad(`.BTF: map '${name}' is not a struct`);
+    const def: BpfMapDef = { name, type: 0, keySize: 0, valueSize: 0, maxEntries: 0, flags: 0 };
+    let haveType = false;
+    for (let i = 0; i < st.vlen; i++) {
+      const m = st.extra + 12 * i;
+      const mname = this.name(this.f.u32(m, 'btf_member.name_off'));
+      const mtype = this.f.u32(m + 4, 'btf_member.type');
+      const what = `map '${name}' field '${mname}'`;
+      switch (mname) {
+        case 'type': def.type = this.uintMember(mtype, what); haveType = true; break;
+        case 'max_entries': def.maxEntries = this.uintMember(mtype, what); break;
+        case 'map_flags': def.flags = this.uintMember(mtype, what); break;
+        case 'key_size': def.keySize = this.uintMember(mtype, what); break;
+        case 'value_size': def.valueSize = this.uintMember(mtype, what); break;
+        case 'key': def.keySize = this.typeMember(mtype, what); break;
+        case 'value': def.valueSize = this.typeMember(mtype, what); break;
+        // Host-side placement hints with no meaning for an offloaded map.
+        case 'pinning': case 'numa_node': case 'map_extra': break;
+        default: bad(`.BTF: ${what} is not supported (inner maps and initial values are not)`);
+      }
+    }
+    if (!haveType) bad(`.BTF: map '${name}' has no type`);
+    return def;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+
+function chooseProgramSection(sections: Section[], wanted: string | undefined): Section {
+  if (wanted !== undefined) {
+    const s = sections.find((x) => x.name === wanted);
+    if (!s) bad(`no section '${wanted}'`);
+    if ((s.flags & SHF_EXECINSTR) === 0 || s.type === SHT_NOBITS) bad(`section '${wanted}' is not a program section`);
+    return s;
+  }
+  const progs = sections.filter((s) => (s.flags & SHF_EXECINSTR) !== 0 && s.size > 0 && s.name !== '.text');
+  if (progs.length !== 1) {
+    bad(progs.length === 0 ? 'no program section' : `several program sections (${progs.map((p) => p.name).join(', ')}); name one`);
+  }
+  return progs[0]!;
+}
+
+function readLicense(f: Bytes, sections: Section[]): string {
+  const s = sections.find((x) => x.name === 'license');
+  if (!s) bad("no 'license' section");
+  if (s.type === SHT_NOBITS || s.size === 0) bad("empty 'license' section");
+  return f.cstr(s.offset, s.offset + s.size, 'license');
+}
+
+/**
+ * Reads program `section` (or the object's only program section) of a clang-built BPF
+ * object. Refuses subprogram (bpf-to-bpf) calls, global-data relocations and maps it cannot
+ * describe, each with a BpfObjectError that says so.
+ */
+export function readBpfObject(bytes: Uint8Array, section?: string): BpfObjectProgram {
+  const f = new Bytes(bytes);
+  const sections = readSections(f);
+  const prog = chooseProgramSection(sections, section);
+  if (prog.size % INSN !== 0) bad(`section '${prog.name}' size ${prog.size} is not a multiple of 8`);
+  if (prog.size / INSN > MAX_INSNS) bad(`section '${prog.name}' has more than ${MAX_INSNS} instructions`);
+  const insns = bytes.slice(prog.offset, prog.offset + prog.size);
+  const iv = new DataView(insns.buffer);
+  const nInsns = insns.byteLength / INSN;
+  const license = readLicense(f, sections);
+
+  const rels = sections.filter((s) => s.type === SHT_REL && s.info === prog.index);
+  const symbols = rels.length > 0 ? readSymbols(f, sections) : [];
+  const mapsSec = sections.find((s) => s.name === '.maps');
+  let btfMaps: Map<string, BpfMapDef> | null = null;
+
+  const maps: BpfMapDef[] = [];
+  const mapIndexByName = new Map<string, number>();
+  const mapRelocations: BpfObjectProgram['mapRelocations'] = [];
+  const externCalls: BpfObjectProgram['externCalls'] = [];
+  const relocated = new Set<number>();
+
+  for (const rel of rels) {
+    if (rel.entsize !== 16 || rel.size % 16 !== 0) bad(`relocation section '${rel.name}' entry size is not 16`);
+    for (let o = rel.offset; o < rel.offset + rel.size; o += 16) {
+      const rOffset = f.u64(o, 'r_offset');
+      const rType = f.u32(o + 8, 'r_info type');
+      const symIdx = f.u32(o + 12, 'r_info symbol');
+      if (rOffset % INSN !== 0 || rOffset / INSN >= nInsns) bad(`relocation at offset ${rOffset} is outside '${prog.name}'`);
+      const at = rOffset / INSN;
+      if (relocated.has(at)) bad(`instruction ${at} relocated twice`);
+      relocated.add(at);
+      const sym = symbols[symIdx];
+      if (!sym) bad(`relocation at instruction ${at} names missing symbol ${symIdx}`);
+      const code = iv.getUint8(at * INSN);
+      const symSec = sym.shndx !== SHN_UNDEF && sym.shndx < SHN_LORESERVE ? sections[sym.shndx] : undefined;
+
+      if (rType === R_BPF_64_32 && code === JMP_CALL) {
+        if (sym.shndx === SHN_UNDEF) {
+          // A kernel function resolved by BTF id at load time; mark it the way a loader would.
+          iv.setUint8(at * INSN + 1, (PSEUDO_KFUNC_CALL << 4) | (iv.getUint8(at * INSN + 1) & 0xf));
+          iv.setInt32(at * INSN + 4, 0, true);
+          externCalls.push({ insnIndex: at, symbol: sym.name });
+          continue;
+        }
+        bad(`instruction ${at} calls subprogram '${sym.name || symSec?.name || '?'}': bpf-to-bpf calls are not supported`);
+      }
+      if (rType !== R_BPF_64_64) bad(`instruction ${at}: unsupported relocation type ${rType}`);
+      if (code !== LD_IMM64) bad(`instruction ${at}: map relocation on an instruction that is not ld_imm64`);
+      if (at + 1 >= nInsns) bad(`instruction ${at}: ld_imm64 is truncated`);
+      if (sym.shndx === SHN_UNDEF) bad(`instruction ${at} loads extern symbol '${sym.name}' (ksym): not supported`);
+      if (!symSec || symSec !== mapsSec) {
+        const where = symSec?.name ?? `section ${sym.shndx}`;
+        bad(`instruction ${at} refers to '${sym.name || where}' in '${where}': only .maps references are supported (no global data)`);
+      }
+      if ((sym.info & 0xf) === STT_SECTION || sym.name === '') bad(`instruction ${at}: map reference through a section symbol is not supported`);
+      btfMaps ??= loadBtfMaps(f, sections);
+      let mapIndex = mapIndexByName.get(sym.name);
+      if (mapIndex === undefined) {
+        const def = btfMaps.get(sym.name);
+        if (!def) bad(`map '${sym.name}' has no BTF definition in .maps`);
+        mapIndex = maps.length;
+        maps.push(def);
+        mapIndexByName.set(sym.name, mapIndex);
+      }
+      const regs = iv.getUint8(at * INSN + 1);
+      iv.setUint8(at * INSN + 1, (PSEUDO_MAP_FD << 4) | (regs & 0xf));
+      iv.setInt32(at * INSN + 4, mapIndex, true);
+      iv.setInt32(at * INSN + 12, 0, true);
+      mapRelocations.push({ insnIndex: at, mapIndex });
+    }
+  }
+
+  // Calls that clang resolved without a relocation (static functions in the same section),
+  // and pseudo ld_imm64s no relocation explains (a crafted object posing as relocated).
+  for (let i = 0; i < nInsns; i++) {
+    if (relocated.has(i)) continue;
+    const code = iv.getUint8(i * INSN);
+    const src = iv.getUint8(i * INSN + 1) >> 4;
+    if (code === JMP_CALL && src === PSEUDO_CALL) bad(`instruction ${i} is a bpf-to-bpf call: subprograms are not supported`);
+    if (code === LD_IMM64 && src !== 0) bad(`instruction ${i}: ld_imm64 with src_reg ${src} but no relocation`);
+  }
+  mapRelocations.sort((a, b) => a.insnIndex - b.insnIndex);
+  return { section: prog.name, insns, license, maps, mapRelocations, externCalls };
+}
+
+function loadBtfMaps(f: Bytes, sections: Section[]): Map<string, BpfMapDef> {
+  const btf = sections.find((s) => s.name === '.BTF');
+  if (!btf || btf.type === SHT_NOBITS) bad('maps are referenced but the object has no .BTF (build with -g)');
+  return new Btf(f, btf).mapDefs();
+}
