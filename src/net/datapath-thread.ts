@@ -1,11 +1,13 @@
 import { Worker, MessageChannel, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
+import { BackendRefusal } from '../vhost-user/backend.js';
 import { eventfdCreate, eventfdSignal, closeFd } from '../sys/libc.js';
 import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type DatapathRequest, type DatapathWorkerData } from './datapath-messages.js';
 
 const workerUrl = new URL('./datapath-worker.js', import.meta.url);
 const REQUEST_TIMEOUT_MS = 5000;
 
-export class DatapathError extends Error {
+/** The datapath refused or failed a request; the session logs it as a refusal of the request. */
+export class DatapathError extends BackendRefusal {
   constructor(message: string) {
     super(message);
     this.name = 'DatapathError';

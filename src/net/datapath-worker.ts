@@ -84,18 +84,20 @@ function stop(index: number): number {
   return last;
 }
 
-function setMemory(next: GuestMemory): void {
-  // Running rings move to the new table before the main thread unmaps the old one.
-  const restart = [...vrings.values()].map((r) => r.cfg);
-  const bases = restart.map((cfg) => stop(cfg.index));
+function setMemory(next: GuestMemory | null): void {
+  // The session stops every ring before it changes memory; a ring still running here would
+  // read regions about to be unmapped, so stop it rather than trust that.
+  for (const i of [...vrings.keys()]) {
+    log.warn(`vring ${i} still running at a memory change; stopping it`);
+    stop(i);
+  }
   memory = next;
-  restart.forEach((cfg, i) => start({ ...cfg, lastAvailIdx: bases[i]! }));
 }
 
 function handle(req: DatapathRequest): number {
   switch (req.op) {
     case 'memory':
-      setMemory(new GuestMemory(req.regions));
+      setMemory(req.regions.length > 0 ? new GuestMemory(req.regions) : null);
       return 0;
     case 'host': {
       const old = hosts.get(req.pair);

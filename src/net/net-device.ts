@@ -1,6 +1,6 @@
 import { logger, type Logger } from '../log.js';
 import { bit, hasBit } from '../vhost-user/protocol.js';
-import type { VhostUserBackend, VringConfig } from '../vhost-user/backend.js';
+import { BackendRefusal, type VhostUserBackend, type VringConfig } from '../vhost-user/backend.js';
 import type { RegionInfo } from '../vhost-user/guest-memory.js';
 import type { Port } from '../ports/port.js';
 import { OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, NetFeature as F, describeFeatures, vnetHeaderLength } from './features.js';
@@ -78,7 +78,7 @@ export class NetDevice implements VhostUserBackend {
 
   featuresAcked(features: bigint): void {
     if (this.running.size > 0 && features !== this.features) {
-      throw new Error('features changed while vrings are running');
+      throw new BackendRefusal('features changed while vrings are running');
     }
     this.features = features;
     const has = (b: number) => hasBit(features, b);
@@ -122,10 +122,15 @@ export class NetDevice implements VhostUserBackend {
   }
 
   stopVring(index: number): number {
-    const last = this.threadFor(index >> 1).request({ op: 'stop', index });
-    this.running.delete(index);
-    this.log.debug(`vring ${index} stopped at ${last}`);
-    return last;
+    // Forget the ring even when the worker fails to answer: a ring we still think runs would
+    // block every later feature change on this device.
+    try {
+      const last = this.threadFor(index >> 1).request({ op: 'stop', index });
+      this.log.debug(`vring ${index} stopped at ${last}`);
+      return last;
+    } finally {
+      this.running.delete(index);
+    }
   }
 
   updateCallFd(index: number, fd: number): void {
@@ -133,7 +138,7 @@ export class NetDevice implements VhostUserBackend {
   }
 
   setMtu(mtu: number): void {
-    if (!Number.isInteger(mtu) || mtu < 68 || mtu > 65535) throw new Error(`MTU ${mtu} outside 68..65535`);
+    if (!Number.isInteger(mtu) || mtu < 68 || mtu > 65535) throw new BackendRefusal(`MTU ${mtu} outside 68..65535`);
     this.port.setMtu(mtu);
     this.mtu = mtu;
     this.pushFormat();

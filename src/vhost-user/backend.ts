@@ -1,5 +1,13 @@
 import type { RegionInfo } from './guest-memory.js';
 
+/** A backend's refusal of something the frontend asked for (logged as a refusal, not a bug). */
+export class BackendRefusal extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'BackendRefusal';
+  }
+}
+
 /** Everything the datapath needs to run one vring, in the backend's address space. */
 export interface VringConfig {
   index: number;

@@ -69,6 +69,9 @@ export class VhostUserEndpoint {
         return;
       }
       if (!s) return;
+      // The old frontend may have hung up without our having read its EOF yet (QEMU restarts
+      // race like this): drain it first so a dead session does not lock the device.
+      this.session?.onReadable();
       if (this.session) {
         this.log.warn('refusing a second frontend connection while one is active');
         s.close();

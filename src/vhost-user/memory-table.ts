@@ -38,6 +38,8 @@ export class MemoryTable {
 
   get regionCount(): number { return this.mapped.length; }
 
+  get descriptions(): MemoryRegionDesc[] { return this.mapped.map((m) => m.desc); }
+
   /** Checks a region description from the frontend before anything is mapped. */
   static validate(d: MemoryRegionDesc, existing: readonly MemoryRegionDesc[]): void {
     const fields: [string, number][] = [['guest_phys_addr', d.gpa], ['memory_size', d.size], ['userspace_addr', d.uva], ['mmap_offset', d.mmapOffset]];
@@ -96,6 +98,12 @@ export class MemoryTable {
   replaceWith(other: MemoryTable): void {
     this.clear();
     this.mapped = other.mapped;
+    other.mapped = [];
+  }
+
+  /** Takes over `other`'s regions in addition to this table's own (which `other` loses). */
+  absorb(other: MemoryTable): void {
+    this.mapped.push(...other.mapped);
     other.mapped = [];
   }
 

@@ -1,10 +1,10 @@
 import { closeFd, SysError } from '../sys/libc.js';
 import type { UnixSocket } from '../sys/unix-socket.js';
 import { logger, type Logger } from '../log.js';
-import { GuestMemory, GuestMemoryError } from './guest-memory.js';
+import { GuestMemory, GuestMemoryError, type RegionInfo } from './guest-memory.js';
 import { MemoryTable, MemoryTableError } from './memory-table.js';
 import { MessageReader, ProtocolError, type Message } from './message-reader.js';
-import type { VhostUserBackend } from './backend.js';
+import { BackendRefusal, type VhostUserBackend } from './backend.js';
 import {
   Request, ProtocolFeature, requestName, encodeMessage, u64Payload, vringStatePayload, hasBit,
   F_PROTOCOL_FEATURES, FLAG_VERSION, FLAG_VERSION_MASK, FLAG_REPLY, FLAG_NEED_REPLY, VRING_INDEX_MASK,
@@ -72,7 +72,7 @@ const handlers: Partial<Record<Request, HandlerSpec>> = {
   [Request.GET_QUEUE_NUM]: { size: [0, 0], fds: [0, 0], replies: true, protocolFeature: ProtocolFeature.MQ, run: (s) => u64Payload(s.backend.maxQueuePairs()) },
   [Request.SET_MEM_TABLE]: { size: [8, 8 + MAX_MEM_REGIONS * MEMORY_REGION_SIZE], fds: [1, MAX_MEM_REGIONS], run: (s, m, v) => s.setMemTable(m, v) },
   [Request.GET_MAX_MEM_SLOTS]: { size: [0, 0], fds: [0, 0], replies: true, protocolFeature: ProtocolFeature.CONFIGURE_MEM_SLOTS, run: () => u64Payload(MAX_MEM_REGIONS) },
-  [Request.ADD_MEM_REG]: { size: [8 + MEMORY_REGION_SIZE, 8 + MEMORY_REGION_SIZE], fds: [1, 1], protocolFeature: ProtocolFeature.CONFIGURE_MEM_SLOTS, run: (s, m, v) => s.addMemRegion(readRegion(v, 8), m.fds[0]!) },
+  [Request.ADD_MEM_REG]: { size: [8 + MEMORY_REGION_SIZE, 8 + MEMORY_REGION_SIZE], fds: [1, 1], protocolFeature: ProtocolFeature.CONFIGURE_MEM_SLOTS, run: (s, m, v) => s.addMemRegion(readRegion(v, 8), m.fds.shift()!) },
   [Request.REM_MEM_REG]: { size: [8 + MEMORY_REGION_SIZE, 8 + MEMORY_REGION_SIZE], fds: [0, 1], protocolFeature: ProtocolFeature.CONFIGURE_MEM_SLOTS, run: (s, _m, v) => s.remMemRegion(readRegion(v, 8)) },
   [Request.SET_VRING_NUM]: { size: [8, 8], fds: [0, 0], run: (s, _m, v) => s.setVringNum(v.getUint32(0, true), v.getUint32(4, true)) },
   [Request.SET_VRING_ADDR]: { size: [VRING_ADDR_SIZE, VRING_ADDR_SIZE], fds: [0, 0], run: (s, _m, v) => s.setVringAddr(v) },
@@ -137,7 +137,6 @@ export class Session {
     const wantAck = (flags & FLAG_NEED_REPLY) !== 0 && this.hasProto(ProtocolFeature.REPLY_ACK);
     let reply: Uint8Array | void = undefined;
     let error: string | null = null;
-    let consumedFds = false;
     try {
       if ((flags & FLAG_VERSION_MASK) !== FLAG_VERSION) throw new RequestError(`unsupported version flags 0x${flags.toString(16)}`);
       if (!spec) throw new RequestError('request not supported');
@@ -150,15 +149,16 @@ export class Session {
       if (spec.protocolFeature !== undefined && !this.hasProto(spec.protocolFeature)) {
         throw new RequestError(`needs protocol feature ${ProtocolFeature[spec.protocolFeature]}, not negotiated`);
       }
-      consumedFds = true; // from here the handler owns the fds (and closes them on its own errors)
       reply = spec.run(this, m, new DataView(m.payload.buffer, m.payload.byteOffset, m.payload.length));
     } catch (e) {
       error = (e as Error).message;
-      if (!(e instanceof RequestError || e instanceof GuestMemoryError || e instanceof MemoryTableError || e instanceof SysError)) {
+      if (!(e instanceof RequestError || e instanceof GuestMemoryError || e instanceof MemoryTableError || e instanceof SysError || e instanceof BackendRefusal)) {
         this.log.error(`${name}: unexpected ${(e as Error).stack ?? e}`);
       }
     } finally {
-      if (!consumedFds) for (const fd of m.fds) closeFd(fd);
+      // Handlers take the fds they keep out of m.fds; whatever is left here is closed.
+      for (const fd of m.fds) closeFd(fd);
+      m.fds.length = 0;
     }
     if (error !== null) {
       this.refused++;
@@ -209,64 +209,67 @@ export class Session {
 
   setMemTable(m: Message, v: DataView): void {
     const n = v.getUint32(0, true);
+    if (n < 1 || n > MAX_MEM_REGIONS) throw new RequestError(`${n} memory regions (1..${MAX_MEM_REGIONS})`);
+    if (m.fds.length !== n) throw new RequestError(`${n} regions but ${m.fds.length} fds`);
+    if (m.payload.length < 8 + n * MEMORY_REGION_SIZE) throw new RequestError(`payload too short for ${n} regions`);
+    const descs = Array.from({ length: n }, (_, i) => readRegion(v, 8 + i * MEMORY_REGION_SIZE));
+    descs.forEach((d, i) => MemoryTable.validate(d, descs.slice(0, i)));
+    const next = new MemoryTable();
     try {
-      if (n < 1 || n > MAX_MEM_REGIONS) throw new RequestError(`${n} memory regions (1..${MAX_MEM_REGIONS})`);
-      if (m.fds.length !== n) throw new RequestError(`${n} regions but ${m.fds.length} fds`);
-      if (m.payload.length < 8 + n * MEMORY_REGION_SIZE) throw new RequestError(`payload too short for ${n} regions`);
-      const descs = Array.from({ length: n }, (_, i) => readRegion(v, 8 + i * MEMORY_REGION_SIZE));
-      descs.forEach((d, i) => MemoryTable.validate(d, descs.slice(0, i)));
-      const next = new MemoryTable();
-      const fds = [...m.fds];
-      m.fds.length = 0;
-      try {
-        descs.forEach((d, i) => { next.add(d, fds[i]!); fds[i] = -1; });
-      } catch (e) {
-        for (const fd of fds) closeFd(fd);
-        next.clear();
-        throw e;
-      }
-      this.replaceMemory(next);
-    } finally {
-      for (const fd of m.fds) closeFd(fd);
+      // add() owns each fd it is given (closes it on failure); the rest stay in m.fds.
+      for (const d of descs) next.add(d, m.fds.shift()!);
+    } catch (e) {
+      next.clear();
+      throw e;
     }
+    this.replaceMemory(next);
+  }
+
+  /**
+   * Swaps guest memory under the rings: every running ring stops first (the datapath lets go of
+   * the old regions), the backend gets the new table, `release` unmaps what went away, and each
+   * ring starts again on its own (ring addresses are frontend addresses and are re-resolved; a
+   * ring that no longer fits stays stopped and says why).
+   */
+  private swapMemory(infos: RegionInfo[], release: () => void): void {
+    this.stopAll();
+    this.memory = infos.length > 0 ? new GuestMemory(infos) : null;
+    this.backend.memoryChanged(infos);
+    release();
+    this.log.info(`memory table: ${infos.length} region(s), ${(infos.reduce((a, r) => a + r.size, 0) / 2 ** 20).toFixed(0)} MiB`);
+    this.vrings.forEach((_v, i) => {
+      try {
+        this.maybeStart(i);
+      } catch (e) {
+        this.log.warn(`vring ${i} not restarted after the memory change: ${(e as Error).message}`);
+      }
+    });
   }
 
   private replaceMemory(next: MemoryTable): void {
-    const infos = next.infos();
-    // Workers switch to the new table before the old mappings go away.
-    this.memory = new GuestMemory(infos);
-    this.backend.memoryChanged(infos);
-    this.table.replaceWith(next);
-    this.log.info(`memory table: ${infos.length} region(s), ${(infos.reduce((a, r) => a + r.size, 0) / 2 ** 20).toFixed(0)} MiB`);
-    this.restartRunning();
+    this.swapMemory(next.infos(), () => this.table.replaceWith(next));
   }
 
   addMemRegion(d: MemoryRegionDesc, fd: number): void {
-    this.table.add(d, fd);
-    const infos = this.table.infos();
-    this.memory = new GuestMemory(infos);
-    this.backend.memoryChanged(infos);
-    this.restartRunning();
+    if (this.table.regionCount >= MAX_MEM_REGIONS) {
+      closeFd(fd);
+      throw new RequestError(`all ${MAX_MEM_REGIONS} memory slots are in use`);
+    }
+    try {
+      MemoryTable.validate(d, this.table.descriptions);
+    } catch (e) {
+      closeFd(fd);
+      throw e;
+    }
+    const next = new MemoryTable();
+    next.add(d, fd);
+    this.swapMemory([...this.table.infos(), ...next.infos()], () => this.table.absorb(next));
   }
 
   remMemRegion(d: MemoryRegionDesc): void {
     const remaining = this.table.infos().filter((r) => !(r.gpa === d.gpa && r.size === d.size && r.uva === d.uva));
     if (remaining.length === this.table.regionCount) throw new RequestError(`no region at gpa 0x${d.gpa.toString(16)} size ${d.size}`);
-    this.memory = new GuestMemory(remaining);
-    this.backend.memoryChanged(remaining);
-    this.table.remove(d);
-    this.restartRunning();
-  }
-
-  /** Ring addresses are frontend virtual addresses: running rings are re-resolved after a memory change. */
-  private restartRunning(): void {
-    this.vrings.forEach((v, i) => {
-      if (v.running) {
-        v.base = this.backend.stopVring(i);
-        v.running = false;
-      }
-      this.maybeStart(i);
-    });
+    this.swapMemory(remaining, () => this.table.remove(d));
   }
 
   setVringNum(index: number, num: number): void {
@@ -311,38 +314,30 @@ export class Session {
     const word = u64(dv);
     const index = word & VRING_INDEX_MASK;
     const noFd = (word & VRING_NOFD_MASK) !== 0;
-    let fd = -1;
-    try {
-      if (word & ~(VRING_INDEX_MASK | VRING_NOFD_MASK)) throw new RequestError(`${kind} fd word 0x${word.toString(16)} has unknown bits`);
-      if (noFd !== (m.fds.length === 0)) throw new RequestError(noFd ? 'invalid-fd flag set but an fd is attached' : 'no fd attached and invalid-fd flag clear');
-      const v = this.vring(index);
-      fd = m.fds.pop() ?? -1;
-      if (kind === 'kick') {
-        if (v.running) {
-          v.base = this.backend.stopVring(index);
-          v.running = false;
-        }
-        closeFd(v.kickFd);
-        v.kickFd = fd;
-        fd = -1;
-        if (v.kickFd < 0) throw new RequestError(`vring ${index}: polling without a kick fd is not supported`);
-        v.started = true;
-        // Without protocol features a ring is enabled as soon as it starts (spec: "Ring states").
-        if (!this.protoNegotiated || !hasBit(this.features, F_PROTOCOL_FEATURES)) v.enabled = true;
-        this.maybeStart(index);
-      } else if (kind === 'call') {
-        closeFd(v.callFd);
-        v.callFd = fd;
-        fd = -1;
-        if (v.running) this.backend.updateCallFd(index, v.callFd);
-      } else {
-        closeFd(v.errFd);
-        v.errFd = fd;
-        fd = -1;
+    if (word & ~(VRING_INDEX_MASK | VRING_NOFD_MASK)) throw new RequestError(`${kind} fd word 0x${word.toString(16)} has unknown bits`);
+    if (noFd !== (m.fds.length === 0)) throw new RequestError(noFd ? 'invalid-fd flag set but an fd is attached' : 'no fd attached and invalid-fd flag clear');
+    const v = this.vring(index);
+    // Taken out of m.fds only here: from now on the vring owns it.
+    const fd = m.fds.pop() ?? -1;
+    if (kind === 'kick') {
+      if (v.running) {
+        v.base = this.backend.stopVring(index);
+        v.running = false;
       }
-    } finally {
-      closeFd(fd);
-      for (const f of m.fds) closeFd(f);
+      closeFd(v.kickFd);
+      v.kickFd = fd;
+      if (v.kickFd < 0) throw new RequestError(`vring ${index}: polling without a kick fd is not supported`);
+      v.started = true;
+      // Without protocol features a ring is enabled as soon as it starts (spec: "Ring states").
+      if (!this.protoNegotiated || !hasBit(this.features, F_PROTOCOL_FEATURES)) v.enabled = true;
+      this.maybeStart(index);
+    } else if (kind === 'call') {
+      closeFd(v.callFd);
+      v.callFd = fd;
+      if (v.running) this.backend.updateCallFd(index, v.callFd);
+    } else {
+      closeFd(v.errFd);
+      v.errFd = fd;
     }
   }
 

@@ -1,0 +1,147 @@
+// bpffs pinning for `--pin-dir`: one directory per device holding the program, each map,
+// and the broker's own metadata, so a restarted backend can re-adopt a guest's offload.
+//
+// Layout of `${pinDir}/${device}/`:
+//   prog            the loaded program
+//   map_<handle>    each live map, named by its guest handle
+//   state           claim metadata (JSON)
+//   meta_prog       program metadata (JSON)
+//   meta_<handle>   per-map metadata (JSON)
+// bpffs refuses regular files, so the JSON documents are stored as symlink targets (bpffs
+// supports symlinks and rename): each is written to a temporary name and renamed over the
+// old one, so a crash leaves either the old or the new document, never half of one. One
+// small document per object keeps each well under the 4 KiB symlink limit.
+
+import { mkdirSync, readdirSync, readlinkSync, renameSync, rmdirSync, statfsSync, symlinkSync, unlinkSync, existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { objGet, objPin } from '../sys/libbpf.js';
+
+const BPF_FS_MAGIC = 0xcafe4a11;
+const MAX_DOC_BYTES = 4000;
+
+export interface PinnedClaim { version: 1; device: string; claimedAt: string; nextHandle: number; responseLimit: number }
+export interface PinnedMapMeta { handle: number; chargedBytes: number; createdAt: string }
+export interface PinnedProgMeta { insns: number; loadedAt: string; usedHandles: number[]; name: string }
+
+const DEVICE_RE = /^[A-Za-z0-9_.-]{1,64}$/;
+
+export function isBpffs(path: string): boolean {
+  try {
+    return statfsSync(path).type === BPF_FS_MAGIC;
+  } catch {
+    return false;
+  }
+}
+
+export class DevicePins {
+  readonly dir: string;
+
+  constructor(readonly pinDir: string, readonly device: string) {
+    if (!DEVICE_RE.test(device) || device === '.' || device === '..') {
+      throw new RangeError(`device name '${device}' cannot name a pin directory (1-64 of [A-Za-z0-9_.-])`);
+    }
+    if (!isBpffs(pinDir)) throw new Error(`--pin-dir ${pinDir} is not a mounted bpffs (mount -t bpf bpf ${pinDir})`);
+    this.dir = join(pinDir, device);
+  }
+
+  exists(): boolean {
+    return existsSync(join(this.dir, 'state'));
+  }
+
+  ensureDir(): void {
+    mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+  }
+
+  private path(name: string): string {
+    return join(this.dir, name);
+  }
+
+  private unlinkQuiet(name: string): void {
+    try { unlinkSync(this.path(name)); } catch (e) { if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e; }
+  }
+
+  private writeDoc(name: string, doc: unknown): void {
+    const text = JSON.stringify(doc);
+    if (Buffer.byteLength(text) > MAX_DOC_BYTES) throw new Error(`pin metadata '${name}' is too large to store`);
+    const tmp = `${name}.new`;
+    this.unlinkQuiet(tmp);
+    symlinkSync(text, this.path(tmp));
+    renameSync(this.path(tmp), this.path(name));
+  }
+
+  private readDoc<T>(name: string): T | null {
+    try {
+      return JSON.parse(readlinkSync(this.path(name), 'utf8')) as T;
+    } catch {
+      return null;
+    }
+  }
+
+  writeClaim(c: PinnedClaim): void { this.writeDoc('state', c); }
+  readClaim(): PinnedClaim | null { return this.readDoc<PinnedClaim>('state'); }
+
+  pinMap(handle: number, fd: number, meta: PinnedMapMeta): void {
+    this.unlinkQuiet(`map_${handle}`);
+    objPin(fd, this.path(`map_${handle}`));
+    try {
+      this.writeDoc(`meta_${handle}`, meta);
+    } catch (e) {
+      this.unlinkQuiet(`map_${handle}`);
+      throw e;
+    }
+  }
+
+  unpinMap(handle: number): void {
+    this.unlinkQuiet(`map_${handle}`);
+    this.unlinkQuiet(`meta_${handle}`);
+  }
+
+  /** Pins under a temporary name and renames over `prog`, so the old pin stays until the new one exists. */
+  pinProg(fd: number, meta: PinnedProgMeta): void {
+    this.unlinkQuiet('prog.new');
+    objPin(fd, this.path('prog.new'));
+    try {
+      this.writeDoc('meta_prog', meta);
+      renameSync(this.path('prog.new'), this.path('prog'));
+    } catch (e) {
+      this.unlinkQuiet('prog.new');
+      throw e;
+    }
+  }
+
+  unpinProg(): void {
+    this.unlinkQuiet('prog');
+    this.unlinkQuiet('meta_prog');
+  }
+
+  /** Pinned map handles with their metadata (metadata null when missing or unreadable). */
+  listMaps(): { handle: number; meta: PinnedMapMeta | null }[] {
+    let names: string[];
+    try { names = readdirSync(this.dir); } catch { return []; }
+    const out: { handle: number; meta: PinnedMapMeta | null }[] = [];
+    for (const n of names) {
+      const m = /^map_(\d{1,10})$/.exec(n);
+      if (!m) continue;
+      const handle = Number(m[1]);
+      out.push({ handle, meta: this.readDoc<PinnedMapMeta>(`meta_${handle}`) });
+    }
+    return out.sort((a, b) => a.handle - b.handle);
+  }
+
+  /** Opens a pinned map; the caller owns the fd. */
+  getMap(handle: number): number { return objGet(this.path(`map_${handle}`)); }
+
+  /** Opens the pinned program, or returns null when none is pinned. */
+  getProg(): { fd: number; meta: PinnedProgMeta | null } | null {
+    if (!existsSync(this.path('prog'))) return null;
+    return { fd: objGet(this.path('prog')), meta: this.readDoc<PinnedProgMeta>('meta_prog') };
+  }
+
+  /** Unpins everything of this device and removes its directory. */
+  removeAll(): void {
+    let names: string[];
+    try { names = readdirSync(this.dir); } catch { return; }
+    for (const n of names) this.unlinkQuiet(n);
+    try { rmdirSync(this.dir); } catch (e) { if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e; }
+  }
+}
