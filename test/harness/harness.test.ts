@@ -1,0 +1,180 @@
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { existsSync } from 'node:fs';
+import {
+  CleanupStack, createNetns, createVethPair, deleteLink, diffLinkStats, getMac, linkExists, listLinks,
+  netnsExists, readLinkStats, uniqueIfName, uniqueNetnsName,
+} from './netdev.js';
+import {
+  PacketSocket, buildUdpFrame, checkPatternPayload, ipv4HeaderChecksum, parseUdpFrame, patternPayload,
+} from './packet-socket.js';
+import { dpdkLeftovers, isTxonlyFrame, startTestpmd } from './dpdk.js';
+import { spawnManaged } from './processes.js';
+
+// The helpers other tests stand on, exercised against real kernel objects.
+
+describe('netdev + PacketSocket on a veth pair into a fresh netns', () => {
+  const cleanup = new CleanupStack();
+  const ns = uniqueNetnsName('vxh');
+  const hostEnd = uniqueIfName('vxh');
+  const nsEnd = uniqueIfName('vxn');
+  let hostSock: PacketSocket | undefined;
+  let nsSock: PacketSocket | undefined;
+
+  beforeAll(() => {
+    createNetns(ns);
+    cleanup.netns(ns);
+    createVethPair(hostEnd, nsEnd, { netns: ns });
+    cleanup.link(hostEnd);
+    hostSock = PacketSocket.open(hostEnd);
+    cleanup.push('close host socket', () => hostSock?.close());
+    nsSock = PacketSocket.open(nsEnd, { netns: ns });
+    cleanup.push('close netns socket', () => nsSock?.close());
+  });
+
+  afterAll(async () => {
+    await cleanup.run();
+  });
+
+  test('a built UDP frame crosses the veth with payload and checksums intact', () => {
+    const frames = Array.from({ length: 5 }, (_, i) =>
+      buildUdpFrame({
+        srcMac: getMac(hostEnd), dstMac: getMac(nsEnd, ns), srcIp: '10.77.0.1', dstIp: '10.77.0.2',
+        srcPort: 4000 + i, dstPort: 5000, payload: patternPayload(i, 100),
+      }),
+    );
+    nsSock!.drain();
+    for (const f of frames) hostSock!.send(f);
+    const got = nsSock!.recvAll(5, 3000, (f) => parseUdpFrame(f)?.dstPort === 5000);
+    expect(got.length).toBe(5);
+    const seqs = got.map((f) => {
+      const p = parseUdpFrame(f)!;
+      expect(p.ipChecksumOk).toBe(true);
+      expect(p.udpChecksumOk).toBe(true);
+      expect(p.srcIp).toBe('10.77.0.1');
+      return checkPatternPayload(p.payload);
+    });
+    expect(seqs).toEqual([0, 1, 2, 3, 4]);
+  });
+
+  test('the sender does not see its own frames unless it asks for outgoing ones', () => {
+    const f = buildUdpFrame({
+      srcMac: '02:00:00:00:00:01', dstMac: '02:00:00:00:00:02', srcIp: '10.77.0.1', dstIp: '10.77.0.2',
+      srcPort: 1, dstPort: 6001, payload: patternPayload(42, 20),
+    });
+    hostSock!.drain();
+    hostSock!.send(f);
+    expect(hostSock!.recvAll(1, 300, (x) => parseUdpFrame(x)?.dstPort === 6001)).toEqual([]);
+    const withOut = PacketSocket.open(hostEnd, { includeOutgoing: true });
+    try {
+      hostSock!.send(f);
+      const seen = withOut.recvAll(1, 1000, (x) => parseUdpFrame(x)?.dstPort === 6001);
+      expect(seen.length).toBe(1);
+      expect(Array.from(seen[0]!)).toEqual(Array.from(f));
+    } finally {
+      withOut.close();
+    }
+  });
+
+  test('link stats move by the frames sent (sysfs and inside the netns)', () => {
+    const hostBefore = readLinkStats(hostEnd);
+    const nsBefore = readLinkStats(nsEnd, ns);
+    const f = buildUdpFrame({
+      srcMac: '02:00:00:00:00:01', dstMac: '02:00:00:00:00:02', srcIp: '10.77.0.1', dstIp: '10.77.0.2',
+      srcPort: 1, dstPort: 6002, payload: patternPayload(1, 64),
+    });
+    for (let i = 0; i < 10; i++) hostSock!.send(f);
+    expect(nsSock!.recvAll(10, 3000, (x) => parseUdpFrame(x)?.dstPort === 6002).length).toBe(10);
+    const tx = diffLinkStats(readLinkStats(hostEnd), hostBefore);
+    const rx = diffLinkStats(readLinkStats(nsEnd, ns), nsBefore);
+    expect(tx.txPackets).toBeGreaterThanOrEqual(10);
+    expect(tx.txBytes).toBeGreaterThanOrEqual(10 * f.length);
+    expect(rx.rxPackets).toBeGreaterThanOrEqual(10);
+  });
+});
+
+describe('frame helpers', () => {
+  test('IPv4 header checksum matches a known header (DPDK txonly capture)', () => {
+    const hdr = Uint8Array.from([0x45, 0, 0, 0x32, 0, 0, 0, 0, 0x40, 0x11, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2]);
+    expect(ipv4HeaderChecksum(hdr)).toBe(0xee93);
+  });
+
+  test('isTxonlyFrame accepts the captured txonly frame and rejects a changed one', () => {
+    const f = new Uint8Array(64);
+    f.set([2, 0, 0, 0, 0, 0, 0xde, 0x87, 0x5a, 0x44, 0xf5, 0xc2, 8, 0, 0x45, 0, 0, 0x32, 0, 0, 0, 0, 0x40, 0x11, 0xee, 0x93,
+      198, 18, 0, 1, 198, 18, 0, 2, 0, 9, 0, 9, 0, 0x1e, 0, 0]);
+    expect(isTxonlyFrame(f, { frameLen: 64, srcMac: 'de:87:5a:44:f5:c2', zeroPayload: true })).toBe(true);
+    const g = f.slice();
+    g[30] = 9;
+    expect(isTxonlyFrame(g)).toBe(false);
+    expect(parseUdpFrame(f)?.ipChecksumOk).toBe(true);
+  });
+
+  test('parseUdpFrame refuses truncated and inconsistent frames', () => {
+    const f = buildUdpFrame({
+      srcMac: '02:00:00:00:00:01', dstMac: '02:00:00:00:00:02', srcIp: '1.2.3.4', dstIp: '5.6.7.8',
+      srcPort: 1, dstPort: 2, payload: patternPayload(7, 30),
+    });
+    expect(parseUdpFrame(f)).not.toBeNull();
+    expect(parseUdpFrame(f.subarray(0, 40))).toBeNull();
+    const bad = f.slice();
+    bad[17] = 0xff; // IP total length beyond the frame
+    expect(parseUdpFrame(bad)).toBeNull();
+  });
+
+  test('uniqueIfName stays within IFNAMSIZ and does not repeat', () => {
+    const names = new Set(Array.from({ length: 200 }, () => uniqueIfName('vxtest')));
+    expect(names.size).toBe(200);
+    for (const n of names) expect(n.length).toBeLessThanOrEqual(15);
+  });
+});
+
+test('CleanupStack removes every link and namespace it registered, even after a failing step', async () => {
+  const cleanup = new CleanupStack();
+  const ns = uniqueNetnsName('vxc');
+  const a = uniqueIfName('vxc');
+  const b = uniqueIfName('vxc');
+  const c = uniqueIfName('vxc');
+  const d = uniqueIfName('vxc');
+  createNetns(ns);
+  cleanup.netns(ns);
+  createVethPair(a, b);
+  cleanup.link(a);
+  cleanup.push('a step that throws', () => {
+    throw new Error('boom');
+  });
+  createVethPair(c, d, { netns: ns });
+  cleanup.link(c);
+  expect(linkExists(a) && linkExists(b) && linkExists(c) && linkExists(d, ns)).toBe(true);
+  const errs = await cleanup.run();
+  expect(errs.map((e) => e.message)).toEqual(['cleanup "a step that throws" failed: boom']);
+  const left = listLinks();
+  for (const n of [a, b, c]) expect(left).not.toContain(n);
+  expect(netnsExists(ns)).toBe(false);
+  deleteLink(a); // idempotent, no throw
+});
+
+test('ManagedProcess waits for a line and escalates to SIGKILL when SIGTERM is ignored', async () => {
+  const p = spawnManaged('sh', ['-c', 'trap "" TERM; echo ready; while :; do sleep 0.1; done'], { name: 'stubborn' });
+  await p.waitForLine(/^ready$/, 5000);
+  const t0 = Date.now();
+  const st = await p.stop('SIGTERM', 300);
+  expect(st.signal).toBe('SIGKILL');
+  expect(Date.now() - t0).toBeLessThan(3000);
+  await expect(p.waitForLine(/never/, 1000, p.lineCount)).rejects.toThrow(/exited/);
+});
+
+test('testpmd with a vhost PMD vdev starts, reports stats and leaves no hugepage files or runtime dir', async () => {
+  const sock = `/tmp/vxh-${process.pid}.sock`;
+  const pmd = await startTestpmd({ vdevs: [`net_vhost0,iface=${sock},queues=1`], forwardMode: 'rxonly', cores: '0,1', mainLcore: 0 });
+  try {
+    expect(dpdkLeftovers(pmd.filePrefix).length).toBeGreaterThan(0);
+    const s = await pmd.waitForStats((ports) => ports.length === 1, 5000);
+    expect(s[0]!.rxPackets).toBe(0);
+  } finally {
+    const r = await pmd.stop();
+    expect(r.code).toBe(0);
+    expect(r.forward[0]?.rxPackets).toBe(0);
+  }
+  expect(dpdkLeftovers(pmd.filePrefix)).toEqual([]);
+  expect(existsSync(sock)).toBe(false);
+}, 30_000);
