@@ -3,6 +3,7 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { serveCommand } from './serve.js';
 import { inspectCommands } from './inspect.js';
+import { demoCommand } from './demo.js';
 
 let y = yargs(hideBin(process.argv))
   .scriptName('vhost-xdp')
@@ -14,4 +15,5 @@ let y = yargs(hideBin(process.argv))
   .wrap(Math.min(110, process.stdout.columns || 100));
 y = serveCommand(y);
 y = inspectCommands(y);
+y = demoCommand(y);
 await y.parseAsync();
