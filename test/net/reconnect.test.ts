@@ -48,6 +48,7 @@ describe('frontend disconnect and reconnect', () => {
     await cycle(0, 'close'); // warm up: lazily created scratch buffers, worker threads
     const fdsBefore = countFds(be.proc.pid);
     for (let i = 1; i <= 15; i++) await cycle(i, (['close', 'reset', 'stop-rings'] as const)[i % 3]!);
+    await waitUntil(() => countFds(be.proc.pid) === fdsBefore, 3000, 'fd count back to its baseline').catch(() => undefined);
     const fdsAfter = countFds(be.proc.pid);
     const status = (await be.call('status')).devices[0];
     expect(status.connections).toBe(16);

@@ -211,7 +211,9 @@ describe(`vhost-user fuzz (seed ${seed}, ${FUZZ_MS} ms)`, () => {
     await waitUntil(async () => (await be.call('status')).devices.find((d: any) => d.name === 'victim').connected === false, 3000, 'victim disconnect');
     await goodDeviceWorks();
     expect(be.proc.running).toBe(true);
-    // Everything the fuzzer sent (fds, mappings) was released.
+    // Everything the fuzzer sent (fds, mappings) was released. The control API connection of
+    // the status call above closes asynchronously, so give the count a moment to settle.
+    await waitUntil(() => countFds(be.proc.pid) === fdsBefore, 3000, 'fd count back to its baseline').catch(() => undefined);
     if (countFds(be.proc.pid) !== fdsBefore) {
       const fs = await import('node:fs');
       const kinds = new Map<string, number>();
