@@ -4,6 +4,7 @@ import { hideBin } from 'yargs/helpers';
 import { serveCommand } from './serve.js';
 import { inspectCommands } from './inspect.js';
 import { demoCommand } from './demo.js';
+import { offloadCommands } from './offload.js';
 
 let y = yargs(hideBin(process.argv))
   .scriptName('vhost-xdp')
@@ -15,5 +16,6 @@ let y = yargs(hideBin(process.argv))
   .wrap(Math.min(110, process.stdout.columns || 100));
 y = serveCommand(y);
 y = inspectCommands(y);
+y = offloadCommands(y);
 y = demoCommand(y);
 await y.parseAsync();

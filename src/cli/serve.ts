@@ -19,8 +19,10 @@ export function serveCommand(y: Argv) {
       .option('threads', { type: 'number', default: 1, describe: 'datapath worker threads per device (queue pairs dealt round-robin)' })
       .option('busy-poll', { type: 'boolean', default: false, describe: 'spin on the rings instead of sleeping in epoll (burns a core, lowers latency)' })
       .option('mtu', { type: 'number', describe: 'MTU applied to the port until the frontend sends NET_SET_MTU' })
-      .option('device', { type: 'string', array: true, describe: 'more devices: name=N,socket=PATH,port=tap:IF[,queues=N,client=1,threads=N,busy-poll=1,mtu=N] (repeatable)' })
+      .option('device', { type: 'string', array: true, describe: 'more devices: name=N,socket=PATH,port=tap:IF[,queues=N,client=1,threads=N,busy-poll=1,mtu=N,offload=1,pin-dir=DIR] (repeatable)' })
       .option('config', { type: 'string', describe: 'JSON file: {"devices":[{name,socket,port,queues,...}], "control": PATH}' })
+      .option('offload', { type: 'boolean', default: false, describe: 'offer one more queue pair as the XDP offload channel (docs/offload-protocol.md); start QEMU with queues=N+1' })
+      .option('pin-dir', { type: 'string', describe: 'with --offload: pin offloaded programs and maps under DIR/<device>/ so a restarted backend re-adopts them (a bpffs directory)' })
       .option('control', { type: 'string', describe: 'control API unix socket (ws), mode 0600; used by status/stats' })
       .option('log-level', { type: 'string', choices: ['debug', 'info', 'warn', 'error'], default: 'info' })
       .example('$0 serve --socket /tmp/vx0.sock --port tap:vx0 --queues 2', 'one device; start QEMU with -chardev socket,path=/tmp/vx0.sock')
@@ -30,7 +32,7 @@ export function serveCommand(y: Argv) {
       let specs: DeviceSpec[];
       let control = argv.control ?? null;
       try {
-        const defaults = { queues: argv.queues, client: argv.client, threads: argv.threads, busyPoll: argv['busy-poll'], mtu: argv.mtu };
+        const defaults = { queues: argv.queues, client: argv.client, threads: argv.threads, busyPoll: argv['busy-poll'], mtu: argv.mtu, offload: argv.offload, pinDir: argv['pin-dir'] };
         specs = [];
         if (argv.config) {
           const cfg = JSON.parse(fs.readFileSync(argv.config, 'utf8')) as { devices?: Partial<DeviceSpec>[]; control?: string };

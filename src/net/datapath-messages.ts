@@ -18,6 +18,11 @@ export type DatapathRequest =
   | { op: 'start'; vring: VringConfig }
   | { op: 'stop'; index: number }
   | { op: 'call'; index: number; fd: number }
+  /** The offloaded program (a dup of the broker's fd, owned by the worker from now on), or -1. */
+  | { op: 'xdp'; progFd: number }
+  /** Marks a pair as the offload channel (offload = true) and whether the guest has claimed it. */
+  | { op: 'offload'; pair: number; offload: boolean; claimed: boolean }
+  | { op: 'offload-reply'; pair: number; message: Uint8Array }
   | { op: 'exit' };
 
 export interface DatapathWorkerData {
@@ -30,6 +35,9 @@ export interface DatapathWorkerData {
   /** Queue pairs this worker serves (their vrings 2p and 2p+1). */
   pairs: number[];
 }
+
+/** Posted by a worker to the main thread (asynchronously). */
+export type DatapathEvent = { kind: 'offload-request'; pair: number; message: Uint8Array };
 
 export const CTL_SEQ = 0;
 export const CTL_STATUS = 1;

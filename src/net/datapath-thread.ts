@@ -1,7 +1,7 @@
 import { Worker, MessageChannel, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import { BackendRefusal } from '../vhost-user/backend.js';
 import { eventfdCreate, eventfdSignal, closeFd } from '../sys/libc.js';
-import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type DatapathRequest, type DatapathWorkerData } from './datapath-messages.js';
+import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type DatapathEvent, type DatapathRequest, type DatapathWorkerData } from './datapath-messages.js';
 
 const workerUrl = new URL('./datapath-worker.js', import.meta.url);
 const REQUEST_TIMEOUT_MS = 5000;
@@ -27,7 +27,7 @@ export class DatapathThread {
   private seq = 0;
   private dead: string | null = null;
 
-  constructor(readonly name: string, stats: SharedArrayBuffer, readonly pairs: number[], busyPoll: boolean) {
+  constructor(readonly name: string, stats: SharedArrayBuffer, readonly pairs: number[], busyPoll: boolean, onEvent: (e: DatapathEvent) => void = () => {}) {
     this.controlFd = eventfdCreate(true);
     const { port1, port2 } = new MessageChannel();
     this.port = port1;
@@ -36,6 +36,7 @@ export class DatapathThread {
     };
     this.worker = new Worker(workerUrl, { workerData: wd, transferList: [port2] });
     this.worker.on('error', (e) => { this.dead = `worker error: ${e.message}`; });
+    this.worker.on('message', (m: DatapathEvent | { ready: true }) => { if ('kind' in m) onEvent(m); });
     this.worker.on('exit', (code) => { this.dead ??= `worker exited (${code})`; });
     this.worker.unref();
   }

@@ -9,9 +9,10 @@ import { openHostQueue } from '../ports/host-queue.js';
 import type { HostQueue } from '../ports/port.js';
 import type { VringConfig } from '../vhost-user/backend.js';
 import { logger } from '../log.js';
-import { RxPath, TxPath, BURST, type PathContext } from './queue-paths.js';
+import { TestRunner, closeBpfFd } from '../sys/libbpf.js';
+import { RxPath, TxPath, BURST, type PathContext, type OffloadLink } from './queue-paths.js';
 import { C, COUNTERS } from './stats.js';
-import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type DatapathRequest, type DatapathWorkerData, type FrameFormat } from './datapath-messages.js';
+import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type DatapathEvent, type DatapathRequest, type DatapathWorkerData, type FrameFormat } from './datapath-messages.js';
 
 const data = workerData as DatapathWorkerData & { port: MessagePort };
 const log = logger(`${data.name}/datapath`);
@@ -28,6 +29,38 @@ const hosts = new Map<number, HostQueue>();
 interface Running { cfg: VringConfig; rx?: RxPath; tx?: TxPath; }
 const vrings = new Map<number, Running>();
 let exiting = false;
+/** The offloaded program, shared by every RX path of this worker. */
+let runner: { fd: number; runner: TestRunner } | null = null;
+/** Offload channel state per pair, and responses waiting for receive buffers. */
+const offloadPairs = new Map<number, OffloadLink & { pending: Uint8Array[] }>();
+
+function offloadLink(pair: number, claimed: boolean): OffloadLink & { pending: Uint8Array[] } {
+  return {
+    claimed, pending: [],
+    post: (message) => {
+      const ev: DatapathEvent = { kind: 'offload-request', pair, message };
+      parentPort!.postMessage(ev, [message.buffer as ArrayBuffer]);
+    },
+  };
+}
+
+function setProgram(progFd: number): void {
+  if (runner) {
+    runner.runner.dispose();
+    closeBpfFd(runner.fd);
+    runner = null;
+  }
+  if (progFd >= 0) runner = { fd: progFd, runner: new TestRunner(progFd) };
+  for (const v of vrings.values()) if (v.rx) v.rx.runner = offloadPairs.get(v.cfg.index >> 1)?.claimed ? null : runner?.runner ?? null;
+}
+
+/** Sends queued offload responses of a pair while the guest has buffers for them. */
+function flushReplies(pair: number): void {
+  const link = offloadPairs.get(pair);
+  const rx = vrings.get(pair * 2)?.rx;
+  if (!link || !rx) return;
+  while (link.pending.length > 0 && rx.deliverMessage(link.pending[0]!)) link.pending.shift();
+}
 
 function context(pair: number): PathContext {
   return {
@@ -61,14 +94,16 @@ function start(cfg: VringConfig): void {
   const run: Running = { cfg };
   if (cfg.index % 2 === 0) {
     run.rx = new RxPath(q, cfg.index, cfg.callFd, context(pair), host, memory, format.headerLength, format.mergeable, format.maxFrame);
+    run.rx.runner = offloadPairs.get(pair)?.claimed ? null : runner?.runner ?? null;
     // Kicks on the receive queue matter only while we wait for buffers.
     q.setKickNotification(false);
   } else {
-    run.tx = new TxPath(q, cfg.index, cfg.callFd, context(pair), host, format.headerLength);
+    run.tx = new TxPath(q, cfg.index, cfg.callFd, context(pair), host, format.headerLength, memory);
+    run.tx.offload = offloadPairs.get(pair) ?? null;
   }
   epoll.add(cfg.kickFd, EPOLLIN, TOKEN_KICK | cfg.index);
   vrings.set(cfg.index, run);
-  if (run.rx) hostArmed(pair, true);
+  if (run.rx) hostArmed(pair, !offloadPairs.get(pair)?.claimed);
   serve(cfg.index);
 }
 
@@ -123,7 +158,37 @@ function handle(req: DatapathRequest): number {
       if (run) (run.rx ?? run.tx)!.callFd = req.fd;
       return 0;
     }
+    case 'xdp':
+      setProgram(req.progFd);
+      return 0;
+    case 'offload': {
+      if (!req.offload) {
+        offloadPairs.delete(req.pair);
+      } else {
+        const link = offloadPairs.get(req.pair) ?? offloadLink(req.pair, req.claimed);
+        link.claimed = req.claimed;
+        offloadPairs.set(req.pair, link);
+      }
+      const link = offloadPairs.get(req.pair) ?? null;
+      const tx = vrings.get(req.pair * 2 + 1)?.tx;
+      if (tx) tx.offload = link;
+      const rx = vrings.get(req.pair * 2)?.rx;
+      if (rx) rx.runner = link?.claimed ? null : runner?.runner ?? null;
+      // A claimed pair takes no frames from the host.
+      if (vrings.has(req.pair * 2)) hostArmed(req.pair, !link?.claimed);
+      return 0;
+    }
+    case 'offload-reply': {
+      const link = offloadPairs.get(req.pair);
+      if (!link) throw new Error(`pair ${req.pair} is not an offload channel`);
+      // Bounded: a guest that never posts receive buffers cannot make us hoard responses.
+      if (link.pending.length >= 64) link.pending.shift();
+      link.pending.push(req.message);
+      flushReplies(req.pair);
+      return 0;
+    }
     case 'exit':
+      setProgram(-1);
       for (const i of [...vrings.keys()]) stop(i);
       exiting = true;
       return 0;
@@ -157,6 +222,12 @@ function serve(index: number): boolean {
   if (!run) return false;
   if (run.tx) return run.tx.process(BURST, !data.busyPoll);
   const rx = run.rx!;
+  if (offloadPairs.get(index >> 1)?.claimed) {
+    // The offload channel: only responses go to the guest, and its buffer refills wake us.
+    rx.queue.setKickNotification(true);
+    flushReplies(index >> 1);
+    return false;
+  }
   const r = rx.process(BURST);
   if (r === 'starved' && !rx.starving) {
     rx.starving = true;
@@ -170,7 +241,8 @@ function serve(index: number): boolean {
 
 function wake(index: number): boolean {
   const run = vrings.get(index);
-  if (run?.rx?.starving) {
+  if (run?.rx && offloadPairs.get(index >> 1)?.pending.length) flushReplies(index >> 1);
+  if (run?.rx?.starving && !offloadPairs.get(index >> 1)?.claimed) {
     run.rx.starving = false;
     run.rx.queue.setKickNotification(false);
     hostArmed(index >> 1, true);

@@ -6,6 +6,8 @@ import type { Port } from '../ports/port.js';
 import { OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, NetFeature as F, describeFeatures, vnetHeaderLength } from './features.js';
 import { DeviceStats } from './stats.js';
 import { DatapathThread } from './datapath-thread.js';
+import type { OffloadBroker, OffloadProgram } from '../offload/broker.js';
+import { progGetFdById } from '../sys/libbpf.js';
 import type { FrameFormat } from './datapath-messages.js';
 
 export interface NetDeviceOptions {
@@ -18,6 +20,8 @@ export interface NetDeviceOptions {
   busyPoll: boolean;
   /** MTU used before (or without) NET_SET_MTU. */
   mtu?: number;
+  /** With a broker, the last queue pair is the reserved offload pair (docs/offload-protocol.md). */
+  offload?: OffloadBroker | null;
 }
 
 const ETH_HLEN = 14;
@@ -37,8 +41,11 @@ export class NetDevice implements VhostUserBackend {
   private features = 0n;
   private mtu: number;
   private readonly running = new Set<number>();
-  /** Set when the device had to stop a ring because the guest broke it; cleared by reset. */
   connected = false;
+  /** Set while the process shuts down: offload state then stays pinned for the next process. */
+  shuttingDown = false;
+  readonly broker: OffloadBroker | null;
+  readonly offloadPair: number;
   lastResetReason = '';
 
   constructor(private readonly opts: NetDeviceOptions) {
@@ -48,11 +55,59 @@ export class NetDevice implements VhostUserBackend {
     this.mtu = opts.mtu ?? 1500;
     this.stats = new DeviceStats(opts.queuePairs);
     const n = Math.max(1, Math.min(opts.threads, opts.queuePairs));
+    this.broker = opts.offload ?? null;
+    this.offloadPair = this.broker ? opts.queuePairs - 1 : -1;
     this.threads = Array.from({ length: n }, (_, t) => {
       const pairs = Array.from({ length: opts.queuePairs }, (_, p) => p).filter((p) => p % n === t);
-      return new DatapathThread(`${opts.name}/t${t}`, this.stats.shared, pairs, opts.busyPoll);
+      return new DatapathThread(`${opts.name}/t${t}`, this.stats.shared, pairs, opts.busyPoll, (e) => {
+        if (e.kind === 'offload-request') this.offloadRequest(e.pair, e.message);
+      });
     });
     for (let p = 0; p < opts.queuePairs; p++) this.threadFor(p).request({ op: 'host', pair: p, cfg: opts.port.queueConfig(p) });
+    if (this.broker) this.wireBroker(this.broker);
+  }
+
+  private wireBroker(broker: OffloadBroker): void {
+    const pair = this.offloadPair;
+    const claim = (claimed: boolean) => {
+      // A claimed pair carries offload messages only: the tap stops handing it host frames.
+      this.port.setQueueEnabled(pair, !claimed);
+      this.threadFor(pair).request({ op: 'offload', pair, offload: true, claimed });
+      this.log.info(`offload pair ${pair} ${claimed ? 'claimed by the guest' : 'released: back to data use'}`);
+    };
+    claim(broker.claimed);
+    broker.onClaimChange(claim);
+    this.pushProgram(broker.program);
+    broker.onProgramChange((p) => this.pushProgram(p));
+  }
+
+  /** Every datapath thread gets its own fd of the program (the broker may close its own any time). */
+  private pushProgram(p: OffloadProgram | null): void {
+    for (const t of this.threads) {
+      let fd = -1;
+      if (p) {
+        try { fd = progGetFdById(p.id); } catch (e) { this.log.error(`offloaded program ${p.id}: ${(e as Error).message}`); }
+      }
+      t.request({ op: 'xdp', progFd: fd });
+    }
+    this.log.info(p ? `offloaded program ${p.id} (tag ${p.tag}, ${p.insns} insns) runs on host->guest frames` : 'no offloaded program');
+  }
+
+  private offloadRequest(pair: number, message: Uint8Array): void {
+    if (!this.broker || pair !== this.offloadPair) return;
+    const reply = this.broker.handle(message);
+    try {
+      this.threadFor(pair).request({ op: 'offload-reply', pair, message: reply });
+    } catch (e) {
+      this.log.warn(`offload reply not delivered: ${(e as Error).message}`);
+    }
+  }
+
+  vringStopRequested(index: number): void {
+    if (this.broker?.claimed && index >> 1 === this.offloadPair) {
+      // The guest reset its device (driver unload, reboot): its offload state is gone with it.
+      this.broker.reset('the guest stopped the device');
+    }
   }
 
   private threadFor(pair: number): DatapathThread {
@@ -157,6 +212,7 @@ export class NetDevice implements VhostUserBackend {
     this.features = 0n;
     this.connected = false;
     this.lastResetReason = reason;
+    if (this.broker && !this.shuttingDown) this.broker.reset(reason);
     // Drop the worker's view of guest memory before the session unmaps it.
     for (const t of this.threads) t.request({ op: 'memory', regions: [] });
   }
@@ -164,7 +220,9 @@ export class NetDevice implements VhostUserBackend {
   get runningVrings(): number[] { return [...this.running].sort((a, b) => a - b); }
 
   async close(): Promise<void> {
+    this.shuttingDown = true;
     for (const t of this.threads) await t.terminate();
+    this.broker?.close();
     this.port.close();
   }
 }

@@ -5,6 +5,42 @@ import { VirtqueueError } from '../virtio/errors.js';
 import type { GuestMemory } from '../vhost-user/guest-memory.js';
 import type { HostQueue } from '../ports/port.js';
 import { C, COUNTERS } from './stats.js';
+import { TestRunner, XDP_DROP, XDP_PASS, XDP_TX } from '../sys/libbpf.js';
+
+/** Offload frames: zero MACs and the IEEE local-experimental EtherType (docs/offload-protocol.md). */
+export const OFFLOAD_ETHERTYPE = 0x88b5;
+const ETH_HLEN = 14;
+/** Largest offload message we copy out of a guest TX chain (the broker refuses larger ones). */
+export const MAX_OFFLOAD_COPY = 64 * 1024;
+/** Largest frame run through a bounce buffer when it spans several receive buffers. */
+const MAX_FRAME_BOUNCE = 65536 + 256;
+
+/** The reserved pair's link to the broker (worker side). */
+export interface OffloadLink {
+  /** Claimed: the pair carries only offload messages; other frames are dropped. */
+  claimed: boolean;
+  post(message: Uint8Array): void;
+}
+
+/**
+ * Copies `len` bytes starting at byte `from` of a chain's first `segLimit` segments into `into`;
+ * returns the count copied (less when the chain is shorter).
+ */
+export function copyFromChain(ch: DescriptorChain, mem: GuestMemory, from: number, len: number, into: Uint8Array, segLimit = ch.count): number {
+  let skip = from;
+  let done = 0;
+  for (let i = 0; i < segLimit && done < len; i++) {
+    const sl = ch.length[i]!;
+    if (skip >= sl) { skip -= sl; continue; }
+    const take = Math.min(sl - skip, len - done);
+    const r = mem.regions[ch.region[i]!]!;
+    const off = ch.offset[i]! + skip;
+    into.set(r.bytes.subarray(off, off + take), done);
+    done += take;
+    skip = 0;
+  }
+  return done;
+}
 
 /** Kernel limit on iovecs per readv/writev. */
 const IOV_MAX = 1024;
@@ -53,9 +89,33 @@ abstract class QueuePath {
 /** Guest → host: each available chain is one frame, sent with writev straight from guest RAM. */
 export class TxPath extends QueuePath {
   private readonly iov = new NativeBuffer(IOV_MAX * 16);
+  private readonly eth = new Uint8Array(ETH_HLEN);
+  /** Set on the reserved pair of an offload device. */
+  offload: OffloadLink | null = null;
 
-  constructor(queue: SplitQueue, index: number, callFd: number, ctx: PathContext, private readonly host: HostQueue, private readonly headerLength: number) {
+  constructor(queue: SplitQueue, index: number, callFd: number, ctx: PathContext, private readonly host: HostQueue,
+              private readonly headerLength: number, private readonly mem: GuestMemory) {
     super(queue, index, callFd, ctx);
+  }
+
+  /** Handles the chain as an offload message if it is one; true when it was consumed. */
+  private offloadFrame(ch: DescriptorChain): boolean {
+    const link = this.offload!;
+    const got = copyFromChain(ch, this.mem, this.headerLength, ETH_HLEN, this.eth, ch.readableCount);
+    const e = this.eth;
+    let isOffload = got === ETH_HLEN && ((e[12]! << 8) | e[13]!) === OFFLOAD_ETHERTYPE;
+    for (let i = 0; isOffload && i < 12; i++) if (e[i] !== 0) isOffload = false;
+    if (!isOffload) {
+      if (!link.claimed) return false;
+      this.count(C.txDropped); // a claimed pair carries nothing but offload messages
+      return true;
+    }
+    // Copy, then let the broker validate: the guest may rewrite its buffer at any time.
+    const len = Math.min(Math.max(0, ch.readableBytes - this.headerLength - ETH_HLEN), MAX_OFFLOAD_COPY);
+    const msg = new Uint8Array(len);
+    copyFromChain(ch, this.mem, this.headerLength + ETH_HLEN, len, msg, ch.readableCount);
+    link.post(msg);
+    return true;
   }
 
   /** Sends up to `budget` frames; returns true when frames are left (call again). */
@@ -84,6 +144,8 @@ export class TxPath extends QueuePath {
           }
           if (ch.readableBytes <= this.headerLength || ch.writableBytes > 0 && ch.readableCount === 0) {
             this.count(C.txErrors);
+          } else if (this.offload && this.offloadFrame(ch)) {
+            // consumed by the broker link (or dropped on a claimed pair)
           } else {
             let sent = -2;
             try {
@@ -147,6 +209,10 @@ export class RxPath extends QueuePath {
   private stashBytes = 0;
   /** True while waiting for the guest to add buffers (host polling paused). */
   starving = false;
+  /** The offloaded XDP program, run on every host->guest frame before delivery (tap port). */
+  runner: TestRunner | null = null;
+  private bounce: NativeBuffer | null = null;
+  private readonly backIov = new NativeBuffer(4096);
 
   constructor(queue: SplitQueue, index: number, callFd: number, ctx: PathContext, private readonly host: HostQueue,
               private readonly mem: GuestMemory, private readonly headerLength: number,
@@ -217,17 +283,13 @@ export class RxPath extends QueuePath {
     return true;
   }
 
-  /** Writes a little-endian u16 at byte `at` of the frame starting at segment `seg`. */
+  private readonly u16 = new Uint8Array(2);
+
+  /** Writes a little-endian u16 at byte `at` of the frame starting at segment `seg` (num_buffers). */
   private writeFrameU16(seg: number, at: number, value: number): void {
-    let s = seg;
-    let off = at;
-    for (let k = 0; k < 2; k++) {
-      while (s < this.sTail && off >= this.sLength[s]!) { off -= this.sLength[s]!; s++; }
-      if (s >= this.sTail) return;
-      const r = this.mem.regions[this.sRegion[s]!]!;
-      r.bytes[this.sOffset[s]! + off] = (value >> (8 * k)) & 0xff;
-      off++;
-    }
+    this.u16[0] = value & 0xff;
+    this.u16[1] = value >> 8;
+    this.scatter(seg, at, this.u16);
   }
 
   /**
@@ -274,6 +336,11 @@ export class RxPath extends QueuePath {
           this.count(C.rxDropped);
           continue;
         }
+        if (this.runner) {
+          const deliver = this.runXdp(s0, n);
+          if (deliver < 0) continue; // dropped, sent back to the host or aborted: buffers stay stashed
+          n = deliver;
+        }
         let remaining = n;
         let used = 0;
         while (remaining > 0 && this.cHead < this.cTail) {
@@ -299,6 +366,145 @@ export class RxPath extends QueuePath {
     return result;
   }
 
+  /**
+   * Runs the offloaded program on the frame just read (its header starts at segment s0). Returns
+   * the length (header included) to deliver, or -1 when the frame is not delivered. In place when
+   * the frame sits in one buffer; otherwise through a bounce buffer (counted as JS copies).
+   */
+  private runXdp(s0: number, n: number): number {
+    const hdr = this.headerLength;
+    const len = n - hdr;
+    const contiguous = this.sLength[s0]! >= n;
+    let addr: number;
+    let cap: number;
+    if (contiguous) {
+      addr = this.segmentAddress(s0) + hdr;
+      cap = this.sLength[s0]! - hdr;
+    } else {
+      if (len > MAX_FRAME_BOUNCE) { this.count(C.xdpAborted); return -1; }
+      this.bounce ??= new NativeBuffer(MAX_FRAME_BOUNCE);
+      this.gather(s0, hdr, len, this.bounce.bytes);
+      this.count(C.jsCopies);
+      this.count(C.jsCopyBytes, len);
+      addr = this.bounce.address;
+      cap = MAX_FRAME_BOUNCE;
+    }
+    let verdict = -1;
+    let outLen = len;
+    try {
+      verdict = this.runner!.run(addr, len, addr, cap, 1);
+      outLen = Math.min(this.runner!.outLength, cap);
+    } catch {
+      verdict = -1;
+    }
+    switch (verdict) {
+      case XDP_PASS:
+        this.count(C.xdpPass);
+        if (!contiguous) {
+          if (hdr + outLen > this.stashBytes) { this.count(C.xdpAborted); return -1; }
+          this.scatter(s0, hdr, this.bounce!.bytes.subarray(0, outLen));
+          this.count(C.jsCopies);
+          this.count(C.jsCopyBytes, outLen);
+        }
+        return hdr + outLen;
+      case XDP_DROP:
+        this.count(C.xdpDrop);
+        return -1;
+      case XDP_TX:
+        this.count(C.xdpTx);
+        this.sendBack(s0, addr, outLen);
+        return -1;
+      default:
+        this.count(C.xdpAborted);
+        return -1;
+    }
+  }
+
+  private segmentAddress(s: number): number {
+    const v = this.iov.view;
+    return v.getUint32(s * 16, true) + v.getUint32(s * 16 + 4, true) * 4294967296;
+  }
+
+  /** XDP_TX on a tap port: [vnet header as the tap wrote it][program output] back into the tap. */
+  private sendBack(s0: number, dataAddr: number, len: number): void {
+    if (this.sLength[s0]! < this.headerLength) { this.count(C.xdpAborted); return; }
+    const b = this.backIov.view;
+    const hdrAddr = this.segmentAddress(s0);
+    b.setUint32(0, hdrAddr % 4294967296, true);
+    b.setUint32(4, Math.floor(hdrAddr / 4294967296), true);
+    b.setUint32(8, this.headerLength, true);
+    b.setUint32(12, 0, true);
+    b.setUint32(16, dataAddr % 4294967296, true);
+    b.setUint32(20, Math.floor(dataAddr / 4294967296), true);
+    b.setUint32(24, len, true);
+    b.setUint32(28, 0, true);
+    try {
+      if (this.host.transmit(this.backIov.address, 2) < 0) this.count(C.txDropped);
+    } catch {
+      this.count(C.txErrors);
+    }
+  }
+
+  /** Copies stash bytes [at, at+len) counted from the start of segment s0 into `into`. */
+  private gather(s0: number, at: number, len: number, into: Uint8Array): void {
+    this.walk(s0, at, len, (r, off, done, take) => into.set(r.subarray(off, off + take), done));
+  }
+
+  /** Writes `data` into the stash from byte `at` counted from the start of segment s0. */
+  private scatter(s0: number, at: number, data: Uint8Array): void {
+    this.walk(s0, at, data.length, (r, off, done, take) => r.set(data.subarray(done, done + take), off));
+  }
+
+  private walk(s0: number, at: number, len: number, fn: (region: Uint8Array, off: number, done: number, take: number) => void): void {
+    let off = at;
+    let done = 0;
+    for (let s = s0; done < len && s < this.sTail; s++) {
+      const sl = this.sLength[s]!;
+      if (off >= sl) { off -= sl; continue; }
+      const take = Math.min(sl - off, len - done);
+      fn(this.mem.regions[this.sRegion[s]!]!.bytes, this.sOffset[s]! + off, done, take);
+      done += take;
+      off = 0;
+    }
+  }
+
+  /**
+   * Delivers one offload response (offload header + payload) as a frame: zero vnet header,
+   * zero-MAC Ethernet header with the offload EtherType, then the message. False when the guest
+   * has not posted enough receive buffers yet (the caller retries after the next kick).
+   */
+  deliverMessage(message: Uint8Array): boolean {
+    if (this.broken) return false;
+    const head = new Uint8Array(this.headerLength + ETH_HLEN);
+    head[this.headerLength + 12] = OFFLOAD_ETHERTYPE >> 8;
+    head[this.headerLength + 13] = OFFLOAD_ETHERTYPE & 0xff;
+    const total = head.length + message.length;
+    try {
+      if (!this.fill()) return false;
+      const c = this.cHead;
+      if ((this.mergeable ? this.stashBytes : this.cBytes[c]!) < total) return false;
+      const s0 = this.cSegStart[c]!;
+      this.scatter(s0, 0, head);
+      this.scatter(s0, head.length, message);
+      let remaining = total;
+      let used = 0;
+      while (remaining > 0 && this.cHead < this.cTail) {
+        const take = Math.min(remaining, this.cBytes[this.cHead]!);
+        this.queue.pushUsed(this.cHeadIdx[this.cHead]!, take);
+        this.stashBytes -= this.cBytes[this.cHead]!;
+        remaining -= take;
+        this.cHead++;
+        used++;
+      }
+      this.writeFrameU16(s0, 10, used);
+      this.publish();
+      return true;
+    } catch (e) {
+      this.fail(e);
+      return false;
+    }
+  }
+
   /** Returns stashed chains to the ring and reports where the guest should resume. */
   stop(): number {
     const n = this.stashed;
@@ -310,5 +516,7 @@ export class RxPath extends QueuePath {
 
   free(): void {
     this.iov.free();
+    this.backIov.free();
+    this.bounce?.free();
   }
 }

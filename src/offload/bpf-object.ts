@@ -348,8 +348,10 @@ export function readBpfObject(bytes: Uint8Array, section?: string): BpfObjectPro
   const prog = chooseProgramSection(sections, section);
   if (prog.size % INSN !== 0) bad(`section '${prog.name}' size ${prog.size} is not a multiple of 8`);
   if (prog.size / INSN > MAX_INSNS) bad(`section '${prog.name}' has more than ${MAX_INSNS} instructions`);
-  const insns = bytes.slice(prog.offset, prog.offset + prog.size);
-  const iv = new DataView(insns.buffer);
+  // A real copy: Buffer.prototype.slice returns a view into Node's shared pool, and the
+  // instructions are rewritten below.
+  const insns = Uint8Array.prototype.slice.call(bytes, prog.offset, prog.offset + prog.size);
+  const iv = new DataView(insns.buffer, insns.byteOffset, insns.byteLength);
   const nInsns = insns.byteLength / INSN;
   const license = readLicense(f, sections);
 

@@ -36,6 +36,10 @@ export function checkMapDef(d: MapCreateRequest, q: Quotas): void {
     throw new ProtocolError(Status.BAD_REQUEST,
       `map flags 0x${(badFlags >>> 0).toString(16)} are not allowed (allowed: NO_PREALLOC 0x1, RDONLY_PROG 0x80, WRONLY_PROG 0x100)`);
   }
+  if ((d.flags & BPF_F_NO_PREALLOC) !== 0 && d.type !== BpfMapType.HASH) {
+    // The kernel answers EINVAL (ARRAY) or ENOTSUPP (LRU_HASH); say why instead.
+    throw new ProtocolError(Status.BAD_REQUEST, `NO_PREALLOC applies to HASH maps only; ${mapTypeName(d.type)} maps are always preallocated`);
+  }
   if (d.type === BpfMapType.ARRAY && d.keySize !== 4) {
     throw new ProtocolError(Status.BAD_REQUEST, `ARRAY maps have 4-byte keys, not ${d.keySize}`);
   }

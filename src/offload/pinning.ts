@@ -5,6 +5,7 @@
 //   prog            the loaded program
 //   map_<handle>    each live map, named by its guest handle
 //   state           claim metadata (JSON)
+//   *_new           a document or pin being replaced (renamed over the old one)
 //   meta_prog       program metadata (JSON)
 //   meta_<handle>   per-map metadata (JSON)
 // bpffs refuses regular files, so the JSON documents are stored as symlink targets (bpffs
@@ -12,7 +13,7 @@
 // old one, so a crash leaves either the old or the new document, never half of one. One
 // small document per object keeps each well under the 4 KiB symlink limit.
 
-import { mkdirSync, readdirSync, readlinkSync, renameSync, rmdirSync, statfsSync, symlinkSync, unlinkSync, existsSync } from 'node:fs';
+import { lstatSync, mkdirSync, readdirSync, readlinkSync, renameSync, rmdirSync, statfsSync, symlinkSync, unlinkSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { objGet, objPin } from '../sys/libbpf.js';
 
@@ -23,7 +24,8 @@ export interface PinnedClaim { version: 1; device: string; claimedAt: string; ne
 export interface PinnedMapMeta { handle: number; chargedBytes: number; createdAt: string }
 export interface PinnedProgMeta { insns: number; loadedAt: string; usedHandles: number[]; name: string }
 
-const DEVICE_RE = /^[A-Za-z0-9_.-]{1,64}$/;
+// bpffs refuses '.' in names (reserved by the kernel), so temporary names use '_new'.
+const DEVICE_RE = /^[A-Za-z0-9_-]{1,64}$/;
 
 export function isBpffs(path: string): boolean {
   try {
@@ -37,15 +39,16 @@ export class DevicePins {
   readonly dir: string;
 
   constructor(readonly pinDir: string, readonly device: string) {
-    if (!DEVICE_RE.test(device) || device === '.' || device === '..') {
-      throw new RangeError(`device name '${device}' cannot name a pin directory (1-64 of [A-Za-z0-9_.-])`);
+    if (!DEVICE_RE.test(device)) {
+      throw new RangeError(`device name '${device}' cannot name a pin directory (1-64 of [A-Za-z0-9_-]; bpffs refuses dots)`);
     }
     if (!isBpffs(pinDir)) throw new Error(`--pin-dir ${pinDir} is not a mounted bpffs (mount -t bpf bpf ${pinDir})`);
     this.dir = join(pinDir, device);
   }
 
   exists(): boolean {
-    return existsSync(join(this.dir, 'state'));
+    // lstat: `state` is a symlink whose target is JSON, not a path, so existsSync would say no.
+    try { return lstatSync(join(this.dir, 'state')).isSymbolicLink(); } catch { return false; }
   }
 
   ensureDir(): void {
@@ -63,7 +66,7 @@ export class DevicePins {
   private writeDoc(name: string, doc: unknown): void {
     const text = JSON.stringify(doc);
     if (Buffer.byteLength(text) > MAX_DOC_BYTES) throw new Error(`pin metadata '${name}' is too large to store`);
-    const tmp = `${name}.new`;
+    const tmp = `${name}_new`;
     this.unlinkQuiet(tmp);
     symlinkSync(text, this.path(tmp));
     renameSync(this.path(tmp), this.path(name));
@@ -98,13 +101,13 @@ export class DevicePins {
 
   /** Pins under a temporary name and renames over `prog`, so the old pin stays until the new one exists. */
   pinProg(fd: number, meta: PinnedProgMeta): void {
-    this.unlinkQuiet('prog.new');
-    objPin(fd, this.path('prog.new'));
+    this.unlinkQuiet('prog_new');
+    objPin(fd, this.path('prog_new'));
     try {
       this.writeDoc('meta_prog', meta);
-      renameSync(this.path('prog.new'), this.path('prog'));
+      renameSync(this.path('prog_new'), this.path('prog'));
     } catch (e) {
-      this.unlinkQuiet('prog.new');
+      this.unlinkQuiet('prog_new');
       throw e;
     }
   }

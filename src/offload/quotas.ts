@@ -93,8 +93,13 @@ export function validateQuotas(changes: Partial<Record<keyof Quotas, unknown>>):
     if (raw === undefined) continue;
     if (!(k in QUOTA_RANGES)) throw new RangeError(`unknown quota '${k}'`);
     const key = k as keyof Quotas;
-    const value = typeof raw === 'string' || typeof raw === 'number' ? parseSize(raw) : NaN;
     const [lo, hi] = QUOTA_RANGES[key];
+    let value = NaN;
+    try {
+      if (typeof raw === 'string' || typeof raw === 'number') value = parseSize(raw);
+    } catch (e) {
+      throw new RangeError(`--${QUOTA_FLAGS[key]} ${String(raw)}: ${(e as Error).message}`);
+    }
     if (!Number.isSafeInteger(value) || value < lo || value > hi) {
       throw new RangeError(`--${QUOTA_FLAGS[key]} ${String(raw)}: must be an integer in ${lo}..${hi}`);
     }

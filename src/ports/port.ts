@@ -23,6 +23,8 @@ export interface Port {
   setMtu(mtu: number): void;
   /** Guest receive offloads acked (checksum, TSO) and the vnet header length in use. */
   configureOffloads(opts: { vnetHeaderLength: number; csum: boolean; tso4: boolean; tso6: boolean; ecn: boolean }): void;
+  /** Takes a queue out of (false) or back into (true) the host's use; frames then spread over the others. */
+  setQueueEnabled(pair: number, enabled: boolean): void;
   stats(): { rxPackets: number; txPackets: number; rxBytes: number; txBytes: number; rxDropped: number; txDropped: number };
   close(): void;
 }

@@ -5,6 +5,9 @@ import type { HostQueue, HostQueueConfig, Port } from './port.js';
 const TUNSETIFF = 0x400454ca;
 const TUNSETOFFLOAD = 0x400454d0;
 const TUNSETVNETHDRSZ = 0x400454d8;
+const TUNSETQUEUE = 0x400454d9;
+const IFF_ATTACH_QUEUE = 0x0200;
+const IFF_DETACH_QUEUE = 0x0400;
 const IFF_TAP = 0x0002;
 const IFF_NO_PI = 0x1000;
 const IFF_VNET_HDR = 0x4000;
@@ -122,6 +125,16 @@ export class TapPort implements Port {
       if (o.ecn && (o.tso4 || o.tso6)) flags |= TUN_F_TSO_ECN;
     }
     for (const fd of this.fds) check(raw.ioctl(fd, TUNSETOFFLOAD, flags), 'ioctl(TUNSETOFFLOAD)', this.ifname);
+  }
+
+  setQueueEnabled(pair: number, enabled: boolean): void {
+    const fd = this.fds[pair];
+    if (fd === undefined || this.queuePairs < 2) return;
+    ifreq.bytes.fill(0, 0, 40);
+    ifreq.view.setInt16(16, enabled ? IFF_ATTACH_QUEUE : IFF_DETACH_QUEUE, true);
+    const r = raw.ioctl(fd, TUNSETQUEUE, ifreq.address);
+    // EINVAL: already in that state.
+    if (r < 0 && lastErrno() !== Errno.EINVAL) throw new SysError('ioctl(TUNSETQUEUE)', lastErrno(), this.ifname);
   }
 
   stats() {

@@ -9,6 +9,10 @@ export interface DeviceSpec {
   threads: number;
   busyPoll: boolean;
   mtu?: number;
+  /** Offer one more queue pair for the offload channel (docs/offload-protocol.md). */
+  offload?: boolean;
+  /** Pin offloaded programs and maps here so a restarted backend re-adopts them. */
+  pinDir?: string;
 }
 
 export class SpecError extends Error {
@@ -30,6 +34,7 @@ export function validateSpec(s: DeviceSpec): DeviceSpec {
   if (!NAME_RE.test(s.name)) throw new SpecError(`device name '${s.name}' must be 1..32 of A-Z a-z 0-9 _ . -`);
   if (!s.socket) throw new SpecError(`device ${s.name}: a socket path is required`);
   parsePort(s.port);
+  if (s.pinDir !== undefined && !s.offload) throw new SpecError(`device ${s.name}: a pin directory only makes sense with offload`);
   if (!Number.isInteger(s.queues) || s.queues < 1 || s.queues > 16) throw new SpecError(`device ${s.name}: queues ${s.queues} outside 1..16`);
   if (!Number.isInteger(s.threads) || s.threads < 1 || s.threads > 16) throw new SpecError(`device ${s.name}: threads ${s.threads} outside 1..16`);
   if (s.mtu !== undefined && (!Number.isInteger(s.mtu) || s.mtu < 68 || s.mtu > 65535)) throw new SpecError(`device ${s.name}: mtu ${s.mtu} outside 68..65535`);
@@ -44,7 +49,7 @@ export function parseDeviceOption(text: string, defaults: Omit<DeviceSpec, 'name
     if (i <= 0) throw new SpecError(`--device '${text}': '${part}' is not key=value`);
     kv.set(part.slice(0, i).trim(), part.slice(i + 1).trim());
   }
-  const known = new Set(['name', 'socket', 'port', 'queues', 'client', 'threads', 'busy-poll', 'mtu']);
+  const known = new Set(['name', 'socket', 'port', 'queues', 'client', 'threads', 'busy-poll', 'mtu', 'offload', 'pin-dir']);
   for (const k of kv.keys()) if (!known.has(k)) throw new SpecError(`--device '${text}': unknown key '${k}' (known: ${[...known].join(', ')})`);
   const bool = (v: string | undefined, d: boolean) => (v === undefined ? d : v === '1' || v === 'true' || v === 'yes');
   const num = (v: string | undefined, d: number | undefined) => (v === undefined ? d : Number(v));
@@ -57,5 +62,7 @@ export function parseDeviceOption(text: string, defaults: Omit<DeviceSpec, 'name
     threads: num(kv.get('threads'), defaults.threads)!,
     busyPoll: bool(kv.get('busy-poll'), defaults.busyPoll),
     mtu: num(kv.get('mtu'), defaults.mtu),
+    offload: bool(kv.get('offload'), defaults.offload ?? false),
+    pinDir: kv.get('pin-dir') ?? defaults.pinDir,
   });
 }

@@ -5,6 +5,7 @@ import { TapPort } from '../ports/tap.js';
 import type { Port } from '../ports/port.js';
 import { VhostUserEndpoint } from '../vhost-user/endpoint.js';
 import { parsePort, type DeviceSpec } from './device-spec.js';
+import { OffloadBroker } from '../offload/broker.js';
 
 export interface DeviceStatus {
   name: string;
@@ -20,6 +21,7 @@ export interface DeviceStatus {
   runningVrings: number[];
   refusedRequests: number;
   lastDisconnect: string;
+  offload: { pair: number; claimed: boolean; program: number | null } | null;
 }
 
 /** One served device: its socket endpoint, virtio-net device and host port. */
@@ -48,17 +50,28 @@ export class Device {
 
   static create(spec: DeviceSpec): Device {
     const p = parsePort(spec.port);
-    const port = TapPort.open(p.ifname, spec.queues);
+    // With offload the guest sees one more pair: the reserved offload channel (a data pair until claimed).
+    const pairs = spec.queues + (spec.offload ? 1 : 0);
+    const port = TapPort.open(p.ifname, pairs);
     let net: NetDevice | null = null;
+    let broker: OffloadBroker | null = null;
     try {
       if (spec.mtu) port.setMtu(spec.mtu);
-      net = new NetDevice({ name: spec.name, port, queuePairs: spec.queues, threads: spec.threads, busyPoll: spec.busyPoll, mtu: spec.mtu });
+      if (spec.offload) {
+        const log = logger(`${spec.name}/offload`);
+        broker = OffloadBroker.restore({ device: spec.name, pinDir: spec.pinDir ?? null, log: (l) => log.info(l) });
+        if (broker.claimed) log.info(`re-adopted pinned offload state from ${spec.pinDir}`);
+      }
+      net = new NetDevice({ name: spec.name, port, queuePairs: pairs, threads: spec.threads, busyPoll: spec.busyPoll, mtu: spec.mtu, offload: broker });
       const d = new Device(spec, port, net);
       d.endpoint.start();
       return d;
     } catch (e) {
       if (net) void net.close();
-      else port.close();
+      else {
+        broker?.close();
+        port.close();
+      }
       throw e;
     }
   }
@@ -72,6 +85,7 @@ export class Device {
       mode: this.spec.client ? 'client' : 'server',
       port: { kind: this.port.kind, ifname: this.port.ifname, created: tap.created ?? false },
       queuePairs: this.spec.queues,
+      offload: this.broker ? { pair: this.net.offloadPair, claimed: this.broker.claimed, program: this.broker.program?.id ?? null } : null,
       connected: s !== null,
       connections: this.endpoint.connections,
       features: describeFeatures(this.net.negotiated),
@@ -92,7 +106,11 @@ export class Device {
     };
   }
 
+  get broker(): OffloadBroker | null { return this.net.broker; }
+
   async close(): Promise<void> {
+    // Shutting down is not a device reset: pinned offload state must outlive the process.
+    this.net.shuttingDown = true;
     this.endpoint.stop();
     await this.net.close();
   }

@@ -4,6 +4,7 @@ import { logger } from '../log.js';
 import { ControlServer, ControlError, type Method } from '../control/control-server.js';
 import { Device } from './device.js';
 import type { DeviceSpec } from './device-spec.js';
+import { validateQuotas } from '../offload/quotas.js';
 
 const log = logger('vhost-xdp');
 
@@ -46,7 +47,23 @@ export class Service {
     return {
       status: () => ({ pid: process.pid, devices: [...this.devices.values()].map((d) => d.status()) }),
       stats: (p) => (p.name ? [this.device(p.name).statsSnapshot()] : [...this.devices.values()].map((d) => d.statsSnapshot())),
+      'offload.show': (p) => {
+        const d = this.device(p.name);
+        const t = d.net.stats.total();
+        return { ...this.broker(d).show(), verdicts: { pass: t.xdpPass, drop: t.xdpDrop, tx: t.xdpTx, aborted: t.xdpAborted } };
+      },
+      'offload.detach': (p) => ({ detached: this.broker(this.device(p.name)).detach() }),
+      'quota.show': (p) => this.broker(this.device(p.name)).quotas(),
+      'quota.set': (p) => {
+        const changes = (p.changes && typeof p.changes === 'object' ? p.changes : {}) as Record<string, unknown>;
+        return this.broker(this.device(p.name)).setQuotas(validateQuotas(changes));
+      },
     };
+  }
+
+  private broker(d: Device) {
+    if (!d.broker) throw new ControlError('no-offload', `device '${d.spec.name}' was not started with --offload`);
+    return d.broker;
   }
 
   stop(): Promise<void> {

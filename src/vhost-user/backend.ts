@@ -38,6 +38,8 @@ export interface VhostUserBackend {
   memoryChanged(regions: RegionInfo[]): void;
   /** A vring is started and enabled: run it. */
   startVring(cfg: VringConfig): void;
+  /** The frontend stops a vring (GET_VRING_BASE): the guest reset the device, or the VM is stopping. */
+  vringStopRequested?(index: number): void;
   /** Stops a vring; returns the index of the next available descriptor to process. */
   stopVring(index: number): number;
   /** A new call fd for a running vring (-1: no notifications). */

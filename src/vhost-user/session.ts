@@ -299,6 +299,7 @@ export class Session {
 
   getVringBase(index: number): Uint8Array {
     const v = this.vring(index);
+    this.backend.vringStopRequested?.(index);
     if (v.running) {
       v.base = this.backend.stopVring(index);
       v.running = false;

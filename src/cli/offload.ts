@@ -1,0 +1,79 @@
+import type { Argv } from 'yargs';
+import { callControl } from '../control/control-client.js';
+import type { OffloadShow } from '../offload/broker.js';
+import type { Quotas, QuotaUsage } from '../offload/quotas.js';
+
+function fail(e: unknown): never {
+  console.error(`vhost-xdp: ${(e as Error).message}`);
+  process.exit(1);
+}
+
+const QUOTA_OPTIONS: Record<string, keyof Quotas> = {
+  'max-maps': 'maxMaps', 'max-map-memory': 'maxMapMemory', 'max-entries': 'maxEntries',
+  'max-prog-insns': 'maxProgInsns', 'max-ops-per-sec': 'maxOpsPerSec', 'max-key-size': 'maxKeySize', 'max-value-size': 'maxValueSize',
+};
+
+function mib(n: number): string {
+  return n >= 1 << 20 ? `${(n / 2 ** 20).toFixed(1)} MiB` : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${n} B`;
+}
+
+function printQuotas(q: { limits: Quotas; usage: QuotaUsage; warnings?: string[] }): void {
+  const rows: [string, string, string][] = [
+    ['maps', String(q.usage.maps), String(q.limits.maxMaps)],
+    ['map memory', mib(q.usage.mapMemory), mib(q.limits.maxMapMemory)],
+    ['entries per map', String(q.usage.largestMapEntries), String(q.limits.maxEntries)],
+    ['program insns', String(q.usage.progInsns), String(q.limits.maxProgInsns)],
+    ['requests/s', String(q.usage.opsPerSec), String(q.limits.maxOpsPerSec)],
+  ];
+  console.log(`  ${'quota'.padEnd(18)}${'used'.padStart(12)}${'limit'.padStart(14)}`);
+  for (const [k, u, l] of rows) console.log(`  ${k.padEnd(18)}${u.padStart(12)}${l.padStart(14)}`);
+  for (const w of q.warnings ?? []) console.log(`  warning: ${w}`);
+}
+
+export function offloadCommands(y: Argv) {
+  return y
+    .command('offload <action> <name>', 'Show or detach what a guest offloaded (program, maps, verdict counters)', (a) => a
+      .positional('action', { choices: ['show', 'detach'] as const, demandOption: true })
+      .positional('name', { type: 'string', demandOption: true, describe: 'device name' })
+      .option('json', { type: 'boolean', default: false }),
+    async (argv) => {
+      if (argv.action === 'detach') {
+        const r = (await callControl(argv.control as string, 'offload.detach', { name: argv.name }).catch(fail)) as { detached: boolean };
+        if (argv.json) return console.log(JSON.stringify(r));
+        console.log(r.detached ? `${argv.name}: program detached (maps kept)` : `${argv.name}: no program was attached`);
+        return;
+      }
+      const r = (await callControl(argv.control as string, 'offload.show', { name: argv.name }).catch(fail)) as OffloadShow & { verdicts: Record<string, number> };
+      if (argv.json) return console.log(JSON.stringify(r, null, 2));
+      console.log(`${r.device}: offload channel ${r.claimed ? `claimed since ${r.claimedAt}` : 'not claimed'}${r.pinDir ? `, pinned under ${r.pinDir}` : ''}`);
+      if (r.program) console.log(`  program id ${r.program.id} tag ${r.program.tag} '${r.program.name}', ${r.program.insns} insns, loaded ${r.program.loadedAt}, maps ${r.program.mapHandles.join(' ') || '-'}`);
+      else console.log('  no program');
+      console.log(`  verdicts: pass ${r.verdicts.pass}  drop ${r.verdicts.drop}  tx ${r.verdicts.tx}  aborted ${r.verdicts.aborted}`);
+      for (const m of r.maps) console.log(`  map ${m.handle}: ${m.type} '${m.name}' key ${m.keySize} value ${m.valueSize}, ${m.entries}/${m.maxEntries} entries, ${mib(m.bytes)} (host id ${m.id})`);
+      printQuotas(r.quotas);
+    })
+    .command('quota <action> <name>', 'Show or change a device\'s offload quotas (live; lowering below use refuses new allocations)', (a) => {
+      let b = a
+        .positional('action', { choices: ['show', 'set'] as const, demandOption: true })
+        .positional('name', { type: 'string', demandOption: true })
+        .option('json', { type: 'boolean', default: false });
+      for (const flag of Object.keys(QUOTA_OPTIONS)) b = b.option(flag, { type: 'string', describe: flag === 'max-map-memory' ? 'bytes, or with a unit: 16MiB' : undefined });
+      return b.example('$0 quota set vm1 --max-maps 8 --max-map-memory 16MiB', '');
+    },
+    async (argv) => {
+      if (argv.action === 'show') {
+        const r = (await callControl(argv.control as string, 'quota.show', { name: argv.name }).catch(fail)) as { limits: Quotas; usage: QuotaUsage };
+        if (argv.json) return console.log(JSON.stringify(r, null, 2));
+        console.log(`${argv.name}:`);
+        printQuotas(r);
+        return;
+      }
+      const changes: Record<string, string> = {};
+      for (const [flag, key] of Object.entries(QUOTA_OPTIONS)) if (argv[flag] !== undefined) changes[key] = String(argv[flag]);
+      if (Object.keys(changes).length === 0) fail(new Error(`quota set: give at least one of ${Object.keys(QUOTA_OPTIONS).map((f) => `--${f}`).join(' ')}`));
+      const r = (await callControl(argv.control as string, 'quota.set', { name: argv.name, changes }).catch(fail)) as { limits: Quotas; usage: QuotaUsage; warnings: string[] };
+      if (argv.json) return console.log(JSON.stringify(r, null, 2));
+      console.log(`${argv.name}: quotas updated`);
+      printQuotas(r);
+    });
+}
