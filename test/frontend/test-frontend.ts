@@ -26,6 +26,7 @@ export const DEFAULT_FEATURES = [F.VERSION_1, F.MRG_RXBUF, F.RING_EVENT_IDX, F.R
   .reduce((m, b) => m | bit(b), bit(F_PROTOCOL_FEATURES));
 
 const SLOT = 2048;
+const BIG = 68 * 1024;
 const HDR = 12;
 
 export class FrontendError extends Error {}
@@ -51,6 +52,8 @@ export class TestFrontend {
   private nextFree: number;
   private readonly rxBase: number[] = [];
   private readonly txBase: number[] = [];
+  /** One large TX buffer per pair, for frames over a slot (offload requests up to 64 KiB). */
+  private readonly bigTx: number[] = [];
   private closed = false;
 
   private constructor(sock: UnixSocket, readonly opts: Required<FrontendOptions>) {
@@ -178,6 +181,7 @@ export class TestFrontend {
       const tx = new DriverQueue(this.mem, this.alloc(DriverQueue.bytesNeeded(queueSize)), queueSize, { eventIdx });
       this.rxBase[p] = this.alloc(queueSize * SLOT);
       this.txBase[p] = this.alloc(queueSize * SLOT);
+      this.bigTx[p] = this.alloc(BIG);
       const st: PairState = { rx, tx, kick: [eventfdCreate(), eventfdCreate()], call: [eventfdCreate(), eventfdCreate()], txFree: Array.from({ length: queueSize }, (_, i) => i), rxSlots: 0 };
       this.pairs.push(st);
       this.fillRx(p);
@@ -218,7 +222,11 @@ export class TestFrontend {
   }
 
   private reclaimTx(st: PairState): void {
-    for (let u = st.tx.pollUsed(); u; u = st.tx.pollUsed()) st.txFree.push(u.token as number);
+    for (let u = st.tx.pollUsed(); u; u = st.tx.pollUsed()) {
+      const token = u.token as number;
+      if (token < 0) this.bigBusy.delete(-1 - token);
+      else st.txFree.push(token);
+    }
   }
 
   /** Queues frames (a zeroed virtio-net header is put in front) on a TX queue; returns how many fit. */
@@ -246,6 +254,31 @@ export class TestFrontend {
     }
     return n;
   }
+
+  /**
+   * Sends one frame of any size up to 68 KiB from the pair's large buffer (one descriptor).
+   * Only one may be in flight: it waits until the device returned the previous one.
+   */
+  async transmitLarge(p: number, frame: Uint8Array, timeoutMs = 3000): Promise<void> {
+    const st = this.pair(p);
+    if (frame.length + HDR > BIG) throw new FrontendError(`frame of ${frame.length} bytes exceeds ${BIG}`);
+    const deadline = Date.now() + timeoutMs;
+    while (this.bigBusy.has(p)) {
+      this.reclaimTx(st);
+      if (Date.now() > deadline) throw new FrontendError('the device did not return the large TX buffer');
+      await sleep(1);
+    }
+    const gpa = this.bigTx[p]!;
+    const buf = this.mem.slice(gpa, HDR + frame.length);
+    buf.fill(0, 0, HDR);
+    buf.set(frame, HDR);
+    if (st.tx.add([{ gpa, len: HDR + frame.length, writable: false }], -1 - p) === null) throw new FrontendError('TX queue full');
+    this.bigBusy.add(p);
+    st.tx.publish();
+    if (st.tx.needsKick()) eventfdSignal(st.kick[1]);
+  }
+
+  private readonly bigBusy = new Set<number>();
 
   /** TX buffers the device has not yet returned. */
   txInFlight(p: number): number {

@@ -1,0 +1,183 @@
+// The offload path end to end: the TS test frontend plays the guest, talks to `serve --offload`
+// over the reserved queue pair, and host frames written into the tap meet the guest's program.
+import { describe, test, expect, beforeAll, afterAll } from 'vitest';
+import fs from 'node:fs';
+import path from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { startBackend, tempDir, type Backend } from '../harness/backend.js';
+import { TestFrontend } from '../frontend/test-frontend.js';
+import { OffloadClient } from '../frontend/offload-client.js';
+import { PacketSocket } from '../harness/packet-socket.js';
+import { uniqueIfName, disableIpv6, readLinkStats } from '../harness/netdev.js';
+import { waitUntil, sleep } from '../harness/processes.js';
+import { udpFrame, seqOf, GUEST_MAC } from '../harness/frames.js';
+import { readBpfObject } from '../../src/offload/bpf-object.js';
+import {
+  Status, statusName, bindMapHandles, encodeMapCreate, encodeProgSet, encodeProgUnset, encodeElemLookup, encodeCaps,
+  encodeRelease, decodeMapCreateBody, type Response,
+} from '../../src/offload/protocol.js';
+import { listProgIds, listMapIds } from '../../src/sys/libbpf.js';
+
+const HOST_MAC = '52:54:00:0f:0f:0f';
+const bpfDir = path.resolve(__dirname, '../../bpf/out');
+
+function object(name: string) {
+  return readBpfObject(new Uint8Array(fs.readFileSync(path.join(bpfDir, `${name}.o`))));
+}
+
+function expectOk(r: Response): Response {
+  if (r.status !== Status.OK) throw new Error(`offload request failed: ${statusName(r.status)}: ${r.reason}`);
+  return r;
+}
+
+describe('XDP offload through the reserved queue pair (tap port)', () => {
+  let be: Backend;
+  let fe: TestFrontend;
+  let oc: OffloadClient;
+  let ps: PacketSocket;
+  let tap: string;
+  let sock: string;
+  let pinRoot: string;
+  let args: string[];
+  let seq = 100_000;
+
+  beforeAll(async () => {
+    tap = uniqueIfName('vxo');
+    const dir = tempDir('offload');
+    sock = path.join(dir, 'dev.sock');
+    pinRoot = path.join(dir, 'bpffs');
+    fs.mkdirSync(pinRoot);
+    execFileSync('mount', ['-t', 'bpf', 'bpf', pinRoot]);
+    args = ['--socket', sock, '--port', `tap:${tap}`, '--queues', '1', '--offload', '--pin-dir', pinRoot, '--name', 'off'];
+    be = await startBackend(args, { dir });
+    disableIpv6(tap);
+    // 1 data pair + the reserved pair.
+    fe = await TestFrontend.connect(sock, { queuePairs: 2 });
+    oc = new OffloadClient(fe, 1);
+    ps = PacketSocket.open(tap);
+  });
+
+  afterAll(async () => {
+    ps?.close();
+    fe?.close();
+    await be?.stop();
+    try { execFileSync('umount', [pinRoot]); } catch { /* not mounted */ }
+  });
+
+  /** Sends n host->guest frames into the tap; returns how many the guest received (on any pair). */
+  async function hostToGuest(n: number): Promise<number> {
+    const first = seq;
+    for (let i = 0; i < n; i++) ps.send(udpFrame(seq++, 60, 4000 + (i % 8), HOST_MAC, GUEST_MAC));
+    await sleep(300);
+    let got = 0;
+    for (const p of [0, 1]) for (const f of fe.receive(p)) if ((seqOf(f) ?? -1) >= first) got++;
+    return got;
+  }
+
+  let dropMap = 0;
+
+  test('before any claim, the reserved pair is a plain data pair', async () => {
+    const s = seq++;
+    ps.drain();
+    fe.transmit(1, [udpFrame(s, 100)]);
+    expect(ps.recvAll(1, 3000, (f) => seqOf(f) === s).length).toBe(1);
+    expect((await be.call('status')).devices[0].offload).toEqual({ pair: 1, claimed: false, program: null });
+  });
+
+  test('CLAIM and CAPS: the guest learns up front what this host allows', async () => {
+    expectOk(await oc.claim());
+    const caps = expectOk(await oc.call(encodeCaps(oc.nextSeq())));
+    expect(caps.body.length).toBeGreaterThan(16);
+    await waitUntil(async () => (await be.call('status')).devices[0].offload.claimed, 3000, 'claim visible in status');
+  });
+
+  test('xdp_drop offloaded: host frames die on the host, the guest sees none, the guest-visible map counts them', async () => {
+    const obj = object('xdp_drop');
+    const m = obj.maps[0]!;
+    const created = expectOk(await oc.call(encodeMapCreate(oc.nextSeq(), { type: m.type, keySize: m.keySize, valueSize: m.valueSize, maxEntries: m.maxEntries, name: m.name })));
+    dropMap = decodeMapCreateBody(created.body).handle;
+    const insns = bindMapHandles(obj.insns, obj.mapRelocations, [dropMap]);
+    expectOk(await oc.call(encodeProgSet(oc.nextSeq(), { license: obj.license, insns, mapHandles: [dropMap], name: 'xdp_drop' })));
+    const tapBefore = readLinkStats(tap);
+    const delivered = await hostToGuest(50);
+    expect(delivered).toBe(0);
+    // The kernel handed all 50 to the backend (tap tx), the program dropped them.
+    expect(readLinkStats(tap).txPackets - tapBefore.txPackets).toBeGreaterThanOrEqual(50);
+    const show = await be.call('offload.show', { name: 'off' });
+    expect(show.verdicts.drop).toBeGreaterThanOrEqual(50);
+    expect(show.program.name).toBe('xdp_drop');
+    const count = expectOk(await oc.call(encodeElemLookup(oc.nextSeq(), dropMap, new Uint8Array(4))));
+    expect(Number(new DataView(count.body.buffer, count.body.byteOffset).getBigUint64(0, true))).toBe(show.verdicts.drop);
+    expect(show.maps[0].handle).toBe(dropMap);
+  });
+
+  test('the program and its maps survive a backend restart with --pin-dir', async () => {
+    const before = await be.call('offload.show', { name: 'off' });
+    fe.close();
+    await be.stop('SIGKILL');
+    be = await startBackend(args, { dir: path.dirname(sock) });
+    disableIpv6(tap);
+    ps.close();
+    ps = PacketSocket.open(tap);
+    fe = await TestFrontend.connect(sock, { queuePairs: 2 });
+    oc = new OffloadClient(fe, 1);
+    const after = await be.call('offload.show', { name: 'off' });
+    expect(after.claimed).toBe(true);
+    expect(after.program.id).toBe(before.program.id);
+    expect(await hostToGuest(20)).toBe(0);
+    const count = expectOk(await oc.call(encodeElemLookup(oc.nextSeq(), dropMap, new Uint8Array(4))));
+    expect(Number(new DataView(count.body.buffer, count.body.byteOffset).getBigUint64(0, true))).toBeGreaterThanOrEqual(before.verdicts.drop + 20);
+  });
+
+  test('PROG_UNSET restores delivery', async () => {
+    expectOk(await oc.call(encodeProgUnset(oc.nextSeq())));
+    expect(await hostToGuest(20)).toBe(20);
+  });
+
+  test('xdp_tx bounces host frames back to the host with swapped MACs', async () => {
+    const obj = object('xdp_tx');
+    const m = obj.maps[0]!;
+    const h = decodeMapCreateBody(expectOk(await oc.call(encodeMapCreate(oc.nextSeq(), { type: m.type, keySize: m.keySize, valueSize: m.valueSize, maxEntries: m.maxEntries, name: m.name }))).body).handle;
+    expectOk(await oc.call(encodeProgSet(oc.nextSeq(), { license: obj.license, insns: bindMapHandles(obj.insns, obj.mapRelocations, [h]), mapHandles: [h], name: 'xdp_tx' })));
+    ps.drain();
+    const s = seq++;
+    ps.send(udpFrame(s, 60, 5000, HOST_MAC, GUEST_MAC));
+    const back = ps.recvAll(1, 3000, (f) => seqOf(f) === s);
+    expect(back.length).toBe(1);
+    // Swapped: the frame now goes from the guest's MAC to the host's.
+    expect(Array.from(back[0]!.subarray(0, 6), (b) => b.toString(16).padStart(2, '0')).join(':')).toBe(HOST_MAC);
+    expect((await be.call('offload.show', { name: 'off' })).verdicts.tx).toBeGreaterThanOrEqual(1);
+    expect(await hostToGuest(5)).toBe(0);
+    expectOk(await oc.call(encodeProgUnset(oc.nextSeq())));
+  });
+
+  test('a program calling a forbidden helper is refused with a reason naming the helper', async () => {
+    const obj = object('bad_trace_printk');
+    const r = await oc.call(encodeProgSet(oc.nextSeq(), { license: obj.license, insns: obj.insns, mapHandles: [], name: 'bad' }));
+    expect(statusName(r.status)).toBe('HELPER_NOT_ALLOWED');
+    expect(r.reason).toMatch(/trace_printk/);
+  });
+
+  test('quota set takes effect live: lowering max maps refuses the next MAP_CREATE', async () => {
+    const used = (await be.call('quota.show', { name: 'off' })).usage.maps;
+    const r = await be.call('quota.set', { name: 'off', changes: { maxMaps: String(used) } });
+    expect(r.limits.maxMaps).toBe(used);
+    const refused = await oc.call(encodeMapCreate(oc.nextSeq(), { type: 2, keySize: 4, valueSize: 8, maxEntries: 4, name: 'over' }));
+    expect(statusName(refused.status)).toBe('QUOTA_EXCEEDED');
+    await be.call('quota.set', { name: 'off', changes: { maxMaps: '16' } });
+  });
+
+  test('RELEASE frees everything in the kernel and the pair goes back to data use', async () => {
+    const show = await be.call('offload.show', { name: 'off' });
+    const mapIds: number[] = show.maps.map((m: { id: number }) => m.id);
+    expect(mapIds.length).toBeGreaterThan(0);
+    expectOk(await oc.call(encodeRelease(oc.nextSeq())));
+    await waitUntil(() => mapIds.every((id) => !listMapIds().includes(id)), 3000, 'maps freed in the kernel');
+    expect(listProgIds()).not.toContain(show.program?.id ?? -1);
+    expect(fs.existsSync(path.join(pinRoot, 'off'))).toBe(false);
+    const s = seq++;
+    ps.drain();
+    fe.transmit(1, [udpFrame(s, 100)]);
+    expect(ps.recvAll(1, 3000, (f) => seqOf(f) === s).length).toBe(1);
+  });
+});
