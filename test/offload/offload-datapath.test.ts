@@ -7,14 +7,14 @@ import { execFileSync } from 'node:child_process';
 import { startBackend, tempDir, type Backend } from '../harness/backend.js';
 import { TestFrontend } from '../frontend/test-frontend.js';
 import { OffloadClient } from '../frontend/offload-client.js';
-import { PacketSocket } from '../harness/packet-socket.js';
+import { PacketSocket, buildUdpFrame, patternPayload } from '../harness/packet-socket.js';
 import { uniqueIfName, disableIpv6, readLinkStats } from '../harness/netdev.js';
 import { waitUntil, sleep } from '../harness/processes.js';
 import { udpFrame, seqOf, GUEST_MAC } from '../harness/frames.js';
 import { readBpfObject } from '../../src/offload/bpf-object.js';
 import {
   Status, statusName, bindMapHandles, encodeMapCreate, encodeProgSet, encodeProgUnset, encodeElemLookup, encodeCaps,
-  encodeRelease, decodeMapCreateBody, type Response,
+  encodeRelease, encodeElemUpdate, decodeMapCreateBody, type Response,
 } from '../../src/offload/protocol.js';
 import { listProgIds, listMapIds } from '../../src/sys/libbpf.js';
 
@@ -151,6 +151,24 @@ describe('XDP offload through the reserved queue pair (tap port)', () => {
     expectOk(await oc.call(encodeProgUnset(oc.nextSeq())));
   });
 
+  test('xdp_blocklist: sources the guest writes into its HASH map are dropped on the host, others delivered', async () => {
+    const obj = object('xdp_blocklist');
+    const m = obj.maps[0]!;
+    const h = decodeMapCreateBody(expectOk(await oc.call(encodeMapCreate(oc.nextSeq(), { type: m.type, keySize: m.keySize, valueSize: m.valueSize, maxEntries: m.maxEntries, name: m.name }))).body).handle;
+    expectOk(await oc.call(encodeProgSet(oc.nextSeq(), { license: obj.license, insns: bindMapHandles(obj.insns, obj.mapRelocations, [h]), mapHandles: [h], name: 'xdp_blocklist' })));
+    // udpFrame sends from 198.18.0.1: block it (key = the address in network byte order).
+    expectOk(await oc.call(encodeElemUpdate(oc.nextSeq(), h, Uint8Array.from([198, 18, 0, 1]), new Uint8Array(8))));
+    expect(await hostToGuest(10)).toBe(0);
+    const other = buildUdpFrame({ srcMac: HOST_MAC, dstMac: GUEST_MAC, srcIp: '198.18.0.9', dstIp: '198.18.0.1', srcPort: 1, dstPort: 2, payload: patternPayload(seq, 60) });
+    const s = seq++;
+    ps.send(other);
+    expect((await fe.waitForFrames(0, 1, 2000, (f) => seqOf(f) === s).catch(() => [])).length + (await fe.waitForFrames(1, 1, 200, (f) => seqOf(f) === s)).length).toBe(1);
+    // The map's hit counter is readable from the guest side.
+    const hits = expectOk(await oc.call(encodeElemLookup(oc.nextSeq(), h, Uint8Array.from([198, 18, 0, 1]))));
+    expect(Number(new DataView(hits.body.buffer, hits.body.byteOffset).getBigUint64(0, true))).toBe(10);
+    expectOk(await oc.call(encodeProgUnset(oc.nextSeq())));
+  });
+
   test('a program calling a forbidden helper is refused with a reason naming the helper', async () => {
     const obj = object('bad_trace_printk');
     const r = await oc.call(encodeProgSet(oc.nextSeq(), { license: obj.license, insns: obj.insns, mapHandles: [], name: 'bad' }));
@@ -179,5 +197,19 @@ describe('XDP offload through the reserved queue pair (tap port)', () => {
     ps.drain();
     fe.transmit(1, [udpFrame(s, 100)]);
     expect(ps.recvAll(1, 3000, (f) => seqOf(f) === s).length).toBe(1);
+  });
+
+  test('a frontend that disconnects leaves nothing of its offload in the kernel', async () => {
+    expectOk(await oc.claim());
+    const obj = object('xdp_drop');
+    const m = obj.maps[0]!;
+    const h = decodeMapCreateBody(expectOk(await oc.call(encodeMapCreate(oc.nextSeq(), { type: m.type, keySize: m.keySize, valueSize: m.valueSize, maxEntries: m.maxEntries, name: m.name }))).body).handle;
+    expectOk(await oc.call(encodeProgSet(oc.nextSeq(), { license: obj.license, insns: bindMapHandles(obj.insns, obj.mapRelocations, [h]), mapHandles: [h], name: 'xdp_drop' })));
+    const show = await be.call('offload.show', { name: 'off' });
+    fe.close();
+    await waitUntil(async () => !(await be.call('status')).devices[0].connected, 3000, 'disconnect seen');
+    await waitUntil(() => !listMapIds().includes(show.maps[0].id) && !listProgIds().includes(show.program.id), 3000, 'program and map gone from the kernel');
+    expect((await be.call('status')).devices[0].offload).toEqual({ pair: 1, claimed: false, program: null });
+    expect(fs.existsSync(path.join(pinRoot, 'off'))).toBe(false);
   });
 });
