@@ -263,8 +263,7 @@ export class TestFrontend {
     const st = this.pair(p);
     if (frame.length + HDR > BIG) throw new FrontendError(`frame of ${frame.length} bytes exceeds ${BIG}`);
     const deadline = Date.now() + timeoutMs;
-    while (this.bigBusy.has(p)) {
-      this.reclaimTx(st);
+    for (this.reclaimTx(st); this.bigBusy.has(p); this.reclaimTx(st)) {
       if (Date.now() > deadline) throw new FrontendError('the device did not return the large TX buffer');
       await sleep(1);
     }

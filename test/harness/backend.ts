@@ -6,8 +6,20 @@ import { spawnManaged, type ManagedProcess } from './processes.js';
 import { callControl } from '../../src/control/control-client.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
+
+/** The repository root, whether this runs from test/ (vitest) or from dist/ (benches). */
+export function repoRoot(): string {
+  let d = here;
+  while (!fs.existsSync(path.join(d, 'package.json'))) {
+    const up = path.dirname(d);
+    if (up === d) throw new Error(`no package.json above ${here}`);
+    d = up;
+  }
+  return d;
+}
+
 /** The built CLI, the way users run it (`npm test` builds first). */
-export const CLI = path.resolve(here, '../../dist/src/cli/main.js');
+export const CLI = path.join(repoRoot(), 'dist/src/cli/main.js');
 
 export interface Backend {
   proc: ManagedProcess;

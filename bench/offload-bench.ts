@@ -1,0 +1,132 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import { spawnManaged, sleep, type ManagedProcess } from '../test/harness/processes.js';
+import { tempDir, CLI, repoRoot } from '../test/harness/backend.js';
+import { TestFrontend } from '../test/frontend/test-frontend.js';
+import { OffloadClient } from '../test/frontend/offload-client.js';
+import { uniqueIfName, disableIpv6 } from '../test/harness/netdev.js';
+import { buildUdpFrame } from '../test/harness/packet-socket.js';
+import { callControl } from '../src/control/control-client.js';
+import { readBpfObject } from '../src/offload/bpf-object.js';
+import {
+  Status, statusName, bindMapHandles, encodeMapCreate, encodeProgSet, encodeProgUnset, encodeElemUpdate, encodeElemLookup,
+  encodeUpdateBatch, decodeMapCreateBody, type Response,
+} from '../src/offload/protocol.js';
+
+const root = repoRoot();
+const GUEST_MAC = '02:00:00:00:0b:01';
+const HOST_MAC = '02:00:00:00:0a:01';
+
+function ok(r: Response): Response {
+  if (r.status !== Status.OK) throw new Error(`${statusName(r.status)}: ${r.reason}`);
+  return r;
+}
+
+export interface OffloadBenchResult {
+  singleUpdatesPerSec: number;
+  singleLookupsPerSec: number;
+  batchedElementOpsPerSec: number;
+  batchSize: number;
+  hostToGuest: { deliveredPps: number; offloadDropPps: number; ratio: number; offeredPps: { delivered: number; dropped: number } };
+  pinning: string;
+}
+
+const PINNING = 'backend (all threads): taskset -c 1; TS frontend (this process) and trafgen: core 0';
+
+async function rate(seconds: number, op: () => Promise<number>): Promise<number> {
+  const end = Date.now() + seconds * 1000;
+  let n = 0;
+  const t0 = process.hrtime.bigint();
+  while (Date.now() < end) n += await op();
+  return n / (Number(process.hrtime.bigint() - t0) / 1e9);
+}
+
+/** Map round trips through the offload queue and the XDP_DROP effect on a host->guest flood (tap port). */
+export async function runOffloadBench(seconds = 3): Promise<OffloadBenchResult> {
+  const dir = tempDir('obench');
+  const sock = path.join(dir, 'dev.sock');
+  const tap = uniqueIfName('vxob');
+  const ctl = path.join(dir, 'ctl.sock');
+  let be: ManagedProcess | null = null;
+  let gen: ManagedProcess | null = null;
+  let fe: TestFrontend | null = null;
+  try {
+    be = spawnManaged('taskset', ['-c', '1', process.execPath, CLI, 'serve', '--socket', sock, '--port', `tap:${tap}`, '--queues', '1', '--offload', '--control', ctl, '--name', 'bench', '--log-level', 'warn'], { name: 'vhost-xdp' });
+    await be.waitForLine(/^vhost-xdp ready:/, 15_000);
+    disableIpv6(tap);
+    fe = await TestFrontend.connect(sock, { queuePairs: 2, queueSize: 1024, memBytes: 64 << 20 });
+    const oc = new OffloadClient(fe, 1);
+    oc.spin = true;
+    ok(await oc.claim());
+    const map = decodeMapCreateBody(ok(await oc.call(encodeMapCreate(oc.nextSeq(), { type: 1, keySize: 4, valueSize: 8, maxEntries: 65536, name: 'bench' }))).body).handle;
+    const key = new Uint8Array(4);
+    const kv = new DataView(key.buffer);
+    const value = new Uint8Array(8);
+    let i = 0;
+    const singleUpdatesPerSec = await rate(seconds, async () => {
+      kv.setUint32(0, i++ & 0xffff, true);
+      ok(await oc.call(encodeElemUpdate(oc.nextSeq(), map, key, value)));
+      return 1;
+    });
+    const written = Math.min(i, 65536);
+    let j = 0;
+    const singleLookupsPerSec = await rate(seconds, async () => {
+      kv.setUint32(0, j++ % written, true);
+      ok(await oc.call(encodeElemLookup(oc.nextSeq(), map, key)));
+      return 1;
+    });
+    const batchSize = 1024;
+    const keys = new Uint8Array(batchSize * 4);
+    const values = new Uint8Array(batchSize * 8);
+    const kd = new DataView(keys.buffer);
+    const batchedElementOpsPerSec = await rate(seconds, async () => {
+      for (let k = 0; k < batchSize; k++) kd.setUint32(k * 4, (i++ & 0xffff), true);
+      ok(await oc.call(encodeUpdateBatch(oc.nextSeq(), map, keys, values, batchSize)));
+      return batchSize;
+    });
+
+    // Host -> guest flood: delivered to the guest without offload vs dropped on the host with XDP_DROP.
+    const frame = buildUdpFrame({ srcMac: HOST_MAC, dstMac: GUEST_MAC, srcIp: '198.19.0.1', dstIp: '198.19.0.2', srcPort: 9, dstPort: 9, payload: new Uint8Array(22) });
+    const cfg = path.join(dir, 'flood.trafgen');
+    fs.writeFileSync(cfg, `{\n  ${Array.from(frame, (b) => `0x${b.toString(16).padStart(2, '0')}`).join(', ')}\n}\n`);
+    gen = spawnManaged('taskset', ['-c', '0', 'trafgen', '-o', tap, '-i', cfg, '-P', '1', '--no-sock-mem', '--notouch-irq', '-C'], { name: 'trafgen' });
+    const counters = async () => (await callControl(ctl, 'stats', { name: 'bench' }) as Array<{ total: Record<string, number>; port: Record<string, number> }>)[0]!;
+    const window = async (field: string) => {
+      const a = await counters();
+      const t0 = Date.now();
+      // The guest drains its RX queue meanwhile (that is what delivery costs it).
+      while (Date.now() - t0 < seconds * 1000) {
+        fe!.receive(0);
+        fe!.receive(1);
+        await new Promise((r) => setImmediate(r));
+      }
+      const b = await counters();
+      const dt = (Date.now() - t0) / 1000;
+      return { pps: (b.total[field]! - a.total[field]!) / dt, offered: (b.port.txPackets! + b.port.txDropped! - a.port.txPackets! - a.port.txDropped!) / dt };
+    };
+    await sleep(500);
+    const delivered = await window('rxPackets');
+    const obj = readBpfObject(new Uint8Array(fs.readFileSync(path.join(root, 'bpf/out/xdp_drop.o'))));
+    const m = obj.maps[0]!;
+    const h = decodeMapCreateBody(ok(await oc.call(encodeMapCreate(oc.nextSeq(), { type: m.type, keySize: m.keySize, valueSize: m.valueSize, maxEntries: m.maxEntries, name: m.name }))).body).handle;
+    ok(await oc.call(encodeProgSet(oc.nextSeq(), { license: obj.license, insns: bindMapHandles(obj.insns, obj.mapRelocations, [h]), mapHandles: [h], name: 'xdp_drop' })));
+    await sleep(500);
+    const dropped = await window('xdpDrop');
+    ok(await oc.call(encodeProgUnset(oc.nextSeq())));
+    return {
+      singleUpdatesPerSec: Math.round(singleUpdatesPerSec), singleLookupsPerSec: Math.round(singleLookupsPerSec),
+      batchedElementOpsPerSec: Math.round(batchedElementOpsPerSec), batchSize,
+      hostToGuest: {
+        deliveredPps: Math.round(delivered.pps), offloadDropPps: Math.round(dropped.pps),
+        ratio: Math.round((dropped.pps / Math.max(1, delivered.pps)) * 100) / 100,
+        offeredPps: { delivered: Math.round(delivered.offered), dropped: Math.round(dropped.offered) },
+      },
+      pinning: PINNING,
+    };
+  } finally {
+    await gen?.stop('SIGINT', 3000);
+    fe?.close();
+    await be?.stop('SIGTERM', 5000);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
