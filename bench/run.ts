@@ -1,7 +1,7 @@
 // `npm run bench [-- tap|offload|all] [--seconds N]`: throughput of vhost-xdp beside DPDK
 // references measured in the same run (ratios matter, not absolute numbers: the machine is shared).
 import { loadavg } from 'node:os';
-import { measureDpdkTapReference } from './reference-dpdk.js';
+import { measureDpdkTapReference, measureVhostXdpTap } from './reference-dpdk.js';
 import { runOffloadBench } from './offload-bench.js';
 
 const args = process.argv.slice(2);
@@ -21,6 +21,12 @@ if (which === 'tap' || which === 'all') {
   results.dpdkTap = ref;
   line('DPDK vhost PMD <-> tap PMD, guest->host', ref.guestToHostMpps.toFixed(3));
   line('DPDK vhost PMD <-> tap PMD, host->guest', ref.hostToGuestMpps.toFixed(3), `(offered ${ref.details.hostToGuest.offeredMpps?.toFixed(3)})`);
+  const ours = await measureVhostXdpTap({ seconds });
+  results.vhostXdpTap = ours;
+  const ratio = (a: number, b: number) => (b > 0 ? `${(a / b).toFixed(2)}x DPDK` : 'n/a');
+  line('vhost-xdp serve --port tap, guest->host', ours.guestToHostMpps.toFixed(3), `${ratio(ours.guestToHostMpps, ref.guestToHostMpps)} (target 0.8x)`);
+  line('vhost-xdp serve --port tap, host->guest', ours.hostToGuestMpps.toFixed(3), `${ratio(ours.hostToGuestMpps, ref.hostToGuestMpps)} (offered ${ours.details.hostToGuest.offeredMpps?.toFixed(3)})`);
+  line('1-min load average at start (2 cores)', String(ref.details.loadAvg1));
 }
 
 if (which === 'offload' || which === 'all') {

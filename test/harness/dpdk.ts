@@ -26,12 +26,15 @@ import { ManagedProcess, spawnManaged } from './processes.js';
  * (--tx-udp), checksum 0; the payload is whatever the mbuf held (zeros from fresh hugepages;
  * txonly never writes it). Frame length = txpkts (default 64, no FCS).
  *
- * Seeing payloads of frames testpmd *receives*: `set verbose 1` only prints addresses, type and
- * length, never payload bytes. The robust way is a second port on the `net_pcap` PMD:
- * forward mode `io` from the port under test to `net_pcap0,tx_pcap=FILE` and read FILE after
- * stop() (pcapVdev() + readPcap() below). Every frame testpmd received is then available byte
- * for byte, independent of the host side. (Alternative: `mac` forwarding bounces frames back
- * to the tap with src MAC rewritten to the port's MAC; that needs both directions working.)
+ * Seeing payloads of frames testpmd *receives*: `set verbose 1` needs interactive mode and
+ * prints only addresses, type, length and ptype, never payload bytes. The robust way is a
+ * second port on the `net_pcap` PMD: forward mode `io`, vdevs [virtio-user, pcapVdev(0, files)]
+ * (port 0 RX -> port 1 TX, one file per queue), and readPcap() after stop() (the PMD flushes
+ * on close). Every frame testpmd received is then checked byte for byte, independently of the
+ * host->guest path being tested; RX counts are in stats()/stop().forward[0].rxPackets. Only
+ * inject bounded traffic this way (a pcap port writes ~100 MB/s at full rate).
+ * (Alternative: `mac` forwarding bounces frames back to the tap with the src MAC rewritten to
+ * the port's MAC, seen on the host with PacketSocket; that needs both directions working.)
  */
 
 export const PMD_DIR = '/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0';
@@ -183,6 +186,61 @@ export function removeDpdkLeftovers(prefix: string): void {
   for (const p of dpdkLeftovers(prefix)) rmSync(p, { recursive: true, force: true });
 }
 
+const OUR_PREFIX = /^vx(\d+)x\d+/;
+
+/**
+ * Removes hugepage files and runtime dirs left by testpmds this harness started in test
+ * processes that no longer exist (prefix vx<pid>x<n>, pid dead). Without this, each
+ * crashed run would pin 128 hugepages until reboot. Returns the prefixes removed.
+ */
+export function sweepStaleDpdkLeftovers(): string[] {
+  const prefixes = new Set<string>();
+  const consider = (name: string): void => {
+    const m = OUR_PREFIX.exec(name);
+    if (m && !existsSync(`/proc/${m[1]}`)) prefixes.add(m[0]);
+  };
+  for (const dir of [HUGEPAGE_DIR, RUNTIME_DIR]) {
+    try {
+      for (const f of readdirSync(dir)) consider(f);
+    } catch {
+      /* absent */
+    }
+  }
+  for (const p of prefixes) removeDpdkLeftovers(p);
+  return [...prefixes];
+}
+
+const livePrefixes = new Set<string>();
+let exitSweepInstalled = false;
+
+function registerLivePrefix(prefix: string): void {
+  livePrefixes.add(prefix);
+  if (exitSweepInstalled) return;
+  exitSweepInstalled = true;
+  // Runs after processes.ts has SIGKILLed the testpmds (its hook was registered first).
+  // Unlinking files a dying process still maps is fine: the pages return when it is gone.
+  process.on('exit', () => {
+    for (const p of livePrefixes) removeDpdkLeftovers(p);
+  });
+}
+
+/**
+ * virtio-user port (DPDK's independent vhost-user frontend = "the guest"). Without server=1 it
+ * is the client, which is what `vhost-xdp serve --socket PATH` (server mode) expects; the
+ * backend must already be listening or testpmd exits at probe.
+ */
+export function virtioUserVdev(o: { path: string; queues?: number; queueSize?: number; mac?: string; index?: number; server?: boolean }): string {
+  const parts = [`net_virtio_user${o.index ?? 0}`, `path=${o.path}`, `queues=${o.queues ?? 1}`, `queue_size=${o.queueSize ?? 256}`];
+  if (o.mac) parts.push(`mac=${o.mac}`);
+  if (o.server) parts.push('server=1');
+  return parts.join(',');
+}
+
+/** vhost PMD port (DPDK as the vhost-user backend = server on `iface` unless client). */
+export function vhostVdev(o: { iface: string; queues?: number; index?: number; client?: boolean }): string {
+  return `net_vhost${o.index ?? 0},iface=${o.iface},queues=${o.queues ?? 1}${o.client ? ',client=1' : ''}`;
+}
+
 /** A vdev string for a pcap port that writes every frame it transmits to `file`; one file per TX queue. */
 export function pcapVdev(index: number, files: string[]): string {
   return `net_pcap${index},${files.map((f) => `tx_pcap=${f}`).join(',')}`;
@@ -278,7 +336,11 @@ export class Testpmd {
     this.proc = spawnManaged(TESTPMD, args, { name, echo, keepLines: 3000 });
     this.proc.onLine((l) => this.parse(l.replace(ANSI, '')));
     // A test that dies without stop() must not leak hugepage files.
-    void this.proc.exited.then(() => removeDpdkLeftovers(filePrefix));
+    registerLivePrefix(filePrefix);
+    void this.proc.exited.then(() => {
+      removeDpdkLeftovers(filePrefix);
+      livePrefixes.delete(filePrefix);
+    });
   }
 
   private parse(line: string): void {
@@ -451,6 +513,7 @@ export function uniqueFilePrefix(tag = 'vx'): string {
 export async function startTestpmd(opts: TestpmdOptions): Promise<Testpmd> {
   ensureHugepages();
   checkDrivers(opts.vdevs);
+  sweepStaleDpdkLeftovers();
   const prefix = opts.filePrefix ?? uniqueFilePrefix();
   removeDpdkLeftovers(prefix); // stale files of a killed run with the same prefix
   const args = testpmdArgs(opts, prefix);

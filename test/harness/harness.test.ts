@@ -1,13 +1,13 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { existsSync } from 'node:fs';
+import { existsSync, rmSync } from 'node:fs';
 import {
-  CleanupStack, createNetns, createVethPair, deleteLink, diffLinkStats, getMac, linkExists, listLinks,
+  CleanupStack, createNetns, createVethPair, deleteLink, diffLinkStats, disableIpv6, getMac, linkExists, listLinks,
   netnsExists, readLinkStats, uniqueIfName, uniqueNetnsName,
 } from './netdev.js';
 import {
   PacketSocket, buildUdpFrame, checkPatternPayload, ipv4HeaderChecksum, parseUdpFrame, patternPayload,
 } from './packet-socket.js';
-import { dpdkLeftovers, isTxonlyFrame, startTestpmd } from './dpdk.js';
+import { dpdkLeftovers, isTxonlyFrame, pcapVdev, readPcap, startTestpmd } from './dpdk.js';
 import { spawnManaged } from './processes.js';
 
 // The helpers other tests stand on, exercised against real kernel objects.
@@ -178,3 +178,53 @@ test('testpmd with a vhost PMD vdev starts, reports stats and leaves no hugepage
   expect(dpdkLeftovers(pmd.filePrefix)).toEqual([]);
   expect(existsSync(sock)).toBe(false);
 }, 30_000);
+
+describe('testpmd against a kernel tap (net_tap PMD)', () => {
+  const cleanup = new CleanupStack();
+  afterAll(async () => {
+    await cleanup.run();
+  });
+
+  test('txonly frames reaching the host side of a tap are recognised by isTxonlyFrame', async () => {
+    const tap = uniqueIfName('vxtt');
+    cleanup.link(tap); // the PMD removes its tap; this covers a killed testpmd
+    const pmd = await startTestpmd({
+      vdevs: [`net_tap0,iface=${tap}`], forwardMode: 'txonly', txpkts: 80, ethPeers: ['02:00:00:00:00:99'],
+    });
+    cleanup.push('stop txonly testpmd', () => pmd.stop());
+    const sock = PacketSocket.open(tap);
+    cleanup.push('close tap socket', () => sock.close());
+    const frames = sock.recvAll(20, 5000, (f) => parseUdpFrame(f)?.dstPort === 9);
+    expect(frames.length).toBe(20);
+    for (const f of frames) {
+      expect(isTxonlyFrame(f, { frameLen: 80, dstMac: '02:00:00:00:00:99', srcMac: pmd.portMacs.get(0), zeroPayload: true })).toBe(true);
+    }
+    sock.close();
+    await pmd.stop();
+    expect(linkExists(tap)).toBe(false);
+  });
+
+  test('frames injected on the host side of a tap are captured byte-exact through a pcap port', async () => {
+    const tap = uniqueIfName('vxtp');
+    const pcap = `/tmp/vxh-${process.pid}-cap.pcap`;
+    cleanup.link(tap);
+    cleanup.push('remove pcap', () => rmSync(pcap, { force: true }));
+    const pmd = await startTestpmd({ vdevs: [`net_tap0,iface=${tap}`, pcapVdev(0, [pcap])], forwardMode: 'io' });
+    cleanup.push('stop io testpmd', () => pmd.stop());
+    disableIpv6(tap);
+    const sock = PacketSocket.open(tap);
+    cleanup.push('close tap socket', () => sock.close());
+    const sent = Array.from({ length: 8 }, (_, i) =>
+      buildUdpFrame({
+        srcMac: '02:00:00:00:00:0a', dstMac: pmd.portMacs.get(0)!, srcIp: '10.88.0.1', dstIp: '10.88.0.2',
+        srcPort: 7000, dstPort: 7001, payload: patternPayload(i, 58 + i * 50),
+      }),
+    );
+    for (const f of sent) sock.send(f);
+    await pmd.waitForStats((p) => (p[1]?.txPackets ?? 0) >= sent.length, 5000);
+    const r = await pmd.stop();
+    expect(r.code).toBe(0);
+    const got = readPcap(pcap).filter((f) => parseUdpFrame(f)?.dstPort === 7001);
+    expect(got.map((f) => Array.from(f))).toEqual(sent.map((f) => Array.from(f)));
+  });
+});

@@ -1,0 +1,243 @@
+import { writeFileSync, rmSync } from 'node:fs';
+import { loadavg } from 'node:os';
+import { pathToFileURL } from 'node:url';
+import { startTestpmd, type Testpmd, type PortStats } from '../test/harness/dpdk.js';
+import { spawnManaged, sleep, type ManagedProcess } from '../test/harness/processes.js';
+import {
+  CleanupStack, createVethPair, deleteLink, disableIpv6, readLinkStats, uniqueIfName, type LinkStats,
+} from '../test/harness/netdev.js';
+import { buildUdpFrame } from '../test/harness/packet-socket.js';
+import { CLI } from '../test/harness/backend.js';
+
+/**
+ * DPDK's own numbers for the paths vhost-xdp implements, measured in the same run as the
+ * backend's benches so both see the same machine state.
+ *
+ *   testpmd A ("the backend"): net_vhost0 (vhost-user server) <-io-> host port PMD
+ *                              (net_tap0 = a kernel tap, or net_af_xdp0 on one end of a veth)
+ *   testpmd B ("the guest"):   net_virtio_user0 (client) in txonly (guest->host) or rxonly
+ *                              (host->guest)
+ *
+ * Pinning on a 2-core machine (cores 0 and 1):
+ *   core 1: A's forwarding lcore (A main lcore on core 0). This is the seat the vhost-xdp
+ *           datapath worker gets in the matching bench, so the comparison is backend vs backend.
+ *   core 0: B's forwarding lcore (B main lcore on core 1; mains only wake to print stats),
+ *           and for host->guest also trafgen (taskset -c 0, one process).
+ * In host->guest, trafgen and B's busy-polling rxonly loop share core 0, so the offered load
+ * is bounded by what trafgen gets of that core; the result reports the offered rate beside
+ * the delivered one so a generator-bound run is visible as such. Use the same pinning when
+ * measuring vhost-xdp.
+ *
+ * Counting: guest->host = packets the host kernel receives on the tap (or the veth peer),
+ * from its own counters; host->guest = packets virtio-user (B) receives, from testpmd's
+ * periodic NIC stats.
+ */
+
+export interface ReferenceOptions {
+  /** Measurement window per direction (after warm-up). Default 5. */
+  seconds?: number;
+  /** Ethernet frame length without FCS. Default 64. */
+  frameLen?: number;
+  warmupSeconds?: number;
+}
+
+export interface DirectionDetails {
+  mpps: number;
+  packets: number;
+  seconds: number;
+  /** Host->guest only: rate the generator pushed into the host port, accepted + dropped (kernel counters). */
+  offeredMpps?: number;
+  /** Frames the kernel dropped on the host port during the window (tap queue full etc.). */
+  hostPortDropped?: number;
+}
+
+export interface ReferenceResult {
+  guestToHostMpps: number;
+  hostToGuestMpps: number;
+  details: {
+    kind: 'tap' | 'af_xdp';
+    frameLen: number;
+    pinning: string;
+    /** 1-minute load average before the run: above ~2 on 2 cores means others competed for CPU. */
+    loadAvg1: number;
+    guestToHost: DirectionDetails;
+    hostToGuest: DirectionDetails;
+  };
+}
+
+const PINNING = 'A(vhost PMD <-io-> host PMD): main lcore 0, forwarding lcore 1; B(virtio-user): main lcore 1, forwarding lcore 0; trafgen: taskset -c 0, 1 process';
+const GUEST_MAC = '02:00:00:00:0b:01';
+const HOST_MAC = '02:00:00:00:0a:01';
+
+function rateBetween(a: { at: number; ports: PortStats[] }, b: { at: number; ports: PortStats[] }, port: number, field: 'rxPackets' | 'txPackets'): { packets: number; seconds: number } {
+  const pa = a.ports.find((p) => p.port === port);
+  const pb = b.ports.find((p) => p.port === port);
+  if (!pa || !pb) throw new Error(`no stats for port ${port}`);
+  return { packets: pb[field] - pa[field], seconds: (b.at - a.at) / 1000 };
+}
+
+/** Trafgen config whose only packet is `frame` (literal bytes, so no cpp run is needed). */
+function trafgenConfig(frame: Uint8Array): string {
+  return `{\n  ${Array.from(frame, (b) => `0x${b.toString(16).padStart(2, '0')}`).join(', ')}\n}\n`;
+}
+
+function startTrafgen(ifname: string, cfgPath: string, cpu: number): ManagedProcess {
+  // -P 1: one process (trafgen otherwise forks one per CPU); --no-sock-mem/--notouch-irq: leave socket memory
+  // sysctls and IRQ affinities alone (they would stay changed if trafgen were killed);
+  // -C: no CPU stats. Default TX_RING with qdisc bypass, infinite count until SIGINT.
+  return spawnManaged('taskset', ['-c', String(cpu), 'trafgen', '-o', ifname, '-i', cfgPath, '-P', '1', '--no-sock-mem', '--notouch-irq', '-C'], { name: 'trafgen' });
+}
+
+async function measureKernelRate(ifname: string, seconds: number, counter: 'rx' | 'tx'): Promise<{ packets: number; seconds: number; dropped: number }> {
+  const s0: LinkStats = readLinkStats(ifname);
+  const t0 = process.hrtime.bigint();
+  await sleep(seconds * 1000);
+  const s1: LinkStats = readLinkStats(ifname);
+  const dt = Number(process.hrtime.bigint() - t0) / 1e9;
+  return counter === 'rx'
+    ? { packets: s1.rxPackets - s0.rxPackets, seconds: dt, dropped: s1.rxDropped - s0.rxDropped }
+    : { packets: s1.txPackets - s0.txPackets, seconds: dt, dropped: s1.txDropped - s0.txDropped };
+}
+
+/** Who sits in the backend seat (core 1): DPDK's testpmd, or vhost-xdp serve. */
+export type BackendSeat = 'dpdk' | 'vhost-xdp';
+
+/** vhost-xdp serve pinned to core 1 (all its threads), the seat testpmd A has in the reference. */
+async function startVhostXdp(sock: string, hostIf: string, cleanup: CleanupStack): Promise<void> {
+  const be = spawnManaged('taskset', ['-c', '1', process.execPath, CLI, 'serve', '--socket', sock, '--port', `tap:${hostIf}`, '--log-level', 'warn'], { name: 'vhost-xdp' });
+  cleanup.push('stop vhost-xdp', () => be.stop('SIGTERM', 5000));
+  await be.waitForLine(/^vhost-xdp ready:/, 15_000);
+}
+
+async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: BackendSeat = 'dpdk'): Promise<ReferenceResult> {
+  if (seat === 'vhost-xdp' && kind !== 'tap') throw new Error('vhost-xdp has no af_xdp port yet');
+  const seconds = opts.seconds ?? 5;
+  const frameLen = opts.frameLen ?? 64;
+  const warmup = opts.warmupSeconds ?? 1;
+  if (frameLen < 60 || frameLen > 1514) throw new RangeError('frameLen must be within 60..1514');
+  const loadAvg1 = Math.round(loadavg()[0]! * 100) / 100;
+  const cleanup = new CleanupStack();
+  const sock = `/tmp/vxref-${process.pid}-${kind}.sock`;
+  const cfg = `/tmp/vxref-${process.pid}-${kind}.trafgen`;
+  let a: Testpmd | undefined;
+  let b: Testpmd | undefined;
+  try {
+    // hostIf: where the host kernel sees traffic; trafgen injects there too.
+    let hostIf: string;
+    let portVdev: string;
+    if (kind === 'tap') {
+      hostIf = uniqueIfName('vxrt');
+      portVdev = `net_tap0,iface=${hostIf}`;
+      // The tap PMD creates and removes the tap; this only covers a testpmd that was killed.
+      cleanup.push(`delete ${hostIf}`, () => deleteLink(hostIf));
+    } else {
+      const pmdEnd = uniqueIfName('vxrx');
+      hostIf = uniqueIfName('vxrp');
+      createVethPair(pmdEnd, hostIf);
+      cleanup.link(pmdEnd);
+      portVdev = `net_af_xdp0,iface=${pmdEnd},start_queue=0,queue_count=1`;
+    }
+    cleanup.push('remove socket', () => rmSync(sock, { force: true }));
+    if (seat === 'vhost-xdp') {
+      await startVhostXdp(sock, hostIf, cleanup);
+    } else {
+      a = await startTestpmd({
+        name: `ref-${kind}-A`, vdevs: [`net_vhost0,iface=${sock},queues=1`, portVdev],
+        forwardMode: 'io', cores: '0,1', mainLcore: 0,
+      });
+      cleanup.push('stop A', () => a?.stop());
+    }
+    if (kind === 'tap') disableIpv6(hostIf);
+
+    // Guest -> host: B transmits as fast as it can; count what the kernel receives.
+    b = await startTestpmd({
+      name: `ref-${kind}-B-tx`,
+      vdevs: [`net_virtio_user0,path=${sock},queues=1,queue_size=256,mac=${GUEST_MAC}`],
+      forwardMode: 'txonly', txpkts: frameLen, cores: '0,1', mainLcore: 1, ethPeers: [HOST_MAC],
+    });
+    await sleep(warmup * 1000);
+    const g2h = await measureKernelRate(hostIf, seconds, 'rx');
+    await b.stop();
+    b = undefined;
+
+    // Host -> guest: trafgen into the host port; count what virtio-user receives.
+    const frame = buildUdpFrame({
+      srcMac: HOST_MAC, dstMac: GUEST_MAC, srcIp: '198.19.0.1', dstIp: '198.19.0.2', srcPort: 9, dstPort: 9,
+      payload: new Uint8Array(frameLen - 42), minFrameLen: frameLen,
+    });
+    writeFileSync(cfg, trafgenConfig(frame));
+    cleanup.push('remove trafgen config', () => rmSync(cfg, { force: true }));
+    b = await startTestpmd({
+      name: `ref-${kind}-B-rx`,
+      vdevs: [`net_virtio_user0,path=${sock},queues=1,queue_size=256,mac=${GUEST_MAC}`],
+      forwardMode: 'rxonly', cores: '0,1', mainLcore: 1,
+    });
+    const gen = startTrafgen(hostIf, cfg, 0);
+    cleanup.push('stop trafgen', () => gen.stop('SIGINT', 3000));
+    await sleep(warmup * 1000);
+    const histStart = b.history.length;
+    const offered = await measureKernelRate(hostIf, seconds, 'tx');
+    // Wait for one more stats period so the window is covered by two snapshots.
+    await b.waitForStats(() => b!.history.length >= histStart + seconds, 3000).catch(() => undefined);
+    const first = b.history[histStart - 1] ?? b.history[histStart];
+    const last = b.history.at(-1);
+    if (!first || !last || first === last) throw new Error('testpmd B printed no stats during the host->guest window');
+    const h2g = rateBetween(first, last, 0, 'rxPackets');
+    await gen.stop('SIGINT', 3000);
+
+    const mpps = (p: number, s: number): number => Math.round((p / s / 1e6) * 1000) / 1000;
+    return {
+      guestToHostMpps: mpps(g2h.packets, g2h.seconds),
+      hostToGuestMpps: mpps(h2g.packets, h2g.seconds),
+      details: {
+        kind,
+        frameLen,
+        pinning: PINNING,
+        loadAvg1,
+        guestToHost: { mpps: mpps(g2h.packets, g2h.seconds), packets: g2h.packets, seconds: g2h.seconds, hostPortDropped: g2h.dropped },
+        hostToGuest: {
+          mpps: mpps(h2g.packets, h2g.seconds), packets: h2g.packets, seconds: h2g.seconds,
+          offeredMpps: mpps(offered.packets + offered.dropped, offered.seconds), hostPortDropped: offered.dropped,
+        },
+      },
+    };
+  } finally {
+    if (b) await b.stop();
+    await cleanup.run();
+  }
+}
+
+/** DPDK vhost PMD <-io-> tap PMD, virtio-user as the guest (ENV-FACTS: ~1.19 Mpps guest->host). */
+export function measureDpdkTapReference(opts: ReferenceOptions = {}): Promise<ReferenceResult> {
+  return measure('tap', opts);
+}
+
+/** vhost-xdp serve --port tap in the backend seat: same guest, generator, pinning and counting. */
+export function measureVhostXdpTap(opts: ReferenceOptions = {}): Promise<ReferenceResult> {
+  return measure('tap', opts, 'vhost-xdp');
+}
+
+/** DPDK vhost PMD <-io-> af_xdp PMD on a veth pair (ENV-FACTS: ~1.34 Mpps guest->host). */
+export function measureDpdkAfXdpReference(opts: ReferenceOptions = {}): Promise<ReferenceResult> {
+  return measure('af_xdp', opts);
+}
+
+async function main(): Promise<void> {
+  const argSeconds = Number(process.argv[2] ?? '5');
+  const seconds = Number.isFinite(argSeconds) && argSeconds > 0 ? argSeconds : 5;
+  const tap = await measureDpdkTapReference({ seconds });
+  let afXdp: ReferenceResult | { error: string };
+  try {
+    afXdp = await measureDpdkAfXdpReference({ seconds });
+  } catch (e) {
+    afXdp = { error: (e as Error).message.split('\n')[0]! };
+  }
+  process.stdout.write(`${JSON.stringify({ tap, afXdp }, null, 2)}\n`);
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  main().catch((e: unknown) => {
+    process.stderr.write(`${e instanceof Error ? e.stack : String(e)}\n`);
+    process.exit(1);
+  });
+}
