@@ -1,5 +1,7 @@
 import { describe, test, expect, beforeAll, afterAll } from 'vitest';
+import fs from 'node:fs';
 import path from 'node:path';
+import { Request, u64Payload } from '../../src/vhost-user/protocol.js';
 import { startBackend, tempDir, type Backend } from '../harness/backend.js';
 import { TestFrontend } from '../frontend/test-frontend.js';
 import { PacketSocket, buildUdpFrame, patternPayload } from '../harness/packet-socket.js';
@@ -90,5 +92,43 @@ describe('tap port datapath, TypeScript frontend, 2 queue pairs', () => {
     await be.stop('SIGTERM');
     expect(be.proc.exitInfo?.code).toBe(0);
     expect(linkExists(tap)).toBe(false);
+  });
+});
+
+describe('datapath modes and MTU', () => {
+  test('busy-poll with two worker threads passes traffic on both pairs, and NET_SET_MTU reaches the tap', async () => {
+    const tap = uniqueIfName('vxb');
+    const dir = tempDir('busy');
+    const sock = path.join(dir, 'dev.sock');
+    const be = await startBackend(['--socket', sock, '--port', `tap:${tap}`, '--queues', '2', '--threads', '2', '--busy-poll', '--name', 'busy'], { dir });
+    let fe: TestFrontend | undefined;
+    let ps: PacketSocket | undefined;
+    try {
+      disableIpv6(tap);
+      fe = await TestFrontend.connect(sock, { queuePairs: 2 });
+      ps = PacketSocket.open(tap);
+      await fe.request(Request.NET_SET_MTU, u64Payload(1400));
+      expect(Number(fs.readFileSync(`/sys/class/net/${tap}/mtu`, 'utf8'))).toBe(1400);
+      for (let i = 0; i < 40; i++) fe.transmit(i % 2, [udpFrame(9000 + i, 200)]);
+      expect(new Set(ps.recvAll(40, 5000, (f) => (seqOf(f) ?? 0) >= 9000).map(seqOf)).size).toBe(40);
+      for (let i = 0; i < 40; i++) ps.send(udpFrame(9100 + i, 200, 6000 + i, HOST_MAC, GUEST_MAC));
+      const got = new Set<number>();
+      const deadline = Date.now() + 5000;
+      while (got.size < 40 && Date.now() < deadline) {
+        for (const p of [0, 1]) for (const f of fe.receive(p)) if ((seqOf(f) ?? 0) >= 9100) got.add(seqOf(f)!);
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      expect(got.size).toBe(40);
+      const st = (await be.call('stats', { name: 'busy' }))[0];
+      expect(st.pairs[0].txPackets).toBeGreaterThan(0);
+      expect(st.pairs[1].txPackets).toBeGreaterThan(0);
+      // An MTU outside 68..65535 is refused (REPLY_ACK failure), and the tap keeps its MTU.
+      await expect(fe.request(Request.NET_SET_MTU, u64Payload(20))).rejects.toThrow(/refused/);
+      expect(Number(fs.readFileSync(`/sys/class/net/${tap}/mtu`, 'utf8'))).toBe(1400);
+    } finally {
+      ps?.close();
+      fe?.close();
+      await be.stop();
+    }
   });
 });
