@@ -155,7 +155,12 @@ function handle(req: DatapathRequest): number {
       return stop(req.index);
     case 'call': {
       const run = vrings.get(req.index);
-      if (run) (run.rx ?? run.tx)!.callFd = req.fd;
+      if (run) {
+        (run.rx ?? run.tx)!.callFd = req.fd;
+        // Used entries may have been published while the old fd was QEMU's masked one; with
+        // EVENT_IDX the guest would then wait forever. One spurious interrupt is harmless.
+        if (req.fd >= 0) eventfdSignal(req.fd);
+      }
       return 0;
     }
     case 'xdp':

@@ -376,14 +376,22 @@ export class Session {
     v.running = true;
   }
 
+  /**
+   * RESET_OWNER / RESET_DEVICE: the device goes back to its initial state, but the memory table
+   * and the call/err fds stay. QEMU sends RESET_DEVICE on every vhost stop and afterwards sends
+   * memory only as ADD/REM differences from what it already gave us, and err fds once per
+   * connection: dropping them would leave the next start with no memory and no error channel.
+   */
   resetDevice(reason: string): void {
     this.stopAll();
-    for (const v of this.vrings) this.closeVringFds(v);
-    this.vrings = this.vrings.map(() => freshVring(true));
+    this.vrings = this.vrings.map((v) => {
+      closeFd(v.kickFd);
+      return { ...freshVring(true), callFd: v.callFd, errFd: v.errFd };
+    });
     this.features = 0n;
     this.backend.sessionReset(reason);
-    this.memory = null;
-    this.table.clear();
+    // The backend dropped its view of guest memory with the reset; the table itself stays.
+    if (this.memory) this.backend.memoryChanged(this.table.infos());
     this.log.info(`device reset (${reason})`);
   }
 
