@@ -1,4 +1,5 @@
 import { rmSync } from 'node:fs';
+import type { DeviceStatus } from '../../src/service/device.js';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { countFds, countGuestMappings, startBackend, tempDir, type Backend } from '../harness/backend.js';
@@ -118,14 +119,6 @@ async function pairStats(be: Backend): Promise<PairCounters[]> {
   return dev!.pairs;
 }
 
-interface DeviceStatus {
-  connected: boolean;
-  connections: number;
-  features: string[];
-  featureBits: string;
-  mtu: number;
-  runningVrings: number[];
-}
 
 async function deviceStatus(be: Backend): Promise<DeviceStatus> {
   return (await be.call('status')).devices[0];
