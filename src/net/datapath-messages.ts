@@ -1,6 +1,11 @@
 import type { RegionInfo } from '../vhost-user/guest-memory.js';
 import type { VringConfig } from '../vhost-user/backend.js';
 import type { HostQueueConfig } from '../ports/port.js';
+import type { OffloadProgram } from '../offload/broker.js';
+
+/** The worker that owns the offload pair runs the broker (no thread hop per request). */
+export interface OffloadInit { device: string; pinDir: string | null }
+export type OffloadMethod = 'show' | 'quotas' | 'setQuotas' | 'detach' | 'reset';
 
 /** How frames are laid out for this device (from the acked features). */
 export interface FrameFormat {
@@ -20,9 +25,10 @@ export type DatapathRequest =
   | { op: 'call'; index: number; fd: number }
   /** The offloaded program (a dup of the broker's fd, owned by the worker from now on), or -1. */
   | { op: 'xdp'; progFd: number }
-  /** Marks a pair as the offload channel (offload = true) and whether the guest has claimed it. */
-  | { op: 'offload'; pair: number; offload: boolean; claimed: boolean }
-  | { op: 'offload-reply'; pair: number; message: Uint8Array }
+  /** Makes `pair` the offload channel of this worker, with a broker built (or restored from pins) here. */
+  | { op: 'offload'; pair: number; init: OffloadInit }
+  /** A control-plane call on the broker; the result comes back as an object. */
+  | { op: 'offload-call'; method: OffloadMethod; arg?: unknown }
   | { op: 'exit' };
 
 export interface DatapathWorkerData {
@@ -37,7 +43,7 @@ export interface DatapathWorkerData {
 }
 
 /** Posted by a worker to the main thread (asynchronously). */
-export type DatapathEvent = { kind: 'offload-request'; pair: number; message: Uint8Array };
+export type DatapathEvent = { kind: 'offload-state'; claimed: boolean; program: OffloadProgram | null };
 
 export const CTL_SEQ = 0;
 export const CTL_STATUS = 1;

@@ -41,6 +41,16 @@ export class DatapathThread {
     this.worker.unref();
   }
 
+  /** A request whose answer is an object (posted by the worker beside the status word). */
+  call(req: DatapathRequest): unknown {
+    this.request(req);
+    for (let m = receiveMessageOnPort(this.port); m; m = receiveMessageOnPort(this.port)) {
+      const msg = m.message as { seq: number; result?: unknown };
+      if (msg.seq === this.seq && 'result' in msg) return msg.result;
+    }
+    return undefined;
+  }
+
   request(req: DatapathRequest): number {
     if (this.dead) throw new DatapathError(`${this.name}: ${this.dead}`);
     const seq = ++this.seq;

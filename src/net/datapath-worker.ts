@@ -9,10 +9,12 @@ import { openHostQueue } from '../ports/host-queue.js';
 import type { HostQueue } from '../ports/port.js';
 import type { VringConfig } from '../vhost-user/backend.js';
 import { logger } from '../log.js';
-import { TestRunner, closeBpfFd } from '../sys/libbpf.js';
+import { TestRunner, closeBpfFd, progGetFdById } from '../sys/libbpf.js';
+import { OffloadBroker } from '../offload/broker.js';
+import { validateQuotas } from '../offload/quotas.js';
 import { RxPath, TxPath, BURST, type PathContext, type OffloadLink } from './queue-paths.js';
 import { C, COUNTERS } from './stats.js';
-import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type DatapathEvent, type DatapathRequest, type DatapathWorkerData, type FrameFormat } from './datapath-messages.js';
+import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type DatapathEvent, type DatapathRequest, type DatapathWorkerData, type FrameFormat, type OffloadInit, type OffloadMethod } from './datapath-messages.js';
 
 const data = workerData as DatapathWorkerData & { port: MessagePort };
 const log = logger(`${data.name}/datapath`);
@@ -29,19 +31,76 @@ const hosts = new Map<number, HostQueue>();
 interface Running { cfg: VringConfig; rx?: RxPath; tx?: TxPath; }
 const vrings = new Map<number, Running>();
 let exiting = false;
+/** Sequence number of the control request being handled (object results carry it). */
+let currentSeq = 0;
 /** The offloaded program, shared by every RX path of this worker. */
 let runner: { fd: number; runner: TestRunner } | null = null;
 /** Offload channel state per pair, and responses waiting for receive buffers. */
 const offloadPairs = new Map<number, OffloadLink & { pending: Uint8Array[] }>();
+/** The broker of this worker's offload pair: requests are handled here, inline, no thread hop. */
+let broker: OffloadBroker | null = null;
 
-function offloadLink(pair: number, claimed: boolean): OffloadLink & { pending: Uint8Array[] } {
-  return {
-    claimed, pending: [],
+function offloadLink(pair: number, b: OffloadBroker): OffloadLink & { pending: Uint8Array[] } {
+  const link: OffloadLink & { pending: Uint8Array[] } = {
+    claimed: b.claimed, pending: [],
     post: (message) => {
-      const ev: DatapathEvent = { kind: 'offload-request', pair, message };
-      parentPort!.postMessage(ev, [message.buffer as ArrayBuffer]);
+      const reply = b.handle(message);
+      // Bounded: a guest that never posts receive buffers cannot make us hoard responses.
+      if (link.pending.length >= 64) link.pending.shift();
+      link.pending.push(reply);
+      flushReplies(pair);
     },
   };
+  return link;
+}
+
+/** The claim moved: a claimed pair carries only offload messages, and the tap stops feeding it. */
+function claimChanged(pair: number, claimed: boolean): void {
+  const link = offloadPairs.get(pair);
+  if (link) link.claimed = claimed;
+  try {
+    hosts.get(pair)?.setAttached?.(!claimed);
+  } catch (e) {
+    log.warn(`pair ${pair}: ${(e as Error).message}`);
+  }
+  const rx = vrings.get(pair * 2)?.rx;
+  if (rx) rx.runner = claimed ? null : runner?.runner ?? null;
+  if (vrings.has(pair * 2)) hostArmed(pair, !claimed);
+  log.info(`offload pair ${pair} ${claimed ? 'claimed by the guest' : 'released: back to data use'}`);
+}
+
+function publishState(): void {
+  if (!broker) return;
+  const ev: DatapathEvent = { kind: 'offload-state', claimed: broker.claimed, program: broker.program };
+  parentPort!.postMessage(ev);
+}
+
+function startBroker(pair: number, init: OffloadInit): void {
+  if (broker) throw new Error('this worker already runs an offload broker');
+  const b = OffloadBroker.restore({ device: init.device, pinDir: init.pinDir, log: (l) => log.info(l) });
+  broker = b;
+  if (b.claimed) log.info(`re-adopted pinned offload state from ${init.pinDir}`);
+  offloadPairs.set(pair, offloadLink(pair, b));
+  b.onClaimChange((claimed) => { claimChanged(pair, claimed); publishState(); });
+  // Our own fd of the program: the broker closes its fd when the program changes.
+  b.onProgramChange((p) => { setProgram(p ? progGetFdById(p.id) : -1); publishState(); });
+  claimChanged(pair, b.claimed);
+  const p = b.program;
+  setProgram(p ? progGetFdById(p.id) : -1);
+  publishState();
+}
+
+function brokerCall(method: OffloadMethod, arg: unknown): unknown {
+  if (!broker) throw new Error('no offload broker on this worker');
+  switch (method) {
+    case 'show': return broker.show();
+    case 'quotas': return broker.quotas();
+    case 'setQuotas': return broker.setQuotas(validateQuotas((arg ?? {}) as Record<string, unknown>));
+    case 'detach': return broker.detach();
+    case 'reset':
+      if (broker.claimed) broker.reset(String(arg ?? 'reset'));
+      return true;
+  }
 }
 
 function setProgram(progFd: number): void {
@@ -166,34 +225,16 @@ function handle(req: DatapathRequest): number {
     case 'xdp':
       setProgram(req.progFd);
       return 0;
-    case 'offload': {
-      if (!req.offload) {
-        offloadPairs.delete(req.pair);
-      } else {
-        const link = offloadPairs.get(req.pair) ?? offloadLink(req.pair, req.claimed);
-        link.claimed = req.claimed;
-        offloadPairs.set(req.pair, link);
-      }
-      const link = offloadPairs.get(req.pair) ?? null;
-      const tx = vrings.get(req.pair * 2 + 1)?.tx;
-      if (tx) tx.offload = link;
-      const rx = vrings.get(req.pair * 2)?.rx;
-      if (rx) rx.runner = link?.claimed ? null : runner?.runner ?? null;
-      // A claimed pair takes no frames from the host.
-      if (vrings.has(req.pair * 2)) hostArmed(req.pair, !link?.claimed);
+    case 'offload':
+      startBroker(req.pair, req.init);
       return 0;
-    }
-    case 'offload-reply': {
-      const link = offloadPairs.get(req.pair);
-      if (!link) throw new Error(`pair ${req.pair} is not an offload channel`);
-      // Bounded: a guest that never posts receive buffers cannot make us hoard responses.
-      if (link.pending.length >= 64) link.pending.shift();
-      link.pending.push(req.message);
-      flushReplies(req.pair);
+    case 'offload-call':
+      data.port.postMessage({ seq: currentSeq, result: brokerCall(req.method, req.arg) });
       return 0;
-    }
     case 'exit':
       setProgram(-1);
+      broker?.close();
+      broker = null;
       for (const i of [...vrings.keys()]) stop(i);
       exiting = true;
       return 0;
@@ -206,6 +247,7 @@ function drainControl(): void {
     const m = receiveMessageOnPort(data.port);
     if (!m) return;
     const { seq, req } = m.message as { seq: number; req: DatapathRequest };
+    currentSeq = seq;
     let status = 0;
     let value = 0;
     try {

@@ -6,7 +6,9 @@ import type { Port } from '../ports/port.js';
 import { OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, NetFeature as F, describeFeatures, vnetHeaderLength } from './features.js';
 import { DeviceStats } from './stats.js';
 import { DatapathThread } from './datapath-thread.js';
-import type { OffloadBroker, OffloadProgram } from '../offload/broker.js';
+import type { OffloadProgram, OffloadShow } from '../offload/broker.js';
+import type { Quotas, QuotaUsage } from '../offload/quotas.js';
+import type { OffloadInit } from './datapath-messages.js';
 import { progGetFdById } from '../sys/libbpf.js';
 import type { FrameFormat } from './datapath-messages.js';
 
@@ -20,8 +22,8 @@ export interface NetDeviceOptions {
   busyPoll: boolean;
   /** MTU used before (or without) NET_SET_MTU. */
   mtu?: number;
-  /** With a broker, the last queue pair is the reserved offload pair (docs/offload-protocol.md). */
-  offload?: OffloadBroker | null;
+  /** With offload, the last queue pair is the reserved offload pair (docs/offload-protocol.md). */
+  offload?: OffloadInit | null;
 }
 
 const ETH_HLEN = 14;
@@ -44,7 +46,8 @@ export class NetDevice implements VhostUserBackend {
   connected = false;
   /** Set while the process shuts down: offload state then stays pinned for the next process. */
   shuttingDown = false;
-  readonly broker: OffloadBroker | null;
+  /** The offload broker, which runs on the datapath thread of the offload pair. */
+  readonly broker: OffloadHandle | null;
   readonly offloadPair: number;
   lastResetReason = '';
 
@@ -55,52 +58,33 @@ export class NetDevice implements VhostUserBackend {
     this.mtu = opts.mtu ?? 1500;
     this.stats = new DeviceStats(opts.queuePairs);
     const n = Math.max(1, Math.min(opts.threads, opts.queuePairs));
-    this.broker = opts.offload ?? null;
-    this.offloadPair = this.broker ? opts.queuePairs - 1 : -1;
+    this.offloadPair = opts.offload ? opts.queuePairs - 1 : -1;
     this.threads = Array.from({ length: n }, (_, t) => {
       const pairs = Array.from({ length: opts.queuePairs }, (_, p) => p).filter((p) => p % n === t);
       return new DatapathThread(`${opts.name}/t${t}`, this.stats.shared, pairs, opts.busyPoll, (e) => {
-        if (e.kind === 'offload-request') this.offloadRequest(e.pair, e.message);
+        if (e.kind === 'offload-state') this.offloadState(e.claimed, e.program);
       });
     });
     for (let p = 0; p < opts.queuePairs; p++) this.threadFor(p).request({ op: 'host', pair: p, cfg: opts.port.queueConfig(p) });
-    if (this.broker) this.wireBroker(this.broker);
+    this.broker = opts.offload ? new OffloadHandle(this.threadFor(this.offloadPair)) : null;
+    if (opts.offload) this.threadFor(this.offloadPair).request({ op: 'offload', pair: this.offloadPair, init: opts.offload });
   }
 
-  private wireBroker(broker: OffloadBroker): void {
-    const pair = this.offloadPair;
-    const claim = (claimed: boolean) => {
-      // A claimed pair carries offload messages only: the tap stops handing it host frames.
-      this.port.setQueueEnabled(pair, !claimed);
-      this.threadFor(pair).request({ op: 'offload', pair, offload: true, claimed });
-      this.log.info(`offload pair ${pair} ${claimed ? 'claimed by the guest' : 'released: back to data use'}`);
-    };
-    claim(broker.claimed);
-    broker.onClaimChange(claim);
-    this.pushProgram(broker.program);
-    broker.onProgramChange((p) => this.pushProgram(p));
-  }
-
-  /** Every datapath thread gets its own fd of the program (the broker may close its own any time). */
-  private pushProgram(p: OffloadProgram | null): void {
+  /** The broker's thread reports claim and program changes; the others get their own program fd. */
+  private offloadState(claimed: boolean, program: OffloadProgram | null): void {
+    const owner = this.threadFor(this.offloadPair);
+    const changed = program?.id !== this.broker?.program?.id;
+    this.broker?.update(claimed, program);
+    if (!changed) return;
     for (const t of this.threads) {
+      if (t === owner) continue;
       let fd = -1;
-      if (p) {
-        try { fd = progGetFdById(p.id); } catch (e) { this.log.error(`offloaded program ${p.id}: ${(e as Error).message}`); }
+      if (program) {
+        try { fd = progGetFdById(program.id); } catch (e) { this.log.error(`offloaded program ${program.id}: ${(e as Error).message}`); }
       }
       t.request({ op: 'xdp', progFd: fd });
     }
-    this.log.info(p ? `offloaded program ${p.id} (tag ${p.tag}, ${p.insns} insns) runs on host->guest frames` : 'no offloaded program');
-  }
-
-  private offloadRequest(pair: number, message: Uint8Array): void {
-    if (!this.broker || pair !== this.offloadPair) return;
-    const reply = this.broker.handle(message);
-    try {
-      this.threadFor(pair).request({ op: 'offload-reply', pair, message: reply });
-    } catch (e) {
-      this.log.warn(`offload reply not delivered: ${(e as Error).message}`);
-    }
+    this.log.info(program ? `offloaded program ${program.id} (tag ${program.tag}, ${program.insns} insns) runs on host->guest frames` : 'no offloaded program');
   }
 
   vringStopRequested(index: number): void {
@@ -222,7 +206,30 @@ export class NetDevice implements VhostUserBackend {
   async close(): Promise<void> {
     this.shuttingDown = true;
     for (const t of this.threads) await t.terminate();
-    this.broker?.close();
     this.port.close();
   }
+}
+
+/**
+ * The main thread's view of a broker that runs on a datapath thread: state from its events,
+ * control calls as synchronous requests.
+ */
+export class OffloadHandle {
+  claimed = false;
+  program: OffloadProgram | null = null;
+
+  constructor(private readonly thread: DatapathThread) {}
+
+  update(claimed: boolean, program: OffloadProgram | null): void {
+    this.claimed = claimed;
+    this.program = program;
+  }
+
+  show(): OffloadShow { return this.thread.call({ op: 'offload-call', method: 'show' }) as OffloadShow; }
+  quotas(): { limits: Quotas; usage: QuotaUsage } { return this.thread.call({ op: 'offload-call', method: 'quotas' }) as { limits: Quotas; usage: QuotaUsage }; }
+  setQuotas(changes: Record<string, unknown>): { limits: Quotas; usage: QuotaUsage; warnings: string[] } {
+    return this.thread.call({ op: 'offload-call', method: 'setQuotas', arg: changes }) as { limits: Quotas; usage: QuotaUsage; warnings: string[] };
+  }
+  detach(): boolean { return this.thread.call({ op: 'offload-call', method: 'detach' }) as boolean; }
+  reset(reason: string): void { this.thread.call({ op: 'offload-call', method: 'reset', arg: reason }); }
 }

@@ -9,6 +9,8 @@ export interface HostQueue {
   receive(iovAddress: number, iovCount: number): number;
   /** Sends one frame (vnet header first) from the iovecs; bytes sent, or -1 when the host is full. */
   transmit(iovAddress: number, iovCount: number): number;
+  /** Takes the queue out of (false) or back into (true) the host's use. */
+  setAttached?(attached: boolean): void;
 }
 
 /** What a worker needs to open its side of a port queue (plain data: posted to workers). */

@@ -130,11 +130,7 @@ export class TapPort implements Port {
   setQueueEnabled(pair: number, enabled: boolean): void {
     const fd = this.fds[pair];
     if (fd === undefined || this.queuePairs < 2) return;
-    ifreq.bytes.fill(0, 0, 40);
-    ifreq.view.setInt16(16, enabled ? IFF_ATTACH_QUEUE : IFF_DETACH_QUEUE, true);
-    const r = raw.ioctl(fd, TUNSETQUEUE, ifreq.address);
-    // EINVAL: already in that state.
-    if (r < 0 && lastErrno() !== Errno.EINVAL) throw new SysError('ioctl(TUNSETQUEUE)', lastErrno(), this.ifname);
+    setTapQueueAttached(fd, enabled);
   }
 
   stats() {
@@ -152,9 +148,26 @@ export class TapPort implements Port {
   }
 }
 
+/** Detaches a multiqueue tap's queue from the host (its frames spread over the others) or re-attaches it. */
+export function setTapQueueAttached(fd: number, attached: boolean): void {
+  const q = new NativeBuffer(4096);
+  try {
+    q.view.setInt16(16, attached ? IFF_ATTACH_QUEUE : IFF_DETACH_QUEUE, true);
+    const r = raw.ioctl(fd, TUNSETQUEUE, q.address);
+    // EINVAL: the queue is already in that state (or the tap is single-queue).
+    if (r < 0 && lastErrno() !== Errno.EINVAL) throw new SysError('ioctl(TUNSETQUEUE)', lastErrno());
+  } finally {
+    q.free();
+  }
+}
+
 /** Worker side of one tap queue: readv/writev straight between the tap and guest buffers. */
 export class TapQueue implements HostQueue {
   constructor(readonly fd: number) {}
+
+  setAttached(attached: boolean): void {
+    setTapQueueAttached(this.fd, attached);
+  }
 
   receive(iovAddress: number, iovCount: number): number {
     const n = raw.readv(this.fd, iovAddress, iovCount);

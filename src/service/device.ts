@@ -5,7 +5,6 @@ import { TapPort } from '../ports/tap.js';
 import type { Port } from '../ports/port.js';
 import { VhostUserEndpoint } from '../vhost-user/endpoint.js';
 import { parsePort, type DeviceSpec } from './device-spec.js';
-import { OffloadBroker } from '../offload/broker.js';
 
 export interface DeviceStatus {
   name: string;
@@ -54,24 +53,16 @@ export class Device {
     const pairs = spec.queues + (spec.offload ? 1 : 0);
     const port = TapPort.open(p.ifname, pairs);
     let net: NetDevice | null = null;
-    let broker: OffloadBroker | null = null;
     try {
       if (spec.mtu) port.setMtu(spec.mtu);
-      if (spec.offload) {
-        const log = logger(`${spec.name}/offload`);
-        broker = OffloadBroker.restore({ device: spec.name, pinDir: spec.pinDir ?? null, log: (l) => log.info(l) });
-        if (broker.claimed) log.info(`re-adopted pinned offload state from ${spec.pinDir}`);
-      }
-      net = new NetDevice({ name: spec.name, port, queuePairs: pairs, threads: spec.threads, busyPoll: spec.busyPoll, mtu: spec.mtu, offload: broker });
+      const offload = spec.offload ? { device: spec.name, pinDir: spec.pinDir ?? null } : null;
+      net = new NetDevice({ name: spec.name, port, queuePairs: pairs, threads: spec.threads, busyPoll: spec.busyPoll, mtu: spec.mtu, offload });
       const d = new Device(spec, port, net);
       d.endpoint.start();
       return d;
     } catch (e) {
       if (net) void net.close();
-      else {
-        broker?.close();
-        port.close();
-      }
+      else port.close();
       throw e;
     }
   }
@@ -106,7 +97,7 @@ export class Device {
     };
   }
 
-  get broker(): OffloadBroker | null { return this.net.broker; }
+  get broker() { return this.net.broker; }
 
   async close(): Promise<void> {
     // Shutting down is not a device reset: pinned offload state must outlive the process.

@@ -56,7 +56,8 @@ export class Service {
       'quota.show': (p) => this.broker(this.device(p.name)).quotas(),
       'quota.set': (p) => {
         const changes = (p.changes && typeof p.changes === 'object' ? p.changes : {}) as Record<string, unknown>;
-        return this.broker(this.device(p.name)).setQuotas(validateQuotas(changes));
+        validateQuotas(changes); // refuse bad values here, with the flag named, before the datapath sees them
+        return this.broker(this.device(p.name)).setQuotas(changes);
       },
     };
   }

@@ -1,0 +1,272 @@
+// The XDP program the broker attaches on an xsk port's veth end (DESIGN.md decision 7): a
+// fixed entry block, then the guest's program as a bpf-to-bpf subprogram, then the entry
+// turns the guest's verdict into what the port needs. freplace (BPF_PROG_TYPE_EXT) is
+// refused on this kernel, so composition happens at the instruction level instead.
+//
+// Layout of the composed instructions:
+//   [0, ENTRY_INSNS)           entry: r6 = ctx; call guest; map r0
+//   [ENTRY_INSNS, +guest)      the guest's instructions, unchanged
+// Relative jump and call offsets inside the guest stay valid because the guest is one
+// contiguous block; the composer only refuses guests whose offsets leave that block (the
+// verifier would see such a target as a jump into the entry).
+//
+// The entry needs no stack: the 'aborted' counter is reached through a direct map-value
+// load (BPF_PSEUDO_MAP_VALUE on a one-element ARRAY), not bpf_map_lookup_elem, so the guest
+// keeps the whole 512-byte stack budget.
+
+import {
+  BpfMap, BpfMapType, BpfProgType, closeBpfFd, encodeInsns, progInfo, progLoadWithLog,
+  BPF_INSN_SIZE, BPF_PSEUDO_CALL, BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE,
+  XDP_DROP, XDP_PASS, XDP_TX, type BpfInsn,
+} from '../sys/libbpf.js';
+
+export interface ComposeOptions {
+  /** XSKMAP with one AF_XDP socket per queue index. */
+  xskMapFd: number;
+}
+
+/** A guest program the composer cannot place safely; `insn` is the guest-relative index. */
+export class ComposeError extends Error {
+  constructor(message: string, readonly insn: number) {
+    super(message);
+    this.name = 'ComposeError';
+  }
+}
+
+// Opcodes (uapi linux/bpf_common.h + linux/bpf.h).
+const LD_IMM64 = 0x18;
+const CLASS_JMP = 0x05;
+const CLASS_JMP32 = 0x06;
+const OP_JA = 0x00;
+const OP_CALL = 0x80;
+const OP_EXIT = 0x90;
+const MOV64_REG = 0xbf;
+const MOV64_IMM = 0xb7;
+const JEQ32_IMM = 0x16;
+const LDX_W = 0x61;
+const ATOMIC_DW = 0xdb;   // BPF_STX | BPF_ATOMIC | BPF_DW, imm = BPF_ADD
+const CALL = 0x85;
+const EXIT = 0x95;
+const BPF_PSEUDO_FUNC = 4;
+const HELPER_REDIRECT_MAP = 51;
+/** offsetof(struct xdp_md, rx_queue_index) */
+const XDP_MD_RX_QUEUE_INDEX = 16;
+/** The kernel's cap on a program's length (BPF_COMPLEXITY_LIMIT_INSNS). */
+const MAX_PROG_INSNS = 1_000_000;
+
+const R0 = 0, R1 = 1, R2 = 2, R3 = 3, R6 = 6;
+
+function ldImm64(dst: number, src: number, imm: number, imm2 = 0): BpfInsn[] {
+  return [{ code: LD_IMM64, dst, src, imm }, { code: 0, imm: imm2 }];
+}
+
+/**
+ * bpf_redirect_map(xskmap, ctx->rx_queue_index, XDP_DROP): the low bits of flags are the
+ * verdict when the slot is empty, so a queue without a socket drops instead of aborting.
+ */
+function redirectToQueueSocket(ctxReg: number, xskMapFd: number): BpfInsn[] {
+  return [
+    { code: LDX_W, dst: R2, src: ctxReg, off: XDP_MD_RX_QUEUE_INDEX },
+    ...ldImm64(R1, BPF_PSEUDO_MAP_FD, xskMapFd),
+    { code: MOV64_IMM, dst: R3, imm: XDP_DROP },
+    { code: CALL, imm: HELPER_REDIRECT_MAP },
+    { code: EXIT },
+  ];
+}
+
+function entryBlock(xskMapFd: number, abortedMapFd: number): BpfInsn[] {
+  // Indices are fixed; the assertion in composeXdp keeps them honest.
+  const LABEL_DROP = 9, LABEL_TX = 11, LABEL_REDIRECT = 13;
+  const jeq = (at: number, value: number, target: number): BpfInsn =>
+    ({ code: JEQ32_IMM, dst: R0, imm: value, off: target - at - 1 });
+  return [
+    /* 0 */ { code: MOV64_REG, dst: R6, src: R1 },   // ctx survives the call in a callee-saved register
+    /* 1 */ { code: CALL, src: BPF_PSEUDO_CALL, imm: ENTRY_INSNS - 2 },
+    // The kernel reads an XDP verdict as u32, so compare the low 32 bits only.
+    /* 2 */ jeq(2, XDP_PASS, LABEL_REDIRECT),
+    /* 3 */ jeq(3, XDP_DROP, LABEL_DROP),
+    /* 4 */ jeq(4, XDP_TX, LABEL_TX),
+    // XDP_ABORTED, XDP_REDIRECT (the guest cannot set a target) and unknown values.
+    /* 5 */ ...ldImm64(R1, BPF_PSEUDO_MAP_VALUE, abortedMapFd, 0),
+    /* 7 */ { code: MOV64_IMM, dst: R2, imm: 1 },
+    /* 8 */ { code: ATOMIC_DW, dst: R1, src: R2, off: 0, imm: 0 },
+    /* 9 */ { code: MOV64_IMM, dst: R0, imm: XDP_DROP },
+    /* 10 */ { code: EXIT },
+    /* 11 */ { code: MOV64_IMM, dst: R0, imm: XDP_TX },
+    /* 12 */ { code: EXIT },
+    /* 13 */ ...redirectToQueueSocket(R6, xskMapFd),
+  ];
+}
+
+/** Where the guest's first instruction lands in the composed program. */
+export const ENTRY_INSNS = 19;
+
+function checkFd(what: string, fd: number): void {
+  if (!Number.isInteger(fd) || fd < 0 || fd > 0x7fffffff) throw new RangeError(`${what} ${fd} is not a file descriptor`);
+}
+
+/**
+ * Refuses a guest whose jumps, calls or callback references leave its own block, and a
+ * truncated ld_imm64. Everything else (including what the targets hold) is the verifier's
+ * to judge; this only guarantees the guest cannot reach into the entry.
+ */
+export function checkGuestBlock(guest: Uint8Array): number {
+  if (guest.byteLength === 0 || guest.byteLength % BPF_INSN_SIZE !== 0) {
+    throw new ComposeError(`guest program is ${guest.byteLength} bytes, not a non-zero multiple of 8`, 0);
+  }
+  const n = guest.byteLength / BPF_INSN_SIZE;
+  if (n + ENTRY_INSNS > MAX_PROG_INSNS) {
+    throw new ComposeError(`guest program has ${n} instructions; composed it would exceed ${MAX_PROG_INSNS}`, 0);
+  }
+  const v = new DataView(guest.buffer, guest.byteOffset, guest.byteLength);
+  const secondHalf = new Uint8Array(n);
+  const targets: { from: number; to: number; what: string }[] = [];
+  for (let i = 0; i < n; i++) {
+    const o = i * BPF_INSN_SIZE;
+    const code = v.getUint8(o);
+    const src = v.getUint8(o + 1) >> 4;
+    const off = v.getInt16(o + 2, true);
+    const imm = v.getInt32(o + 4, true);
+    if (code === LD_IMM64) {
+      if (i + 1 >= n) throw new ComposeError(`instruction ${i}: ld_imm64 has no second half`, i);
+      if (src === BPF_PSEUDO_FUNC) targets.push({ from: i, to: i + imm + 1, what: 'callback reference' });
+      secondHalf[i + 1] = 1;
+      i++;
+      continue;
+    }
+    const cls = code & 0x07;
+    if (cls !== CLASS_JMP && cls !== CLASS_JMP32) continue;
+    const op = code & 0xf0;
+    if (op === OP_EXIT) continue;
+    if (op === OP_CALL) {
+      if (cls === CLASS_JMP && src === BPF_PSEUDO_CALL) targets.push({ from: i, to: i + imm + 1, what: 'subprogram call' });
+      continue;
+    }
+    // JMP32|JA (gotol) carries its offset in imm; every other jump in off.
+    const rel = cls === CLASS_JMP32 && op === OP_JA ? imm : off;
+    targets.push({ from: i, to: i + rel + 1, what: 'jump' });
+  }
+  for (const t of targets) {
+    if (t.to < 0 || t.to >= n) {
+      throw new ComposeError(`instruction ${t.from}: ${t.what} to ${t.to} leaves the guest program (0..${n - 1})`, t.from);
+    }
+    if (secondHalf[t.to]) {
+      throw new ComposeError(`instruction ${t.from}: ${t.what} lands in the middle of the ld_imm64 at ${t.to - 1}`, t.from);
+    }
+  }
+  return n;
+}
+
+/**
+ * Builds the instructions of one XDP program: an entry that saves ctx (r1) in r6, calls the
+ * guest program as a bpf-to-bpf subprogram, then maps the verdict in r0: XDP_PASS →
+ * bpf_redirect_map(xskmap, ctx->rx_queue_index, XDP_DROP); XDP_DROP → XDP_DROP; XDP_TX →
+ * XDP_TX; anything else → aborted counter += 1 and XDP_DROP. `guestInsns` must already carry
+ * host map fds in its ld_imm64s; they are copied unchanged.
+ */
+export function composeXdp(guestInsns: Uint8Array, opts: ComposeOptions & { abortedMapFd: number }): Uint8Array {
+  checkFd('xskMapFd', opts.xskMapFd);
+  checkFd('abortedMapFd', opts.abortedMapFd);
+  const n = checkGuestBlock(guestInsns);
+  const entry = encodeInsns(entryBlock(opts.xskMapFd, opts.abortedMapFd));
+  if (entry.byteLength !== ENTRY_INSNS * BPF_INSN_SIZE) throw new Error('compose: entry block length drifted from ENTRY_INSNS');
+  const out = new Uint8Array((ENTRY_INSNS + n) * BPF_INSN_SIZE);
+  out.set(entry, 0);
+  out.set(guestInsns, entry.byteLength);
+  return out;
+}
+
+/** The program used when no guest program is offloaded: redirect every frame to its queue's socket. */
+export function plainRedirect(opts: ComposeOptions): Uint8Array {
+  checkFd('xskMapFd', opts.xskMapFd);
+  return encodeInsns(redirectToQueueSocket(R1, opts.xskMapFd));
+}
+
+export interface ComposedLoadOptions extends ComposeOptions {
+  /** Program name (≤ 15 chars of [A-Za-z0-9_.]); default 'vx_xsk'. */
+  name?: string;
+  /** Verifier log bytes kept on a rejection (see progLoadWithLog). */
+  logSize?: number;
+}
+
+/** A loaded composed (or plain redirect) program and the aborted counter it owns. */
+export class ComposedProgram {
+  readonly fd: number;
+  readonly id: number;
+  readonly tag: string;
+  /** Instructions handed to the kernel. */
+  readonly insnCount: number;
+  /** The guest program's first instruction in the composed program; null for plain redirect. */
+  readonly guestOffset: number | null;
+  private readonly aborted: BpfMap | null;
+  private readonly key = new Uint8Array(4);
+  private readonly value = new Uint8Array(8);
+  private closed = false;
+
+  private constructor(fd: number, aborted: BpfMap | null, insnCount: number, guestOffset: number | null) {
+    const info = progInfo(fd);
+    this.fd = fd;
+    this.id = info.id;
+    this.tag = info.tag;
+    this.aborted = aborted;
+    this.insnCount = insnCount;
+    this.guestOffset = guestOffset;
+  }
+
+  /**
+   * Composes and loads. With guestInsns null, loads plainRedirect (no counter map). A
+   * verifier rejection throws BpfError with the log; a misplaced guest throws ComposeError.
+   * license: the guest's (it may call GPL-only helpers).
+   */
+  static load(guestInsns: Uint8Array | null, opts: ComposedLoadOptions, license: string): ComposedProgram {
+    const loadOpts = { license, type: BpfProgType.XDP, name: opts.name ?? 'vx_xsk', ...(opts.logSize ? { logSize: opts.logSize } : {}) };
+    if (guestInsns === null) {
+      const insns = plainRedirect(opts);
+      const { fd } = progLoadWithLog(insns, loadOpts);
+      return ComposedProgram.adopt(fd, null, insns.byteLength / BPF_INSN_SIZE, null);
+    }
+    checkGuestBlock(guestInsns);
+    const aborted = BpfMap.create(BpfMapType.ARRAY, 4, 8, 1, { name: 'vx_aborted' });
+    let fd: number;
+    let count: number;
+    try {
+      const insns = composeXdp(guestInsns, { xskMapFd: opts.xskMapFd, abortedMapFd: aborted.fd });
+      count = insns.byteLength / BPF_INSN_SIZE;
+      fd = progLoadWithLog(insns, loadOpts).fd;
+    } catch (e) {
+      aborted.close();
+      throw e;
+    }
+    return ComposedProgram.adopt(fd, aborted, count, ENTRY_INSNS);
+  }
+
+  private static adopt(fd: number, aborted: BpfMap | null, count: number, guestOffset: number | null): ComposedProgram {
+    try {
+      return new ComposedProgram(fd, aborted, count, guestOffset);
+    } catch (e) {
+      closeBpfFd(fd);
+      aborted?.close();
+      throw e;
+    }
+  }
+
+  /** Frames the guest program answered with XDP_ABORTED or an unknown verdict (0 for plain redirect). */
+  abortedCount(): number {
+    if (!this.aborted || this.closed) return 0;
+    const v = this.aborted.lookup(this.key, this.value);
+    return v ? Number(new DataView(v.buffer).getBigUint64(0, true)) : 0;
+  }
+
+  /** Map id of the aborted counter (null for plain redirect), for leak checks and inspection. */
+  abortedMapId(): number | null {
+    return this.aborted && !this.closed ? this.aborted.info().id : null;
+  }
+
+  /** Closes the program fd and the counter map; an attached program stays attached until detached. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    closeBpfFd(this.fd);
+    this.aborted?.close();
+  }
+}
