@@ -92,6 +92,8 @@ for p in "$kpkg" "${user_pkgs[@]}" "${lib_pkgs[@]}"; do
   [ -n "$v" ] && [ "$v" != "(none)" ] || die "package $p has no installable candidate (try: apt-get update)"
 done
 kver=${pkgver[$kpkg]}
+# The offload-aware virtio_net (issue 5), built against this very kernel.
+VXDP_KERNEL_PKG=$kpkg "$here/build-driver.sh" || die "building the offload-aware virtio_net failed"
 
 # --- up to date? --------------------------------------------------------------------------
 shopt -s nullglob
@@ -99,6 +101,7 @@ bpf_objs=("$repo"/bpf/out/*.o)
 stamp=$(
   {
     sha256sum "$here/build.sh" "$here/init"
+    sha256sum "$out/virtio_net_offload.ko"
     for o in "${bpf_objs[@]}"; do sha256sum "$o"; done
     echo "$kpkg=$kver"
     for p in "${user_pkgs[@]}" "${lib_pkgs[@]}"; do echo "$p=${pkgver[$p]}"; done
@@ -248,6 +251,9 @@ done
 # Generated with busybox's depmod: the image's modprobe is busybox too.
 busybox depmod -b "$root" "$krel" || die "depmod failed"
 say "modules: ${!modseen[*]}"
+# Not under lib/modules: it is also named virtio_net; init insmods it by path.
+mkdir -p "$root/lib/vxdp"
+cp "$out/virtio_net_offload.ko" "$root/lib/vxdp/virtio_net_offload.ko"
 
 # Guest BPF objects, if the repo has built any.
 for o in "${bpf_objs[@]}"; do cp "$o" "$root/bpf/"; done

@@ -240,9 +240,11 @@ export class RxPath extends QueuePath {
     this.sTail = segs;
   }
 
-  /** Tops the stash up until a largest frame fits; false when the guest has too few buffers. */
-  private fill(): boolean {
-    const need = this.mergeable ? this.maxFrame : 1;
+  /**
+   * Tops the stash up until `need` bytes fit (a largest frame by default); false when the guest
+   * has too few buffers.
+   */
+  private fill(need = this.mergeable ? this.maxFrame : 1): boolean {
     const q = this.queue;
     const ch = this.chain;
     while (this.mergeable ? this.stashBytes < need : this.stashed < 1) {
@@ -480,7 +482,8 @@ export class RxPath extends QueuePath {
     head[this.headerLength + 13] = OFFLOAD_ETHERTYPE & 0xff;
     const total = head.length + message.length;
     try {
-      if (!this.fill()) return false;
+      // Only as many buffers as this message needs: a driver may post a few large ones.
+      if (!this.fill(this.mergeable ? total : 1)) return false;
       const c = this.cHead;
       if ((this.mergeable ? this.stashBytes : this.cBytes[c]!) < total) return false;
       const s0 = this.cSegStart[c]!;

@@ -198,6 +198,8 @@ describe('a stock virtio_net guest on vhost-xdp serve (2 vCPUs, 2 queue pairs)',
       name: 'vx-guestnet',
       smp: 2,
       net: { kind: 'vhost-user', socket, queues: QUEUES, mac: MAC, mtu: MTU, reconnectMs: 1000 },
+      // Issue 3 is about the stock driver; the image's default is the offload-aware one.
+      append: 'vxdp.stock=1',
     });
     note('boot (vhost-user, TCG, 2 vCPUs)', `${vm.bootMs} ms`);
   }, 150_000);
@@ -354,7 +356,7 @@ describe("the same transfer through QEMU's own tap networking, for comparison", 
     sink = await TcpSink.listen(net.host);
     cleanup.push('close sink', () => sink?.close());
     cleanup.push('shut the guest down', () => vm?.shutdown());
-    vm = await GuestVm.boot({ name: 'vx-qemutap', smp: 2, net: { kind: 'tap', ifname: tap, queues: QUEUES, mac: MAC, mtu: MTU } });
+    vm = await GuestVm.boot({ name: 'vx-qemutap', smp: 2, net: { kind: 'tap', ifname: tap, queues: QUEUES, mac: MAC, mtu: MTU }, append: 'vxdp.stock=1' });
     note('boot (QEMU tap, TCG, 2 vCPUs)', `${vm.bootMs} ms`);
   }, 150_000);
 
