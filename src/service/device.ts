@@ -75,7 +75,7 @@ export class Device {
       socket: this.spec.socket,
       mode: this.spec.client ? 'client' : 'server',
       port: { kind: this.port.kind, ifname: this.port.ifname, created: tap.created ?? false },
-      queuePairs: this.spec.queues,
+      queuePairs: this.net.maxQueuePairs(),
       offload: this.broker ? { pair: this.net.offloadPair, claimed: this.broker.claimed, program: this.broker.program?.id ?? null } : null,
       connected: s !== null,
       connections: this.endpoint.connections,
@@ -92,7 +92,8 @@ export class Device {
     return {
       name: this.spec.name,
       total: this.net.stats.total(),
-      pairs: Array.from({ length: this.spec.queues }, (_, p) => this.net.stats.pair(p)),
+      // Every pair the guest sees, the reserved offload pair included.
+      pairs: Array.from({ length: this.net.maxQueuePairs() }, (_, p) => this.net.stats.pair(p)),
       port: this.port.stats(),
     };
   }

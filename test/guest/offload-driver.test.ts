@@ -231,7 +231,8 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
     cleanup.push('shut the guest down', () => vm?.shutdown());
     vm = await GuestVm.boot({
       name: 'vx-offe2e',
-      smp: 1,
+      // Two vCPUs: the last test swaps in the stock driver, which enables one pair per vCPU.
+      smp: 2,
       append: 'vxdp.nonet=1',
       net: { kind: 'vhost-user', socket, queues: 2, mac: MAC, reconnectMs: 1000 },
     });
@@ -329,4 +330,35 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
     const bad = await vm.run('dmesg | grep -E "BUG|WARNING|Oops|general protection|refcount|list_del"');
     expect(bad.output).toBe('');
   }, 60_000);
+
+  test('a stock virtio_net against the --offload backend uses the reserved pair for data', async () => {
+    const vm = guest();
+    // The offload-aware driver was unloaded above; the stock one takes the same device.
+    await sh(vm, 'modprobe virtio_net', 20_000);
+    await waitUntil(async () => (await be!.call('status')).devices[0].runningVrings.length === 4, 20_000, 'all four vrings running');
+    expect((await be!.call('status')).devices[0].offload).toMatchObject({ claimed: false });
+    expect((await sh(vm, 'ls /sys/class/net/eth0/queues')).split(/\s+/).sort()).toEqual(['rx-0', 'rx-1', 'tx-0', 'tx-1']);
+    await sh(vm, `ip addr add ${e2e.guest}/24 dev eth0 && ip link set eth0 up`);
+    await sh(vm, `ping -c 2 -w 15 ${e2e.host}`, 30_000);
+    const sink = await TcpSink.listen(e2e.host);
+    try {
+      const before = (await be!.call('stats', { name }))[0].pairs as { txBytes: number; rxPackets: number }[];
+      await sh(vm, 'dd if=/dev/urandom of=/tmp/up bs=64k count=32 2>/dev/null');
+      const sum = (await sh(vm, 'sha256sum /tmp/up')).split(/\s+/)[0];
+      const a = sink.next(60_000);
+      const b = sink.next(60_000);
+      // One flow per vCPU: XPS puts CPU n's flow on tx queue n, so pair 1 carries one.
+      await sh(vm, `taskset 1 nc ${e2e.host} ${sink.port} </tmp/up & taskset 2 nc ${e2e.host} ${sink.port} </tmp/up & wait`, 60_000);
+      for (const r of await Promise.all([a, b])) expect(r.sha256).toBe(sum);
+      const after = (await be!.call('stats', { name }))[0].pairs as { txBytes: number; rxPackets: number }[];
+      const delta = after.map((p, i) => ({ txBytes: p.txBytes - before[i]!.txBytes, rxPackets: p.rxPackets - before[i]!.rxPackets }));
+      console.log(`[offload-driver] stock driver on the offload backend, per-pair deltas: ${JSON.stringify(delta)}`);
+      for (const d of delta) {
+        expect(d.txBytes).toBeGreaterThan(1 << 20);
+        expect(d.rxPackets).toBeGreaterThan(20);
+      }
+    } finally {
+      sink.close();
+    }
+  }, 120_000);
 });
