@@ -6,6 +6,8 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { startBackend, tempDir, type Backend } from '../harness/backend.js';
 import { addAddress, CleanupStack, disableIpv6, run as runHost, setLinkUp, uniqueIfName } from '../harness/netdev.js';
 import { waitUntil } from '../harness/processes.js';
+import { PacketSocket, bytesToMac } from '../harness/packet-socket.js';
+import { udpFrame, seqOf } from '../harness/frames.js';
 import { GuestVm } from './guest-vm.js';
 import { sendRandom, TcpSink } from './host-endpoint.js';
 
@@ -293,6 +295,27 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
     const rx0 = await rxPackets();
     expect(hostPing(e2e.guest, 3)).toBe(3);
     expect(await rxPackets()).toBeGreaterThanOrEqual(rx0 + 3);
+  }, 60_000);
+
+  test('xdp_tx.o offloaded bounces host frames back to the host with swapped MACs', async () => {
+    const vm = guest();
+    await sh(vm, 'ip -force link set dev eth0 xdpoffload obj /bpf/xdp_tx.o sec xdp 2>&1', 30_000);
+    const tx0 = (await offloadShow(be!, name)).verdicts.tx;
+    const ps = PacketSocket.open(tap);
+    try {
+      const peer = '52:54:00:0f:0f:0f';
+      const frame = udpFrame(31337, 100, 7, peer, MAC);
+      ps.drain();
+      ps.send(frame);
+      const back = ps.recvAll(1, 3000, (f) => seqOf(f) === 31337);
+      expect(back.length).toBe(1);
+      expect(bytesToMac(back[0]!, 0)).toBe(peer);
+      expect(bytesToMac(back[0]!, 6)).toBe(MAC);
+    } finally {
+      ps.close();
+    }
+    expect((await offloadShow(be!, name)).verdicts.tx).toBeGreaterThan(tx0);
+    await sh(vm, 'ip link set dev eth0 xdpoffload off');
   }, 60_000);
 
   test('a silent host costs a bounded wait and -ETIMEDOUT; its late answer is told apart by seq once it is back', async () => {
