@@ -3,7 +3,7 @@ import type { DeviceStatus } from '../../src/service/device.js';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { countFds, countGuestMappings, startBackend, tempDir, type Backend } from '../harness/backend.js';
-import { addAddress, CleanupStack, disableIpv6, getMtu, linkExists, run as runHost, setLinkUp, uniqueIfName } from '../harness/netdev.js';
+import { addAddress, freeTestSubnet, CleanupStack, disableIpv6, getMtu, linkExists, run as runHost, setLinkUp, uniqueIfName } from '../harness/netdev.js';
 import { waitUntil } from '../harness/processes.js';
 import { GuestVm } from './guest-vm.js';
 import { mibPerSec, sendRandom, TcpSink, type TransferResult } from './host-endpoint.js';
@@ -24,16 +24,8 @@ interface Subnet {
   host: string;
   guest: string;
 }
-const subnet = (second: 18 | 19): Subnet => {
-  const used = runHost(['ip', '-4', '-o', 'addr', 'show']);
-  for (let i = 0; i < 200; i++) {
-    const net = `198.${second}.${20 + ((process.pid + i) % 200)}`;
-    if (!used.includes(` ${net}.`)) return { host: `${net}.1`, guest: `${net}.2` };
-  }
-  throw new Error(`no free /24 in 198.${second}.0.0/16`);
-};
-const VHOST_NET = subnet(18);
-const TAP_NET = subnet(19);
+const VHOST_NET: Subnet = freeTestSubnet(18);
+const TAP_NET: Subnet = freeTestSubnet(19);
 const MAC = '52:54:00:5a:17:01';
 const MTU = 1400;
 const QUEUES = 2;

@@ -4,7 +4,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { startBackend, tempDir, type Backend } from '../harness/backend.js';
-import { addAddress, CleanupStack, disableIpv6, run as runHost, setLinkUp, uniqueIfName } from '../harness/netdev.js';
+import { addAddress, freeTestSubnet, CleanupStack, disableIpv6, run as runHost, setLinkUp, uniqueIfName } from '../harness/netdev.js';
 import { waitUntil } from '../harness/processes.js';
 import { PacketSocket, bytesToMac } from '../harness/packet-socket.js';
 import { udpFrame, seqOf } from '../harness/frames.js';
@@ -33,10 +33,7 @@ const MODULE = path.join(VM_IMAGES, 'out/virtio_net_offload.ko');
 const GUEST_KO = '/lib/vxdp/virtio_net_offload.ko';
 const MAC = '52:54:00:5a:17:05';
 const QUEUES = 2;
-const net = ((): { host: string; guest: string } => {
-  const n = `198.18.${(process.pid % 200) + 30}`;
-  return { host: `${n}.1`, guest: `${n}.2` };
-})();
+const net = freeTestSubnet(18);
 
 interface PairCounters { rxPackets: number; txPackets: number; rxBytes: number; txBytes: number }
 
@@ -211,8 +208,7 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
   const socket = path.join(dir, 'vhost.sock');
   const tap = uniqueIfName('vxo');
   const name = 'offe2e';
-  const n = `198.19.${(process.pid % 200) + 30}`;
-  const e2e = { host: `${n}.1`, guest: `${n}.2` };
+  const e2e = freeTestSubnet(19);
   let be: Backend | undefined;
   let vm: GuestVm | undefined;
   const guest = (): GuestVm => {
@@ -271,7 +267,10 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
     // The guest's map is the host's: its counter matches the host's verdict counter.
     const dump = await sh(vm, 'bpftool -j map dump name drop_count');
     const value = (JSON.parse(dump) as { value: string[] }[])[0]!.value;
-    expect(Number.parseInt(value[0]!, 16) + 256 * Number.parseInt(value[1]!, 16)).toBe(drop0 + drops);
+    // A stray host frame (ARP) may be dropped between reading the verdicts and the dump.
+    const mapped = Number.parseInt(value[0]!, 16) + 256 * Number.parseInt(value[1]!, 16);
+    expect(mapped).toBeGreaterThanOrEqual(drop0 + drops);
+    expect(mapped).toBeLessThanOrEqual(drop0 + drops + 5);
     // Written from the guest, counted on by the host program (stray host frames may add a few).
     const counter = async (): Promise<number> => {
       const v = (JSON.parse(await sh(vm, 'bpftool -j map lookup name drop_count key 0 0 0 0')) as { value: string[] }).value;

@@ -245,3 +245,17 @@ export class CleanupStack {
     return errs;
   }
 }
+
+/**
+ * A /24 of the benchmark range (198.18.0.0/15) that no host interface uses now, as host .1 and
+ * guest .2: other tests and other sessions' guests may be running, and a shared subnet would
+ * answer each other's pings.
+ */
+export function freeTestSubnet(second: 18 | 19): { host: string; guest: string } {
+  const used = run(['ip', '-4', '-o', 'addr', 'show']);
+  for (let i = 0; i < 200; i++) {
+    const net = `198.${second}.${20 + ((process.pid + i) % 200)}`;
+    if (!used.includes(` ${net}.`)) return { host: `${net}.1`, guest: `${net}.2` };
+  }
+  throw new Error(`no free /24 in 198.${second}.0.0/16`);
+}
