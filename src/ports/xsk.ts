@@ -1,0 +1,456 @@
+import fs from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { raw, MAP_FAILED, MAP_PRIVATE, MAP_ANONYMOUS, PROT_READ, PROT_WRITE, SysError, lastErrno, Errno, ifNameToIndex } from '../sys/libc.js';
+import {
+  XskSocket, remapSharedAt, XDP_UMEM_UNALIGNED_CHUNK_FLAG, XDP_COPY, XDP_USE_NEED_WAKEUP, XDP_SHARED_UMEM,
+  XDP_PACKET_HEADROOM, XDP_UMEM_MIN_CHUNK_SIZE, type SocketRingLayouts, type XskStatistics,
+} from '../sys/xsk.js';
+import {
+  BpfMap, BpfMapType, progLoad, encodeInsns, xdpAttach, xdpDetach, closeBpfFd, XDP_FLAGS_DRV_MODE, XDP_PASS,
+  BPF_PSEUDO_MAP_FD,
+} from '../sys/libbpf.js';
+import type { RegionInfo } from '../vhost-user/guest-memory.js';
+import type { Port } from './port.js';
+
+const PAGE = 4096;
+const IFNAMSIZ = 16;
+/** Ethernet header + one VLAN tag: the largest frame at a given MTU. */
+const L2_OVERHEAD = 18;
+const MiB = 1024 * 1024;
+
+/** A guest memory region as the UMEM holds it. */
+export interface UmemRegion {
+  gpa: number;
+  size: number;
+  /** Where the region starts inside the UMEM (UMEM addresses are offsets from its start). */
+  umemOffset: number;
+}
+
+/** The UMEM geometry every path of a device shares (plain data: posted to workers). */
+export interface XskUmemInfo {
+  /** Our virtual address of UMEM offset 0. */
+  address: number;
+  length: number;
+  chunkSize: number;
+  /** UMEM headroom: the kernel puts a received frame at chunk + headroom + XDP_PACKET_HEADROOM. */
+  headroom: number;
+  /** headroom + XDP_PACKET_HEADROOM. */
+  frameOffset: number;
+  /** Largest frame the kernel delivers (chunkSize - frameOffset); larger ones it drops. */
+  maxFrame: number;
+  /** Guest regions inside the UMEM; empty in bounce-only mode. */
+  regions: UmemRegion[];
+  /** 'zero-copy': guest RAM is in the UMEM; 'bounce': only private chunks (over the pin limit). */
+  mode: 'zero-copy' | 'bounce';
+}
+
+/** What a worker needs to run one queue pair over its AF_XDP socket (plain data). */
+export interface XskQueueConfig {
+  kind: 'xsk';
+  /** The backend-owned veth end. */
+  ifname: string;
+  ifindex: number;
+  queueId: number;
+  fd: number;
+  rings: SocketRingLayouts;
+  umem: XskUmemInfo;
+  /** This pair's private chunks (UMEM offsets, chunkSize apart) for frames that cannot go zero-copy. */
+  rxBounce: { offset: number; count: number };
+  txBounce: { offset: number; count: number };
+}
+
+export interface XskPortOptions {
+  /** Name of the backend-owned veth end (default: derived from ifname). */
+  peerName?: string;
+  /** MTU of both veth ends; decides the largest frame a guest buffer must hold (default 1500). */
+  mtu?: number;
+  /** Pinned-memory quota for this device's UMEM in bytes (default 4 GiB). Over it: bounce-only. */
+  pinLimitBytes?: number;
+  /** Entries of each AF_XDP ring (default 2048). */
+  ringSize?: number;
+  /** Private bounce chunks per direction and pair (default 64). */
+  bounceChunks?: number;
+}
+
+// ---------------------------------------------------------------------------------------
+// The UMEM over guest RAM
+
+/**
+ * A virtual range laid out as [private bounce chunks][gap][region 0][gap][region 1]...: the
+ * regions are second mappings of the guest's memfd pages (mremap of the session's mapping),
+ * so the kernel writes received frames straight into guest RAM. The gap before each region is
+ * private memory at least one frameOffset long: a guest buffer at the very start of a region
+ * then still has its chunk (which starts frameOffset before the frame) inside the UMEM, and
+ * nothing of another region lies in that headroom.
+ */
+export class GuestUmem {
+  readonly info: XskUmemInfo;
+  private released = false;
+
+  private constructor(info: XskUmemInfo) {
+    this.info = info;
+  }
+
+  static create(regions: readonly RegionInfo[], opts: { maxFrame: number; bounceBytes: number; pinLimitBytes: number }): GuestUmem {
+    const chunkSize = opts.maxFrame + XDP_PACKET_HEADROOM <= XDP_UMEM_MIN_CHUNK_SIZE ? XDP_UMEM_MIN_CHUNK_SIZE : PAGE;
+    if (opts.maxFrame + XDP_PACKET_HEADROOM > chunkSize) {
+      throw new SysError('xsk umem', Errno.EINVAL, `frames of ${opts.maxFrame} bytes do not fit a ${chunkSize}-byte chunk (MTU too large for AF_XDP without multi-buffer)`);
+    }
+    // The headroom shrinks the largest frame the kernel will write to exactly maxFrame.
+    const headroom = chunkSize - XDP_PACKET_HEADROOM - opts.maxFrame;
+    const frameOffset = headroom + XDP_PACKET_HEADROOM;
+    const gap = roundUp(frameOffset, PAGE);
+    const bounce = roundUp(opts.bounceBytes, PAGE);
+    // Regions whose mapping is not page-aligned cannot be remapped; their buffers bounce.
+    const usable = regions.filter((r) => r.hostAddress % PAGE === 0 && r.size % PAGE === 0 && r.size > 0);
+    let length = bounce;
+    for (const r of usable) length += gap + r.size;
+    const zeroCopy = usable.length > 0 && length <= opts.pinLimitBytes;
+    if (!zeroCopy) length = bounce + gap;
+    if (length > opts.pinLimitBytes) {
+      throw new SysError('xsk umem', Errno.ENOMEM, `bounce area of ${length} bytes exceeds the pin limit of ${opts.pinLimitBytes}`);
+    }
+    const address = raw.mmap(0, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (address === MAP_FAILED) throw new SysError('mmap', lastErrno(), `UMEM reservation of ${length} bytes`);
+    const placed: UmemRegion[] = [];
+    try {
+      if (zeroCopy) {
+        let off = bounce;
+        for (const r of usable) {
+          off += gap;
+          remapSharedAt(r.hostAddress, r.size, address + off);
+          placed.push({ gpa: r.gpa, size: r.size, umemOffset: off });
+          off += r.size;
+        }
+      }
+    } catch (e) {
+      raw.munmap(address, length);
+      throw e;
+    }
+    return new GuestUmem({
+      address, length, chunkSize, headroom, frameOffset, maxFrame: opts.maxFrame, regions: placed,
+      mode: zeroCopy ? 'zero-copy' : 'bounce',
+    });
+  }
+
+  /** Unmaps our second view of guest RAM (the kernel keeps its own pins until the last socket closes). */
+  release(): void {
+    if (this.released) return;
+    this.released = true;
+    raw.munmap(this.info.address, this.info.length);
+  }
+}
+
+function roundUp(v: number, a: number): number {
+  return Math.ceil(v / a) * a;
+}
+
+// ---------------------------------------------------------------------------------------
+// The redirect program
+
+/**
+ * return bpf_redirect_map(&xskmap, ctx->rx_queue_index, XDP_PASS): every frame of a queue
+ * goes to that queue's socket; a queue without one passes to the (address-less) peer stack.
+ */
+export function redirectProgramInsns(xskMapFd: number): Uint8Array {
+  return encodeInsns([
+    { code: 0x61, dst: 2, src: 1, off: 16 }, // r2 = ctx->rx_queue_index (struct xdp_md @16)
+    { code: 0x18, dst: 1, src: BPF_PSEUDO_MAP_FD, imm: xskMapFd }, { code: 0 }, // r1 = &xskmap
+    { code: 0xb7, dst: 3, imm: XDP_PASS }, // r3 = fallback action
+    { code: 0x85, imm: 51 }, // call bpf_redirect_map
+    { code: 0x95 }, // exit
+  ]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Link setup (control path: iproute2 is clearer than rtnetlink by hand)
+
+function ip(args: string[]): void {
+  const r = spawnSync('ip', args, { encoding: 'utf8', timeout: 10_000 });
+  if (r.status !== 0) throw new Error(`ip ${args.join(' ')}: ${(r.stderr || r.error?.message || '').trim()}`);
+}
+
+function linkExists(name: string): boolean {
+  return fs.existsSync(`/sys/class/net/${name}`);
+}
+
+function writeSysctl(path: string, value: string): void {
+  try {
+    fs.writeFileSync(path, value);
+  } catch {
+    // IPv6 may be compiled out; then there is nothing to silence.
+  }
+}
+
+function readCounter(name: string, counter: string): number {
+  try {
+    return Number(fs.readFileSync(`/sys/class/net/${name}/statistics/${counter}`, 'utf8'));
+  } catch {
+    return 0;
+  }
+}
+
+/** The default name of the backend's veth end: ifname + 'x', cut to IFNAMSIZ-1. */
+export function defaultPeerName(ifname: string): string {
+  const base = ifname.length < IFNAMSIZ - 1 ? ifname : ifname.slice(0, IFNAMSIZ - 2);
+  const peer = `${base}x`;
+  return peer === ifname ? `${base}y` : peer;
+}
+
+// ---------------------------------------------------------------------------------------
+// The port
+
+interface PairSocket { sock: XskSocket; cfg: XskQueueConfig; enabled: boolean }
+
+/**
+ * `--port xsk:IFNAME`: a veth pair whose IFNAME end belongs to the host's users and whose peer
+ * belongs to the backend: an XDP program on the peer redirects each receive queue to the AF_XDP
+ * socket of the same queue pair, and the sockets share one UMEM laid over guest RAM.
+ *
+ * Lifecycle: create() builds the link and program; attachMemory() (per memory table) builds
+ * the UMEM view; queueConfig(pair) opens that pair's socket (registering/pinning the UMEM with
+ * the first one); releaseQueue(pair) closes it — after which the kernel can no longer write
+ * into guest buffers it was given; detachMemory() closes every socket and the UMEM view.
+ */
+export class XskPort implements Omit<Port, 'queueConfig'> {
+  readonly kind = 'xsk';
+  readonly created = true;
+  readonly peer: string;
+  readonly pinLimitBytes: number;
+  private readonly peerIfindex: number;
+  private readonly ringSize: number;
+  private readonly bounceChunks: number;
+  private mtu: number;
+  private readonly xskMap: BpfMap;
+  private readonly redirectFd: number;
+  private programFd: number;
+  private umem: GuestUmem | null = null;
+  private readonly sockets = new Map<number, PairSocket>();
+  private disabled = new Set<number>();
+  private closed = false;
+  /** Bytes the kernel holds pinned for this device's UMEM right now. */
+  pinnedBytes = 0;
+
+  private constructor(readonly ifname: string, readonly queuePairs: number, opts: XskPortOptions,
+    peer: string, peerIfindex: number, xskMap: BpfMap, redirectFd: number) {
+    this.peer = peer;
+    this.peerIfindex = peerIfindex;
+    this.xskMap = xskMap;
+    this.redirectFd = redirectFd;
+    this.programFd = redirectFd;
+    this.pinLimitBytes = opts.pinLimitBytes ?? 4096 * MiB;
+    this.ringSize = opts.ringSize ?? 2048;
+    this.bounceChunks = opts.bounceChunks ?? 64;
+    this.mtu = opts.mtu ?? 1500;
+  }
+
+  static create(ifname: string, queuePairs: number, opts: XskPortOptions = {}): XskPort {
+    if (!/^[A-Za-z0-9_.-]{1,15}$/.test(ifname)) throw new SysError('xsk port', Errno.EINVAL, `interface name '${ifname}'`);
+    if (!Number.isInteger(queuePairs) || queuePairs < 1 || queuePairs > 256) throw new SysError('xsk port', Errno.EINVAL, `${queuePairs} queue pairs`);
+    const ring = opts.ringSize ?? 2048;
+    if (ring < 64 || ring > 32768 || (ring & (ring - 1)) !== 0) throw new SysError('xsk port', Errno.EINVAL, `ring size ${ring}`);
+    const peer = opts.peerName ?? defaultPeerName(ifname);
+    if (linkExists(ifname)) throw new SysError('xsk port', Errno.EEXIST, `${ifname} already exists`);
+    const n = String(queuePairs);
+    const mtu = String(opts.mtu ?? 1500);
+    ip(['link', 'add', ifname, 'numtxqueues', n, 'numrxqueues', n, 'mtu', mtu, 'type', 'veth',
+      'peer', 'name', peer, 'numtxqueues', n, 'numrxqueues', n, 'mtu', mtu]);
+    let map: BpfMap | null = null;
+    let prog = -1;
+    try {
+      // The peer has no addresses; without IPv6 it emits nothing the host would take for guest traffic.
+      writeSysctl(`/proc/sys/net/ipv6/conf/${peer}/disable_ipv6`, '1');
+      const peerIfindex = ifNameToIndex(peer);
+      map = BpfMap.create(BpfMapType.XSKMAP, 4, 4, queuePairs, { name: 'vx_xskmap' });
+      prog = progLoad(redirectProgramInsns(map.fd), { license: 'GPL', name: 'vx_xsk_redir' });
+      xdpAttach(peerIfindex, prog, XDP_FLAGS_DRV_MODE);
+      // Host frames must reach the guest with complete checksums: AF_XDP copies bytes and has no
+      // way to say "checksum partial", so the host end computes them in software.
+      spawnSync('ethtool', ['-K', ifname, 'tx', 'off'], { timeout: 10_000 });
+      ip(['link', 'set', 'dev', peer, 'up']);
+      ip(['link', 'set', 'dev', ifname, 'up']);
+      return new XskPort(ifname, queuePairs, opts, peer, peerIfindex, map, prog);
+    } catch (e) {
+      if (prog >= 0) closeBpfFd(prog);
+      map?.close();
+      spawnSync('ip', ['link', 'delete', ifname]);
+      throw e;
+    }
+  }
+
+  /** The XSKMAP fd (key = queue pair, value = socket fd) the composed program redirects into. */
+  get xskMapFd(): number { return this.xskMap.fd; }
+  get peerIndex(): number { return this.peerIfindex; }
+  get umemInfo(): XskUmemInfo | null { return this.umem?.info ?? null; }
+
+  /**
+   * Replaces the XDP program on the peer (atomically) with progFd, which must redirect into
+   * xskMapFd; -1 puts the plain redirect program back. The caller keeps ownership of progFd.
+   */
+  setProgram(progFd: number): void {
+    const fd = progFd >= 0 ? progFd : this.redirectFd;
+    xdpAttach(this.peerIfindex, fd, XDP_FLAGS_DRV_MODE);
+    this.programFd = fd;
+  }
+
+  /** Largest frame a guest RX buffer must hold (past the vnet header) to receive without a copy. */
+  get maxFrame(): number { return this.mtu + L2_OVERHEAD; }
+
+  /**
+   * Builds the UMEM view for a new memory table (closing the sockets of the previous one). The
+   * datapath must have stopped every ring first. Over the pin limit, the UMEM holds only the
+   * bounce chunks and every frame is copied (counted).
+   */
+  attachMemory(regions: readonly RegionInfo[]): XskUmemInfo {
+    this.detachMemory();
+    const perPair = 2 * this.bounceChunks;
+    const chunk = this.maxFrame + XDP_PACKET_HEADROOM <= XDP_UMEM_MIN_CHUNK_SIZE ? XDP_UMEM_MIN_CHUNK_SIZE : PAGE;
+    this.umem = GuestUmem.create(regions, {
+      maxFrame: this.maxFrame, bounceBytes: this.queuePairs * perPair * chunk, pinLimitBytes: this.pinLimitBytes,
+    });
+    return this.umem.info;
+  }
+
+  /** Closes every socket (the kernel unpins the UMEM) and drops the UMEM view. */
+  detachMemory(): void {
+    for (const pair of [...this.sockets.keys()]) this.releaseQueue(pair);
+    this.umem?.release();
+    this.umem = null;
+  }
+
+  /**
+   * Opens (or returns) the AF_XDP socket of a pair, bound to the same queue of the peer, and
+   * publishes it in the XSKMAP. The first socket registers the UMEM (the pin); the others
+   * share it (XDP_SHARED_UMEM), each with its own fill and completion rings.
+   */
+  queueConfig(pair: number): XskQueueConfig {
+    if (this.closed) throw new Error(`${this.ifname}: port closed`);
+    const open = this.sockets.get(pair);
+    if (open) return open.cfg;
+    if (!(Number.isInteger(pair) && pair >= 0 && pair < this.queuePairs)) throw new Error(`${this.ifname}: no queue pair ${pair}`);
+    const umem = this.umem;
+    if (!umem) throw new Error(`${this.ifname}: no guest memory attached yet (the UMEM is per memory table)`);
+    const info = umem.info;
+    const sock = XskSocket.create();
+    try {
+      const sizes = { fill: this.ringSize, completion: this.ringSize, rx: this.ringSize, tx: this.ringSize };
+      const share = this.sockets.values().next().value as PairSocket | undefined;
+      if (!share) {
+        sock.registerUmem({ address: info.address, length: info.length, chunkSize: info.chunkSize, headroom: info.headroom, flags: XDP_UMEM_UNALIGNED_CHUNK_FLAG });
+      }
+      sock.setRingSizes(sizes);
+      const rings = sock.mapRings(sizes);
+      // veth has no zero-copy driver support: copy mode, where only the TX side needs a syscall.
+      if (share) sock.bind(this.peerIfindex, pair, XDP_SHARED_UMEM, share.sock.fd);
+      else sock.bind(this.peerIfindex, pair, XDP_COPY | XDP_USE_NEED_WAKEUP);
+      const chunksBefore = pair * 2 * this.bounceChunks;
+      const cfg: XskQueueConfig = {
+        kind: 'xsk', ifname: this.peer, ifindex: this.peerIfindex, queueId: pair, fd: sock.fd, rings, umem: info,
+        rxBounce: { offset: chunksBefore * info.chunkSize, count: this.bounceChunks },
+        txBounce: { offset: (chunksBefore + this.bounceChunks) * info.chunkSize, count: this.bounceChunks },
+      };
+      const entry: PairSocket = { sock, cfg, enabled: !this.disabled.has(pair) };
+      if (entry.enabled) this.publish(pair, sock.fd);
+      this.sockets.set(pair, entry);
+      if (!share) this.pinnedBytes = info.length;
+      return cfg;
+    } catch (e) {
+      sock.close();
+      throw e;
+    }
+  }
+
+  private publish(pair: number, fd: number): void {
+    const k = new Uint8Array(4);
+    new DataView(k.buffer).setUint32(0, pair, true);
+    const v = new Uint8Array(4);
+    new DataView(v.buffer).setUint32(0, fd, true);
+    this.xskMap.update(k, v);
+  }
+
+  private unpublish(pair: number): void {
+    const k = new Uint8Array(4);
+    new DataView(k.buffer).setUint32(0, pair, true);
+    this.xskMap.delete(k);
+  }
+
+  /**
+   * Closes a pair's socket. Closing waits for in-flight receive paths (synchronize_net in
+   * xsk_release), so once this returns the kernel writes nothing more into the guest buffers
+   * that pair posted: call it after the worker stopped the pair's rings and before telling
+   * the frontend the ring is stopped.
+   */
+  releaseQueue(pair: number): void {
+    const e = this.sockets.get(pair);
+    if (!e) return;
+    this.sockets.delete(pair);
+    e.sock.close();
+    if (this.sockets.size === 0) this.pinnedBytes = 0;
+  }
+
+  statistics(pair: number): XskStatistics | null {
+    return this.sockets.get(pair)?.sock.statistics() ?? null;
+  }
+
+  setMtu(mtu: number): void {
+    if (!Number.isInteger(mtu) || mtu < 68 || mtu + L2_OVERHEAD + XDP_PACKET_HEADROOM > PAGE) {
+      throw new SysError('xsk port', Errno.EINVAL, `MTU ${mtu} (AF_XDP copy mode without multi-buffer takes up to ${PAGE - XDP_PACKET_HEADROOM - L2_OVERHEAD})`);
+    }
+    ip(['link', 'set', 'dev', this.peer, 'mtu', String(mtu)]);
+    ip(['link', 'set', 'dev', this.ifname, 'mtu', String(mtu)]);
+    // The chunk geometry follows at the next attachMemory; until then larger frames are dropped
+    // by the kernel (never written past a buffer).
+    this.mtu = mtu;
+  }
+
+  /** AF_XDP carries plain frames: no checksum or segmentation offload can be honoured. */
+  configureOffloads(o: { vnetHeaderLength: number; csum: boolean; tso4: boolean; tso6: boolean; ecn: boolean }): void {
+    if (o.csum || o.tso4 || o.tso6) {
+      throw new SysError('xsk port', Errno.EOPNOTSUPP, 'checksum/TSO offloads cannot be honoured over AF_XDP; do not offer them on an xsk port');
+    }
+  }
+
+  /**
+   * A disabled pair's socket leaves the XSKMAP (its queue's frames fall to the peer stack),
+   * and the host side transmits on as many queues as are enabled, so host traffic steers to the
+   * enabled ones (guests enable a prefix of their pairs).
+   */
+  setQueueEnabled(pair: number, enabled: boolean): void {
+    if (!(Number.isInteger(pair) && pair >= 0 && pair < this.queuePairs)) return;
+    if (enabled) this.disabled.delete(pair);
+    else this.disabled.add(pair);
+    const e = this.sockets.get(pair);
+    if (e && e.enabled !== enabled) {
+      if (enabled) this.publish(pair, e.sock.fd);
+      else this.unpublish(pair);
+      e.enabled = enabled;
+    }
+    if (this.queuePairs > 1) {
+      const active = Math.max(1, this.queuePairs - this.disabled.size);
+      spawnSync('ethtool', ['-L', this.ifname, 'tx', String(active)], { timeout: 10_000 });
+    }
+  }
+
+  stats() {
+    const n = this.ifname;
+    return {
+      rxPackets: readCounter(n, 'rx_packets'), txPackets: readCounter(n, 'tx_packets'),
+      rxBytes: readCounter(n, 'rx_bytes'), txBytes: readCounter(n, 'tx_bytes'),
+      rxDropped: readCounter(n, 'rx_dropped'), txDropped: readCounter(n, 'tx_dropped'),
+    };
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.detachMemory();
+    try {
+      xdpDetach(this.peerIfindex, XDP_FLAGS_DRV_MODE);
+    } catch {
+      // The link may already be gone.
+    }
+    closeBpfFd(this.redirectFd);
+    this.xskMap.close();
+    spawnSync('ip', ['link', 'delete', this.ifname], { timeout: 10_000 });
+  }
+}
