@@ -13,6 +13,7 @@ import { TestRunner, closeBpfFd, progGetFdById } from '../sys/libbpf.js';
 import { OffloadBroker } from '../offload/broker.js';
 import { validateQuotas } from '../offload/quotas.js';
 import { RxPath, TxPath, BURST, type PathContext, type OffloadLink } from './queue-paths.js';
+import { XskQueue, XskRxPath, XskTxPath } from './xsk-paths.js';
 import { C, COUNTERS } from './stats.js';
 import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type DatapathEvent, type DatapathRequest, type DatapathWorkerData, type FrameFormat, type OffloadInit, type OffloadMethod } from './datapath-messages.js';
 
@@ -28,7 +29,8 @@ const TOKEN_HOST = 3 << 16;
 let memory: GuestMemory | null = null;
 let format: FrameFormat = { eventIdx: false, headerLength: 12, mergeable: false, maxFrame: 1518 + 12 };
 const hosts = new Map<number, HostQueue>();
-interface Running { cfg: VringConfig; rx?: RxPath; tx?: TxPath; }
+// Tap queues use the iovec paths; AF_XDP queues the ring paths (same process() contract).
+interface Running { cfg: VringConfig; rx?: RxPath | XskRxPath; tx?: TxPath | XskTxPath; }
 const vrings = new Map<number, Running>();
 let exiting = false;
 /** Sequence number of the control request being handled (object results carry it). */
@@ -64,7 +66,7 @@ function claimChanged(pair: number, claimed: boolean): void {
     log.warn(`pair ${pair}: ${(e as Error).message}`);
   }
   const rx = vrings.get(pair * 2)?.rx;
-  if (rx) rx.runner = claimed ? null : runner?.runner ?? null;
+  if (rx instanceof RxPath) rx.runner = claimed ? null : runner?.runner ?? null;
   if (vrings.has(pair * 2)) hostArmed(pair, !claimed);
   log.info(`offload pair ${pair} ${claimed ? 'claimed by the guest' : 'released: back to data use'}`);
 }
@@ -110,14 +112,14 @@ function setProgram(progFd: number): void {
     runner = null;
   }
   if (progFd >= 0) runner = { fd: progFd, runner: new TestRunner(progFd) };
-  for (const v of vrings.values()) if (v.rx) v.rx.runner = offloadPairs.get(v.cfg.index >> 1)?.claimed ? null : runner?.runner ?? null;
+  for (const v of vrings.values()) if (v.rx instanceof RxPath) v.rx.runner = offloadPairs.get(v.cfg.index >> 1)?.claimed ? null : runner?.runner ?? null;
 }
 
 /** Sends queued offload responses of a pair while the guest has buffers for them. */
 function flushReplies(pair: number): void {
   const link = offloadPairs.get(pair);
   const rx = vrings.get(pair * 2)?.rx;
-  if (!link || !rx) return;
+  if (!link || !(rx instanceof RxPath)) return;
   while (link.pending.length > 0 && rx.deliverMessage(link.pending[0]!)) link.pending.shift();
 }
 
@@ -151,14 +153,24 @@ function start(cfg: VringConfig): void {
   const usedRegion = memory.regionFor(cfg.usedGpa, 4);
   q.usedIdx = usedRegion.view.getUint16(cfg.usedGpa - usedRegion.gpa + 2, true);
   const run: Running = { cfg };
-  if (cfg.index % 2 === 0) {
-    run.rx = new RxPath(q, cfg.index, cfg.callFd, context(pair), host, memory, format.headerLength, format.mergeable, format.maxFrame);
-    run.rx.runner = offloadPairs.get(pair)?.claimed ? null : runner?.runner ?? null;
+  if (host instanceof XskQueue) {
+    // AF_XDP: the kernel writes into and reads from guest buffers; programs run in the kernel.
+    if (cfg.index % 2 === 0) {
+      run.rx = new XskRxPath(q, cfg.index, cfg.callFd, context(pair), host, memory, format.headerLength);
+      q.setKickNotification(false);
+    } else {
+      run.tx = new XskTxPath(q, cfg.index, cfg.callFd, context(pair), host, memory, format.headerLength);
+    }
+  } else if (cfg.index % 2 === 0) {
+    const rx = new RxPath(q, cfg.index, cfg.callFd, context(pair), host, memory, format.headerLength, format.mergeable, format.maxFrame);
+    rx.runner = offloadPairs.get(pair)?.claimed ? null : runner?.runner ?? null;
+    run.rx = rx;
     // Kicks on the receive queue matter only while we wait for buffers.
     q.setKickNotification(false);
   } else {
-    run.tx = new TxPath(q, cfg.index, cfg.callFd, context(pair), host, format.headerLength, memory);
-    run.tx.offload = offloadPairs.get(pair) ?? null;
+    const tx = new TxPath(q, cfg.index, cfg.callFd, context(pair), host, format.headerLength, memory);
+    tx.offload = offloadPairs.get(pair) ?? null;
+    run.tx = tx;
   }
   epoll.add(cfg.kickFd, EPOLLIN, TOKEN_KICK | cfg.index);
   vrings.set(cfg.index, run);
@@ -321,8 +333,12 @@ parentPort?.postMessage({ ready: true });
 
 while (!exiting) {
   // Busy-poll spins on every running vring; otherwise sleep in epoll until something is ready.
-  const timeout = data.busyPoll || pending.size > 0 ? 0 : 1000;
+  // AF_XDP completions arrive without a wakeup of ours: poll them every millisecond meanwhile.
+  let inFlight = false;
+  for (const v of vrings.values()) if (v.tx instanceof XskTxPath && v.tx.inFlight > 0) inFlight = true;
+  const timeout = data.busyPoll || pending.size > 0 ? 0 : inFlight ? 1 : 1000;
   epoll.wait(timeout, onEvent);
+  if (inFlight) for (const [i, v] of vrings) if (v.tx instanceof XskTxPath && v.tx.inFlight > 0 && v.tx.process(BURST, !data.busyPoll)) pending.add(i);
   if (data.busyPoll) {
     for (const i of vrings.keys()) serve(i);
   } else if (pending.size > 0) {

@@ -65,7 +65,10 @@ export class NetDevice implements VhostUserBackend {
         if (e.kind === 'offload-state') this.offloadState(e.claimed, e.program);
       });
     });
-    for (let p = 0; p < opts.queuePairs; p++) this.threadFor(p).request({ op: 'host', pair: p, cfg: opts.port.queueConfig(p) });
+    // Queues over guest RAM (AF_XDP) open when their pair starts; the others open now.
+    if (!opts.port.needsGuestMemory) {
+      for (let p = 0; p < opts.queuePairs; p++) this.threadFor(p).request({ op: 'host', pair: p, cfg: opts.port.queueConfig(p) });
+    }
     this.broker = opts.offload ? new OffloadHandle(this.threadFor(this.offloadPair)) : null;
     if (opts.offload) this.threadFor(this.offloadPair).request({ op: 'offload', pair: this.offloadPair, init: opts.offload });
   }
@@ -101,6 +104,10 @@ export class NetDevice implements VhostUserBackend {
   deviceFeatures(): bigint {
     let f = OFFERED_FEATURES;
     if (this.opts.queuePairs < 2) f &= ~bit(F.MQ);
+    // A port that carries plain frames (AF_XDP) cannot finish checksums or segment for anyone.
+    if (this.port.offloads === false) {
+      for (const b of [F.CSUM, F.GUEST_CSUM, F.CTRL_GUEST_OFFLOADS, F.GUEST_TSO4, F.GUEST_TSO6, F.GUEST_ECN, F.HOST_TSO4, F.HOST_TSO6, F.HOST_ECN]) f &= ~bit(b);
+    }
     return f;
   }
 
@@ -150,10 +157,34 @@ export class NetDevice implements VhostUserBackend {
   }
 
   memoryChanged(regions: RegionInfo[]): void {
+    if (this.port.needsGuestMemory) {
+      // The rings are stopped; the workers drop their queues before the UMEM goes away.
+      for (const pair of [...this.openQueues]) this.releaseQueue(pair);
+      if (regions.length > 0) this.port.attachMemory?.(regions);
+      else this.port.detachMemory?.();
+    }
     for (const t of this.threads) t.request({ op: 'memory', regions });
   }
 
+  /** Pairs whose port queue is open in a worker (ports over guest RAM only). */
+  private readonly openQueues = new Set<number>();
+
+  private releaseQueue(pair: number): void {
+    this.openQueues.delete(pair);
+    try {
+      this.threadFor(pair).request({ op: 'host', pair, cfg: null });
+    } finally {
+      // Closing the socket is what stops the kernel writing into guest buffers.
+      this.port.releaseQueue?.(pair);
+    }
+  }
+
   startVring(cfg: VringConfig): void {
+    const pair = cfg.index >> 1;
+    if (this.port.needsGuestMemory && !this.openQueues.has(pair)) {
+      this.threadFor(pair).request({ op: 'host', pair, cfg: this.port.queueConfig(pair) });
+      this.openQueues.add(pair);
+    }
     this.threadFor(cfg.index >> 1).request({ op: 'start', vring: cfg });
     this.running.add(cfg.index);
     this.connected = true;
@@ -169,6 +200,9 @@ export class NetDevice implements VhostUserBackend {
       return last;
     } finally {
       this.running.delete(index);
+      const pair = index >> 1;
+      // Both rings of a pair share one AF_XDP socket: release it once neither runs.
+      if (this.openQueues.has(pair) && !this.running.has(2 * pair) && !this.running.has(2 * pair + 1)) this.releaseQueue(pair);
     }
   }
 

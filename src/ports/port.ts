@@ -13,8 +13,11 @@ export interface HostQueue {
   setAttached?(attached: boolean): void;
 }
 
+import type { XskQueueConfig } from './xsk.js';
+import type { RegionInfo } from '../vhost-user/guest-memory.js';
+
 /** What a worker needs to open its side of a port queue (plain data: posted to workers). */
-export type HostQueueConfig = { kind: 'tap'; fd: number; ifname: string };
+export type HostQueueConfig = { kind: 'tap'; fd: number; ifname: string } | XskQueueConfig;
 
 /** The control-plane side of a port. */
 export interface Port {
@@ -22,6 +25,16 @@ export interface Port {
   readonly ifname: string;
   readonly queuePairs: number;
   queueConfig(pair: number): HostQueueConfig;
+  /**
+   * Ports whose queues live over guest RAM (AF_XDP): queues open only once memory is attached,
+   * open anew for every start of a pair, and are released when the pair stops.
+   */
+  readonly needsGuestMemory?: boolean;
+  attachMemory?(regions: readonly RegionInfo[]): unknown;
+  detachMemory?(): void;
+  releaseQueue?(pair: number): void;
+  /** Checksum and segmentation offloads this port can honour (tap: all; AF_XDP: none). */
+  readonly offloads?: boolean;
   setMtu(mtu: number): void;
   /** Guest receive offloads acked (checksum, TSO) and the vnet header length in use. */
   configureOffloads(opts: { vnetHeaderLength: number; csum: boolean; tso4: boolean; tso6: boolean; ecn: boolean }): void;

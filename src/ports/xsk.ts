@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { raw, MAP_FAILED, MAP_PRIVATE, MAP_ANONYMOUS, PROT_READ, PROT_WRITE, SysError, lastErrno, Errno, ifNameToIndex } from '../sys/libc.js';
 import {
-  XskSocket, remapSharedAt, XDP_UMEM_UNALIGNED_CHUNK_FLAG, XDP_COPY, XDP_USE_NEED_WAKEUP, XDP_SHARED_UMEM,
+  XskSocket, remapSharedAt, mapFileAt, XDP_UMEM_UNALIGNED_CHUNK_FLAG, XDP_COPY, XDP_USE_NEED_WAKEUP, XDP_SHARED_UMEM,
   XDP_PACKET_HEADROOM, XDP_UMEM_MIN_CHUNK_SIZE, type SocketRingLayouts, type XskStatistics,
 } from '../sys/xsk.js';
 import {
@@ -13,6 +13,8 @@ import type { RegionInfo } from '../vhost-user/guest-memory.js';
 import type { Port } from './port.js';
 
 const PAGE = 4096;
+/** Placement alignment of guest regions inside the UMEM (the hugetlbfs page size). */
+const HUGE = 2 << 20;
 const IFNAMSIZ = 16;
 /** Ethernet header + one VLAN tag: the largest frame at a given MTU. */
 const L2_OVERHEAD = 18;
@@ -99,28 +101,36 @@ export class GuestUmem {
     // The headroom shrinks the largest frame the kernel will write to exactly maxFrame.
     const headroom = chunkSize - XDP_PACKET_HEADROOM - opts.maxFrame;
     const frameOffset = headroom + XDP_PACKET_HEADROOM;
-    const gap = roundUp(frameOffset, PAGE);
+    // Regions sit at 2 MiB-aligned places: a second mapping of a hugetlbfs file must be.
+    const gap = roundUp(frameOffset, HUGE);
     const bounce = roundUp(opts.bounceBytes, PAGE);
     // Regions whose mapping is not page-aligned cannot be remapped; their buffers bounce.
     const usable = regions.filter((r) => r.hostAddress % PAGE === 0 && r.size % PAGE === 0 && r.size > 0);
-    let length = bounce;
-    for (const r of usable) length += gap + r.size;
+    let length = roundUp(bounce, HUGE);
+    for (const r of usable) length += gap + roundUp(r.size, HUGE);
     const zeroCopy = usable.length > 0 && length <= opts.pinLimitBytes;
     if (!zeroCopy) length = bounce + gap;
     if (length > opts.pinLimitBytes) {
       throw new SysError('xsk umem', Errno.ENOMEM, `bounce area of ${length} bytes exceeds the pin limit of ${opts.pinLimitBytes}`);
     }
-    const address = raw.mmap(0, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (address === MAP_FAILED) throw new SysError('mmap', lastErrno(), `UMEM reservation of ${length} bytes`);
+    // Reserve 2 MiB more than needed, then use the first 2 MiB-aligned address in it.
+    const reserved = raw.mmap(0, length + HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (reserved === MAP_FAILED) throw new SysError('mmap', lastErrno(), `UMEM reservation of ${length} bytes`);
+    const address = roundUp(reserved, HUGE);
+    if (address > reserved) raw.munmap(reserved, address - reserved);
+    raw.munmap(address + length, reserved + HUGE - address);
     const placed: UmemRegion[] = [];
     try {
       if (zeroCopy) {
-        let off = bounce;
+        let off = roundUp(bounce, HUGE);
         for (const r of usable) {
           off += gap;
-          remapSharedAt(r.hostAddress, r.size, address + off);
+          // The region's own file mapped once more (hugetlbfs refuses mremap of its mappings);
+          // mremap of our mapping when the file is unknown.
+          if (r.fd !== undefined) mapFileAt(r.fd, r.fileOffset ?? 0, r.size, address + off);
+          else remapSharedAt(r.hostAddress, r.size, address + off);
           placed.push({ gpa: r.gpa, size: r.size, umemOffset: off });
-          off += r.size;
+          off += roundUp(r.size, HUGE);
         }
       }
     } catch (e) {
@@ -212,8 +222,10 @@ interface PairSocket { sock: XskSocket; cfg: XskQueueConfig; enabled: boolean }
  * the first one); releaseQueue(pair) closes it — after which the kernel can no longer write
  * into guest buffers it was given; detachMemory() closes every socket and the UMEM view.
  */
-export class XskPort implements Omit<Port, 'queueConfig'> {
+export class XskPort implements Port {
   readonly kind = 'xsk';
+  readonly needsGuestMemory = true;
+  readonly offloads = false;
   readonly created = true;
   readonly peer: string;
   readonly pinLimitBytes: number;

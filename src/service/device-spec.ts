@@ -24,10 +24,10 @@ export class SpecError extends Error {
 
 const NAME_RE = /^[A-Za-z0-9_.-]{1,32}$/;
 
-export function parsePort(port: string): { kind: 'tap'; ifname: string } {
-  const m = /^(tap):([A-Za-z0-9_.-]{1,15})$/.exec(port);
-  if (!m) throw new SpecError(`port '${port}' is not of the form tap:IFNAME (IFNAME 1..15 characters)`);
-  return { kind: 'tap', ifname: m[2]! };
+export function parsePort(port: string): { kind: 'tap' | 'xsk'; ifname: string } {
+  const m = /^(tap|xsk):([A-Za-z0-9_.-]{1,15})$/.exec(port);
+  if (!m) throw new SpecError(`port '${port}' is not of the form tap:IFNAME or xsk:IFNAME (IFNAME 1..15 characters)`);
+  return { kind: m[1] as 'tap' | 'xsk', ifname: m[2]! };
 }
 
 export function validateSpec(s: DeviceSpec): DeviceSpec {

@@ -2,6 +2,7 @@ import { logger } from '../log.js';
 import { NetDevice } from '../net/net-device.js';
 import { describeFeatures } from '../net/features.js';
 import { TapPort } from '../ports/tap.js';
+import { XskPort } from '../ports/xsk.js';
 import type { Port } from '../ports/port.js';
 import { VhostUserEndpoint } from '../vhost-user/endpoint.js';
 import { parsePort, type DeviceSpec } from './device-spec.js';
@@ -51,10 +52,12 @@ export class Device {
     const p = parsePort(spec.port);
     // With offload the guest sees one more pair: the reserved offload channel (a data pair until claimed).
     const pairs = spec.queues + (spec.offload ? 1 : 0);
-    const port = TapPort.open(p.ifname, pairs);
+    const port: Port = p.kind === 'xsk'
+      ? XskPort.create(p.ifname, pairs, { mtu: spec.mtu ?? 1500 })
+      : TapPort.open(p.ifname, pairs);
     let net: NetDevice | null = null;
     try {
-      if (spec.mtu) port.setMtu(spec.mtu);
+      if (spec.mtu && p.kind === 'tap') port.setMtu(spec.mtu);
       const offload = spec.offload ? { device: spec.name, pinDir: spec.pinDir ?? null } : null;
       net = new NetDevice({ name: spec.name, port, queuePairs: pairs, threads: spec.threads, busyPoll: spec.busyPoll, mtu: spec.mtu, offload });
       const d = new Device(spec, port, net);
@@ -69,12 +72,12 @@ export class Device {
 
   status(): DeviceStatus {
     const s = this.endpoint.current;
-    const tap = this.port as TapPort;
+    const created = (this.port as { created?: boolean }).created ?? false;
     return {
       name: this.spec.name,
       socket: this.spec.socket,
       mode: this.spec.client ? 'client' : 'server',
-      port: { kind: this.port.kind, ifname: this.port.ifname, created: tap.created ?? false },
+      port: { kind: this.port.kind, ifname: this.port.ifname, created },
       queuePairs: this.net.maxQueuePairs(),
       offload: this.broker ? { pair: this.net.offloadPair, claimed: this.broker.claimed, program: this.broker.program?.id ?? null } : null,
       connected: s !== null,

@@ -425,6 +425,14 @@ export function pollReadable(fd: number, timeoutMs: number): boolean {
   return r > 0 && (v.getInt16(70, true) & POLLIN) !== 0;
 }
 
+/** Maps `length` bytes of `fd` from `offset` at exactly `dest` (MAP_SHARED | MAP_FIXED over our reservation). */
+export function mapFileAt(fd: number, offset: number, length: number, dest: number): void {
+  const MAP_FIXED = 0x10;
+  const r = raw.mmap(dest, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, offset);
+  if (r === MAP_FAILED) sysFail('mmap', `fd ${fd} offset ${offset} +${length} -> 0x${dest.toString(16)}`);
+  if (r !== dest) throw new SysError('mmap', Errno.EFAULT, `landed at 0x${r.toString(16)}, wanted 0x${dest.toString(16)}`);
+}
+
 /**
  * A second virtual mapping of the pages of an existing MAP_SHARED mapping, placed at `dest`
  * (mremap with old_size 0). The pages are the same (a memfd's), only the address differs.

@@ -12,6 +12,9 @@ export interface RegionInfo {
   uva: number;
   /** Our virtual address of the region start (mapping base + mmap_offset). */
   hostAddress: number;
+  /** The region's file and where the region starts in it, for a second mapping (AF_XDP UMEM). */
+  fd?: number;
+  fileOffset?: number;
 }
 
 export interface GuestRegion extends RegionInfo {

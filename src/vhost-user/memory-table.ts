@@ -91,6 +91,8 @@ export class MemoryTable {
       size: m.desc.size,
       uva: m.desc.uva,
       hostAddress: m.mapping.address + m.desc.mmapOffset,
+      fd: m.fd,
+      fileOffset: m.desc.mmapOffset,
     }));
   }
 
