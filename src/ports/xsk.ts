@@ -201,6 +201,19 @@ function readCounter(name: string, counter: string): number {
 }
 
 /** The default name of the backend's veth end: ifname + 'x', cut to IFNAMSIZ-1. */
+/** The interface alias that marks a peer as made by vhost-xdp for `ifname`. */
+function ownerMark(ifname: string): string {
+  return `vhost-xdp xsk peer of ${ifname}`;
+}
+
+function isOurLeftover(ifname: string, peer: string): boolean {
+  try {
+    return fs.readFileSync(`/sys/class/net/${peer}/ifalias`, 'utf8').trim() === ownerMark(ifname);
+  } catch {
+    return false;
+  }
+}
+
 export function defaultPeerName(ifname: string): string {
   const base = ifname.length < IFNAMSIZ - 1 ? ifname : ifname.slice(0, IFNAMSIZ - 2);
   const peer = `${base}x`;
@@ -262,7 +275,12 @@ export class XskPort implements Port {
     const ring = opts.ringSize ?? 2048;
     if (ring < 64 || ring > 32768 || (ring & (ring - 1)) !== 0) throw new SysError('xsk port', Errno.EINVAL, `ring size ${ring}`);
     const peer = opts.peerName ?? defaultPeerName(ifname);
-    if (linkExists(ifname)) throw new SysError('xsk port', Errno.EEXIST, `${ifname} already exists`);
+    if (linkExists(ifname)) {
+      // A pair left by a backend that was killed (SIGKILL leaves veths and their XDP program
+      // behind) carries our mark on its peer: remove it. Anything else is not ours to touch.
+      if (!isOurLeftover(ifname, peer)) throw new SysError('xsk port', Errno.EEXIST, `${ifname} already exists and is not a veth pair vhost-xdp made`);
+      spawnSync('ip', ['link', 'delete', ifname]);
+    }
     const n = String(queuePairs);
     const mtu = String(opts.mtu ?? 1500);
     ip(['link', 'add', ifname, 'numtxqueues', n, 'numrxqueues', n, 'mtu', mtu, 'type', 'veth',
@@ -279,6 +297,7 @@ export class XskPort implements Port {
       // Host frames must reach the guest with complete checksums: AF_XDP copies bytes and has no
       // way to say "checksum partial", so the host end computes them in software.
       spawnSync('ethtool', ['-K', ifname, 'tx', 'off'], { timeout: 10_000 });
+      ip(['link', 'set', 'dev', peer, 'alias', ownerMark(ifname)]);
       ip(['link', 'set', 'dev', peer, 'up']);
       ip(['link', 'set', 'dev', ifname, 'up']);
       return new XskPort(ifname, queuePairs, opts, peer, peerIfindex, map, prog);

@@ -11,7 +11,8 @@ export interface DeviceStatus {
   name: string;
   socket: string;
   mode: 'server' | 'client';
-  port: { kind: string; ifname: string; created: boolean };
+  /** pinnedBytes: guest RAM pinned for AF_XDP (xsk ports; 0 otherwise). */
+  port: { kind: string; ifname: string; created: boolean; pinnedBytes: number };
   queuePairs: number;
   connected: boolean;
   connections: number;
@@ -77,7 +78,7 @@ export class Device {
       name: this.spec.name,
       socket: this.spec.socket,
       mode: this.spec.client ? 'client' : 'server',
-      port: { kind: this.port.kind, ifname: this.port.ifname, created },
+      port: { kind: this.port.kind, ifname: this.port.ifname, created, pinnedBytes: (this.port as { pinnedBytes?: number }).pinnedBytes ?? 0 },
       queuePairs: this.net.maxQueuePairs(),
       offload: this.broker ? { pair: this.net.offloadPair, claimed: this.broker.claimed, program: this.broker.program?.id ?? null } : null,
       connected: s !== null,
