@@ -4,7 +4,12 @@ import type { HostQueueConfig } from '../ports/port.js';
 import type { OffloadProgram } from '../offload/broker.js';
 
 /** The worker that owns the offload pair runs the broker (no thread hop per request). */
-export interface OffloadInit { device: string; pinDir: string | null }
+export interface OffloadInit {
+  device: string;
+  pinDir: string | null;
+  /** On an xsk port the program runs natively on the backend's veth end, composed with the XSKMAP redirect. */
+  xsk?: { xskMapFd: number; peerIfindex: number; redirectFd: number };
+}
 export type OffloadMethod = 'show' | 'quotas' | 'setQuotas' | 'detach' | 'reset';
 
 /** How frames are laid out for this device (from the acked features). */

@@ -12,6 +12,8 @@ import { logger } from '../log.js';
 import { TestRunner, closeBpfFd, progGetFdById } from '../sys/libbpf.js';
 import { OffloadBroker } from '../offload/broker.js';
 import { validateQuotas } from '../offload/quotas.js';
+import { ComposedProgram } from '../offload/compose.js';
+import { xdpAttach, XDP_FLAGS_DRV_MODE } from '../sys/libbpf.js';
 import { RxPath, TxPath, BURST, type PathContext, type OffloadLink } from './queue-paths.js';
 import { XskQueue, XskRxPath, XskTxPath } from './xsk-paths.js';
 import { C, COUNTERS } from './stats.js';
@@ -85,11 +87,38 @@ function startBroker(pair: number, init: OffloadInit): void {
   offloadPairs.set(pair, offloadLink(pair, b));
   b.onClaimChange((claimed) => { claimChanged(pair, claimed); publishState(); });
   // Our own fd of the program: the broker closes its fd when the program changes.
-  b.onProgramChange((p) => { setProgram(p ? progGetFdById(p.id) : -1); publishState(); });
+  if (init.xsk) {
+    // AF_XDP: the guest program runs in the kernel at the veth's ingress, composed with the
+    // redirect to this device's sockets; nothing runs per frame in JavaScript.
+    const xsk = init.xsk;
+    b.onProgramChange(() => { attachComposed(b, xsk); publishState(); });
+    attachComposed(b, xsk);
+  } else {
+    b.onProgramChange((p) => { setProgram(p ? progGetFdById(p.id) : -1); publishState(); });
+    const p = b.program;
+    setProgram(p ? progGetFdById(p.id) : -1);
+  }
   claimChanged(pair, b.claimed);
-  const p = b.program;
-  setProgram(p ? progGetFdById(p.id) : -1);
   publishState();
+}
+
+let composed: ComposedProgram | null = null;
+
+function attachComposed(b: OffloadBroker, xsk: NonNullable<OffloadInit['xsk']>): void {
+  const src = b.programSource;
+  let next: ComposedProgram | null = null;
+  try {
+    if (src) next = ComposedProgram.load(src.code, { xskMapFd: xsk.xskMapFd, name: 'vx_xsk_guest' }, src.license);
+    xdpAttach(xsk.peerIfindex, next ? next.fd : xsk.redirectFd, XDP_FLAGS_DRV_MODE);
+  } catch (e) {
+    next?.close();
+    log.error(`offloaded program not attached to the veth: ${(e as Error).message}`);
+    return;
+  }
+  // The attached program holds its own reference: the previous one can go.
+  composed?.close();
+  composed = next;
+  log.info(next ? `composed program ${next.id} (guest program + AF_XDP redirect) attached natively` : 'plain AF_XDP redirect attached');
 }
 
 function brokerCall(method: OffloadMethod, arg: unknown): unknown {
@@ -207,7 +236,10 @@ function handle(req: DatapathRequest): number {
       return 0;
     case 'host': {
       const old = hosts.get(req.pair);
-      if (old) epoll.remove(old.fd);
+      if (old) {
+        epoll.remove(old.fd);
+        old.close?.();
+      }
       hosts.delete(req.pair);
       if (req.cfg) {
         const h = openHostQueue(req.cfg);
@@ -245,6 +277,8 @@ function handle(req: DatapathRequest): number {
       return 0;
     case 'exit':
       setProgram(-1);
+      composed?.close();
+      composed = null;
       broker?.close();
       broker = null;
       for (const i of [...vrings.keys()]) stop(i);

@@ -70,7 +70,17 @@ export class NetDevice implements VhostUserBackend {
       for (let p = 0; p < opts.queuePairs; p++) this.threadFor(p).request({ op: 'host', pair: p, cfg: opts.port.queueConfig(p) });
     }
     this.broker = opts.offload ? new OffloadHandle(this.threadFor(this.offloadPair)) : null;
-    if (opts.offload) this.threadFor(this.offloadPair).request({ op: 'offload', pair: this.offloadPair, init: opts.offload });
+    if (opts.offload && opts.port.needsGuestMemory) {
+      // The xsk port's offload pair is never a data pair: keep host traffic on the others.
+      try { opts.port.setQueueEnabled(this.offloadPair, false); } catch (e) { this.log.warn(`offload pair steering: ${(e as Error).message}`); }
+    }
+    if (opts.offload) {
+      const xsk = this.port as { xskMapFd?: number; peerIndex?: number; redirectProgramFd?: number };
+      const init = xsk.xskMapFd !== undefined
+        ? { ...opts.offload, xsk: { xskMapFd: xsk.xskMapFd, peerIfindex: xsk.peerIndex!, redirectFd: xsk.redirectProgramFd! } }
+        : opts.offload;
+      this.threadFor(this.offloadPair).request({ op: 'offload', pair: this.offloadPair, init });
+    }
   }
 
   /** The broker's thread reports claim and program changes; the others get their own program fd. */
@@ -182,7 +192,9 @@ export class NetDevice implements VhostUserBackend {
   startVring(cfg: VringConfig): void {
     const pair = cfg.index >> 1;
     if (this.port.needsGuestMemory && !this.openQueues.has(pair)) {
-      this.threadFor(pair).request({ op: 'host', pair, cfg: this.port.queueConfig(pair) });
+      // On an xsk port the offload pair has no AF_XDP queue: it carries offload messages only.
+      const cfg = pair === this.offloadPair ? { kind: 'null' as const } : this.port.queueConfig(pair);
+      this.threadFor(pair).request({ op: 'host', pair, cfg });
       this.openQueues.add(pair);
     }
     this.threadFor(cfg.index >> 1).request({ op: 'start', vring: cfg });

@@ -43,7 +43,13 @@ export interface OffloadProgram {
   loadedAt: string;
 }
 
-interface LoadedProgram extends OffloadProgram { name: string; usedHandles: number[] }
+interface LoadedProgram extends OffloadProgram {
+  name: string;
+  usedHandles: number[];
+  /** The checked instructions with host map fds in place, for composition (xsk port); null when re-adopted from pins. */
+  code: Uint8Array | null;
+  license: string;
+}
 
 export interface OffloadShowMap {
   handle: number; id: number; type: string; typeId: number; keySize: number; valueSize: number;
@@ -140,6 +146,16 @@ export class OffloadBroker {
   }
 
   onProgramChange(cb: (p: OffloadProgram | null) => void): void { this.programListeners.push(cb); }
+
+  /**
+   * The loaded program's checked instructions (host map fds in place, valid while it is loaded)
+   * and license, for running it inside a composed program; null without one, or after a restart
+   * (pins keep the loaded program, not its source).
+   */
+  get programSource(): { code: Uint8Array; license: string; name: string } | null {
+    const p = this.prog;
+    return p?.code ? { code: p.code, license: p.license, name: p.name } : null;
+  }
   /** Claim taken (CLAIM) or dropped (RELEASE, reset): the datapath moves the pair between data and offload use. */
   onClaimChange(cb: (claimed: boolean) => void): void { this.claimListeners.push(cb); }
 
@@ -570,7 +586,7 @@ export class OffloadBroker {
       const info = progInfo(fd);
       loaded = {
         fd, id: info.id, tag: info.tag, insns: judged.decoded.count, loadedAt: isoNow(this.now),
-        name: req.name, usedHandles: judged.usedHandles,
+        name: req.name, usedHandles: judged.usedHandles, code: insns, license: req.license,
       };
       this.pins?.pinProg(fd, { insns: loaded.insns, loadedAt: loaded.loadedAt, usedHandles: loaded.usedHandles, name: loaded.name });
     } catch (err) {
@@ -740,7 +756,7 @@ export class OffloadBroker {
         b.prog = {
           fd: got.fd, id: info.id, tag: info.tag, insns: got.meta?.insns ?? info.xlatedProgLen / 8,
           loadedAt: got.meta?.loadedAt ?? isoNow(b.now), name: got.meta?.name ?? info.name,
-          usedHandles: used.filter((h) => b.maps.has(h)),
+          usedHandles: used.filter((h) => b.maps.has(h)), code: null, license: 'GPL',
         };
       }
     } catch (e) {

@@ -11,13 +11,17 @@ export interface HostQueue {
   transmit(iovAddress: number, iovCount: number): number;
   /** Takes the queue out of (false) or back into (true) the host's use. */
   setAttached?(attached: boolean): void;
+  /** Releases what the queue itself owns (the port owns the fds of tap and AF_XDP queues). */
+  close?(): void;
 }
 
 import type { XskQueueConfig } from './xsk.js';
 import type { RegionInfo } from '../vhost-user/guest-memory.js';
 
 /** What a worker needs to open its side of a port queue (plain data: posted to workers). */
-export type HostQueueConfig = { kind: 'tap'; fd: number; ifname: string } | XskQueueConfig;
+export type HostQueueConfig = { kind: 'tap'; fd: number; ifname: string } | XskQueueConfig
+  /** No host behind the queue: the xsk port's offload pair carries only offload messages. */
+  | { kind: 'null' };
 
 /** The control-plane side of a port. */
 export interface Port {

@@ -109,16 +109,18 @@ export class GuestUmem {
     let length = roundUp(bounce, HUGE);
     for (const r of usable) length += gap + roundUp(r.size, HUGE);
     const zeroCopy = usable.length > 0 && length <= opts.pinLimitBytes;
-    if (!zeroCopy) length = bounce + gap;
+    // Bounce-only maps no guest file: page alignment is enough there.
+    if (!zeroCopy) length = bounce + roundUp(frameOffset, PAGE);
     if (length > opts.pinLimitBytes) {
       throw new SysError('xsk umem', Errno.ENOMEM, `bounce area of ${length} bytes exceeds the pin limit of ${opts.pinLimitBytes}`);
     }
     // Reserve 2 MiB more than needed, then use the first 2 MiB-aligned address in it.
-    const reserved = raw.mmap(0, length + HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    const slack = zeroCopy ? HUGE : 0;
+    const reserved = raw.mmap(0, length + slack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (reserved === MAP_FAILED) throw new SysError('mmap', lastErrno(), `UMEM reservation of ${length} bytes`);
-    const address = roundUp(reserved, HUGE);
+    const address = zeroCopy ? roundUp(reserved, HUGE) : reserved;
     if (address > reserved) raw.munmap(reserved, address - reserved);
-    raw.munmap(address + length, reserved + HUGE - address);
+    if (slack > 0 && reserved + slack > address) raw.munmap(address + length, reserved + slack - address);
     const placed: UmemRegion[] = [];
     try {
       if (zeroCopy) {
@@ -294,6 +296,14 @@ export class XskPort implements Port {
       map = BpfMap.create(BpfMapType.XSKMAP, 4, 4, queuePairs, { name: 'vx_xskmap' });
       prog = progLoad(redirectProgramInsns(map.fd), { license: 'GPL', name: 'vx_xsk_redir' });
       xdpAttach(peerIfindex, prog, XDP_FLAGS_DRV_MODE);
+      // veth delivers XDP_TX frames to its peer only when the peer runs XDP itself: a plain
+      // XDP_PASS on the host end lets frames an offloaded program bounces reach the host.
+      const pass = progLoad(encodeInsns([{ code: 0xb7, dst: 0, imm: XDP_PASS }, { code: 0x95 }]), { license: 'GPL', name: 'vx_xsk_hostpass' });
+      try {
+        xdpAttach(ifNameToIndex(ifname), pass, XDP_FLAGS_DRV_MODE);
+      } finally {
+        closeBpfFd(pass);
+      }
       // Host frames must reach the guest with complete checksums: AF_XDP copies bytes and has no
       // way to say "checksum partial", so the host end computes them in software.
       spawnSync('ethtool', ['-K', ifname, 'tx', 'off'], { timeout: 10_000 });
@@ -311,6 +321,8 @@ export class XskPort implements Port {
 
   /** The XSKMAP fd (key = queue pair, value = socket fd) the composed program redirects into. */
   get xskMapFd(): number { return this.xskMap.fd; }
+  /** The plain redirect program (attached when no guest program is offloaded). */
+  get redirectProgramFd(): number { return this.redirectFd; }
   get peerIndex(): number { return this.peerIfindex; }
   get umemInfo(): XskUmemInfo | null { return this.umem?.info ?? null; }
 
