@@ -1,4 +1,6 @@
 import fs from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { defaultPeerName } from '../src/ports/xsk.js';
 import path from 'node:path';
 import { spawnManaged, sleep, type ManagedProcess } from '../test/harness/processes.js';
 import { tempDir, CLI, repoRoot } from '../test/harness/backend.js';
@@ -42,7 +44,7 @@ async function rate(seconds: number, op: () => Promise<number>): Promise<number>
 }
 
 /** Map round trips through the offload queue and the XDP_DROP effect on a host->guest flood (tap port). */
-export async function runOffloadBench(seconds = 3): Promise<OffloadBenchResult> {
+export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'): Promise<OffloadBenchResult> {
   const dir = tempDir('obench');
   const sock = path.join(dir, 'dev.sock');
   const tap = uniqueIfName('vxob');
@@ -51,9 +53,9 @@ export async function runOffloadBench(seconds = 3): Promise<OffloadBenchResult> 
   let gen: ManagedProcess | null = null;
   let fe: TestFrontend | null = null;
   try {
-    be = spawnManaged('taskset', ['-c', '1', process.execPath, CLI, 'serve', '--socket', sock, '--port', `tap:${tap}`, '--queues', '1', '--offload', '--control', ctl, '--name', 'bench', '--log-level', 'warn'], { name: 'vhost-xdp' });
+    be = spawnManaged('taskset', ['-c', '1', process.execPath, CLI, 'serve', '--socket', sock, '--port', `${kind}:${tap}`, '--queues', '1', '--offload', '--control', ctl, '--name', 'bench', '--log-level', 'warn'], { name: 'vhost-xdp' });
     await be.waitForLine(/^vhost-xdp ready:/, 15_000);
-    disableIpv6(tap);
+    if (kind === 'tap') disableIpv6(tap);
     fe = await TestFrontend.connect(sock, { queuePairs: 2, queueSize: 1024, memBytes: 64 << 20 });
     const oc = new OffloadClient(fe, 1);
     oc.spin = true;
@@ -91,7 +93,13 @@ export async function runOffloadBench(seconds = 3): Promise<OffloadBenchResult> 
     fs.writeFileSync(cfg, `{\n  ${Array.from(frame, (b) => `0x${b.toString(16).padStart(2, '0')}`).join(', ')}\n}\n`);
     gen = spawnManaged('taskset', ['-c', '0', 'trafgen', '-o', tap, '-i', cfg, '-P', '1', '--no-sock-mem', '--notouch-irq', '-C'], { name: 'trafgen' });
     const counters = async () => (await callControl(ctl, 'stats', { name: 'bench' }) as Array<{ total: Record<string, number>; port: Record<string, number> }>)[0]!;
+    // On the xsk port drops happen in the kernel (the veth's XDP counters), not in the backend.
+    const vethDrops = () => {
+      const out = spawnSync('ethtool', ['-S', defaultPeerName(tap)], { encoding: 'utf8' }).stdout;
+      return out.split('\n').filter((l) => /rx_queue_\d+_xdp_drops:/.test(l)).reduce((a, l) => a + Number(l.split(':')[1]), 0);
+    };
     const window = async (field: string) => {
+      const v0 = kind === 'xsk' && field === 'xdpDrop' ? vethDrops() : 0;
       const a = await counters();
       const t0 = Date.now();
       // The guest drains its RX queue meanwhile (that is what delivery costs it).
@@ -102,7 +110,8 @@ export async function runOffloadBench(seconds = 3): Promise<OffloadBenchResult> 
       }
       const b = await counters();
       const dt = (Date.now() - t0) / 1000;
-      return { pps: (b.total[field]! - a.total[field]!) / dt, offered: (b.port.txPackets! + b.port.txDropped! - a.port.txPackets! - a.port.txDropped!) / dt };
+      const n = kind === 'xsk' && field === 'xdpDrop' ? vethDrops() - v0 : b.total[field]! - a.total[field]!;
+      return { pps: n / dt, offered: (b.port.txPackets! + b.port.txDropped! - a.port.txPackets! - a.port.txDropped!) / dt };
     };
     await sleep(500);
     const delivered = await window('rxPackets');

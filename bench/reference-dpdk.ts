@@ -103,14 +103,13 @@ async function measureKernelRate(ifname: string, seconds: number, counter: 'rx' 
 export type BackendSeat = 'dpdk' | 'vhost-xdp';
 
 /** vhost-xdp serve pinned to core 1 (all its threads), the seat testpmd A has in the reference. */
-async function startVhostXdp(sock: string, hostIf: string, cleanup: CleanupStack): Promise<void> {
-  const be = spawnManaged('taskset', ['-c', '1', process.execPath, CLI, 'serve', '--socket', sock, '--port', `tap:${hostIf}`, '--log-level', 'warn'], { name: 'vhost-xdp' });
+async function startVhostXdp(sock: string, port: string, cleanup: CleanupStack): Promise<void> {
+  const be = spawnManaged('taskset', ['-c', '1', process.execPath, CLI, 'serve', '--socket', sock, '--port', port, '--log-level', 'warn'], { name: 'vhost-xdp' });
   cleanup.push('stop vhost-xdp', () => be.stop('SIGTERM', 5000));
   await be.waitForLine(/^vhost-xdp ready:/, 15_000);
 }
 
 async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: BackendSeat = 'dpdk'): Promise<ReferenceResult> {
-  if (seat === 'vhost-xdp' && kind !== 'tap') throw new Error('vhost-xdp has no af_xdp port yet');
   const seconds = opts.seconds ?? 5;
   const frameLen = opts.frameLen ?? 64;
   const warmup = opts.warmupSeconds ?? 1;
@@ -130,6 +129,11 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
       portVdev = `net_tap0,iface=${hostIf}`;
       // The tap PMD creates and removes the tap; this only covers a testpmd that was killed.
       cleanup.push(`delete ${hostIf}`, () => deleteLink(hostIf));
+    } else if (seat === 'vhost-xdp') {
+      // `--port xsk:IF` makes the veth pair itself; IF is the end the host uses.
+      hostIf = uniqueIfName('vxrp');
+      portVdev = '';
+      cleanup.push(`delete ${hostIf}`, () => deleteLink(hostIf));
     } else {
       const pmdEnd = uniqueIfName('vxrx');
       hostIf = uniqueIfName('vxrp');
@@ -139,7 +143,7 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
     }
     cleanup.push('remove socket', () => rmSync(sock, { force: true }));
     if (seat === 'vhost-xdp') {
-      await startVhostXdp(sock, hostIf, cleanup);
+      await startVhostXdp(sock, `${kind === 'tap' ? 'tap' : 'xsk'}:${hostIf}`, cleanup);
     } else {
       a = await startTestpmd({
         name: `ref-${kind}-A`, vdevs: [`net_vhost0,iface=${sock},queues=1`, portVdev],
@@ -215,6 +219,11 @@ export function measureDpdkTapReference(opts: ReferenceOptions = {}): Promise<Re
 /** vhost-xdp serve --port tap in the backend seat: same guest, generator, pinning and counting. */
 export function measureVhostXdpTap(opts: ReferenceOptions = {}): Promise<ReferenceResult> {
   return measure('tap', opts, 'vhost-xdp');
+}
+
+/** vhost-xdp serve --port xsk (AF_XDP over guest RAM) in the backend seat. */
+export function measureVhostXdpXsk(opts: ReferenceOptions = {}): Promise<ReferenceResult> {
+  return measure('af_xdp', opts, 'vhost-xdp');
 }
 
 /** DPDK vhost PMD <-io-> af_xdp PMD on a veth pair (ENV-FACTS: ~1.34 Mpps guest->host). */

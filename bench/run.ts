@@ -1,7 +1,7 @@
 // `npm run bench [-- tap|offload|all] [--seconds N]`: throughput of vhost-xdp beside DPDK
 // references measured in the same run (ratios matter, not absolute numbers: the machine is shared).
 import { loadavg } from 'node:os';
-import { measureDpdkTapReference, measureVhostXdpTap } from './reference-dpdk.js';
+import { measureDpdkTapReference, measureVhostXdpTap, measureDpdkAfXdpReference, measureVhostXdpXsk } from './reference-dpdk.js';
 import { runOffloadBench } from './offload-bench.js';
 
 const args = process.argv.slice(2);
@@ -29,6 +29,19 @@ if (which === 'tap' || which === 'all') {
   line('1-min load average at start (2 cores)', String(ref.details.loadAvg1));
 }
 
+if (which === 'xsk' || which === 'all') {
+  if (!json) console.log('xsk port (AF_XDP over guest RAM), 64-byte frames, DPDK virtio-user as the guest (Mpps)');
+  const ref = await measureDpdkAfXdpReference({ seconds });
+  results.dpdkAfXdp = ref;
+  line('DPDK vhost PMD <-> af_xdp PMD (veth), guest->host', ref.guestToHostMpps.toFixed(3));
+  line('DPDK vhost PMD <-> af_xdp PMD (veth), host->guest', ref.hostToGuestMpps.toFixed(3), `(offered ${ref.details.hostToGuest.offeredMpps?.toFixed(3)})`);
+  const ours = await measureVhostXdpXsk({ seconds });
+  results.vhostXdpXsk = ours;
+  const ratio = (a: number, b: number) => (b > 0 ? `${(a / b).toFixed(2)}x DPDK` : 'n/a');
+  line('vhost-xdp serve --port xsk, guest->host', ours.guestToHostMpps.toFixed(3), `${ratio(ours.guestToHostMpps, ref.guestToHostMpps)} (target 1.0x)`);
+  line('vhost-xdp serve --port xsk, host->guest', ours.hostToGuestMpps.toFixed(3), `${ratio(ours.hostToGuestMpps, ref.hostToGuestMpps)} (offered ${ours.details.hostToGuest.offeredMpps?.toFixed(3)})`);
+}
+
 if (which === 'offload' || which === 'all') {
   if (!json) console.log('offload queue and XDP_DROP on the tap port (TS frontend as the guest)');
   const r = await runOffloadBench(Math.max(2, Math.round(seconds / 2)));
@@ -39,6 +52,12 @@ if (which === 'offload' || which === 'all') {
   line('host->guest delivered without offload (pps)', String(r.hostToGuest.deliveredPps), `(offered ${r.hostToGuest.offeredPps.delivered})`);
   line('host->guest dropped on host by XDP_DROP (pps)', String(r.hostToGuest.offloadDropPps), `(offered ${r.hostToGuest.offeredPps.dropped})`);
   line('offload effect (drop rate / delivery rate)', `${r.hostToGuest.ratio}x`, 'RFC measured 5.2x');
+  if (!json) console.log('offload effect on the xsk port (program native in the kernel)');
+  const x = await runOffloadBench(Math.max(2, Math.round(seconds / 2)), 'xsk');
+  results.offloadXsk = x;
+  line('host->guest delivered without offload (pps)', String(x.hostToGuest.deliveredPps), `(offered ${x.hostToGuest.offeredPps.delivered})`);
+  line('host->guest dropped in the kernel by XDP_DROP (pps)', String(x.hostToGuest.offloadDropPps), `(offered ${x.hostToGuest.offeredPps.dropped})`);
+  line('offload effect (drop rate / delivery rate)', `${x.hostToGuest.ratio}x`, 'target >= 10x');
 }
 
 if (json) console.log(JSON.stringify(results, null, 2));
