@@ -54,7 +54,8 @@ export interface PathContext {
   onBroken(index: number, why: string): void;
 }
 
-abstract class QueuePath {
+/** What every queue path shares: counters, publishing used entries, fail-stop on a broken ring. */
+export abstract class QueuePath {
   readonly chain = new DescriptorChain(IOV_MAX);
   callFd: number;
   broken = false;

@@ -1,13 +1,11 @@
 import koffi from 'koffi';
-import { eventfdSignal } from '../sys/libc.js';
 import { FillRing, CompletionRing, RxRing, TxRing, kickTx, unalignedBase } from '../sys/xsk.js';
 import { SplitQueue } from '../virtio/split-queue.js';
 import { DescriptorChain } from '../virtio/descriptor-chain.js';
-import { VirtqueueError } from '../virtio/errors.js';
 import type { GuestMemory } from '../vhost-user/guest-memory.js';
 import type { HostQueue } from '../ports/port.js';
 import type { XskQueueConfig } from '../ports/xsk.js';
-import type { PathContext } from './queue-paths.js';
+import { QueuePath, type PathContext } from './queue-paths.js';
 import { C, COUNTERS } from './stats.js';
 
 /** Bounce chains keep at most this many segments (a frame is at most one chunk). */
@@ -71,36 +69,13 @@ function regionOffsets(mem: GuestMemory, cfg: XskQueueConfig): Float64Array {
   return out;
 }
 
-abstract class XskPath {
-  readonly chain = new DescriptorChain(1024);
-  callFd: number;
-  broken = false;
-  protected readonly base: number;
+abstract class XskPath extends QueuePath {
   protected readonly regionUmem: Float64Array;
 
-  constructor(readonly queue: SplitQueue, readonly index: number, callFd: number, protected readonly ctx: PathContext,
+  constructor(queue: SplitQueue, index: number, callFd: number, ctx: PathContext,
               protected readonly xq: XskQueue, protected readonly mem: GuestMemory, protected readonly headerLength: number) {
-    this.callFd = callFd;
-    this.base = ctx.pair * COUNTERS.length;
+    super(queue, index, callFd, ctx);
     this.regionUmem = regionOffsets(mem, xq.cfg);
-  }
-
-  protected count(c: number, n = 1): void {
-    this.ctx.stats[this.base + c]! += n;
-  }
-
-  protected publish(): void {
-    this.queue.flushUsed();
-    if (this.callFd >= 0 && this.queue.needsNotify()) {
-      eventfdSignal(this.callFd);
-      this.count(C.calls);
-    }
-  }
-
-  protected fail(e: unknown): void {
-    if (!(e instanceof VirtqueueError)) throw e;
-    this.broken = true;
-    this.ctx.onBroken(this.index, e.message);
   }
 }
 

@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import { raw, NativeBuffer, check, closeFd, SysError, lastErrno, Errno, O_RDWR, O_NONBLOCK, O_CLOEXEC } from '../sys/libc.js';
 import type { HostQueue, HostQueueConfig, Port } from './port.js';
+import { linkStats } from './link-stats.js';
 
 const TUNSETIFF = 0x400454ca;
 const TUNSETOFFLOAD = 0x400454d0;
@@ -59,13 +60,6 @@ export function setInterfaceMtu(name: string, mtu: number): void {
   ifIoctl(SIOCSIFMTU, name, (v) => v.setInt32(16, mtu, true));
 }
 
-function readCounter(name: string, counter: string): number {
-  try {
-    return Number(fs.readFileSync(`/sys/class/net/${name}/statistics/${counter}`, 'utf8'));
-  } catch {
-    return 0;
-  }
-}
 
 /**
  * A tap with one fd per queue pair (IFF_MULTI_QUEUE when more than one). A tap we created goes
@@ -134,12 +128,7 @@ export class TapPort implements Port {
   }
 
   stats() {
-    const n = this.ifname;
-    return {
-      rxPackets: readCounter(n, 'rx_packets'), txPackets: readCounter(n, 'tx_packets'),
-      rxBytes: readCounter(n, 'rx_bytes'), txBytes: readCounter(n, 'tx_bytes'),
-      rxDropped: readCounter(n, 'rx_dropped'), txDropped: readCounter(n, 'tx_dropped'),
-    };
+    return linkStats(this.ifname);
   }
 
   close(): void {

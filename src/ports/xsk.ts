@@ -10,6 +10,7 @@ import {
   BPF_PSEUDO_MAP_FD,
 } from '../sys/libbpf.js';
 import type { RegionInfo } from '../vhost-user/guest-memory.js';
+import { linkStats } from './link-stats.js';
 import type { Port } from './port.js';
 
 const PAGE = 4096;
@@ -194,13 +195,6 @@ function writeSysctl(path: string, value: string): void {
   }
 }
 
-function readCounter(name: string, counter: string): number {
-  try {
-    return Number(fs.readFileSync(`/sys/class/net/${name}/statistics/${counter}`, 'utf8'));
-  } catch {
-    return 0;
-  }
-}
 
 /** The default name of the backend's veth end: ifname + 'x', cut to IFNAMSIZ-1. */
 /** The interface alias that marks a peer as made by vhost-xdp for `ifname`. */
@@ -475,12 +469,7 @@ export class XskPort implements Port {
   }
 
   stats() {
-    const n = this.ifname;
-    return {
-      rxPackets: readCounter(n, 'rx_packets'), txPackets: readCounter(n, 'tx_packets'),
-      rxBytes: readCounter(n, 'rx_bytes'), txBytes: readCounter(n, 'tx_bytes'),
-      rxDropped: readCounter(n, 'rx_dropped'), txDropped: readCounter(n, 'tx_dropped'),
-    };
+    return linkStats(this.ifname);
   }
 
   close(): void {
