@@ -29,6 +29,7 @@ export interface Backend {
   stop(signal?: NodeJS.Signals): Promise<void>;
 }
 
+/** A fresh directory under /tmp (`vx-` prefix: test/global-setup.ts removes them after the run). */
 export function tempDir(tag: string): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), `vx-${tag}-`));
 }
