@@ -102,6 +102,9 @@ abstract class Ring {
   protected readonly flagsWord: Uint32Array;
   protected readonly view: DataView;
   protected readonly descOffset: number;
+  /** Our view of the two indexes; the other side's is re-read only when the view runs out. */
+  protected cachedProd: number;
+  protected cachedCons: number;
 
   constructor(layout: RingLayout, entrySize: number) {
     const { address, mapLength, entries, offsets } = layout;
@@ -117,6 +120,8 @@ abstract class Ring {
     this.descOffset = offsets.desc;
     this.entries = entries;
     this.mask = entries - 1;
+    this.cachedProd = this.prod[0]!;
+    this.cachedCons = this.cons[0]!;
   }
 
   /** XDP_RING_NEED_WAKEUP is set (read after a fence: it follows our index store). */
@@ -128,14 +133,6 @@ abstract class Ring {
 
 /** A ring we fill (fill, TX): reserve slots, write them, submit (store-release of producer). */
 abstract class ProducerRing extends Ring {
-  private cachedProd: number;
-  private cachedCons: number;
-
-  constructor(layout: RingLayout, entrySize: number) {
-    super(layout, entrySize);
-    this.cachedProd = this.prod[0]!;
-    this.cachedCons = this.cons[0]!;
-  }
 
   /** Free slots; reads the kernel's consumer only when the cached view says fewer than `want`. */
   free(want = 1): number {
@@ -173,14 +170,6 @@ abstract class ProducerRing extends Ring {
 
 /** A ring the kernel fills (RX, completion): peek entries, read them, release. */
 abstract class ConsumerRing extends Ring {
-  private cachedProd: number;
-  private cachedCons: number;
-
-  constructor(layout: RingLayout, entrySize: number) {
-    super(layout, entrySize);
-    this.cachedProd = this.prod[0]!;
-    this.cachedCons = this.cons[0]!;
-  }
 
   /**
    * Up to max entries ready from nextIndex on. Reading the producer before the entries is a

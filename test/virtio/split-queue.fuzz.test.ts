@@ -2,7 +2,7 @@ import { createRequire } from 'node:module';
 import { Worker } from 'node:worker_threads';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GuestMemory, type RegionInfo } from '../../src/vhost-user/guest-memory.js';
-import { SharedMapping, closeFd, memfdCreate } from '../../src/sys/libc.js';
+import { makeMemoryFixture, MiB, HI, type MemoryFixture } from './memory-fixture.js';
 import { DescriptorChain, MAX_INDIRECT_ENTRIES, SplitQueue, VirtqueueError } from '../../src/virtio/split-queue.js';
 import { DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DriverQueue } from '../frontend/driver-queue.js';
 
@@ -18,8 +18,6 @@ import { DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DriverQueue } from '../fron
  *   checked (there is no single right answer while the guest is mid-write).
  */
 
-const MiB = 1 << 20;
-const HI = 0x1_0000_0000;
 const TOTAL_MS = Number(process.env.VQ_FUZZ_MS ?? 5000);
 const SEED = Number(process.env.VQ_FUZZ_SEED ?? Math.floor(Math.random() * 2 ** 32)) >>> 0;
 const MAX_SEGMENTS = 64;
@@ -46,42 +44,10 @@ function rng(seed: number) {
 }
 type Rng = ReturnType<typeof rng>;
 
-interface Fixture {
-  driverMem: GuestMemory;
-  deviceMem: GuestMemory;
-  release(): void;
-}
 
-function makeFixture(): Fixture {
-  const fds: number[] = [];
-  const maps: SharedMapping[] = [];
-  const release = () => {
-    for (const m of maps) m.unmap();
-    for (const fd of fds) closeFd(fd);
-  };
-  try {
-    const drv: RegionInfo[] = [];
-    const dev: RegionInfo[] = [];
-    for (const gpa of [0, HI]) {
-      const fd = memfdCreate(`vq-fuzz-${gpa}`, MiB);
-      fds.push(fd);
-      const a = new SharedMapping(fd, MiB, 0);
-      maps.push(a);
-      const b = new SharedMapping(fd, MiB, 0);
-      maps.push(b);
-      drv.push({ gpa, size: MiB, uva: a.address, hostAddress: a.address });
-      dev.push({ gpa, size: MiB, uva: a.address, hostAddress: b.address });
-    }
-    return { driverMem: new GuestMemory(drv), deviceMem: new GuestMemory(dev), release };
-  } catch (e) {
-    release();
-    throw e;
-  }
-}
-
-let fx: Fixture;
+let fx: MemoryFixture;
 beforeAll(() => {
-  fx = makeFixture();
+  fx = makeMemoryFixture('vq-fuzz');
   console.log(`split-queue fuzz seed ${SEED} (reproduce with VQ_FUZZ_SEED=${SEED})`);
 });
 afterAll(() => fx?.release());

@@ -1,7 +1,7 @@
 import koffi from 'koffi';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { GuestMemory, type RegionInfo } from '../../src/vhost-user/guest-memory.js';
-import { SharedMapping, closeFd, memfdCreate } from '../../src/sys/libc.js';
+import { GuestMemory } from '../../src/vhost-user/guest-memory.js';
+import { makeMemoryFixture, MiB, HI, type MemoryFixture } from './memory-fixture.js';
 import {
   DescriptorChain,
   MAX_INDIRECT_ENTRIES,
@@ -12,54 +12,12 @@ import {
 } from '../../src/virtio/split-queue.js';
 import { DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DriverQueue } from '../frontend/driver-queue.js';
 
-const MiB = 1 << 20;
-const HI = 0x1_0000_0000; // second region's gpa: above 4 GiB, so the u64 high word matters
 const QSIZE = 256;
 
-/**
- * Two 1 MiB memfds, each mapped twice: once for the "frontend" (driver) and once for the
- * "backend" (device), so host addresses differ between the two sides as they do with QEMU.
- */
-interface Fixture {
-  driverMem: GuestMemory;
-  deviceMem: GuestMemory;
-  release(): void;
-}
 
-function makeFixture(): Fixture {
-  const fds: number[] = [];
-  const maps: SharedMapping[] = [];
-  try {
-    const drv: RegionInfo[] = [];
-    const dev: RegionInfo[] = [];
-    for (const gpa of [0, HI]) {
-      const fd = memfdCreate(`vq-test-${gpa}`, MiB);
-      fds.push(fd);
-      const a = new SharedMapping(fd, MiB, 0);
-      maps.push(a);
-      const b = new SharedMapping(fd, MiB, 0);
-      maps.push(b);
-      drv.push({ gpa, size: MiB, uva: a.address, hostAddress: a.address });
-      dev.push({ gpa, size: MiB, uva: a.address, hostAddress: b.address });
-    }
-    return {
-      driverMem: new GuestMemory(drv),
-      deviceMem: new GuestMemory(dev),
-      release() {
-        for (const m of maps) m.unmap();
-        for (const fd of fds) closeFd(fd);
-      },
-    };
-  } catch (e) {
-    for (const m of maps) m.unmap();
-    for (const fd of fds) closeFd(fd);
-    throw e;
-  }
-}
-
-let fx: Fixture;
+let fx: MemoryFixture;
 beforeAll(() => {
-  fx = makeFixture();
+  fx = makeMemoryFixture('vq-test');
 });
 afterAll(() => fx?.release());
 
