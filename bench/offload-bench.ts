@@ -3,26 +3,17 @@ import { spawnSync } from 'node:child_process';
 import { defaultPeerName } from '../src/ports/xsk.js';
 import path from 'node:path';
 import { spawnManaged, sleep, type ManagedProcess } from '../test/harness/processes.js';
-import { tempDir, CLI, repoRoot } from '../test/harness/backend.js';
+import { tempDir, CLI } from '../test/harness/backend.js';
 import { TestFrontend } from '../test/frontend/test-frontend.js';
-import { OffloadClient } from '../test/frontend/offload-client.js';
+import { OffloadClient, offloadSample, requireOk } from '../test/frontend/offload-client.js';
 import { uniqueIfName, disableIpv6 } from '../test/harness/netdev.js';
 import { buildUdpFrame } from '../test/harness/packet-socket.js';
 import { callControl } from '../src/control/control-client.js';
-import { readBpfObject } from '../src/offload/bpf-object.js';
-import {
-  Status, statusName, bindMapHandles, encodeMapCreate, encodeProgSet, encodeProgUnset, encodeElemUpdate, encodeElemLookup,
-  encodeUpdateBatch, decodeMapCreateBody, type Response,
-} from '../src/offload/protocol.js';
+import { encodeMapCreate, encodeProgUnset, encodeElemUpdate, encodeElemLookup, encodeUpdateBatch, decodeMapCreateBody } from '../src/offload/protocol.js';
 
-const root = repoRoot();
 const GUEST_MAC = '02:00:00:00:0b:01';
 const HOST_MAC = '02:00:00:00:0a:01';
 
-function ok(r: Response): Response {
-  if (r.status !== Status.OK) throw new Error(`${statusName(r.status)}: ${r.reason}`);
-  return r;
-}
 
 export interface OffloadBenchResult {
   singleUpdatesPerSec: number;
@@ -59,22 +50,22 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
     fe = await TestFrontend.connect(sock, { queuePairs: 2, queueSize: 1024, memBytes: 64 << 20 });
     const oc = new OffloadClient(fe, 1);
     oc.spin = true;
-    ok(await oc.claim());
-    const map = decodeMapCreateBody(ok(await oc.call(encodeMapCreate(oc.nextSeq(), { type: 1, keySize: 4, valueSize: 8, maxEntries: 65536, name: 'bench' }))).body).handle;
+    requireOk(await oc.claim());
+    const map = decodeMapCreateBody(requireOk(await oc.call(encodeMapCreate(oc.nextSeq(), { type: 1, keySize: 4, valueSize: 8, maxEntries: 65536, name: 'bench' }))).body).handle;
     const key = new Uint8Array(4);
     const kv = new DataView(key.buffer);
     const value = new Uint8Array(8);
     let i = 0;
     const singleUpdatesPerSec = await rate(seconds, async () => {
       kv.setUint32(0, i++ & 0xffff, true);
-      ok(await oc.call(encodeElemUpdate(oc.nextSeq(), map, key, value)));
+      requireOk(await oc.call(encodeElemUpdate(oc.nextSeq(), map, key, value)));
       return 1;
     });
     const written = Math.min(i, 65536);
     let j = 0;
     const singleLookupsPerSec = await rate(seconds, async () => {
       kv.setUint32(0, j++ % written, true);
-      ok(await oc.call(encodeElemLookup(oc.nextSeq(), map, key)));
+      requireOk(await oc.call(encodeElemLookup(oc.nextSeq(), map, key)));
       return 1;
     });
     const batchSize = 1024;
@@ -83,7 +74,7 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
     const kd = new DataView(keys.buffer);
     const batchedElementOpsPerSec = await rate(seconds, async () => {
       for (let k = 0; k < batchSize; k++) kd.setUint32(k * 4, (i++ & 0xffff), true);
-      ok(await oc.call(encodeUpdateBatch(oc.nextSeq(), map, keys, values, batchSize)));
+      requireOk(await oc.call(encodeUpdateBatch(oc.nextSeq(), map, keys, values, batchSize)));
       return batchSize;
     });
 
@@ -115,13 +106,10 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
     };
     await sleep(500);
     const delivered = await window('rxPackets');
-    const obj = readBpfObject(new Uint8Array(fs.readFileSync(path.join(root, 'bpf/out/xdp_drop.o'))));
-    const m = obj.maps[0]!;
-    const h = decodeMapCreateBody(ok(await oc.call(encodeMapCreate(oc.nextSeq(), { type: m.type, keySize: m.keySize, valueSize: m.valueSize, maxEntries: m.maxEntries, name: m.name }))).body).handle;
-    ok(await oc.call(encodeProgSet(oc.nextSeq(), { license: obj.license, insns: bindMapHandles(obj.insns, obj.mapRelocations, [h]), mapHandles: [h], name: 'xdp_drop' })));
+    await offloadSample(oc, 'xdp_drop');
     await sleep(500);
     const dropped = await window('xdpDrop');
-    ok(await oc.call(encodeProgUnset(oc.nextSeq())));
+    requireOk(await oc.call(encodeProgUnset(oc.nextSeq())));
     return {
       singleUpdatesPerSec: Math.round(singleUpdatesPerSec), singleLookupsPerSec: Math.round(singleLookupsPerSec),
       batchedElementOpsPerSec: Math.round(batchedElementOpsPerSec), batchSize,

@@ -1,7 +1,16 @@
 // The guest side of the offload protocol over the TS test frontend: requests go out as frames on
 // the reserved pair's TX queue, responses come back as frames on its RX queue.
 import { setTimeout as sleep } from 'node:timers/promises';
-import { OFFLOAD_ETHERTYPE, decodeResponse, encodeClaim, type Response } from '../../src/offload/protocol.js';
+import fs from 'node:fs';
+import path from 'node:path';
+import {
+  OFFLOAD_ETHERTYPE, Status, statusName, bindMapHandles, decodeResponse, decodeMapCreateBody, encodeClaim, encodeMapCreate,
+  encodeProgSet, type Response,
+} from '../../src/offload/protocol.js';
+import { readBpfObject } from '../../src/offload/bpf-object.js';
+import { repoRoot } from '../harness/backend.js';
+import type { PacketSocket } from '../harness/packet-socket.js';
+import { udpFrame, seqOf, GUEST_MAC } from '../harness/frames.js';
 import type { TestFrontend } from './test-frontend.js';
 
 const ETH_HLEN = 14;
@@ -52,4 +61,39 @@ export class OffloadClient {
   async claim(maxResponseBytes = 0): Promise<Response> {
     return this.call(encodeClaim(this.nextSeq(), { maxResponseBytes }));
   }
+}
+
+/** A response's status must be OK; otherwise throws with the status name and the host's reason. */
+export function requireOk(r: Response): Response {
+  if (r.status !== Status.OK) throw new Error(`offload request failed: ${statusName(r.status)}: ${r.reason}`);
+  return r;
+}
+
+/**
+ * Offloads a clang-built sample the way a guest driver would: creates each of its maps on the
+ * host, binds the program's map references to the handles it got, sends PROG_SET. Returns the
+ * handles, in the object's map order; throws on any refusal.
+ */
+export async function offloadSample(oc: OffloadClient, name: string): Promise<number[]> {
+  const obj = readBpfObject(new Uint8Array(fs.readFileSync(path.join(repoRoot(), 'bpf/out', `${name}.o`))));
+  const handles: number[] = [];
+  for (const m of obj.maps) {
+    const created = requireOk(await oc.call(encodeMapCreate(oc.nextSeq(), { type: m.type, keySize: m.keySize, valueSize: m.valueSize, maxEntries: m.maxEntries, name: m.name })));
+    handles.push(decodeMapCreateBody(created.body).handle);
+  }
+  requireOk(await oc.call(encodeProgSet(oc.nextSeq(), { license: obj.license, insns: bindMapHandles(obj.insns, obj.mapRelocations, handles), mapHandles: handles, name })));
+  return handles;
+}
+
+/**
+ * Sends n host->guest frames (sequence numbers first..first+n-1) into the host interface and
+ * counts how many of them the guest received on the given pairs after `settleMs`.
+ */
+export async function hostFramesReceived(ps: PacketSocket, fe: TestFrontend, first: number, n: number, srcMac: string,
+                                         pairs: readonly number[] = [0, 1], settleMs = 300): Promise<number> {
+  for (let i = 0; i < n; i++) ps.send(udpFrame(first + i, 60, 4000 + (i % 8), srcMac, GUEST_MAC));
+  await sleep(settleMs);
+  let got = 0;
+  for (const p of pairs) for (const f of fe.receive(p)) if ((seqOf(f) ?? -1) >= first && (seqOf(f) ?? -1) < first + n) got++;
+  return got;
 }

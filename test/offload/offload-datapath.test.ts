@@ -6,16 +6,13 @@ import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { startBackend, tempDir, type Backend } from '../harness/backend.js';
 import { TestFrontend } from '../frontend/test-frontend.js';
-import { OffloadClient } from '../frontend/offload-client.js';
+import { OffloadClient, offloadSample, requireOk, hostFramesReceived } from '../frontend/offload-client.js';
 import { PacketSocket, buildUdpFrame, patternPayload } from '../harness/packet-socket.js';
 import { uniqueIfName, disableIpv6, readLinkStats } from '../harness/netdev.js';
-import { waitUntil, sleep } from '../harness/processes.js';
+import { waitUntil } from '../harness/processes.js';
 import { udpFrame, seqOf, GUEST_MAC } from '../harness/frames.js';
 import { readBpfObject } from '../../src/offload/bpf-object.js';
-import {
-  Status, statusName, bindMapHandles, encodeMapCreate, encodeProgSet, encodeProgUnset, encodeElemLookup, encodeCaps,
-  encodeRelease, encodeElemUpdate, decodeMapCreateBody, type Response,
-} from '../../src/offload/protocol.js';
+import { statusName, encodeMapCreate, encodeProgSet, encodeProgUnset, encodeElemLookup, encodeCaps, encodeRelease, encodeElemUpdate } from '../../src/offload/protocol.js';
 import { listProgIds, listMapIds } from '../../src/sys/libbpf.js';
 
 const HOST_MAC = '52:54:00:0f:0f:0f';
@@ -25,10 +22,6 @@ function object(name: string) {
   return readBpfObject(new Uint8Array(fs.readFileSync(path.join(bpfDir, `${name}.o`))));
 }
 
-function expectOk(r: Response): Response {
-  if (r.status !== Status.OK) throw new Error(`offload request failed: ${statusName(r.status)}: ${r.reason}`);
-  return r;
-}
 
 describe('XDP offload through the reserved queue pair (tap port)', () => {
   let be: Backend;
@@ -66,11 +59,8 @@ describe('XDP offload through the reserved queue pair (tap port)', () => {
 
   /** Sends n host->guest frames into the tap; returns how many the guest received (on any pair). */
   async function hostToGuest(n: number): Promise<number> {
-    const first = seq;
-    for (let i = 0; i < n; i++) ps.send(udpFrame(seq++, 60, 4000 + (i % 8), HOST_MAC, GUEST_MAC));
-    await sleep(300);
-    let got = 0;
-    for (const p of [0, 1]) for (const f of fe.receive(p)) if ((seqOf(f) ?? -1) >= first) got++;
+    const got = await hostFramesReceived(ps, fe, seq, n, HOST_MAC);
+    seq += n;
     return got;
   }
 
@@ -85,19 +75,14 @@ describe('XDP offload through the reserved queue pair (tap port)', () => {
   });
 
   test('CLAIM and CAPS: the guest learns up front what this host allows', async () => {
-    expectOk(await oc.claim());
-    const caps = expectOk(await oc.call(encodeCaps(oc.nextSeq())));
+    requireOk(await oc.claim());
+    const caps = requireOk(await oc.call(encodeCaps(oc.nextSeq())));
     expect(caps.body.length).toBeGreaterThan(16);
     await waitUntil(async () => (await be.call('status')).devices[0].offload.claimed, 3000, 'claim visible in status');
   });
 
   test('xdp_drop offloaded: host frames die on the host, the guest sees none, the guest-visible map counts them', async () => {
-    const obj = object('xdp_drop');
-    const m = obj.maps[0]!;
-    const created = expectOk(await oc.call(encodeMapCreate(oc.nextSeq(), { type: m.type, keySize: m.keySize, valueSize: m.valueSize, maxEntries: m.maxEntries, name: m.name })));
-    dropMap = decodeMapCreateBody(created.body).handle;
-    const insns = bindMapHandles(obj.insns, obj.mapRelocations, [dropMap]);
-    expectOk(await oc.call(encodeProgSet(oc.nextSeq(), { license: obj.license, insns, mapHandles: [dropMap], name: 'xdp_drop' })));
+    [dropMap] = (await offloadSample(oc, 'xdp_drop')) as [number];
     const tapBefore = readLinkStats(tap);
     const delivered = await hostToGuest(50);
     expect(delivered).toBe(0);
@@ -106,7 +91,7 @@ describe('XDP offload through the reserved queue pair (tap port)', () => {
     const show = await be.call('offload.show', { name: 'off' });
     expect(show.verdicts.drop).toBeGreaterThanOrEqual(50);
     expect(show.program.name).toBe('xdp_drop');
-    const count = expectOk(await oc.call(encodeElemLookup(oc.nextSeq(), dropMap, new Uint8Array(4))));
+    const count = requireOk(await oc.call(encodeElemLookup(oc.nextSeq(), dropMap, new Uint8Array(4))));
     expect(Number(new DataView(count.body.buffer, count.body.byteOffset).getBigUint64(0, true))).toBe(show.verdicts.drop);
     expect(show.maps[0].handle).toBe(dropMap);
   });
@@ -125,20 +110,17 @@ describe('XDP offload through the reserved queue pair (tap port)', () => {
     expect(after.claimed).toBe(true);
     expect(after.program.id).toBe(before.program.id);
     expect(await hostToGuest(20)).toBe(0);
-    const count = expectOk(await oc.call(encodeElemLookup(oc.nextSeq(), dropMap, new Uint8Array(4))));
+    const count = requireOk(await oc.call(encodeElemLookup(oc.nextSeq(), dropMap, new Uint8Array(4))));
     expect(Number(new DataView(count.body.buffer, count.body.byteOffset).getBigUint64(0, true))).toBeGreaterThanOrEqual(before.verdicts.drop + 20);
   });
 
   test('PROG_UNSET restores delivery', async () => {
-    expectOk(await oc.call(encodeProgUnset(oc.nextSeq())));
+    requireOk(await oc.call(encodeProgUnset(oc.nextSeq())));
     expect(await hostToGuest(20)).toBe(20);
   });
 
   test('xdp_tx bounces host frames back to the host with swapped MACs', async () => {
-    const obj = object('xdp_tx');
-    const m = obj.maps[0]!;
-    const h = decodeMapCreateBody(expectOk(await oc.call(encodeMapCreate(oc.nextSeq(), { type: m.type, keySize: m.keySize, valueSize: m.valueSize, maxEntries: m.maxEntries, name: m.name }))).body).handle;
-    expectOk(await oc.call(encodeProgSet(oc.nextSeq(), { license: obj.license, insns: bindMapHandles(obj.insns, obj.mapRelocations, [h]), mapHandles: [h], name: 'xdp_tx' })));
+    await offloadSample(oc, 'xdp_tx');
     ps.drain();
     const s = seq++;
     ps.send(udpFrame(s, 60, 5000, HOST_MAC, GUEST_MAC));
@@ -148,25 +130,22 @@ describe('XDP offload through the reserved queue pair (tap port)', () => {
     expect(Array.from(back[0]!.subarray(0, 6), (b) => b.toString(16).padStart(2, '0')).join(':')).toBe(HOST_MAC);
     expect((await be.call('offload.show', { name: 'off' })).verdicts.tx).toBeGreaterThanOrEqual(1);
     expect(await hostToGuest(5)).toBe(0);
-    expectOk(await oc.call(encodeProgUnset(oc.nextSeq())));
+    requireOk(await oc.call(encodeProgUnset(oc.nextSeq())));
   });
 
   test('xdp_blocklist: sources the guest writes into its HASH map are dropped on the host, others delivered', async () => {
-    const obj = object('xdp_blocklist');
-    const m = obj.maps[0]!;
-    const h = decodeMapCreateBody(expectOk(await oc.call(encodeMapCreate(oc.nextSeq(), { type: m.type, keySize: m.keySize, valueSize: m.valueSize, maxEntries: m.maxEntries, name: m.name }))).body).handle;
-    expectOk(await oc.call(encodeProgSet(oc.nextSeq(), { license: obj.license, insns: bindMapHandles(obj.insns, obj.mapRelocations, [h]), mapHandles: [h], name: 'xdp_blocklist' })));
+    const [h] = (await offloadSample(oc, 'xdp_blocklist')) as [number];
     // udpFrame sends from 198.18.0.1: block it (key = the address in network byte order).
-    expectOk(await oc.call(encodeElemUpdate(oc.nextSeq(), h, Uint8Array.from([198, 18, 0, 1]), new Uint8Array(8))));
+    requireOk(await oc.call(encodeElemUpdate(oc.nextSeq(), h, Uint8Array.from([198, 18, 0, 1]), new Uint8Array(8))));
     expect(await hostToGuest(10)).toBe(0);
     const other = buildUdpFrame({ srcMac: HOST_MAC, dstMac: GUEST_MAC, srcIp: '198.18.0.9', dstIp: '198.18.0.1', srcPort: 1, dstPort: 2, payload: patternPayload(seq, 60) });
     const s = seq++;
     ps.send(other);
     expect((await fe.waitForFrames(0, 1, 2000, (f) => seqOf(f) === s).catch(() => [])).length + (await fe.waitForFrames(1, 1, 200, (f) => seqOf(f) === s)).length).toBe(1);
     // The map's hit counter is readable from the guest side.
-    const hits = expectOk(await oc.call(encodeElemLookup(oc.nextSeq(), h, Uint8Array.from([198, 18, 0, 1]))));
+    const hits = requireOk(await oc.call(encodeElemLookup(oc.nextSeq(), h, Uint8Array.from([198, 18, 0, 1]))));
     expect(Number(new DataView(hits.body.buffer, hits.body.byteOffset).getBigUint64(0, true))).toBe(10);
-    expectOk(await oc.call(encodeProgUnset(oc.nextSeq())));
+    requireOk(await oc.call(encodeProgUnset(oc.nextSeq())));
   });
 
   test('a program calling a forbidden helper is refused with a reason naming the helper', async () => {
@@ -189,7 +168,7 @@ describe('XDP offload through the reserved queue pair (tap port)', () => {
     const show = await be.call('offload.show', { name: 'off' });
     const mapIds: number[] = show.maps.map((m: { id: number }) => m.id);
     expect(mapIds.length).toBeGreaterThan(0);
-    expectOk(await oc.call(encodeRelease(oc.nextSeq())));
+    requireOk(await oc.call(encodeRelease(oc.nextSeq())));
     await waitUntil(() => mapIds.every((id) => !listMapIds().includes(id)), 3000, 'maps freed in the kernel');
     expect(listProgIds()).not.toContain(show.program?.id ?? -1);
     expect(fs.existsSync(path.join(pinRoot, 'off'))).toBe(false);
@@ -200,11 +179,8 @@ describe('XDP offload through the reserved queue pair (tap port)', () => {
   });
 
   test('a frontend that disconnects leaves nothing of its offload in the kernel', async () => {
-    expectOk(await oc.claim());
-    const obj = object('xdp_drop');
-    const m = obj.maps[0]!;
-    const h = decodeMapCreateBody(expectOk(await oc.call(encodeMapCreate(oc.nextSeq(), { type: m.type, keySize: m.keySize, valueSize: m.valueSize, maxEntries: m.maxEntries, name: m.name }))).body).handle;
-    expectOk(await oc.call(encodeProgSet(oc.nextSeq(), { license: obj.license, insns: bindMapHandles(obj.insns, obj.mapRelocations, [h]), mapHandles: [h], name: 'xdp_drop' })));
+    requireOk(await oc.claim());
+    await offloadSample(oc, 'xdp_drop');
     const show = await be.call('offload.show', { name: 'off' });
     fe.close();
     await waitUntil(async () => !(await be.call('status')).devices[0].connected, 3000, 'disconnect seen');

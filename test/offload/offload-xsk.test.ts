@@ -1,30 +1,20 @@
 // Offload on the xsk port: the guest's program runs natively at the ingress of the backend's
 // veth end, composed with the AF_XDP redirect, so dropped frames never reach the backend.
 import { describe, test, expect, beforeAll, afterAll } from 'vitest';
-import fs from 'node:fs';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { startBackend, tempDir, type Backend } from '../harness/backend.js';
 import { TestFrontend } from '../frontend/test-frontend.js';
-import { OffloadClient } from '../frontend/offload-client.js';
+import { OffloadClient, offloadSample, requireOk, hostFramesReceived } from '../frontend/offload-client.js';
 import { PacketSocket, bytesToMac } from '../harness/packet-socket.js';
 import { uniqueIfName } from '../harness/netdev.js';
 import { waitUntil, sleep } from '../harness/processes.js';
 import { udpFrame, seqOf, GUEST_MAC } from '../harness/frames.js';
-import { readBpfObject } from '../../src/offload/bpf-object.js';
 import { defaultPeerName } from '../../src/ports/xsk.js';
-import {
-  Status, statusName, bindMapHandles, encodeMapCreate, encodeProgSet, encodeProgUnset, encodeElemLookup,
-  decodeMapCreateBody, type Response,
-} from '../../src/offload/protocol.js';
+import { encodeProgUnset, encodeElemLookup } from '../../src/offload/protocol.js';
 
 const HOST_MAC = '52:54:00:0e:0e:0e';
-const bpfDir = path.resolve(__dirname, '../../bpf/out');
 
-function ok(r: Response): Response {
-  if (r.status !== Status.OK) throw new Error(`offload request failed: ${statusName(r.status)}: ${r.reason}`);
-  return r;
-}
 
 /** XDP drops counted by the veth driver on the backend's end (all queues). */
 function vethXdpDrops(ifname: string): number {
@@ -48,7 +38,7 @@ describe('XDP offload on the xsk port (native XDP on the veth)', () => {
     fe = await TestFrontend.connect(sock, { queuePairs: 2 });
     oc = new OffloadClient(fe, 1);
     ps = PacketSocket.open(ifname);
-    ok(await oc.claim());
+    requireOk(await oc.claim());
     await waitUntil(async () => (await be.call('status')).devices[0].offload.claimed, 3000, 'claim visible');
   });
 
@@ -59,20 +49,9 @@ describe('XDP offload on the xsk port (native XDP on the veth)', () => {
   });
 
   async function hostToGuest(n: number): Promise<number> {
-    const first = seq;
-    for (let i = 0; i < n; i++) ps.send(udpFrame(seq++, 60, 4000 + (i % 8), HOST_MAC, GUEST_MAC));
-    await sleep(300);
-    let got = 0;
-    for (const p of [0, 1]) for (const f of fe.receive(p)) if ((seqOf(f) ?? -1) >= first) got++;
+    const got = await hostFramesReceived(ps, fe, seq, n, HOST_MAC);
+    seq += n;
     return got;
-  }
-
-  async function load(name: string): Promise<number> {
-    const obj = readBpfObject(new Uint8Array(fs.readFileSync(path.join(bpfDir, `${name}.o`))));
-    const m = obj.maps[0]!;
-    const h = decodeMapCreateBody(ok(await oc.call(encodeMapCreate(oc.nextSeq(), { type: m.type, keySize: m.keySize, valueSize: m.valueSize, maxEntries: m.maxEntries, name: m.name }))).body).handle;
-    ok(await oc.call(encodeProgSet(oc.nextSeq(), { license: obj.license, insns: bindMapHandles(obj.insns, obj.mapRelocations, [h]), mapHandles: [h], name })));
-    return h;
   }
 
   test('without a program, host frames reach the guest through AF_XDP', async () => {
@@ -80,7 +59,7 @@ describe('XDP offload on the xsk port (native XDP on the veth)', () => {
   });
 
   test('xdp_drop: frames die in the kernel, the backend never sees them, the veth XDP drop counter and the guest map rise', async () => {
-    const h = await load('xdp_drop');
+    const [h] = (await offloadSample(oc, 'xdp_drop')) as [number];
     await sleep(100);
     const before = (await be.call('stats', { name: 'offx' }))[0].total;
     const drops0 = vethXdpDrops(peer);
@@ -88,14 +67,14 @@ describe('XDP offload on the xsk port (native XDP on the veth)', () => {
     const after = (await be.call('stats', { name: 'offx' }))[0].total;
     expect(after.rxPackets - before.rxPackets).toBe(0);
     expect(vethXdpDrops(peer) - drops0).toBeGreaterThanOrEqual(50);
-    const count = ok(await oc.call(encodeElemLookup(oc.nextSeq(), h, new Uint8Array(4))));
+    const count = requireOk(await oc.call(encodeElemLookup(oc.nextSeq(), h, new Uint8Array(4))));
     expect(Number(new DataView(count.body.buffer, count.body.byteOffset).getBigUint64(0, true))).toBeGreaterThanOrEqual(50);
-    ok(await oc.call(encodeProgUnset(oc.nextSeq())));
+    requireOk(await oc.call(encodeProgUnset(oc.nextSeq())));
     expect(await hostToGuest(10)).toBe(10);
   });
 
   test('xdp_tx: frames bounce back to the host side with swapped MACs', async () => {
-    await load('xdp_tx');
+    await offloadSample(oc, 'xdp_tx');
     await sleep(100);
     ps.drain();
     const s = seq++;
@@ -104,6 +83,6 @@ describe('XDP offload on the xsk port (native XDP on the veth)', () => {
     expect(back.length).toBe(1);
     expect(bytesToMac(back[0]!, 0)).toBe(HOST_MAC);
     expect(bytesToMac(back[0]!, 6)).toBe(GUEST_MAC);
-    ok(await oc.call(encodeProgUnset(oc.nextSeq())));
+    requireOk(await oc.call(encodeProgUnset(oc.nextSeq())));
   });
 });
