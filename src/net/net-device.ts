@@ -88,7 +88,9 @@ export class NetDevice implements VhostUserBackend {
     const owner = this.threadFor(this.offloadPair);
     const changed = program?.id !== this.broker?.program?.id;
     this.broker?.update(claimed, program);
-    if (!changed) return;
+    // On ports over guest RAM the program runs in the kernel (attached by the broker's thread):
+    // the other threads have no per-frame test run to feed.
+    if (!changed || this.port.needsGuestMemory) return;
     for (const t of this.threads) {
       if (t === owner) continue;
       let fd = -1;
