@@ -1,6 +1,7 @@
 import type { RegionInfo } from '../vhost-user/guest-memory.js';
 import type { VringConfig } from '../vhost-user/backend.js';
 import type { HostQueueConfig } from '../ports/port.js';
+import type { XskOffloadTarget } from '../ports/xsk.js';
 import type { OffloadProgram } from '../offload/broker.js';
 
 /** The worker that owns the offload pair runs the broker (no thread hop per request). */
@@ -8,7 +9,7 @@ export interface OffloadInit {
   device: string;
   pinDir: string | null;
   /** On an xsk port the program runs natively on the backend's veth end, composed with the XSKMAP redirect. */
-  xsk?: { xskMapFd: number; peerIfindex: number; redirectFd: number };
+  xsk?: XskOffloadTarget;
 }
 export type OffloadMethod = 'show' | 'quotas' | 'setQuotas' | 'detach' | 'reset';
 

@@ -16,6 +16,7 @@ import { ComposedProgram } from '../offload/compose.js';
 import { xdpAttach, XDP_FLAGS_DRV_MODE } from '../sys/libbpf.js';
 import { RxPath, TxPath, BURST, type PathContext, type OffloadLink } from './queue-paths.js';
 import { XskQueue, XskRxPath, XskTxPath } from './xsk-paths.js';
+import { setBounceReceive } from '../ports/xsk.js';
 import { C, COUNTERS } from './stats.js';
 import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type DatapathEvent, type DatapathRequest, type DatapathWorkerData, type FrameFormat, type OffloadInit, type OffloadMethod } from './datapath-messages.js';
 
@@ -118,6 +119,11 @@ function attachComposed(b: OffloadBroker, xsk: NonNullable<OffloadInit['xsk']>):
   // The attached program holds its own reference: the previous one can go.
   composed?.close();
   composed = next;
+  try {
+    setBounceReceive(xsk, next !== null);
+  } catch (e) {
+    log.warn(`host end of the veth: ${(e as Error).message} (XDP_TX bounces may not reach the host)`);
+  }
   log.info(next ? `composed program ${next.id} (guest program + AF_XDP redirect) attached natively` : 'plain AF_XDP redirect attached');
 }
 

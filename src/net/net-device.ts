@@ -11,6 +11,7 @@ import type { Quotas, QuotaUsage } from '../offload/quotas.js';
 import type { OffloadInit } from './datapath-messages.js';
 import { progGetFdById } from '../sys/libbpf.js';
 import type { FrameFormat } from './datapath-messages.js';
+import type { XskOffloadTarget } from '../ports/xsk.js';
 
 export interface NetDeviceOptions {
   name: string;
@@ -75,10 +76,8 @@ export class NetDevice implements VhostUserBackend {
       try { opts.port.setQueueEnabled(this.offloadPair, false); } catch (e) { this.log.warn(`offload pair steering: ${(e as Error).message}`); }
     }
     if (opts.offload) {
-      const xsk = this.port as { xskMapFd?: number; peerIndex?: number; redirectProgramFd?: number };
-      const init = xsk.xskMapFd !== undefined
-        ? { ...opts.offload, xsk: { xskMapFd: xsk.xskMapFd, peerIfindex: xsk.peerIndex!, redirectFd: xsk.redirectProgramFd! } }
-        : opts.offload;
+      const target = (this.port as { offloadTarget?: XskOffloadTarget }).offloadTarget;
+      const init = target ? { ...opts.offload, xsk: target } : opts.offload;
       this.threadFor(this.offloadPair).request({ op: 'offload', pair: this.offloadPair, init });
     }
   }

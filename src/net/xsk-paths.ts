@@ -507,7 +507,7 @@ export class XskTxPath extends XskPath {
 
   /** Copy mode sends at most 32 frames per syscall; kick until the ring drains or the kernel pushes back. */
   private kick(posted: number): void {
-    const fd = this.xq.fd;
+    const fd = this.xq.cfg.txFd;
     for (let tries = Math.ceil(posted / 32) + 1; tries > 0; tries--) {
       kickTx(fd);
       if (this.xq.tx.outstanding() === 0) return;

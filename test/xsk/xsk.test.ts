@@ -323,11 +323,15 @@ describe('xsk port: pinned memory and teardown', () => {
       expect(progId).toBeGreaterThan(0);
       const mapId = mapInfo(r.port.xskMapFd).id;
       const sockInode = fs.readlinkSync(`/proc/self/fd/${r.xq.fd}`);
+      const txSockInode = fs.readlinkSync(`/proc/self/fd/${r.xq.cfg.txFd}`);
       const openSockets = (): string[] => fs.readdirSync('/proc/self/fd').map((f) => {
         try { return fs.readlinkSync(`/proc/self/fd/${f}`); } catch { return ''; }
       });
       expect(sockInode).toMatch(/^socket:/);
+      expect(txSockInode).toMatch(/^socket:/);
+      expect(txSockInode).not.toBe(sockInode);
       expect(openSockets()).toContain(sockInode);
+      expect(openSockets()).toContain(txSockInode);
       r.rx.stop();
       r.tx.stop();
       r.port.releaseQueue(0);
@@ -343,6 +347,7 @@ describe('xsk port: pinned memory and teardown', () => {
       expect(listProgIds()).not.toContain(progId);
       expect(listMapIds()).not.toContain(mapId);
       expect(openSockets()).not.toContain(sockInode);
+      expect(openSockets()).not.toContain(txSockInode);
     } finally {
       await local.run();
     }
