@@ -1,12 +1,11 @@
 import fs from 'node:fs';
-import { spawnSync } from 'node:child_process';
 import { defaultPeerName } from '../src/ports/xsk.js';
 import path from 'node:path';
 import { spawnManaged, sleep, type ManagedProcess } from '../test/harness/processes.js';
 import { tempDir, CLI } from '../test/harness/backend.js';
 import { TestFrontend } from '../test/frontend/test-frontend.js';
 import { OffloadClient, offloadSample, requireOk } from '../test/frontend/offload-client.js';
-import { uniqueIfName, disableIpv6 } from '../test/harness/netdev.js';
+import { uniqueIfName, disableIpv6, vethXdpCounters } from '../test/harness/netdev.js';
 import { buildUdpFrame } from '../test/harness/packet-socket.js';
 import { XdpFlood } from '../test/harness/xdp-flood.js';
 import { Epoll, EPOLLIN } from '../src/sys/libc.js';
@@ -93,14 +92,11 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
     else gen = spawnManaged('taskset', ['-c', '0', 'trafgen', '-o', tap, '-i', cfg, '-P', '1', '--no-sock-mem', '--notouch-irq', '-C'], { name: 'trafgen' });
     const counters = async () => (await callControl(ctl, 'stats', { name: 'bench' }) as Array<{ total: Record<string, number>; port: Record<string, number> }>)[0]!;
     // On the xsk port drops happen in the kernel (the veth's XDP counters), not in the backend.
-    const vethXdp = (what: 'drops' | 'packets') => {
-      const out = spawnSync('ethtool', ['-S', defaultPeerName(tap)], { encoding: 'utf8' }).stdout;
-      const re = new RegExp(`rx_queue_\\d+_xdp_${what}:`);
-      return out.split('\n').filter((l) => re.test(l)).reduce((a, l) => a + Number(l.split(':')[1]), 0);
-    };
-    idle = new Epoll(4);
-    idle.add(fe.pairs[0]!.call[0], EPOLLIN, 0);
-    idle.add(fe.pairs[1]!.call[0], EPOLLIN, 1);
+    const vethXdp = (what: 'drops' | 'packets') => vethXdpCounters(defaultPeerName(tap))[`xdp_${what}`] ?? 0;
+    const idleWait = new Epoll(4);
+    idle = idleWait;
+    idleWait.add(fe.pairs[0]!.call[0], EPOLLIN, 0);
+    idleWait.add(fe.pairs[1]!.call[0], EPOLLIN, 1);
     const window = async (field: string) => {
       const v0 = kind === 'xsk' && field === 'xdpDrop' ? vethXdp('drops') : 0;
       const o0 = kind === 'xsk' ? vethXdp('packets') : 0;
@@ -111,7 +107,7 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
       // frames that never reach it cost it nothing.
       while (Date.now() - t0 < seconds * 1000) {
         const got = fe!.receive(0).length + fe!.receive(1).length;
-        if (got === 0 && fe!.pairs[0]!.rx.enableInterrupts() && fe!.pairs[1]!.rx.enableInterrupts()) idle!.wait(2, () => undefined);
+        if (got === 0 && fe!.pairs[0]!.rx.enableInterrupts() && fe!.pairs[1]!.rx.enableInterrupts()) idleWait.wait(2, () => undefined);
         await new Promise((r) => setImmediate(r));
       }
       const b = await counters();

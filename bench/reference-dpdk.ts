@@ -4,8 +4,10 @@ import { pathToFileURL } from 'node:url';
 import { startTestpmd, type Testpmd, type PortStats } from '../test/harness/dpdk.js';
 import { spawnManaged, sleep, type ManagedProcess } from '../test/harness/processes.js';
 import {
-  CleanupStack, createVethPair, deleteLink, disableIpv6, readLinkStats, uniqueIfName, type LinkStats,
+  CleanupStack, createVethPair, deleteLink, disableIpv6, readLinkStats, uniqueIfName, vethXdpCounters, type LinkStats,
 } from '../test/harness/netdev.js';
+import { XdpFlood } from '../test/harness/xdp-flood.js';
+import { defaultPeerName } from '../src/ports/xsk.js';
 import { buildUdpFrame } from '../test/harness/packet-socket.js';
 import { CLI } from '../test/harness/backend.js';
 
@@ -22,9 +24,10 @@ import { CLI } from '../test/harness/backend.js';
  *   core 1: A's forwarding lcore (A main lcore on core 0). This is the seat the vhost-xdp
  *           datapath worker gets in the matching bench, so the comparison is backend vs backend.
  *   core 0: B's forwarding lcore (B main lcore on core 1; mains only wake to print stats),
- *           and for host->guest also trafgen (taskset -c 0, one process).
- * In host->guest, trafgen and B's busy-polling rxonly loop share core 0, so the offered load
- * is bounded by what trafgen gets of that core; the result reports the offered rate beside
+ *           and for host->guest also the generator (taskset -c 0, one process): trafgen on
+ *           the tap, the live-frames XDP flood (test/harness/xdp-flood.ts) on the veth.
+ * In host->guest, the generator and B's busy-polling rxonly loop share core 0, so the offered
+ * load is bounded by what the generator gets of that core; the result reports the offered rate beside
  * the delivered one so a generator-bound run is visible as such. Use the same pinning when
  * measuring vhost-xdp.
  *
@@ -45,7 +48,7 @@ export interface DirectionDetails {
   mpps: number;
   packets: number;
   seconds: number;
-  /** Host->guest only: rate the generator pushed into the host port, accepted + dropped (kernel counters). */
+  /** Host->guest only: rate the generator pushed into the host port (tap: accepted + dropped; veth: frames that reached the backend's end). */
   offeredMpps?: number;
   /** Frames the kernel dropped on the host port during the window (tap queue full etc.). */
   hostPortDropped?: number;
@@ -62,10 +65,12 @@ export interface ReferenceResult {
     loadAvg1: number;
     guestToHost: DirectionDetails;
     hostToGuest: DirectionDetails;
+    /** af_xdp only: host->guest with the flood pinned to the backend's core (1) instead of the guest's (0). */
+    hostToGuestFloodOnBackendCore?: DirectionDetails;
   };
 }
 
-const PINNING = 'A(vhost PMD <-io-> host PMD): main lcore 0, forwarding lcore 1; B(virtio-user): main lcore 1, forwarding lcore 0; trafgen: taskset -c 0, 1 process';
+const PINNING = 'A(vhost PMD <-io-> host PMD): main lcore 0, forwarding lcore 1; B(virtio-user): main lcore 1, forwarding lcore 0; generator (trafgen on tap, XDP live-frames flood on veth): taskset -c 0, 1 process';
 const GUEST_MAC = '02:00:00:00:0b:01';
 const HOST_MAC = '02:00:00:00:0a:01';
 
@@ -99,6 +104,15 @@ async function measureKernelRate(ifname: string, seconds: number, counter: 'rx' 
     : { packets: s1.txPackets - s0.txPackets, seconds: dt, dropped: s1.txDropped - s0.txDropped };
 }
 
+/** Frames the XDP program on a veth end saw in the window (all reached the backend's end). */
+async function measureXdpArrivals(ifname: string, seconds: number): Promise<{ packets: number; seconds: number; dropped: number }> {
+  const c0 = vethXdpCounters(ifname).xdp_packets ?? 0;
+  const t0 = process.hrtime.bigint();
+  await sleep(seconds * 1000);
+  const c1 = vethXdpCounters(ifname).xdp_packets ?? 0;
+  return { packets: c1 - c0, seconds: Number(process.hrtime.bigint() - t0) / 1e9, dropped: 0 };
+}
+
 /** Who sits in the backend seat (core 1): DPDK's testpmd, or vhost-xdp serve. */
 export type BackendSeat = 'dpdk' | 'vhost-xdp';
 
@@ -124,6 +138,8 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
     // hostIf: where the host kernel sees traffic; trafgen injects there too.
     let hostIf: string;
     let portVdev: string;
+    /** The veth end the backend reads (af_xdp): where host->guest frames arrive. */
+    let backendEnd: string | undefined;
     if (kind === 'tap') {
       hostIf = uniqueIfName('vxrt');
       portVdev = `net_tap0,iface=${hostIf}`;
@@ -132,12 +148,14 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
     } else if (seat === 'vhost-xdp') {
       // `--port xsk:IF` makes the veth pair itself; IF is the end the host uses.
       hostIf = uniqueIfName('vxrp');
+      backendEnd = defaultPeerName(hostIf);
       portVdev = '';
       cleanup.push(`delete ${hostIf}`, () => deleteLink(hostIf));
     } else {
       const pmdEnd = uniqueIfName('vxrx');
       hostIf = uniqueIfName('vxrp');
       createVethPair(pmdEnd, hostIf);
+      backendEnd = pmdEnd;
       cleanup.link(pmdEnd);
       portVdev = `net_af_xdp0,iface=${pmdEnd},start_queue=0,queue_count=1`;
     }
@@ -176,18 +194,37 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
       vdevs: [`net_virtio_user0,path=${sock},queues=1,queue_size=256,mac=${GUEST_MAC}`],
       forwardMode: 'rxonly', cores: '0,1', mainLcore: 1,
     });
-    const gen = startTrafgen(hostIf, cfg, 0);
-    cleanup.push('stop trafgen', () => gen.stop('SIGINT', 3000));
-    await sleep(warmup * 1000);
-    const histStart = b.history.length;
-    const offered = await measureKernelRate(hostIf, seconds, 'tx');
-    // Wait for one more stats period so the window is covered by two snapshots.
-    await b.waitForStats(() => b!.history.length >= histStart + seconds, 3000).catch(() => undefined);
-    const first = b.history[histStart - 1] ?? b.history[histStart];
-    const last = b.history.at(-1);
-    if (!first || !last || first === last) throw new Error('testpmd B printed no stats during the host->guest window');
-    const h2g = rateBetween(first, last, 0, 'rxPackets');
-    await gen.stop('SIGINT', 3000);
+    // A veth's receiving end takes frames at XDP speed, faster than trafgen can push them
+    // through a socket from a shared core (it topped out near 0.2 Mpps): flood it with the
+    // live-frames XDP generator and count what reached the backend's end (its XDP counters).
+    // A tap has no such path; trafgen is the flood there.
+    const hostToGuestWindow = async (genCpu: number): Promise<{ h2g: { packets: number; seconds: number }; offered: { packets: number; seconds: number; dropped: number } }> => {
+      let stopGen: () => Promise<unknown>;
+      if (kind === 'af_xdp') {
+        const flood = await XdpFlood.start(hostIf, frame, genCpu);
+        stopGen = () => flood.stop();
+      } else {
+        const gen = startTrafgen(hostIf, cfg, genCpu);
+        stopGen = () => gen.stop('SIGINT', 3000);
+      }
+      cleanup.push('stop the generator', stopGen);
+      await sleep(warmup * 1000);
+      const histStart = b!.history.length;
+      const offered = kind === 'af_xdp' ? await measureXdpArrivals(backendEnd!, seconds) : await measureKernelRate(hostIf, seconds, 'tx');
+      // Wait for one more stats period so the window is covered by two snapshots.
+      await b!.waitForStats(() => b!.history.length >= histStart + seconds, 3000).catch(() => undefined);
+      const first = b!.history[histStart - 1] ?? b!.history[histStart];
+      const last = b!.history.at(-1);
+      if (!first || !last || first === last) throw new Error('testpmd B printed no stats during the host->guest window');
+      const h2g = rateBetween(first, last, 0, 'rxPackets');
+      await stopGen();
+      return { h2g, offered };
+    };
+    const { h2g, offered } = await hostToGuestWindow(0);
+    // On two cores the flood shares a core with someone. On the guest's core (above) it starves
+    // the guest, and the result mostly says how much a backend buffers between the guest's time
+    // slices. On the backend's core it competes with the backend itself: the other view.
+    const onBackendCore = kind === 'af_xdp' ? await hostToGuestWindow(1) : null;
 
     const mpps = (p: number, s: number): number => Math.round((p / s / 1e6) * 1000) / 1000;
     return {
@@ -203,6 +240,12 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
           mpps: mpps(h2g.packets, h2g.seconds), packets: h2g.packets, seconds: h2g.seconds,
           offeredMpps: mpps(offered.packets + offered.dropped, offered.seconds), hostPortDropped: offered.dropped,
         },
+        ...(onBackendCore ? {
+          hostToGuestFloodOnBackendCore: {
+            mpps: mpps(onBackendCore.h2g.packets, onBackendCore.h2g.seconds), packets: onBackendCore.h2g.packets, seconds: onBackendCore.h2g.seconds,
+            offeredMpps: mpps(onBackendCore.offered.packets, onBackendCore.offered.seconds),
+          },
+        } : {}),
       },
     };
   } finally {

@@ -40,6 +40,13 @@ if (which === 'xsk' || which === 'all') {
   const ratio = (a: number, b: number) => (b > 0 ? `${(a / b).toFixed(2)}x DPDK` : 'n/a');
   line('vhost-xdp serve --port xsk, guest->host', ours.guestToHostMpps.toFixed(3), `${ratio(ours.guestToHostMpps, ref.guestToHostMpps)} (target 1.0x)`);
   line('vhost-xdp serve --port xsk, host->guest', ours.hostToGuestMpps.toFixed(3), `${ratio(ours.hostToGuestMpps, ref.hostToGuestMpps)} (offered ${ours.details.hostToGuest.offeredMpps?.toFixed(3)})`);
+  const refB = ref.details.hostToGuestFloodOnBackendCore;
+  const oursB = ours.details.hostToGuestFloodOnBackendCore;
+  if (refB && oursB) {
+    if (!json) console.log('  host->guest again with the flood on the backend\'s core instead of the guest\'s:');
+    line('DPDK vhost PMD <-> af_xdp PMD (veth), host->guest', refB.mpps.toFixed(3), `(offered ${refB.offeredMpps?.toFixed(3)})`);
+    line('vhost-xdp serve --port xsk, host->guest', oursB.mpps.toFixed(3), `${ratio(oursB.mpps, refB.mpps)} (offered ${oursB.offeredMpps?.toFixed(3)})`);
+  }
 }
 
 if (which === 'offload' || which === 'all') {

@@ -369,18 +369,20 @@ export class XskTxPath extends XskPath {
     const first = cq.nextIndex;
     for (let i = 0; i < n; i++) this.complete(cq.addr((first + i) >>> 0));
     cq.release(n);
-    while (this.head !== this.tail && this.oDone[this.head & this.mask] === 1) this.head++;
     return true;
   }
 
   private complete(addr: number): void {
-    // In order almost always; a frame freed early (e.g. dropped by the host stack) can overtake.
+    // In order almost always (the search ends at the head slot, which then advances); a frame
+    // freed early (e.g. dropped by the host stack) can overtake.
+    const mask = this.mask;
     for (let s = this.head; s !== this.tail; s++) {
-      const slot = s & this.mask;
+      const slot = s & mask;
       if (this.oDone[slot] === 0 && this.oAddr[slot] === addr) {
         this.oDone[slot] = 1;
         if (this.oBounce[slot]! >= 0) this.freeBounce.push(this.oBounce[slot]!);
         this.queue.pushUsed(this.oHead16[slot]!, 0);
+        while (this.head !== this.tail && this.oDone[this.head & mask] === 1) this.head++;
         return;
       }
     }

@@ -588,7 +588,10 @@ export class OffloadBroker {
         fd, id: info.id, tag: info.tag, insns: judged.decoded.count, loadedAt: isoNow(this.now),
         name: req.name, usedHandles: judged.usedHandles, code: insns, license: req.license,
       };
-      this.pins?.pinProg(fd, { insns: loaded.insns, loadedAt: loaded.loadedAt, usedHandles: loaded.usedHandles, name: loaded.name });
+      this.pins?.pinProg(fd, {
+        insns: loaded.insns, loadedAt: loaded.loadedAt, usedHandles: loaded.usedHandles, name: loaded.name,
+        source: { bytes: req.insns.byteLength, license: req.license, declaredHandles: [...req.mapHandles], tag: loaded.tag },
+      }, req.insns);
     } catch (err) {
       closeBpfFd(fd);
       throw err;
@@ -758,6 +761,24 @@ export class OffloadBroker {
           loadedAt: got.meta?.loadedAt ?? isoNow(b.now), name: got.meta?.name ?? info.name,
           usedHandles: used.filter((h) => b.maps.has(h)), code: null, license: 'GPL',
         };
+        const src = got.meta?.source;
+        if (src && src.tag === info.tag) {
+          try {
+            const bytes = pins.getSource(src.bytes);
+            if (!bytes) throw new Error('source pin missing or short');
+            // Checked again as if the guest had just sent it: the pins are host files, but the
+            // bytes came from the guest once.
+            const judged = judgeProgram(decodeProgram(bytes), src.license, src.declaredHandles, {
+              maxInsns: b.limits.maxProgInsns, allowedHelpers: b.allowed, handleExists: (h) => b.maps.has(h),
+            });
+            b.prog.code = rewriteMapRefs(judged, (h) => b.maps.get(h)!.map.fd);
+            b.prog.license = src.license;
+          } catch (e) {
+            b.log(`program source not restored (the program runs, but cannot be composed again): ${(e as Error).message}`);
+          }
+        } else if (src) {
+          b.log('pinned program source belongs to another program (interrupted replace); not composing it');
+        }
       }
     } catch (e) {
       b.log(`program not restored: ${(e as Error).message}`);

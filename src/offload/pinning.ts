@@ -7,6 +7,10 @@
 //   state           claim metadata (JSON)
 //   *_new           a document or pin being replaced (renamed over the old one)
 //   meta_prog       program metadata (JSON)
+//   src             the guest's program as it sent it (map handles, not fds), in a pinned
+//                   BPF array map of 4 KiB chunks: what a restarted backend needs to compose it
+//                   again (xsk port); bpffs holds no regular files, and a program outgrows a
+//                   4 KiB metadata document
 //   meta_<handle>   per-map metadata (JSON)
 // bpffs refuses regular files, so the JSON documents are stored as symlink targets (bpffs
 // supports symlinks and rename): each is written to a temporary name and renamed over the
@@ -15,14 +19,20 @@
 
 import { lstatSync, mkdirSync, readdirSync, readlinkSync, renameSync, rmdirSync, statfsSync, symlinkSync, unlinkSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { objGet, objPin } from '../sys/libbpf.js';
+import { objGet, objPin, BpfMap, BpfMapType } from '../sys/libbpf.js';
 
 const BPF_FS_MAGIC = 0xcafe4a11;
 const MAX_DOC_BYTES = 4000;
 
 export interface PinnedClaim { version: 1; device: string; claimedAt: string; nextHandle: number; responseLimit: number }
 export interface PinnedMapMeta { handle: number; chargedBytes: number; createdAt: string }
-export interface PinnedProgMeta { insns: number; loadedAt: string; usedHandles: number[]; name: string }
+export interface PinnedProgMeta {
+  insns: number; loadedAt: string; usedHandles: number[]; name: string;
+  /** Present when `src` was pinned with the program (absent in pins of older versions). */
+  source?: { bytes: number; license: string; declaredHandles: number[]; tag: string };
+}
+
+const SRC_CHUNK = 4096;
 
 // bpffs refuses '.' in names (reserved by the kernel), so temporary names use '_new'.
 const DEVICE_RE = /^[A-Za-z0-9_-]{1,64}$/;
@@ -99,22 +109,72 @@ export class DevicePins {
     this.unlinkQuiet(`meta_${handle}`);
   }
 
-  /** Pins under a temporary name and renames over `prog`, so the old pin stays until the new one exists. */
-  pinProg(fd: number, meta: PinnedProgMeta): void {
+  /**
+   * Pins under temporary names and renames over `prog` (and `src`), so the old pins stay until
+   * the new ones exist. A crash between the two renames can pair a new `src` with the old
+   * program: meta_prog's source tag lets restore tell (see getSource).
+   */
+  pinProg(fd: number, meta: PinnedProgMeta, source?: Uint8Array): void {
     this.unlinkQuiet('prog_new');
-    objPin(fd, this.path('prog_new'));
+    this.unlinkQuiet('src_new');
     try {
+      if (source) this.pinBlob('src_new', source);
+      objPin(fd, this.path('prog_new'));
       this.writeDoc('meta_prog', meta);
+      if (source) renameSync(this.path('src_new'), this.path('src'));
+      else this.unlinkQuiet('src');
       renameSync(this.path('prog_new'), this.path('prog'));
     } catch (e) {
       this.unlinkQuiet('prog_new');
+      this.unlinkQuiet('src_new');
       throw e;
     }
   }
 
   unpinProg(): void {
     this.unlinkQuiet('prog');
+    this.unlinkQuiet('src');
     this.unlinkQuiet('meta_prog');
+  }
+
+  private pinBlob(name: string, bytes: Uint8Array): void {
+    const chunks = Math.max(1, Math.ceil(bytes.byteLength / SRC_CHUNK));
+    const map = BpfMap.create(BpfMapType.ARRAY, 4, SRC_CHUNK, chunks, { name: 'vx_prog_src' });
+    try {
+      const key = new Uint8Array(4);
+      const kv = new DataView(key.buffer);
+      const chunk = new Uint8Array(SRC_CHUNK);
+      for (let i = 0; i < chunks; i++) {
+        chunk.fill(0);
+        chunk.set(bytes.subarray(i * SRC_CHUNK, Math.min(bytes.byteLength, (i + 1) * SRC_CHUNK)));
+        kv.setUint32(0, i, true);
+        map.update(key, chunk);
+      }
+      objPin(map.fd, this.path(name));
+    } finally {
+      map.close();
+    }
+  }
+
+  /** The pinned program source (`bytes` long), or null when none is pinned or it is shorter than that. */
+  getSource(bytes: number): Uint8Array | null {
+    if (!existsSync(this.path('src'))) return null;
+    const map = BpfMap.fromFd(objGet(this.path('src')));
+    try {
+      if (map.type !== BpfMapType.ARRAY || map.valueSize !== SRC_CHUNK || map.maxEntries * SRC_CHUNK < bytes) return null;
+      const out = new Uint8Array(bytes);
+      const key = new Uint8Array(4);
+      const kv = new DataView(key.buffer);
+      for (let i = 0; i * SRC_CHUNK < bytes; i++) {
+        kv.setUint32(0, i, true);
+        const v = map.lookup(key);
+        if (!v) return null;
+        out.set(v.subarray(0, Math.min(SRC_CHUNK, bytes - i * SRC_CHUNK)), i * SRC_CHUNK);
+      }
+      return out;
+    } finally {
+      map.close();
+    }
   }
 
   /** Pinned map handles with their metadata (metadata null when missing or unreadable). */

@@ -185,6 +185,19 @@ export function readLinkStats(ifname: string, netns?: string): LinkStats {
   };
 }
 
+/**
+ * veth's per-queue XDP counters (ethtool -S rx_queue_N_xdp_packets, _xdp_drops, _xdp_redirect,
+ * _xdp_tx, ...) summed over the queues, keyed without the queue prefix (xdp_drops, ...).
+ */
+export function vethXdpCounters(ifname: string): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const line of run(['ethtool', '-S', ifname]).split('\n')) {
+    const m = /^\s*rx_queue_\d+_(xdp_\w+|drops):\s*(\d+)/.exec(line);
+    if (m) out[m[1]!] = (out[m[1]!] ?? 0) + Number(m[2]);
+  }
+  return out;
+}
+
 /** after − before, field by field. */
 export function diffLinkStats(after: LinkStats, before: LinkStats): LinkStats {
   return {

@@ -10,7 +10,7 @@ import { Status, QuotaId } from '../../src/offload/protocol.js';
 import { readBpfObject, type BpfObjectProgram } from '../../src/offload/bpf-object.js';
 import {
   TestRunner, BpfMapType, XDP_DROP, XDP_PASS, XDP_TX, mapGetFdById, progGetFdById, closeBpfFd,
-  countKernelObjects, encodeInsns,
+  countKernelObjects, encodeInsns, progLoad, progInfo, BpfProgType,
 } from '../../src/sys/libbpf.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
@@ -487,7 +487,7 @@ describe('offload broker against the kernel', () => {
       r.runBytes(frame());
       r.dispose();
       const before = b.show();
-      expect(readdirSync(join(dir, 'pinned0')).sort()).toEqual(['map_1', 'map_2', 'meta_1', 'meta_2', 'meta_prog', 'prog', 'state']);
+      expect(readdirSync(join(dir, 'pinned0')).sort()).toEqual(['map_1', 'map_2', 'meta_1', 'meta_2', 'meta_prog', 'prog', 'src', 'state']);
       b.close(); // process exit: fds closed, pins kept
       expect(ownBpfFds()).toBe(fdsBefore);
       expect(existsNow(progGetFdById, before.program!.id)).toBe(true);
@@ -499,6 +499,16 @@ describe('offload broker against the kernel', () => {
       expect(b2.program!.tag).toBe(before.program!.tag);
       expect(b2.program!.loadedAt).toBe(before.program!.loadedAt);
       expect(b2.show().maps.map((m) => [m.handle, m.id])).toEqual(before.maps.map((m) => [m.handle, m.id]));
+      // The source comes back too (for composing it again on an xsk port), pointing at the
+      // restored maps: loaded, it is the same program (the kernel's tag ignores map fds).
+      const src = b2.programSource!;
+      expect(src.license).toBe('GPL');
+      const again = progLoad(src.code, { license: src.license, type: BpfProgType.XDP, name: 'vx_src_check' });
+      try {
+        expect(progInfo(again).tag).toBe(before.program!.tag);
+      } finally {
+        closeBpfFd(again);
+      }
       const g2 = new Guest(b2);
       expect(readU64(g2.ok((s) => P.encodeElemLookup(s, h!, u32(0))).body)).toBe(2);
       expect(readU64(g2.ok((s) => P.encodeElemLookup(s, extra, u32(42))).body)).toBe(4242);

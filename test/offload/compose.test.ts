@@ -16,7 +16,7 @@ import {
   composeXdp, plainRedirect, ComposedProgram, ComposeError, checkGuestBlock, ENTRY_INSNS,
 } from '../../src/offload/compose.js';
 import {
-  CleanupStack, createNetns, createVethPair, uniqueIfName, uniqueNetnsName, getMac, run, linkExists, netnsExists,
+  CleanupStack, createNetns, createVethPair, uniqueIfName, uniqueNetnsName, getMac, run, linkExists, netnsExists, vethXdpCounters,
 } from '../harness/netdev.js';
 import { PacketSocket, bytesToMac } from '../harness/packet-socket.js';
 import { udpFrame, seqOf } from '../harness/frames.js';
@@ -214,14 +214,6 @@ async function waitFor(cond: () => boolean, ms: number): Promise<boolean> {
   return cond();
 }
 
-function vethXdpStats(ifname: string): Record<string, number> {
-  const out: Record<string, number> = {};
-  for (const line of run(['ethtool', '-S', ifname]).split('\n')) {
-    const m = /^\s*rx_queue_0_(xdp_\w+|drops):\s*(\d+)/.exec(line);
-    if (m) out[m[1]!] = Number(m[2]);
-  }
-  return out;
-}
 
 // ---------------------------------------------------------------------------------------
 
@@ -495,11 +487,11 @@ describe('composed program attached natively on a veth end', () => {
     const q = xdpQuery(hostIfindex);
     expect(q.attachMode).toBe(XDP_ATTACHED_DRV);
     expect(q.drvProgId).toBe(p.id);
-    const before = vethXdpStats(hostEnd);
+    const before = vethXdpCounters(hostEnd);
     await sendFromPeer(32, 0);
     const counter = drop.maps.get('drop_count')!;
     expect(await waitFor(() => readU64(counter, u32(0)) >= 32, 2000)).toBe(true);
-    const after = vethXdpStats(hostEnd);
+    const after = vethXdpCounters(hostEnd);
     expect(after.xdp_drops! - before.xdp_drops!).toBe(readU64(counter, u32(0)));
     expect(sock.rxPending).toBe(0);
     expect(p.abortedCount()).toBe(0);
@@ -511,7 +503,7 @@ describe('composed program attached natively on a veth end', () => {
     // Swap atomically, as the port does when the guest replaces its program.
     const oldFd = progGetFdById(xdpQuery(hostIfindex).drvProgId);
     try { xdpAttach(hostIfindex, p.fd, XDP_FLAGS_DRV_MODE | XDP_FLAGS_REPLACE, oldFd); } finally { closeBpfFd(oldFd); }
-    const before = vethXdpStats(hostEnd);
+    const before = vethXdpCounters(hostEnd);
     const sent = await sendFromPeer(16, 100);
     expect(await waitFor(() => sock.rxPending >= 16, 2000)).toBe(true);
     const got = sock.takeRx();
@@ -519,7 +511,7 @@ describe('composed program attached natively on a veth end', () => {
     expect(got.map(seqOf)).toEqual(sent.map(seqOf));
     expect(got[0]).toEqual(sent[0]);
     expect(readU64(pass.maps.get('pass_count')!, u32(0))).toBe(16);
-    expect(vethXdpStats(hostEnd).xdp_redirect! - before.xdp_redirect!).toBe(16);
+    expect(vethXdpCounters(hostEnd).xdp_redirect! - before.xdp_redirect!).toBe(16);
   });
 
   it('bounces TX frames back out to the peer with the guest rewrite applied', async () => {

@@ -2,12 +2,13 @@
 // veth end, composed with the AF_XDP redirect, so dropped frames never reach the backend.
 import { describe, test, expect, beforeAll, afterAll } from 'vitest';
 import path from 'node:path';
+import fs from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import { startBackend, tempDir, type Backend } from '../harness/backend.js';
 import { TestFrontend } from '../frontend/test-frontend.js';
 import { OffloadClient, offloadSample, requireOk, hostFramesReceived } from '../frontend/offload-client.js';
 import { PacketSocket, bytesToMac } from '../harness/packet-socket.js';
-import { uniqueIfName } from '../harness/netdev.js';
+import { uniqueIfName, vethXdpCounters } from '../harness/netdev.js';
 import { waitUntil, sleep } from '../harness/processes.js';
 import { udpFrame, seqOf, GUEST_MAC } from '../harness/frames.js';
 import { defaultPeerName } from '../../src/ports/xsk.js';
@@ -16,11 +17,6 @@ import { encodeProgUnset, encodeElemLookup } from '../../src/offload/protocol.js
 const HOST_MAC = '52:54:00:0e:0e:0e';
 
 
-/** XDP drops counted by the veth driver on the backend's end (all queues). */
-function vethXdpDrops(ifname: string): number {
-  const out = execFileSync('ethtool', ['-S', ifname], { encoding: 'utf8' });
-  return out.split('\n').filter((l) => /rx_queue_\d+_xdp_drops:/.test(l)).reduce((a, l) => a + Number(l.split(':')[1]), 0);
-}
 
 describe('XDP offload on the xsk port (native XDP on the veth)', () => {
   let be: Backend;
@@ -31,10 +27,19 @@ describe('XDP offload on the xsk port (native XDP on the veth)', () => {
   const peer = defaultPeerName(ifname);
   let seq = 500_000;
 
+  let dir = '';
+  let sock = '';
+  let pinRoot = '';
+  let args: string[] = [];
+
   beforeAll(async () => {
-    const dir = tempDir('offxsk');
-    const sock = path.join(dir, 'dev.sock');
-    be = await startBackend(['--socket', sock, '--port', `xsk:${ifname}`, '--queues', '1', '--offload', '--name', 'offx'], { dir });
+    dir = tempDir('offxsk');
+    sock = path.join(dir, 'dev.sock');
+    pinRoot = path.join(dir, 'bpffs');
+    fs.mkdirSync(pinRoot);
+    execFileSync('mount', ['-t', 'bpf', 'bpf', pinRoot]);
+    args = ['--socket', sock, '--port', `xsk:${ifname}`, '--queues', '1', '--offload', '--pin-dir', pinRoot, '--name', 'offx'];
+    be = await startBackend(args, { dir });
     fe = await TestFrontend.connect(sock, { queuePairs: 2 });
     oc = new OffloadClient(fe, 1);
     ps = PacketSocket.open(ifname);
@@ -46,6 +51,7 @@ describe('XDP offload on the xsk port (native XDP on the veth)', () => {
     ps?.close();
     fe?.close();
     await be?.stop();
+    try { execFileSync('umount', [pinRoot]); } catch { /* not mounted */ }
   });
 
   async function hostToGuest(n: number): Promise<number> {
@@ -62,13 +68,35 @@ describe('XDP offload on the xsk port (native XDP on the veth)', () => {
     const [h] = (await offloadSample(oc, 'xdp_drop')) as [number];
     await sleep(100);
     const before = (await be.call('stats', { name: 'offx' }))[0].total;
-    const drops0 = vethXdpDrops(peer);
+    const drops0 = vethXdpCounters(peer).xdp_drops!;
     expect(await hostToGuest(50)).toBe(0);
     const after = (await be.call('stats', { name: 'offx' }))[0].total;
     expect(after.rxPackets - before.rxPackets).toBe(0);
-    expect(vethXdpDrops(peer) - drops0).toBeGreaterThanOrEqual(50);
+    expect(vethXdpCounters(peer).xdp_drops! - drops0).toBeGreaterThanOrEqual(50);
     const count = requireOk(await oc.call(encodeElemLookup(oc.nextSeq(), h, new Uint8Array(4))));
     expect(Number(new DataView(count.body.buffer, count.body.byteOffset).getBigUint64(0, true))).toBeGreaterThanOrEqual(50);
+    requireOk(await oc.call(encodeProgUnset(oc.nextSeq())));
+    expect(await hostToGuest(10)).toBe(10);
+  });
+
+  test('with --pin-dir, a backend killed and restarted composes the pinned program again: frames still die in the kernel', async () => {
+    await offloadSample(oc, 'xdp_drop');
+    const before = await be.call('offload.show', { name: 'offx' });
+    fe.close();
+    await be.stop('SIGKILL');
+    be = await startBackend(args, { dir });
+    ps.close();
+    ps = PacketSocket.open(ifname);
+    fe = await TestFrontend.connect(sock, { queuePairs: 2 });
+    oc = new OffloadClient(fe, 1);
+    const after = await be.call('offload.show', { name: 'offx' });
+    expect(after.program.id).toBe(before.program.id);
+    await waitUntil(async () => (await be.call('status')).devices[0].offload.claimed, 3000, 'claim re-adopted');
+    const stats0 = (await be.call('stats', { name: 'offx' }))[0].total;
+    const drops0 = vethXdpCounters(peer).xdp_drops ?? 0;
+    expect(await hostToGuest(20)).toBe(0);
+    expect(vethXdpCounters(peer).xdp_drops! - drops0).toBeGreaterThanOrEqual(20);
+    expect((await be.call('stats', { name: 'offx' }))[0].total.rxPackets - stats0.rxPackets).toBe(0);
     requireOk(await oc.call(encodeProgUnset(oc.nextSeq())));
     expect(await hostToGuest(10)).toBe(10);
   });
