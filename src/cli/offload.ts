@@ -2,6 +2,8 @@ import type { Argv } from 'yargs';
 import { callControl } from '../control/control-client.js';
 import type { OffloadShow } from '../offload/broker.js';
 import type { Quotas, QuotaUsage } from '../offload/quotas.js';
+import type { PinQuota } from '../service/device.js';
+import { PIN_QUOTA_KEY } from '../service/service.js';
 
 function fail(e: unknown): never {
   console.error(`vhost-xdp: ${(e as Error).message}`);
@@ -13,20 +15,29 @@ const QUOTA_OPTIONS: Record<string, keyof Quotas> = {
   'max-prog-insns': 'maxProgInsns', 'max-ops-per-sec': 'maxOpsPerSec', 'max-key-size': 'maxKeySize', 'max-value-size': 'maxValueSize',
 };
 
+/** The pinned-memory quota's flag (xsk ports). */
+const PIN_FLAG = 'max-pinned-memory';
+
 function mib(n: number): string {
-  return n >= 1 << 20 ? `${(n / 2 ** 20).toFixed(1)} MiB` : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${n} B`;
+  return n >= 2 ** 30 ? `${(n / 2 ** 30).toFixed(1)} GiB` : n >= 1 << 20 ? `${(n / 2 ** 20).toFixed(1)} MiB` : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${n} B`;
 }
 
-function printQuotas(q: { limits: Quotas; usage: QuotaUsage; warnings?: string[] }): void {
-  const rows: [string, string, string][] = [
+/** What quota.show / quota.set answer: broker quotas with --offload, pinnedMemory on xsk ports. */
+interface QuotaReply { limits?: Quotas; usage?: QuotaUsage; pinnedMemory?: PinQuota; warnings?: string[] }
+
+function printQuotas(q: QuotaReply): void {
+  const rows: [string, string, string][] = !q.limits || !q.usage ? [] : [
     ['maps', String(q.usage.maps), String(q.limits.maxMaps)],
     ['map memory', mib(q.usage.mapMemory), mib(q.limits.maxMapMemory)],
     ['entries per map', String(q.usage.largestMapEntries), String(q.limits.maxEntries)],
     ['program insns', String(q.usage.progInsns), String(q.limits.maxProgInsns)],
     ['requests/s', String(q.usage.opsPerSec), String(q.limits.maxOpsPerSec)],
   ];
+  const pin = q.pinnedMemory;
+  if (pin) rows.push(['pinned memory', mib(pin.used), mib(pin.limit)]);
   console.log(`  ${'quota'.padEnd(18)}${'used'.padStart(12)}${'limit'.padStart(14)}`);
   for (const [k, u, l] of rows) console.log(`  ${k.padEnd(18)}${u.padStart(12)}${l.padStart(14)}`);
+  if (pin) console.log(`  UMEM: ${pin.umem ?? 'none (no guest memory yet)'}; pin limit minimum ${mib(pin.minimum)}`);
   for (const w of q.warnings ?? []) console.log(`  warning: ${w}`);
 }
 
@@ -52,17 +63,18 @@ export function offloadCommands(y: Argv) {
       for (const m of r.maps) console.log(`  map ${m.handle}: ${m.type} '${m.name}' key ${m.keySize} value ${m.valueSize}, ${m.entries}/${m.maxEntries} entries, ${mib(m.bytes)} (host id ${m.id})`);
       printQuotas(r.quotas);
     })
-    .command('quota <action> <name>', 'Show or change a device\'s offload quotas (live; lowering below use refuses new allocations)', (a) => {
+    .command('quota <action> <name>', 'Show or change a device\'s quotas: offload quotas (live; lowering below use refuses new allocations) and, on xsk ports, pinned guest memory (takes effect at the next memory table)', (a) => {
       let b = a
         .positional('action', { choices: ['show', 'set'] as const, demandOption: true })
         .positional('name', { type: 'string', demandOption: true })
         .option('json', { type: 'boolean', default: false });
       for (const flag of Object.keys(QUOTA_OPTIONS)) b = b.option(flag, { type: 'string', describe: flag === 'max-map-memory' ? 'bytes, or with a unit: 16MiB' : undefined });
-      return b.example('$0 quota set vm1 --max-maps 8 --max-map-memory 16MiB', '');
+      b = b.option(PIN_FLAG, { type: 'string', describe: 'xsk ports: guest RAM the UMEM may pin, bytes or with a unit: 1GiB (over it the guest runs bounce-only)' });
+      return b.example('$0 quota set vm1 --max-maps 8 --max-map-memory 16MiB', '').example(`$0 quota set vm1 --${PIN_FLAG} 1GiB`, '');
     },
     async (argv) => {
       if (argv.action === 'show') {
-        const r = (await callControl(argv.control as string, 'quota.show', { name: argv.name }).catch(fail)) as { limits: Quotas; usage: QuotaUsage };
+        const r = (await callControl(argv.control as string, 'quota.show', { name: argv.name }).catch(fail)) as QuotaReply;
         if (argv.json) return console.log(JSON.stringify(r, null, 2));
         console.log(`${argv.name}:`);
         printQuotas(r);
@@ -70,8 +82,9 @@ export function offloadCommands(y: Argv) {
       }
       const changes: Record<string, string> = {};
       for (const [flag, key] of Object.entries(QUOTA_OPTIONS)) if (argv[flag] !== undefined) changes[key] = String(argv[flag]);
-      if (Object.keys(changes).length === 0) fail(new Error(`quota set: give at least one of ${Object.keys(QUOTA_OPTIONS).map((f) => `--${f}`).join(' ')}`));
-      const r = (await callControl(argv.control as string, 'quota.set', { name: argv.name, changes }).catch(fail)) as { limits: Quotas; usage: QuotaUsage; warnings: string[] };
+      if (argv[PIN_FLAG] !== undefined) changes[PIN_QUOTA_KEY] = String(argv[PIN_FLAG]);
+      if (Object.keys(changes).length === 0) fail(new Error(`quota set: give at least one of ${[...Object.keys(QUOTA_OPTIONS), PIN_FLAG].map((f) => `--${f}`).join(' ')}`));
+      const r = (await callControl(argv.control as string, 'quota.set', { name: argv.name, changes }).catch(fail)) as QuotaReply;
       if (argv.json) return console.log(JSON.stringify(r, null, 2));
       console.log(`${argv.name}: quotas updated`);
       printQuotas(r);

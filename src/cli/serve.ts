@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import type { Argv } from 'yargs';
 import { logger, setLogLevel, type LogLevel } from '../log.js';
 import { Service } from '../service/service.js';
-import { parseDeviceOption, validateSpec, SpecError, type DeviceSpec } from '../service/device-spec.js';
+import { parseDeviceOption, validateSpec, parsePinLimit, pinLimitDefault, SpecError, type DeviceSpec } from '../service/device-spec.js';
 
 const log = logger('vhost-xdp');
 
@@ -12,17 +12,18 @@ export function serveCommand(y: Argv) {
     'Serve virtio-net devices over vhost-user sockets (QEMU or DPDK virtio-user connect to them)',
     (a) => a
       .option('socket', { type: 'string', describe: 'vhost-user socket path of the (single) device' })
-      .option('port', { type: 'string', describe: 'host port: tap:IFNAME (created if missing, removed on exit if we created it)' })
+      .option('port', { type: 'string', describe: 'host port: tap:IFNAME (created if missing, removed on exit if we created it), or xsk:IFNAME (a veth pair served over AF_XDP with guest RAM as the UMEM)' })
       .option('queues', { type: 'number', default: 1, describe: 'queue pairs offered to the guest' })
       .option('name', { type: 'string', default: 'dev0', describe: 'device name used in logs, status and the control API' })
       .option('client', { type: 'boolean', default: false, describe: 'connect to the socket (QEMU listens with server=on) and reconnect with backoff' })
       .option('threads', { type: 'number', default: 1, describe: 'datapath worker threads per device (queue pairs dealt round-robin)' })
       .option('busy-poll', { type: 'boolean', default: false, describe: 'spin on the rings instead of sleeping in epoll (burns a core, lowers latency)' })
       .option('mtu', { type: 'number', describe: 'MTU applied to the port until the frontend sends NET_SET_MTU' })
-      .option('device', { type: 'string', array: true, describe: 'more devices: name=N,socket=PATH,port=tap:IF[,queues=N,client=1,threads=N,busy-poll=1,mtu=N,offload=1,pin-dir=DIR] (repeatable)' })
+      .option('device', { type: 'string', array: true, describe: 'more devices: name=N,socket=PATH,port=tap:IF[,queues=N,client=1,threads=N,busy-poll=1,mtu=N,offload=1,pin-dir=DIR,pin-limit=SIZE] (repeatable)' })
       .option('config', { type: 'string', describe: 'JSON file: {"devices":[{name,socket,port,queues,...}], "control": PATH}' })
       .option('offload', { type: 'boolean', default: false, describe: 'offer one more queue pair as the XDP offload channel (docs/offload-protocol.md); start QEMU with queues=N+1' })
       .option('pin-dir', { type: 'string', describe: 'with --offload: pin offloaded programs and maps under DIR/<device>/ so a restarted backend re-adopts them (a bpffs directory)' })
+      .option('pin-limit', { type: 'string', describe: 'xsk ports: most guest RAM one device may pin for its zero-copy UMEM (512MiB, 4GiB; default 4GiB). A guest over it runs bounce-only (every frame copied). Change it live with `quota set NAME --max-pinned-memory SIZE`' })
       .option('control', { type: 'string', describe: 'control API unix socket (ws), mode 0600; used by status/stats' })
       .option('log-level', { type: 'string', choices: ['debug', 'info', 'warn', 'error'], default: 'info' })
       .example('$0 serve --socket /tmp/vx0.sock --port tap:vx0 --queues 2', 'one device; start QEMU with -chardev socket,path=/tmp/vx0.sock')
@@ -32,11 +33,14 @@ export function serveCommand(y: Argv) {
       let specs: DeviceSpec[];
       let control = argv.control ?? null;
       try {
-        const defaults = { queues: argv.queues, client: argv.client, threads: argv.threads, busyPoll: argv['busy-poll'], mtu: argv.mtu, offload: argv.offload, pinDir: argv['pin-dir'] };
+        const pinLimit = argv['pin-limit'] === undefined ? undefined : parsePinLimit(argv['pin-limit'], '--pin-limit');
+        const defaults = { queues: argv.queues, client: argv.client, threads: argv.threads, busyPoll: argv['busy-poll'], mtu: argv.mtu, offload: argv.offload, pinDir: argv['pin-dir'], pinLimit };
         specs = [];
         if (argv.config) {
           const cfg = JSON.parse(fs.readFileSync(argv.config, 'utf8')) as { devices?: Partial<DeviceSpec>[]; control?: string };
-          for (const d of cfg.devices ?? []) specs.push(validateSpec({ ...defaults, name: '', socket: '', port: '', ...d } as DeviceSpec));
+          for (const d of cfg.devices ?? []) {
+            specs.push(validateSpec({ ...defaults, name: '', socket: '', port: '', ...d, pinLimit: d.pinLimit ?? pinLimitDefault(d.port ?? '', pinLimit) } as DeviceSpec));
+          }
           control ??= cfg.control ?? null;
         }
         if (argv.socket || argv.port) {

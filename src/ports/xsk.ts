@@ -20,6 +20,10 @@ const IFNAMSIZ = 16;
 /** Ethernet header + one VLAN tag: the largest frame at a given MTU. */
 const L2_OVERHEAD = 18;
 const MiB = 1024 * 1024;
+/** The pin limit when none is given. */
+export const DEFAULT_PIN_LIMIT = 4096 * MiB;
+/** Largest pin limit accepted (a sanity bound, far above any guest this host can run). */
+export const MAX_PIN_LIMIT = 2 ** 40;
 
 /** A guest memory region as the UMEM holds it. */
 export interface UmemRegion {
@@ -259,6 +263,31 @@ export function defaultPeerName(ifname: string): string {
 
 interface PairSocket { sock: XskSocket; txSock: XskSocket; cfg: XskQueueConfig; enabled: boolean }
 
+/** The outcome of a pin limit change. */
+export interface PinLimitChange {
+  limit: number;
+  /** Bytes pinned now (unchanged by the call). */
+  pinned: number;
+  warnings: string[];
+}
+
+/**
+ * The smallest pin limit a port can run under: its bounce-only UMEM at the largest chunk any
+ * MTU can bring (a page), so a later MTU change cannot push the bounce area over the limit.
+ */
+export function minPinLimit(queuePairs: number, bounceChunks: number): number {
+  return queuePairs * 2 * bounceChunks * PAGE + PAGE;
+}
+
+/** Throws a RangeError saying why `bytes` cannot be the pin limit of a port of this geometry. */
+export function checkPinLimit(bytes: number, queuePairs: number, bounceChunks: number): number {
+  const min = minPinLimit(queuePairs, bounceChunks);
+  if (!Number.isSafeInteger(bytes) || bytes < min || bytes > MAX_PIN_LIMIT) {
+    throw new RangeError(`pin limit ${bytes} must be an integer in ${min}..${MAX_PIN_LIMIT} bytes (${(min / 1024).toFixed(0)} KiB..1 TiB; the minimum is the bounce area of ${queuePairs} queue pair(s))`);
+  }
+  return bytes;
+}
+
 /**
  * `--port xsk:IFNAME`: a veth pair whose IFNAME end belongs to the host's users and whose peer
  * belongs to the backend: an XDP program on the peer redirects each receive queue to the AF_XDP
@@ -275,7 +304,7 @@ export class XskPort implements Port {
   readonly offloads = false;
   readonly created = true;
   readonly peer: string;
-  readonly pinLimitBytes: number;
+  private pinLimit: number;
   private readonly peerIfindex: number;
   private readonly ringSize: number;
   private readonly bounceChunks: number;
@@ -297,9 +326,9 @@ export class XskPort implements Port {
     this.xskMap = xskMap;
     this.redirectFd = redirectFd;
     this.programFd = redirectFd;
-    this.pinLimitBytes = opts.pinLimitBytes ?? 4096 * MiB;
     this.ringSize = opts.ringSize ?? 2048;
     this.bounceChunks = opts.bounceChunks ?? 64;
+    this.pinLimit = checkPinLimit(opts.pinLimitBytes ?? DEFAULT_PIN_LIMIT, queuePairs, this.bounceChunks);
     this.mtu = opts.mtu ?? 1500;
   }
 
@@ -308,6 +337,8 @@ export class XskPort implements Port {
     if (!Number.isInteger(queuePairs) || queuePairs < 1 || queuePairs > 256) throw new SysError('xsk port', Errno.EINVAL, `${queuePairs} queue pairs`);
     const ring = opts.ringSize ?? 2048;
     if (ring < 64 || ring > 32768 || (ring & (ring - 1)) !== 0) throw new SysError('xsk port', Errno.EINVAL, `ring size ${ring}`);
+    // Before the link exists: a refused limit leaves nothing to clean up.
+    checkPinLimit(opts.pinLimitBytes ?? DEFAULT_PIN_LIMIT, queuePairs, opts.bounceChunks ?? 64);
     const peer = opts.peerName ?? defaultPeerName(ifname);
     if (linkExists(ifname)) {
       // A pair left by a backend that was killed (SIGKILL leaves veths and their XDP program
@@ -356,6 +387,32 @@ export class XskPort implements Port {
   }
   get umemInfo(): XskUmemInfo | null { return this.umem?.info ?? null; }
 
+  /** The pinned-memory quota of this device's UMEM in bytes. */
+  get pinLimitBytes(): number { return this.pinLimit; }
+  /** The smallest limit setPinLimit accepts (the bounce-only UMEM). */
+  get minPinLimitBytes(): number { return minPinLimit(this.queuePairs, this.bounceChunks); }
+
+  /** Returns bytes when it can be this port's pin limit; else throws a RangeError saying why. */
+  checkPinLimit(bytes: number): number { return checkPinLimit(bytes, this.queuePairs, this.bounceChunks); }
+
+  /**
+   * Changes the pin limit. It is checked when a memory table builds the UMEM, so memory a
+   * running guest has pinned stays pinned (taking it away would stop its datapath) and a raised
+   * limit does not turn a bounce-only UMEM into a zero-copy one before the next memory table.
+   */
+  setPinLimit(bytes: number): PinLimitChange {
+    this.pinLimit = this.checkPinLimit(bytes);
+    const warnings: string[] = [];
+    // The current UMEM counts even before its first socket pins it: that socket will.
+    const held = Math.max(this.pinnedBytes, this.umem?.info.length ?? 0);
+    if (held > bytes) {
+      warnings.push(`pin limit ${bytes} is below what is pinned now (${held} bytes): it stays pinned; the limit takes effect at the next memory table (the guest falls back to bounce-only then)`);
+    } else if (this.umem?.info.mode === 'bounce' && this.umem.info.length < bytes) {
+      warnings.push('the UMEM is bounce-only now; the new limit takes effect at the next memory table (the guest reconnects or sends a new one)');
+    }
+    return { limit: this.pinLimit, pinned: this.pinnedBytes, warnings };
+  }
+
   /**
    * Replaces the XDP program on the peer (atomically) with progFd, which must redirect into
    * xskMapFd; -1 puts the plain redirect program back. The caller keeps ownership of progFd.
@@ -379,7 +436,7 @@ export class XskPort implements Port {
     const perPair = 2 * this.bounceChunks;
     const chunk = this.maxFrame + XDP_PACKET_HEADROOM <= XDP_UMEM_MIN_CHUNK_SIZE ? XDP_UMEM_MIN_CHUNK_SIZE : PAGE;
     this.umem = GuestUmem.create(regions, {
-      maxFrame: this.maxFrame, bounceBytes: this.queuePairs * perPair * chunk, pinLimitBytes: this.pinLimitBytes,
+      maxFrame: this.maxFrame, bounceBytes: this.queuePairs * perPair * chunk, pinLimitBytes: this.pinLimit,
     });
     return this.umem.info;
   }

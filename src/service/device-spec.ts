@@ -1,3 +1,5 @@
+import { parseSize } from '../offload/quotas.js';
+
 /** How a device is described on the command line, in a config file, or over the control API. */
 export interface DeviceSpec {
   name: string;
@@ -13,6 +15,11 @@ export interface DeviceSpec {
   offload?: boolean;
   /** Pin offloaded programs and maps here so a restarted backend re-adopts them. */
   pinDir?: string;
+  /**
+   * xsk ports: the pinned-memory quota of the UMEM in bytes (a size string like "512MiB" is
+   * accepted too and turned into bytes by validateSpec). Over it the port runs bounce-only.
+   */
+  pinLimit?: number;
 }
 
 export class SpecError extends Error {
@@ -38,10 +45,26 @@ export function validateSpec(s: DeviceSpec): DeviceSpec {
   if (!Number.isInteger(s.queues) || s.queues < 1 || s.queues > 16) throw new SpecError(`device ${s.name}: queues ${s.queues} outside 1..16`);
   if (!Number.isInteger(s.threads) || s.threads < 1 || s.threads > 16) throw new SpecError(`device ${s.name}: threads ${s.threads} outside 1..16`);
   if (s.mtu !== undefined && (!Number.isInteger(s.mtu) || s.mtu < 68 || s.mtu > 65535)) throw new SpecError(`device ${s.name}: mtu ${s.mtu} outside 68..65535`);
-  return s;
+  if (s.pinLimit === undefined) return s;
+  if (parsePort(s.port).kind !== 'xsk') throw new SpecError(`device ${s.name}: a pin limit only applies to xsk ports (a tap port pins no guest memory)`);
+  // The lower bound depends on the queue count: XskPort checks it when the device is created.
+  return { ...s, pinLimit: parsePinLimit(s.pinLimit as unknown, `device ${s.name}`) };
 }
 
-/** Parses `name=dev1,socket=/run/x.sock,port=tap:vx1,queues=2,client=1,threads=1,busy-poll=0,mtu=1500`. */
+/** "512MiB", "4G", a byte count: the pin limit in bytes, or a SpecError that starts with `what`. */
+export function parsePinLimit(v: unknown, what: string): number {
+  try {
+    if (typeof v !== 'string' && typeof v !== 'number') throw new RangeError('expected a size such as 512MiB');
+    return parseSize(v);
+  } catch (e) {
+    throw new SpecError(`${what}: pin limit '${String(v)}': ${(e as Error).message}`);
+  }
+}
+
+/**
+ * Parses `name=dev1,socket=/run/x.sock,port=tap:vx1,queues=2,client=1,threads=1,busy-poll=0,mtu=1500`
+ * (xsk ports also `pin-limit=512MiB`). A default pin limit applies to xsk ports only.
+ */
 export function parseDeviceOption(text: string, defaults: Omit<DeviceSpec, 'name' | 'socket' | 'port'>): DeviceSpec {
   const kv = new Map<string, string>();
   for (const part of text.split(',')) {
@@ -49,7 +72,7 @@ export function parseDeviceOption(text: string, defaults: Omit<DeviceSpec, 'name
     if (i <= 0) throw new SpecError(`--device '${text}': '${part}' is not key=value`);
     kv.set(part.slice(0, i).trim(), part.slice(i + 1).trim());
   }
-  const known = new Set(['name', 'socket', 'port', 'queues', 'client', 'threads', 'busy-poll', 'mtu', 'offload', 'pin-dir']);
+  const known = new Set(['name', 'socket', 'port', 'queues', 'client', 'threads', 'busy-poll', 'mtu', 'offload', 'pin-dir', 'pin-limit']);
   for (const k of kv.keys()) if (!known.has(k)) throw new SpecError(`--device '${text}': unknown key '${k}' (known: ${[...known].join(', ')})`);
   const bool = (v: string | undefined, d: boolean) => (v === undefined ? d : v === '1' || v === 'true' || v === 'yes');
   const num = (v: string | undefined, d: number | undefined) => (v === undefined ? d : Number(v));
@@ -64,5 +87,11 @@ export function parseDeviceOption(text: string, defaults: Omit<DeviceSpec, 'name
     mtu: num(kv.get('mtu'), defaults.mtu),
     offload: bool(kv.get('offload'), defaults.offload ?? false),
     pinDir: kv.get('pin-dir') ?? defaults.pinDir,
+    pinLimit: kv.has('pin-limit') ? parsePinLimit(kv.get('pin-limit'), `--device '${text}'`) : pinLimitDefault(kv.get('port') ?? '', defaults.pinLimit),
   });
+}
+
+/** The serve-wide pin limit for a device given no own one: xsk ports take it, tap ports have none. */
+export function pinLimitDefault(port: string, pinLimit: number | undefined): number | undefined {
+  return /^xsk:/.test(port) ? pinLimit : undefined;
 }

@@ -2,7 +2,7 @@ import { logger } from '../log.js';
 import { NetDevice } from '../net/net-device.js';
 import { describeFeatures } from '../net/features.js';
 import { TapPort } from '../ports/tap.js';
-import { XskPort } from '../ports/xsk.js';
+import { XskPort, type PinLimitChange } from '../ports/xsk.js';
 import type { Port } from '../ports/port.js';
 import { VhostUserEndpoint } from '../vhost-user/endpoint.js';
 import { parsePort, type DeviceSpec } from './device-spec.js';
@@ -11,8 +11,11 @@ export interface DeviceStatus {
   name: string;
   socket: string;
   mode: 'server' | 'client';
-  /** pinnedBytes: guest RAM pinned for AF_XDP (xsk ports; 0 otherwise). */
-  port: { kind: string; ifname: string; created: boolean; pinnedBytes: number };
+  /**
+   * pinnedBytes: guest RAM pinned for AF_XDP (xsk ports; 0 otherwise); pinLimitBytes: its quota
+   * (null: tap); umem: how the current memory table is served (null: none yet, or tap).
+   */
+  port: { kind: string; ifname: string; created: boolean; pinnedBytes: number; pinLimitBytes: number | null; umem: 'zero-copy' | 'bounce' | null };
   queuePairs: number;
   connected: boolean;
   connections: number;
@@ -23,6 +26,16 @@ export interface DeviceStatus {
   refusedRequests: number;
   lastDisconnect: string;
   offload: { pair: number; claimed: boolean; program: number | null } | null;
+}
+
+/** The pinned-memory quota of an xsk device as the control API shows it. */
+export interface PinQuota {
+  limit: number;
+  /** Bytes pinned now (the UMEM of the running memory table; 0 with no guest). */
+  used: number;
+  /** The smallest limit accepted: the bounce-only UMEM. */
+  minimum: number;
+  umem: 'zero-copy' | 'bounce' | null;
 }
 
 /** One served device: its socket endpoint, virtio-net device and host port. */
@@ -53,9 +66,16 @@ export class Device {
     const p = parsePort(spec.port);
     // With offload the guest sees one more pair: the reserved offload channel (a data pair until claimed).
     const pairs = spec.queues + (spec.offload ? 1 : 0);
-    const port: Port = p.kind === 'xsk'
-      ? XskPort.create(p.ifname, pairs, { mtu: spec.mtu ?? 1500 })
-      : TapPort.open(p.ifname, pairs);
+    let port: Port;
+    try {
+      port = p.kind === 'xsk'
+        ? XskPort.create(p.ifname, pairs, { mtu: spec.mtu ?? 1500, pinLimitBytes: spec.pinLimit })
+        : TapPort.open(p.ifname, pairs);
+    } catch (e) {
+      // A refused pin limit: say which device it was given for.
+      if (e instanceof RangeError) throw new RangeError(`device ${spec.name}: ${e.message}`);
+      throw e;
+    }
     let net: NetDevice | null = null;
     try {
       if (spec.mtu && p.kind === 'tap') port.setMtu(spec.mtu);
@@ -78,7 +98,10 @@ export class Device {
       name: this.spec.name,
       socket: this.spec.socket,
       mode: this.spec.client ? 'client' : 'server',
-      port: { kind: this.port.kind, ifname: this.port.ifname, created, pinnedBytes: (this.port as { pinnedBytes?: number }).pinnedBytes ?? 0 },
+      port: {
+        kind: this.port.kind, ifname: this.port.ifname, created, pinnedBytes: (this.port as { pinnedBytes?: number }).pinnedBytes ?? 0,
+        pinLimitBytes: this.xsk?.pinLimitBytes ?? null, umem: this.xsk?.umemInfo?.mode ?? null,
+      },
       queuePairs: this.net.maxQueuePairs(),
       offload: this.broker ? { pair: this.net.offloadPair, claimed: this.broker.claimed, program: this.broker.program?.id ?? null } : null,
       connected: s !== null,
@@ -103,6 +126,25 @@ export class Device {
   }
 
   get broker() { return this.net.broker; }
+
+  /** The port when it pins guest memory (xsk), else null. */
+  get xsk(): XskPort | null { return this.port instanceof XskPort ? this.port : null; }
+
+  /** The pinned-memory quota (xsk ports only). */
+  pinQuota(): PinQuota | null {
+    const x = this.xsk;
+    if (!x) return null;
+    return { limit: x.pinLimitBytes, used: x.pinnedBytes, minimum: x.minPinLimitBytes, umem: x.umemInfo?.mode ?? null };
+  }
+
+  /** Changes the pin quota; throws RangeError for a value the port refuses, null on a tap port. */
+  setPinQuota(bytes: number): PinLimitChange | null {
+    const x = this.xsk;
+    if (!x) return null;
+    const r = x.setPinLimit(bytes);
+    logger(this.spec.name).info(`pin limit set to ${r.limit} bytes (${r.pinned} pinned)${r.warnings.length ? `: ${r.warnings.join('; ')}` : ''}`);
+    return r;
+  }
 
   async close(): Promise<void> {
     // Shutting down is not a device reset: pinned offload state must outlive the process.

@@ -4,7 +4,10 @@ import { logger } from '../log.js';
 import { ControlServer, ControlError, type Method } from '../control/control-server.js';
 import { Device } from './device.js';
 import type { DeviceSpec } from './device-spec.js';
-import { validateQuotas } from '../offload/quotas.js';
+import { validateQuotas, parseSize } from '../offload/quotas.js';
+
+/** The quota.set key of the pinned-memory quota (bytes, or a size string like "1GiB"). */
+export const PIN_QUOTA_KEY = 'maxPinnedMemory';
 
 const log = logger('vhost-xdp');
 
@@ -53,17 +56,53 @@ export class Service {
         return { ...this.broker(d).show(), verdicts: { pass: t.xdpPass, drop: t.xdpDrop, tx: t.xdpTx, aborted: t.xdpAborted } };
       },
       'offload.detach': (p) => ({ detached: this.broker(this.device(p.name)).detach() }),
-      'quota.show': (p) => this.broker(this.device(p.name)).quotas(),
+      // The offload broker's quotas (limits/usage, with --offload) and, on xsk ports, the
+      // pinned-memory quota (pinnedMemory); a device needs at least one of them.
+      'quota.show': (p) => {
+        const d = this.device(p.name);
+        const pin = d.pinQuota();
+        if (!pin) return this.broker(d, true).quotas();
+        return { ...(d.broker ? d.broker.quotas() : {}), pinnedMemory: pin };
+      },
       'quota.set': (p) => {
-        const changes = (p.changes && typeof p.changes === 'object' ? p.changes : {}) as Record<string, unknown>;
-        validateQuotas(changes); // refuse bad values here, with the flag named, before the datapath sees them
-        return this.broker(this.device(p.name)).setQuotas(changes);
+        const d = this.device(p.name);
+        const all = (p.changes && typeof p.changes === 'object' ? p.changes : {}) as Record<string, unknown>;
+        const { [PIN_QUOTA_KEY]: pinRaw, ...changes } = all;
+        const setPin = pinRaw !== undefined;
+        const setOffload = Object.values(changes).some((v) => v !== undefined);
+        const xsk = d.xsk;
+        if (setPin && !xsk) throw new ControlError('no-pin-quota', `device '${d.spec.name}' has a ${d.port.kind} port: only xsk ports pin guest memory`);
+        if (setOffload || !xsk) this.broker(d, true);
+        // Every value is checked before any is applied, so a refused request changes nothing.
+        try {
+          validateQuotas(changes); // with the flag named, before the datapath sees them
+        } catch (e) {
+          throw new ControlError('bad-quota', (e as Error).message);
+        }
+        let pinBytes = 0;
+        if (setPin) {
+          try {
+            if (typeof pinRaw !== 'string' && typeof pinRaw !== 'number') throw new RangeError('expected a size such as 1GiB');
+            pinBytes = xsk!.checkPinLimit(parseSize(pinRaw));
+          } catch (e) {
+            throw new ControlError('bad-quota', `--max-pinned-memory ${String(pinRaw)}: ${(e as Error).message}`);
+          }
+        }
+        const out = d.broker ? d.broker.setQuotas(changes) : { warnings: [] as string[] };
+        const pinWarnings = setPin ? d.setPinQuota(pinBytes)!.warnings : [];
+        if (!xsk) return out;
+        return { ...out, warnings: [...out.warnings, ...pinWarnings], pinnedMemory: d.pinQuota()! };
       },
     };
   }
 
-  private broker(d: Device) {
-    if (!d.broker) throw new ControlError('no-offload', `device '${d.spec.name}' was not started with --offload`);
+  /** forQuota: say which quotas the device does have instead. */
+  private broker(d: Device, forQuota = false) {
+    if (!d.broker) {
+      const why = !forQuota ? '' : d.xsk ? ': only the pinned-memory quota (maxPinnedMemory) applies'
+        : `, and its ${d.port.kind} port pins no guest memory: it has no quotas`;
+      throw new ControlError('no-offload', `device '${d.spec.name}' was not started with --offload${why}`);
+    }
     return d.broker;
   }
 
