@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -32,6 +33,18 @@ export interface Backend {
 /** A fresh directory under /tmp (`vx-` prefix: test/global-setup.ts removes them after the run). */
 export function tempDir(tag: string): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), `vx-${tag}-`));
+}
+
+/** A private bpffs mounted at DIR/bpffs, for `--pin-dir`; unmountPinDir undoes it. */
+export function mountPinDir(dir: string): string {
+  const at = path.join(dir, 'bpffs');
+  fs.mkdirSync(at, { recursive: true });
+  execFileSync('mount', ['-t', 'bpf', 'bpf', at]);
+  return at;
+}
+
+export function unmountPinDir(at: string): void {
+  try { execFileSync('umount', [at]); } catch { /* not mounted */ }
 }
 
 /** Starts `vhost-xdp serve ARGS --control DIR/ctl` and waits for its ready line. */

@@ -3,8 +3,7 @@
 import { describe, test, expect, beforeAll, afterAll } from 'vitest';
 import fs from 'node:fs';
 import path from 'node:path';
-import { execFileSync } from 'node:child_process';
-import { startBackend, tempDir, type Backend } from '../harness/backend.js';
+import { startBackend, tempDir, type Backend, mountPinDir, unmountPinDir } from '../harness/backend.js';
 import { TestFrontend } from '../frontend/test-frontend.js';
 import { OffloadClient, offloadSample, requireOk, hostFramesReceived } from '../frontend/offload-client.js';
 import { PacketSocket, buildUdpFrame, patternPayload } from '../harness/packet-socket.js';
@@ -38,9 +37,7 @@ describe('XDP offload through the reserved queue pair (tap port)', () => {
     tap = uniqueIfName('vxo');
     const dir = tempDir('offload');
     sock = path.join(dir, 'dev.sock');
-    pinRoot = path.join(dir, 'bpffs');
-    fs.mkdirSync(pinRoot);
-    execFileSync('mount', ['-t', 'bpf', 'bpf', pinRoot]);
+    pinRoot = mountPinDir(dir);
     args = ['--socket', sock, '--port', `tap:${tap}`, '--queues', '1', '--offload', '--pin-dir', pinRoot, '--name', 'off'];
     be = await startBackend(args, { dir });
     disableIpv6(tap);
@@ -54,7 +51,7 @@ describe('XDP offload through the reserved queue pair (tap port)', () => {
     ps?.close();
     fe?.close();
     await be?.stop();
-    try { execFileSync('umount', [pinRoot]); } catch { /* not mounted */ }
+    if (pinRoot) unmountPinDir(pinRoot);
   });
 
   /** Sends n host->guest frames into the tap; returns how many the guest received (on any pair). */

@@ -2,9 +2,7 @@
 // veth end, composed with the AF_XDP redirect, so dropped frames never reach the backend.
 import { describe, test, expect, beforeAll, afterAll } from 'vitest';
 import path from 'node:path';
-import fs from 'node:fs';
-import { execFileSync } from 'node:child_process';
-import { startBackend, tempDir, type Backend } from '../harness/backend.js';
+import { startBackend, tempDir, type Backend, mountPinDir, unmountPinDir } from '../harness/backend.js';
 import { TestFrontend } from '../frontend/test-frontend.js';
 import { OffloadClient, offloadSample, requireOk, hostFramesReceived } from '../frontend/offload-client.js';
 import { PacketSocket, bytesToMac } from '../harness/packet-socket.js';
@@ -35,9 +33,7 @@ describe('XDP offload on the xsk port (native XDP on the veth)', () => {
   beforeAll(async () => {
     dir = tempDir('offxsk');
     sock = path.join(dir, 'dev.sock');
-    pinRoot = path.join(dir, 'bpffs');
-    fs.mkdirSync(pinRoot);
-    execFileSync('mount', ['-t', 'bpf', 'bpf', pinRoot]);
+    pinRoot = mountPinDir(dir);
     args = ['--socket', sock, '--port', `xsk:${ifname}`, '--queues', '1', '--offload', '--pin-dir', pinRoot, '--name', 'offx'];
     be = await startBackend(args, { dir });
     fe = await TestFrontend.connect(sock, { queuePairs: 2 });
@@ -51,7 +47,7 @@ describe('XDP offload on the xsk port (native XDP on the veth)', () => {
     ps?.close();
     fe?.close();
     await be?.stop();
-    try { execFileSync('umount', [pinRoot]); } catch { /* not mounted */ }
+    if (pinRoot) unmountPinDir(pinRoot);
   });
 
   async function hostToGuest(n: number): Promise<number> {
