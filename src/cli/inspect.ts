@@ -19,6 +19,10 @@ export function inspectCommands(y: Argv) {
           console.log(`${d.name}: ${d.connected ? 'connected' : 'waiting'} (${d.mode} ${d.socket}), port ${d.port.kind}:${d.port.ifname}, ${d.queuePairs} pair(s), mtu ${d.mtu}`);
           console.log(`  running vrings: ${d.runningVrings.join(' ') || '-'}; connections so far ${d.connections}; refused requests ${d.refusedRequests}`);
           if (d.features.length) console.log(`  features ${d.featureBits}: ${d.features.join(' ')}`);
+          if (d.port.pinLimitBytes !== null) {
+            const mib = (n: number): string => `${(n / 1048576).toFixed(1)} MiB`;
+            console.log(`  umem: ${d.port.umem ?? 'none (no guest memory yet)'}; pinned ${mib(d.port.pinnedBytes)} of ${mib(d.port.pinLimitBytes)} allowed`);
+          }
         }
       })
     .command('stats [name]', 'Per-queue datapath counters', (a) => a.positional('name', { type: 'string' }).option('json', { type: 'boolean', default: false }),

@@ -92,6 +92,10 @@ describe('pinned-memory quota of an xsk device', () => {
     expect(text.out).toMatch(/pinned memory\s+0 B\s+8\.0 MiB/);
     const json = cli('quota', 'show', 'pq', '--json');
     expect(JSON.parse(json.out)).toEqual(q);
+    // `status` shows it too, for the xsk device only.
+    const st = cli('status').out;
+    expect(st).toMatch(/umem: none \(no guest memory yet\); pinned 0\.0 MiB of 8\.0 MiB allowed/);
+    expect(st.match(/umem:/g)?.length).toBe(1);
   });
 
   test('a device without offload or pinned memory has no quotas, and says why', async () => {
