@@ -24,6 +24,8 @@ const MiB = 1024 * 1024;
 export const DEFAULT_PIN_LIMIT = 4096 * MiB;
 /** Largest pin limit accepted (a sanity bound, far above any guest this host can run). */
 export const MAX_PIN_LIMIT = 2 ** 40;
+/** Private bounce chunks per queue and direction when none is given. */
+const DEFAULT_BOUNCE_CHUNKS = 64;
 
 /** A guest memory region as the UMEM holds it. */
 export interface UmemRegion {
@@ -311,7 +313,6 @@ export class XskPort implements Port {
   private mtu: number;
   private readonly xskMap: BpfMap;
   private readonly redirectFd: number;
-  private programFd: number;
   private umem: GuestUmem | null = null;
   private readonly sockets = new Map<number, PairSocket>();
   private disabled = new Set<number>();
@@ -325,10 +326,10 @@ export class XskPort implements Port {
     this.peerIfindex = peerIfindex;
     this.xskMap = xskMap;
     this.redirectFd = redirectFd;
-    this.programFd = redirectFd;
     this.ringSize = opts.ringSize ?? 2048;
-    this.bounceChunks = opts.bounceChunks ?? 64;
-    this.pinLimit = checkPinLimit(opts.pinLimitBytes ?? DEFAULT_PIN_LIMIT, queuePairs, this.bounceChunks);
+    this.bounceChunks = opts.bounceChunks ?? DEFAULT_BOUNCE_CHUNKS;
+    // create() checked it before making the link.
+    this.pinLimit = opts.pinLimitBytes ?? DEFAULT_PIN_LIMIT;
     this.mtu = opts.mtu ?? 1500;
   }
 
@@ -338,7 +339,7 @@ export class XskPort implements Port {
     const ring = opts.ringSize ?? 2048;
     if (ring < 64 || ring > 32768 || (ring & (ring - 1)) !== 0) throw new SysError('xsk port', Errno.EINVAL, `ring size ${ring}`);
     // Before the link exists: a refused limit leaves nothing to clean up.
-    checkPinLimit(opts.pinLimitBytes ?? DEFAULT_PIN_LIMIT, queuePairs, opts.bounceChunks ?? 64);
+    checkPinLimit(opts.pinLimitBytes ?? DEFAULT_PIN_LIMIT, queuePairs, opts.bounceChunks ?? DEFAULT_BOUNCE_CHUNKS);
     const peer = opts.peerName ?? defaultPeerName(ifname);
     if (linkExists(ifname)) {
       // A pair left by a backend that was killed (SIGKILL leaves veths and their XDP program
@@ -379,8 +380,6 @@ export class XskPort implements Port {
 
   /** The XSKMAP fd (key = queue pair, value = socket fd) the composed program redirects into. */
   get xskMapFd(): number { return this.xskMap.fd; }
-  /** The plain redirect program (attached when no guest program is offloaded). */
-  get redirectProgramFd(): number { return this.redirectFd; }
   get peerIndex(): number { return this.peerIfindex; }
   get offloadTarget(): XskOffloadTarget {
     return { xskMapFd: this.xskMap.fd, peerIfindex: this.peerIfindex, redirectFd: this.redirectFd, hostIfindex: ifNameToIndex(this.ifname), hostPassFd: this.hostPassFd };
@@ -411,16 +410,6 @@ export class XskPort implements Port {
       warnings.push('the UMEM is bounce-only now; the new limit takes effect at the next memory table (the guest reconnects or sends a new one)');
     }
     return { limit: this.pinLimit, pinned: this.pinnedBytes, warnings };
-  }
-
-  /**
-   * Replaces the XDP program on the peer (atomically) with progFd, which must redirect into
-   * xskMapFd; -1 puts the plain redirect program back. The caller keeps ownership of progFd.
-   */
-  setProgram(progFd: number): void {
-    const fd = progFd >= 0 ? progFd : this.redirectFd;
-    xdpAttach(this.peerIfindex, fd, XDP_FLAGS_DRV_MODE);
-    this.programFd = fd;
   }
 
   /** Largest frame a guest RX buffer must hold (past the vnet header) to receive without a copy. */
