@@ -466,6 +466,8 @@ const TR_RETVAL = 56, TR_REPEAT = 60, TR_DURATION = 64, TR_FLAGS = 68, TR_BATCH_
 const BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1;
 /** struct xdp_md as test-run context: data@0 data_end@4 data_meta@8 ingress_ifindex@12 rx_queue_index@16 egress_ifindex@20. */
 const XDP_MD_SIZE = 24;
+/** Where runLive keeps its xdp_md, inside the opts buffer past the struct. */
+const CTX_OFF = 2048;
 
 /**
  * Runs one program through BPF_PROG_TEST_RUN with a preallocated opts struct, for the
@@ -496,17 +498,20 @@ export class TestRunner {
    */
   run(dataIn: number, lenIn: number, dataOut: number, outCap: number, repeat = 1): number {
     const v = this.view;
-    // Two u32 halves instead of setBigUint64: no BigInt per packet.
-    v.setUint32(TR_DATA_IN, dataIn % 0x100000000, true);
-    v.setUint32(TR_DATA_IN + 4, Math.floor(dataIn / 0x100000000), true);
-    v.setUint32(TR_DATA_OUT, dataOut % 0x100000000, true);
-    v.setUint32(TR_DATA_OUT + 4, Math.floor(dataOut / 0x100000000), true);
+    this.setPointer(TR_DATA_IN, dataIn);
+    this.setPointer(TR_DATA_OUT, dataOut);
     v.setUint32(TR_SIZE_IN, lenIn, true);
     v.setUint32(TR_SIZE_OUT, dataOut === 0 ? 0 : outCap, true);
     v.setInt32(TR_REPEAT, repeat, true);
     const r = fn.prog_test_run_opts(this.progFd, this.address) as number;
     if (r < 0) fail('bpf_prog_test_run_opts', r, `${lenIn} bytes in`);
     return v.getUint32(TR_RETVAL, true);
+  }
+
+  /** Two u32 halves instead of setBigUint64: no BigInt per packet. */
+  private setPointer(off: number, address: number): void {
+    this.view.setUint32(off, address % 0x100000000, true);
+    this.view.setUint32(off + 4, Math.floor(address / 0x100000000), true);
   }
 
   /** Verdict of the last run; still valid after an ENOSPC throw (the program did run). */
@@ -542,18 +547,15 @@ export class TestRunner {
    */
   runLive(frame: number, frameLen: number, ifindex: number, repeat: number, opts: { queue?: number; batchSize?: number } = {}): number {
     const v = this.view;
-    const ctx = this.address + 2048;
-    for (let i = 0; i < XDP_MD_SIZE; i += 4) v.setUint32(2048 + i, 0, true);
-    v.setUint32(2048 + 4, frameLen, true); // data_end must equal the frame length
-    v.setUint32(2048 + 12, ifindex, true);
-    v.setUint32(2048 + 16, opts.queue ?? 0, true);
-    v.setUint32(TR_DATA_IN, frame % 0x100000000, true);
-    v.setUint32(TR_DATA_IN + 4, Math.floor(frame / 0x100000000), true);
-    v.setBigUint64(TR_DATA_OUT, 0n, true);
+    for (let i = 0; i < XDP_MD_SIZE; i += 4) v.setUint32(CTX_OFF + i, 0, true);
+    v.setUint32(CTX_OFF + 4, frameLen, true); // data_end must equal the frame length
+    v.setUint32(CTX_OFF + 12, ifindex, true);
+    v.setUint32(CTX_OFF + 16, opts.queue ?? 0, true);
+    this.setPointer(TR_DATA_IN, frame);
+    this.setPointer(TR_DATA_OUT, 0);
     v.setUint32(TR_SIZE_IN, frameLen, true);
     v.setUint32(TR_SIZE_OUT, 0, true);
-    v.setUint32(TR_CTX_IN, ctx % 0x100000000, true);
-    v.setUint32(TR_CTX_IN + 4, Math.floor(ctx / 0x100000000), true);
+    this.setPointer(TR_CTX_IN, this.address + CTX_OFF);
     v.setUint32(TR_CTX_SIZE_IN, XDP_MD_SIZE, true);
     v.setInt32(TR_REPEAT, repeat, true);
     v.setUint32(TR_FLAGS, BPF_F_TEST_XDP_LIVE_FRAMES, true);
@@ -563,7 +565,7 @@ export class TestRunner {
       if (r < 0) fail('bpf_prog_test_run_opts (live frames)', r, `${frameLen} bytes on ifindex ${ifindex}`);
     } finally {
       // run() leaves these alone; put the struct back the way it expects.
-      v.setBigUint64(TR_CTX_IN, 0n, true);
+      this.setPointer(TR_CTX_IN, 0);
       v.setUint32(TR_CTX_SIZE_IN, 0, true);
       v.setUint32(TR_FLAGS, 0, true);
       v.setUint32(TR_BATCH_SIZE, 0, true);
