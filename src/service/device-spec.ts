@@ -51,11 +51,16 @@ export function validateSpec(s: DeviceSpec): DeviceSpec {
   return { ...s, pinLimit: parsePinLimit(s.pinLimit as unknown, `device ${s.name}`) };
 }
 
-/** "512MiB", "4G", a byte count: the pin limit in bytes, or a SpecError that starts with `what`. */
+/** "512MiB", "4G", a byte count, from untyped input (JSON, the control API): bytes, or a RangeError. */
+export function pinLimitBytes(v: unknown): number {
+  if (typeof v !== 'string' && typeof v !== 'number') throw new RangeError('expected a size such as 512MiB');
+  return parseSize(v);
+}
+
+/** pinLimitBytes, or a SpecError that starts with `what`. */
 export function parsePinLimit(v: unknown, what: string): number {
   try {
-    if (typeof v !== 'string' && typeof v !== 'number') throw new RangeError('expected a size such as 512MiB');
-    return parseSize(v);
+    return pinLimitBytes(v);
   } catch (e) {
     throw new SpecError(`${what}: pin limit '${String(v)}': ${(e as Error).message}`);
   }

@@ -3,8 +3,8 @@ import path from 'node:path';
 import { logger } from '../log.js';
 import { ControlServer, ControlError, type Method } from '../control/control-server.js';
 import { Device } from './device.js';
-import type { DeviceSpec } from './device-spec.js';
-import { validateQuotas, parseSize } from '../offload/quotas.js';
+import { pinLimitBytes, type DeviceSpec } from './device-spec.js';
+import { validateQuotas } from '../offload/quotas.js';
 
 /** The quota.set key of the pinned-memory quota (bytes, or a size string like "1GiB"). */
 export const PIN_QUOTA_KEY = 'maxPinnedMemory';
@@ -82,8 +82,7 @@ export class Service {
         let pinBytes = 0;
         if (setPin) {
           try {
-            if (typeof pinRaw !== 'string' && typeof pinRaw !== 'number') throw new RangeError('expected a size such as 1GiB');
-            pinBytes = xsk!.checkPinLimit(parseSize(pinRaw));
+            pinBytes = xsk!.checkPinLimit(pinLimitBytes(pinRaw));
           } catch (e) {
             throw new ControlError('bad-quota', `--max-pinned-memory ${String(pinRaw)}: ${(e as Error).message}`);
           }
