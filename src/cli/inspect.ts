@@ -1,11 +1,7 @@
 import type { Argv } from 'yargs';
 import { callControl, DEFAULT_CONTROL_PATH } from '../control/control-client.js';
+import { fail, formatBytes } from './output.js';
 import type { DeviceStatus } from '../service/device.js';
-
-function fail(e: unknown): never {
-  console.error(`vhost-xdp: ${(e as Error).message}`);
-  process.exit(1);
-}
 
 export function inspectCommands(y: Argv) {
   return y
@@ -20,8 +16,7 @@ export function inspectCommands(y: Argv) {
           console.log(`  running vrings: ${d.runningVrings.join(' ') || '-'}; connections so far ${d.connections}; refused requests ${d.refusedRequests}`);
           if (d.features.length) console.log(`  features ${d.featureBits}: ${d.features.join(' ')}`);
           if (d.port.pinLimitBytes !== null) {
-            const mib = (n: number): string => `${(n / 1048576).toFixed(1)} MiB`;
-            console.log(`  umem: ${d.port.umem ?? 'none (no guest memory yet)'}; pinned ${mib(d.port.pinnedBytes)} of ${mib(d.port.pinLimitBytes)} allowed`);
+            console.log(`  umem: ${d.port.umem ?? 'none (no guest memory yet)'}; pinned ${formatBytes(d.port.pinnedBytes)} of ${formatBytes(d.port.pinLimitBytes)} allowed`);
           }
         }
       })

@@ -4,11 +4,7 @@ import type { OffloadShow } from '../offload/broker.js';
 import type { Quotas, QuotaUsage } from '../offload/quotas.js';
 import type { PinQuota } from '../service/device.js';
 import { PIN_QUOTA_KEY } from '../service/service.js';
-
-function fail(e: unknown): never {
-  console.error(`vhost-xdp: ${(e as Error).message}`);
-  process.exit(1);
-}
+import { fail, formatBytes } from './output.js';
 
 const QUOTA_OPTIONS: Record<string, keyof Quotas> = {
   'max-maps': 'maxMaps', 'max-map-memory': 'maxMapMemory', 'max-entries': 'maxEntries',
@@ -18,26 +14,22 @@ const QUOTA_OPTIONS: Record<string, keyof Quotas> = {
 /** The pinned-memory quota's flag (xsk ports). */
 const PIN_FLAG = 'max-pinned-memory';
 
-function mib(n: number): string {
-  return n >= 2 ** 30 ? `${(n / 2 ** 30).toFixed(1)} GiB` : n >= 1 << 20 ? `${(n / 2 ** 20).toFixed(1)} MiB` : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${n} B`;
-}
-
 /** What quota.show / quota.set answer: broker quotas with --offload, pinnedMemory on xsk ports. */
 interface QuotaReply { limits?: Quotas; usage?: QuotaUsage; pinnedMemory?: PinQuota; warnings?: string[] }
 
 function printQuotas(q: QuotaReply): void {
   const rows: [string, string, string][] = !q.limits || !q.usage ? [] : [
     ['maps', String(q.usage.maps), String(q.limits.maxMaps)],
-    ['map memory', mib(q.usage.mapMemory), mib(q.limits.maxMapMemory)],
+    ['map memory', formatBytes(q.usage.mapMemory), formatBytes(q.limits.maxMapMemory)],
     ['entries per map', String(q.usage.largestMapEntries), String(q.limits.maxEntries)],
     ['program insns', String(q.usage.progInsns), String(q.limits.maxProgInsns)],
     ['requests/s', String(q.usage.opsPerSec), String(q.limits.maxOpsPerSec)],
   ];
   const pin = q.pinnedMemory;
-  if (pin) rows.push(['pinned memory', mib(pin.used), mib(pin.limit)]);
+  if (pin) rows.push(['pinned memory', formatBytes(pin.used), formatBytes(pin.limit)]);
   console.log(`  ${'quota'.padEnd(18)}${'used'.padStart(12)}${'limit'.padStart(14)}`);
   for (const [k, u, l] of rows) console.log(`  ${k.padEnd(18)}${u.padStart(12)}${l.padStart(14)}`);
-  if (pin) console.log(`  UMEM: ${pin.umem ?? 'none (no guest memory yet)'}; pin limit minimum ${mib(pin.minimum)}`);
+  if (pin) console.log(`  UMEM: ${pin.umem ?? 'none (no guest memory yet)'}; pin limit minimum ${formatBytes(pin.minimum)}`);
   for (const w of q.warnings ?? []) console.log(`  warning: ${w}`);
 }
 
@@ -60,7 +52,7 @@ export function offloadCommands(y: Argv) {
       if (r.program) console.log(`  program id ${r.program.id} tag ${r.program.tag} '${r.program.name}', ${r.program.insns} insns, loaded ${r.program.loadedAt}, maps ${r.program.mapHandles.join(' ') || '-'}`);
       else console.log('  no program');
       console.log(`  verdicts: pass ${r.verdicts.pass}  drop ${r.verdicts.drop}  tx ${r.verdicts.tx}  aborted ${r.verdicts.aborted}`);
-      for (const m of r.maps) console.log(`  map ${m.handle}: ${m.type} '${m.name}' key ${m.keySize} value ${m.valueSize}, ${m.entries}/${m.maxEntries} entries, ${mib(m.bytes)} (host id ${m.id})`);
+      for (const m of r.maps) console.log(`  map ${m.handle}: ${m.type} '${m.name}' key ${m.keySize} value ${m.valueSize}, ${m.entries}/${m.maxEntries} entries, ${formatBytes(m.bytes)} (host id ${m.id})`);
       printQuotas(r.quotas);
     })
     .command('quota <action> <name>', 'Show or change a device\'s quotas: offload quotas (live; lowering below use refuses new allocations) and, on xsk ports, pinned guest memory (takes effect at the next memory table)', (a) => {

@@ -94,7 +94,7 @@ describe('pinned-memory quota of an xsk device', () => {
     expect(JSON.parse(json.out)).toEqual(q);
     // `status` shows it too, for the xsk device only.
     const st = cli('status').out;
-    expect(st).toMatch(/umem: none \(no guest memory yet\); pinned 0\.0 MiB of 8\.0 MiB allowed/);
+    expect(st).toMatch(/umem: none \(no guest memory yet\); pinned 0 B of 8\.0 MiB allowed/);
     expect(st.match(/umem:/g)?.length).toBe(1);
   });
 
