@@ -3,10 +3,9 @@
 import { describe, test, expect, beforeAll, afterAll } from 'vitest';
 import fs from 'node:fs';
 import path from 'node:path';
-import { startBackend, tempDir, type Backend, mountPinDir, unmountPinDir } from '../harness/backend.js';
-import { TestFrontend } from '../frontend/test-frontend.js';
-import { OffloadClient, offloadSample, requireOk, hostFramesReceived } from '../frontend/offload-client.js';
-import { PacketSocket, buildUdpFrame, patternPayload } from '../harness/packet-socket.js';
+import { OffloadRig } from '../frontend/offload-rig.js';
+import { offloadSample, requireOk } from '../frontend/offload-client.js';
+import { buildUdpFrame, patternPayload } from '../harness/packet-socket.js';
 import { uniqueIfName, disableIpv6, readLinkStats } from '../harness/netdev.js';
 import { waitUntil } from '../harness/processes.js';
 import { udpFrame, seqOf, GUEST_MAC } from '../harness/frames.js';
@@ -23,166 +22,133 @@ function object(name: string) {
 
 
 describe('XDP offload through the reserved queue pair (tap port)', () => {
-  let be: Backend;
-  let fe: TestFrontend;
-  let oc: OffloadClient;
-  let ps: PacketSocket;
-  let tap: string;
-  let sock: string;
-  let pinRoot: string;
-  let args: string[];
-  let seq = 100_000;
+  let rig: OffloadRig;
+  const tap = uniqueIfName('vxo');
 
   beforeAll(async () => {
-    tap = uniqueIfName('vxo');
-    const dir = tempDir('offload');
-    sock = path.join(dir, 'dev.sock');
-    pinRoot = mountPinDir(dir);
-    args = ['--socket', sock, '--port', `tap:${tap}`, '--queues', '1', '--offload', '--pin-dir', pinRoot, '--name', 'off'];
-    be = await startBackend(args, { dir });
-    disableIpv6(tap);
     // 1 data pair + the reserved pair.
-    fe = await TestFrontend.connect(sock, { queuePairs: 2 });
-    oc = new OffloadClient(fe, 1);
-    ps = PacketSocket.open(tap);
+    rig = await OffloadRig.start({ tag: 'offload', port: 'tap', ifname: tap, name: 'off', hostMac: HOST_MAC, firstSeq: 100_000, afterStart: () => disableIpv6(tap) });
   });
 
   afterAll(async () => {
-    ps?.close();
-    fe?.close();
-    await be?.stop();
-    if (pinRoot) unmountPinDir(pinRoot);
+    await rig?.close();
   });
-
-  /** Sends n host->guest frames into the tap; returns how many the guest received (on any pair). */
-  async function hostToGuest(n: number): Promise<number> {
-    const got = await hostFramesReceived(ps, fe, seq, n, HOST_MAC);
-    seq += n;
-    return got;
-  }
 
   let dropMap = 0;
 
   test('before any claim, the reserved pair is a plain data pair', async () => {
-    const s = seq++;
-    ps.drain();
-    fe.transmit(1, [udpFrame(s, 100)]);
-    expect(ps.recvAll(1, 3000, (f) => seqOf(f) === s).length).toBe(1);
-    expect((await be.call('status')).devices[0].offload).toEqual({ pair: 1, claimed: false, program: null });
+    const s = rig.seq++;
+    rig.ps.drain();
+    rig.fe.transmit(1, [udpFrame(s, 100)]);
+    expect(rig.ps.recvAll(1, 3000, (f) => seqOf(f) === s).length).toBe(1);
+    expect((await rig.be.call('status')).devices[0].offload).toEqual({ pair: 1, claimed: false, program: null });
   });
 
   test('CLAIM and CAPS: the guest learns up front what this host allows', async () => {
-    requireOk(await oc.claim());
-    const caps = requireOk(await oc.call(encodeCaps(oc.nextSeq())));
+    requireOk(await rig.oc.claim());
+    const caps = requireOk(await rig.oc.call(encodeCaps(rig.oc.nextSeq())));
     expect(caps.body.length).toBeGreaterThan(16);
-    await waitUntil(async () => (await be.call('status')).devices[0].offload.claimed, 3000, 'claim visible in status');
+    await waitUntil(async () => (await rig.be.call('status')).devices[0].offload.claimed, 3000, 'claim visible in status');
   });
 
   test('xdp_drop offloaded: host frames die on the host, the guest sees none, the guest-visible map counts them', async () => {
-    [dropMap] = (await offloadSample(oc, 'xdp_drop')) as [number];
+    [dropMap] = (await offloadSample(rig.oc, 'xdp_drop')) as [number];
     const tapBefore = readLinkStats(tap);
-    const delivered = await hostToGuest(50);
+    const delivered = await rig.hostToGuest(50);
     expect(delivered).toBe(0);
     // The kernel handed all 50 to the backend (tap tx), the program dropped them.
     expect(readLinkStats(tap).txPackets - tapBefore.txPackets).toBeGreaterThanOrEqual(50);
-    const show = await be.call('offload.show', { name: 'off' });
+    const show = await rig.be.call('offload.show', { name: 'off' });
     expect(show.verdicts.drop).toBeGreaterThanOrEqual(50);
     expect(show.program.name).toBe('xdp_drop');
-    const count = requireOk(await oc.call(encodeElemLookup(oc.nextSeq(), dropMap, new Uint8Array(4))));
+    const count = requireOk(await rig.oc.call(encodeElemLookup(rig.oc.nextSeq(), dropMap, new Uint8Array(4))));
     expect(Number(new DataView(count.body.buffer, count.body.byteOffset).getBigUint64(0, true))).toBe(show.verdicts.drop);
     expect(show.maps[0].handle).toBe(dropMap);
   });
 
   test('the program and its maps survive a backend restart with --pin-dir', async () => {
-    const before = await be.call('offload.show', { name: 'off' });
-    fe.close();
-    await be.stop('SIGKILL');
-    be = await startBackend(args, { dir: path.dirname(sock) });
-    disableIpv6(tap);
-    ps.close();
-    ps = PacketSocket.open(tap);
-    fe = await TestFrontend.connect(sock, { queuePairs: 2 });
-    oc = new OffloadClient(fe, 1);
-    const after = await be.call('offload.show', { name: 'off' });
+    const before = await rig.be.call('offload.show', { name: 'off' });
+    await rig.restart();
+    const after = await rig.be.call('offload.show', { name: 'off' });
     expect(after.claimed).toBe(true);
     expect(after.program.id).toBe(before.program.id);
-    expect(await hostToGuest(20)).toBe(0);
-    const count = requireOk(await oc.call(encodeElemLookup(oc.nextSeq(), dropMap, new Uint8Array(4))));
+    expect(await rig.hostToGuest(20)).toBe(0);
+    const count = requireOk(await rig.oc.call(encodeElemLookup(rig.oc.nextSeq(), dropMap, new Uint8Array(4))));
     expect(Number(new DataView(count.body.buffer, count.body.byteOffset).getBigUint64(0, true))).toBeGreaterThanOrEqual(before.verdicts.drop + 20);
   });
 
   test('PROG_UNSET restores delivery', async () => {
-    requireOk(await oc.call(encodeProgUnset(oc.nextSeq())));
-    expect(await hostToGuest(20)).toBe(20);
+    requireOk(await rig.oc.call(encodeProgUnset(rig.oc.nextSeq())));
+    expect(await rig.hostToGuest(20)).toBe(20);
   });
 
   test('xdp_tx bounces host frames back to the host with swapped MACs', async () => {
-    await offloadSample(oc, 'xdp_tx');
-    ps.drain();
-    const s = seq++;
-    ps.send(udpFrame(s, 60, 5000, HOST_MAC, GUEST_MAC));
-    const back = ps.recvAll(1, 3000, (f) => seqOf(f) === s);
+    await offloadSample(rig.oc, 'xdp_tx');
+    rig.ps.drain();
+    const s = rig.seq++;
+    rig.ps.send(udpFrame(s, 60, 5000, HOST_MAC, GUEST_MAC));
+    const back = rig.ps.recvAll(1, 3000, (f) => seqOf(f) === s);
     expect(back.length).toBe(1);
     // Swapped: the frame now goes from the guest's MAC to the host's.
     expect(Array.from(back[0]!.subarray(0, 6), (b) => b.toString(16).padStart(2, '0')).join(':')).toBe(HOST_MAC);
-    expect((await be.call('offload.show', { name: 'off' })).verdicts.tx).toBeGreaterThanOrEqual(1);
-    expect(await hostToGuest(5)).toBe(0);
-    requireOk(await oc.call(encodeProgUnset(oc.nextSeq())));
+    expect((await rig.be.call('offload.show', { name: 'off' })).verdicts.tx).toBeGreaterThanOrEqual(1);
+    expect(await rig.hostToGuest(5)).toBe(0);
+    requireOk(await rig.oc.call(encodeProgUnset(rig.oc.nextSeq())));
   });
 
   test('xdp_blocklist: sources the guest writes into its HASH map are dropped on the host, others delivered', async () => {
-    const [h] = (await offloadSample(oc, 'xdp_blocklist')) as [number];
+    const [h] = (await offloadSample(rig.oc, 'xdp_blocklist')) as [number];
     // udpFrame sends from 198.18.0.1: block it (key = the address in network byte order).
-    requireOk(await oc.call(encodeElemUpdate(oc.nextSeq(), h, Uint8Array.from([198, 18, 0, 1]), new Uint8Array(8))));
-    expect(await hostToGuest(10)).toBe(0);
-    const other = buildUdpFrame({ srcMac: HOST_MAC, dstMac: GUEST_MAC, srcIp: '198.18.0.9', dstIp: '198.18.0.1', srcPort: 1, dstPort: 2, payload: patternPayload(seq, 60) });
-    const s = seq++;
-    ps.send(other);
-    expect((await fe.waitForFrames(0, 1, 2000, (f) => seqOf(f) === s).catch(() => [])).length + (await fe.waitForFrames(1, 1, 200, (f) => seqOf(f) === s)).length).toBe(1);
+    requireOk(await rig.oc.call(encodeElemUpdate(rig.oc.nextSeq(), h, Uint8Array.from([198, 18, 0, 1]), new Uint8Array(8))));
+    expect(await rig.hostToGuest(10)).toBe(0);
+    const other = buildUdpFrame({ srcMac: HOST_MAC, dstMac: GUEST_MAC, srcIp: '198.18.0.9', dstIp: '198.18.0.1', srcPort: 1, dstPort: 2, payload: patternPayload(rig.seq, 60) });
+    const s = rig.seq++;
+    rig.ps.send(other);
+    expect((await rig.fe.waitForFrames(0, 1, 2000, (f) => seqOf(f) === s).catch(() => [])).length + (await rig.fe.waitForFrames(1, 1, 200, (f) => seqOf(f) === s)).length).toBe(1);
     // The map's hit counter is readable from the guest side.
-    const hits = requireOk(await oc.call(encodeElemLookup(oc.nextSeq(), h, Uint8Array.from([198, 18, 0, 1]))));
+    const hits = requireOk(await rig.oc.call(encodeElemLookup(rig.oc.nextSeq(), h, Uint8Array.from([198, 18, 0, 1]))));
     expect(Number(new DataView(hits.body.buffer, hits.body.byteOffset).getBigUint64(0, true))).toBe(10);
-    requireOk(await oc.call(encodeProgUnset(oc.nextSeq())));
+    requireOk(await rig.oc.call(encodeProgUnset(rig.oc.nextSeq())));
   });
 
   test('a program calling a forbidden helper is refused with a reason naming the helper', async () => {
     const obj = object('bad_trace_printk');
-    const r = await oc.call(encodeProgSet(oc.nextSeq(), { license: obj.license, insns: obj.insns, mapHandles: [], name: 'bad' }));
+    const r = await rig.oc.call(encodeProgSet(rig.oc.nextSeq(), { license: obj.license, insns: obj.insns, mapHandles: [], name: 'bad' }));
     expect(statusName(r.status)).toBe('HELPER_NOT_ALLOWED');
     expect(r.reason).toMatch(/trace_printk/);
   });
 
   test('quota set takes effect live: lowering max maps refuses the next MAP_CREATE', async () => {
-    const used = (await be.call('quota.show', { name: 'off' })).usage.maps;
-    const r = await be.call('quota.set', { name: 'off', changes: { maxMaps: String(used) } });
+    const used = (await rig.be.call('quota.show', { name: 'off' })).usage.maps;
+    const r = await rig.be.call('quota.set', { name: 'off', changes: { maxMaps: String(used) } });
     expect(r.limits.maxMaps).toBe(used);
-    const refused = await oc.call(encodeMapCreate(oc.nextSeq(), { type: 2, keySize: 4, valueSize: 8, maxEntries: 4, name: 'over' }));
+    const refused = await rig.oc.call(encodeMapCreate(rig.oc.nextSeq(), { type: 2, keySize: 4, valueSize: 8, maxEntries: 4, name: 'over' }));
     expect(statusName(refused.status)).toBe('QUOTA_EXCEEDED');
-    await be.call('quota.set', { name: 'off', changes: { maxMaps: '16' } });
+    await rig.be.call('quota.set', { name: 'off', changes: { maxMaps: '16' } });
   });
 
   test('RELEASE frees everything in the kernel and the pair goes back to data use', async () => {
-    const show = await be.call('offload.show', { name: 'off' });
+    const show = await rig.be.call('offload.show', { name: 'off' });
     const mapIds: number[] = show.maps.map((m: { id: number }) => m.id);
     expect(mapIds.length).toBeGreaterThan(0);
-    requireOk(await oc.call(encodeRelease(oc.nextSeq())));
+    requireOk(await rig.oc.call(encodeRelease(rig.oc.nextSeq())));
     await waitUntil(() => mapIds.every((id) => !listMapIds().includes(id)), 3000, 'maps freed in the kernel');
     expect(listProgIds()).not.toContain(show.program?.id ?? -1);
-    expect(fs.existsSync(path.join(pinRoot, 'off'))).toBe(false);
-    const s = seq++;
-    ps.drain();
-    fe.transmit(1, [udpFrame(s, 100)]);
-    expect(ps.recvAll(1, 3000, (f) => seqOf(f) === s).length).toBe(1);
+    expect(fs.existsSync(path.join(rig.pinRoot, 'off'))).toBe(false);
+    const s = rig.seq++;
+    rig.ps.drain();
+    rig.fe.transmit(1, [udpFrame(s, 100)]);
+    expect(rig.ps.recvAll(1, 3000, (f) => seqOf(f) === s).length).toBe(1);
   });
 
   test('a frontend that disconnects leaves nothing of its offload in the kernel', async () => {
-    requireOk(await oc.claim());
-    await offloadSample(oc, 'xdp_drop');
-    const show = await be.call('offload.show', { name: 'off' });
-    fe.close();
-    await waitUntil(async () => !(await be.call('status')).devices[0].connected, 3000, 'disconnect seen');
+    requireOk(await rig.oc.claim());
+    await offloadSample(rig.oc, 'xdp_drop');
+    const show = await rig.be.call('offload.show', { name: 'off' });
+    rig.fe.close();
+    await waitUntil(async () => !(await rig.be.call('status')).devices[0].connected, 3000, 'disconnect seen');
     await waitUntil(() => !listMapIds().includes(show.maps[0].id) && !listProgIds().includes(show.program.id), 3000, 'program and map gone from the kernel');
-    expect((await be.call('status')).devices[0].offload).toEqual({ pair: 1, claimed: false, program: null });
-    expect(fs.existsSync(path.join(pinRoot, 'off'))).toBe(false);
+    expect((await rig.be.call('status')).devices[0].offload).toEqual({ pair: 1, claimed: false, program: null });
+    expect(fs.existsSync(path.join(rig.pinRoot, 'off'))).toBe(false);
   });
 });
