@@ -111,8 +111,8 @@ export class DevicePins {
 
   /**
    * Pins under temporary names and renames over `prog` (and `src`), so the old pins stay until
-   * the new ones exist. A crash between the two renames can pair a new `src` with the old
-   * program: meta_prog's source tag lets restore tell (see getSource).
+   * the new ones exist. A crash between the renames can pair a new `src` or meta_prog with the
+   * old program: OffloadBroker.restore compares meta_prog's source tag with the program's.
    */
   pinProg(fd: number, meta: PinnedProgMeta, source?: Uint8Array): void {
     this.unlinkQuiet('prog_new');
