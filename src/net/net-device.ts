@@ -193,8 +193,9 @@ export class NetDevice implements VhostUserBackend {
   startVring(cfg: VringConfig): void {
     const pair = cfg.index >> 1;
     if (this.port.needsGuestMemory && !this.openQueues.has(pair)) {
-      // On an xsk port the offload pair has no AF_XDP queue: it carries offload messages only.
-      const cfg = pair === this.offloadPair ? { kind: 'null' as const } : this.port.queueConfig(pair);
+      // The reserved pair has no AF_XDP socket: offload replies must be written by the datapath.
+      // Its data frames (a stock guest's, before any claim) leave through the port's reserved queue.
+      const cfg = pair === this.offloadPair && this.port.reservedQueueConfig ? this.port.reservedQueueConfig(pair) : this.port.queueConfig(pair);
       this.threadFor(pair).request({ op: 'host', pair, cfg });
       this.openQueues.add(pair);
     }

@@ -1,15 +1,6 @@
 import type { HostQueue, HostQueueConfig } from './port.js';
-import { eventfdCreate, closeFd } from '../sys/libc.js';
-
-/** A queue with nothing behind it: never readable, and whatever is sent to it is dropped (counted). */
-export class NullHostQueue implements HostQueue {
-  // An eventfd nobody signals: something epoll can hold that never fires.
-  readonly fd = eventfdCreate(true);
-  receive(): number { return -1; }
-  transmit(): number { return -1; }
-  close(): void { closeFd(this.fd); }
-}
 import { TapQueue } from './tap.js';
+import { PacketQueue } from './packet-queue.js';
 import { openXskQueue } from '../net/xsk-paths.js';
 
 /** Opens the worker side of a port queue from its posted configuration. */
@@ -19,7 +10,7 @@ export function openHostQueue(cfg: HostQueueConfig): HostQueue {
       return new TapQueue(cfg.fd);
     case 'xsk':
       return openXskQueue(cfg);
-    case 'null':
-      return new NullHostQueue();
+    case 'packet':
+      return PacketQueue.open(cfg);
   }
 }

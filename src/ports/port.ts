@@ -16,12 +16,11 @@ export interface HostQueue {
 }
 
 import type { XskQueueConfig } from './xsk.js';
+import type { PacketQueueConfig } from './packet-queue.js';
 import type { RegionInfo } from '../vhost-user/guest-memory.js';
 
 /** What a worker needs to open its side of a port queue (plain data: posted to workers). */
-export type HostQueueConfig = { kind: 'tap'; fd: number; ifname: string } | XskQueueConfig
-  /** No host behind the queue: the xsk port's offload pair carries only offload messages. */
-  | { kind: 'null' };
+export type HostQueueConfig = { kind: 'tap'; fd: number; ifname: string } | XskQueueConfig | PacketQueueConfig;
 
 /** The control-plane side of a port. */
 export interface Port {
@@ -37,6 +36,11 @@ export interface Port {
   attachMemory?(regions: readonly RegionInfo[]): unknown;
   detachMemory?(): void;
   releaseQueue?(pair: number): void;
+  /**
+   * Ports over guest RAM: the queue of the offload device's reserved pair, which gets no
+   * guest-RAM queue (offload replies are written by the datapath, not by the kernel).
+   */
+  reservedQueueConfig?(pair: number): HostQueueConfig;
   /** Checksum and segmentation offloads this port can honour (tap: all; AF_XDP: none). */
   readonly offloads?: boolean;
   setMtu(mtu: number): void;

@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import { raw, NativeBuffer, check, closeFd, SysError, lastErrno, Errno, O_RDWR, O_NONBLOCK, O_CLOEXEC } from '../sys/libc.js';
-import type { HostQueue, HostQueueConfig, Port } from './port.js';
+import type { HostQueueConfig, Port } from './port.js';
+import { FdQueue } from './fd-queue.js';
 import { linkStats } from './link-stats.js';
 
 const TUNSETIFF = 0x400454ca;
@@ -151,26 +152,12 @@ export function setTapQueueAttached(fd: number, attached: boolean): void {
 }
 
 /** Worker side of one tap queue: readv/writev straight between the tap and guest buffers. */
-export class TapQueue implements HostQueue {
-  constructor(readonly fd: number) {}
+export class TapQueue extends FdQueue {
+  constructor(fd: number) {
+    super(fd, 'tap');
+  }
 
   setAttached(attached: boolean): void {
     setTapQueueAttached(this.fd, attached);
-  }
-
-  receive(iovAddress: number, iovCount: number): number {
-    const n = raw.readv(this.fd, iovAddress, iovCount);
-    if (n >= 0) return n;
-    const e = lastErrno();
-    if (e === Errno.EAGAIN || e === Errno.EINTR) return -1;
-    throw new SysError('readv(tap)', e);
-  }
-
-  transmit(iovAddress: number, iovCount: number): number {
-    const n = raw.writev(this.fd, iovAddress, iovCount);
-    if (n >= 0) return n;
-    const e = lastErrno();
-    if (e === Errno.EAGAIN || e === Errno.EINTR) return -1;
-    throw new SysError('writev(tap)', e);
   }
 }

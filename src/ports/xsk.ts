@@ -12,6 +12,7 @@ import {
 import type { RegionInfo } from '../vhost-user/guest-memory.js';
 import { linkStats } from './link-stats.js';
 import type { Port } from './port.js';
+import type { PacketQueueConfig } from './packet-queue.js';
 
 const PAGE = 4096;
 /** Placement alignment of guest regions inside the UMEM (the hugetlbfs page size). */
@@ -311,6 +312,8 @@ export class XskPort implements Port {
   private readonly ringSize: number;
   private readonly bounceChunks: number;
   private mtu: number;
+  /** The guest's vnet header length, for the reserved pair's packet queue. */
+  private headerLength = 12;
   private readonly xskMap: BpfMap;
   private readonly redirectFd: number;
   private umem: GuestUmem | null = null;
@@ -487,6 +490,16 @@ export class XskPort implements Port {
     }
   }
 
+  /**
+   * The offload device's reserved pair: guest frames sent on it leave through a packet socket on
+   * the peer (transmit only; host traffic is steered away from this pair, see setQueueEnabled).
+   */
+  reservedQueueConfig(pair: number): PacketQueueConfig {
+    if (this.closed) throw new Error(`${this.ifname}: port closed`);
+    if (!(Number.isInteger(pair) && pair >= 0 && pair < this.queuePairs)) throw new Error(`${this.ifname}: no queue pair ${pair}`);
+    return { kind: 'packet', ifname: this.peer, ifindex: this.peerIfindex, headerLength: this.headerLength };
+  }
+
   private publish(pair: number, fd: number): void {
     const k = new Uint8Array(4);
     new DataView(k.buffer).setUint32(0, pair, true);
@@ -541,6 +554,7 @@ export class XskPort implements Port {
     if (o.csum || o.tso4 || o.tso6) {
       throw new SysError('xsk port', Errno.EOPNOTSUPP, 'checksum/TSO offloads cannot be honoured over AF_XDP; do not offer them on an xsk port');
     }
+    this.headerLength = o.vnetHeaderLength;
   }
 
   /**

@@ -36,6 +36,8 @@ export const raw = {
   dup: lib.func('dup', 'int', ['int']),
   sched_yield: lib.func('sched_yield', 'int', []),
   memcpy: lib.func('memcpy', 'intptr_t', ['intptr_t', 'intptr_t', 'size_t']),
+  setsockopt: lib.func('setsockopt', 'int', ['int', 'int', 'int', 'intptr_t', 'uint32']),
+  getsockopt: lib.func('getsockopt', 'int', ['int', 'int', 'int', 'intptr_t', 'intptr_t']),
 };
 
 export const O_RDWR = 2;

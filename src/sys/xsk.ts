@@ -6,8 +6,6 @@ import { raw, NativeBuffer, SysError, lastErrno, Errno, MAP_FAILED, PROT_READ, P
 // use the rings and kick the socket without going back to the main thread.
 const lib = koffi.load('libc.so.6');
 const fn = {
-  setsockopt: lib.func('setsockopt', 'int', ['int', 'int', 'int', 'intptr_t', 'uint32']),
-  getsockopt: lib.func('getsockopt', 'int', ['int', 'int', 'int', 'intptr_t', 'intptr_t']),
   sendto: lib.func('sendto', 'intptr_t', ['int', 'intptr_t', 'size_t', 'int', 'intptr_t', 'uint32']),
   recvfrom: lib.func('recvfrom', 'intptr_t', ['int', 'intptr_t', 'size_t', 'int', 'intptr_t', 'intptr_t']),
   poll: lib.func('poll', 'int', ['intptr_t', 'ulong', 'int']),
@@ -286,7 +284,7 @@ export class XskSocket {
 
   private setInt(opt: number, value: number, what: string): void {
     scratch.view.setUint32(0, value, true);
-    if (fn.setsockopt(this.fd, SOL_XDP, opt, scratch.address, 4) < 0) sysFail(`setsockopt(${what})`, String(value));
+    if (raw.setsockopt(this.fd, SOL_XDP, opt, scratch.address, 4) < 0) sysFail(`setsockopt(${what})`, String(value));
   }
 
   /**
@@ -301,7 +299,7 @@ export class XskSocket {
     v.setUint32(16, r.chunkSize, true);
     v.setUint32(20, r.headroom, true);
     v.setUint32(24, r.flags, true);
-    if (fn.setsockopt(this.fd, SOL_XDP, XDP_UMEM_REG, scratch.address, 32) < 0) {
+    if (raw.setsockopt(this.fd, SOL_XDP, XDP_UMEM_REG, scratch.address, 32) < 0) {
       sysFail('setsockopt(XDP_UMEM_REG)', `0x${r.address.toString(16)}+${r.length} chunk ${r.chunkSize} headroom ${r.headroom}`);
     }
   }
@@ -319,7 +317,7 @@ export class XskSocket {
     const v = scratch.view;
     scratch.bytes.fill(0, 0, 136);
     v.setUint32(128, 128, true);
-    if (fn.getsockopt(this.fd, SOL_XDP, XDP_MMAP_OFFSETS, scratch.address, scratch.address + 128) < 0) {
+    if (raw.getsockopt(this.fd, SOL_XDP, XDP_MMAP_OFFSETS, scratch.address, scratch.address + 128) < 0) {
       sysFail('getsockopt(XDP_MMAP_OFFSETS)');
     }
     if (v.getUint32(128, true) !== 128) throw new SysError('getsockopt(XDP_MMAP_OFFSETS)', Errno.EINVAL, `unexpected length ${v.getUint32(128, true)}`);
@@ -364,7 +362,7 @@ export class XskSocket {
     const v = scratch.view;
     scratch.bytes.fill(0, 0, 64);
     v.setUint32(56, 48, true);
-    if (fn.getsockopt(this.fd, SOL_XDP, XDP_STATISTICS, scratch.address, scratch.address + 56) < 0) sysFail('getsockopt(XDP_STATISTICS)');
+    if (raw.getsockopt(this.fd, SOL_XDP, XDP_STATISTICS, scratch.address, scratch.address + 56) < 0) sysFail('getsockopt(XDP_STATISTICS)');
     return {
       rxDropped: readU64(v, 0), rxInvalidDescs: readU64(v, 8), txInvalidDescs: readU64(v, 16),
       rxRingFull: readU64(v, 24), rxFillRingEmptyDescs: readU64(v, 32), txRingEmptyDescs: readU64(v, 40),

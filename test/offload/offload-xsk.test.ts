@@ -19,12 +19,39 @@ describe('XDP offload on the xsk port (native XDP on the veth)', () => {
 
   beforeAll(async () => {
     rig = await OffloadRig.start({ tag: 'offxsk', port: 'xsk', ifname, name: 'offx', hostMac: HOST_MAC, firstSeq: 500_000 });
-    requireOk(await rig.oc.claim());
-    await waitUntil(async () => (await rig.be.call('status')).devices[0].offload.claimed, 3000, 'claim visible');
   });
 
   afterAll(async () => {
     await rig?.close();
+  });
+
+  const pairStats = async (pair: number) => (await rig.be.call('stats', { name: 'offx' }))[0].pairs[pair] as { txPackets: number; txDropped: number };
+
+  test('before any claim, guest frames sent on the reserved pair reach the host (it has no AF_XDP socket: a packet socket on the peer sends them)', async () => {
+    rig.ps.drain();
+    const before = await pairStats(1);
+    const first = rig.seq;
+    const frames = Array.from({ length: 20 }, (_, i) => udpFrame(first + i, 300 + i));
+    rig.seq += frames.length;
+    rig.fe.transmit(1, frames);
+    const got = rig.ps.recvAll(frames.length, 3000, (f) => { const s = seqOf(f); return s !== null && s >= first && s < first + frames.length; });
+    expect(got.length).toBe(frames.length);
+    got.sort((a, b) => seqOf(a)! - seqOf(b)!);
+    for (let i = 0; i < frames.length; i++) expect(Buffer.from(got[i]!).equals(Buffer.from(frames[i]!))).toBe(true);
+    expect((await pairStats(1)).txPackets - before.txPackets).toBe(frames.length);
+    expect((await rig.be.call('status')).devices[0].offload).toEqual({ pair: 1, claimed: false, program: null });
+  });
+
+  test('once claimed, the reserved pair carries only offload messages: data frames on it are dropped and counted, none reach the host', async () => {
+    requireOk(await rig.oc.claim());
+    await waitUntil(async () => (await rig.be.call('status')).devices[0].offload.claimed, 3000, 'claim visible');
+    rig.ps.drain();
+    const before = await pairStats(1);
+    const s = rig.seq++;
+    rig.fe.transmit(1, [udpFrame(s, 100)]);
+    await waitUntil(async () => (await pairStats(1)).txDropped > before.txDropped, 3000, 'drop counted');
+    expect(rig.ps.recvAll(1, 300, (f) => seqOf(f) === s).length).toBe(0);
+    expect((await pairStats(1)).txPackets).toBe(before.txPackets);
   });
 
   test('without a program, host frames reach the guest through AF_XDP', async () => {
