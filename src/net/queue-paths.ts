@@ -1,4 +1,5 @@
 import { NativeBuffer, eventfdSignal } from '../sys/libc.js';
+import { readU64, writeU64 } from '../sys/u64.js';
 import { SplitQueue } from '../virtio/split-queue.js';
 import { DescriptorChain } from '../virtio/descriptor-chain.js';
 import { VirtqueueError } from '../virtio/errors.js';
@@ -137,8 +138,7 @@ export class TxPath extends QueuePath {
             const len = ch.length[i]!;
             if (len === 0) continue;
             const a = ch.hostAddress[i]!;
-            iov.setUint32(cnt * 16, a % 4294967296, true);
-            iov.setUint32(cnt * 16 + 4, Math.floor(a / 4294967296), true);
+            writeU64(iov, cnt * 16, a);
             iov.setUint32(cnt * 16 + 8, len, true);
             iov.setUint32(cnt * 16 + 12, 0, true);
             cnt++;
@@ -270,8 +270,7 @@ export class RxPath extends QueuePath {
         if (len === 0) continue;
         const s = this.sTail++;
         const a = ch.hostAddress[i]!;
-        v.setUint32(s * 16, a % 4294967296, true);
-        v.setUint32(s * 16 + 4, Math.floor(a / 4294967296), true);
+        writeU64(v, s * 16, a);
         v.setUint32(s * 16 + 8, len, true);
         v.setUint32(s * 16 + 12, 0, true);
         this.sRegion[s] = ch.region[i]!;
@@ -425,7 +424,7 @@ export class RxPath extends QueuePath {
 
   private segmentAddress(s: number): number {
     const v = this.iov.view;
-    return v.getUint32(s * 16, true) + v.getUint32(s * 16 + 4, true) * 4294967296;
+    return readU64(v, s * 16);
   }
 
   /** XDP_TX on a tap port: [vnet header as the tap wrote it][program output] back into the tap. */
@@ -433,12 +432,10 @@ export class RxPath extends QueuePath {
     if (this.sLength[s0]! < this.headerLength) { this.count(C.xdpAborted); return; }
     const b = this.backIov.view;
     const hdrAddr = this.segmentAddress(s0);
-    b.setUint32(0, hdrAddr % 4294967296, true);
-    b.setUint32(4, Math.floor(hdrAddr / 4294967296), true);
+    writeU64(b, 0, hdrAddr);
     b.setUint32(8, this.headerLength, true);
     b.setUint32(12, 0, true);
-    b.setUint32(16, dataAddr % 4294967296, true);
-    b.setUint32(20, Math.floor(dataAddr / 4294967296), true);
+    writeU64(b, 16, dataAddr);
     b.setUint32(24, len, true);
     b.setUint32(28, 0, true);
     try {

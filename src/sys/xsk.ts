@@ -1,4 +1,5 @@
 import koffi from 'koffi';
+import { readU64, writeU64 } from './u64.js';
 import { raw, NativeBuffer, SysError, lastErrno, Errno, MAP_FAILED, PROT_READ, PROT_WRITE, MAP_SHARED } from './libc.js';
 
 // AF_XDP sockets (linux/if_xdp.h) through koffi: socket setup, the UMEM, the four mmap'd rings.
@@ -25,6 +26,10 @@ export const XDP_UMEM_REG = 4;
 export const XDP_UMEM_FILL_RING = 5;
 export const XDP_UMEM_COMPLETION_RING = 6;
 export const XDP_STATISTICS = 7;
+/** Linux 6.17+: frames one TX wakeup may send in copy mode (default 32, at most the TX ring size). */
+export const XDP_MAX_TX_SKB_BUDGET = 9;
+/** Copy mode's frames per TX wakeup where XDP_MAX_TX_SKB_BUDGET is unknown. */
+export const DEFAULT_TX_SKB_BUDGET = 32;
 
 /** sockaddr_xdp.sxdp_flags */
 export const XDP_SHARED_UMEM = 1 << 0;
@@ -191,13 +196,6 @@ abstract class ConsumerRing extends Ring {
   }
 }
 
-function readU64(v: DataView, off: number): number {
-  return v.getUint32(off, true) + v.getUint32(off + 4, true) * 4294967296;
-}
-function writeU64(v: DataView, off: number, value: number): void {
-  v.setUint32(off, value % 4294967296, true);
-  v.setUint32(off + 4, Math.floor(value / 4294967296), true);
-}
 
 /** Fill ring: UMEM addresses the kernel may receive into. */
 export class FillRing extends ProducerRing {
@@ -231,6 +229,11 @@ export class RxRing extends ConsumerRing {
 /** TX ring: struct xdp_desc, written by us. */
 export class TxRing extends ProducerRing {
   constructor(layout: RingLayout) { super(layout, 16); }
+  /** Writes the next slot and reserves it; the caller checked free() first. */
+  push(addr: number, len: number): void {
+    this.set(this.cachedProd, addr, len);
+    this.cachedProd = (this.cachedProd + 1) >>> 0;
+  }
   set(index: number, addr: number, len: number): void {
     const o = this.descOffset + 16 * (index & this.mask);
     writeU64(this.view, o, addr);
@@ -310,6 +313,17 @@ export class XskSocket {
     if (s.completion) this.setInt(XDP_UMEM_COMPLETION_RING, s.completion, 'XDP_UMEM_COMPLETION_RING');
     if (s.rx) this.setInt(XDP_RX_RING, s.rx, 'XDP_RX_RING');
     if (s.tx) this.setInt(XDP_TX_RING, s.tx, 'XDP_TX_RING');
+  }
+
+  /**
+   * Lets one TX wakeup send up to `budget` frames (copy mode); returns the budget in effect,
+   * the kernel's default where the option is unknown (before 6.17). Needs the TX ring set.
+   */
+  setTxBudget(budget: number): number {
+    scratch.view.setUint32(0, budget, true);
+    if (raw.setsockopt(this.fd, SOL_XDP, XDP_MAX_TX_SKB_BUDGET, scratch.address, 4) === 0) return budget;
+    if (lastErrno() === Errno.ENOPROTOOPT) return DEFAULT_TX_SKB_BUDGET;
+    sysFail('setsockopt(XDP_MAX_TX_SKB_BUDGET)', String(budget));
   }
 
   /** XDP_MMAP_OFFSETS: four struct xdp_ring_offset {producer, consumer, desc, flags} (u64 each). */

@@ -1,9 +1,11 @@
 import fs from 'node:fs';
+import os from 'node:os';
 import { spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GuestMemory, type RegionInfo } from '../../src/vhost-user/guest-memory.js';
 import { SharedMapping, closeFd, memfdCreate } from '../../src/sys/libc.js';
 import { pollReadable } from '../../src/sys/xsk.js';
+import { readU64, writeU64 } from '../../src/sys/u64.js';
 import { listMapIds, listProgIds, mapInfo, xdpQuery } from '../../src/sys/libbpf.js';
 import { SplitQueue } from '../../src/virtio/split-queue.js';
 import { XskPort } from '../../src/ports/xsk.js';
@@ -403,6 +405,23 @@ describe('xsk port: queue pairs', () => {
       expect(r.port.pinnedBytes).toBe(0);
     } finally {
       await local.run();
+    }
+  });
+});
+
+describe('xsk port: transmit wakeups', () => {
+  it('one TX wakeup may send a whole ring (XDP_MAX_TX_SKB_BUDGET, Linux 6.17+), not copy mode\'s default 32', () => {
+    const [major, minor] = os.release().split('.').map(Number) as [number, number];
+    const expected = major > 6 || (major === 6 && minor >= 17) ? 512 : 32;
+    expect(rig.xq.cfg.txBudget).toBe(expected);
+  });
+
+  it('u64 fields round-trip through the split used for iovecs and ring descriptors', () => {
+    const v = new DataView(new ArrayBuffer(8));
+    for (const x of [0, 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 32 + 5, 0x7fff_ffff_f000, 2 ** 53 - 1]) {
+      writeU64(v, 0, x);
+      expect(v.getBigUint64(0, true)).toBe(BigInt(x));
+      expect(readU64(v, 0)).toBe(x);
     }
   });
 });
