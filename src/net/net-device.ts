@@ -171,8 +171,12 @@ export class NetDevice implements VhostUserBackend {
     if (this.port.needsGuestMemory) {
       // The rings are stopped; the workers drop their queues before the UMEM goes away.
       for (const pair of [...this.openQueues]) this.releaseQueue(pair);
-      if (regions.length > 0) this.port.attachMemory?.(regions);
-      else this.port.detachMemory?.();
+      if (regions.length > 0) {
+        const why = this.port.attachMemory?.(regions).bounceReason;
+        if (why) this.log.warn(`bounce-only UMEM: ${why}; every frame is copied (counted as jsCopies)`);
+      } else {
+        this.port.detachMemory?.();
+      }
     }
     for (const t of this.threads) t.request({ op: 'memory', regions });
   }

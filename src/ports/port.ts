@@ -33,7 +33,8 @@ export interface Port {
    * open anew for every start of a pair, and are released when the pair stops.
    */
   readonly needsGuestMemory?: boolean;
-  attachMemory?(regions: readonly RegionInfo[]): unknown;
+  /** Returns why frames will be copied (e.g. over the pin limit), or null when they will not. */
+  attachMemory?(regions: readonly RegionInfo[]): { bounceReason: string | null };
   detachMemory?(): void;
   releaseQueue?(pair: number): void;
   /**

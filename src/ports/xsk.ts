@@ -52,6 +52,8 @@ export interface XskUmemInfo {
   regions: UmemRegion[];
   /** 'zero-copy': guest RAM is in the UMEM; 'bounce': only private chunks (over the pin limit). */
   mode: 'zero-copy' | 'bounce';
+  /** Why the UMEM is bounce-only (null in zero-copy mode), for the operator's log. */
+  bounceReason: string | null;
 }
 
 /** What a worker needs to run one queue pair over its AF_XDP socket (plain data). */
@@ -126,6 +128,7 @@ export class GuestUmem {
     const usable = regions.filter((r) => r.hostAddress % PAGE === 0 && r.size % PAGE === 0 && r.size > 0);
     let length = roundUp(bounce, HUGE);
     for (const r of usable) length += gap + roundUp(r.size, HUGE);
+    const fullLength = length;
     const zeroCopy = usable.length > 0 && length <= opts.pinLimitBytes;
     // Bounce-only maps no guest file: page alignment is enough there.
     if (!zeroCopy) length = bounce + roundUp(frameOffset, PAGE);
@@ -157,9 +160,15 @@ export class GuestUmem {
       raw.munmap(address, length);
       throw e;
     }
+    let bounceReason: string | null = null;
+    if (!zeroCopy) {
+      bounceReason = usable.length === 0
+        ? 'no guest memory region is page-aligned'
+        : `guest RAM needs ${fullLength} bytes pinned, over the pin limit of ${opts.pinLimitBytes}`;
+    }
     return new GuestUmem({
       address, length, chunkSize, headroom, frameOffset, maxFrame: opts.maxFrame, regions: placed,
-      mode: zeroCopy ? 'zero-copy' : 'bounce',
+      mode: zeroCopy ? 'zero-copy' : 'bounce', bounceReason,
     });
   }
 

@@ -106,9 +106,12 @@ describe('pinned-memory quota of an xsk device', () => {
   });
 
   test('under a limit below the guest RAM the UMEM is bounce-only and traffic still flows, as counted copies', async () => {
+    const from = be.proc.lineCount;
     const fe = await connect();
     const s = await status();
     expect(s.umem).toBe('bounce');
+    // The operator is told why, once per memory table.
+    await be.proc.waitForLine(/bounce-only UMEM: guest RAM needs \d+ bytes pinned, over the pin limit of 8388608; every frame is copied/, 3000, from);
     // Only the private bounce chunks are pinned, well inside the limit.
     expect(s.pinnedBytes).toBeLessThanOrEqual(8 * MiB);
     expect((await be.call('quota.show', { name: 'pq' })).pinnedMemory.used).toBe(s.pinnedBytes);
