@@ -222,7 +222,6 @@ function writeSysctl(path: string, value: string): void {
 }
 
 
-/** The default name of the backend's veth end: ifname + 'x', cut to IFNAMSIZ-1. */
 /** The interface alias that marks a peer as made by vhost-xdp for `ifname`. */
 function ownerMark(ifname: string): string {
   return `vhost-xdp xsk peer of ${ifname}`;
