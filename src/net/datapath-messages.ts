@@ -20,6 +20,9 @@ export interface FrameFormat {
   mergeable: boolean;
   /** Largest frame the host may hand us, header included: decides how many RX buffers to stash. */
   maxFrame: number;
+  /** Guest TX headers may ask for a checksum (CSUM) / segmentation (HOST_TSO4/6). */
+  txCsum: boolean;
+  txGso: boolean;
 }
 
 export type DatapathRequest =

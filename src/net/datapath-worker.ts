@@ -30,7 +30,7 @@ const TOKEN_KICK = 2 << 16;
 const TOKEN_HOST = 3 << 16;
 
 let memory: GuestMemory | null = null;
-let format: FrameFormat = { eventIdx: false, headerLength: 12, mergeable: false, maxFrame: 1518 + 12 };
+let format: FrameFormat = { eventIdx: false, headerLength: 12, mergeable: false, maxFrame: 1518 + 12, txCsum: false, txGso: false };
 const hosts = new Map<number, HostQueue>();
 // Tap queues use the iovec paths; AF_XDP queues the ring paths (same process() contract).
 interface Running { cfg: VringConfig; rx?: RxPath | XskRxPath; tx?: TxPath | XskTxPath; }
@@ -205,6 +205,8 @@ function start(cfg: VringConfig): void {
   } else {
     const tx = new TxPath(q, cfg.index, cfg.callFd, context(pair), host, format.headerLength, memory);
     tx.offload = offloadPairs.get(pair) ?? null;
+    tx.csum = format.txCsum;
+    tx.gso = format.txGso;
     run.tx = tx;
   }
   epoll.add(cfg.kickFd, EPOLLIN, TOKEN_KICK | cfg.index);

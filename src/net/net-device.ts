@@ -159,6 +159,8 @@ export class NetDevice implements VhostUserBackend {
       headerLength,
       mergeable: hasBit(f, F.MRG_RXBUF),
       maxFrame: headerLength + (gso ? MAX_GSO_FRAME : ETH_HLEN + VLAN_HLEN + this.mtu),
+      txCsum: hasBit(f, F.CSUM),
+      txGso: hasBit(f, F.HOST_TSO4) || hasBit(f, F.HOST_TSO6),
     };
   }
 

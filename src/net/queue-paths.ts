@@ -43,6 +43,27 @@ export function copyFromChain(ch: DescriptorChain, mem: GuestMemory, from: numbe
   return done;
 }
 
+const VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
+const VIRTIO_NET_HDR_GSO_NONE = 0;
+
+/** The vnet header's flags (low byte) and gso_type (high byte) of a TX chain (0 without a header). */
+export function headerRequests(ch: DescriptorChain, mem: GuestMemory, headerLength: number): number {
+  if (headerLength < 2 || ch.readableCount === 0) return 0;
+  const r = mem.regions[ch.region[0]!]!.bytes;
+  const off = ch.offset[0]!;
+  if (ch.length[0]! >= 2) return r[off]! | (r[off + 1]! << 8);
+  const r1 = ch.readableCount > 1 ? mem.regions[ch.region[1]!]!.bytes : null;
+  return r[off]! | ((r1 ? r1[ch.offset[1]!]! : 0) << 8);
+}
+
+/**
+ * True when a header asks the device for work the driver did not negotiate: a checksum without
+ * VIRTIO_NET_F_CSUM, segmentation without HOST_TSO4/6 (the spec forbids both).
+ */
+export function unnegotiatedRequest(req: number, csum: boolean, gso: boolean): boolean {
+  return (!csum && (req & VIRTIO_NET_HDR_F_NEEDS_CSUM) !== 0) || (!gso && ((req >> 8) & 0xff) !== VIRTIO_NET_HDR_GSO_NONE);
+}
+
 /** Kernel limit on iovecs per readv/writev. */
 const IOV_MAX = 1024;
 /** Frames handled per queue before the worker looks at other queues (fairness). */
@@ -94,6 +115,9 @@ export class TxPath extends QueuePath {
   private readonly eth = new Uint8Array(ETH_HLEN);
   /** Set on the reserved pair of an offload device. */
   offload: OffloadLink | null = null;
+  /** Header requests the driver negotiated (CSUM; HOST_TSO4/6); frames asking for more are refused. */
+  csum = true;
+  gso = true;
 
   constructor(queue: SplitQueue, index: number, callFd: number, ctx: PathContext, private readonly host: HostQueue,
               private readonly headerLength: number, private readonly mem: GuestMemory) {
@@ -144,6 +168,8 @@ export class TxPath extends QueuePath {
             cnt++;
           }
           if (ch.readableBytes <= this.headerLength || ch.writableBytes > 0 && ch.readableCount === 0) {
+            this.count(C.txErrors);
+          } else if (!(this.csum && this.gso) && unnegotiatedRequest(headerRequests(ch, this.mem, this.headerLength), this.csum, this.gso)) {
             this.count(C.txErrors);
           } else if (this.offload && this.offloadFrame(ch)) {
             // consumed by the broker link (or dropped on a claimed pair)

@@ -5,14 +5,12 @@ import { DescriptorChain } from '../virtio/descriptor-chain.js';
 import type { GuestMemory } from '../vhost-user/guest-memory.js';
 import type { HostQueue } from '../ports/port.js';
 import type { XskQueueConfig } from '../ports/xsk.js';
-import { QueuePath, type PathContext } from './queue-paths.js';
+import { QueuePath, headerRequests, unnegotiatedRequest, type PathContext } from './queue-paths.js';
 import { C, COUNTERS } from './stats.js';
 
 /** Bounce chains keep at most this many segments (a frame is at most one chunk). */
 const MAX_BOUNCE_SEGS = 8;
 const ETH_HLEN = 14;
-const VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
-const VIRTIO_NET_HDR_GSO_NONE = 0;
 /**
  * The kernel (6.18, copy mode, unaligned chunks) reports RX addresses a few bytes off the fill
  * address (rounded to 16 bytes, data offset unchanged), though it writes the frame exactly at
@@ -389,17 +387,6 @@ export class XskTxPath extends XskPath {
     this.count(C.txErrors); // an address we never posted (a previous path's): ignore it
   }
 
-  /** The vnet header's flags (low byte) and gso_type (high byte). */
-  private headerRequests(ch: DescriptorChain): number {
-    if (this.headerLength < 2) return 0;
-    const len0 = ch.length[0]!;
-    const r = this.mem.regions[ch.region[0]!]!.bytes;
-    const off = ch.offset[0]!;
-    if (len0 >= 2) return r[off]! | (r[off + 1]! << 8);
-    const r1 = ch.count > 1 ? this.mem.regions[ch.region[1]!]!.bytes : null;
-    return r[off]! | ((r1 ? r1[ch.offset[1]!]! : 0) << 8);
-  }
-
   /** Copies the frame (past the header) into bounce chunk k (the caller checked it fits a chunk). */
   private gather(ch: DescriptorChain, k: number, len: number): void {
     const u = this.xq.cfg.umem;
@@ -450,8 +437,8 @@ export class XskTxPath extends XskPath {
             q.pushUsed(ch.head, 0);
             continue;
           }
-          const req = this.headerRequests(ch);
-          if ((req & 0xff) & VIRTIO_NET_HDR_F_NEEDS_CSUM || ((req >> 8) & 0xff) !== VIRTIO_NET_HDR_GSO_NONE) {
+          // AF_XDP carries plain frames: no checksum or segmentation can be done for the guest.
+          if (unnegotiatedRequest(headerRequests(ch, this.mem, hdr), false, false)) {
             this.count(C.txErrors);
             q.pushUsed(ch.head, 0);
             continue;

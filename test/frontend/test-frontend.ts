@@ -229,8 +229,11 @@ export class TestFrontend {
     }
   }
 
-  /** Queues frames (a zeroed virtio-net header is put in front) on a TX queue; returns how many fit. */
-  transmit(p: number, frames: Uint8Array[]): number {
+  /**
+   * Queues frames on a TX queue, each behind a virtio-net header (zeroed, or `header` copied
+   * over its start); returns how many fit.
+   */
+  transmit(p: number, frames: Uint8Array[], header?: Uint8Array): number {
     const st = this.pair(p);
     this.reclaimTx(st);
     let n = 0;
@@ -241,6 +244,7 @@ export class TestFrontend {
       const gpa = this.txBase[p]! + slot * SLOT;
       const buf = this.mem.slice(gpa, HDR + f.length);
       buf.fill(0, 0, HDR);
+      if (header) buf.set(header.subarray(0, HDR), 0);
       buf.set(f, HDR);
       if (st.tx.add([{ gpa, len: HDR + f.length, writable: false }], slot) === null) {
         st.txFree.push(slot);

@@ -42,6 +42,21 @@ describe('XDP offload on the xsk port (native XDP on the veth)', () => {
     expect((await rig.be.call('status')).devices[0].offload).toEqual({ pair: 1, claimed: false, program: null });
   });
 
+  test('the reserved pair refuses headers asking for what an xsk device never offers (checksum, segmentation): counted, not sent', async () => {
+    rig.ps.drain();
+    const before = (await rig.be.call('stats', { name: 'offx' }))[0].pairs[1] as { txPackets: number; txErrors: number };
+    const first = rig.seq;
+    rig.seq += 2;
+    // flags NEEDS_CSUM, csum_start 34, csum_offset 6 (UDP); then gso_type TCPV4 with gso_size 1400.
+    const csum = new Uint8Array([1, 0, 0, 0, 0, 0, 34, 0, 6, 0, 0, 0]);
+    const gso = new Uint8Array([0, 1, 54, 0, 0x78, 0x05, 0, 0, 0, 0, 0, 0]);
+    rig.fe.transmit(1, [udpFrame(first, 100)], csum);
+    rig.fe.transmit(1, [udpFrame(first + 1, 100)], gso);
+    await waitUntil(async () => (await rig.be.call('stats', { name: 'offx' }))[0].pairs[1].txErrors >= before.txErrors + 2, 3000, 'both refused');
+    expect(rig.ps.recvAll(1, 300, (f) => { const s = seqOf(f); return s === first || s === first + 1; }).length).toBe(0);
+    expect((await rig.be.call('stats', { name: 'offx' }))[0].pairs[1].txPackets).toBe(before.txPackets);
+  });
+
   test('once claimed, the reserved pair carries only offload messages: data frames on it are dropped and counted, none reach the host', async () => {
     requireOk(await rig.oc.claim());
     await waitUntil(async () => (await rig.be.call('status')).devices[0].offload.claimed, 3000, 'claim visible');
