@@ -86,12 +86,11 @@ export class SplitQueue {
 
   private readonly mem: GuestMemory;
   private readonly mask: number;
+  // Views over exactly each ring, so ring offsets are small integers (an offset into a large
+  // region is a double in V8, and every access then paid a float-to-int check).
   private readonly descView: DataView;
-  private readonly descOff: number;
   private readonly availView: DataView;
-  private readonly availOff: number;
   private readonly usedView: DataView;
-  private readonly usedOff: number;
 
   private lastAvail = 0;
   /** Last avail->idx we read; entries in [lastAvail, shadowAvail) are known available. */
@@ -117,15 +116,15 @@ export class SplitQueue {
       );
     }
     const bytes = splitRingBytes(size);
-    const place = (what: string, gpa: number, len: number): [DataView, number] => {
+    const place = (what: string, gpa: number, len: number): DataView => {
       const i = Number.isInteger(gpa) ? mem.find(gpa, len) : -1;
       if (i < 0) throw new VirtqueueError('ring-outside-memory', opts.name, `${what} ring 0x${gpa.toString(16)}+${len} is not inside one guest memory region`);
       const r = mem.regions[i]!;
-      return [r.view, gpa - r.gpa];
+      return new DataView(r.view.buffer, r.view.byteOffset + (gpa - r.gpa), len);
     };
-    [this.descView, this.descOff] = place('descriptor', descGpa, bytes.desc);
-    [this.availView, this.availOff] = place('avail', availGpa, bytes.avail);
-    [this.usedView, this.usedOff] = place('used', usedGpa, bytes.used);
+    this.descView = place('descriptor', descGpa, bytes.desc);
+    this.availView = place('avail', availGpa, bytes.avail);
+    this.usedView = place('used', usedGpa, bytes.used);
     this.mem = mem;
     this.size = size;
     this.mask = size - 1;
@@ -133,7 +132,7 @@ export class SplitQueue {
     this.indirectDesc = opts.indirectDesc ?? true;
     this.layout = Object.freeze({ size, descGpa, availGpa, usedGpa });
     // Resuming a ring (reconnect, migration): used->idx in guest memory is where we left off.
-    this.used = this.publishedUsed = this.signalledUsed = this.usedView.getUint16(this.usedOff + 2, true);
+    this.used = this.publishedUsed = this.signalledUsed = this.usedView.getUint16(2, true);
   }
 
   /** Next avail ring index we will consume (SET_VRING_BASE / GET_VRING_BASE), u16. */
@@ -155,7 +154,7 @@ export class SplitQueue {
 
   /** Chains the driver has made available that we have not popped. Reads avail->idx. */
   availableCount(): number {
-    const idx = this.availView.getUint16(this.availOff + 2, true);
+    const idx = this.availView.getUint16(2, true);
     const n = (idx - this.lastAvail) & 0xffff;
     if (n > this.size) {
       throw new VirtqueueError('avail-idx-jump', this.name, `avail->idx ${idx} is ${n} ahead of last_avail_idx ${this.lastAvail} (queue size ${this.size})`);
@@ -177,7 +176,7 @@ export class SplitQueue {
   pop(chain: DescriptorChain): boolean {
     const last = this.lastAvail;
     if (last === this.shadowAvail && this.availableCount() === 0) return false;
-    const head = this.availView.getUint16(this.availOff + 4 + 2 * (last & this.mask), true);
+    const head = this.availView.getUint16(4 + 2 * (last & this.mask), true);
     this.lastAvail = (last + 1) & 0xffff;
     chain.head = head;
     chain.count = 0;
@@ -204,7 +203,7 @@ export class SplitQueue {
     const offsets = chain.offset;
 
     let view = this.descView;
-    let base = this.descOff;
+    let base = 0;
     let entries = this.size;
     let inIndirect = false;
     let idx = head;
@@ -297,7 +296,7 @@ export class SplitQueue {
     if (!(head >= 0 && head < this.size && (head | 0) === head) || !(len >= 0 && len <= U32_MAX && Math.floor(len) === len)) {
       throw new VirtqueueError('bad-argument', this.name, `pushUsed(${head}, ${len}): head must be < ${this.size} and len a u32`);
     }
-    const off = this.usedOff + 4 + 8 * (this.used & this.mask);
+    const off = 4 + 8 * (this.used & this.mask);
     this.usedView.setUint32(off, head, true);
     this.usedView.setUint32(off + 4, len, true);
     this.used = (this.used + 1) & 0xffff;
@@ -310,7 +309,7 @@ export class SplitQueue {
   flushUsed(): void {
     const newIdx = this.used;
     const old = this.publishedUsed;
-    this.usedView.setUint16(this.usedOff + 2, newIdx, true);
+    this.usedView.setUint16(2, newIdx, true);
     this.publishedUsed = newIdx;
     // More than 65535 elements since the last notify check: the u16 window no longer says
     // whether used_event was crossed, so notify unconditionally next time.
@@ -349,10 +348,10 @@ export class SplitQueue {
     if (valid && newIdx === old) return false;
     fullFence(); // used->idx store must be visible before we read the driver's suppression state
     if (!this.eventIdx) {
-      return (this.availView.getUint16(this.availOff, true) & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
+      return (this.availView.getUint16(0, true) & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
     }
     if (!valid) return true;
-    const usedEvent = this.availView.getUint16(this.availOff + 4 + 2 * this.size, true);
+    const usedEvent = this.availView.getUint16(4 + 2 * this.size, true);
     return vringNeedEvent(usedEvent, newIdx, old);
   }
 
@@ -366,9 +365,9 @@ export class SplitQueue {
    */
   setKickNotification(enabled: boolean): void {
     if (this.eventIdx) {
-      if (enabled) this.usedView.setUint16(this.usedOff + 4 + 8 * this.size, this.lastAvail, true);
+      if (enabled) this.usedView.setUint16(4 + 8 * this.size, this.lastAvail, true);
     } else {
-      this.usedView.setUint16(this.usedOff, enabled ? 0 : VIRTQ_USED_F_NO_NOTIFY, true);
+      this.usedView.setUint16(0, enabled ? 0 : VIRTQ_USED_F_NO_NOTIFY, true);
     }
     fullFence();
   }
