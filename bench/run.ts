@@ -1,52 +1,95 @@
-// `npm run bench [-- tap|offload|all] [--seconds N]`: throughput of vhost-xdp beside DPDK
+// `npm run bench [-- tap|xsk|offload|all] [--seconds N] [--rounds N] [--json]`: throughput of vhost-xdp beside DPDK
 // references measured in the same run (ratios matter, not absolute numbers: the machine is shared).
 import { loadavg } from 'node:os';
-import { measureDpdkTapReference, measureVhostXdpTap, measureDpdkAfXdpReference, measureVhostXdpXsk } from './reference-dpdk.js';
+import { measureDpdkTapReference, measureVhostXdpTap, measureDpdkAfXdpReference, measureVhostXdpXsk, type ReferenceResult } from './reference-dpdk.js';
 import { runOffloadBench } from './offload-bench.js';
 
 const args = process.argv.slice(2);
-const which = args.find((a) => !a.startsWith('--')) ?? 'all';
+const VALUED = new Set(['--seconds', '--rounds']);
+const which = args.find((a, i) => !a.startsWith('--') && !VALUED.has(args[i - 1] ?? '')) ?? 'all';
+if (!['tap', 'xsk', 'offload', 'all'].includes(which)) {
+  console.error(`unknown bench '${which}': tap, xsk, offload or all`);
+  process.exit(2);
+}
 const secIdx = args.indexOf('--seconds');
 const seconds = secIdx >= 0 ? Number(args[secIdx + 1]) : 5;
 const json = args.includes('--json');
+const roundsIdx = args.indexOf('--rounds');
+const rounds = roundsIdx >= 0 ? Number(args[roundsIdx + 1]) : 1;
+if (!Number.isInteger(rounds) || rounds < 1 || rounds > 20) {
+  console.error('--rounds takes an integer 1..20');
+  process.exit(2);
+}
+if (!Number.isFinite(seconds) || seconds <= 0) {
+  console.error('--seconds takes a positive number');
+  process.exit(2);
+}
 const results: Record<string, unknown> = { loadAvg1: loadavg()[0] };
 
 function line(label: string, value: string, ref = ''): void {
   if (!json) console.log(`  ${label.padEnd(44)}${value.padStart(14)}${ref ? `   ${ref}` : ''}`);
 }
 
+/** Median of a non-empty list. */
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+const ratio = (a: number, b: number) => (b > 0 ? `${(a / b).toFixed(2)}x DPDK` : 'n/a');
+
+/**
+ * Runs the DPDK reference and vhost-xdp alternately, `rounds` times: throughput here drifts
+ * with the other tenants of the machine, so each ratio compares two runs that sat side by side,
+ * and the median of several such ratios is what to read.
+ */
+async function interleaved(refRun: () => Promise<ReferenceResult>, oursRun: () => Promise<ReferenceResult>): Promise<{ refs: ReferenceResult[]; ours: ReferenceResult[] }> {
+  const refs: ReferenceResult[] = [];
+  const ours: ReferenceResult[] = [];
+  for (let r = 0; r < rounds; r++) {
+    refs.push(await refRun());
+    ours.push(await oursRun());
+  }
+  return { refs, ours };
+}
+
+/** One row per measurement: the median of each side and the median of the per-round ratios. */
+function compare(label: string, refLabel: string, pick: (r: ReferenceResult) => number | undefined, offered: (r: ReferenceResult) => number | undefined,
+                 runs: { refs: ReferenceResult[]; ours: ReferenceResult[] }, target = ''): Record<string, unknown> {
+  const ref = runs.refs.map((r) => pick(r) ?? 0);
+  const ours = runs.ours.map((r) => pick(r) ?? 0);
+  const ratios = ours.map((o, i) => (ref[i]! > 0 ? o / ref[i]! : 0));
+  const off = (rs: ReferenceResult[]) => {
+    const o = rs.map(offered).filter((x): x is number => x !== undefined);
+    return o.length ? ` (offered ${median(o).toFixed(3)})` : '';
+  };
+  line(refLabel, median(ref).toFixed(3), off(runs.refs).trim());
+  const each = rounds > 1 ? `; rounds ${ratios.map((x) => x.toFixed(2)).join(' ')}` : '';
+  line(label, median(ours).toFixed(3), `${median(ratios).toFixed(2)}x DPDK${target ? ` (target ${target})` : ''}${off(runs.ours)}${each}`);
+  return { dpdkMpps: ref, oursMpps: ours, ratios, medianRatio: median(ratios) };
+}
+
 if (which === 'tap' || which === 'all') {
-  if (!json) console.log('tap port, 64-byte frames, DPDK virtio-user as the guest (Mpps)');
-  const ref = await measureDpdkTapReference({ seconds });
-  results.dpdkTap = ref;
-  line('DPDK vhost PMD <-> tap PMD, guest->host', ref.guestToHostMpps.toFixed(3));
-  line('DPDK vhost PMD <-> tap PMD, host->guest', ref.hostToGuestMpps.toFixed(3), `(offered ${ref.details.hostToGuest.offeredMpps?.toFixed(3)})`);
-  const ours = await measureVhostXdpTap({ seconds });
-  results.vhostXdpTap = ours;
-  const ratio = (a: number, b: number) => (b > 0 ? `${(a / b).toFixed(2)}x DPDK` : 'n/a');
-  line('vhost-xdp serve --port tap, guest->host', ours.guestToHostMpps.toFixed(3), `${ratio(ours.guestToHostMpps, ref.guestToHostMpps)} (target 0.8x)`);
-  line('vhost-xdp serve --port tap, host->guest', ours.hostToGuestMpps.toFixed(3), `${ratio(ours.hostToGuestMpps, ref.hostToGuestMpps)} (offered ${ours.details.hostToGuest.offeredMpps?.toFixed(3)})`);
-  line('1-min load average at start (2 cores)', String(ref.details.loadAvg1));
+  if (!json) console.log(`tap port, 64-byte frames, DPDK virtio-user as the guest (Mpps${rounds > 1 ? `, median of ${rounds} interleaved rounds` : ''})`);
+  const runs = await interleaved(() => measureDpdkTapReference({ seconds }), () => measureVhostXdpTap({ seconds }));
+  results.dpdkTap = runs.refs;
+  results.vhostXdpTap = runs.ours;
+  results.tapGuestToHost = compare('vhost-xdp serve --port tap, guest->host', 'DPDK vhost PMD <-> tap PMD, guest->host', (r) => r.guestToHostMpps, () => undefined, runs, '0.8x');
+  results.tapHostToGuest = compare('vhost-xdp serve --port tap, host->guest', 'DPDK vhost PMD <-> tap PMD, host->guest', (r) => r.hostToGuestMpps, (r) => r.details.hostToGuest.offeredMpps, runs);
+  line('1-min load average at start (2 cores)', String(runs.refs[0]!.details.loadAvg1));
 }
 
 if (which === 'xsk' || which === 'all') {
-  if (!json) console.log('xsk port (AF_XDP over guest RAM), 64-byte frames, DPDK virtio-user as the guest (Mpps)');
-  const ref = await measureDpdkAfXdpReference({ seconds });
-  results.dpdkAfXdp = ref;
-  line('DPDK vhost PMD <-> af_xdp PMD (veth), guest->host', ref.guestToHostMpps.toFixed(3));
-  line('DPDK vhost PMD <-> af_xdp PMD (veth), host->guest', ref.hostToGuestMpps.toFixed(3), `(offered ${ref.details.hostToGuest.offeredMpps?.toFixed(3)})`);
-  const ours = await measureVhostXdpXsk({ seconds });
-  results.vhostXdpXsk = ours;
-  const ratio = (a: number, b: number) => (b > 0 ? `${(a / b).toFixed(2)}x DPDK` : 'n/a');
-  line('vhost-xdp serve --port xsk, guest->host', ours.guestToHostMpps.toFixed(3), `${ratio(ours.guestToHostMpps, ref.guestToHostMpps)} (target 1.0x)`);
-  line('vhost-xdp serve --port xsk, host->guest', ours.hostToGuestMpps.toFixed(3), `${ratio(ours.hostToGuestMpps, ref.hostToGuestMpps)} (offered ${ours.details.hostToGuest.offeredMpps?.toFixed(3)})`);
-  const refB = ref.details.hostToGuestFloodOnBackendCore;
-  const oursB = ours.details.hostToGuestFloodOnBackendCore;
-  if (refB && oursB) {
-    if (!json) console.log('  host->guest again with the flood on the backend\'s core instead of the guest\'s:');
-    line('DPDK vhost PMD <-> af_xdp PMD (veth), host->guest', refB.mpps.toFixed(3), `(offered ${refB.offeredMpps?.toFixed(3)})`);
-    line('vhost-xdp serve --port xsk, host->guest', oursB.mpps.toFixed(3), `${ratio(oursB.mpps, refB.mpps)} (offered ${oursB.offeredMpps?.toFixed(3)})`);
-  }
+  if (!json) console.log(`xsk port (AF_XDP over guest RAM), 64-byte frames, DPDK virtio-user as the guest (Mpps${rounds > 1 ? `, median of ${rounds} interleaved rounds` : ''})`);
+  const runs = await interleaved(() => measureDpdkAfXdpReference({ seconds }), () => measureVhostXdpXsk({ seconds }));
+  results.dpdkAfXdp = runs.refs;
+  results.vhostXdpXsk = runs.ours;
+  results.xskGuestToHost = compare('vhost-xdp serve --port xsk, guest->host', 'DPDK vhost PMD <-> af_xdp PMD (veth), guest->host', (r) => r.guestToHostMpps, () => undefined, runs, '1.0x');
+  results.xskHostToGuest = compare('vhost-xdp serve --port xsk, host->guest', 'DPDK vhost PMD <-> af_xdp PMD (veth), host->guest', (r) => r.hostToGuestMpps, (r) => r.details.hostToGuest.offeredMpps, runs);
+  if (!json) console.log('  host->guest again with the flood on the backend\'s core instead of the guest\'s:');
+  results.xskHostToGuestFloodOnBackendCore = compare('vhost-xdp serve --port xsk, host->guest', 'DPDK vhost PMD <-> af_xdp PMD (veth), host->guest',
+    (r) => r.details.hostToGuestFloodOnBackendCore?.mpps, (r) => r.details.hostToGuestFloodOnBackendCore?.offeredMpps, runs);
 }
 
 /** When the drop side kept up with everything offered, the generator was the limit: say so. */
