@@ -1,14 +1,20 @@
 // A real QEMU guest on `serve --port xsk:IF --offload`: its frames go through AF_XDP over its own
 // RAM. The guest runs the stock virtio_net on 2 vCPUs, so it uses the reserved offload pair for
 // data too (one pair per vCPU): that pair has no AF_XDP socket and its frames must still arrive.
+// The last test swaps in the offload-aware driver, which claims the pair and offloads a program
+// that then runs natively on the backend's veth end.
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import path from 'node:path';
 import { startBackend, tempDir, type Backend } from '../harness/backend.js';
-import { addAddress, freeTestSubnet, run as runHost, uniqueIfName, deleteLink } from '../harness/netdev.js';
+import { addAddress, freeTestSubnet, run as runHost, uniqueIfName, deleteLink, vethXdpCounters } from '../harness/netdev.js';
+import { waitUntil } from '../harness/processes.js';
+import { defaultPeerName } from '../../src/ports/xsk.js';
 import { GuestVm } from './guest-vm.js';
 import { sendRandom, TcpSink } from './host-endpoint.js';
 
 const MAC = '52:54:00:5a:17:09';
+/** The offload-aware driver in the image (vm-images/build.sh). */
+const GUEST_KO = '/lib/vxdp/virtio_net_offload.ko';
 const net = freeTestSubnet(18);
 
 async function sh(vm: GuestVm, cmd: string, timeoutMs = 30_000): Promise<string> {
@@ -17,8 +23,9 @@ async function sh(vm: GuestVm, cmd: string, timeoutMs = 30_000): Promise<string>
   return r.output;
 }
 
-describe('a stock QEMU guest (2 vCPUs) on the xsk port with --offload (AF_XDP over guest RAM)', () => {
+describe('a QEMU guest (2 vCPUs) on the xsk port with --offload (AF_XDP over guest RAM): stock driver, then the offload-aware one', () => {
   const ifname = uniqueIfName('vxg');
+  const peer = defaultPeerName(ifname);
   const dir = tempDir('xskguest');
   const socket = path.join(dir, 'vhost.sock');
   let be: Backend | undefined;
@@ -93,4 +100,25 @@ describe('a stock QEMU guest (2 vCPUs) on the xsk port with --offload (AF_XDP ov
     // writev from guest buffers on the reserved pair: no copy in JavaScript there either.
     expect(after.reduce((n, p) => n + p.jsCopies, 0) - before.reduce((n, p) => n + p.jsCopies, 0)).toBe(0);
   }, 240_000);
+
+  test('the offload-aware driver (swapped in) offloads xdp_drop.o: host frames die in the kernel at the veth, the backend never sees them; off restores delivery', async () => {
+    await sh(vm!, `rmmod virtio_net && modprobe net_failover && insmod ${GUEST_KO}`, 30_000);
+    await waitUntil(async () => (await be!.call('status')).devices[0].offload.claimed, 20_000, 'the driver claims the reserved pair');
+    await sh(vm!, `ip addr add ${net.guest}/24 dev eth0 && ip link set eth0 up`);
+    await sh(vm!, `ping -c 2 -w 15 ${net.host}`, 30_000);
+    await sh(vm!, 'ip link set dev eth0 xdpoffload obj /bpf/xdp_drop.o sec xdp 2>&1', 30_000);
+    const rx0 = (await be!.call('stats', { name: 'xskg' }))[0].total.rxPackets as number;
+    const drops0 = vethXdpCounters(peer).xdp_drops ?? 0;
+    expect(hostPing(net.guest, 5)).toBe(0);
+    expect((vethXdpCounters(peer).xdp_drops ?? 0) - drops0).toBeGreaterThanOrEqual(5);
+    expect((await be!.call('stats', { name: 'xskg' }))[0].total.rxPackets).toBe(rx0);
+    await sh(vm!, 'ip link set dev eth0 xdpoffload off');
+    expect(hostPing(net.guest, 3)).toBe(3);
+  }, 120_000);
 });
+
+/** Host pings the guest; returns how many replies came back. */
+function hostPing(addr: string, count: number): number {
+  const out = runHost(['ping', '-c', String(count), '-i', '0.2', '-w', '5', addr], { allowFail: true, timeoutMs: 15_000 });
+  return Number(/(\d+) received/.exec(out)?.[1] ?? 0);
+}
