@@ -2,8 +2,8 @@ import { raw, SysError, lastErrno, Errno } from '../sys/libc.js';
 import type { HostQueue } from './port.js';
 
 /**
- * A host queue behind one fd that takes a frame per readv/writev, vnet header first (a tap
- * queue, a packet socket with a vnet header): the iovecs point straight into guest buffers.
+ * A host queue behind one fd that takes a frame per readv/writev (a tap queue, vnet header
+ * first; a packet socket): the iovecs point straight into guest buffers.
  */
 export class FdQueue implements HostQueue {
   constructor(readonly fd: number, private readonly what: string) {}

@@ -1,4 +1,5 @@
-import { raw, NativeBuffer, check, closeFd, SysError, lastErrno, Errno } from '../sys/libc.js';
+import { raw, NativeBuffer, check, closeFd, SysError, Errno } from '../sys/libc.js';
+import { readU64, writeU64 } from '../sys/u64.js';
 import { FdQueue } from './fd-queue.js';
 
 const AF_PACKET = 17;
@@ -6,45 +7,49 @@ const SOCK_RAW = 3;
 const SOCK_NONBLOCK = 0o4000;
 const SOCK_CLOEXEC = 0o2000000;
 const SOL_PACKET = 263;
-const PACKET_VNET_HDR = 15;
 const PACKET_QDISC_BYPASS = 20;
-/** Linux 6.2+: a vnet header of a chosen size (12 = virtio_net_hdr_mrg_rxbuf, as the guest writes it). */
-const PACKET_VNET_HDR_SZ = 24;
 const SLL_SIZE = 20;
+/** Most iovecs one frame arrives in (the TX path's limit, the kernel's IOV_MAX). */
+const MAX_IOV = 1024;
 
 /** What a worker needs to open a packet queue (plain data: posted to workers). */
 export interface PacketQueueConfig {
   kind: 'packet';
   ifname: string;
   ifindex: number;
-  /** The guest's vnet header length (10 or 12): the socket consumes it on every frame. */
+  /** The guest's vnet header length: skipped, the frame after it is sent. */
   headerLength: number;
 }
 
 /**
  * A transmit-only host queue: an AF_PACKET socket bound to one interface, frames written from
- * guest buffers (vnet header first, which the kernel checks as a tap does). Created with
- * protocol 0, it is never hooked into receive, so it is never readable and holds no frames.
+ * guest buffers. Created with protocol 0, it is never hooked into receive, so it is never
+ * readable and holds no frames.
  *
  * It carries the xsk port's reserved pair, which has no AF_XDP socket: a stock multi-queue
- * guest sends data there, and those frames must still reach the host.
+ * guest sends data there, and those frames must still reach the host. Its frames are plain
+ * (an xsk device offers no checksum or segmentation offload, and the TX path refuses headers
+ * that ask for them), so the vnet header is skipped rather than handed to the kernel: no
+ * PACKET_VNET_HDR_SZ, which needs Linux 6.2 for the 12-byte header.
  */
 export class PacketQueue extends FdQueue {
+  /** The caller's iovecs, copied and moved past the header (theirs stay as they were). */
+  private readonly iov = new NativeBuffer(MAX_IOV * 16);
+
+  private constructor(fd: number, what: string, private readonly headerLength: number) {
+    super(fd, what);
+  }
+
   static open(cfg: PacketQueueConfig): PacketQueue {
-    if (cfg.headerLength !== 10 && cfg.headerLength !== 12) {
+    if (!Number.isInteger(cfg.headerLength) || cfg.headerLength < 0 || cfg.headerLength > 64) {
       throw new SysError('packet queue', Errno.EINVAL, `vnet header length ${cfg.headerLength}`);
     }
     const fd = check(raw.socket(AF_PACKET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), 'socket(AF_PACKET)');
     const b = new NativeBuffer(4096);
     try {
-      const setInt = (opt: number, value: number, what: string) => {
-        b.view.setInt32(0, value, true);
-        if (raw.setsockopt(fd, SOL_PACKET, opt, b.address, 4) < 0) throw new SysError(`setsockopt(${what})`, lastErrno(), cfg.ifname);
-      };
-      if (cfg.headerLength === 10) setInt(PACKET_VNET_HDR, 1, 'PACKET_VNET_HDR');
-      else setInt(PACKET_VNET_HDR_SZ, 12, 'PACKET_VNET_HDR_SZ');
       // Like an AF_XDP socket: straight to the driver, no qdisc in between.
-      setInt(PACKET_QDISC_BYPASS, 1, 'PACKET_QDISC_BYPASS');
+      b.view.setInt32(0, 1, true);
+      check(raw.setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, b.address, 4), 'setsockopt(PACKET_QDISC_BYPASS)', cfg.ifname);
       b.bytes.fill(0, 0, SLL_SIZE);
       b.view.setUint16(0, AF_PACKET, true);
       b.view.setInt32(4, cfg.ifindex, true);
@@ -55,10 +60,33 @@ export class PacketQueue extends FdQueue {
     } finally {
       b.free();
     }
-    return new PacketQueue(fd, `AF_PACKET ${cfg.ifname}`);
+    return new PacketQueue(fd, `AF_PACKET ${cfg.ifname}`, cfg.headerLength);
+  }
+
+  override transmit(iovAddress: number, iovCount: number): number {
+    if (!(iovCount > 0 && iovCount <= MAX_IOV)) return -1;
+    raw.memcpy(this.iov.address, iovAddress, iovCount * 16);
+    const v = this.iov.view;
+    let skip = this.headerLength;
+    let first = 0;
+    while (skip > 0 && first < iovCount) {
+      const len = readU64(v, first * 16 + 8);
+      if (len <= skip) {
+        skip -= len;
+        first++;
+      } else {
+        writeU64(v, first * 16, readU64(v, first * 16) + skip);
+        writeU64(v, first * 16 + 8, len - skip);
+        skip = 0;
+      }
+    }
+    // Nothing past the header: not a frame (the TX path counts those before they get here).
+    if (first >= iovCount) return -1;
+    return super.transmit(this.iov.address + first * 16, iovCount - first);
   }
 
   close(): void {
     closeFd(this.fd);
+    this.iov.free();
   }
 }
