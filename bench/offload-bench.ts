@@ -21,11 +21,18 @@ export interface OffloadBenchResult {
   singleLookupsPerSec: number;
   batchedElementOpsPerSec: number;
   batchSize: number;
-  hostToGuest: { deliveredPps: number; offloadDropPps: number; ratio: number; offeredPps: { delivered: number; dropped: number } };
+  hostToGuest: {
+    deliveredPps: number; offloadDropPps: number; ratio: number; offeredPps: { delivered: number; dropped: number };
+    /**
+     * xsk only: the drop rate with a second generator on the backend's core, which idles while
+     * every frame dies in the kernel: the drop path's capacity, as far as two cores can offer.
+     */
+    dropCapacity?: { pps: number; offeredPps: number; ratioToDelivered: number };
+  };
   pinning: string;
 }
 
-const PINNING = 'backend (all threads): taskset -c 1; TS frontend (this process) and the generator (trafgen on tap, the live-frames XDP flood on xsk): core 0';
+const PINNING = 'backend (all threads): taskset -c 1; TS frontend (this process) and the generator (trafgen on tap, the live-frames XDP flood on xsk): core 0; xsk drop capacity: a second flood on core 1';
 
 async function rate(seconds: number, op: () => Promise<number>): Promise<number> {
   const end = Date.now() + seconds * 1000;
@@ -44,6 +51,7 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
   let be: ManagedProcess | null = null;
   let gen: ManagedProcess | null = null;
   let flood: XdpFlood | null = null;
+  let flood2: XdpFlood | null = null;
   let idle: Epoll | null = null;
   let fe: TestFrontend | null = null;
   try {
@@ -122,6 +130,14 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
     await offloadSample(oc, 'xdp_drop');
     await sleep(500);
     const dropped = await window('xdpDrop');
+    let capacity: { pps: number; offered: number } | null = null;
+    if (kind === 'xsk') {
+      flood2 = await XdpFlood.start(tap, frame, 1);
+      await sleep(500);
+      capacity = await window('xdpDrop');
+      await flood2.stop();
+      flood2 = null;
+    }
     requireOk(await oc.call(encodeProgUnset(oc.nextSeq())));
     return {
       singleUpdatesPerSec: Math.round(singleUpdatesPerSec), singleLookupsPerSec: Math.round(singleLookupsPerSec),
@@ -130,12 +146,17 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
         deliveredPps: Math.round(delivered.pps), offloadDropPps: Math.round(dropped.pps),
         ratio: Math.round((dropped.pps / Math.max(1, delivered.pps)) * 100) / 100,
         offeredPps: { delivered: Math.round(delivered.offered), dropped: Math.round(dropped.offered) },
+        ...(capacity ? { dropCapacity: {
+          pps: Math.round(capacity.pps), offeredPps: Math.round(capacity.offered),
+          ratioToDelivered: Math.round((capacity.pps / Math.max(1, delivered.pps)) * 100) / 100,
+        } } : {}),
       },
       pinning: PINNING,
     };
   } finally {
     await gen?.stop('SIGINT', 3000);
     await flood?.stop();
+    await flood2?.stop();
     idle?.close();
     fe?.close();
     await be?.stop('SIGTERM', 5000);

@@ -114,6 +114,13 @@ if (which === 'offload' || which === 'all') {
   line('host->guest delivered without offload (pps)', String(x.hostToGuest.deliveredPps), `(offered ${x.hostToGuest.offeredPps.delivered})`);
   line('host->guest dropped in the kernel by XDP_DROP (pps)', String(x.hostToGuest.offloadDropPps), `(offered ${x.hostToGuest.offeredPps.dropped})`);
   line('offload effect (drop rate / delivery rate)', `${x.hostToGuest.ratio}x`, `target >= 10x${generatorBound(x)}`);
+  const cap = x.hostToGuest.dropCapacity;
+  if (cap) {
+    if (!json) console.log('  the drop path\'s capacity: a second generator on the backend\'s core, idle while frames die in the kernel:');
+    const bound = cap.pps >= 0.99 * cap.offeredPps ? '; still every offered frame: a lower bound' : '';
+    line('host->guest dropped in the kernel (pps)', String(cap.pps), `(offered ${cap.offeredPps})`);
+    line('drop capacity / delivery rate', `${cap.ratioToDelivered}x`, `not the same flood: the delivery window had one generator${bound}`);
+  }
 }
 
 if (json) console.log(JSON.stringify(results, null, 2));
