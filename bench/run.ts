@@ -6,6 +6,11 @@ import { runOffloadBench } from './offload-bench.js';
 
 const args = process.argv.slice(2);
 const VALUED = new Set(['--seconds', '--rounds']);
+const unknownFlag = args.find((a) => a.startsWith('--') && !VALUED.has(a) && a !== '--json');
+if (unknownFlag) {
+  console.error(`unknown option ${unknownFlag}: --seconds N, --rounds N, --json`);
+  process.exit(2);
+}
 const which = args.find((a, i) => !a.startsWith('--') && !VALUED.has(args[i - 1] ?? '')) ?? 'all';
 if (!['tap', 'xsk', 'offload', 'all'].includes(which)) {
   console.error(`unknown bench '${which}': tap, xsk, offload or all`);
@@ -37,8 +42,6 @@ function median(xs: number[]): number {
   return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }
 
-const ratio = (a: number, b: number) => (b > 0 ? `${(a / b).toFixed(2)}x DPDK` : 'n/a');
-
 /**
  * Runs the DPDK reference and vhost-xdp alternately, `rounds` times: throughput here drifts
  * with the other tenants of the machine, so each ratio compares two runs that sat side by side,
@@ -56,10 +59,16 @@ async function interleaved(refRun: () => Promise<ReferenceResult>, oursRun: () =
 
 /** One row per measurement: the median of each side and the median of the per-round ratios. */
 function compare(label: string, refLabel: string, pick: (r: ReferenceResult) => number | undefined, offered: (r: ReferenceResult) => number | undefined,
-                 runs: { refs: ReferenceResult[]; ours: ReferenceResult[] }, target = ''): Record<string, unknown> {
-  const ref = runs.refs.map((r) => pick(r) ?? 0);
-  const ours = runs.ours.map((r) => pick(r) ?? 0);
-  const ratios = ours.map((o, i) => (ref[i]! > 0 ? o / ref[i]! : 0));
+                 runs: { refs: ReferenceResult[]; ours: ReferenceResult[] }, target = ''): Record<string, unknown> | null {
+  // Rounds where either side has no figure do not count (a ratio against nothing means nothing).
+  const kept = runs.refs.map((r, i) => [pick(r), pick(runs.ours[i]!)] as const).filter(([a, b]) => a !== undefined && b !== undefined && a > 0);
+  if (kept.length === 0) {
+    line(label, 'n/a', 'no measurement in any round');
+    return null;
+  }
+  const ref = kept.map(([a]) => a!);
+  const ours = kept.map(([, b]) => b!);
+  const ratios = ours.map((o, i) => o / ref[i]!);
   const off = (rs: ReferenceResult[]) => {
     const o = rs.map(offered).filter((x): x is number => x !== undefined);
     return o.length ? ` (offered ${median(o).toFixed(3)})` : '';
@@ -95,7 +104,7 @@ if (which === 'xsk' || which === 'all') {
 /** When the drop side kept up with everything offered, the generator was the limit: say so. */
 function generatorBound(r: Awaited<ReturnType<typeof runOffloadBench>>): string {
   const h = r.hostToGuest;
-  return h.offloadDropPps >= 0.99 * h.offeredPps.dropped ? '; every offered frame was dropped: the generator is the limit, the ratio a lower bound' : '';
+  return h.offeredPps.dropped > 0 && h.offloadDropPps >= 0.99 * h.offeredPps.dropped ? '; every offered frame was dropped: the generator is the limit, the ratio a lower bound' : '';
 }
 
 if (which === 'offload' || which === 'all') {
@@ -117,7 +126,7 @@ if (which === 'offload' || which === 'all') {
   const cap = x.hostToGuest.dropCapacity;
   if (cap) {
     if (!json) console.log('  the drop path\'s capacity: a second generator on the backend\'s core, idle while frames die in the kernel:');
-    const bound = cap.pps >= 0.99 * cap.offeredPps ? '; still every offered frame: a lower bound' : '';
+    const bound = cap.offeredPps > 0 && cap.pps >= 0.99 * cap.offeredPps ? '; still every offered frame: a lower bound' : '';
     line('host->guest dropped in the kernel (pps)', String(cap.pps), `(offered ${cap.offeredPps})`);
     line('drop capacity / delivery rate', `${cap.ratioToDelivered}x`, `not the same flood: the delivery window had one generator${bound}`);
   }

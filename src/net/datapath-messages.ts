@@ -14,15 +14,20 @@ export interface OffloadInit {
 export type OffloadMethod = 'show' | 'quotas' | 'setQuotas' | 'detach' | 'reset';
 
 /** How frames are laid out for this device (from the acked features). */
+/** Header requests a driver may make, by the features it acked (FrameFormat.txOffloads). */
+export const TX_CSUM = 1; // VIRTIO_NET_F_CSUM
+export const TX_TSO4 = 2; // VIRTIO_NET_F_HOST_TSO4
+export const TX_TSO6 = 4; // VIRTIO_NET_F_HOST_TSO6
+export const TX_ECN = 8; // VIRTIO_NET_F_HOST_ECN
+
 export interface FrameFormat {
   eventIdx: boolean;
   headerLength: number;
   mergeable: boolean;
   /** Largest frame the host may hand us, header included: decides how many RX buffers to stash. */
   maxFrame: number;
-  /** Guest TX headers may ask for a checksum (CSUM) / segmentation (HOST_TSO4/6). */
-  txCsum: boolean;
-  txGso: boolean;
+  /** What guest TX headers may ask for: TX_CSUM | TX_TSO4 | TX_TSO6 | TX_ECN (queue-paths.ts). */
+  txOffloads: number;
 }
 
 export type DatapathRequest =

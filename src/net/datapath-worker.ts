@@ -30,7 +30,7 @@ const TOKEN_KICK = 2 << 16;
 const TOKEN_HOST = 3 << 16;
 
 let memory: GuestMemory | null = null;
-let format: FrameFormat = { eventIdx: false, headerLength: 12, mergeable: false, maxFrame: 1518 + 12, txCsum: false, txGso: false };
+let format: FrameFormat = { eventIdx: false, headerLength: 12, mergeable: false, maxFrame: 1518 + 12, txOffloads: 0 };
 const hosts = new Map<number, HostQueue>();
 // Tap queues use the iovec paths; AF_XDP queues the ring paths (same process() contract).
 interface Running { cfg: VringConfig; rx?: RxPath | XskRxPath; tx?: TxPath | XskTxPath; }
@@ -205,8 +205,7 @@ function start(cfg: VringConfig): void {
   } else {
     const tx = new TxPath(q, cfg.index, cfg.callFd, context(pair), host, format.headerLength, memory);
     tx.offload = offloadPairs.get(pair) ?? null;
-    tx.csum = format.txCsum;
-    tx.gso = format.txGso;
+    tx.offloads = format.txOffloads;
     run.tx = tx;
   }
   epoll.add(cfg.kickFd, EPOLLIN, TOKEN_KICK | cfg.index);
@@ -237,22 +236,34 @@ function setMemory(next: GuestMemory | null): void {
   memory = next;
 }
 
+/** Forgets a pair's host queue; it is closed even when epoll no longer holds its fd. */
+function closeHost(pair: number): void {
+  const old = hosts.get(pair);
+  if (!old) return;
+  hosts.delete(pair);
+  try {
+    epoll.remove(old.fd);
+  } finally {
+    old.close?.();
+  }
+}
+
 function handle(req: DatapathRequest): number {
   switch (req.op) {
     case 'memory':
       setMemory(req.regions.length > 0 ? new GuestMemory(req.regions) : null);
       return 0;
     case 'host': {
-      const old = hosts.get(req.pair);
-      if (old) {
-        epoll.remove(old.fd);
-        old.close?.();
-      }
-      hosts.delete(req.pair);
+      closeHost(req.pair);
       if (req.cfg) {
         const h = openHostQueue(req.cfg);
+        try {
+          epoll.add(h.fd, vrings.has(req.pair * 2) ? EPOLLIN : 0, TOKEN_HOST | req.pair);
+        } catch (e) {
+          h.close?.();
+          throw e;
+        }
         hosts.set(req.pair, h);
-        epoll.add(h.fd, vrings.has(req.pair * 2) ? EPOLLIN : 0, TOKEN_HOST | req.pair);
       }
       return 0;
     }
@@ -290,6 +301,8 @@ function handle(req: DatapathRequest): number {
       broker?.close();
       broker = null;
       for (const i of [...vrings.keys()]) stop(i);
+      // Queues the worker opened itself (a packet socket) are its to close.
+      for (const pair of [...hosts.keys()]) closeHost(pair);
       exiting = true;
       return 0;
   }

@@ -8,7 +8,7 @@ import { DeviceStats } from './stats.js';
 import { DatapathThread } from './datapath-thread.js';
 import type { OffloadProgram, OffloadShow } from '../offload/broker.js';
 import type { Quotas, QuotaUsage } from '../offload/quotas.js';
-import type { OffloadInit } from './datapath-messages.js';
+import { TX_CSUM, TX_TSO4, TX_TSO6, TX_ECN, type OffloadInit } from './datapath-messages.js';
 import { progGetFdById } from '../sys/libbpf.js';
 import type { FrameFormat } from './datapath-messages.js';
 import type { XskOffloadTarget } from '../ports/xsk.js';
@@ -159,8 +159,8 @@ export class NetDevice implements VhostUserBackend {
       headerLength,
       mergeable: hasBit(f, F.MRG_RXBUF),
       maxFrame: headerLength + (gso ? MAX_GSO_FRAME : ETH_HLEN + VLAN_HLEN + this.mtu),
-      txCsum: hasBit(f, F.CSUM),
-      txGso: hasBit(f, F.HOST_TSO4) || hasBit(f, F.HOST_TSO6),
+      txOffloads: (hasBit(f, F.CSUM) ? TX_CSUM : 0) | (hasBit(f, F.HOST_TSO4) ? TX_TSO4 : 0)
+        | (hasBit(f, F.HOST_TSO6) ? TX_TSO6 : 0) | (hasBit(f, F.HOST_ECN) ? TX_ECN : 0),
     };
   }
 

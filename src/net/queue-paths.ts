@@ -7,6 +7,7 @@ import type { GuestMemory } from '../vhost-user/guest-memory.js';
 import type { HostQueue } from '../ports/port.js';
 import { C, COUNTERS } from './stats.js';
 import { TestRunner, XDP_DROP, XDP_PASS, XDP_TX } from '../sys/libbpf.js';
+import { TX_CSUM, TX_TSO4, TX_TSO6, TX_ECN } from './datapath-messages.js';
 
 /** Offload frames: zero MACs and the IEEE local-experimental EtherType (docs/offload-protocol.md). */
 export const OFFLOAD_ETHERTYPE = 0x88b5;
@@ -45,6 +46,9 @@ export function copyFromChain(ch: DescriptorChain, mem: GuestMemory, from: numbe
 
 const VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
 const VIRTIO_NET_HDR_GSO_NONE = 0;
+const VIRTIO_NET_HDR_GSO_TCPV4 = 1;
+const VIRTIO_NET_HDR_GSO_TCPV6 = 4;
+const VIRTIO_NET_HDR_GSO_ECN = 0x80;
 
 /** The vnet header's flags (low byte) and gso_type (high byte) of a TX chain (0 without a header). */
 export function headerRequests(ch: DescriptorChain, mem: GuestMemory, headerLength: number): number {
@@ -57,11 +61,20 @@ export function headerRequests(ch: DescriptorChain, mem: GuestMemory, headerLeng
 }
 
 /**
- * True when a header asks the device for work the driver did not negotiate: a checksum without
- * VIRTIO_NET_F_CSUM, segmentation without HOST_TSO4/6 (the spec forbids both).
+ * True when a header asks the device for work the driver did not negotiate (the spec forbids
+ * it): a checksum without CSUM, TCPv4/v6 segmentation without HOST_TSO4/6, ECN without
+ * HOST_ECN, and UDP segmentation (UFO, USO), which is never offered. Flag bits other than
+ * NEEDS_CSUM are ignored, as the device must.
  */
-export function unnegotiatedRequest(req: number, csum: boolean, gso: boolean): boolean {
-  return (!csum && (req & VIRTIO_NET_HDR_F_NEEDS_CSUM) !== 0) || (!gso && ((req >> 8) & 0xff) !== VIRTIO_NET_HDR_GSO_NONE);
+export function unnegotiatedRequest(req: number, allowed: number): boolean {
+  if ((req & VIRTIO_NET_HDR_F_NEEDS_CSUM) !== 0 && (allowed & TX_CSUM) === 0) return true;
+  const gso = (req >> 8) & 0xff;
+  if ((gso & VIRTIO_NET_HDR_GSO_ECN) !== 0 && (allowed & TX_ECN) === 0) return true;
+  const type = gso & ~VIRTIO_NET_HDR_GSO_ECN;
+  if (type === VIRTIO_NET_HDR_GSO_NONE) return false;
+  if (type === VIRTIO_NET_HDR_GSO_TCPV4) return (allowed & TX_TSO4) === 0;
+  if (type === VIRTIO_NET_HDR_GSO_TCPV6) return (allowed & TX_TSO6) === 0;
+  return true;
 }
 
 /** Kernel limit on iovecs per readv/writev. */
@@ -115,9 +128,8 @@ export class TxPath extends QueuePath {
   private readonly eth = new Uint8Array(ETH_HLEN);
   /** Set on the reserved pair of an offload device. */
   offload: OffloadLink | null = null;
-  /** Header requests the driver negotiated (CSUM; HOST_TSO4/6); frames asking for more are refused. */
-  csum = true;
-  gso = true;
+  /** Header requests the driver negotiated (TX_CSUM | TX_TSO4 | ...); frames asking for more are refused. */
+  offloads = TX_CSUM | TX_TSO4 | TX_TSO6 | TX_ECN;
 
   constructor(queue: SplitQueue, index: number, callFd: number, ctx: PathContext, private readonly host: HostQueue,
               private readonly headerLength: number, private readonly mem: GuestMemory) {
@@ -167,9 +179,10 @@ export class TxPath extends QueuePath {
             iov.setUint32(cnt * 16 + 12, 0, true);
             cnt++;
           }
-          if (ch.readableBytes <= this.headerLength || ch.writableBytes > 0 && ch.readableCount === 0) {
+          if (ch.readableBytes < this.headerLength + ETH_HLEN || ch.writableBytes > 0 && ch.readableCount === 0) {
+            // No room for an Ethernet header after the vnet header: not a frame.
             this.count(C.txErrors);
-          } else if (!(this.csum && this.gso) && unnegotiatedRequest(headerRequests(ch, this.mem, this.headerLength), this.csum, this.gso)) {
+          } else if (unnegotiatedRequest(headerRequests(ch, this.mem, this.headerLength), this.offloads)) {
             this.count(C.txErrors);
           } else if (this.offload && this.offloadFrame(ch)) {
             // consumed by the broker link (or dropped on a claimed pair)

@@ -1,5 +1,5 @@
 import koffi from 'koffi';
-import { FillRing, CompletionRing, RxRing, TxRing, kickTx, unalignedBase } from '../sys/xsk.js';
+import { FillRing, CompletionRing, RxRing, TxRing, kickTx } from '../sys/xsk.js';
 import { SplitQueue } from '../virtio/split-queue.js';
 import { DescriptorChain } from '../virtio/descriptor-chain.js';
 import type { GuestMemory } from '../vhost-user/guest-memory.js';
@@ -11,13 +11,6 @@ import { C, COUNTERS } from './stats.js';
 /** Bounce chains keep at most this many segments (a frame is at most one chunk). */
 const MAX_BOUNCE_SEGS = 8;
 const ETH_HLEN = 14;
-/**
- * The kernel (6.18, copy mode, unaligned chunks) reports RX addresses a few bytes off the fill
- * address (rounded to 16 bytes, data offset unchanged), though it writes the frame exactly at
- * fill address + frameOffset. Descriptors are matched to fills in order; this is how far the
- * reported address may stray before we call it a mismatch.
- */
-const RX_ADDR_SLACK = 64;
 
 /**
  * The worker side of one pair's AF_XDP socket: the four rings over the mappings the port owns
@@ -200,15 +193,16 @@ export class XskRxPath extends XskPath {
   }
 
   /** Delivers one received frame to the oldest outstanding chain. */
-  private deliver(rawAddr: number, len: number): void {
+  private deliver(base: number, offset: number, len: number): void {
     const q = this.queue;
     const slot = this.head & this.mask;
     this.head++;
     const headIdx = this.oHead16[slot]!;
     const hdr = this.headerLength;
     const u = this.xq.cfg.umem;
-    const base = unalignedBase(rawAddr);
-    if (Math.abs(base - this.oAddr[slot]!) >= RX_ADDR_SLACK || len < ETH_HLEN || len > u.maxFrame) {
+    // In order: the kernel takes fill entries in the order we posted them, and copy mode puts
+    // every frame at the same offset (the frame is copied, whatever the program did to its head).
+    if (base !== this.oAddr[slot]! || offset !== u.frameOffset || len < ETH_HLEN || len > u.maxFrame) {
       // Not the buffer we expected: we cannot tell where the frame went. Give the chain back empty.
       this.count(C.rxErrors);
       q.pushUsed(headIdx, 0);
@@ -280,7 +274,7 @@ export class XskRxPath extends XskPath {
       const first = rx.nextIndex;
       for (let i = 0; i < n; i++) {
         const idx = (first + i) >>> 0;
-        this.deliver(rx.addr(idx), rx.len(idx));
+        this.deliver(rx.base(idx), rx.offset(idx), rx.len(idx));
       }
       if (n > 0) rx.release(n);
       delivered = n;
@@ -427,6 +421,7 @@ export class XskTxPath extends XskPath {
       if (suppressKicks) q.setKickNotification(false);
       for (;;) {
         let posted = 0;
+        let postedBytes = 0;
         // Slots both in our in-flight table and in the TX ring.
         const room = Math.min(budget - done, this.cap - (this.tail - this.head), tx.free(budget - done));
         while (done < budget && posted < room && q.pop(ch)) {
@@ -438,7 +433,7 @@ export class XskTxPath extends XskPath {
             continue;
           }
           // AF_XDP carries plain frames: no checksum or segmentation can be done for the guest.
-          if (unnegotiatedRequest(headerRequests(ch, this.mem, hdr), false, false)) {
+          if (unnegotiatedRequest(headerRequests(ch, this.mem, hdr), 0)) {
             this.count(C.txErrors);
             q.pushUsed(ch.head, 0);
             continue;
@@ -474,11 +469,13 @@ export class XskTxPath extends XskPath {
           this.tail++;
           tx.push(addr, frameLen);
           posted++;
-          bytes += frameLen;
+          postedBytes += frameLen;
         }
         if (posted > 0) {
           tx.submit();
+          // Counted once the kernel can see them (a broken ring mid-burst submits nothing).
           packets += posted;
+          bytes += postedBytes;
           this.kick(posted);
         }
         this.reap();

@@ -217,9 +217,18 @@ export class CompletionRing extends ConsumerRing {
 /** RX ring: struct xdp_desc { u64 addr; u32 len; u32 options }. */
 export class RxRing extends ConsumerRing {
   constructor(layout: RingLayout) { super(layout, 16); }
-  /** Raw address (in unaligned mode: chunk base | data offset << 48). */
-  addr(index: number): number {
-    return readU64(this.view, this.descOffset + 16 * (index & this.mask));
+  /**
+   * The buffer's base address. In unaligned mode the kernel reports base | data offset << 48,
+   * which as one double would lose the low bits of the base (offsets >= 256 put the value above
+   * 2^56): the two are read apart.
+   */
+  base(index: number): number {
+    const o = this.descOffset + 16 * (index & this.mask);
+    return this.view.getUint32(o, true) + (this.view.getUint32(o + 4, true) & 0xffff) * 4294967296;
+  }
+  /** The data offset of an unaligned-mode address (bits 48..63). */
+  offset(index: number): number {
+    return this.view.getUint32(this.descOffset + 16 * (index & this.mask) + 4, true) >>> 16;
   }
   len(index: number): number {
     return this.view.getUint32(this.descOffset + 16 * (index & this.mask) + 8, true);
@@ -242,13 +251,6 @@ export class TxRing extends ProducerRing {
   }
 }
 
-/** Splits an unaligned-mode RX address into chunk base and data offset. */
-export function unalignedBase(addr: number): number {
-  return addr % 2 ** XSK_UNALIGNED_BUF_OFFSET_SHIFT;
-}
-export function unalignedOffset(addr: number): number {
-  return Math.floor(addr / 2 ** XSK_UNALIGNED_BUF_OFFSET_SHIFT);
-}
 
 export interface UmemRegistration {
   address: number;

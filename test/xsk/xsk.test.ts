@@ -4,7 +4,7 @@ import { spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GuestMemory, type RegionInfo } from '../../src/vhost-user/guest-memory.js';
 import { SharedMapping, closeFd, memfdCreate } from '../../src/sys/libc.js';
-import { pollReadable } from '../../src/sys/xsk.js';
+import { pollReadable, kickTx } from '../../src/sys/xsk.js';
 import { readU64, writeU64 } from '../../src/sys/u64.js';
 import { listMapIds, listProgIds, mapInfo, xdpQuery } from '../../src/sys/libbpf.js';
 import { SplitQueue } from '../../src/virtio/split-queue.js';
@@ -414,6 +414,28 @@ describe('xsk port: transmit wakeups', () => {
     const [major, minor] = os.release().split('.').map(Number) as [number, number];
     const expected = major > 6 || (major === 6 && minor >= 17) ? 512 : 32;
     expect(rig.xq.cfg.txBudget).toBe(expected);
+  });
+
+  it('one sendto sends as many frames as the budget allows: 100 frames, one wakeup', async () => {
+    const local = new CleanupStack();
+    try {
+      const r = new Rig(local);
+      const ps = PacketSocket.open(r.ifname);
+      local.push('packet socket', () => ps.close());
+      const gpa = 0x300000;
+      const f = frameFor(9100, 64);
+      r.write(gpa, f);
+      const umemAddr = r.port.umemInfo!.regions[0]!.umemOffset + gpa;
+      const tx = r.xq.tx;
+      for (let i = 0; i < 100; i++) tx.push(umemAddr, f.length);
+      tx.submit();
+      kickTx(r.xq.cfg.txFd);
+      const sent = 100 - tx.outstanding();
+      expect(sent).toBe(Math.min(100, r.xq.cfg.txBudget));
+      expect(ps.recvAll(sent, 3000, (g) => udpPayloadSeq(g) === 9100).length).toBe(sent);
+    } finally {
+      await local.run();
+    }
   });
 
   it('u64 fields round-trip through the split used for iovecs and ring descriptors', () => {
