@@ -289,7 +289,7 @@ export class XskRxPath extends XskPath {
       const n = rx.peek(Math.min(budget, this.tail - this.head));
       const first = rx.nextIndex;
       for (let i = 0; i < n; i++) {
-        const idx = (first + i) >>> 0;
+        const idx = (first + i) | 0;
         this.deliver(rx.base(idx), rx.offset(idx), rx.len(idx));
       }
       if (n > 0) rx.release(n);
@@ -374,7 +374,7 @@ export class XskTxPath extends XskPath {
     const n = cq.peek(this.cap);
     if (n === 0) return false;
     const first = cq.nextIndex;
-    for (let i = 0; i < n; i++) this.complete(cq.addr((first + i) >>> 0));
+    for (let i = 0; i < n; i++) this.complete(cq.addr((first + i) | 0));
     cq.release(n);
     return true;
   }

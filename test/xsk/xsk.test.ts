@@ -3,8 +3,8 @@ import os from 'node:os';
 import { spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GuestMemory, type RegionInfo } from '../../src/vhost-user/guest-memory.js';
-import { SharedMapping, closeFd, memfdCreate } from '../../src/sys/libc.js';
-import { pollReadable, kickTx } from '../../src/sys/xsk.js';
+import { SharedMapping, NativeBuffer, closeFd, memfdCreate } from '../../src/sys/libc.js';
+import { pollReadable, kickTx, TxRing, RxRing } from '../../src/sys/xsk.js';
 import { readU64, writeU64 } from '../../src/sys/u64.js';
 import { listMapIds, listProgIds, mapInfo, xdpQuery } from '../../src/sys/libbpf.js';
 import { SplitQueue } from '../../src/virtio/split-queue.js';
@@ -474,6 +474,37 @@ describe('xsk port: transmit wakeups', () => {
       expect(ps.recvAll(sent, 3000, (g) => udpPayloadSeq(g) === 9100).length).toBe(sent);
     } finally {
       await local.run();
+    }
+  });
+
+  it('ring indexes wrap through 2^31 and 2^32 (free-running u32 in the kernel\'s format) without losing or reordering entries', () => {
+    // A TX ring and an RX ring share the descriptor layout: one over the same memory plays the kernel.
+    const mem = new NativeBuffer(4096);
+    try {
+      const layout = { address: mem.address, mapLength: 4096, entries: 64, offsets: { producer: 0, consumer: 64, flags: 128, desc: 256 } };
+      for (const start of [2 ** 31 - 3, 2 ** 32 - 3]) {
+        mem.view.setUint32(0, start, true);
+        mem.view.setUint32(64, start, true);
+        const tx = new TxRing(layout);
+        const rx = new RxRing(layout);
+        for (let round = 0; round < 3; round++) {
+          expect(tx.free(64)).toBe(64);
+          for (let i = 0; i < 5; i++) tx.push(0x1_0000_0000 + round * 100 + i, 60 + i);
+          tx.submit();
+          expect(rx.peek(64)).toBe(5);
+          const first = rx.nextIndex;
+          for (let i = 0; i < 5; i++) {
+            expect(rx.base((first + i) | 0)).toBe(0x1_0000_0000 + round * 100 + i);
+            expect(rx.len((first + i) | 0)).toBe(60 + i);
+          }
+          rx.release(5);
+          expect(tx.outstanding()).toBe(0);
+        }
+        // The kernel sees the same u32 it always did.
+        expect(mem.view.getUint32(0, true)).toBe((start + 15) % 2 ** 32);
+      }
+    } finally {
+      mem.free();
     }
   });
 
