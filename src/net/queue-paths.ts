@@ -53,11 +53,12 @@ const VIRTIO_NET_HDR_GSO_ECN = 0x80;
 /** The vnet header's flags (low byte) and gso_type (high byte) of a TX chain (0 without a header). */
 export function headerRequests(ch: DescriptorChain, mem: GuestMemory, headerLength: number): number {
   if (headerLength < 2 || ch.readableCount === 0) return 0;
-  const r = mem.regions[ch.region[0]!]!.bytes;
+  const r = mem.regions[ch.region[0]!]!;
   const off = ch.offset[0]!;
-  if (ch.length[0]! >= 2) return r[off]! | (r[off + 1]! << 8);
+  // flags and gso_type are adjacent bytes: one little-endian load reads both.
+  if (ch.length[0]! >= 2) return r.view.getUint16(off, true);
   const r1 = ch.readableCount > 1 ? mem.regions[ch.region[1]!]!.bytes : null;
-  return r[off]! | ((r1 ? r1[ch.offset[1]!]! : 0) << 8);
+  return r.bytes[off]! | ((r1 ? r1[ch.offset[1]!]! : 0) << 8);
 }
 
 /**
