@@ -14,6 +14,9 @@ export interface OffloadInit {
 export type OffloadMethod = 'show' | 'quotas' | 'setQuotas' | 'detach' | 'reset';
 
 /** How frames are laid out for this device (from the acked features). */
+/** Ethernet header: destination, source, EtherType. */
+export const ETH_HLEN = 14;
+
 /** Header requests a driver may make, by the features it acked (FrameFormat.txOffloads). */
 export const TX_CSUM = 1; // VIRTIO_NET_F_CSUM
 export const TX_TSO4 = 2; // VIRTIO_NET_F_HOST_TSO4

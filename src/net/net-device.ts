@@ -8,7 +8,7 @@ import { DeviceStats } from './stats.js';
 import { DatapathThread } from './datapath-thread.js';
 import type { OffloadProgram, OffloadShow } from '../offload/broker.js';
 import type { Quotas, QuotaUsage } from '../offload/quotas.js';
-import { TX_CSUM, TX_TSO4, TX_TSO6, TX_ECN, type OffloadInit } from './datapath-messages.js';
+import { ETH_HLEN, TX_CSUM, TX_TSO4, TX_TSO6, TX_ECN, type OffloadInit } from './datapath-messages.js';
 import { progGetFdById } from '../sys/libbpf.js';
 import type { FrameFormat } from './datapath-messages.js';
 import type { XskOffloadTarget } from '../ports/xsk.js';
@@ -27,7 +27,6 @@ export interface NetDeviceOptions {
   offload?: OffloadInit | null;
 }
 
-const ETH_HLEN = 14;
 const VLAN_HLEN = 4;
 const MAX_GSO_FRAME = 65550;
 

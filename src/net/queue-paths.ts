@@ -1,4 +1,4 @@
-import { NativeBuffer, eventfdSignal } from '../sys/libc.js';
+import { NativeBuffer, eventfdSignal, IOV_MAX } from '../sys/libc.js';
 import { readU64, writeU64 } from '../sys/u64.js';
 import { SplitQueue } from '../virtio/split-queue.js';
 import { DescriptorChain } from '../virtio/descriptor-chain.js';
@@ -7,11 +7,10 @@ import type { GuestMemory } from '../vhost-user/guest-memory.js';
 import type { HostQueue } from '../ports/port.js';
 import { C, COUNTERS } from './stats.js';
 import { TestRunner, XDP_DROP, XDP_PASS, XDP_TX } from '../sys/libbpf.js';
-import { TX_CSUM, TX_TSO4, TX_TSO6, TX_ECN } from './datapath-messages.js';
+import { ETH_HLEN, TX_CSUM, TX_TSO4, TX_TSO6, TX_ECN } from './datapath-messages.js';
 
 /** Offload frames: zero MACs and the IEEE local-experimental EtherType (docs/offload-protocol.md). */
 export const OFFLOAD_ETHERTYPE = 0x88b5;
-const ETH_HLEN = 14;
 /** Largest offload message we copy out of a guest TX chain (the broker refuses larger ones). */
 export const MAX_OFFLOAD_COPY = 64 * 1024;
 /** Largest frame run through a bounce buffer when it spans several receive buffers. */
@@ -78,8 +77,6 @@ export function unnegotiatedRequest(req: number, allowed: number): boolean {
   return true;
 }
 
-/** Kernel limit on iovecs per readv/writev. */
-const IOV_MAX = 1024;
 /** Frames handled per queue before the worker looks at other queues (fairness). */
 export const BURST = 64;
 

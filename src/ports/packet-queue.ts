@@ -1,16 +1,7 @@
-import { raw, NativeBuffer, check, closeFd, SysError, Errno } from '../sys/libc.js';
+import { raw, NativeBuffer, closeFd, SysError, Errno, IOV_MAX } from '../sys/libc.js';
+import { openPacketSocket } from '../sys/packet-socket.js';
 import { readU64, writeU64 } from '../sys/u64.js';
 import { FdQueue } from './fd-queue.js';
-
-const AF_PACKET = 17;
-const SOCK_RAW = 3;
-const SOCK_NONBLOCK = 0o4000;
-const SOCK_CLOEXEC = 0o2000000;
-const SOL_PACKET = 263;
-const PACKET_QDISC_BYPASS = 20;
-const SLL_SIZE = 20;
-/** Most iovecs one frame arrives in (the TX path's limit, the kernel's IOV_MAX). */
-const MAX_IOV = 1024;
 
 /** What a worker needs to open a packet queue (plain data: posted to workers). */
 export interface PacketQueueConfig {
@@ -34,7 +25,7 @@ export interface PacketQueueConfig {
  */
 export class PacketQueue extends FdQueue {
   /** The caller's iovecs, copied and moved past the header (theirs stay as they were). */
-  private readonly iov = new NativeBuffer(MAX_IOV * 16);
+  private readonly iov = new NativeBuffer(IOV_MAX * 16);
 
   private constructor(fd: number, what: string, private readonly headerLength: number) {
     super(fd, what);
@@ -44,27 +35,13 @@ export class PacketQueue extends FdQueue {
     if (!Number.isInteger(cfg.headerLength) || cfg.headerLength < 0 || cfg.headerLength > 64) {
       throw new SysError('packet queue', Errno.EINVAL, `vnet header length ${cfg.headerLength}`);
     }
-    const fd = check(raw.socket(AF_PACKET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), 'socket(AF_PACKET)');
-    const b = new NativeBuffer(4096);
-    try {
-      // Like an AF_XDP socket: straight to the driver, no qdisc in between.
-      b.view.setInt32(0, 1, true);
-      check(raw.setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, b.address, 4), 'setsockopt(PACKET_QDISC_BYPASS)', cfg.ifname);
-      b.bytes.fill(0, 0, SLL_SIZE);
-      b.view.setUint16(0, AF_PACKET, true);
-      b.view.setInt32(4, cfg.ifindex, true);
-      check(raw.bind(fd, b.address, SLL_SIZE), 'bind(AF_PACKET)', cfg.ifname);
-    } catch (e) {
-      closeFd(fd);
-      throw e;
-    } finally {
-      b.free();
-    }
+    // Like an AF_XDP socket: straight to the driver, no qdisc in between.
+    const fd = openPacketSocket(cfg.ifindex, cfg.ifname, { protocolBE: 0, qdiscBypass: true });
     return new PacketQueue(fd, `AF_PACKET ${cfg.ifname}`, cfg.headerLength);
   }
 
   override transmit(iovAddress: number, iovCount: number): number {
-    if (!(iovCount > 0 && iovCount <= MAX_IOV)) return -1;
+    if (!(iovCount > 0 && iovCount <= IOV_MAX)) return -1;
     raw.memcpy(this.iov.address, iovAddress, iovCount * 16);
     const v = this.iov.view;
     let skip = this.headerLength;

@@ -52,6 +52,12 @@ export const MAP_PRIVATE = 2;
 export const MAP_ANONYMOUS = 0x20;
 export const MAP_FAILED = -1;
 export const MFD_CLOEXEC = 1;
+/** The kernel's limit on iovecs per readv/writev (UIO_MAXIOV). */
+export const IOV_MAX = 1024;
+export const SOCK_STREAM = 1;
+export const SOCK_RAW = 3;
+export const SOCK_NONBLOCK = 0o4000;
+export const SOCK_CLOEXEC = 0o2000000;
 export const EFD_CLOEXEC = 0o2000000;
 export const EFD_NONBLOCK = 0o4000;
 export const EPOLLIN = 0x1;

@@ -1,9 +1,6 @@
-import { raw, NativeBuffer, closeFd, check, SysError, lastErrno, Errno } from './libc.js';
+import { raw, NativeBuffer, closeFd, check, SysError, lastErrno, Errno, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC } from './libc.js';
 
 const AF_UNIX = 1;
-const SOCK_STREAM = 1;
-const SOCK_NONBLOCK = 0o4000;
-const SOCK_CLOEXEC = 0o2000000;
 const SOL_SOCKET = 1;
 const SCM_RIGHTS = 1;
 const MSG_CTRUNC = 0x8;

@@ -1,6 +1,6 @@
 import koffi from 'koffi';
 import { readU64, writeU64 } from './u64.js';
-import { raw, NativeBuffer, SysError, lastErrno, Errno, MAP_FAILED, PROT_READ, PROT_WRITE, MAP_SHARED } from './libc.js';
+import { SOCK_RAW, SOCK_CLOEXEC, raw, NativeBuffer, SysError, lastErrno, Errno, MAP_FAILED, PROT_READ, PROT_WRITE, MAP_SHARED } from './libc.js';
 
 // AF_XDP sockets (linux/if_xdp.h) through koffi: socket setup, the UMEM, the four mmap'd rings.
 // Pointers travel as numbers, as in libc.ts. Loaded per module instance, so worker threads can
@@ -15,8 +15,6 @@ const fn = {
 };
 
 export const AF_XDP = 44;
-export const SOCK_RAW = 3;
-export const SOCK_CLOEXEC = 0o2000000;
 export const SOL_XDP = 283;
 
 export const XDP_MMAP_OFFSETS = 1;

@@ -1,5 +1,6 @@
 import koffi from 'koffi';
 import { raw, NativeBuffer, Epoll, EPOLLIN, O_CLOEXEC, SysError, Errno, check, lastErrno } from '../../src/sys/libc.js';
+import { openPacketSocket, ETH_P_ALL_BE, SLL_SIZE } from '../../src/sys/packet-socket.js';
 
 /**
  * AF_PACKET raw socket bound to one interface: the test's view of what the host kernel
@@ -7,11 +8,6 @@ import { raw, NativeBuffer, Epoll, EPOLLIN, O_CLOEXEC, SysError, Errno, check, l
  * is fine here (test process, main thread).
  */
 
-const AF_PACKET = 17;
-const SOCK_RAW = 3;
-const SOCK_NONBLOCK = 0o4000;
-const SOCK_CLOEXEC = 0o2000000;
-const ETH_P_ALL_BE = 0x0300; // htons(ETH_P_ALL = 3)
 const MSG_DONTWAIT = 0x40;
 const MSG_TRUNC = 0x20;
 const O_RDONLY = 0;
@@ -24,7 +20,6 @@ export const PacketType = { HOST: 0, BROADCAST: 1, MULTICAST: 2, OTHERHOST: 3, O
 // create a socket inside a namespace they made.
 const setns = koffi.load('libc.so.6').func('setns', 'int', ['int', 'int']) as (fd: number, nstype: number) => number;
 
-const SLL_SIZE = 20; // struct sockaddr_ll
 const MSGHDR_SIZE = 56;
 const FRAME_MAX = 65536;
 
@@ -87,22 +82,7 @@ export class PacketSocket {
     return withNetns(opts.netns, () => {
       const ifindex = raw.if_nametoindex(ifname);
       if (ifindex === 0) throw new SysError('if_nametoindex', lastErrno(), ifname);
-      // Protocol 0 at creation: the socket receives nothing until bind() narrows it to this
-      // interface, so no frame from another interface can slip into the queue in between.
-      const fd = check(raw.socket(AF_PACKET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), 'socket(AF_PACKET)');
-      const sll = new NativeBuffer(4096);
-      try {
-        const v = sll.view;
-        v.setUint16(0, AF_PACKET, true);
-        v.setUint16(2, ETH_P_ALL_BE, true);
-        v.setInt32(4, ifindex, true);
-        check(raw.bind(fd, sll.address, SLL_SIZE), 'bind(AF_PACKET)', ifname);
-      } catch (e) {
-        raw.close(fd);
-        throw e;
-      } finally {
-        sll.free();
-      }
+      const fd = openPacketSocket(ifindex, ifname, { protocolBE: ETH_P_ALL_BE });
       return new PacketSocket(fd, ifname, ifindex, opts.includeOutgoing ?? false);
     });
   }
