@@ -7,10 +7,10 @@ import type { HostQueue } from '../ports/port.js';
 import type { XskQueueConfig } from '../ports/xsk.js';
 import { QueuePath, headerRequests, unnegotiatedRequest, type PathContext } from './queue-paths.js';
 import { C, COUNTERS } from './stats.js';
+import { ETH_HLEN } from './datapath-messages.js';
 
 /** Bounce chains keep at most this many segments (a frame is at most one chunk). */
 const MAX_BOUNCE_SEGS = 8;
-const ETH_HLEN = 14;
 
 /**
  * The worker side of one pair's AF_XDP socket: the four rings over the mappings the port owns
@@ -63,17 +63,40 @@ function regionOffsets(mem: GuestMemory, cfg: XskQueueConfig): Float64Array {
 /** A multiple of every slot-table size (powers of two up to 2^15): subtracting it keeps `& mask`. */
 const REBASE = 2 ** 30;
 
+/**
+ * What both directions share: the table of guest chains whose buffers the kernel holds, in the
+ * order it was given them, and the pair's private bounce chunks for this direction.
+ */
 abstract class XskPath extends QueuePath {
   protected readonly regionUmem: Float64Array;
+  /** Table size: no more chains outstanding than the kernel's rings have slots. */
+  protected readonly cap: number;
+  protected readonly mask: number;
+  /** Per slot: the chain's head and the UMEM address the kernel was given. */
+  protected readonly oHead16: Uint16Array;
+  protected readonly oAddr: Float64Array;
+  /** Per slot: -1 (the guest's own buffer) or the bounce chunk in use. */
+  protected readonly oBounce: Int32Array;
+  protected readonly freeBounce: number[] = [];
   /** Free-running slot counters of the in-flight table: [head, tail) are outstanding. */
   protected head = 0;
   protected tail = 0;
 
   constructor(queue: SplitQueue, index: number, callFd: number, ctx: PathContext,
-              protected readonly xq: XskQueue, protected readonly mem: GuestMemory, protected readonly headerLength: number) {
+              protected readonly xq: XskQueue, protected readonly mem: GuestMemory, protected readonly headerLength: number,
+              cap: number, bounceChunks: number) {
     super(queue, index, callFd, ctx);
     this.regionUmem = regionOffsets(mem, xq.cfg);
+    this.cap = cap;
+    this.mask = cap - 1;
+    this.oHead16 = new Uint16Array(cap);
+    this.oAddr = new Float64Array(cap);
+    this.oBounce = new Int32Array(cap);
+    for (let i = bounceChunks - 1; i >= 0; i--) this.freeBounce.push(i);
   }
+
+  /** Guest chains whose buffers the kernel holds right now. */
+  get inFlight(): number { return this.tail - this.head; }
 
   /**
    * Keeps the counters small. Past 2^31 V8 holds them as doubles and every `& mask` takes a
@@ -99,12 +122,6 @@ abstract class XskPath extends QueuePath {
  * each RX descriptor belongs to.
  */
 export class XskRxPath extends XskPath {
-  private readonly cap: number;
-  private readonly mask: number;
-  private readonly oHead16: Uint16Array;
-  private readonly oAddr: Float64Array;
-  /** -1: zero-copy into the chain's first buffer; otherwise the bounce chunk index. */
-  private readonly oBounce: Int32Array;
   private readonly oRegion: Int32Array;
   private readonly oOffset: Float64Array;
   private readonly oLength: Uint32Array;
@@ -112,34 +129,24 @@ export class XskRxPath extends XskPath {
   private readonly oCapacity: Float64Array;
   /** Chains completed at once (errors) while others were outstanding: rewinding is then unsafe. */
   private interleaved = 0;
-  private readonly freeBounce: number[] = [];
   /** True while waiting for the guest to add buffers (mirrors RxPath.starving for the worker). */
   starving = false;
 
   constructor(queue: SplitQueue, index: number, callFd: number, ctx: PathContext, xq: XskQueue,
               mem: GuestMemory, headerLength: number) {
-    super(queue, index, callFd, ctx, xq, mem, headerLength);
     // The kernel drops (never reorders) while the RX ring cannot overflow: keep no more buffers
     // outstanding than it has slots.
-    this.cap = Math.min(xq.fill.entries, xq.rx.entries);
+    super(queue, index, callFd, ctx, xq, mem, headerLength, Math.min(xq.fill.entries, xq.rx.entries), xq.cfg.rxBounce.count);
     // Entries left by an earlier path would be matched to the wrong chains: sockets are per start.
     if (xq.fill.outstanding() !== 0 || xq.rx.peek(1) !== 0) {
       throw new Error(`${queue.name}: AF_XDP socket ${xq.fd} still holds buffers of a previous run (release the queue and open a new one)`);
     }
-    this.mask = this.cap - 1;
-    this.oHead16 = new Uint16Array(this.cap);
-    this.oAddr = new Float64Array(this.cap);
-    this.oBounce = new Int32Array(this.cap);
     this.oRegion = new Int32Array(this.cap * MAX_BOUNCE_SEGS);
     this.oOffset = new Float64Array(this.cap * MAX_BOUNCE_SEGS);
     this.oLength = new Uint32Array(this.cap * MAX_BOUNCE_SEGS);
     this.oSegs = new Uint8Array(this.cap);
     this.oCapacity = new Float64Array(this.cap);
-    for (let i = xq.cfg.rxBounce.count - 1; i >= 0; i--) this.freeBounce.push(i);
   }
-
-  /** Guest chains whose buffers the kernel currently holds. */
-  get outstanding(): number { return this.tail - this.head; }
 
   /** Hands guest receive chains to the fill ring; returns false when the guest ring was empty. */
   private refill(): boolean {
@@ -342,31 +349,17 @@ export class XskRxPath extends XskPath {
  * device must not offer those features.
  */
 export class XskTxPath extends XskPath {
-  private readonly cap: number;
-  private readonly mask: number;
-  private readonly oHead16: Uint16Array;
-  private readonly oAddr: Float64Array;
-  private readonly oBounce: Int32Array;
   private readonly oDone: Uint8Array;
-  private readonly freeBounce: number[] = [];
 
   constructor(queue: SplitQueue, index: number, callFd: number, ctx: PathContext, xq: XskQueue,
               mem: GuestMemory, headerLength: number) {
-    super(queue, index, callFd, ctx, xq, mem, headerLength);
-    this.cap = Math.min(xq.tx.entries, xq.completion.entries);
+    super(queue, index, callFd, ctx, xq, mem, headerLength, Math.min(xq.tx.entries, xq.completion.entries), xq.cfg.txBounce.count);
     if (xq.tx.outstanding() !== 0 || xq.completion.peek(1) !== 0) {
       throw new Error(`${queue.name}: AF_XDP socket ${xq.fd} still holds frames of a previous run (release the queue and open a new one)`);
     }
-    this.mask = this.cap - 1;
-    this.oHead16 = new Uint16Array(this.cap);
-    this.oAddr = new Float64Array(this.cap);
-    this.oBounce = new Int32Array(this.cap);
     this.oDone = new Uint8Array(this.cap);
-    for (let i = xq.cfg.txBounce.count - 1; i >= 0; i--) this.freeBounce.push(i);
   }
 
-  /** Frames handed to the kernel whose completion has not come back yet. */
-  get inFlight(): number { return this.tail - this.head; }
 
   /** Returns completed chains to the guest; true when any were completed. */
   reap(): boolean {

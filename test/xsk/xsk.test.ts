@@ -52,6 +52,8 @@ function frameFor(seq: number, payloadLen: number): Uint8Array {
   });
 }
 
+interface RigOptions { pinLimitBytes?: number; pairs?: number }
+
 /** One xsk port with a guest behind it, the paths driven directly by the test. */
 class Rig {
   readonly stats = new Float64Array(COUNTERS.length);
@@ -64,7 +66,7 @@ class Rig {
   readonly tx: XskTxPath;
   readonly broken: string[] = [];
 
-  constructor(cleanup: CleanupStack, opts: { pinLimitBytes?: number; pairs?: number } = {}) {
+  constructor(cleanup: CleanupStack, opts: RigOptions = {}) {
     const ifname = uniqueIfName('vxk');
     this.guest = makeGuest(4 * MiB);
     cleanup.push('guest memory', () => this.guest.release());
@@ -119,6 +121,16 @@ class Rig {
   }
 }
 
+/** Runs fn with a Rig of its own; everything pushed on `local` (the rig first) is undone after. */
+async function withRig(opts: RigOptions, fn: (r: Rig, local: CleanupStack) => void | Promise<void>): Promise<void> {
+  const local = new CleanupStack();
+  try {
+    await fn(new Rig(local, opts), local);
+  } finally {
+    await local.run();
+  }
+}
+
 function udpPayloadSeq(frame: Uint8Array): number | null {
   const p = parseUdpFrame(frame);
   return p ? checkPatternPayload(p.payload) : null;
@@ -149,7 +161,7 @@ describe('xsk port: host → guest', () => {
     }
     rig.rxDrv.publish();
     rig.rx.process(64); // posts the buffers to the fill ring
-    expect(rig.rx.outstanding).toBe(32);
+    expect(rig.rx.inFlight).toBe(32);
     const sizes = [64, 200, 1000, 1472];
     for (let s = 0; s < 32; s++) host.send(frameFor(s, sizes[s % sizes.length]!));
     const used = rig.collectRx(32);
@@ -293,9 +305,7 @@ describe('xsk port: guest → host', () => {
 
 describe('xsk port: pinned memory and teardown', () => {
   it('over the pin limit the UMEM holds only private chunks and every frame is a counted copy', async () => {
-    const local = new CleanupStack();
-    try {
-      const r = new Rig(local, { pinLimitBytes: 2 * MiB });
+    await withRig({ pinLimitBytes: 2 * MiB }, async (r, local) => {
       expect(r.port.umemInfo!.mode).toBe('bounce');
       expect(r.port.pinnedBytes).toBeLessThanOrEqual(2 * MiB);
       const ps = PacketSocket.open(r.ifname);
@@ -308,15 +318,11 @@ describe('xsk port: pinned memory and teardown', () => {
       expect(used.length).toBe(1);
       expect(udpPayloadSeq(r.read(0, used[0]!.len).slice(HDR))).toBe(6000);
       expect(r.counter(C.jsCopies)).toBe(1);
-    } finally {
-      await local.run();
-    }
+    });
   });
 
   it('pins the UMEM once per device while sockets are open, and close() leaves no veth, socket, program or map', async () => {
-    const local = new CleanupStack();
-    try {
-      const r = new Rig(local);
+    await withRig({}, async (r, local) => {
       const info = r.port.umemInfo!;
       expect(info.mode).toBe('zero-copy');
       expect(r.port.pinnedBytes).toBe(info.length);
@@ -350,17 +356,13 @@ describe('xsk port: pinned memory and teardown', () => {
       expect(listMapIds()).not.toContain(mapId);
       expect(openSockets()).not.toContain(sockInode);
       expect(openSockets()).not.toContain(txSockInode);
-    } finally {
-      await local.run();
-    }
+    });
   });
 });
 
 describe('xsk port: queue pairs', () => {
   it('each pair gets its own socket on its own queue, all sharing one UMEM (pinned once)', async () => {
-    const local = new CleanupStack();
-    try {
-      const r = new Rig(local, { pairs: 2 });
+    await withRig({ pairs: 2 }, async (r, local) => {
       const xq1 = openXskQueue(r.port.queueConfig(1));
       expect(xq1.fd).not.toBe(r.xq.fd);
       expect(r.port.pinnedBytes).toBe(r.port.umemInfo!.length);
@@ -403,9 +405,7 @@ describe('xsk port: queue pairs', () => {
       r.rx.stop();
       r.port.releaseQueue(0);
       expect(r.port.pinnedBytes).toBe(0);
-    } finally {
-      await local.run();
-    }
+    });
   });
 });
 
@@ -416,49 +416,41 @@ describe('xsk port: transmit wakeups', () => {
     expect(rig.xq.cfg.txBudget).toBe(expected);
   });
 
-  it('slot counters are rebased past 2^30 with frames in flight across the jump: none lost, both directions', () => {
-    const local = new CleanupStack();
-    return (async () => {
-      try {
-        const r = new Rig(local);
-        const ps = PacketSocket.open(r.ifname);
-        local.push('packet socket', () => ps.close());
-        // Nothing in flight yet: any counter value is a valid start.
-        const near = 2 ** 30 - 10;
-        for (const p of [r.rx, r.tx] as unknown as { head: number; tail: number }[]) p.head = p.tail = near;
-        const n = 40;
-        for (let i = 0; i < n; i++) r.rxDrv.add([{ gpa: i * 2048, len: 2048, writable: true }], i * 2048);
-        r.rxDrv.publish();
-        r.rx.process(64);
-        for (let i = 0; i < n; i++) ps.send(frameFor(9300 + i, 100));
-        const used = r.collectRx(n);
-        expect(used.map((u) => udpPayloadSeq(r.read(u.token as number, u.len).slice(HDR))).sort((a, b) => a! - b!))
-          .toEqual(Array.from({ length: n }, (_, i) => 9300 + i));
-        for (let i = 0; i < n; i++) {
-          const gpa = 0x180000 + i * 4096;
-          const f = frameFor(9400 + i, 100);
-          r.write(gpa, new Uint8Array(HDR));
-          r.write(gpa + HDR, f);
-          r.txDrv.add([{ gpa, len: HDR + f.length, writable: false }], i);
-        }
-        r.txDrv.publish();
-        expect(r.completeTx(n).length).toBe(n);
-        expect(ps.recvAll(n, 3000, (f) => (udpPayloadSeq(f) ?? 0) >= 9400).length).toBe(n);
-        for (const p of [r.rx, r.tx] as unknown as { head: number; tail: number }[]) {
-          expect(p.head).toBeLessThan(2 ** 30);
-          expect(p.tail).toBe(p.head);
-        }
-        expect(r.broken).toEqual([]);
-      } finally {
-        await local.run();
+  it('slot counters are rebased past 2^30 with frames in flight across the jump: none lost, both directions', async () => {
+    await withRig({}, async (r, local) => {
+      const ps = PacketSocket.open(r.ifname);
+      local.push('packet socket', () => ps.close());
+      // Nothing in flight yet: any counter value is a valid start.
+      const near = 2 ** 30 - 10;
+      for (const p of [r.rx, r.tx] as unknown as { head: number; tail: number }[]) p.head = p.tail = near;
+      const n = 40;
+      for (let i = 0; i < n; i++) r.rxDrv.add([{ gpa: i * 2048, len: 2048, writable: true }], i * 2048);
+      r.rxDrv.publish();
+      r.rx.process(64);
+      for (let i = 0; i < n; i++) ps.send(frameFor(9300 + i, 100));
+      const used = r.collectRx(n);
+      expect(used.map((u) => udpPayloadSeq(r.read(u.token as number, u.len).slice(HDR))).sort((a, b) => a! - b!))
+        .toEqual(Array.from({ length: n }, (_, i) => 9300 + i));
+      for (let i = 0; i < n; i++) {
+        const gpa = 0x180000 + i * 4096;
+        const f = frameFor(9400 + i, 100);
+        r.write(gpa, new Uint8Array(HDR));
+        r.write(gpa + HDR, f);
+        r.txDrv.add([{ gpa, len: HDR + f.length, writable: false }], i);
       }
-    })();
+      r.txDrv.publish();
+      expect(r.completeTx(n).length).toBe(n);
+      expect(ps.recvAll(n, 3000, (f) => (udpPayloadSeq(f) ?? 0) >= 9400).length).toBe(n);
+      for (const p of [r.rx, r.tx] as unknown as { head: number; tail: number }[]) {
+        expect(p.head).toBeLessThan(2 ** 30);
+        expect(p.tail).toBe(p.head);
+      }
+      expect(r.broken).toEqual([]);
+    });
   });
 
   it('one sendto sends as many frames as the budget allows: 100 frames, one wakeup', async () => {
-    const local = new CleanupStack();
-    try {
-      const r = new Rig(local);
+    await withRig({}, async (r, local) => {
       const ps = PacketSocket.open(r.ifname);
       local.push('packet socket', () => ps.close());
       const gpa = 0x300000;
@@ -472,9 +464,7 @@ describe('xsk port: transmit wakeups', () => {
       const sent = 100 - tx.outstanding();
       expect(sent).toBe(Math.min(100, r.xq.cfg.txBudget));
       expect(ps.recvAll(sent, 3000, (g) => udpPayloadSeq(g) === 9100).length).toBe(sent);
-    } finally {
-      await local.run();
-    }
+    });
   });
 
   it('ring indexes wrap through 2^31 and 2^32 (free-running u32 in the kernel\'s format) without losing or reordering entries', () => {
@@ -520,9 +510,7 @@ describe('xsk port: transmit wakeups', () => {
 
 describe('xsk port: throughput (reported, not asserted)', () => {
   it('measures 64-byte frames/s through the paths, single thread', async () => {
-    const local = new CleanupStack();
-    try {
-      const r = new Rig(local);
+    await withRig({}, async (r, local) => {
       // Guest → host: 128 chains recycled as they complete.
       const f = frameFor(7000, 18); // 60-byte frame + padding → 64 with FCS
       const base = 0x100000;
@@ -570,8 +558,6 @@ describe('xsk port: throughput (reported, not asserted)', () => {
       process.stdout.write(`xsk paths, 64-byte frames: guest→host ${(txRate / 1e6).toFixed(3)} Mpps; host→guest ${(rxRate / 1e6).toFixed(3)} Mpps incl. the AF_PACKET sends, RX path alone ${(rxPathRate / 1e6).toFixed(3)} Mpps ` +
         `(fill-ring-empty drops ${st.rxFillRingEmptyDescs}, ring-full ${st.rxRingFull}); jsCopies ${r.counter(C.jsCopies)}\n`);
       expect(r.counter(C.jsCopies)).toBe(0);
-    } finally {
-      await local.run();
-    }
+    });
   });
 });
