@@ -45,14 +45,20 @@ function median(xs: number[]): number {
 /**
  * Runs the DPDK reference and vhost-xdp alternately, `rounds` times: throughput here drifts
  * with the other tenants of the machine, so each ratio compares two runs that sat side by side,
- * and the median of several such ratios is what to read.
+ * and the median of several such ratios is what to read. Who goes first alternates by round
+ * (DPDK in odd rounds), so a bias for the first or second seat of a pair cancels out.
  */
 async function interleaved(refRun: () => Promise<ReferenceResult>, oursRun: () => Promise<ReferenceResult>): Promise<{ refs: ReferenceResult[]; ours: ReferenceResult[] }> {
   const refs: ReferenceResult[] = [];
   const ours: ReferenceResult[] = [];
   for (let r = 0; r < rounds; r++) {
-    refs.push(await refRun());
-    ours.push(await oursRun());
+    if (r % 2 === 0) {
+      refs.push(await refRun());
+      ours.push(await oursRun());
+    } else {
+      ours.push(await oursRun());
+      refs.push(await refRun());
+    }
   }
   return { refs, ours };
 }

@@ -367,7 +367,17 @@ export class XskTxPath extends XskPath {
     const n = cq.peek(this.cap);
     if (n === 0) return false;
     const first = cq.nextIndex;
-    for (let i = 0; i < n; i++) this.complete(cq.addr((first + i) | 0));
+    const mask = this.mask;
+    for (let i = 0; i < n; i++) {
+      const addr = cq.addr((first + i) | 0);
+      // In order (the usual case): the oldest outstanding frame, with nothing done behind it.
+      const slot = this.head & mask;
+      if (this.head !== this.tail && this.oAddr[slot] === addr && this.oBounce[slot] === -1) {
+        this.queue.pushUsed(this.oHead16[slot]!, 0);
+        this.head++;
+        while (this.head !== this.tail && this.oDone[this.head & mask] === 1) this.head++;
+      } else this.complete(addr);
+    }
     cq.release(n);
     return true;
   }

@@ -202,7 +202,41 @@ export class SplitQueue {
     const regionIdx = chain.region;
     const offsets = chain.offset;
 
-    let view = this.descView;
+    // Most chains are one plain descriptor (header and frame in one buffer): take it without the
+    // loop's hop, order and sum bookkeeping, which cannot fail for a single segment.
+    const d = this.descView;
+    const off0 = head * 16;
+    const flagsNext0 = d.getUint32(off0 + 12, true);
+    if ((flagsNext0 & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT)) === 0) {
+      const addr = readAddress(d, off0);
+      const len = d.getUint32(off0 + 8, true);
+      const writable = (flagsNext0 & VIRTQ_DESC_F_WRITE) !== 0;
+      chain.count = 0;
+      chain.readableCount = 0;
+      chain.readableBytes = 0;
+      chain.writableBytes = 0;
+      if (len === 0) return;
+      if (addr < 0) throw this.fail('addr-too-large', `buffer address in descriptor ${head} is beyond 2^52`, head);
+      const r = mem.find(addr, len);
+      if (r < 0) throw this.fail('addr-outside-memory', `buffer 0x${addr.toString(16)}+${len} (descriptor ${head}) is not inside one guest memory region`, head);
+      const reg = regions[r]!;
+      const o = addr - reg.gpa;
+      gpas[0] = addr;
+      hosts[0] = reg.hostAddress + o;
+      lengths[0] = len;
+      writables[0] = writable ? 1 : 0;
+      regionIdx[0] = r;
+      offsets[0] = o;
+      chain.count = 1;
+      if (writable) chain.writableBytes = len;
+      else {
+        chain.readableCount = 1;
+        chain.readableBytes = len;
+      }
+      return;
+    }
+
+    let view = d;
     let base = 0;
     let entries = this.size;
     let inIndirect = false;

@@ -222,6 +222,24 @@ describe('SplitQueue pop: valid chains', () => {
     expect(chain.writableBytes).toBe(20);
   });
 
+  it('takes one-descriptor chains (the common case) with the same results as longer ones', () => {
+    // A lone zero-length descriptor: an empty chain, its bogus address never looked at.
+    drv.add([{ gpa: 2 ** 60, len: 0, writable: false }]);
+    drv.add([{ gpa: BUF_A + 8, len: 100, writable: true }]);
+    drv.add([{ gpa: BUF_A + 16, len: 76, writable: false }]);
+    drv.publish();
+    expect(dev.pop(chain)).toBe(true);
+    expect([chain.count, chain.readableCount, chain.readableBytes, chain.writableBytes]).toEqual([0, 0, 0, 0]);
+    expect(dev.pop(chain)).toBe(true);
+    expect([chain.count, chain.readableCount, chain.readableBytes, chain.writableBytes]).toEqual([1, 0, 0, 100]);
+    expect([chain.gpa[0], chain.writable[0], chain.length[0]]).toEqual([BUF_A + 8, 1, 100]);
+    expect(dev.pop(chain)).toBe(true);
+    expect([chain.count, chain.readableCount, chain.readableBytes, chain.writableBytes]).toEqual([1, 1, 76, 0]);
+    const r = fx.deviceMem.regions[chain.region[0]!]!;
+    expect(chain.offset[0]).toBe(BUF_A + 16 - r.gpa);
+    expect(chain.hostAddress[0]).toBe(r.hostAddress + chain.offset[0]!);
+  });
+
   it('reuses the same chain object without allocation growth across many pops', () => {
     for (let round = 0; round < 4; round++) {
       for (let i = 0; i < QSIZE; i++) expect(drv.add([{ gpa: BUF_A + 64 * i, len: 64, writable: true }], i)).not.toBeNull();
