@@ -73,8 +73,9 @@ function fullFence(): void {
  *
  * Memory ordering: this runs in a single JS thread per queue; V8 keeps DataView stores in
  * program order and x86 is TSO, so "used element stores, then used->idx store" needs no fence
- * (the smp_wmb of C implementations) and "read avail->idx, then ring entries" needs none
- * either (smp_rmb). The store→load cases (flush then read used_event/flags; write avail_event
+ * (the smp_wmb of C implementations). avail->idx is read with Atomics.load, which the JIT may
+ * neither cache nor move after the ring-entry reads it guards (the smp_rmb: x86 keeps loads in
+ * order once they are issued in order). The store→load cases (flush then read used_event/flags; write avail_event
  * then re-read avail->idx) get a real fence (fullFence) inside needsNotify/setKickNotification.
  */
 export class SplitQueue {
@@ -91,6 +92,12 @@ export class SplitQueue {
   private readonly descView: DataView;
   private readonly availView: DataView;
   private readonly usedView: DataView;
+  /**
+   * avail->flags and avail->idx as u16 words, for Atomics.load. V8 believes this memory is not
+   * shared (it is the guest's), so a DataView read of it may be merged with an earlier read or
+   * scheduled after the ring-entry reads it guards; a sequentially consistent load is neither.
+   */
+  private readonly availHeader: Uint16Array;
 
   private lastAvail = 0;
   /** Last avail->idx we read; entries in [lastAvail, shadowAvail) are known available. */
@@ -124,6 +131,10 @@ export class SplitQueue {
     };
     this.descView = place('descriptor', descGpa, bytes.desc);
     this.availView = place('avail', availGpa, bytes.avail);
+    if ((this.availView.byteOffset & 1) !== 0) {
+      throw new VirtqueueError('misaligned-ring', opts.name, `avail ring 0x${availGpa.toString(16)} sits at an odd host address (the region's mmap offset is odd)`);
+    }
+    this.availHeader = new Uint16Array(this.availView.buffer, this.availView.byteOffset, 2);
     this.usedView = place('used', usedGpa, bytes.used);
     this.mem = mem;
     this.size = size;
@@ -154,7 +165,7 @@ export class SplitQueue {
 
   /** Chains the driver has made available that we have not popped. Reads avail->idx. */
   availableCount(): number {
-    const idx = this.availView.getUint16(2, true);
+    const idx = Atomics.load(this.availHeader, 1);
     const n = (idx - this.lastAvail) & 0xffff;
     if (n > this.size) {
       throw new VirtqueueError('avail-idx-jump', this.name, `avail->idx ${idx} is ${n} ahead of last_avail_idx ${this.lastAvail} (queue size ${this.size})`);

@@ -78,6 +78,11 @@ describe('SplitQueue construction', () => {
     expectReason(() => new SplitQueue(fx.deviceMem, { ...ok, descGpa: 8 }, { eventIdx: false, name: 'q' }), 'misaligned-ring');
     expectReason(() => new SplitQueue(fx.deviceMem, { ...ok, availGpa: 0x1001 }, { eventIdx: false, name: 'q' }), 'misaligned-ring');
     expectReason(() => new SplitQueue(fx.deviceMem, { ...ok, usedGpa: 0x2002 }, { eventIdx: false, name: 'q' }), 'misaligned-ring');
+    // Aligned in guest-physical terms but at an odd place in our mapping (an odd region start):
+    // avail->idx could not be read as one atomic u16.
+    const r0 = fx.deviceMem.regions[0]!;
+    const odd = new GuestMemory([{ gpa: 1, size: MiB - 1, uva: r0.uva, hostAddress: r0.hostAddress }]);
+    expectReason(() => new SplitQueue(odd, { size: 256, descGpa: 0x10, availGpa: 0x1010, usedGpa: 0x2010 }, { eventIdx: false, name: 'q' }), 'misaligned-ring');
   });
 
   it('starts usedIdx from used->idx in guest memory (resuming a ring)', () => {
