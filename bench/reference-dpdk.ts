@@ -67,6 +67,8 @@ export interface ReferenceResult {
     hostToGuest: DirectionDetails;
     /** af_xdp only: host->guest with the flood pinned to the backend's core (1) instead of the guest's (0). */
     hostToGuestFloodOnBackendCore?: DirectionDetails;
+    /** vhost-xdp seat only: the warnings and errors it logged during the run. */
+    backendWarnings?: string[];
   };
 }
 
@@ -117,10 +119,11 @@ async function measureXdpArrivals(ifname: string, seconds: number): Promise<{ pa
 export type BackendSeat = 'dpdk' | 'vhost-xdp';
 
 /** vhost-xdp serve pinned to core 1 (all its threads), the seat testpmd A has in the reference. */
-async function startVhostXdp(sock: string, port: string, cleanup: CleanupStack): Promise<void> {
+async function startVhostXdp(sock: string, port: string, cleanup: CleanupStack): Promise<ManagedProcess> {
   const be = spawnManaged('taskset', ['-c', '1', process.execPath, CLI, 'serve', '--socket', sock, '--port', port, '--log-level', 'warn'], { name: 'vhost-xdp' });
   cleanup.push('stop vhost-xdp', () => be.stop('SIGTERM', 5000));
   await be.waitForLine(/^vhost-xdp ready:/, 15_000);
+  return be;
 }
 
 async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: BackendSeat = 'dpdk'): Promise<ReferenceResult> {
@@ -133,6 +136,7 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
   const sock = `/tmp/vxref-${process.pid}-${kind}.sock`;
   const cfg = `/tmp/vxref-${process.pid}-${kind}.trafgen`;
   let a: Testpmd | undefined;
+  let backend: ManagedProcess | undefined;
   let b: Testpmd | undefined;
   try {
     // hostIf: where the host kernel sees traffic; trafgen injects there too.
@@ -161,7 +165,7 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
     }
     cleanup.push('remove socket', () => rmSync(sock, { force: true }));
     if (seat === 'vhost-xdp') {
-      await startVhostXdp(sock, `${kind === 'tap' ? 'tap' : 'xsk'}:${hostIf}`, cleanup);
+      backend = await startVhostXdp(sock, `${kind === 'tap' ? 'tap' : 'xsk'}:${hostIf}`, cleanup);
     } else {
       a = await startTestpmd({
         name: `ref-${kind}-A`, vdevs: [`net_vhost0,iface=${sock},queues=1`, portVdev],
@@ -246,6 +250,8 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
             offeredMpps: mpps(onBackendCore.offered.packets, onBackendCore.offered.seconds),
           },
         } : {}),
+        // A round where the backend broke (a ring reset, say) must say so, not pass as a slow one.
+        ...(backend ? { backendWarnings: backend.tail(200).split('\n').filter((l) => / (warn|error) /.test(l)) } : {}),
       },
     };
   } finally {

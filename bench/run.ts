@@ -60,6 +60,9 @@ async function interleaved(refRun: () => Promise<ReferenceResult>, oursRun: () =
       refs.push(await refRun());
     }
   }
+  ours.forEach((o, r) => {
+    for (const w of o.details.backendWarnings ?? []) console.error(`  round ${r + 1}: vhost-xdp logged: ${w}`);
+  });
   return { refs, ours };
 }
 
