@@ -367,25 +367,23 @@ export class XskTxPath extends XskPath {
     const n = cq.peek(this.cap);
     if (n === 0) return false;
     const first = cq.nextIndex;
-    const mask = this.mask;
-    for (let i = 0; i < n; i++) {
-      const addr = cq.addr((first + i) | 0);
-      // In order (the usual case): the oldest outstanding frame, with nothing done behind it.
-      const slot = this.head & mask;
-      if (this.head !== this.tail && this.oAddr[slot] === addr && this.oBounce[slot] === -1) {
-        this.queue.pushUsed(this.oHead16[slot]!, 0);
-        this.head++;
-        while (this.head !== this.tail && this.oDone[this.head & mask] === 1) this.head++;
-      } else this.complete(addr);
-    }
+    for (let i = 0; i < n; i++) this.complete(cq.addr((first + i) | 0));
     cq.release(n);
     return true;
   }
 
   private complete(addr: number): void {
-    // In order almost always (the search ends at the head slot, which then advances); a frame
-    // freed early (e.g. dropped by the host stack) can overtake.
     const mask = this.mask;
+    // In order almost always: the oldest outstanding frame (never marked done: the head moves
+    // past done slots), from the guest's own buffer. It leaves the table at once.
+    const h = this.head & mask;
+    if (this.head !== this.tail && this.oAddr[h] === addr && this.oBounce[h] === -1) {
+      this.queue.pushUsed(this.oHead16[h]!, 0);
+      this.head++;
+      while (this.head !== this.tail && this.oDone[this.head & mask] === 1) this.head++;
+      return;
+    }
+    // Otherwise search: a frame freed early (e.g. dropped by the host stack) can overtake.
     for (let s = this.head; s !== this.tail; s++) {
       const slot = s & mask;
       if (this.oDone[slot] === 0 && this.oAddr[slot] === addr) {

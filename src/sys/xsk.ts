@@ -51,7 +51,8 @@ export const XDP_PACKET_HEADROOM = 256;
 export const XDP_UMEM_MIN_CHUNK_SIZE = 2048;
 /** In unaligned mode, RX addresses carry the data offset in their top 16 bits. */
 export const XSK_UNALIGNED_BUF_OFFSET_SHIFT = 48;
-export const XSK_UNALIGNED_BUF_ADDR_MASK = 2 ** 48 - 1;
+/** The same split within the address's high u32: base bits 32..47 below it, the offset above. */
+const OFFSET_SHIFT_HIGH_WORD = XSK_UNALIGNED_BUF_OFFSET_SHIFT - 32;
 
 const MSG_DONTWAIT = 0x40;
 const MREMAP_MAYMOVE = 1;
@@ -224,11 +225,11 @@ export class RxRing extends ConsumerRing {
    */
   base(index: number): number {
     const o = this.descOffset + 16 * (index & this.mask);
-    return this.view.getUint32(o, true) + (this.view.getUint32(o + 4, true) & 0xffff) * 4294967296;
+    return this.view.getUint32(o, true) + (this.view.getUint32(o + 4, true) & ((1 << OFFSET_SHIFT_HIGH_WORD) - 1)) * 4294967296;
   }
   /** The data offset of an unaligned-mode address (bits 48..63). */
   offset(index: number): number {
-    return this.view.getUint32(this.descOffset + 16 * (index & this.mask) + 4, true) >>> 16;
+    return this.view.getUint32(this.descOffset + 16 * (index & this.mask) + 4, true) >>> OFFSET_SHIFT_HIGH_WORD;
   }
   len(index: number): number {
     return this.view.getUint32(this.descOffset + 16 * (index & this.mask) + 8, true);

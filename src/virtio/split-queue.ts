@@ -75,8 +75,9 @@ function fullFence(): void {
  * program order and x86 is TSO, so "used element stores, then used->idx store" needs no fence
  * (the smp_wmb of C implementations). avail->idx is read with Atomics.load, which the JIT may
  * neither cache nor move after the ring-entry reads it guards (the smp_rmb: x86 keeps loads in
- * order once they are issued in order). The store→load cases (flush then read used_event/flags; write avail_event
- * then re-read avail->idx) get a real fence (fullFence) inside needsNotify/setKickNotification.
+ * order once they are issued in order). The store→load cases (flush then read
+ * used_event/flags; write avail_event then re-read avail->idx) get a real fence (fullFence)
+ * inside needsNotify/setKickNotification.
  */
 export class SplitQueue {
   readonly size: number;
@@ -222,10 +223,7 @@ export class SplitQueue {
       const addr = readAddress(d, off0);
       const len = d.getUint32(off0 + 8, true);
       const writable = (flagsNext0 & VIRTQ_DESC_F_WRITE) !== 0;
-      chain.count = 0;
-      chain.readableCount = 0;
-      chain.readableBytes = 0;
-      chain.writableBytes = 0;
+      // pop() left the chain empty: a zero-length buffer stays out of it.
       if (len === 0) return;
       if (addr < 0) throw this.fail('addr-too-large', `buffer address in descriptor ${head} is beyond 2^52`, head);
       const r = mem.find(addr, len);
