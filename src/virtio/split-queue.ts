@@ -99,6 +99,8 @@ export class SplitQueue {
    * scheduled after the ring-entry reads it guards; a sequentially consistent load is neither.
    */
   private readonly availHeader: Uint16Array;
+  /** used->flags and used->idx, for the atomic publish of used->idx. */
+  private readonly usedHeader: Uint16Array;
 
   private lastAvail = 0;
   /** Last avail->idx we read; entries in [lastAvail, shadowAvail) are known available. */
@@ -132,11 +134,17 @@ export class SplitQueue {
     };
     this.descView = place('descriptor', descGpa, bytes.desc);
     this.availView = place('avail', availGpa, bytes.avail);
-    if ((this.availView.byteOffset & 1) !== 0) {
-      throw new VirtqueueError('misaligned-ring', opts.name, `avail ring 0x${availGpa.toString(16)} sits at an odd host address (the region's mmap offset is odd)`);
+    this.usedView = place('used', usedGpa, bytes.used);
+    // The two indices that cross between the driver and us are accessed as atomic u16s, which
+    // needs them at even host addresses; guest-physical alignment says nothing about an odd
+    // region start in our mapping.
+    for (const [what, gpa] of [['avail', availGpa], ['used', usedGpa]] as const) {
+      if ((mem.translate(gpa, 4) & 1) !== 0) {
+        throw new VirtqueueError('misaligned-ring', opts.name, `${what} ring 0x${gpa.toString(16)} sits at an odd host address (its region's mmap offset is odd)`);
+      }
     }
     this.availHeader = new Uint16Array(this.availView.buffer, this.availView.byteOffset, 2);
-    this.usedView = place('used', usedGpa, bytes.used);
+    this.usedHeader = new Uint16Array(this.usedView.buffer, this.usedView.byteOffset, 2);
     this.mem = mem;
     this.size = size;
     this.mask = size - 1;
@@ -346,13 +354,14 @@ export class SplitQueue {
   }
 
   /**
-   * Publishes pushed elements by writing used->idx. The element stores above happen before this
-   * store in program order and x86 keeps stores in order (TSO), so no write fence is needed.
+   * Publishes pushed elements by writing used->idx. An atomic store: the element stores above
+   * may not be moved after it, by the JIT (which takes guest memory for unshared and owes plain
+   * stores no order) or by a weakly ordered CPU. On x86 it costs one locked instruction per burst.
    */
   flushUsed(): void {
     const newIdx = this.used;
     const old = this.publishedUsed;
-    this.usedView.setUint16(2, newIdx, true);
+    Atomics.store(this.usedHeader, 1, newIdx);
     this.publishedUsed = newIdx;
     // More than 65535 elements since the last notify check: the u16 window no longer says
     // whether used_event was crossed, so notify unconditionally next time.

@@ -78,11 +78,20 @@ describe('SplitQueue construction', () => {
     expectReason(() => new SplitQueue(fx.deviceMem, { ...ok, descGpa: 8 }, { eventIdx: false, name: 'q' }), 'misaligned-ring');
     expectReason(() => new SplitQueue(fx.deviceMem, { ...ok, availGpa: 0x1001 }, { eventIdx: false, name: 'q' }), 'misaligned-ring');
     expectReason(() => new SplitQueue(fx.deviceMem, { ...ok, usedGpa: 0x2002 }, { eventIdx: false, name: 'q' }), 'misaligned-ring');
-    // Aligned in guest-physical terms but at an odd place in our mapping (an odd region start):
-    // avail->idx could not be read as one atomic u16.
+    // Aligned in guest-physical terms but at an odd place in our mapping (a region whose mmap
+    // offset is odd): avail->idx and used->idx could not be accessed as atomic u16s.
     const r0 = fx.deviceMem.regions[0]!;
-    const odd = new GuestMemory([{ gpa: 1, size: MiB - 1, uva: r0.uva, hostAddress: r0.hostAddress }]);
-    expectReason(() => new SplitQueue(odd, { size: 256, descGpa: 0x10, availGpa: 0x1010, usedGpa: 0x2010 }, { eventIdx: false, name: 'q' }), 'misaligned-ring');
+    const odd = new GuestMemory([{ gpa: 0, size: 0x4000, uva: r0.uva + 1, hostAddress: r0.hostAddress + 1 }]);
+    expect(() => new SplitQueue(odd, { size: 256, descGpa: 0x10, availGpa: 0x1010, usedGpa: 0x2010 }, { eventIdx: false, name: 'q' }))
+      .toThrow(/avail ring 0x1010 sits at an odd host address/);
+    // Only the used ring's region is odd.
+    const split = new GuestMemory([
+      { gpa: 0, size: 0x4000, uva: r0.uva, hostAddress: r0.hostAddress },
+      { gpa: 0x10000, size: 0x4000, uva: r0.uva + 0x8001, hostAddress: r0.hostAddress + 0x8001 },
+    ]);
+    expect(() => new SplitQueue(split, { size: 256, descGpa: 0, availGpa: 0x1000, usedGpa: 0x2000 }, { eventIdx: false, name: 'q' })).not.toThrow();
+    expect(() => new SplitQueue(split, { size: 256, descGpa: 0, availGpa: 0x1000, usedGpa: 0x10000 }, { eventIdx: false, name: 'q' }))
+      .toThrow(/used ring 0x10000 sits at an odd host address/);
   });
 
   it('starts usedIdx from used->idx in guest memory (resuming a ring)', () => {
