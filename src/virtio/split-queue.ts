@@ -63,6 +63,12 @@ function fullFence(): void {
   Atomics.add(fenceCell, 0, 0);
 }
 
+// Ring fields are little-endian. DataView accesses say so; the Atomics on avail->idx and
+// used->idx go through a Uint16Array, which is host order.
+if (new Uint8Array(new Uint16Array([1]).buffer)[0] !== 1) {
+  throw new Error('vhost-xdp needs a little-endian host: virtqueue indices are accessed as native u16s');
+}
+
 /**
  * The device side of a virtio 1.x split virtqueue living in guest memory.
  *
