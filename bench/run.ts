@@ -129,6 +129,7 @@ async function offloadRounds(kind: 'tap' | 'xsk'): Promise<OffloadRun[]> {
 }
 
 const med = (rs: OffloadRun[], pick: (r: OffloadRun) => number): number => median(rs.map(pick));
+const count = (x: number): string => String(Math.round(x));
 const eachRound = (xs: number[]): string => (rounds > 1 ? `; rounds ${xs.map((x) => x.toFixed(2)).join(' ')}` : '');
 const roundsNote = rounds > 1 ? ` (medians of ${rounds} rounds)` : '';
 
@@ -137,24 +138,25 @@ if (which === 'offload' || which === 'all') {
   const rs = await offloadRounds('tap');
   results.offload = rounds > 1 ? rs : rs[0];
   const h = (r: OffloadRun) => r.hostToGuest;
-  line('map ELEM_UPDATE round trips /s', String(med(rs, (r) => r.singleUpdatesPerSec)), 'target >= 20,000');
-  line('map ELEM_LOOKUP round trips /s', String(med(rs, (r) => r.singleLookupsPerSec)));
-  line(`batched element ops /s (batch ${rs[0]!.batchSize})`, String(med(rs, (r) => r.batchedElementOpsPerSec)), 'target >= 200,000');
-  line('host->guest delivered without offload (pps)', String(med(rs, (r) => h(r).deliveredPps)), `(offered ${med(rs, (r) => h(r).offeredPps.delivered)})`);
-  line('host->guest dropped on host by XDP_DROP (pps)', String(med(rs, (r) => h(r).offloadDropPps)), `(offered ${med(rs, (r) => h(r).offeredPps.dropped)})`);
-  line('offload effect (drop rate / delivery rate)', `${med(rs, (r) => h(r).ratio)}x`, `RFC measured 5.2x${generatorBound(rs)}${eachRound(rs.map((r) => h(r).ratio))}`);
+  const m = (r: OffloadRun) => r.maps!;
+  line('map ELEM_UPDATE round trips /s', count(med(rs, (r) => m(r).singleUpdatesPerSec)), 'target >= 20,000');
+  line('map ELEM_LOOKUP round trips /s', count(med(rs, (r) => m(r).singleLookupsPerSec)));
+  line(`batched element ops /s (batch ${m(rs[0]!).batchSize})`, count(med(rs, (r) => m(r).batchedElementOpsPerSec)), 'target >= 200,000');
+  line('host->guest delivered without offload (pps)', count(med(rs, (r) => h(r).deliveredPps)), `(offered ${count(med(rs, (r) => h(r).offeredPps.delivered))})`);
+  line('host->guest dropped on host by XDP_DROP (pps)', count(med(rs, (r) => h(r).offloadDropPps)), `(offered ${count(med(rs, (r) => h(r).offeredPps.dropped))})`);
+  line('offload effect (drop rate / delivery rate)', `${med(rs, (r) => h(r).ratio).toFixed(2)}x`, `RFC measured 5.2x${generatorBound(rs)}${eachRound(rs.map((r) => h(r).ratio))}`);
   if (!json) console.log(`offload effect on the xsk port (program native in the kernel)${roundsNote}`);
   const xs = await offloadRounds('xsk');
   results.offloadXsk = rounds > 1 ? xs : xs[0];
-  line('host->guest delivered without offload (pps)', String(med(xs, (r) => h(r).deliveredPps)), `(offered ${med(xs, (r) => h(r).offeredPps.delivered)})`);
-  line('host->guest dropped in the kernel by XDP_DROP (pps)', String(med(xs, (r) => h(r).offloadDropPps)), `(offered ${med(xs, (r) => h(r).offeredPps.dropped)})`);
-  line('offload effect (drop rate / delivery rate)', `${med(xs, (r) => h(r).ratio)}x`, `target >= 10x${generatorBound(xs)}${eachRound(xs.map((r) => h(r).ratio))}`);
+  line('host->guest delivered without offload (pps)', count(med(xs, (r) => h(r).deliveredPps)), `(offered ${count(med(xs, (r) => h(r).offeredPps.delivered))})`);
+  line('host->guest dropped in the kernel by XDP_DROP (pps)', count(med(xs, (r) => h(r).offloadDropPps)), `(offered ${count(med(xs, (r) => h(r).offeredPps.dropped))})`);
+  line('offload effect (drop rate / delivery rate)', `${med(xs, (r) => h(r).ratio).toFixed(2)}x`, `target >= 10x${generatorBound(xs)}${eachRound(xs.map((r) => h(r).ratio))}`);
   const caps = xs.map((r) => h(r).dropCapacity).filter((c): c is NonNullable<typeof c> => c !== undefined);
   if (caps.length > 0) {
     if (!json) console.log('  the drop path\'s capacity: a second generator on the backend\'s core, idle while frames die in the kernel:');
     const bound = caps.every((c) => c.offeredPps > 0 && c.pps >= 0.99 * c.offeredPps) ? '; still every offered frame: a lower bound' : '';
-    line('host->guest dropped in the kernel (pps)', String(median(caps.map((c) => c.pps))), `(offered ${median(caps.map((c) => c.offeredPps))})`);
-    line('drop capacity / delivery rate', `${median(caps.map((c) => c.ratioToDelivered))}x`, `not the same flood: the delivery window had one generator${bound}`);
+    line('host->guest dropped in the kernel (pps)', count(median(caps.map((c) => c.pps))), `(offered ${count(median(caps.map((c) => c.offeredPps)))})`);
+    line('drop capacity / delivery rate', `${median(caps.map((c) => c.ratioToDelivered)).toFixed(2)}x`, `not the same flood: the delivery window had one generator${bound}`);
   }
 }
 
