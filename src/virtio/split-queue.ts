@@ -77,13 +77,13 @@ if (new Uint8Array(new Uint16Array([1]).buffer)[0] !== 1) {
  * inside one guest memory region, and walks are bounded, so a hostile guest can make pop()
  * throw a VirtqueueError but never make it touch memory outside guest RAM or spin.
  *
- * Memory ordering: this runs in a single JS thread per queue; V8 keeps DataView stores in
- * program order and x86 is TSO, so "used element stores, then used->idx store" needs no fence
- * (the smp_wmb of C implementations). avail->idx is read with Atomics.load, which the JIT may
- * neither cache nor move after the ring-entry reads it guards (the smp_rmb: x86 keeps loads in
- * order once they are issued in order). The store→load cases (flush then read
- * used_event/flags; write avail_event then re-read avail->idx) get a real fence (fullFence)
- * inside needsNotify/setKickNotification.
+ * Memory ordering: this runs in a single JS thread per queue, and V8 takes guest memory for
+ * unshared, so plain DataView accesses promise no order between the two sides. The two
+ * indices carry it: used->idx is published with Atomics.store, after the used element stores
+ * (the smp_wmb of C implementations); avail->idx is read with Atomics.load, which the JIT may
+ * neither cache nor move after the ring-entry reads it guards (the smp_rmb). The store→load
+ * cases (flush then read used_event/flags; write avail_event then re-read avail->idx) get a
+ * real fence (fullFence) inside needsNotify/setKickNotification.
  */
 export class SplitQueue {
   readonly size: number;
