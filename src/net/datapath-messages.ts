@@ -1,4 +1,4 @@
-import type { RegionInfo } from '../vhost-user/guest-memory.js';
+import type { RegionInfo } from '../memory/guest-memory.js';
 import type { VringConfig } from '../vhost-user/backend.js';
 import type { HostQueueConfig } from '../ports/port.js';
 import type { XskOffloadTarget } from '../ports/xsk.js';

@@ -3,7 +3,7 @@
 // synchronous requests arrive (received with receiveMessageOnPort, so the loop never yields).
 import { workerData, parentPort, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import { Epoll, EPOLLIN, eventfdDrain, eventfdSignal } from '../sys/libc.js';
-import { GuestMemory } from '../vhost-user/guest-memory.js';
+import { GuestMemory } from '../memory/guest-memory.js';
 import { SplitQueue } from '../virtio/split-queue.js';
 import { openHostQueue } from '../ports/host-queue.js';
 import type { HostQueue } from '../ports/port.js';

@@ -1,7 +1,7 @@
 import { logger, type Logger } from '../log.js';
 import { bit, hasBit } from '../vhost-user/protocol.js';
 import { BackendRefusal, type VhostUserBackend, type VringConfig } from '../vhost-user/backend.js';
-import type { RegionInfo } from '../vhost-user/guest-memory.js';
+import type { RegionInfo } from '../memory/guest-memory.js';
 import type { Port } from '../ports/port.js';
 import { OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, NetFeature as F, describeFeatures, vnetHeaderLength } from './features.js';
 import { DeviceStats } from './stats.js';

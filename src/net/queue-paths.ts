@@ -3,7 +3,7 @@ import { readU64, writeU64 } from '../sys/u64.js';
 import { SplitQueue } from '../virtio/split-queue.js';
 import { DescriptorChain } from '../virtio/descriptor-chain.js';
 import { VirtqueueError } from '../virtio/errors.js';
-import type { GuestMemory } from '../vhost-user/guest-memory.js';
+import type { GuestMemory } from '../memory/guest-memory.js';
 import type { HostQueue } from '../ports/port.js';
 import { C, COUNTERS } from './stats.js';
 import { TestRunner, XDP_DROP, XDP_PASS, XDP_TX } from '../sys/libbpf.js';

@@ -2,7 +2,7 @@ import koffi from 'koffi';
 import { FillRing, CompletionRing, RxRing, TxRing, kickTx } from '../sys/xsk.js';
 import { SplitQueue } from '../virtio/split-queue.js';
 import { DescriptorChain } from '../virtio/descriptor-chain.js';
-import type { GuestMemory } from '../vhost-user/guest-memory.js';
+import type { GuestMemory } from '../memory/guest-memory.js';
 import type { HostQueue } from '../ports/port.js';
 import type { XskQueueConfig } from '../ports/xsk.js';
 import { QueuePath, headerRequests, unnegotiatedRequest, type PathContext } from './queue-paths.js';

@@ -17,7 +17,7 @@ export interface HostQueue {
 
 import type { XskQueueConfig } from './xsk.js';
 import type { PacketQueueConfig } from './packet-queue.js';
-import type { RegionInfo } from '../vhost-user/guest-memory.js';
+import type { RegionInfo } from '../memory/guest-memory.js';
 
 /** What a worker needs to open its side of a port queue (plain data: posted to workers). */
 export type HostQueueConfig = { kind: 'tap'; fd: number; ifname: string } | XskQueueConfig | PacketQueueConfig;

@@ -9,7 +9,7 @@ import {
   BpfMap, BpfMapType, BpfError, progLoad, encodeInsns, xdpAttach, xdpDetach, closeBpfFd, XDP_FLAGS_DRV_MODE, XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_FLAGS_REPLACE, XDP_PASS,
   BPF_PSEUDO_MAP_FD,
 } from '../sys/libbpf.js';
-import type { RegionInfo } from '../vhost-user/guest-memory.js';
+import type { RegionInfo } from '../memory/guest-memory.js';
 import { linkStats } from './link-stats.js';
 import type { Port } from './port.js';
 import type { PacketQueueConfig } from './packet-queue.js';

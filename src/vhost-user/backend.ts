@@ -1,4 +1,4 @@
-import type { RegionInfo } from './guest-memory.js';
+import type { RegionInfo } from '../memory/guest-memory.js';
 
 /** A backend's refusal of something the frontend asked for (logged as a refusal, not a bug). */
 export class BackendRefusal extends Error {

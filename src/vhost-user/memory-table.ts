@@ -1,7 +1,7 @@
 import koffi from 'koffi';
 import { SharedMapping, closeFd, NativeBuffer, check } from '../sys/libc.js';
 import type { MemoryRegionDesc } from './protocol.js';
-import { MAX_GUEST_ADDRESS, type RegionInfo } from './guest-memory.js';
+import { MAX_GUEST_ADDRESS, type RegionInfo } from '../memory/guest-memory.js';
 
 const fstat = koffi.load('libc.so.6').func('fstat', 'int', ['int', 'intptr_t']);
 const statBuf = new NativeBuffer(4096);

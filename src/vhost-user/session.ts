@@ -1,7 +1,7 @@
 import { closeFd, SysError } from '../sys/libc.js';
 import type { UnixSocket } from '../sys/unix-socket.js';
 import { logger, type Logger } from '../log.js';
-import { GuestMemory, GuestMemoryError, type RegionInfo } from './guest-memory.js';
+import { GuestMemory, GuestMemoryError, type RegionInfo } from '../memory/guest-memory.js';
 import { MemoryTable, MemoryTableError } from './memory-table.js';
 import { MessageReader, ProtocolError, type Message } from './message-reader.js';
 import { BackendRefusal, type VhostUserBackend } from './backend.js';

@@ -1,4 +1,4 @@
-import { GuestMemory, readAddress } from '../vhost-user/guest-memory.js';
+import { GuestMemory, readAddress } from '../memory/guest-memory.js';
 import { DescriptorChain } from './descriptor-chain.js';
 import { VirtqueueError } from './errors.js';
 

@@ -3,7 +3,7 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { UnixSocket } from '../../src/sys/unix-socket.js';
 import { memfdCreate, SharedMapping, eventfdCreate, eventfdSignal, eventfdDrain, closeFd } from '../../src/sys/libc.js';
-import { GuestMemory } from '../../src/vhost-user/guest-memory.js';
+import { GuestMemory } from '../../src/memory/guest-memory.js';
 import {
   Request, ProtocolFeature, FLAG_VERSION, FLAG_NEED_REPLY, FLAG_REPLY, HEADER_SIZE, bit, hasBit,
   encodeMessage, decodeHeader, u64Payload, vringStatePayload, vringAddrPayload, memTablePayload, F_PROTOCOL_FEATURES,

@@ -1,4 +1,4 @@
-import { GuestMemory, type RegionInfo } from '../../src/vhost-user/guest-memory.js';
+import { GuestMemory, type RegionInfo } from '../../src/memory/guest-memory.js';
 import { SharedMapping, closeFd, memfdCreate } from '../../src/sys/libc.js';
 
 export const MiB = 1 << 20;

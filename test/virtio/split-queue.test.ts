@@ -1,6 +1,6 @@
 import koffi from 'koffi';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { GuestMemory } from '../../src/vhost-user/guest-memory.js';
+import { GuestMemory } from '../../src/memory/guest-memory.js';
 import { makeMemoryFixture, MiB, HI, type MemoryFixture } from './memory-fixture.js';
 import {
   DescriptorChain,

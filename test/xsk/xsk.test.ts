@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import { spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { GuestMemory, type RegionInfo } from '../../src/vhost-user/guest-memory.js';
+import { GuestMemory, type RegionInfo } from '../../src/memory/guest-memory.js';
 import { SharedMapping, NativeBuffer, closeFd, memfdCreate } from '../../src/sys/libc.js';
 import { pollReadable, kickTx, TxRing, RxRing } from '../../src/sys/xsk.js';
 import { readU64, writeU64 } from '../../src/sys/u64.js';

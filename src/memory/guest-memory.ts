@@ -1,4 +1,5 @@
 import koffi from 'koffi';
+import { VxError } from '../errors.js';
 
 /**
  * Where one region of guest RAM is, in three address spaces: guest-physical (descriptors),
@@ -22,10 +23,10 @@ export interface GuestRegion extends RegionInfo {
   readonly view: DataView;
 }
 
-export class GuestMemoryError extends Error {
+/** A guest or frontend address outside guest memory (code `guest-address`). */
+export class GuestMemoryError extends VxError {
   constructor(message: string) {
-    super(message);
-    this.name = 'GuestMemoryError';
+    super('guest-address', message);
   }
 }
 
