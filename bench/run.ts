@@ -1,19 +1,22 @@
 // `npm run bench [-- tap|xsk|offload|all] [--seconds N] [--rounds N] [--json]`: throughput of vhost-xdp beside DPDK
 // references measured in the same run (ratios matter, not absolute numbers: the machine is shared).
+// `npm run bench -- scale [--devices 1,8,32,64] [--workers N] [--seconds N] [--json]`: RSS, threads and idle CPU
+// of one serve process with N quiet devices (issue 13). Not part of `all`: it measures footprint, not throughput.
 import { loadavg } from 'node:os';
 import { measureDpdkTapReference, measureVhostXdpTap, measureDpdkAfXdpReference, measureVhostXdpXsk, type ReferenceResult } from './reference-dpdk.js';
 import { runOffloadBench } from './offload-bench.js';
+import { runScaleBench, scaleTable, SCALE_TARGETS } from './scale-bench.js';
 
 const args = process.argv.slice(2);
-const VALUED = new Set(['--seconds', '--rounds']);
+const VALUED = new Set(['--seconds', '--rounds', '--devices', '--workers']);
 const unknownFlag = args.find((a) => a.startsWith('--') && !VALUED.has(a) && a !== '--json');
 if (unknownFlag) {
-  console.error(`unknown option ${unknownFlag}: --seconds N, --rounds N, --json`);
+  console.error(`unknown option ${unknownFlag}: --seconds N, --rounds N, --devices N,N,..., --workers N, --json`);
   process.exit(2);
 }
 const which = args.find((a, i) => !a.startsWith('--') && !VALUED.has(args[i - 1] ?? '')) ?? 'all';
-if (!['tap', 'xsk', 'offload', 'all'].includes(which)) {
-  console.error(`unknown bench '${which}': tap, xsk, offload or all`);
+if (!['tap', 'xsk', 'offload', 'scale', 'all'].includes(which)) {
+  console.error(`unknown bench '${which}': tap, xsk, offload, scale or all`);
   process.exit(2);
 }
 const secIdx = args.indexOf('--seconds');
@@ -27,6 +30,24 @@ if (!Number.isInteger(rounds) || rounds < 1 || rounds > 20) {
 }
 if (!Number.isFinite(seconds) || seconds <= 0) {
   console.error('--seconds takes a positive number');
+  process.exit(2);
+}
+const valueOf = (flag: string): string | undefined => (args.includes(flag) ? args[args.indexOf(flag) + 1] ?? '' : undefined);
+if (which !== 'scale' && (valueOf('--devices') !== undefined || valueOf('--workers') !== undefined)) {
+  console.error('--devices and --workers belong to the scale bench');
+  process.exit(2);
+}
+const devicesText = valueOf('--devices') ?? '1,8,32,64';
+// Ascending and distinct: each row's growth per device is taken against the row before it.
+const deviceCounts = [...new Set(devicesText.split(',').map(Number))].sort((a, b) => a - b);
+if (deviceCounts.some((n) => !Number.isInteger(n) || n < 1 || n > 256)) {
+  console.error('--devices takes a comma-separated list of integers 1..256');
+  process.exit(2);
+}
+const workersText = valueOf('--workers');
+const workers = workersText === undefined ? undefined : Number(workersText);
+if (workers !== undefined && (!Number.isInteger(workers) || workers < 1)) {
+  console.error('--workers takes a positive integer');
   process.exit(2);
 }
 const results: Record<string, unknown> = { loadAvg1: loadavg()[0] };
@@ -157,6 +178,28 @@ if (which === 'offload' || which === 'all') {
     const bound = caps.every((c) => c.offeredPps > 0 && c.pps >= 0.99 * c.offeredPps) ? '; still every offered frame: a lower bound' : '';
     line('host->guest dropped in the kernel (pps)', count(median(caps.map((c) => c.pps))), `(offered ${count(median(caps.map((c) => c.offeredPps)))})`);
     line('drop capacity / delivery rate', `${median(caps.map((c) => c.ratioToDelivered)).toFixed(2)}x`, `not the same flood: the delivery window had one generator${bound}`);
+  }
+}
+
+if (which === 'scale') {
+  if (!json) {
+    console.log(`quiet devices in one serve process: tap ports, 1 queue pair, a TS frontend each with running vrings (this process, not counted)`);
+    console.log(`  1-min load average at start (2 cores): ${loadavg()[0]!.toFixed(2)}`);
+  }
+  let r: Awaited<ReturnType<typeof runScaleBench>>;
+  try {
+    r = await runScaleBench({ devices: deviceCounts, seconds, workers });
+  } catch (e) {
+    console.error(`scale bench: ${(e as Error).message}`);
+    process.exit(1);
+  }
+  results.scale = r;
+  if (!json) {
+    const mode = r.workers !== null ? `--workers ${r.workers}` : r.workersOption ? 'serve\'s default --workers' : 'per-device worker threads (serve has no --workers yet)';
+    console.log(`  datapath: ${mode}; idle CPU over ${r.windowSeconds} s (CLK_TCK ${r.clockTick}); ${r.frontendMemMb} MiB guest RAM per frontend`);
+    console.log(`  targets: RSS <= ${SCALE_TARGETS.rssMbAt32} MB at 32, <= ${SCALE_TARGETS.perAddedDeviceMb} MB per added device, idle < ${SCALE_TARGETS.idleCpuPctAt64}% of a core at 64`);
+    for (const l of scaleTable(r)) console.log(l);
+    console.log('  anon: the backend\'s own heap, isolates and stacks; shmem: guest RAM it touched; unconn.: RSS with the devices up but no frontend yet');
   }
 }
 

@@ -48,13 +48,13 @@ export function unmountPinDir(at: string): void {
 }
 
 /** Starts `vhost-xdp serve ARGS --control DIR/ctl` and waits for its ready line. */
-export async function startBackend(args: string[], opts: { name?: string; dir?: string; env?: NodeJS.ProcessEnv } = {}): Promise<Backend> {
+export async function startBackend(args: string[], opts: { name?: string; dir?: string; env?: NodeJS.ProcessEnv; readyTimeoutMs?: number } = {}): Promise<Backend> {
   if (!fs.existsSync(CLI)) throw new Error(`${CLI} is missing: run npm run build`);
   const dir = opts.dir ?? tempDir('be');
   const control = path.join(dir, 'ctl.sock');
   const proc = spawnManaged(process.execPath, [CLI, 'serve', ...args, '--control', control], { name: opts.name ?? 'vhost-xdp', env: opts.env });
   try {
-    await proc.waitForLine(/^vhost-xdp ready:/, 15_000);
+    await proc.waitForLine(/^vhost-xdp ready:/, opts.readyTimeoutMs ?? 15_000);
   } catch (e) {
     await proc.stop('SIGKILL', 1000);
     throw new Error(`backend did not become ready: ${(e as Error).message}\n${proc.tail(30)}`);
