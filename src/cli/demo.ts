@@ -69,7 +69,7 @@ export function demoCommand(y: Argv) {
     const sock = path.join(dir, 'vx0.sock');
     const tap = `vxdemo${process.pid % 1000}`;
     step(`serve --socket ${sock} --port tap:${tap} --queues 1 --offload   (the guest sees 2 queue pairs: 1 data + the offload pair)`);
-    const svc = await Service.start([{ name: 'demo', socket: sock, port: `tap:${tap}`, queues: 1, client: false, threads: 1, busyPoll: false, offload: true }], null);
+    const svc = await Service.start([{ name: 'demo', socket: sock, port: `tap:${tap}`, queues: 1, client: false, offload: true }], null, { workers: 1 });
     const device = svc.devices.get('demo')!;
     let qemu: ChildProcess | null = null;
     const cleanup = async () => {

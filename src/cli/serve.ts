@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import type { Argv } from 'yargs';
 import { logger, setLogLevel, type LogLevel } from '../log.js';
 import { Service } from '../service/service.js';
+import { defaultWorkers } from '../datapath/worker-pool.js';
 import { parseDeviceOption, validateSpec, parsePinLimit, pinLimitDefault, SpecError, type DeviceSpec } from '../service/device-spec.js';
 
 const log = logger('vhost-xdp');
@@ -16,10 +17,10 @@ export function serveCommand(y: Argv) {
       .option('queues', { type: 'number', default: 1, describe: 'queue pairs offered to the guest' })
       .option('name', { type: 'string', default: 'dev0', describe: 'device name used in logs, status and the control API' })
       .option('client', { type: 'boolean', default: false, describe: 'connect to the socket (QEMU listens with server=on) and reconnect with backoff' })
-      .option('threads', { type: 'number', default: 1, describe: 'datapath worker threads per device (queue pairs dealt round-robin)' })
-      .option('busy-poll', { type: 'boolean', default: false, describe: 'spin on the rings instead of sleeping in epoll (burns a core, lowers latency)' })
+      .option('workers', { type: 'number', describe: `datapath threads shared by every device (default: the cores this process may run on, ${defaultWorkers()} here); each queue pair runs on one, the least busy when it starts` })
+      .option('busy-poll', { type: 'boolean', default: false, describe: 'datapath workers spin on their rings instead of sleeping in epoll (burns a core each, lowers latency)' })
       .option('mtu', { type: 'number', describe: 'MTU applied to the port until the frontend sends NET_SET_MTU' })
-      .option('device', { type: 'string', array: true, describe: 'more devices: name=N,socket=PATH,port=tap:IF[,queues=N,client=1,threads=N,busy-poll=1,mtu=N,offload=1,pin-dir=DIR,pin-limit=SIZE] (repeatable)' })
+      .option('device', { type: 'string', array: true, describe: 'more devices: name=N,socket=PATH,port=tap:IF[,queues=N,client=1,mtu=N,offload=1,pin-dir=DIR,pin-limit=SIZE] (repeatable)' })
       .option('config', { type: 'string', describe: 'JSON file: {"devices":[{name,socket,port,queues,...}], "control": PATH}' })
       .option('offload', { type: 'boolean', default: false, describe: 'offer one more queue pair as the XDP offload channel (docs/offload-protocol.md); start QEMU with queues=N+1' })
       .option('pin-dir', { type: 'string', describe: 'with --offload: pin offloaded programs and maps under DIR/<device>/ so a restarted backend re-adopts them (a bpffs directory)' })
@@ -34,7 +35,10 @@ export function serveCommand(y: Argv) {
       let control = argv.control ?? null;
       try {
         const pinLimit = argv['pin-limit'] === undefined ? undefined : parsePinLimit(argv['pin-limit'], '--pin-limit');
-        const defaults = { queues: argv.queues, client: argv.client, threads: argv.threads, busyPoll: argv['busy-poll'], mtu: argv.mtu, offload: argv.offload, pinDir: argv['pin-dir'], pinLimit };
+        const defaults = { queues: argv.queues, client: argv.client, mtu: argv.mtu, offload: argv.offload, pinDir: argv['pin-dir'], pinLimit };
+        if (argv.workers !== undefined && (!Number.isInteger(argv.workers) || argv.workers < 1 || argv.workers > 256)) {
+          throw new SpecError(`--workers ${argv.workers} outside 1..256`);
+        }
         specs = [];
         if (argv.config) {
           const cfg = JSON.parse(fs.readFileSync(argv.config, 'utf8')) as { devices?: Partial<DeviceSpec>[]; control?: string };
@@ -55,7 +59,7 @@ export function serveCommand(y: Argv) {
       }
       let svc: Service;
       try {
-        svc = await Service.start(specs, control);
+        svc = await Service.start(specs, control, { workers: argv.workers, busyPoll: argv['busy-poll'] });
       } catch (e) {
         console.error(`vhost-xdp serve: ${(e as Error).message}`);
         process.exit(1);

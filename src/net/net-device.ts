@@ -5,26 +5,25 @@ import type { RegionInfo } from '../memory/guest-memory.js';
 import type { Port } from '../ports/port.js';
 import { OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, NetFeature as F, describeFeatures, vnetHeaderLength } from './features.js';
 import { DeviceStats } from './stats.js';
-import { DatapathThread } from './datapath-thread.js';
-import type { OffloadProgram, OffloadShow } from '../offload/broker.js';
-import type { Quotas, QuotaUsage } from '../offload/quotas.js';
-import { ETH_HLEN, TX_CSUM, TX_TSO4, TX_TSO6, TX_ECN, type OffloadInit } from './datapath-messages.js';
+import type { WorkerPool, PoolClient } from '../datapath/worker-pool.js';
+import type { DeviceRequest, WorkerEvent } from '../datapath/messages.js';
+import type { OffloadProgram } from '../offload/broker.js';
+import { ETH_HLEN, TX_CSUM, TX_TSO4, TX_TSO6, TX_ECN, type FrameFormat } from './frame-format.js';
 import { progGetFdById } from '../sys/libbpf.js';
-import type { FrameFormat } from './datapath-messages.js';
 import type { XskOffloadTarget } from '../ports/xsk.js';
+import { OffloadChannel } from './offload-channel.js';
 
 export interface NetDeviceOptions {
   name: string;
   port: Port;
   /** Queue pairs offered to the frontend (the port must have as many queues). */
   queuePairs: number;
-  /** Datapath worker threads; queue pairs are dealt out round-robin. */
-  threads: number;
-  busyPoll: boolean;
+  /** The process's datapath workers; this device's pairs are assigned to them as they start. */
+  pool: WorkerPool;
   /** MTU used before (or without) NET_SET_MTU. */
   mtu?: number;
   /** With offload, the last queue pair is the reserved offload pair (docs/offload-protocol.md). */
-  offload?: OffloadInit | null;
+  offload?: { device: string; pinDir: string | null } | null;
 }
 
 const VLAN_HLEN = 4;
@@ -32,72 +31,163 @@ const MAX_GSO_FRAME = 65550;
 
 /**
  * The virtio-net device behind one vhost-user socket: negotiates features, applies MTU and
- * offloads to its port, and hands running vrings to its datapath threads.
+ * offloads to its port, and hands running vrings to the worker pool. A pair gets a worker
+ * when its first ring starts and gives it back when both have stopped; the device is known
+ * to a worker only while that worker serves one of its pairs.
  */
-export class NetDevice implements VhostUserBackend {
+export class NetDevice implements VhostUserBackend, PoolClient {
   readonly name: string;
   readonly stats: DeviceStats;
   readonly port: Port;
-  private readonly threads: DatapathThread[];
+  private readonly pool: WorkerPool;
+  private readonly id: number;
   private readonly log: Logger;
   private features = 0n;
   private mtu: number;
-  private readonly running = new Set<number>();
+  private regions: RegionInfo[] = [];
+  /** Running vrings and how they were started (a pair moving to another worker restarts from it). */
+  private readonly running = new Map<number, VringConfig>();
+  /** Workers that know this device, and the pairs each serves. */
+  private readonly onWorker = new Map<number, Set<number>>();
   connected = false;
   /** Set while the process shuts down: offload state then stays pinned for the next process. */
   shuttingDown = false;
-  /** The offload broker, which runs on the datapath thread of the offload pair. */
-  readonly broker: OffloadHandle | null;
+  /** The offload channel's broker (main thread), with --offload. */
+  readonly broker: OffloadChannel | null;
   readonly offloadPair: number;
   lastResetReason = '';
 
   constructor(private readonly opts: NetDeviceOptions) {
     this.name = opts.name;
     this.port = opts.port;
+    this.pool = opts.pool;
     this.log = logger(opts.name);
     this.mtu = opts.mtu ?? 1500;
     this.stats = new DeviceStats(opts.queuePairs);
-    const n = Math.max(1, Math.min(opts.threads, opts.queuePairs));
     this.offloadPair = opts.offload ? opts.queuePairs - 1 : -1;
-    this.threads = Array.from({ length: n }, (_, t) => {
-      const pairs = Array.from({ length: opts.queuePairs }, (_, p) => p).filter((p) => p % n === t);
-      return new DatapathThread(`${opts.name}/t${t}`, this.stats.shared, pairs, opts.busyPoll, (e) => {
-        if (e.kind === 'offload-state') this.offloadState(e.claimed, e.program);
-      });
-    });
-    // Queues over guest RAM (AF_XDP) open when their pair starts; the others open now.
-    if (!opts.port.needsGuestMemory) {
-      for (let p = 0; p < opts.queuePairs; p++) this.threadFor(p).request({ op: 'host', pair: p, cfg: opts.port.queueConfig(p) });
-    }
-    this.broker = opts.offload ? new OffloadHandle(this.threadFor(this.offloadPair)) : null;
+    this.id = this.pool.register(this);
     if (opts.offload && opts.port.needsGuestMemory) {
       // The xsk port's offload pair is never a data pair: keep host traffic on the others.
       try { opts.port.setQueueEnabled(this.offloadPair, false); } catch (e) { this.log.warn(`offload pair steering: ${(e as Error).message}`); }
     }
+    let broker: OffloadChannel | null = null;
     if (opts.offload) {
-      const target = (this.port as { offloadTarget?: XskOffloadTarget }).offloadTarget;
-      const init = target ? { ...opts.offload, xsk: target } : opts.offload;
-      this.threadFor(this.offloadPair).request({ op: 'offload', pair: this.offloadPair, init });
+      const xsk = (this.port as { offloadTarget?: XskOffloadTarget }).offloadTarget;
+      try {
+        broker = new OffloadChannel({ ...opts.offload, xsk, log: this.log }, {
+          reply: (m) => this.offloadReply(m),
+          claimChanged: (claimed) => this.eachWorker({ op: 'offload', pair: this.offloadPair, claimed }),
+          programChanged: (p) => this.programChanged(p),
+        });
+      } catch (e) {
+        this.pool.unregister(this.id);
+        throw e;
+      }
+    }
+    this.broker = broker;
+  }
+
+  /** Events from the workers that serve this device's pairs. */
+  onWorkerEvent(e: WorkerEvent): void {
+    if (e.kind === 'offload-request') {
+      if (!this.broker) return;
+      try {
+        this.broker.handle(e.message);
+      } catch (err) {
+        this.log.error(`offload request: ${(err as Error).message}`);
+      }
     }
   }
 
-  /** The broker's thread reports claim and program changes; the others get their own program fd. */
-  private offloadState(claimed: boolean, program: OffloadProgram | null): void {
-    const owner = this.threadFor(this.offloadPair);
-    const changed = program?.id !== this.broker?.program?.id;
-    this.broker?.update(claimed, program);
-    // On ports over guest RAM the program runs in the kernel (attached by the broker's thread):
-    // the other threads have no per-frame test run to feed.
-    if (!changed || this.port.needsGuestMemory) return;
-    for (const t of this.threads) {
-      if (t === owner) continue;
-      let fd = -1;
-      if (program) {
-        try { fd = progGetFdById(program.id); } catch (e) { this.log.error(`offloaded program ${program.id}: ${(e as Error).message}`); }
-      }
-      t.request({ op: 'xdp', progFd: fd });
+  private offloadReply(message: Uint8Array): void {
+    const w = this.pool.workerOf(this.id, this.offloadPair);
+    // The guest stopped its ring in between: the reply has no buffers to go to.
+    if (w < 0) return this.log.debug('offload reply dropped: the reserved pair is not running');
+    this.request(w, { op: 'offload-reply', reply: message });
+  }
+
+  /** Tap ports run the program per frame on every worker of the device, each with its own fd. */
+  private programChanged(program: OffloadProgram | null): void {
+    for (const w of this.onWorker.keys()) this.sendProgram(w, program);
+  }
+
+  private sendProgram(w: number, program: OffloadProgram | null): void {
+    if (this.port.needsGuestMemory) return; // the program runs in the kernel (OffloadChannel)
+    let fd = -1;
+    if (program) {
+      try { fd = progGetFdById(program.id); } catch (e) { this.log.error(`offloaded program ${program.id}: ${(e as Error).message}`); }
     }
-    this.log.info(program ? `offloaded program ${program.id} (tag ${program.tag}, ${program.insns} insns) runs on host->guest frames` : 'no offloaded program');
+    this.request(w, { op: 'xdp', progFd: fd });
+  }
+
+  private request(w: number, req: DeviceRequest): number {
+    return this.pool.worker(w).request({ op: 'device', device: this.id, req });
+  }
+
+  private eachWorker(req: DeviceRequest): void {
+    for (const w of this.onWorker.keys()) this.request(w, req);
+  }
+
+  /** Makes the device known to worker w: its memory, frame format, program and offload pair. */
+  private attachTo(w: number): void {
+    if (this.onWorker.has(w)) return;
+    this.pool.worker(w).request({ op: 'attach', device: this.id, name: this.name, stats: this.stats.shared });
+    this.onWorker.set(w, new Set());
+    this.request(w, { op: 'memory', regions: this.regions });
+    this.request(w, { op: 'format', format: this.format() });
+    if (this.broker) {
+      this.request(w, { op: 'offload', pair: this.offloadPair, claimed: this.broker.claimed });
+      if (this.broker.program) this.sendProgram(w, this.broker.program);
+    }
+  }
+
+  private detachFrom(w: number): void {
+    if (!this.onWorker.delete(w)) return;
+    this.pool.worker(w).request({ op: 'detach', device: this.id });
+  }
+
+  /** Gives a starting pair a worker and opens its host queue there. */
+  private placePair(pair: number, to = -1): number {
+    const w = to >= 0 ? to : this.pool.assign(this.id, pair);
+    this.attachTo(w);
+    this.onWorker.get(w)!.add(pair);
+    // The reserved pair has no AF_XDP socket: offload replies must be written by the datapath.
+    // Its data frames (a stock guest's, before any claim) leave through the port's reserved queue.
+    const cfg = pair === this.offloadPair && this.port.needsGuestMemory && this.port.reservedQueueConfig
+      ? this.port.reservedQueueConfig(pair) : this.port.queueConfig(pair);
+    this.request(w, { op: 'host', pair, cfg });
+    return w;
+  }
+
+  /** Closes a pair's host queue on its worker; the worker forgets the device when it was the last pair. */
+  private unplacePair(pair: number): number {
+    const w = this.pool.workerOf(this.id, pair);
+    if (w < 0) return w;
+    try {
+      this.request(w, { op: 'host', pair, cfg: null });
+    } finally {
+      // Closing the socket is what stops the kernel writing into guest buffers.
+      this.port.releaseQueue?.(pair);
+      const pairs = this.onWorker.get(w);
+      pairs?.delete(pair);
+      if (pairs && pairs.size === 0) this.detachFrom(w);
+    }
+    return w;
+  }
+
+  relocate(pair: number, to: number): boolean {
+    // Replies waiting for the guest's buffers live with the pair's worker: keep that pair put.
+    if (pair === this.offloadPair && this.broker?.claimed) return false;
+    const from = this.pool.workerOf(this.id, pair);
+    if (from < 0 || from === to) return false;
+    const cfgs = [2 * pair, 2 * pair + 1].map((i) => this.running.get(i)).filter((c): c is VringConfig => c !== undefined);
+    // Between bursts: the worker stops a ring only between two of them, never mid-chain.
+    for (const cfg of cfgs) cfg.lastAvailIdx = this.request(from, { op: 'stop', index: cfg.index });
+    this.unplacePair(pair);
+    this.pool.reassign(this.id, pair, to);
+    this.placePair(pair, to);
+    for (const cfg of cfgs) this.request(to, { op: 'start', vring: cfg });
+    return true;
   }
 
   vringStopRequested(index: number): void {
@@ -107,8 +197,11 @@ export class NetDevice implements VhostUserBackend {
     }
   }
 
-  private threadFor(pair: number): DatapathThread {
-    return this.threads[pair % this.threads.length]!;
+  /** Workers and the pairs they serve for this device, for status. */
+  get placement(): { pair: number; worker: number }[] {
+    const out: { pair: number; worker: number }[] = [];
+    for (const [w, pairs] of this.onWorker) for (const pair of pairs) out.push({ pair, worker: w });
+    return out.sort((a, b) => a.pair - b.pair);
   }
 
   deviceFeatures(): bigint {
@@ -165,13 +258,16 @@ export class NetDevice implements VhostUserBackend {
 
   private pushFormat(): void {
     const format = this.format();
-    for (const t of this.threads) t.request({ op: 'format', format });
+    this.eachWorker({ op: 'format', format });
   }
 
   memoryChanged(regions: RegionInfo[]): void {
+    // The session stops every ring first; a pair still placed would keep a queue over old memory.
+    for (const index of [...this.running.keys()]) {
+      this.log.warn(`vring ${index} still running at a memory change; stopping it`);
+      this.stopVring(index);
+    }
     if (this.port.needsGuestMemory) {
-      // The rings are stopped; the workers drop their queues before the UMEM goes away.
-      for (const pair of [...this.openQueues]) this.releaseQueue(pair);
       if (regions.length > 0) {
         const why = this.port.attachMemory?.(regions).bounceReason;
         if (why) this.log.warn(`bounce-only UMEM: ${why}; every frame is copied (counted as jsCopies)`);
@@ -179,54 +275,56 @@ export class NetDevice implements VhostUserBackend {
         this.port.detachMemory?.();
       }
     }
-    for (const t of this.threads) t.request({ op: 'memory', regions });
-  }
-
-  /** Pairs whose port queue is open in a worker (ports over guest RAM only). */
-  private readonly openQueues = new Set<number>();
-
-  private releaseQueue(pair: number): void {
-    this.openQueues.delete(pair);
-    try {
-      this.threadFor(pair).request({ op: 'host', pair, cfg: null });
-    } finally {
-      // Closing the socket is what stops the kernel writing into guest buffers.
-      this.port.releaseQueue?.(pair);
-    }
+    this.regions = regions;
+    this.eachWorker({ op: 'memory', regions });
   }
 
   startVring(cfg: VringConfig): void {
     const pair = cfg.index >> 1;
-    if (this.port.needsGuestMemory && !this.openQueues.has(pair)) {
-      // The reserved pair has no AF_XDP socket: offload replies must be written by the datapath.
-      // Its data frames (a stock guest's, before any claim) leave through the port's reserved queue.
-      const cfg = pair === this.offloadPair && this.port.reservedQueueConfig ? this.port.reservedQueueConfig(pair) : this.port.queueConfig(pair);
-      this.threadFor(pair).request({ op: 'host', pair, cfg });
-      this.openQueues.add(pair);
+    let w = this.pool.workerOf(this.id, pair);
+    const placed = w < 0;
+    if (placed) w = this.placePair(pair);
+    try {
+      this.request(w, { op: 'start', vring: cfg });
+    } catch (e) {
+      if (placed && !this.running.has(2 * pair) && !this.running.has(2 * pair + 1)) this.releasePair(pair);
+      throw e;
     }
-    this.threadFor(cfg.index >> 1).request({ op: 'start', vring: cfg });
-    this.running.add(cfg.index);
+    this.running.set(cfg.index, { ...cfg });
     this.connected = true;
-    this.log.debug(`vring ${cfg.index} started (size ${cfg.size}, base ${cfg.lastAvailIdx})`);
+    this.log.debug(`vring ${cfg.index} started on worker ${w} (size ${cfg.size}, base ${cfg.lastAvailIdx})`);
+  }
+
+  private releasePair(pair: number): void {
+    try {
+      this.unplacePair(pair);
+    } finally {
+      this.pool.release(this.id, pair);
+    }
   }
 
   stopVring(index: number): number {
+    const pair = index >> 1;
     // Forget the ring even when the worker fails to answer: a ring we still think runs would
     // block every later feature change on this device.
     try {
-      const last = this.threadFor(index >> 1).request({ op: 'stop', index });
+      const w = this.pool.workerOf(this.id, pair);
+      if (w < 0 || !this.running.has(index)) throw new BackendRefusal(`vring ${index} is not running`, 'vring-not-running');
+      const last = this.request(w, { op: 'stop', index });
       this.log.debug(`vring ${index} stopped at ${last}`);
       return last;
     } finally {
       this.running.delete(index);
-      const pair = index >> 1;
-      // Both rings of a pair share one AF_XDP socket: release it once neither runs.
-      if (this.openQueues.has(pair) && !this.running.has(2 * pair) && !this.running.has(2 * pair + 1)) this.releaseQueue(pair);
+      // Both rings of a pair share one host queue (one AF_XDP socket): release it once neither runs.
+      if (!this.running.has(2 * pair) && !this.running.has(2 * pair + 1)) this.releasePair(pair);
     }
   }
 
   updateCallFd(index: number, fd: number): void {
-    this.threadFor(index >> 1).request({ op: 'call', index, fd });
+    const cfg = this.running.get(index);
+    if (!cfg) return;
+    cfg.callFd = fd;
+    this.request(this.pool.workerOf(this.id, index >> 1), { op: 'call', index, fd });
   }
 
   setMtu(mtu: number): void {
@@ -243,46 +341,30 @@ export class NetDevice implements VhostUserBackend {
   }
 
   sessionReset(reason: string): void {
-    for (const index of [...this.running]) {
+    for (const index of [...this.running.keys()]) {
       try { this.stopVring(index); } catch (e) { this.log.warn(`stop vring ${index}: ${(e as Error).message}`); }
     }
     this.features = 0n;
     this.connected = false;
     this.lastResetReason = reason;
     if (this.broker && !this.shuttingDown) this.broker.reset(reason);
-    // Drop the worker's view of guest memory before the session unmaps it.
-    for (const t of this.threads) t.request({ op: 'memory', regions: [] });
+    // Drop the workers' view of guest memory before the session unmaps it.
+    this.regions = [];
+    this.eachWorker({ op: 'memory', regions: [] });
   }
 
-  get runningVrings(): number[] { return [...this.running].sort((a, b) => a - b); }
+  get runningVrings(): number[] { return [...this.running.keys()].sort((a, b) => a - b); }
 
   async close(): Promise<void> {
     this.shuttingDown = true;
-    for (const t of this.threads) await t.terminate();
+    for (const index of [...this.running.keys()]) {
+      try { this.stopVring(index); } catch (e) { this.log.warn(`stop vring ${index}: ${(e as Error).message}`); }
+    }
+    for (const w of [...this.onWorker.keys()]) {
+      try { this.detachFrom(w); } catch (e) { this.log.warn(`worker ${w}: ${(e as Error).message}`); }
+    }
+    this.broker?.close();
+    this.pool.unregister(this.id);
     this.port.close();
   }
-}
-
-/**
- * The main thread's view of a broker that runs on a datapath thread: state from its events,
- * control calls as synchronous requests.
- */
-export class OffloadHandle {
-  claimed = false;
-  program: OffloadProgram | null = null;
-
-  constructor(private readonly thread: DatapathThread) {}
-
-  update(claimed: boolean, program: OffloadProgram | null): void {
-    this.claimed = claimed;
-    this.program = program;
-  }
-
-  show(): OffloadShow { return this.thread.call({ op: 'offload-call', method: 'show' }) as OffloadShow; }
-  quotas(): { limits: Quotas; usage: QuotaUsage } { return this.thread.call({ op: 'offload-call', method: 'quotas' }) as { limits: Quotas; usage: QuotaUsage }; }
-  setQuotas(changes: Record<string, unknown>): { limits: Quotas; usage: QuotaUsage; warnings: string[] } {
-    return this.thread.call({ op: 'offload-call', method: 'setQuotas', arg: changes }) as { limits: Quotas; usage: QuotaUsage; warnings: string[] };
-  }
-  detach(): boolean { return this.thread.call({ op: 'offload-call', method: 'detach' }) as boolean; }
-  reset(reason: string): void { this.thread.call({ op: 'offload-call', method: 'reset', arg: reason }); }
 }

@@ -7,7 +7,7 @@ import type { HostQueue } from '../ports/port.js';
 import type { XskQueueConfig } from '../ports/xsk.js';
 import { QueuePath, headerRequests, unnegotiatedRequest, type PathContext } from './queue-paths.js';
 import { C, COUNTERS } from './stats.js';
-import { ETH_HLEN } from './datapath-messages.js';
+import { ETH_HLEN } from './frame-format.js';
 
 /** Bounce chains keep at most this many segments (a frame is at most one chunk). */
 const MAX_BOUNCE_SEGS = 8;

@@ -8,8 +8,6 @@ export interface DeviceSpec {
   port: string;
   queues: number;
   client: boolean;
-  threads: number;
-  busyPoll: boolean;
   mtu?: number;
   /** Offer one more queue pair for the offload channel (docs/offload-protocol.md). */
   offload?: boolean;
@@ -43,7 +41,6 @@ export function validateSpec(s: DeviceSpec): DeviceSpec {
   parsePort(s.port);
   if (s.pinDir !== undefined && !s.offload) throw new SpecError(`device ${s.name}: a pin directory only makes sense with offload`);
   if (!Number.isInteger(s.queues) || s.queues < 1 || s.queues > 16) throw new SpecError(`device ${s.name}: queues ${s.queues} outside 1..16`);
-  if (!Number.isInteger(s.threads) || s.threads < 1 || s.threads > 16) throw new SpecError(`device ${s.name}: threads ${s.threads} outside 1..16`);
   if (s.mtu !== undefined && (!Number.isInteger(s.mtu) || s.mtu < 68 || s.mtu > 65535)) throw new SpecError(`device ${s.name}: mtu ${s.mtu} outside 68..65535`);
   if (s.pinLimit === undefined) return s;
   if (parsePort(s.port).kind !== 'xsk') throw new SpecError(`device ${s.name}: a pin limit only applies to xsk ports (a tap port pins no guest memory)`);
@@ -67,7 +64,7 @@ export function parsePinLimit(v: unknown, what: string): number {
 }
 
 /**
- * Parses `name=dev1,socket=/run/x.sock,port=tap:vx1,queues=2,client=1,threads=1,busy-poll=0,mtu=1500`
+ * Parses `name=dev1,socket=/run/x.sock,port=tap:vx1,queues=2,client=1,mtu=1500`
  * (xsk ports also `pin-limit=512MiB`). A default pin limit applies to xsk ports only.
  */
 export function parseDeviceOption(text: string, defaults: Omit<DeviceSpec, 'name' | 'socket' | 'port'>): DeviceSpec {
@@ -77,7 +74,11 @@ export function parseDeviceOption(text: string, defaults: Omit<DeviceSpec, 'name
     if (i <= 0) throw new SpecError(`--device '${text}': '${part}' is not key=value`);
     kv.set(part.slice(0, i).trim(), part.slice(i + 1).trim());
   }
-  const known = new Set(['name', 'socket', 'port', 'queues', 'client', 'threads', 'busy-poll', 'mtu', 'offload', 'pin-dir', 'pin-limit']);
+  const known = new Set(['name', 'socket', 'port', 'queues', 'client', 'mtu', 'offload', 'pin-dir', 'pin-limit']);
+  for (const k of ['threads', 'busy-poll']) {
+    // Datapath threads are a pool shared by every device now, not a per-device setting.
+    if (kv.has(k)) throw new SpecError(`--device '${text}': '${k}' is a process-wide option now (serve --${k === 'threads' ? 'workers' : k})`);
+  }
   for (const k of kv.keys()) if (!known.has(k)) throw new SpecError(`--device '${text}': unknown key '${k}' (known: ${[...known].join(', ')})`);
   const bool = (v: string | undefined, d: boolean) => (v === undefined ? d : v === '1' || v === 'true' || v === 'yes');
   const num = (v: string | undefined, d: number | undefined) => (v === undefined ? d : Number(v));
@@ -87,8 +88,6 @@ export function parseDeviceOption(text: string, defaults: Omit<DeviceSpec, 'name
     port: kv.get('port') ?? '',
     queues: num(kv.get('queues'), defaults.queues)!,
     client: bool(kv.get('client'), defaults.client),
-    threads: num(kv.get('threads'), defaults.threads)!,
-    busyPoll: bool(kv.get('busy-poll'), defaults.busyPoll),
     mtu: num(kv.get('mtu'), defaults.mtu),
     offload: bool(kv.get('offload'), defaults.offload ?? false),
     pinDir: kv.get('pin-dir') ?? defaults.pinDir,

@@ -6,6 +6,7 @@ import { XskPort, type PinLimitChange } from '../ports/xsk.js';
 import type { Port } from '../ports/port.js';
 import { VhostUserEndpoint } from '../vhost-user/endpoint.js';
 import { parsePort, type DeviceSpec } from './device-spec.js';
+import type { WorkerPool } from '../datapath/worker-pool.js';
 
 export interface DeviceStatus {
   name: string;
@@ -26,6 +27,8 @@ export interface DeviceStatus {
   refusedRequests: number;
   lastDisconnect: string;
   offload: { pair: number; claimed: boolean; program: number | null } | null;
+  /** Which pool worker serves each running pair. */
+  workers: { pair: number; worker: number }[];
 }
 
 /** The pinned-memory quota of an xsk device as the control API shows it. */
@@ -62,7 +65,7 @@ export class Device {
     });
   }
 
-  static create(spec: DeviceSpec): Device {
+  static create(spec: DeviceSpec, pool: WorkerPool): Device {
     const p = parsePort(spec.port);
     // With offload the guest sees one more pair: the reserved offload channel (a data pair until claimed).
     const pairs = spec.queues + (spec.offload ? 1 : 0);
@@ -80,7 +83,7 @@ export class Device {
     try {
       if (spec.mtu && p.kind === 'tap') port.setMtu(spec.mtu);
       const offload = spec.offload ? { device: spec.name, pinDir: spec.pinDir ?? null } : null;
-      net = new NetDevice({ name: spec.name, port, queuePairs: pairs, threads: spec.threads, busyPoll: spec.busyPoll, mtu: spec.mtu, offload });
+      net = new NetDevice({ name: spec.name, port, queuePairs: pairs, pool, mtu: spec.mtu, offload });
       const d = new Device(spec, port, net);
       d.endpoint.start();
       return d;
@@ -112,6 +115,7 @@ export class Device {
       runningVrings: this.net.runningVrings,
       refusedRequests: (s?.refused ?? 0),
       lastDisconnect: this.lastDisconnect,
+      workers: this.net.placement,
     };
   }
 

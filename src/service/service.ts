@@ -5,6 +5,7 @@ import { ControlServer, ControlError, type Method } from '../control/control-ser
 import { Device } from './device.js';
 import { pinLimitBytes, type DeviceSpec } from './device-spec.js';
 import { validateQuotas } from '../offload/quotas.js';
+import { WorkerPool, defaultWorkers, type PoolOptions } from '../datapath/worker-pool.js';
 
 /** The quota.set key of the pinned-memory quota (bytes, or a size string like "1GiB"). */
 export const PIN_QUOTA_KEY = 'maxPinnedMemory';
@@ -17,8 +18,11 @@ export class Service {
   private control: ControlServer | null = null;
   private stopping: Promise<void> | null = null;
 
-  static async start(specs: DeviceSpec[], controlPath: string | null): Promise<Service> {
-    const svc = new Service();
+  private constructor(readonly pool: WorkerPool) {}
+
+  /** Datapath options default to one worker per core this process may run on, sleeping in epoll. */
+  static async start(specs: DeviceSpec[], controlPath: string | null, datapath: Partial<PoolOptions> = {}): Promise<Service> {
+    const svc = new Service(new WorkerPool({ workers: datapath.workers ?? defaultWorkers(), busyPoll: datapath.busyPoll ?? false }));
     const names = new Set<string>();
     for (const s of specs) {
       if (names.has(s.name)) throw new Error(`two devices are named '${s.name}'`);
@@ -26,7 +30,7 @@ export class Service {
     }
     try {
       for (const spec of specs) {
-        svc.devices.set(spec.name, Device.create(spec));
+        svc.devices.set(spec.name, Device.create(spec, svc.pool));
         log.info(`device ${spec.name}: ${spec.client ? 'connecting to' : 'listening on'} ${spec.socket}, port ${spec.port}, ${spec.queues} queue pair(s)`);
       }
       if (controlPath) {
@@ -48,7 +52,7 @@ export class Service {
 
   methods(): Record<string, Method> {
     return {
-      status: () => ({ pid: process.pid, devices: [...this.devices.values()].map((d) => d.status()) }),
+      status: () => ({ pid: process.pid, workers: this.pool.placement(), devices: [...this.devices.values()].map((d) => d.status()) }),
       stats: (p) => (p.name ? [this.device(p.name).statsSnapshot()] : [...this.devices.values()].map((d) => d.statsSnapshot())),
       'offload.show': (p) => {
         const d = this.device(p.name);
@@ -112,6 +116,7 @@ export class Service {
         try { await d.close(); } catch (e) { log.error(`closing ${d.spec.name}: ${(e as Error).message}`); }
       }
       this.devices.clear();
+      await this.pool.close();
     })();
     return this.stopping;
   }

@@ -1,10 +1,10 @@
+import { VxError } from '../errors.js';
 import type { RegionInfo } from '../memory/guest-memory.js';
 
 /** A backend's refusal of something the frontend asked for (logged as a refusal, not a bug). */
-export class BackendRefusal extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = 'BackendRefusal';
+export class BackendRefusal extends VxError {
+  constructor(message: string, code = 'backend-refused') {
+    super(code, message);
   }
 }
 

@@ -100,7 +100,7 @@ describe('datapath modes and MTU', () => {
     const tap = uniqueIfName('vxb');
     const dir = tempDir('busy');
     const sock = path.join(dir, 'dev.sock');
-    const be = await startBackend(['--socket', sock, '--port', `tap:${tap}`, '--queues', '2', '--threads', '2', '--busy-poll', '--name', 'busy'], { dir });
+    const be = await startBackend(['--socket', sock, '--port', `tap:${tap}`, '--queues', '2', '--workers', '2', '--busy-poll', '--name', 'busy'], { dir });
     let fe: TestFrontend | undefined;
     let ps: PacketSocket | undefined;
     try {

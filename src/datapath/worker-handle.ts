@@ -1,24 +1,24 @@
 import { Worker, MessageChannel, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import { BackendRefusal } from '../vhost-user/backend.js';
 import { eventfdCreate, eventfdSignal, closeFd } from '../sys/libc.js';
-import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type DatapathEvent, type DatapathRequest, type DatapathWorkerData } from './datapath-messages.js';
+import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type WorkerEvent, type WorkerRequest, type WorkerData } from './messages.js';
 
-const workerUrl = new URL('./datapath-worker.js', import.meta.url);
+const workerUrl = new URL('./worker.js', import.meta.url);
 const REQUEST_TIMEOUT_MS = 5000;
 
 /** The datapath refused or failed a request; the session logs it as a refusal of the request. */
 export class DatapathError extends BackendRefusal {
   constructor(message: string) {
-    super(message);
-    this.name = 'DatapathError';
+    super(message, 'datapath-failed');
   }
 }
 
 /**
  * Main-thread handle of one datapath worker. Requests are synchronous: vhost-user handlers
- * (GET_VRING_BASE, SET_MEM_TABLE) must know the worker has let go before they answer.
+ * (GET_VRING_BASE, SET_MEM_TABLE) must know the worker has let go before they answer. The
+ * worker takes them between bursts, so a queue never changes hands mid-chain.
  */
-export class DatapathThread {
+export class WorkerHandle {
   private readonly worker: Worker;
   private readonly port: MessagePort;
   private readonly controlFd: number;
@@ -27,31 +27,22 @@ export class DatapathThread {
   private seq = 0;
   private dead: string | null = null;
 
-  constructor(readonly name: string, stats: SharedArrayBuffer, readonly pairs: number[], busyPoll: boolean, onEvent: (e: DatapathEvent) => void = () => {}) {
+  constructor(readonly name: string, readonly index: number, busyPoll: boolean, onEvent: (e: WorkerEvent) => void) {
     this.controlFd = eventfdCreate(true);
     const { port1, port2 } = new MessageChannel();
     this.port = port1;
-    const wd: DatapathWorkerData & { port: MessagePort } = {
-      name, controlFd: this.controlFd, control: this.control, stats, busyPoll, pairs, port: port2,
-    };
+    const wd: WorkerData & { port: MessagePort } = { name, controlFd: this.controlFd, control: this.control, busyPoll, port: port2 };
     this.worker = new Worker(workerUrl, { workerData: wd, transferList: [port2] });
     this.worker.on('error', (e) => { this.dead = `worker error: ${e.message}`; });
-    this.worker.on('message', (m: DatapathEvent | { ready: true }) => { if ('kind' in m) onEvent(m); });
+    this.worker.on('message', (m: WorkerEvent | { ready: true }) => { if ('kind' in m) onEvent(m); });
     this.worker.on('exit', (code) => { this.dead ??= `worker exited (${code})`; });
     this.worker.unref();
   }
 
-  /** A request whose answer is an object (posted by the worker beside the status word). */
-  call(req: DatapathRequest): unknown {
-    this.request(req);
-    for (let m = receiveMessageOnPort(this.port); m; m = receiveMessageOnPort(this.port)) {
-      const msg = m.message as { seq: number; result?: unknown };
-      if (msg.seq === this.seq && 'result' in msg) return msg.result;
-    }
-    return undefined;
-  }
+  /** The worker's kernel thread id, for pinning and for `status` (0 before it reported it). */
+  get threadId(): number { return this.worker.threadId; }
 
-  request(req: DatapathRequest): number {
+  request(req: WorkerRequest): number {
     if (this.dead) throw new DatapathError(`${this.name}: ${this.dead}`);
     const seq = ++this.seq;
     this.port.postMessage({ seq, req });
@@ -73,7 +64,8 @@ export class DatapathThread {
         const msg = m.message as { seq: number; error: string };
         if (msg.seq === seq) message = msg.error;
       }
-      throw new DatapathError(`${this.name}: ${req.op}: ${message}`);
+      const what = req.op === 'device' ? req.req.op : req.op;
+      throw new DatapathError(`${this.name}: ${what}: ${message}`);
     }
     return Atomics.load(this.ctl, CTL_VALUE);
   }

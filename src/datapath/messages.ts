@@ -1,0 +1,47 @@
+import type { RegionInfo } from '../memory/guest-memory.js';
+import type { VringConfig } from '../vhost-user/backend.js';
+import type { HostQueueConfig } from '../ports/port.js';
+import type { FrameFormat } from '../net/frame-format.js';
+
+/**
+ * What the main thread asks of one device's queues on a worker. Plain data: posted between
+ * threads. A device is known to a worker only by the small integer the pool gave it.
+ */
+export type DeviceRequest =
+  | { op: 'memory'; regions: RegionInfo[] }
+  | { op: 'host'; pair: number; cfg: HostQueueConfig | null }
+  | { op: 'format'; format: FrameFormat }
+  | { op: 'start'; vring: VringConfig }
+  | { op: 'stop'; index: number }
+  | { op: 'call'; index: number; fd: number }
+  /** The offloaded program for per-frame test runs (a fd the worker owns from now on), or -1. */
+  | { op: 'xdp'; progFd: number }
+  /** The device's reserved offload pair and whether the guest has claimed it. */
+  | { op: 'offload'; pair: number; claimed: boolean }
+  /** A broker response to deliver on the reserved pair's receive ring. */
+  | { op: 'offload-reply'; reply: Uint8Array };
+
+export type WorkerRequest =
+  /** The worker starts serving queues of a device: its name (logs) and shared counters. */
+  | { op: 'attach'; device: number; name: string; stats: SharedArrayBuffer }
+  /** The worker stops everything of the device it still runs and forgets it. */
+  | { op: 'detach'; device: number }
+  | { op: 'device'; device: number; req: DeviceRequest }
+  | { op: 'exit' };
+
+/** Posted by a worker to the main thread (asynchronously). */
+export type WorkerEvent =
+  /** An offload request the guest sent on its reserved pair, copied out of guest memory. */
+  { kind: 'offload-request'; device: number; message: Uint8Array };
+
+export interface WorkerData {
+  name: string;
+  controlFd: number;
+  /** Int32Array over it: [0] = sequence number answered, [1] = status (0 ok), [2] = value. */
+  control: SharedArrayBuffer;
+  busyPoll: boolean;
+}
+
+export const CTL_SEQ = 0;
+export const CTL_STATUS = 1;
+export const CTL_VALUE = 2;

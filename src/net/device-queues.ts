@@ -1,0 +1,343 @@
+import type { MessagePort } from 'node:worker_threads';
+import { EPOLLIN, eventfdDrain, eventfdSignal } from '../sys/libc.js';
+import { GuestMemory } from '../memory/guest-memory.js';
+import { SplitQueue } from '../virtio/split-queue.js';
+import { openHostQueue } from '../ports/host-queue.js';
+import type { HostQueue } from '../ports/port.js';
+import type { VringConfig } from '../vhost-user/backend.js';
+import { logger, type Logger } from '../log.js';
+import { TestRunner, closeBpfFd } from '../sys/libbpf.js';
+import { RxPath, TxPath, BURST, type PathContext, type OffloadLink } from './queue-paths.js';
+import { XskQueue, XskRxPath, XskTxPath } from './xsk-paths.js';
+import { C, COUNTERS } from './stats.js';
+import { DEFAULT_FORMAT, type FrameFormat } from './frame-format.js';
+import type { Watcher } from '../datapath/watcher.js';
+import type { DeviceRequest, WorkerEvent } from '../datapath/messages.js';
+
+interface Running { cfg: VringConfig; rx?: RxPath | XskRxPath; tx?: TxPath | XskTxPath; }
+
+/** Responses held for a guest that has not posted receive buffers: bounded, oldest dropped. */
+const MAX_PENDING_REPLIES = 64;
+
+/**
+ * One device's queues on one datapath worker: the pairs the pool assigned here, the device's
+ * view of guest memory, its frame format and its offloaded program. Everything per device that
+ * used to be a worker's globals, so one worker serves many devices.
+ */
+export class DeviceQueues {
+  private readonly log: Logger;
+  private readonly stats: Float64Array;
+  private memory: GuestMemory | null = null;
+  private format: FrameFormat = DEFAULT_FORMAT;
+  private readonly hosts = new Map<number, HostQueue>();
+  private readonly vrings = new Map<number, Running>();
+  private readonly pendingVrings = new Set<number>();
+  /** The offloaded program for per-frame test runs (tap ports), shared by this device's RX paths. */
+  private runner: { fd: number; runner: TestRunner } | null = null;
+  /** The reserved pair's link to the broker (main thread), when that pair is served here. */
+  private offloadPair = -1;
+  private link: (OffloadLink & { pending: Uint8Array[] }) | null = null;
+
+  constructor(readonly id: number, readonly name: string, stats: SharedArrayBuffer, private readonly busyPoll: boolean,
+              private readonly watcher: Watcher, private readonly port: MessagePort) {
+    this.log = logger(`${name}/datapath`);
+    this.stats = new Float64Array(stats);
+  }
+
+  handle(req: DeviceRequest): number {
+    switch (req.op) {
+      case 'memory':
+        this.setMemory(req.regions.length > 0 ? new GuestMemory(req.regions) : null);
+        return 0;
+      case 'host':
+        this.closeHost(req.pair);
+        if (req.cfg) {
+          const h = openHostQueue(req.cfg);
+          try {
+            this.watcher.add(h.fd, this.vrings.has(req.pair * 2) ? EPOLLIN : 0, () => this.onHost(req.pair));
+          } catch (e) {
+            h.close?.();
+            throw e;
+          }
+          this.hosts.set(req.pair, h);
+          this.applyClaim(req.pair);
+        }
+        return 0;
+      case 'format':
+        this.format = req.format;
+        return 0;
+      case 'start':
+        this.start(req.vring);
+        return 0;
+      case 'stop':
+        return this.stop(req.index);
+      case 'call': {
+        const run = this.vrings.get(req.index);
+        if (run) {
+          (run.rx ?? run.tx)!.callFd = req.fd;
+          // Used entries may have been published while the old fd was QEMU's masked one; with
+          // EVENT_IDX the guest would then wait forever. One spurious interrupt is harmless.
+          if (req.fd >= 0) eventfdSignal(req.fd);
+        }
+        return 0;
+      }
+      case 'xdp':
+        this.setProgram(req.progFd);
+        return 0;
+      case 'offload':
+        this.setOffload(req.pair, req.claimed);
+        return 0;
+      case 'offload-reply':
+        this.queueReply(req.reply);
+        return 0;
+    }
+  }
+
+  private setOffload(pair: number, claimed: boolean): void {
+    if (!this.link || this.offloadPair !== pair) {
+      this.offloadPair = pair;
+      this.link = {
+        claimed, pending: [],
+        // Copied out of guest memory already (TxPath): the broker on the main thread validates it.
+        post: (message) => {
+          const ev: WorkerEvent = { kind: 'offload-request', device: this.id, message };
+          this.port.postMessage(ev, [message.buffer as ArrayBuffer]);
+        },
+      };
+      const tx = this.vrings.get(pair * 2 + 1)?.tx;
+      if (tx instanceof TxPath) tx.offload = this.link;
+    }
+    const changed = this.link.claimed !== claimed;
+    this.link.claimed = claimed;
+    this.applyClaim(pair);
+    if (changed) this.log.info(`offload pair ${pair} ${claimed ? 'claimed by the guest' : 'released: back to data use'}`);
+    this.flushReplies();
+  }
+
+  /** A claimed pair carries only offload messages, and the host stops feeding it (idempotent). */
+  private applyClaim(pair: number): void {
+    if (pair !== this.offloadPair) return;
+    const claimed = this.isClaimed(pair);
+    try {
+      this.hosts.get(pair)?.setAttached?.(!claimed);
+    } catch (e) {
+      this.log.warn(`pair ${pair}: ${(e as Error).message}`);
+    }
+    const rx = this.vrings.get(pair * 2)?.rx;
+    if (rx instanceof RxPath) rx.runner = claimed ? null : this.runner?.runner ?? null;
+    if (this.vrings.has(pair * 2)) this.hostArmed(pair, !claimed);
+  }
+
+  private queueReply(reply: Uint8Array): void {
+    const link = this.link;
+    if (!link) throw new Error('no offload pair on this worker');
+    // Bounded: a guest that never posts receive buffers cannot make us hoard responses.
+    if (link.pending.length >= MAX_PENDING_REPLIES) link.pending.shift();
+    link.pending.push(reply);
+    this.flushReplies();
+  }
+
+  /** Sends queued offload responses while the guest has buffers for them. */
+  private flushReplies(): void {
+    const link = this.link;
+    const rx = this.vrings.get(this.offloadPair * 2)?.rx;
+    if (!link || !(rx instanceof RxPath)) return;
+    while (link.pending.length > 0 && rx.deliverMessage(link.pending[0]!)) link.pending.shift();
+  }
+
+  /** Replies not yet delivered (a pair holding some must not move to another worker). */
+  get heldReplies(): number { return this.link?.pending.length ?? 0; }
+
+  private isClaimed(pair: number): boolean {
+    return pair === this.offloadPair && this.link !== null && this.link.claimed;
+  }
+
+  private setProgram(progFd: number): void {
+    if (this.runner) {
+      this.runner.runner.dispose();
+      closeBpfFd(this.runner.fd);
+      this.runner = null;
+    }
+    if (progFd >= 0) this.runner = { fd: progFd, runner: new TestRunner(progFd) };
+    for (const v of this.vrings.values()) {
+      if (v.rx instanceof RxPath) v.rx.runner = this.isClaimed(v.cfg.index >> 1) ? null : this.runner?.runner ?? null;
+    }
+  }
+
+  private context(pair: number): PathContext {
+    return {
+      name: this.name, stats: this.stats, pair,
+      onBroken: (index, why) => {
+        this.log.warn(`vring ${index} stopped: ${why} (device needs reset)`);
+        const v = this.vrings.get(index);
+        if (v && v.cfg.errFd >= 0) eventfdSignal(v.cfg.errFd);
+      },
+    };
+  }
+
+  private hostArmed(pair: number, armed: boolean): void {
+    const h = this.hosts.get(pair);
+    if (h) this.watcher.modify(h.fd, armed ? EPOLLIN : 0);
+  }
+
+  private start(cfg: VringConfig): void {
+    const memory = this.memory;
+    if (!memory) throw new Error(`vring ${cfg.index}: no memory table`);
+    const pair = cfg.index >> 1;
+    const host = this.hosts.get(pair);
+    if (!host) throw new Error(`vring ${cfg.index}: no host queue for pair ${pair}`);
+    if (this.vrings.has(cfg.index)) throw new Error(`vring ${cfg.index} is already running`);
+    const format = this.format;
+    const q = new SplitQueue(memory, { size: cfg.size, descGpa: cfg.descGpa, availGpa: cfg.availGpa, usedGpa: cfg.usedGpa },
+      { eventIdx: format.eventIdx, name: `${this.name}/q${cfg.index}` });
+    q.lastAvailIdx = cfg.lastAvailIdx;
+    // Resume where the guest's used ring is (after a reconnect the frontend only tells us avail).
+    const usedRegion = memory.regionFor(cfg.usedGpa, 4);
+    q.usedIdx = usedRegion.view.getUint16(cfg.usedGpa - usedRegion.gpa + 2, true);
+    const run: Running = { cfg };
+    const ctx = this.context(pair);
+    if (host instanceof XskQueue) {
+      // AF_XDP: the kernel writes into and reads from guest buffers; programs run in the kernel.
+      if (cfg.index % 2 === 0) {
+        run.rx = new XskRxPath(q, cfg.index, cfg.callFd, ctx, host, memory, format.headerLength);
+        q.setKickNotification(false);
+      } else {
+        run.tx = new XskTxPath(q, cfg.index, cfg.callFd, ctx, host, memory, format.headerLength);
+      }
+    } else if (cfg.index % 2 === 0) {
+      const rx = new RxPath(q, cfg.index, cfg.callFd, ctx, host, memory, format.headerLength, format.mergeable, format.maxFrame);
+      rx.runner = this.isClaimed(pair) ? null : this.runner?.runner ?? null;
+      run.rx = rx;
+      // Kicks on the receive queue matter only while we wait for buffers.
+      q.setKickNotification(false);
+    } else {
+      const tx = new TxPath(q, cfg.index, cfg.callFd, ctx, host, format.headerLength, memory);
+      tx.offload = pair === this.offloadPair ? this.link : null;
+      tx.offloads = format.txOffloads;
+      run.tx = tx;
+    }
+    this.watcher.add(cfg.kickFd, EPOLLIN, () => this.onKick(cfg.index));
+    this.vrings.set(cfg.index, run);
+    if (run.rx) this.hostArmed(pair, !this.isClaimed(pair));
+    if (this.serve(cfg.index)) this.markPending(cfg.index);
+  }
+
+  private stop(index: number): number {
+    const run = this.vrings.get(index);
+    if (!run) throw new Error(`vring ${index} is not running`);
+    this.watcher.remove(run.cfg.kickFd);
+    this.vrings.delete(index);
+    this.pendingVrings.delete(index);
+    if (run.rx) this.hostArmed(index >> 1, false);
+    const last = run.rx ? run.rx.stop() : run.tx!.stop();
+    run.rx?.free();
+    run.tx?.free();
+    return last;
+  }
+
+  private setMemory(next: GuestMemory | null): void {
+    // The session stops every ring before it changes memory; a ring still running here would
+    // read regions about to be unmapped, so stop it rather than trust that.
+    for (const i of [...this.vrings.keys()]) {
+      this.log.warn(`vring ${i} still running at a memory change; stopping it`);
+      this.stop(i);
+    }
+    this.memory = next;
+  }
+
+  /** Forgets a pair's host queue; it is closed even when epoll no longer holds its fd. */
+  private closeHost(pair: number): void {
+    const old = this.hosts.get(pair);
+    if (!old) return;
+    this.hosts.delete(pair);
+    try {
+      this.watcher.remove(old.fd);
+    } finally {
+      old.close?.();
+    }
+  }
+
+  /** Stops every ring and closes the host queues this worker opened; the device leaves the worker. */
+  close(): void {
+    this.setProgram(-1);
+    for (const i of [...this.vrings.keys()]) {
+      try { this.stop(i); } catch (e) { this.log.warn(`stop vring ${i}: ${(e as Error).message}`); }
+    }
+    for (const pair of [...this.hosts.keys()]) this.closeHost(pair);
+    this.memory = null;
+  }
+
+  private markPending(index: number): void {
+    this.pendingVrings.add(index);
+    this.watcher.pending();
+  }
+
+  /** Runs one vring until its burst is used; returns true when it has more work. */
+  private serve(index: number): boolean {
+    const run = this.vrings.get(index);
+    if (!run) return false;
+    if (run.tx) return run.tx.process(BURST, !this.busyPoll);
+    const rx = run.rx!;
+    if (this.isClaimed(index >> 1)) {
+      // The offload channel: only responses go to the guest, and its buffer refills wake us.
+      rx.queue.setKickNotification(true);
+      this.flushReplies();
+      return false;
+    }
+    const r = rx.process(BURST);
+    if (r === 'starved' && !rx.starving) {
+      rx.starving = true;
+      this.hostArmed(index >> 1, false);
+      rx.queue.setKickNotification(true);
+      // Buffers may have arrived between the last pop and enabling kicks.
+      if (rx.queue.availableCount() > 0) return this.wake(index);
+    }
+    return r === 'more';
+  }
+
+  private wake(index: number): boolean {
+    const run = this.vrings.get(index);
+    const pair = index >> 1;
+    if (run?.rx && pair === this.offloadPair && this.link?.pending.length) this.flushReplies();
+    if (run?.rx?.starving && !this.isClaimed(pair)) {
+      run.rx.starving = false;
+      run.rx.queue.setKickNotification(false);
+      this.hostArmed(pair, true);
+    }
+    return this.serve(index);
+  }
+
+  private onKick(index: number): void {
+    const run = this.vrings.get(index);
+    if (!run) return;
+    eventfdDrain(run.cfg.kickFd);
+    this.stats[(index >> 1) * COUNTERS.length + C.kicks]! += 1;
+    if (this.wake(index)) this.markPending(index);
+  }
+
+  private onHost(pair: number): void {
+    if (this.serve(pair * 2)) this.markPending(pair * 2);
+  }
+
+  /** True while AF_XDP transmit completions are outstanding (they come without a wakeup). */
+  inFlight(): boolean {
+    for (const v of this.vrings.values()) if (v.tx instanceof XskTxPath && v.tx.inFlight > 0) return true;
+    return false;
+  }
+
+  pollInFlight(): void {
+    for (const [i, v] of this.vrings) {
+      if (v.tx instanceof XskTxPath && v.tx.inFlight > 0 && v.tx.process(BURST, !this.busyPoll)) this.markPending(i);
+    }
+  }
+
+  servePending(): void {
+    const again = [...this.pendingVrings];
+    this.pendingVrings.clear();
+    for (const i of again) if (this.serve(i)) this.markPending(i);
+  }
+
+  serveAll(): void {
+    for (const i of this.vrings.keys()) this.serve(i);
+  }
+}
