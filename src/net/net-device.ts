@@ -9,7 +9,7 @@ import { DatapathThread } from './datapath-thread.js';
 import type { OffloadProgram, OffloadShow } from '../offload/broker.js';
 import type { Quotas, QuotaUsage } from '../offload/quotas.js';
 import { ETH_HLEN, TX_CSUM, TX_TSO4, TX_TSO6, TX_ECN, type OffloadInit } from './datapath-messages.js';
-import { progGetFdById } from '../sys/libbpf.js';
+import { progGetFdById } from '../sys/bpf/programs.js';
 import type { FrameFormat } from './datapath-messages.js';
 import type { XskOffloadTarget } from '../ports/xsk.js';
 

@@ -5,10 +5,11 @@ import {
   XskSocket, remapSharedAt, mapFileAt, XDP_UMEM_UNALIGNED_CHUNK_FLAG, XDP_COPY, XDP_USE_NEED_WAKEUP, XDP_SHARED_UMEM,
   XDP_PACKET_HEADROOM, XDP_UMEM_MIN_CHUNK_SIZE, type SocketRingLayouts, type XskStatistics,
 } from '../sys/xsk.js';
-import {
-  BpfMap, BpfMapType, BpfError, progLoad, encodeInsns, xdpAttach, xdpDetach, closeBpfFd, XDP_FLAGS_DRV_MODE, XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_FLAGS_REPLACE, XDP_PASS,
-  BPF_PSEUDO_MAP_FD,
-} from '../sys/libbpf.js';
+import { BpfError } from '../sys/bpf/libbpf.js';
+import { BpfMap, BpfMapType } from '../sys/bpf/maps.js';
+import { progLoad, closeBpfFd } from '../sys/bpf/programs.js';
+import { encodeInsns, BPF_PSEUDO_MAP_FD } from '../sys/bpf/insns.js';
+import { xdpAttach, xdpDetach, XDP_FLAGS_DRV_MODE, XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_FLAGS_REPLACE, XDP_PASS } from '../sys/bpf/xdp.js';
 import type { RegionInfo } from '../memory/guest-memory.js';
 import { linkStats } from './link-stats.js';
 import type { Port } from './port.js';
