@@ -44,11 +44,11 @@ export function serveCommand(y: Argv) {
           control ??= cfg.control ?? null;
         }
         if (argv.socket || argv.port) {
-          if (!argv.socket || !argv.port) throw new SpecError('--socket and --port go together');
+          if (!argv.socket || !argv.port) throw new SpecError('socket-without-port', '--socket and --port go together');
           specs.push(validateSpec({ ...defaults, name: argv.name, socket: argv.socket, port: argv.port }));
         }
         for (const d of argv.device ?? []) specs.push(parseDeviceOption(d, defaults));
-        if (specs.length === 0) throw new SpecError('nothing to serve: give --socket and --port, --device, or --config');
+        if (specs.length === 0) throw new SpecError('nothing-to-serve', 'nothing to serve: give --socket and --port, --device, or --config');
       } catch (e) {
         console.error(`vhost-xdp serve: ${(e as Error).message}`);
         process.exit(2);
