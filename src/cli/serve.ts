@@ -37,7 +37,7 @@ export function serveCommand(y: Argv) {
         const pinLimit = argv['pin-limit'] === undefined ? undefined : parsePinLimit(argv['pin-limit'], '--pin-limit');
         const defaults = { queues: argv.queues, client: argv.client, mtu: argv.mtu, offload: argv.offload, pinDir: argv['pin-dir'], pinLimit };
         if (argv.workers !== undefined && (!Number.isInteger(argv.workers) || argv.workers < 1 || argv.workers > 256)) {
-          throw new SpecError(`--workers ${argv.workers} outside 1..256`);
+          throw new SpecError('bad-workers', `--workers ${argv.workers} outside 1..256`);
         }
         specs = [];
         if (argv.config) {
@@ -48,11 +48,11 @@ export function serveCommand(y: Argv) {
           control ??= cfg.control ?? null;
         }
         if (argv.socket || argv.port) {
-          if (!argv.socket || !argv.port) throw new SpecError('--socket and --port go together');
+          if (!argv.socket || !argv.port) throw new SpecError('socket-without-port', '--socket and --port go together');
           specs.push(validateSpec({ ...defaults, name: argv.name, socket: argv.socket, port: argv.port }));
         }
         for (const d of argv.device ?? []) specs.push(parseDeviceOption(d, defaults));
-        if (specs.length === 0) throw new SpecError('nothing to serve: give --socket and --port, --device, or --config');
+        if (specs.length === 0) throw new SpecError('nothing-to-serve', 'nothing to serve: give --socket and --port, --device, or --config');
       } catch (e) {
         console.error(`vhost-xdp serve: ${(e as Error).message}`);
         process.exit(2);

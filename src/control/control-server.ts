@@ -2,13 +2,14 @@ import fs from 'node:fs';
 import http from 'node:http';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { logger } from '../log.js';
+import { VxError } from '../errors.js';
 
 export type Method = (params: Record<string, unknown>) => unknown | Promise<unknown>;
 
-export class ControlError extends Error {
-  constructor(readonly code: string, message: string) {
-    super(message);
-    this.name = 'ControlError';
+/** A control request refused by rule; `code` goes back to the client in the error answer. */
+export class ControlError extends VxError {
+  constructor(code: string, message: string) {
+    super(code, message);
   }
 }
 

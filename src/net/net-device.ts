@@ -9,7 +9,7 @@ import type { WorkerPool, PoolClient } from '../datapath/worker-pool.js';
 import type { DeviceRequest, WorkerEvent } from '../datapath/messages.js';
 import type { OffloadProgram } from '../offload/broker.js';
 import { ETH_HLEN, TX_CSUM, TX_TSO4, TX_TSO6, TX_ECN, type FrameFormat } from './frame-format.js';
-import { progGetFdById } from '../sys/libbpf.js';
+import { progGetFdById } from '../sys/bpf/programs.js';
 import type { XskOffloadTarget } from '../ports/xsk.js';
 import { OffloadChannel } from './offload-channel.js';
 

@@ -2,7 +2,7 @@ import type { Logger } from '../log.js';
 import { OffloadBroker, type OffloadProgram, type OffloadShow } from '../offload/broker.js';
 import { validateQuotas, type Quotas, type QuotaUsage } from '../offload/quotas.js';
 import { ComposedProgram } from '../offload/compose.js';
-import { xdpAttach, XDP_FLAGS_DRV_MODE } from '../sys/libbpf.js';
+import { xdpAttach, XDP_FLAGS_DRV_MODE } from '../sys/bpf/xdp.js';
 import { setBounceReceive, type XskOffloadTarget } from '../ports/xsk.js';
 
 /** What the channel needs from its device: where replies, claims and programs go. */

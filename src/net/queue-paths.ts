@@ -6,7 +6,8 @@ import { VirtqueueError } from '../virtio/errors.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
 import type { HostQueue } from '../ports/port.js';
 import { C, COUNTERS } from './stats.js';
-import { TestRunner, XDP_DROP, XDP_PASS, XDP_TX } from '../sys/libbpf.js';
+import { TestRunner } from '../sys/bpf/test-run.js';
+import { XDP_DROP, XDP_PASS, XDP_TX } from '../sys/bpf/xdp.js';
 import { ETH_HLEN, TX_CSUM, TX_TSO4, TX_TSO6, TX_ECN } from './frame-format.js';
 
 /** Offload frames: zero MACs and the IEEE local-experimental EtherType (docs/offload-protocol.md). */

@@ -4,9 +4,10 @@
 // and quotas), then act on the kernel through libbpf, rolling back anything half-made so a
 // refusal never leaves partial state. Host fds and ids never reach the guest.
 
-import {
-  BpfMap, BpfError, BpfMapType, BpfProgType, mapInfo, progInfo, progLoadWithLog, closeBpfFd,
-} from '../sys/libbpf.js';
+import { BpfError } from '../sys/bpf/libbpf.js';
+import { BpfMap, BpfMapType } from '../sys/bpf/maps.js';
+import { BpfProgType, progLoadWithLog, closeBpfFd } from '../sys/bpf/programs.js';
+import { mapInfo, progInfo } from '../sys/bpf/info.js';
 import { Errno } from '../sys/errors.js';
 import {
   Cmd, Status, QuotaId, ProtocolError, OFFLOAD_MAGIC, OFFLOAD_VERSION, HEADER_BYTES, RESPONSE_FLAG,

@@ -14,11 +14,11 @@
 // load (BPF_PSEUDO_MAP_VALUE on a one-element ARRAY), not bpf_map_lookup_elem, so the guest
 // keeps the whole 512-byte stack budget.
 
-import {
-  BpfMap, BpfMapType, BpfProgType, closeBpfFd, encodeInsns, progInfo, progLoadWithLog,
-  BPF_INSN_SIZE, BPF_PSEUDO_CALL, BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE,
-  XDP_DROP, XDP_PASS, XDP_TX, type BpfInsn,
-} from '../sys/libbpf.js';
+import { BpfMap, BpfMapType } from '../sys/bpf/maps.js';
+import { BpfProgType, closeBpfFd, progLoadWithLog } from '../sys/bpf/programs.js';
+import { encodeInsns, BPF_INSN_SIZE, BPF_PSEUDO_CALL, BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE, type BpfInsn } from '../sys/bpf/insns.js';
+import { XDP_DROP, XDP_PASS, XDP_TX } from '../sys/bpf/xdp.js';
+import { progInfo } from '../sys/bpf/info.js';
 
 export interface ComposeOptions {
   /** XSKMAP with one AF_XDP socket per queue index. */

@@ -2,7 +2,7 @@
 // the claim lasts) mapped to the host maps behind them. Host fds, map ids and kernel
 // addresses stay on this side (DESIGN.md decision 4). Also the map-type policy.
 
-import { BpfMap, BpfMapType, isPerCpuMapType, BPF_F_NO_PREALLOC, BPF_F_RDONLY_PROG, BPF_F_WRONLY_PROG } from '../sys/libbpf.js';
+import { BpfMap, BpfMapType, isPerCpuMapType, BPF_F_NO_PREALLOC, BPF_F_RDONLY_PROG, BPF_F_WRONLY_PROG } from '../sys/bpf/maps.js';
 import { ProtocolError, Status, QuotaId, type MapCreateRequest } from './protocol.js';
 import type { Quotas } from './quotas.js';
 

@@ -19,7 +19,8 @@
 
 import { lstatSync, mkdirSync, readdirSync, readlinkSync, renameSync, rmdirSync, statfsSync, symlinkSync, unlinkSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { objGet, objPin, BpfMap, BpfMapType } from '../sys/libbpf.js';
+import { BpfMap, BpfMapType } from '../sys/bpf/maps.js';
+import { objGet, objPin } from '../sys/bpf/pins.js';
 
 const BPF_FS_MAGIC = 0xcafe4a11;
 const MAX_DOC_BYTES = 4000;

@@ -1,4 +1,5 @@
-import { raw, NativeBuffer, closeFd, SysError, Errno, IOV_MAX } from '../sys/libc.js';
+import { raw, NativeBuffer, closeFd, IOV_MAX } from '../sys/libc.js';
+import { ArgumentError } from '../errors.js';
 import { openPacketSocket } from '../sys/packet-socket.js';
 import { readU64, writeU64 } from '../sys/u64.js';
 import { FdQueue } from './fd-queue.js';
@@ -33,7 +34,7 @@ export class PacketQueue extends FdQueue {
 
   static open(cfg: PacketQueueConfig): PacketQueue {
     if (!Number.isInteger(cfg.headerLength) || cfg.headerLength < 0 || cfg.headerLength > 64) {
-      throw new SysError('packet queue', Errno.EINVAL, `vnet header length ${cfg.headerLength}`);
+      throw new ArgumentError(`packet queue: vnet header length ${cfg.headerLength}`);
     }
     // Like an AF_XDP socket: straight to the driver, no qdisc in between.
     const fd = openPacketSocket(cfg.ifindex, cfg.ifname, { protocolBE: 0, qdiscBypass: true });

@@ -1,4 +1,5 @@
 import fs from 'node:fs';
+import { ArgumentError } from '../errors.js';
 import { raw, NativeBuffer, check, closeFd, SysError, lastErrno, Errno, O_RDWR, O_NONBLOCK, O_CLOEXEC } from '../sys/libc.js';
 import type { HostQueueConfig, Port } from './port.js';
 import { FdQueue } from './fd-queue.js';
@@ -30,7 +31,7 @@ const ifreq = new NativeBuffer(4096);
 
 function setIfName(name: string): void {
   const b = Buffer.from(name, 'utf8');
-  if (b.length === 0 || b.length >= IFNAMSIZ) throw new SysError('ifreq', Errno.EINVAL, `interface name '${name}' must be 1..15 bytes`);
+  if (b.length === 0 || b.length >= IFNAMSIZ) throw new ArgumentError(`ifreq: interface name '${name}' must be 1..15 bytes`);
   ifreq.bytes.fill(0, 0, 40);
   ifreq.bytes.set(b, 0);
 }

@@ -1,14 +1,16 @@
 import fs from 'node:fs';
+import { ArgumentError, VxError } from '../errors.js';
 import { spawnSync } from 'node:child_process';
 import { raw, MAP_FAILED, MAP_PRIVATE, MAP_ANONYMOUS, PROT_READ, PROT_WRITE, SysError, lastErrno, Errno, ifNameToIndex } from '../sys/libc.js';
 import {
   XskSocket, remapSharedAt, mapFileAt, XDP_UMEM_UNALIGNED_CHUNK_FLAG, XDP_COPY, XDP_USE_NEED_WAKEUP, XDP_SHARED_UMEM,
   XDP_PACKET_HEADROOM, XDP_UMEM_MIN_CHUNK_SIZE, type SocketRingLayouts, type XskStatistics,
 } from '../sys/xsk.js';
-import {
-  BpfMap, BpfMapType, BpfError, progLoad, encodeInsns, xdpAttach, xdpDetach, closeBpfFd, XDP_FLAGS_DRV_MODE, XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_FLAGS_REPLACE, XDP_PASS,
-  BPF_PSEUDO_MAP_FD,
-} from '../sys/libbpf.js';
+import { BpfError } from '../sys/bpf/libbpf.js';
+import { BpfMap, BpfMapType } from '../sys/bpf/maps.js';
+import { progLoad, closeBpfFd } from '../sys/bpf/programs.js';
+import { encodeInsns, BPF_PSEUDO_MAP_FD } from '../sys/bpf/insns.js';
+import { xdpAttach, xdpDetach, XDP_FLAGS_DRV_MODE, XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_FLAGS_REPLACE, XDP_PASS } from '../sys/bpf/xdp.js';
 import type { RegionInfo } from '../memory/guest-memory.js';
 import { linkStats } from './link-stats.js';
 import type { Port } from './port.js';
@@ -116,7 +118,7 @@ export class GuestUmem {
   static create(regions: readonly RegionInfo[], opts: { maxFrame: number; bounceBytes: number; pinLimitBytes: number }): GuestUmem {
     const chunkSize = opts.maxFrame + XDP_PACKET_HEADROOM <= XDP_UMEM_MIN_CHUNK_SIZE ? XDP_UMEM_MIN_CHUNK_SIZE : PAGE;
     if (opts.maxFrame + XDP_PACKET_HEADROOM > chunkSize) {
-      throw new SysError('xsk umem', Errno.EINVAL, `frames of ${opts.maxFrame} bytes do not fit a ${chunkSize}-byte chunk (MTU too large for AF_XDP without multi-buffer)`);
+      throw new ArgumentError(`xsk umem: frames of ${opts.maxFrame} bytes do not fit a ${chunkSize}-byte chunk (MTU too large for AF_XDP without multi-buffer)`);
     }
     // The headroom shrinks the largest frame the kernel will write to exactly maxFrame.
     const headroom = chunkSize - XDP_PACKET_HEADROOM - opts.maxFrame;
@@ -347,10 +349,10 @@ export class XskPort implements Port {
   }
 
   static create(ifname: string, queuePairs: number, opts: XskPortOptions = {}): XskPort {
-    if (!/^[A-Za-z0-9_.-]{1,15}$/.test(ifname)) throw new SysError('xsk port', Errno.EINVAL, `interface name '${ifname}'`);
-    if (!Number.isInteger(queuePairs) || queuePairs < 1 || queuePairs > 256) throw new SysError('xsk port', Errno.EINVAL, `${queuePairs} queue pairs`);
+    if (!/^[A-Za-z0-9_.-]{1,15}$/.test(ifname)) throw new ArgumentError(`xsk port: interface name '${ifname}'`);
+    if (!Number.isInteger(queuePairs) || queuePairs < 1 || queuePairs > 256) throw new ArgumentError(`xsk port: ${queuePairs} queue pairs`);
     const ring = opts.ringSize ?? 2048;
-    if (ring < 64 || ring > 32768 || (ring & (ring - 1)) !== 0) throw new SysError('xsk port', Errno.EINVAL, `ring size ${ring}`);
+    if (ring < 64 || ring > 32768 || (ring & (ring - 1)) !== 0) throw new ArgumentError(`xsk port: ring size ${ring}`);
     // Before the link exists: a refused limit leaves nothing to clean up.
     checkPinLimit(opts.pinLimitBytes ?? DEFAULT_PIN_LIMIT, queuePairs, opts.bounceChunks ?? DEFAULT_BOUNCE_CHUNKS);
     const peer = opts.peerName ?? defaultPeerName(ifname);
@@ -552,7 +554,7 @@ export class XskPort implements Port {
 
   setMtu(mtu: number): void {
     if (!Number.isInteger(mtu) || mtu < 68 || mtu + L2_OVERHEAD + XDP_PACKET_HEADROOM > PAGE) {
-      throw new SysError('xsk port', Errno.EINVAL, `MTU ${mtu} (AF_XDP copy mode without multi-buffer takes up to ${PAGE - XDP_PACKET_HEADROOM - L2_OVERHEAD})`);
+      throw new VxError('bad-mtu', `xsk port: MTU ${mtu} (AF_XDP copy mode without multi-buffer takes up to ${PAGE - XDP_PACKET_HEADROOM - L2_OVERHEAD})`);
     }
     ip(['link', 'set', 'dev', this.peer, 'mtu', String(mtu)]);
     ip(['link', 'set', 'dev', this.ifname, 'mtu', String(mtu)]);

@@ -1,3 +1,4 @@
+import { VxError } from '../errors.js';
 import { parseSize } from '../offload/quotas.js';
 
 /** How a device is described on the command line, in a config file, or over the control API. */
@@ -20,10 +21,15 @@ export interface DeviceSpec {
   pinLimit?: number;
 }
 
-export class SpecError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = 'SpecError';
+export type SpecErrorCode =
+  | 'bad-port' | 'bad-device-name' | 'no-socket' | 'pin-dir-without-offload' | 'bad-queues' | 'process-wide-option'
+  | 'bad-mtu' | 'pin-limit-not-xsk' | 'bad-pin-limit' | 'bad-device-option' | 'unknown-device-key'
+  | 'socket-without-port' | 'nothing-to-serve' | 'bad-workers';
+
+/** The operator's device configuration is wrong: fixed by editing it, never by a reconnect. */
+export class SpecError extends VxError {
+  constructor(code: SpecErrorCode, message: string) {
+    super(code, message);
   }
 }
 
@@ -31,19 +37,19 @@ const NAME_RE = /^[A-Za-z0-9_.-]{1,32}$/;
 
 export function parsePort(port: string): { kind: 'tap' | 'xsk'; ifname: string } {
   const m = /^(tap|xsk):([A-Za-z0-9_.-]{1,15})$/.exec(port);
-  if (!m) throw new SpecError(`port '${port}' is not of the form tap:IFNAME or xsk:IFNAME (IFNAME 1..15 characters)`);
+  if (!m) throw new SpecError('bad-port', `port '${port}' is not of the form tap:IFNAME or xsk:IFNAME (IFNAME 1..15 characters)`);
   return { kind: m[1] as 'tap' | 'xsk', ifname: m[2]! };
 }
 
 export function validateSpec(s: DeviceSpec): DeviceSpec {
-  if (!NAME_RE.test(s.name)) throw new SpecError(`device name '${s.name}' must be 1..32 of A-Z a-z 0-9 _ . -`);
-  if (!s.socket) throw new SpecError(`device ${s.name}: a socket path is required`);
+  if (!NAME_RE.test(s.name)) throw new SpecError('bad-device-name', `device name '${s.name}' must be 1..32 of A-Z a-z 0-9 _ . -`);
+  if (!s.socket) throw new SpecError('no-socket', `device ${s.name}: a socket path is required`);
   parsePort(s.port);
-  if (s.pinDir !== undefined && !s.offload) throw new SpecError(`device ${s.name}: a pin directory only makes sense with offload`);
-  if (!Number.isInteger(s.queues) || s.queues < 1 || s.queues > 16) throw new SpecError(`device ${s.name}: queues ${s.queues} outside 1..16`);
-  if (s.mtu !== undefined && (!Number.isInteger(s.mtu) || s.mtu < 68 || s.mtu > 65535)) throw new SpecError(`device ${s.name}: mtu ${s.mtu} outside 68..65535`);
+  if (s.pinDir !== undefined && !s.offload) throw new SpecError('pin-dir-without-offload', `device ${s.name}: a pin directory only makes sense with offload`);
+  if (!Number.isInteger(s.queues) || s.queues < 1 || s.queues > 16) throw new SpecError('bad-queues', `device ${s.name}: queues ${s.queues} outside 1..16`);
+  if (s.mtu !== undefined && (!Number.isInteger(s.mtu) || s.mtu < 68 || s.mtu > 65535)) throw new SpecError('bad-mtu', `device ${s.name}: mtu ${s.mtu} outside 68..65535`);
   if (s.pinLimit === undefined) return s;
-  if (parsePort(s.port).kind !== 'xsk') throw new SpecError(`device ${s.name}: a pin limit only applies to xsk ports (a tap port pins no guest memory)`);
+  if (parsePort(s.port).kind !== 'xsk') throw new SpecError('pin-limit-not-xsk', `device ${s.name}: a pin limit only applies to xsk ports (a tap port pins no guest memory)`);
   // The lower bound depends on the queue count: XskPort checks it when the device is created.
   return { ...s, pinLimit: parsePinLimit(s.pinLimit as unknown, `device ${s.name}`) };
 }
@@ -59,7 +65,7 @@ export function parsePinLimit(v: unknown, what: string): number {
   try {
     return pinLimitBytes(v);
   } catch (e) {
-    throw new SpecError(`${what}: pin limit '${String(v)}': ${(e as Error).message}`);
+    throw new SpecError('bad-pin-limit', `${what}: pin limit '${String(v)}': ${(e as Error).message}`);
   }
 }
 
@@ -71,15 +77,15 @@ export function parseDeviceOption(text: string, defaults: Omit<DeviceSpec, 'name
   const kv = new Map<string, string>();
   for (const part of text.split(',')) {
     const i = part.indexOf('=');
-    if (i <= 0) throw new SpecError(`--device '${text}': '${part}' is not key=value`);
+    if (i <= 0) throw new SpecError('bad-device-option', `--device '${text}': '${part}' is not key=value`);
     kv.set(part.slice(0, i).trim(), part.slice(i + 1).trim());
   }
   const known = new Set(['name', 'socket', 'port', 'queues', 'client', 'mtu', 'offload', 'pin-dir', 'pin-limit']);
   for (const k of ['threads', 'busy-poll']) {
     // Datapath threads are a pool shared by every device now, not a per-device setting.
-    if (kv.has(k)) throw new SpecError(`--device '${text}': '${k}' is a process-wide option now (serve --${k === 'threads' ? 'workers' : k})`);
+    if (kv.has(k)) throw new SpecError('process-wide-option', `--device '${text}': '${k}' is a process-wide option now (serve --${k === 'threads' ? 'workers' : k})`);
   }
-  for (const k of kv.keys()) if (!known.has(k)) throw new SpecError(`--device '${text}': unknown key '${k}' (known: ${[...known].join(', ')})`);
+  for (const k of kv.keys()) if (!known.has(k)) throw new SpecError('unknown-device-key', `--device '${text}': unknown key '${k}' (known: ${[...known].join(', ')})`);
   const bool = (v: string | undefined, d: boolean) => (v === undefined ? d : v === '1' || v === 'true' || v === 'yes');
   const num = (v: string | undefined, d: number | undefined) => (v === undefined ? d : Number(v));
   return validateSpec({

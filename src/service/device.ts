@@ -25,6 +25,8 @@ export interface DeviceStatus {
   mtu: number;
   runningVrings: number[];
   refusedRequests: number;
+  /** Requests refused since the device started, by error code (every connection counted). */
+  refusals: Record<string, number>;
   lastDisconnect: string;
   offload: { pair: number; claimed: boolean; program: number | null } | null;
   /** Which pool worker serves each running pair. */
@@ -114,6 +116,7 @@ export class Device {
       mtu: this.net.currentMtu,
       runningVrings: this.net.runningVrings,
       refusedRequests: (s?.refused ?? 0),
+      refusals: Object.fromEntries(this.endpoint.refusals),
       lastDisconnect: this.lastDisconnect,
       workers: this.net.placement,
     };

@@ -1,4 +1,5 @@
 import koffi from 'koffi';
+import { VxError } from '../errors.js';
 
 const errnoNames = new Map<number, string>();
 for (const [name, value] of Object.entries(koffi.os.errno)) {
@@ -17,17 +18,22 @@ export const Errno = koffi.os.errno as Readonly<Record<string, number>> & {
   ENOBUFS: number; ENOPROTOOPT: number; EMSGSIZE: number; ENETDOWN: number;
 };
 
-/** A failed system call: carries errno and the call's name, so callers can branch on `code`. */
-export class SysError extends Error {
+// The peer went away: the same call on a fresh connection may well succeed.
+const HANG_UP_ERRNOS: ReadonlySet<number> = new Set([
+  Errno.EPIPE, Errno.ECONNRESET, Errno.ENOTCONN, Errno.ECONNREFUSED,
+]);
+
+/**
+ * A failed system call: carries errno and the call's name. `code` is the errno name ('EAGAIN')
+ * so callers branch on it; a reconnect helps only when the peer hung up.
+ */
+export class SysError extends VxError {
   readonly errno: number;
-  readonly code: string;
   readonly syscall: string;
   constructor(syscall: string, errno: number, detail?: string) {
     const code = errnoName(errno);
-    super(`${syscall}${detail ? ` (${detail})` : ''}: ${code}`);
-    this.name = 'SysError';
+    super(code, `${syscall}${detail ? ` (${detail})` : ''}: ${code}`, { reconnectHelps: HANG_UP_ERRNOS.has(errno) });
     this.errno = errno;
-    this.code = code;
     this.syscall = syscall;
   }
 }

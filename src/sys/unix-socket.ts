@@ -1,4 +1,5 @@
 import { raw, NativeBuffer, closeFd, check, SysError, lastErrno, Errno, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC } from './libc.js';
+import { ArgumentError } from '../errors.js';
 
 const AF_UNIX = 1;
 const SOL_SOCKET = 1;
@@ -20,7 +21,7 @@ const DATA = 1024;
 
 function sockaddrUn(buf: NativeBuffer, at: number, path: string): number {
   const bytes = Buffer.from(path, 'utf8');
-  if (bytes.length >= 108) throw new SysError('sockaddr_un', Errno.ENAMETOOLONG!, path);
+  if (bytes.length >= 108) throw new ArgumentError(`sockaddr_un: path of ${bytes.length} bytes (at most 107): ${path}`);
   buf.bytes.fill(0, at, at + 110);
   buf.view.setUint16(at, AF_UNIX, true);
   buf.bytes.set(bytes, at + 2);
@@ -135,8 +136,8 @@ export class UnixSocket {
 
   /** Sends all of `data` with `fds` attached to its first byte; throws on a short write. */
   send(data: Uint8Array, fds: readonly number[] = []): void {
-    if (fds.length > MAX_FDS_PER_MESSAGE) throw new SysError('sendmsg', Errno.EINVAL, 'too many fds');
-    if (data.length > 65536) throw new SysError('sendmsg', Errno.EMSGSIZE!, 'message too large');
+    if (fds.length > MAX_FDS_PER_MESSAGE) throw new ArgumentError(`sendmsg: ${fds.length} fds (at most ${MAX_FDS_PER_MESSAGE})`);
+    if (data.length > 65536) throw new ArgumentError(`sendmsg: message of ${data.length} bytes (at most 65536)`);
     const s = this.scratch;
     const v = s.view;
     s.bytes.fill(0, 0, CONTROL + CONTROL_LEN);

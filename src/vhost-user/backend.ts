@@ -1,10 +1,15 @@
 import { VxError } from '../errors.js';
 import type { RegionInfo } from '../memory/guest-memory.js';
 
-/** A backend's refusal of something the frontend asked for (logged as a refusal, not a bug). */
+/**
+ * A backend's refusal of something the frontend asked for (logged as a refusal, not a bug).
+ * The default code says only that the backend refused; a backend names the rule with its own
+ * code, and sets reconnectHelps when the refusal is about its own state (e.g. a datapath
+ * worker that died) rather than about the request.
+ */
 export class BackendRefusal extends VxError {
-  constructor(message: string, code = 'backend-refused') {
-    super(code, message);
+  constructor(message: string, code = 'backend-refused', opts: { reconnectHelps?: boolean; cause?: unknown } = {}) {
+    super(code, message, opts);
   }
 }
 

@@ -35,6 +35,8 @@ export class VhostUserEndpoint {
   private stopped = false;
   private readonly log: Logger;
   connections = 0;
+  /** Refused requests by error code, over every session this endpoint ran. */
+  readonly refusals = new Map<string, number>();
 
   constructor(private readonly opts: EndpointOptions) {
     this.log = logger(opts.backend.name);
@@ -104,7 +106,7 @@ export class VhostUserEndpoint {
 
   private attach(sock: UnixSocket): void {
     this.connections++;
-    const session = new Session(sock, this.opts.backend, (_s, reason) => this.detached(reason));
+    const session = new Session(sock, this.opts.backend, (_s, reason) => this.detached(reason), this.refusals);
     this.session = session;
     this.log.info(`frontend connected (${this.opts.mode} mode, ${this.opts.path})`);
     this.sessionPoll = koffi.node.poll(sock.fd, { readable: true, disconnect: true }, () => session.onReadable());

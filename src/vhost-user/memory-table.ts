@@ -1,4 +1,5 @@
 import koffi from 'koffi';
+import { VxError } from '../errors.js';
 import { SharedMapping, closeFd, NativeBuffer, check } from '../sys/libc.js';
 import type { MemoryRegionDesc } from './protocol.js';
 import { MAX_GUEST_ADDRESS, type RegionInfo } from '../memory/guest-memory.js';
@@ -22,10 +23,14 @@ interface Mapped {
   fd: number;
 }
 
-export class MemoryTableError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = 'MemoryTableError';
+export type MemoryTableErrorCode =
+  | 'region-out-of-range' | 'empty-region' | 'region-overflow' | 'region-overlap'
+  | 'region-not-memory-file' | 'region-file-too-small';
+
+/** A memory region the frontend described cannot be mapped; the frontend's table is wrong, so no reconnect helps. */
+export class MemoryTableError extends VxError {
+  constructor(code: MemoryTableErrorCode, message: string) {
+    super(code, message);
   }
 }
 
@@ -44,14 +49,14 @@ export class MemoryTable {
   static validate(d: MemoryRegionDesc, existing: readonly MemoryRegionDesc[]): void {
     const fields: [string, number][] = [['guest_phys_addr', d.gpa], ['memory_size', d.size], ['userspace_addr', d.uva], ['mmap_offset', d.mmapOffset]];
     for (const [name, v] of fields) {
-      if (!(v >= 0) || v > MAX_GUEST_ADDRESS) throw new MemoryTableError(`region ${name} 0x${v.toString(16)} out of range`);
+      if (!(v >= 0) || v > MAX_GUEST_ADDRESS) throw new MemoryTableError('region-out-of-range', `region ${name} 0x${v.toString(16)} out of range`);
     }
-    if (d.size === 0) throw new MemoryTableError('region of size 0');
+    if (d.size === 0) throw new MemoryTableError('empty-region', 'region of size 0');
     if (d.gpa + d.size > MAX_GUEST_ADDRESS || d.uva + d.size > MAX_GUEST_ADDRESS || d.mmapOffset + d.size > MAX_GUEST_ADDRESS) {
-      throw new MemoryTableError('region end overflows');
+      throw new MemoryTableError('region-overflow', 'region end overflows');
     }
     for (const o of existing) {
-      if (d.gpa < o.gpa + o.size && o.gpa < d.gpa + d.size) throw new MemoryTableError(`region at gpa 0x${d.gpa.toString(16)} overlaps another`);
+      if (d.gpa < o.gpa + o.size && o.gpa < d.gpa + d.size) throw new MemoryTableError('region-overlap', `region at gpa 0x${d.gpa.toString(16)} overlaps another`);
     }
   }
 
@@ -61,9 +66,9 @@ export class MemoryTable {
       MemoryTable.validate(d, this.mapped.map((m) => m.desc));
       const info = fileInfo(fd);
       // Touching a mapping past the end of its file is SIGBUS, not an error we could catch.
-      if (!info.regular) throw new MemoryTableError('region fd is not a memory file (memfd, shm or hugetlbfs)');
+      if (!info.regular) throw new MemoryTableError('region-not-memory-file', 'region fd is not a memory file (memfd, shm or hugetlbfs)');
       if (d.mmapOffset + d.size > info.size) {
-        throw new MemoryTableError(`region needs ${d.mmapOffset + d.size} bytes of its file, which has ${info.size}`);
+        throw new MemoryTableError('region-file-too-small', `region needs ${d.mmapOffset + d.size} bytes of its file, which has ${info.size}`);
       }
       const align = info.blockSize;
       const len = Math.ceil((d.mmapOffset + d.size) / align) * align;

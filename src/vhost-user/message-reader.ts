@@ -1,3 +1,4 @@
+import { VxError } from '../errors.js';
 import { closeFd } from '../sys/libc.js';
 import type { UnixSocket } from '../sys/unix-socket.js';
 import { HEADER_SIZE, MAX_PAYLOAD, decodeHeader, requestName, type Header } from './protocol.js';
@@ -10,10 +11,14 @@ export interface Message {
   fds: number[];
 }
 
-export class ProtocolError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = 'ProtocolError';
+/**
+ * The byte stream from the frontend cannot be framed any more ('oversized-message',
+ * 'fds-in-payload'): the connection is closed. A frontend that sent this once would send it
+ * again, so a reconnect does not help.
+ */
+export class ProtocolError extends VxError {
+  constructor(code: 'oversized-message' | 'fds-in-payload', message: string) {
+    super(code, message);
   }
 }
 
@@ -46,7 +51,7 @@ export class MessageReader {
       const h = decodeHeader(this.headerBuf);
       if (h.size > MAX_PAYLOAD) {
         this.dropFds();
-        throw new ProtocolError(`${requestName(h.request)} announces ${h.size} payload bytes (limit ${MAX_PAYLOAD})`);
+        throw new ProtocolError('oversized-message', `${requestName(h.request)} announces ${h.size} payload bytes (limit ${MAX_PAYLOAD})`);
       }
       this.header = h;
       this.payload = new Uint8Array(h.size);
@@ -57,7 +62,7 @@ export class MessageReader {
       if (r.fds.length > 0) {
         for (const fd of r.fds) closeFd(fd);
         this.dropFds();
-        throw new ProtocolError(`fds sent inside the payload of ${requestName(this.header.request)}`);
+        throw new ProtocolError('fds-in-payload', `fds sent inside the payload of ${requestName(this.header.request)}`);
       }
       if (r.n === 0) return 'closed';
       if (r.n < 0) return null;

@@ -1,3 +1,4 @@
+import { VxError } from '../errors.js';
 import { closeFd, SysError } from '../sys/libc.js';
 import type { UnixSocket } from '../sys/unix-socket.js';
 import { logger, type Logger } from '../log.js';
@@ -11,11 +12,19 @@ import {
   VRING_NOFD_MASK, MAX_MEM_REGIONS, MEMORY_REGION_SIZE, VRING_ADDR_SIZE, type MemoryRegionDesc,
 } from './protocol.js';
 
-/** A request the session refuses; the message names the rule (logged with the device name). */
-export class RequestError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = 'RequestError';
+export type RequestErrorCode =
+  | 'bad-version' | 'unsupported-request' | 'bad-payload-size' | 'bad-fd-count' | 'feature-not-negotiated'
+  | 'unoffered-features' | 'bad-vring-index' | 'bad-region-count' | 'no-free-mem-slot' | 'no-such-region'
+  | 'vring-running' | 'bad-vring-size' | 'bad-vring-base' | 'bad-fd-word' | 'no-kick-fd' | 'bad-enable-value'
+  | 'vring-outside-memory';
+
+/**
+ * A request the session refuses; the code names the rule, the message the values (logged with
+ * the device name). The frontend broke the protocol, so reconnecting and asking again does not help.
+ */
+export class RequestError extends VxError {
+  constructor(code: RequestErrorCode, message: string, opts: { cause?: unknown } = {}) {
+    super(code, message, opts);
   }
 }
 
@@ -106,7 +115,12 @@ export class Session {
   /** Requests refused so far (for tests and stats). */
   refused = 0;
 
-  constructor(readonly socket: UnixSocket, backend: VhostUserBackend, private readonly onClose: (s: Session, reason: string) => void) {
+  /**
+   * `refusals` counts refused requests by error code ('internal': not a VxError, our bug); the
+   * endpoint passes one map for all its sessions so the counts outlive a frontend's connection.
+   */
+  constructor(readonly socket: UnixSocket, backend: VhostUserBackend, private readonly onClose: (s: Session, reason: string) => void,
+    private readonly refusals = new Map<string, number>()) {
     this.backend = backend;
     this.log = logger(backend.name);
     this.reader = new MessageReader(socket);
@@ -137,21 +151,23 @@ export class Session {
     const wantAck = (flags & FLAG_NEED_REPLY) !== 0 && this.hasProto(ProtocolFeature.REPLY_ACK);
     let reply: Uint8Array | void = undefined;
     let error: string | null = null;
+    let code = '';
     try {
-      if ((flags & FLAG_VERSION_MASK) !== FLAG_VERSION) throw new RequestError(`unsupported version flags 0x${flags.toString(16)}`);
-      if (!spec) throw new RequestError('request not supported');
+      if ((flags & FLAG_VERSION_MASK) !== FLAG_VERSION) throw new RequestError('bad-version', `unsupported version flags 0x${flags.toString(16)}`);
+      if (!spec) throw new RequestError('unsupported-request', 'request not supported');
       if (m.payload.length < spec.size[0] || m.payload.length > spec.size[1]) {
-        throw new RequestError(`payload of ${m.payload.length} bytes, expected ${spec.size[0]}..${spec.size[1]}`);
+        throw new RequestError('bad-payload-size', `payload of ${m.payload.length} bytes, expected ${spec.size[0]}..${spec.size[1]}`);
       }
       if (m.fds.length < spec.fds[0] || m.fds.length > spec.fds[1]) {
-        throw new RequestError(`${m.fds.length} fds attached, expected ${spec.fds[0]}..${spec.fds[1]}`);
+        throw new RequestError('bad-fd-count', `${m.fds.length} fds attached, expected ${spec.fds[0]}..${spec.fds[1]}`);
       }
       if (spec.protocolFeature !== undefined && !this.hasProto(spec.protocolFeature)) {
-        throw new RequestError(`needs protocol feature ${ProtocolFeature[spec.protocolFeature]}, not negotiated`);
+        throw new RequestError('feature-not-negotiated', `needs protocol feature ${ProtocolFeature[spec.protocolFeature]}, not negotiated`);
       }
       reply = spec.run(this, m, new DataView(m.payload.buffer, m.payload.byteOffset, m.payload.length));
     } catch (e) {
       error = (e as Error).message;
+      code = e instanceof VxError ? e.code : 'internal';
       if (!(e instanceof RequestError || e instanceof GuestMemoryError || e instanceof MemoryTableError || e instanceof SysError || e instanceof BackendRefusal)) {
         this.log.error(`${name}: unexpected ${(e as Error).stack ?? e}`);
       }
@@ -162,7 +178,8 @@ export class Session {
     }
     if (error !== null) {
       this.refused++;
-      this.log.warn(`refused ${name}: ${error}`);
+      this.refusals.set(code, (this.refusals.get(code) ?? 0) + 1);
+      this.log.warn(`refused ${name} (${code}): ${error}`);
       // A request whose reply the frontend waits for cannot be answered with garbage: hang up.
       if (spec?.replies) return this.close(`${name} failed: ${error}`);
       if (wantAck) this.send(request, u64Payload(1));
@@ -188,14 +205,14 @@ export class Session {
 
   setFeatures(f: bigint): void {
     const offered = this.backend.deviceFeatures();
-    if ((f & ~offered) !== 0n) throw new RequestError(`features 0x${f.toString(16)} include bits never offered (0x${(f & ~offered).toString(16)})`);
+    if ((f & ~offered) !== 0n) throw new RequestError('unoffered-features', `features 0x${f.toString(16)} include bits never offered (0x${(f & ~offered).toString(16)})`);
     this.features = f;
     this.backend.featuresAcked(f);
   }
 
   setProtocolFeatures(f: bigint): void {
     const offered = this.backend.protocolFeatures();
-    if ((f & ~offered) !== 0n) throw new RequestError(`protocol features 0x${f.toString(16)} include bits never offered`);
+    if ((f & ~offered) !== 0n) throw new RequestError('unoffered-features', `protocol features 0x${f.toString(16)} include bits never offered`);
     this.protoFeatures = f;
     this.protoNegotiated = true;
   }
@@ -203,15 +220,15 @@ export class Session {
   /** The vring at `index`, or a refusal. The one place an index from the frontend is checked. */
   private vring(index: number): VringState {
     const v = this.vrings[index];
-    if (index >= this.vrings.length || v === undefined) throw new RequestError(`vring index ${index} out of range (device has ${this.vrings.length})`);
+    if (index >= this.vrings.length || v === undefined) throw new RequestError('bad-vring-index', `vring index ${index} out of range (device has ${this.vrings.length})`);
     return v;
   }
 
   setMemTable(m: Message, v: DataView): void {
     const n = v.getUint32(0, true);
-    if (n < 1 || n > MAX_MEM_REGIONS) throw new RequestError(`${n} memory regions (1..${MAX_MEM_REGIONS})`);
-    if (m.fds.length !== n) throw new RequestError(`${n} regions but ${m.fds.length} fds`);
-    if (m.payload.length < 8 + n * MEMORY_REGION_SIZE) throw new RequestError(`payload too short for ${n} regions`);
+    if (n < 1 || n > MAX_MEM_REGIONS) throw new RequestError('bad-region-count', `${n} memory regions (1..${MAX_MEM_REGIONS})`);
+    if (m.fds.length !== n) throw new RequestError('bad-fd-count', `${n} regions but ${m.fds.length} fds`);
+    if (m.payload.length < 8 + n * MEMORY_REGION_SIZE) throw new RequestError('bad-payload-size', `payload too short for ${n} regions`);
     const descs = Array.from({ length: n }, (_, i) => readRegion(v, 8 + i * MEMORY_REGION_SIZE));
     descs.forEach((d, i) => MemoryTable.validate(d, descs.slice(0, i)));
     const next = new MemoryTable();
@@ -253,7 +270,7 @@ export class Session {
   addMemRegion(d: MemoryRegionDesc, fd: number): void {
     if (this.table.regionCount >= MAX_MEM_REGIONS) {
       closeFd(fd);
-      throw new RequestError(`all ${MAX_MEM_REGIONS} memory slots are in use`);
+      throw new RequestError('no-free-mem-slot', `all ${MAX_MEM_REGIONS} memory slots are in use`);
     }
     try {
       MemoryTable.validate(d, this.table.descriptions);
@@ -268,21 +285,21 @@ export class Session {
 
   remMemRegion(d: MemoryRegionDesc): void {
     const remaining = this.table.infos().filter((r) => !(r.gpa === d.gpa && r.size === d.size && r.uva === d.uva));
-    if (remaining.length === this.table.regionCount) throw new RequestError(`no region at gpa 0x${d.gpa.toString(16)} size ${d.size}`);
+    if (remaining.length === this.table.regionCount) throw new RequestError('no-such-region', `no region at gpa 0x${d.gpa.toString(16)} size ${d.size}`);
     this.swapMemory(remaining, () => this.table.remove(d));
   }
 
   setVringNum(index: number, num: number): void {
     const v = this.vring(index);
-    if (v.running) throw new RequestError(`vring ${index} is running`);
-    if (num < 1 || num > 32768 || (num & (num - 1)) !== 0) throw new RequestError(`vring ${index} size ${num} is not a power of two in 1..32768`);
+    if (v.running) throw new RequestError('vring-running', `vring ${index} is running`);
+    if (num < 1 || num > 32768 || (num & (num - 1)) !== 0) throw new RequestError('bad-vring-size', `vring ${index} size ${num} is not a power of two in 1..32768`);
     v.num = num;
   }
 
   setVringAddr(dv: DataView): void {
     const index = dv.getUint32(0, true);
     const v = this.vring(index);
-    if (v.running) throw new RequestError(`vring ${index} is running`);
+    if (v.running) throw new RequestError('vring-running', `vring ${index} is running`);
     v.descUser = u64(dv, 8);
     v.usedUser = u64(dv, 16);
     v.availUser = u64(dv, 24);
@@ -292,8 +309,8 @@ export class Session {
 
   setVringBase(index: number, num: number): void {
     const v = this.vring(index);
-    if (v.running) throw new RequestError(`vring ${index} is running`);
-    if (num > 0xffff) throw new RequestError(`vring ${index} base ${num} exceeds 16 bits`);
+    if (v.running) throw new RequestError('vring-running', `vring ${index} is running`);
+    if (num > 0xffff) throw new RequestError('bad-vring-base', `vring ${index} base ${num} exceeds 16 bits`);
     v.base = num;
   }
 
@@ -315,8 +332,8 @@ export class Session {
     const word = u64(dv);
     const index = word & VRING_INDEX_MASK;
     const noFd = (word & VRING_NOFD_MASK) !== 0;
-    if (word & ~(VRING_INDEX_MASK | VRING_NOFD_MASK)) throw new RequestError(`${kind} fd word 0x${word.toString(16)} has unknown bits`);
-    if (noFd !== (m.fds.length === 0)) throw new RequestError(noFd ? 'invalid-fd flag set but an fd is attached' : 'no fd attached and invalid-fd flag clear');
+    if (word & ~(VRING_INDEX_MASK | VRING_NOFD_MASK)) throw new RequestError('bad-fd-word', `${kind} fd word 0x${word.toString(16)} has unknown bits`);
+    if (noFd !== (m.fds.length === 0)) throw new RequestError('bad-fd-word', noFd ? 'invalid-fd flag set but an fd is attached' : 'no fd attached and invalid-fd flag clear');
     const v = this.vring(index);
     // Taken out of m.fds only here: from now on the vring owns it.
     const fd = m.fds.pop() ?? -1;
@@ -327,7 +344,7 @@ export class Session {
       }
       closeFd(v.kickFd);
       v.kickFd = fd;
-      if (v.kickFd < 0) throw new RequestError(`vring ${index}: polling without a kick fd is not supported`);
+      if (v.kickFd < 0) throw new RequestError('no-kick-fd', `vring ${index}: polling without a kick fd is not supported`);
       v.started = true;
       // Without protocol features a ring is enabled as soon as it starts (spec: "Ring states").
       if (!this.protoNegotiated || !hasBit(this.features, F_PROTOCOL_FEATURES)) v.enabled = true;
@@ -345,9 +362,9 @@ export class Session {
   setVringEnable(index: number, enable: number): void {
     const v = this.vring(index);
     if (!hasBit(this.features, F_PROTOCOL_FEATURES) && !this.protoNegotiated) {
-      throw new RequestError('SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES');
+      throw new RequestError('feature-not-negotiated', 'SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES');
     }
-    if (enable > 1) throw new RequestError(`enable value ${enable}`);
+    if (enable > 1) throw new RequestError('bad-enable-value', `enable value ${enable}`);
     v.enabled = enable === 1;
     if (!v.enabled && v.running) {
       v.base = this.backend.stopVring(index);
@@ -370,7 +387,7 @@ export class Session {
         lastAvailIdx: v.base, kickFd: v.kickFd, callFd: v.callFd, errFd: v.errFd,
       };
     } catch (e) {
-      throw new RequestError(`vring ${index}: ${(e as Error).message}`);
+      throw new RequestError('vring-outside-memory', `vring ${index}: ${(e as Error).message}`, { cause: e });
     }
     this.backend.startVring(cfg);
     v.running = true;

@@ -1,11 +1,14 @@
+import { VxError } from '../errors.js';
+
 /**
- * Why a virtqueue operation was refused. Stable string codes so callers (and tests) can branch
+ * Why a virtqueue operation was refused: one code per rule, so callers (and tests) can branch
  * on the rule that fired without parsing messages.
  */
-export type VirtqueueErrorReason =
+export type VirtqueueErrorCode =
   // ring setup (constructor)
   | 'bad-queue-size'
   | 'misaligned-ring'
+  | 'odd-host-address'
   | 'ring-outside-memory'
   // avail ring
   | 'avail-idx-jump'
@@ -31,16 +34,15 @@ export type VirtqueueErrorReason =
  * touched. `head` is the chain's head index when one was already taken off the avail ring
  * (the slot is consumed: the caller may return it with pushUsed(head, 0) to drop the chain,
  * or stop the queue and mark the device NEEDS_RESET); -1 when there is no usable head.
+ * The same ring contents break the same rule after a reconnect, so reconnectHelps is false.
  */
-export class VirtqueueError extends Error {
-  readonly reason: VirtqueueErrorReason;
+export class VirtqueueError extends VxError {
+  declare readonly code: VirtqueueErrorCode;
   readonly queue: string;
   readonly head: number;
 
-  constructor(reason: VirtqueueErrorReason, queue: string, detail: string, head = -1) {
-    super(`${queue}: ${reason}: ${detail}`);
-    this.name = 'VirtqueueError';
-    this.reason = reason;
+  constructor(code: VirtqueueErrorCode, queue: string, detail: string, head = -1) {
+    super(code, `${queue}: ${code}: ${detail}`);
     this.queue = queue;
     this.head = head;
   }

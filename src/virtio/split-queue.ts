@@ -4,7 +4,7 @@ import { VirtqueueError } from './errors.js';
 
 export { DescriptorChain } from './descriptor-chain.js';
 export { VirtqueueError } from './errors.js';
-export type { VirtqueueErrorReason } from './errors.js';
+export type { VirtqueueErrorCode } from './errors.js';
 
 /** Descriptor flags (virtio 1.x 2.7.5). */
 export const VIRTQ_DESC_F_NEXT = 1;
@@ -146,7 +146,7 @@ export class SplitQueue {
     // region start in our mapping.
     for (const [what, gpa] of [['avail', availGpa], ['used', usedGpa]] as const) {
       if ((mem.translate(gpa, 4) & 1) !== 0) {
-        throw new VirtqueueError('misaligned-ring', opts.name, `${what} ring 0x${gpa.toString(16)} sits at an odd host address (its region's mmap offset is odd)`);
+        throw new VirtqueueError('odd-host-address', opts.name, `${what} ring 0x${gpa.toString(16)} sits at an odd host address (its region's mmap offset is odd)`);
       }
     }
     this.availHeader = new Uint16Array(this.availView.buffer, this.availView.byteOffset, 2);
@@ -344,8 +344,8 @@ export class SplitQueue {
     chain.writableBytes = writableBytes;
   }
 
-  private fail(reason: ConstructorParameters<typeof VirtqueueError>[0], detail: string, head: number): VirtqueueError {
-    return new VirtqueueError(reason, this.name, detail, head);
+  private fail(code: ConstructorParameters<typeof VirtqueueError>[0], detail: string, head: number): VirtqueueError {
+    return new VirtqueueError(code, this.name, detail, head);
   }
 
   /** Writes a used element at usedIdx; the driver sees it only after flushUsed(). */

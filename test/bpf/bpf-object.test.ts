@@ -5,10 +5,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { readBpfObject, BpfObjectError, type BpfObjectProgram } from '../../src/offload/bpf-object.js';
-import {
-  BpfMap, BpfMapType, BpfError, TestRunner, progLoad, progInfo, mapInfo, closeBpfFd, decodeInsn,
-  listProgIds, listMapIds, BPF_PSEUDO_MAP_FD, BPF_PSEUDO_KFUNC_CALL, XDP_DROP, XDP_PASS, XDP_TX,
-} from '../../src/sys/libbpf.js';
+import { BpfError } from '../../src/sys/bpf/libbpf.js';
+import { BpfMap, BpfMapType } from '../../src/sys/bpf/maps.js';
+import { progLoad, closeBpfFd } from '../../src/sys/bpf/programs.js';
+import { decodeInsn, BPF_PSEUDO_MAP_FD, BPF_PSEUDO_KFUNC_CALL } from '../../src/sys/bpf/insns.js';
+import { TestRunner } from '../../src/sys/bpf/test-run.js';
+import { XDP_DROP, XDP_PASS, XDP_TX } from '../../src/sys/bpf/xdp.js';
+import { progInfo, mapInfo, listProgIds, listMapIds } from '../../src/sys/bpf/info.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const OUT = join(ROOT, 'bpf/out');

@@ -8,7 +8,11 @@
 // Run as a script (`node xdp-flood.js IFNAME HEXFRAME`) it floods until SIGINT/SIGTERM;
 // XdpFlood.start() spawns it pinned to one CPU.
 import { pathToFileURL, fileURLToPath } from 'node:url';
-import { encodeInsns, progLoad, closeBpfFd, TestRunner, BpfProgType, BpfError, XDP_TX } from '../../src/sys/libbpf.js';
+import { BpfError } from '../../src/sys/bpf/libbpf.js';
+import { progLoad, closeBpfFd, BpfProgType } from '../../src/sys/bpf/programs.js';
+import { encodeInsns } from '../../src/sys/bpf/insns.js';
+import { TestRunner } from '../../src/sys/bpf/test-run.js';
+import { XDP_TX } from '../../src/sys/bpf/xdp.js';
 import { Errno } from '../../src/sys/errors.js';
 import { ifNameToIndex, NativeBuffer } from '../../src/sys/libc.js';
 import { spawnManaged, type ManagedProcess } from './processes.js';

@@ -8,7 +8,8 @@ import { PacketSocket } from '../harness/packet-socket.js';
 import { uniqueIfName, linkExists, deleteLink } from '../harness/netdev.js';
 import { waitUntil } from '../harness/processes.js';
 import { udpFrame, seqOf, GUEST_MAC, HOST_MAC } from '../harness/frames.js';
-import { listProgIds, progGetFdById, progInfo, closeBpfFd } from '../../src/sys/libbpf.js';
+import { progGetFdById, closeBpfFd } from '../../src/sys/bpf/programs.js';
+import { listProgIds, progInfo } from '../../src/sys/bpf/info.js';
 
 
 /** Ids of the redirect programs vhost-xdp loads for xsk ports. */

@@ -6,7 +6,10 @@ import { OffloadBroker } from '../../src/offload/broker.js';
 import * as P from '../../src/offload/protocol.js';
 import { Cmd, Status } from '../../src/offload/protocol.js';
 import { readBpfObject } from '../../src/offload/bpf-object.js';
-import { TestRunner, BpfMapType, XDP_DROP, mapGetFdById, progGetFdById, closeBpfFd } from '../../src/sys/libbpf.js';
+import { BpfMapType, mapGetFdById } from '../../src/sys/bpf/maps.js';
+import { progGetFdById, closeBpfFd } from '../../src/sys/bpf/programs.js';
+import { TestRunner } from '../../src/sys/bpf/test-run.js';
+import { XDP_DROP } from '../../src/sys/bpf/xdp.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const obj = (name: string) => readBpfObject(new Uint8Array(readFileSync(join(ROOT, 'bpf/out', `${name}.o`))));

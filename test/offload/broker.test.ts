@@ -8,10 +8,12 @@ import { OffloadBroker, type OffloadBrokerOptions, type OffloadProgram } from '.
 import * as P from '../../src/offload/protocol.js';
 import { Status, QuotaId } from '../../src/offload/protocol.js';
 import { readBpfObject, type BpfObjectProgram } from '../../src/offload/bpf-object.js';
-import {
-  TestRunner, BpfMapType, XDP_DROP, XDP_PASS, XDP_TX, mapGetFdById, progGetFdById, closeBpfFd,
-  countKernelObjects, encodeInsns, progLoad, progInfo, BpfProgType,
-} from '../../src/sys/libbpf.js';
+import { BpfMapType, mapGetFdById } from '../../src/sys/bpf/maps.js';
+import { progGetFdById, closeBpfFd, progLoad, BpfProgType } from '../../src/sys/bpf/programs.js';
+import { encodeInsns } from '../../src/sys/bpf/insns.js';
+import { TestRunner } from '../../src/sys/bpf/test-run.js';
+import { XDP_DROP, XDP_PASS, XDP_TX } from '../../src/sys/bpf/xdp.js';
+import { countKernelObjects, progInfo } from '../../src/sys/bpf/info.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const obj = (name: string): BpfObjectProgram =>

@@ -4,12 +4,13 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import koffi from 'koffi';
-import {
-  BpfMap, BpfMapType, BpfError, TestRunner, encodeInsns, mapInfo, progInfo, progLoad, closeBpfFd,
-  listProgIds, listMapIds, progGetFdById, xdpAttach, xdpDetach, xdpQuery,
-  BPF_PSEUDO_CALL, BPF_PSEUDO_MAP_FD, XDP_DROP, XDP_TX, XDP_REDIRECT,
-  XDP_FLAGS_DRV_MODE, XDP_FLAGS_REPLACE, XDP_ATTACHED_DRV, type BpfInsn,
-} from '../../src/sys/libbpf.js';
+import { BpfError } from '../../src/sys/bpf/libbpf.js';
+import { BpfMap, BpfMapType } from '../../src/sys/bpf/maps.js';
+import { progLoad, closeBpfFd, progGetFdById } from '../../src/sys/bpf/programs.js';
+import { encodeInsns, BPF_PSEUDO_CALL, BPF_PSEUDO_MAP_FD, type BpfInsn } from '../../src/sys/bpf/insns.js';
+import { TestRunner } from '../../src/sys/bpf/test-run.js';
+import { xdpAttach, xdpDetach, xdpQuery, XDP_DROP, XDP_TX, XDP_REDIRECT, XDP_FLAGS_DRV_MODE, XDP_FLAGS_REPLACE, XDP_ATTACHED_DRV } from '../../src/sys/bpf/xdp.js';
+import { mapInfo, progInfo, listProgIds, listMapIds } from '../../src/sys/bpf/info.js';
 import { NativeBuffer, raw, check, SysError, lastErrno } from '../../src/sys/libc.js';
 import { readBpfObject } from '../../src/offload/bpf-object.js';
 import {

@@ -11,7 +11,7 @@ import { waitUntil } from '../harness/processes.js';
 import { udpFrame, seqOf, GUEST_MAC } from '../harness/frames.js';
 import { readBpfObject } from '../../src/offload/bpf-object.js';
 import { statusName, encodeMapCreate, encodeProgSet, encodeProgUnset, encodeElemLookup, encodeCaps, encodeRelease, encodeElemUpdate } from '../../src/offload/protocol.js';
-import { listProgIds, listMapIds } from '../../src/sys/libbpf.js';
+import { listProgIds, listMapIds } from '../../src/sys/bpf/info.js';
 
 const HOST_MAC = '52:54:00:0f:0f:0f';
 const bpfDir = path.resolve(__dirname, '../../bpf/out');

@@ -10,7 +10,8 @@ import {
 import { checkMapDef } from '../../src/offload/map-table.js';
 import { DEFAULT_QUOTAS } from '../../src/offload/quotas.js';
 import { ProtocolError, Status, QuotaId, bindMapHandles, statusName } from '../../src/offload/protocol.js';
-import { encodeInsns, BpfMapType } from '../../src/sys/libbpf.js';
+import { BpfMapType } from '../../src/sys/bpf/maps.js';
+import { encodeInsns } from '../../src/sys/bpf/insns.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const obj = (name: string) => readBpfObject(new Uint8Array(readFileSync(join(ROOT, 'bpf/out', `${name}.o`))));

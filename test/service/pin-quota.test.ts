@@ -10,7 +10,8 @@ import { PacketSocket } from '../harness/packet-socket.js';
 import { uniqueIfName, deleteLink, linkExists } from '../harness/netdev.js';
 import { waitUntil } from '../harness/processes.js';
 import { udpFrame, seqOf, GUEST_MAC, HOST_MAC } from '../harness/frames.js';
-import { listProgIds, xdpQuery } from '../../src/sys/libbpf.js';
+import { xdpQuery } from '../../src/sys/bpf/xdp.js';
+import { listProgIds } from '../../src/sys/bpf/info.js';
 import { ifNameToIndex } from '../../src/sys/libc.js';
 import { defaultPeerName } from '../../src/ports/xsk.js';
 

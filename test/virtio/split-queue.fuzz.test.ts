@@ -294,12 +294,12 @@ describe('split-queue fuzz', () => {
           if (dt > maxPopMs) maxPopMs = dt;
           pops++;
           if (!(e instanceof VirtqueueError)) throw new Error(`seed ${SEED}: pop threw a non-VirtqueueError: ${String(e)}`);
-          note(e.reason);
-          if (ref.kind !== 'error' || ref.reason !== e.reason) {
-            throw new Error(`seed ${SEED} iteration ${iterations}: pop refused with ${e.reason} (${e.message}); reference says ${JSON.stringify(ref)}`);
+          note(e.code);
+          if (ref.kind !== 'error' || ref.reason !== e.code) {
+            throw new Error(`seed ${SEED} iteration ${iterations}: pop refused with ${e.code} (${e.message}); reference says ${JSON.stringify(ref)}`);
           }
           const consumed = dev.lastAvailIdx !== before;
-          expect(consumed, `seed ${SEED}: slot consumption for ${e.reason}`).toBe(ref.consumed);
+          expect(consumed, `seed ${SEED}: slot consumption for ${e.code}`).toBe(ref.consumed);
           if (!consumed) break; // avail-idx-jump: the ring is unusable until reset
           if (e.head >= 0) dev.pushUsed(e.head, 0);
           continue;
@@ -437,7 +437,7 @@ describe('split-queue fuzz', () => {
             dev.pushUsed(chain.head, 0);
           } catch (e) {
             if (!(e instanceof VirtqueueError)) throw new Error(`seed ${SEED}: racing pop threw ${String(e)}`);
-            outcomes.set(e.reason, (outcomes.get(e.reason) ?? 0) + 1);
+            outcomes.set(e.code, (outcomes.get(e.code) ?? 0) + 1);
             if (e.head >= 0) dev.pushUsed(e.head, 0);
           }
         }
