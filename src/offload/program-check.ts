@@ -4,17 +4,7 @@
 // decision 6), and every refusal names the instruction and the helper or feature.
 
 import { ProtocolError, Status, QuotaId, NO_INSN } from './protocol.js';
-
-export const INSN_BYTES = 8;
-const LD_IMM64 = 0x18;
-const JMP_CALL = 0x85;
-
-/** ld_imm64 src_reg values (uapi linux/bpf.h). */
-export const Pseudo = {
-  MAP_FD: 1, MAP_VALUE: 2, BTF_ID: 3, FUNC: 4, MAP_IDX: 5, MAP_IDX_VALUE: 6,
-} as const;
-/** call src_reg values. */
-export const PseudoCall = { HELPER: 0, CALL: 1, KFUNC_CALL: 2 } as const;
+import { decodeInsn, insnCount, isLdImm64SecondHalf, setInsnImm, Op, Pseudo, PseudoCall, Helper } from '../sys/bpf-insn.js';
 
 // Helper ids in the kernel's enum order (__BPF_FUNC_MAPPER), so a refusal can name them.
 const HELPER_NAMES = (
@@ -131,39 +121,32 @@ export interface DecodedProgram {
   pseudoLoads: { index: number; src: number }[];
 }
 
-function insnAt(v: DataView, i: number): { code: number; dst: number; src: number; off: number; imm: number } {
-  const o = i * INSN_BYTES;
-  const regs = v.getUint8(o + 1);
-  return { code: v.getUint8(o), dst: regs & 0xf, src: regs >> 4, off: v.getInt16(o + 2, true), imm: v.getInt32(o + 4, true) };
-}
-
 /**
  * Reads the instruction stream for the things policy looks at. Refuses (BAD_REQUEST) only
  * what cannot be read as a program: a length that is not a non-zero multiple of 8 and a
  * malformed ld_imm64 pair. Everything else is the verifier's to judge.
  */
 export function decodeProgram(insns: Uint8Array): DecodedProgram {
-  if (insns.byteLength === 0 || insns.byteLength % INSN_BYTES !== 0) {
+  const count = insnCount(insns);
+  if (count === null) {
     throw new ProtocolError(Status.BAD_REQUEST, `program is ${insns.byteLength} bytes, not a non-zero multiple of 8`);
   }
-  const v = new DataView(insns.buffer, insns.byteOffset, insns.byteLength);
-  const count = insns.byteLength / INSN_BYTES;
   const p: DecodedProgram = {
     insns, count, helperCalls: [], subprogCalls: [], kfuncCalls: [], oddCalls: [], mapRefs: [], pseudoLoads: [],
   };
   for (let i = 0; i < count; i++) {
-    const ins = insnAt(v, i);
-    if (ins.code === JMP_CALL) {
+    const ins = decodeInsn(insns, i);
+    if (ins.code === Op.CALL) {
       if (ins.src === PseudoCall.HELPER) p.helperCalls.push({ index: i, helper: ins.imm });
       else if (ins.src === PseudoCall.CALL) p.subprogCalls.push(i);
       else if (ins.src === PseudoCall.KFUNC_CALL) p.kfuncCalls.push(i);
       else p.oddCalls.push({ index: i, src: ins.src });
-    } else if (ins.code === LD_IMM64) {
+    } else if (ins.code === Op.LD_IMM64) {
       if (i + 1 >= count) {
         throw new ProtocolError(Status.BAD_REQUEST, `instruction ${i}: ld_imm64 has no second half`, { a: i });
       }
-      const hi = insnAt(v, i + 1);
-      if (hi.code !== 0 || hi.dst !== 0 || hi.src !== 0 || hi.off !== 0) {
+      const hi = decodeInsn(insns, i + 1);
+      if (!isLdImm64SecondHalf(hi)) {
         throw new ProtocolError(Status.BAD_REQUEST, `instruction ${i + 1}: malformed second half of ld_imm64`, { a: i + 1 });
       }
       if (ins.src === Pseudo.MAP_FD || ins.src === Pseudo.MAP_VALUE) {
@@ -227,9 +210,9 @@ export function judgeProgram(p: DecodedProgram, license: string, declaredHandles
   for (const c of p.helperCalls) {
     items.push({ index: c.index, check: () => {
       const name = helperName(c.helper);
-      if (c.helper === 12) {
-        refuse(Status.TAIL_CALL_REFUSED, `instruction ${c.index}: tail calls (${name}, 12) are not allowed on this device`,
-          { a: c.index, b: 12 });
+      if (c.helper === Helper.TAIL_CALL) {
+        refuse(Status.TAIL_CALL_REFUSED, `instruction ${c.index}: tail calls (${name}, ${Helper.TAIL_CALL}) are not allowed on this device`,
+          { a: c.index, b: Helper.TAIL_CALL });
       }
       if (!policy.allowedHelpers.has(c.helper)) {
         const why = NEVER_ALLOWED_HELPERS.get(c.helper);
@@ -276,8 +259,7 @@ export function judgeProgram(p: DecodedProgram, license: string, declaredHandles
 /** A copy of the instructions with each map reference's imm = that handle's host map fd. */
 export function rewriteMapRefs(j: JudgedProgram, fdOf: (handle: number) => number): Uint8Array {
   const out = j.decoded.insns.slice();
-  const v = new DataView(out.buffer);
-  for (const m of j.decoded.mapRefs) v.setInt32(m.index * INSN_BYTES + 4, fdOf(m.handle), true);
+  for (const m of j.decoded.mapRefs) setInsnImm(out, m.index, fdOf(m.handle));
   return out;
 }
 

@@ -6,9 +6,9 @@ import {
   XDP_PACKET_HEADROOM, XDP_UMEM_MIN_CHUNK_SIZE, type SocketRingLayouts, type XskStatistics,
 } from '../sys/xsk.js';
 import {
-  BpfMap, BpfMapType, BpfError, progLoad, encodeInsns, xdpAttach, xdpDetach, closeBpfFd, XDP_FLAGS_DRV_MODE, XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_FLAGS_REPLACE, XDP_PASS,
-  BPF_PSEUDO_MAP_FD,
+  BpfMap, BpfMapType, BpfError, progLoad, xdpAttach, xdpDetach, closeBpfFd, XDP_FLAGS_DRV_MODE, XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_FLAGS_REPLACE, XDP_PASS,
 } from '../sys/libbpf.js';
+import { encodeInsns, redirectToQueueSocket, returnImm } from '../sys/bpf-insn.js';
 import type { RegionInfo } from '../memory/guest-memory.js';
 import { linkStats } from './link-stats.js';
 import type { Port } from './port.js';
@@ -192,13 +192,7 @@ function roundUp(v: number, a: number): number {
  * goes to that queue's socket; a queue without one passes to the (address-less) peer stack.
  */
 export function redirectProgramInsns(xskMapFd: number): Uint8Array {
-  return encodeInsns([
-    { code: 0x61, dst: 2, src: 1, off: 16 }, // r2 = ctx->rx_queue_index (struct xdp_md @16)
-    { code: 0x18, dst: 1, src: BPF_PSEUDO_MAP_FD, imm: xskMapFd }, { code: 0 }, // r1 = &xskmap
-    { code: 0xb7, dst: 3, imm: XDP_PASS }, // r3 = fallback action
-    { code: 0x85, imm: 51 }, // call bpf_redirect_map
-    { code: 0x95 }, // exit
-  ]);
+  return encodeInsns(redirectToQueueSocket(1, xskMapFd, XDP_PASS));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -374,7 +368,7 @@ export class XskPort implements Port {
       map = BpfMap.create(BpfMapType.XSKMAP, 4, 4, queuePairs, { name: 'vx_xskmap' });
       prog = progLoad(redirectProgramInsns(map.fd), { license: 'GPL', name: 'vx_xsk_redir' });
       xdpAttach(peerIfindex, prog, XDP_FLAGS_DRV_MODE);
-      pass = progLoad(encodeInsns([{ code: 0xb7, dst: 0, imm: XDP_PASS }, { code: 0x95 }]), { license: 'GPL', name: 'vx_xsk_hostpass' });
+      pass = progLoad(encodeInsns(returnImm(XDP_PASS)), { license: 'GPL', name: 'vx_xsk_hostpass' });
       // Host frames must reach the guest with complete checksums: AF_XDP copies bytes and has no
       // way to say "checksum partial", so the host end computes them in software.
       spawnSync('ethtool', ['-K', ifname, 'tx', 'off'], { timeout: 10_000 });
