@@ -28,10 +28,16 @@ export interface ComposeOptions {
   xskMapFd: number;
 }
 
-/** A guest program the composer cannot place safely; `insn` is the guest-relative index. */
+type Transfer = 'jump' | 'call' | 'callback';
+const TRANSFER_TEXT: Record<Transfer, string> = { jump: 'jump', call: 'subprogram call', callback: 'callback reference' };
+
+/**
+ * A guest program the composer cannot place safely; `insn` is the guest-relative index,
+ * `target` where its jump, call or callback reference would land (null for length errors).
+ */
 export class ComposeError extends VxError {
-  constructor(code: 'compose-bad-length' | 'compose-too-long' | 'compose-truncated-ld-imm64' | 'compose-target-outside' | 'compose-target-mid-ld-imm64',
-    message: string, readonly insn: number) {
+  constructor(code: 'compose-bad-length' | 'compose-too-long' | 'compose-truncated-ld-imm64' | `compose-${Transfer}-outside` | 'compose-target-mid-ld-imm64',
+    message: string, readonly insn: number, readonly target: number | null = null) {
     super(code, message);
   }
 }
@@ -87,12 +93,12 @@ export function checkGuestBlock(guest: Uint8Array): number {
     throw new ComposeError('compose-too-long', `guest program has ${n} instructions; composed it would exceed ${MAX_PROG_INSNS}`, 0);
   }
   const secondHalf = new Uint8Array(n);
-  const targets: { from: number; to: number; what: string }[] = [];
+  const targets: { from: number; to: number; kind: Transfer }[] = [];
   for (let i = 0; i < n; i++) {
     const { code, src, off, imm } = decodeInsn(guest, i);
     if (code === Op.LD_IMM64) {
       if (i + 1 >= n) throw new ComposeError('compose-truncated-ld-imm64', `instruction ${i}: ld_imm64 has no second half`, i);
-      if (src === Pseudo.FUNC) targets.push({ from: i, to: i + imm + 1, what: 'callback reference' });
+      if (src === Pseudo.FUNC) targets.push({ from: i, to: i + imm + 1, kind: 'callback' });
       secondHalf[i + 1] = 1;
       i++;
       continue;
@@ -102,19 +108,20 @@ export function checkGuestBlock(guest: Uint8Array): number {
     const op = code & BPF_OP_MASK;
     if (op === BPF_OP_EXIT) continue;
     if (op === BPF_OP_CALL) {
-      if (cls === BPF_CLASS_JMP && src === PseudoCall.CALL) targets.push({ from: i, to: i + imm + 1, what: 'subprogram call' });
+      if (cls === BPF_CLASS_JMP && src === PseudoCall.CALL) targets.push({ from: i, to: i + imm + 1, kind: 'call' });
       continue;
     }
     // JMP32|JA (gotol) carries its offset in imm; every other jump in off.
     const rel = cls === BPF_CLASS_JMP32 && op === BPF_OP_JA ? imm : off;
-    targets.push({ from: i, to: i + rel + 1, what: 'jump' });
+    targets.push({ from: i, to: i + rel + 1, kind: 'jump' });
   }
   for (const t of targets) {
+    const what = TRANSFER_TEXT[t.kind];
     if (t.to < 0 || t.to >= n) {
-      throw new ComposeError('compose-target-outside', `instruction ${t.from}: ${t.what} to ${t.to} leaves the guest program (0..${n - 1})`, t.from);
+      throw new ComposeError(`compose-${t.kind}-outside`, `instruction ${t.from}: ${what} to ${t.to} leaves the guest program (0..${n - 1})`, t.from, t.to);
     }
     if (secondHalf[t.to]) {
-      throw new ComposeError('compose-target-mid-ld-imm64', `instruction ${t.from}: ${t.what} lands in the middle of the ld_imm64 at ${t.to - 1}`, t.from);
+      throw new ComposeError('compose-target-mid-ld-imm64', `instruction ${t.from}: ${what} lands in the middle of the ld_imm64 at ${t.to - 1}`, t.from, t.to);
     }
   }
   return n;

@@ -3,8 +3,8 @@ import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { OffloadBroker } from '../../src/offload/broker.js';
-import * as P from '../../src/offload/protocol.js';
-import { Cmd, Status } from '../../src/offload/protocol.js';
+import * as P from '../../src/offload/guest/codec.js';
+import { Cmd, Status } from '../../src/offload/guest/codec.js';
 import { readBpfObject } from '../../src/offload/bpf-object.js';
 import { TestRunner, BpfMapType, XDP_DROP, mapGetFdById, progGetFdById, closeBpfFd } from '../../src/sys/libbpf.js';
 

@@ -5,8 +5,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { OffloadBroker, type OffloadBrokerOptions, type OffloadProgram } from '../../src/offload/broker.js';
-import * as P from '../../src/offload/protocol.js';
-import { Status, QuotaId } from '../../src/offload/protocol.js';
+import * as P from '../../src/offload/guest/codec.js';
+import { Status, QuotaId } from '../../src/offload/guest/codec.js';
 import { readBpfObject, type BpfObjectProgram } from '../../src/offload/bpf-object.js';
 import {
   TestRunner, BpfMapType, XDP_DROP, XDP_PASS, XDP_TX, mapGetFdById, progGetFdById, closeBpfFd,

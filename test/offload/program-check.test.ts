@@ -9,7 +9,7 @@ import {
 } from '../../src/offload/program-check.js';
 import { checkMapDef } from '../../src/offload/map-table.js';
 import { DEFAULT_QUOTAS } from '../../src/offload/quotas.js';
-import { ProtocolError, Status, QuotaId, bindMapHandles, statusName } from '../../src/offload/protocol.js';
+import { ProtocolError, Status, QuotaId, bindMapHandles, statusName } from '../../src/offload/guest/codec.js';
 import { encodeInsns, BpfMapType } from '../../src/sys/libbpf.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));

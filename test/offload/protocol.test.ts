@@ -1,6 +1,7 @@
 import { describe, it, expect, afterAll } from 'vitest';
-import * as P from '../../src/offload/protocol.js';
-import { Cmd, Status } from '../../src/offload/protocol.js';
+import * as P from '../../src/offload/guest/codec.js';
+import { Cmd, Status } from '../../src/offload/guest/codec.js';
+import * as H from '../../src/offload/host-codec.js';
 import { OffloadBroker } from '../../src/offload/broker.js';
 import { parseSize, validateQuotas } from '../../src/offload/quotas.js';
 
@@ -33,32 +34,32 @@ describe('offload wire format', () => {
   });
 
   it('round-trips every request through its backend decoder', () => {
-    expect(P.decodeClaim(payload(P.encodeClaim(1, { minVersion: 1, maxVersion: 3, maxResponseBytes: 4096 }))))
+    expect(H.decodeClaim(payload(P.encodeClaim(1, { minVersion: 1, maxVersion: 3, maxResponseBytes: 4096 }))))
       .toEqual({ minVersion: 1, maxVersion: 3, maxResponseBytes: 4096 });
     for (const [enc, cmd] of [[P.encodeCaps, Cmd.CAPS], [P.encodeRelease, Cmd.RELEASE], [P.encodeProgUnset, Cmd.PROG_UNSET]] as const) {
       const m = enc(7);
       expect(hdr(m)).toMatchObject({ command: cmd, seq: 7, length: 0 });
     }
     const mc = { type: 1, keySize: 4, valueSize: 8, maxEntries: 64, flags: 1, name: 'blocklist' };
-    expect(P.decodeMapCreate(payload(P.encodeMapCreate(2, mc)))).toEqual(mc);
-    expect(P.decodeMapFree(payload(P.encodeMapFree(3, 5)))).toEqual({ handle: 5 });
+    expect(H.decodeMapCreate(payload(P.encodeMapCreate(2, mc)))).toEqual(mc);
+    expect(H.decodeMapFree(payload(P.encodeMapFree(3, 5)))).toEqual({ handle: 5 });
     const key = bytes(1, 2, 3, 4);
     const val = bytes(5, 6, 7, 8, 9, 10, 11, 12);
-    const lookup = P.decodeElem(payload(P.encodeElemLookup(4, 2, key)), 'x');
+    const lookup = H.decodeElem(payload(P.encodeElemLookup(4, 2, key)), 'x');
     expect([lookup.handle, lookup.flags, [...lookup.data]]).toEqual([2, 0, [1, 2, 3, 4]]);
-    const upd = P.decodeElem(payload(P.encodeElemUpdate(5, 2, key, val, P.UpdateFlag.EXIST)), 'x');
+    const upd = H.decodeElem(payload(P.encodeElemUpdate(5, 2, key, val, P.UpdateFlag.EXIST)), 'x');
     expect([upd.handle, upd.flags, upd.data.byteLength]).toEqual([2, 2, 12]);
     expect(hdr(P.encodeElemDelete(6, 2, key)).command).toBe(Cmd.ELEM_DELETE);
-    expect(P.decodeElem(payload(P.encodeGetFirstKey(7, 2)), 'x').data.byteLength).toBe(0);
+    expect(H.decodeElem(payload(P.encodeGetFirstKey(7, 2)), 'x').data.byteLength).toBe(0);
     expect(hdr(P.encodeGetNextKey(8, 2, key)).command).toBe(Cmd.GET_NEXT_KEY);
-    const lb = P.decodeLookupBatch(payload(P.encodeLookupBatch(9, 2, 50, bytes(1, 0, 0, 0, 0, 0, 0, 0))));
+    const lb = H.decodeLookupBatch(payload(P.encodeLookupBatch(9, 2, 50, bytes(1, 0, 0, 0, 0, 0, 0, 0))));
     expect([lb.handle, lb.maxCount, lb.cursor.byteLength]).toEqual([2, 50, 8]);
-    const ub = P.decodeBatch(payload(P.encodeUpdateBatch(10, 2, new Uint8Array(8), new Uint8Array(16), 2, 1)), 'x');
+    const ub = H.decodeBatch(payload(P.encodeUpdateBatch(10, 2, new Uint8Array(8), new Uint8Array(16), 2, 1)), 'x');
     expect([ub.handle, ub.flags, ub.count, ub.data.byteLength]).toEqual([2, 1, 2, 24]);
-    const db = P.decodeBatch(payload(P.encodeDeleteBatch(11, 2, new Uint8Array(8), 2)), 'x');
+    const db = H.decodeBatch(payload(P.encodeDeleteBatch(11, 2, new Uint8Array(8), 2)), 'x');
     expect([db.count, db.data.byteLength]).toEqual([2, 8]);
     const insns = new Uint8Array(24).fill(1);
-    const ps = P.decodeProgSet(payload(P.encodeProgSet(12, { license: 'Dual MIT/GPL', insns, mapHandles: [3, 1], name: 'xdp_prog' })));
+    const ps = H.decodeProgSet(payload(P.encodeProgSet(12, { license: 'Dual MIT/GPL', insns, mapHandles: [3, 1], name: 'xdp_prog' })));
     expect(ps).toMatchObject({ flags: 0, name: 'xdp_prog', license: 'Dual MIT/GPL', mapHandles: [3, 1] });
     expect([...ps.insns]).toEqual([...insns]);
   });
@@ -69,19 +70,19 @@ describe('offload wire format', () => {
       maxKeySize: 512, maxValueSize: 32768, maxOpsPerSec: 1000, verifierLogBytes: 1000, maxMapMemory: 2 ** 33,
       usedMaps: 2, usedMapMemory: 12345, mapTypes: [1, 2, 9], helpers: [1, 2, 3],
     };
-    const r = P.decodeResponse(P.encodeResponse(Cmd.CAPS, 42, Status.OK, '', P.encodeCapsBody(caps)));
+    const r = P.decodeResponse(H.encodeResponse(Cmd.CAPS, 42, Status.OK, '', H.encodeCapsBody(caps)));
     expect(r).toMatchObject({ command: Cmd.CAPS, seq: 42, status: Status.OK, reason: '' });
     expect(P.decodeCapsBody(r.body)).toEqual(caps);
-    const err = P.decodeResponse(P.encodeResponse(Cmd.PROG_SET, 43, Status.VERIFIER_REJECTED, 'rejected',
-      P.encodeErrorBody({ a: 13, b: 0, c: 0 }, P.encodeVerifierLog('0: R1 invalid\n'.repeat(3000), 1000))));
+    const err = P.decodeResponse(H.encodeResponse(Cmd.PROG_SET, 43, Status.VERIFIER_REJECTED, 'rejected',
+      H.encodeErrorBody({ a: 13, b: 0, c: 0 }, H.encodeVerifierLog('0: R1 invalid\n'.repeat(3000), 1000))));
     expect(err).toMatchObject({ status: Status.VERIFIER_REJECTED, reason: 'rejected', detail: { a: 13, b: 0, c: 0 } });
     expect(err.verifierLog!.length).toBeLessThanOrEqual(1000);
     expect(err.verifierLog!.endsWith('R1 invalid\n')).toBe(true); // the tail is kept
     // Reasons are bounded (512 bytes) and cut on a character boundary.
-    const long = P.decodeResponse(P.encodeResponse(Cmd.CAPS, 1, Status.BAD_REQUEST, 'é'.repeat(400)));
+    const long = P.decodeResponse(H.encodeResponse(Cmd.CAPS, 1, Status.BAD_REQUEST, 'é'.repeat(400)));
     expect(Buffer.byteLength(long.reason)).toBeLessThanOrEqual(P.MAX_REASON_BYTES);
     expect(long.reason).toBe('é'.repeat(256));
-    expect(hdr(P.encodeResponse(Cmd.MAP_FREE, 1, 0, '')).command).toBe(Cmd.MAP_FREE | 0x8000);
+    expect(hdr(H.encodeResponse(Cmd.MAP_FREE, 1, 0, '')).command).toBe(Cmd.MAP_FREE | 0x8000);
   });
 
   it('truncated, oversized and garbage requests get the right status from the broker and never throw', () => {
@@ -140,7 +141,7 @@ describe('offload wire format', () => {
   it('guest-side decoding refuses malformed responses with ProtocolError', () => {
     expect(() => P.decodeResponse(new Uint8Array(4))).toThrow(P.ProtocolError);
     expect(() => P.decodeResponse(P.encodeCaps(1))).toThrow(/not a response/);
-    const r = P.encodeResponse(Cmd.CAPS, 1, 0, 'x');
+    const r = H.encodeResponse(Cmd.CAPS, 1, 0, 'x');
     new DataView(r.buffer).setUint32(12, 999, true);
     expect(() => P.decodeResponse(r)).toThrow(/exceeds/);
   });
