@@ -4,6 +4,13 @@ import { Cmd, Status } from '../../src/offload/guest/codec.js';
 import * as H from '../../src/offload/host-codec.js';
 import { OffloadBroker } from '../../src/offload/broker.js';
 import { parseSize, validateQuotas } from '../../src/offload/quotas.js';
+import type { VxError } from '../../src/errors.js';
+
+/** The error `fn` throws (the test fails when it returns). */
+function thrown(fn: () => unknown): VxError & { subject?: string } {
+  try { fn(); } catch (e) { return e as VxError & { subject?: string }; }
+  throw new Error('expected a throw');
+}
 
 const hdr = (msg: Uint8Array) => P.readHeader(msg)!;
 const payload = (msg: Uint8Array) => msg.subarray(P.HEADER_BYTES, P.HEADER_BYTES + hdr(msg).length);
@@ -11,8 +18,10 @@ const bytes = (...b: number[]) => new Uint8Array(b);
 
 const brokers: OffloadBroker[] = [];
 afterAll(() => { for (const b of brokers) b.reset('test end'); });
+/** The stable code of the broker's latest refusal (host side; the guest sees status and reason). */
+let lastCode = '';
 function broker(): OffloadBroker {
-  const b = new OffloadBroker({ device: `proto${brokers.length}` });
+  const b = new OffloadBroker({ device: `proto${brokers.length}`, onRefusal: (r) => { lastCode = r.code; } });
   brokers.push(b);
   return b;
 }
@@ -112,25 +121,45 @@ describe('offload wire format', () => {
     expect(st(padded).status).toBe(Status.OK);
     // Payload shorter than the command's fixed part, or with extra bytes, is BAD_REQUEST.
     expect(st(P.encodeRequest(Cmd.MAP_CREATE, 5, new Uint8Array(10))).status).toBe(Status.BAD_REQUEST);
+    expect(lastCode).toBe('bad-payload-size');
     expect(st(P.encodeRequest(Cmd.MAP_FREE, 5, new Uint8Array(5))).status).toBe(Status.BAD_REQUEST);
+    expect(lastCode).toBe('bad-payload-size');
     expect(st(P.encodeRequest(Cmd.CAPS, 5, new Uint8Array(1))).status).toBe(Status.BAD_REQUEST);
+    expect(lastCode).toBe('payload-not-empty');
+    expect(st(P.encodeRequest(Cmd.ELEM_LOOKUP_BATCH, 5, new Uint8Array(15))).status).toBe(Status.BAD_REQUEST);
+    expect(lastCode).toBe('bad-payload-size');
+    // Flags are checked by the command table before the handle: "flags (0)", and ELEM_UPDATE's 0..2.
+    const flagged = P.encodeElemLookup(5, 99, bytes(0, 0, 0, 0));
+    new DataView(flagged.buffer).setUint32(P.HEADER_BYTES + 4, 1, true);
+    expect(st(flagged).status).toBe(Status.BAD_REQUEST);
+    expect(lastCode).toBe('flags-not-zero');
+    expect(st(P.encodeElemUpdate(5, 99, bytes(0, 0, 0, 0), bytes(0, 0, 0, 0), 3)).status).toBe(Status.BAD_REQUEST);
+    expect(lastCode).toBe('bad-update-flags');
+    expect(st(P.encodeElemUpdate(5, 99, bytes(0, 0, 0, 0), bytes(0, 0, 0, 0), P.UpdateFlag.EXIST)).status).toBe(Status.BAD_MAP_HANDLE);
+    expect(st(P.encodeProgSet(5, { license: 'GPL', insns: new Uint8Array(8), mapHandles: [], flags: 2 })).status).toBe(Status.BAD_REQUEST);
+    expect(lastCode).toBe('flags-not-zero');
     // Names: not NUL-padded, or with characters the kernel refuses.
     const badName = P.encodeMapCreate(6, { type: 2, keySize: 4, valueSize: 4, maxEntries: 1 });
     badName.set(new Uint8Array(16).fill(0x41), P.HEADER_BYTES + 20);
-    expect(st(badName).reason).toMatch(/not NUL-terminated/);
+    expect(st(badName).status).toBe(Status.BAD_REQUEST);
+    expect(lastCode).toBe('name-not-terminated');
     badName.set([0x2f, 0, 0x41], P.HEADER_BYTES + 20);
     expect(st(badName).status).toBe(Status.BAD_REQUEST);
+    expect(lastCode).toBe('name-not-padded');
     // Counts whose products exceed the payload, and a license with a NUL.
     const ps = P.encodeProgSet(7, { license: 'GPL', insns: new Uint8Array(16), mapHandles: [] });
     const v = new DataView(ps.buffer);
     v.setUint32(P.HEADER_BYTES + 4, 0xffffffff, true);
-    expect(st(ps).reason).toMatch(/insn_count 4294967295 exceeds the payload/);
+    expect(st(ps).status).toBe(Status.BAD_REQUEST);
+    expect(lastCode).toBe('insn-count-exceeds-payload');
     v.setUint32(P.HEADER_BYTES + 4, 2, true);
     v.setUint32(P.HEADER_BYTES + 8, 0x40000000, true);
-    expect(st(ps).reason).toMatch(/map_count/);
+    expect(st(ps).status).toBe(Status.BAD_REQUEST);
+    expect(lastCode).toBe('map-count-exceeds-payload');
     v.setUint32(P.HEADER_BYTES + 8, 0, true);
     ps[P.HEADER_BYTES + 32 + 1] = 0;
-    expect(st(ps).reason).toMatch(/license contains a NUL/);
+    expect(st(ps).status).toBe(Status.BAD_REQUEST);
+    expect(lastCode).toBe('license-has-nul');
     const batch = P.encodeUpdateBatch(8, 1, new Uint8Array(4), new Uint8Array(4), 1);
     new DataView(batch.buffer).setUint32(P.HEADER_BYTES + 8, 0x7fffffff, true);
     expect(st(batch).status).toBe(Status.BAD_MAP_HANDLE); // handle first; no map 1 yet
@@ -140,10 +169,10 @@ describe('offload wire format', () => {
 
   it('guest-side decoding refuses malformed responses with ProtocolError', () => {
     expect(() => P.decodeResponse(new Uint8Array(4))).toThrow(P.ProtocolError);
-    expect(() => P.decodeResponse(P.encodeCaps(1))).toThrow(/not a response/);
+    expect(thrown(() => P.decodeResponse(P.encodeCaps(1))).code).toBe('not-a-response');
     const r = H.encodeResponse(Cmd.CAPS, 1, 0, 'x');
     new DataView(r.buffer).setUint32(12, 999, true);
-    expect(() => P.decodeResponse(r)).toThrow(/exceeds/);
+    expect(thrown(() => P.decodeResponse(r)).code).toBe('length-exceeds-message');
   });
 
   it('quota sizes parse with units and are range-checked by name', () => {
@@ -152,10 +181,10 @@ describe('offload wire format', () => {
     expect(parseSize('16MB')).toBe(16_000_000);
     expect(parseSize('4096')).toBe(4096);
     expect(parseSize('1.5KiB')).toBe(1536);
-    expect(() => parseSize('lots')).toThrow(RangeError);
+    expect(thrown(() => parseSize('lots')).code).toBe('bad-size');
     expect(validateQuotas({ maxMapMemory: '1GiB', maxMaps: '4' })).toEqual({ maxMapMemory: 2 ** 30, maxMaps: 4 });
-    expect(() => validateQuotas({ maxEntries: 0 })).toThrow(/--max-entries 0/);
-    expect(() => validateQuotas({ maxOpsPerSec: 'fast' })).toThrow(/--max-ops-per-sec/);
-    expect(() => validateQuotas({ bogus: 1 } as never)).toThrow(/unknown quota/);
+    expect(thrown(() => validateQuotas({ maxEntries: 0 }))).toMatchObject({ code: 'bad-quota', subject: 'max-entries' });
+    expect(thrown(() => validateQuotas({ maxOpsPerSec: 'fast' }))).toMatchObject({ code: 'bad-quota', subject: 'max-ops-per-sec' });
+    expect(thrown(() => validateQuotas({ bogus: 1 } as never))).toMatchObject({ code: 'unknown-quota', subject: 'bogus' });
   });
 });
