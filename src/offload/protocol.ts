@@ -13,9 +13,6 @@ export const OFFLOAD_MAGIC = 0x50445856;
 export const OFFLOAD_VERSION = 1;
 export const HEADER_BYTES = 16;
 export const RESPONSE_FLAG = 0x8000;
-/** The frame the datapath wraps around a message: 12-byte vnet header + 14-byte Ethernet. */
-export const VNET_HDR_BYTES = 12;
-export const ETH_HDR_BYTES = 14;
 /** Largest message (offload header + payload) either side sends: 60 KiB. */
 export const MAX_MESSAGE_BYTES = 60 * 1024;
 /** Smallest response limit a guest may announce in CLAIM. */
@@ -44,14 +41,11 @@ export const Cmd = {
   ELEM_UPDATE_BATCH: 0x0141,
   ELEM_DELETE_BATCH: 0x0142,
 } as const;
-export type CmdName = keyof typeof Cmd;
+type CmdName = keyof typeof Cmd;
 
 const cmdNames = new Map<number, CmdName>(Object.entries(Cmd).map(([k, v]) => [v, k as CmdName]));
 export function commandName(cmd: number): string {
   return cmdNames.get(cmd & ~RESPONSE_FLAG) ?? `0x${cmd.toString(16).padStart(4, '0')}`;
-}
-export function isKnownCommand(cmd: number): boolean {
-  return cmdNames.has(cmd);
 }
 
 export const Status = {
@@ -78,7 +72,7 @@ export const Status = {
   MAP_IN_USE: 20,
   MAP_FULL: 21,
 } as const;
-export type StatusName = keyof typeof Status;
+type StatusName = keyof typeof Status;
 const statusNames = new Map<number, StatusName>(Object.entries(Status).map(([k, v]) => [v, k as StatusName]));
 export function statusName(s: number): string {
   return statusNames.get(s) ?? `status ${s}`;

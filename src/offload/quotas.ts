@@ -82,11 +82,6 @@ export function parseSize(input: string | number): number {
   return n;
 }
 
-/** "65536", "64k" (×1000 for counts is ambiguous, so k/K = 1024 like sizes), numbers. */
-export function parseCount(input: string | number): number {
-  return parseSize(input);
-}
-
 /** Checks each given quota against its range; returns a clean copy. Throws OffloadConfigError naming it (subject: the CLI flag). */
 export function validateQuotas(changes: Partial<Record<keyof Quotas, unknown>>): Partial<Quotas> {
   const out: Partial<Quotas> = {};

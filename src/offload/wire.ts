@@ -20,7 +20,6 @@ export class Reader {
   constructor(readonly bytes: Uint8Array, private readonly what: string) {
     this.v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   }
-  get offset(): number { return this.off; }
   get remaining(): number { return this.bytes.byteLength - this.off; }
   need(n: number, field: string): void {
     if (!Number.isSafeInteger(n) || n < 0 || n > this.remaining) {
@@ -82,7 +81,6 @@ export class Writer {
     this.buf = b;
     this.v = new DataView(b.buffer);
   }
-  get length(): number { return this.off; }
   u16(x: number): this { this.room(2); this.v.setUint16(this.off, x, true); this.off += 2; return this; }
   u32(x: number): this { this.room(4); this.v.setUint32(this.off, x >>> 0, true); this.off += 4; return this; }
   u64(x: number): this {
@@ -93,7 +91,6 @@ export class Writer {
     return this;
   }
   bytes(b: Uint8Array): this { this.room(b.byteLength); this.buf.set(b, this.off); this.off += b.byteLength; return this; }
-  zeros(n: number): this { this.room(n); this.buf.fill(0, this.off, this.off + n); this.off += n; return this; }
   finish(): Uint8Array { return this.buf.subarray(0, this.off); }
 }
 

@@ -92,6 +92,12 @@ describe('offload wire format', () => {
     expect(Buffer.byteLength(long.reason)).toBeLessThanOrEqual(P.MAX_REASON_BYTES);
     expect(long.reason).toBe('é'.repeat(256));
     expect(hdr(H.encodeResponse(Cmd.MAP_FREE, 1, 0, '')).command).toBe(Cmd.MAP_FREE | 0x8000);
+    // OK bodies: what the broker encodes is what a guest decodes.
+    expect(P.decodeProgSetBody(H.encodeProgSetBody(7, bytes(1, 2, 3, 4, 5, 6, 7, 0xff)))).toEqual({ insns: 7, tag: '01020304050607ff' });
+    expect(P.decodeMapCreateBody(H.encodeMapCreateBody(3, 2 ** 33))).toEqual({ handle: 3, chargedBytes: 2 ** 33 });
+    expect(P.decodeU32Body(H.encodeU32Body(0xfffffffe))).toBe(0xfffffffe);
+    const lbb = P.decodeLookupBatchBody(H.encodeLookupBatchBody(2, true, bytes(9), bytes(1, 2), bytes(3, 4, 5, 6)), 1, 2);
+    expect([lbb.count, lbb.done, [...lbb.cursor], [...lbb.keys], [...lbb.values]]).toEqual([2, true, [9], [1, 2], [3, 4, 5, 6]]);
   });
 
   it('truncated, oversized and garbage requests get the right status from the broker and never throw', () => {
