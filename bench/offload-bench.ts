@@ -10,7 +10,7 @@ import { buildUdpFrame } from '../test/harness/packet-socket.js';
 import { XdpFlood } from '../test/harness/xdp-flood.js';
 import { Epoll, EPOLLIN } from '../src/sys/libc.js';
 import { callControl } from '../src/control/control-client.js';
-import { encodeMapCreate, encodeProgUnset, encodeElemUpdate, encodeElemLookup, encodeUpdateBatch, decodeMapCreateBody } from '../src/offload/protocol.js';
+import { encodeMapCreate, encodeProgUnset, encodeElemUpdate, encodeElemLookup, encodeUpdateBatch, decodeMapCreateBody } from '../src/offload/guest/codec.js';
 
 const GUEST_MAC = '02:00:00:00:0b:01';
 const HOST_MAC = '02:00:00:00:0a:01';

@@ -5,6 +5,9 @@
 // BpfObjectError naming what was wrong. Nothing here loops more than a bounded number of
 // times per input byte.
 
+import { VxError } from '../errors.js';
+import { BPF_INSN_SIZE as INSN, decodeInsn, setInsnImm, setInsnSrc, Op, Pseudo, PseudoCall } from '../sys/bpf/insns.js';
+
 export interface BpfMapDef {
   name: string; type: number; keySize: number; valueSize: number; maxEntries: number; flags: number;
 }
@@ -26,10 +29,10 @@ export interface BpfObjectProgram {
   externCalls: { insnIndex: number; symbol: string }[];
 }
 
-export class BpfObjectError extends Error {
+/** Every refusal of a guest-supplied object; the message names the rule (one code: the object is malformed or unsupported). */
+export class BpfObjectError extends VxError {
   constructor(message: string) {
-    super(message);
-    this.name = 'BpfObjectError';
+    super('bad-bpf-object', message);
   }
 }
 
@@ -47,12 +50,6 @@ const SHN_LORESERVE = 0xff00;
 const STT_SECTION = 3;
 const R_BPF_64_64 = 1;
 const R_BPF_64_32 = 10;
-const INSN = 8;
-const LD_IMM64 = 0x18;
-const JMP_CALL = 0x85;
-const PSEUDO_MAP_FD = 1;
-const PSEUDO_CALL = 1;
-const PSEUDO_KFUNC_CALL = 2;
 const MAX_NAME = 4096;
 /** Far above any real program (the kernel's own cap is 1M); bounds work on hostile input. */
 const MAX_INSNS = 1 << 20;
@@ -351,7 +348,6 @@ export function readBpfObject(bytes: Uint8Array, section?: string): BpfObjectPro
   // A real copy: Buffer.prototype.slice returns a view into Node's shared pool, and the
   // instructions are rewritten below.
   const insns = Uint8Array.prototype.slice.call(bytes, prog.offset, prog.offset + prog.size);
-  const iv = new DataView(insns.buffer, insns.byteOffset, insns.byteLength);
   const nInsns = insns.byteLength / INSN;
   const license = readLicense(f, sections);
 
@@ -378,21 +374,21 @@ export function readBpfObject(bytes: Uint8Array, section?: string): BpfObjectPro
       relocated.add(at);
       const sym = symbols[symIdx];
       if (!sym) bad(`relocation at instruction ${at} names missing symbol ${symIdx}`);
-      const code = iv.getUint8(at * INSN);
+      const { code } = decodeInsn(insns, at);
       const symSec = sym.shndx !== SHN_UNDEF && sym.shndx < SHN_LORESERVE ? sections[sym.shndx] : undefined;
 
-      if (rType === R_BPF_64_32 && code === JMP_CALL) {
+      if (rType === R_BPF_64_32 && code === Op.CALL) {
         if (sym.shndx === SHN_UNDEF) {
           // A kernel function resolved by BTF id at load time; mark it the way a loader would.
-          iv.setUint8(at * INSN + 1, (PSEUDO_KFUNC_CALL << 4) | (iv.getUint8(at * INSN + 1) & 0xf));
-          iv.setInt32(at * INSN + 4, 0, true);
+          setInsnSrc(insns, at, PseudoCall.KFUNC_CALL);
+          setInsnImm(insns, at, 0);
           externCalls.push({ insnIndex: at, symbol: sym.name });
           continue;
         }
         bad(`instruction ${at} calls subprogram '${sym.name || symSec?.name || '?'}': bpf-to-bpf calls are not supported`);
       }
       if (rType !== R_BPF_64_64) bad(`instruction ${at}: unsupported relocation type ${rType}`);
-      if (code !== LD_IMM64) bad(`instruction ${at}: map relocation on an instruction that is not ld_imm64`);
+      if (code !== Op.LD_IMM64) bad(`instruction ${at}: map relocation on an instruction that is not ld_imm64`);
       if (at + 1 >= nInsns) bad(`instruction ${at}: ld_imm64 is truncated`);
       if (sym.shndx === SHN_UNDEF) bad(`instruction ${at} loads extern symbol '${sym.name}' (ksym): not supported`);
       if (!symSec || symSec !== mapsSec) {
@@ -409,10 +405,9 @@ export function readBpfObject(bytes: Uint8Array, section?: string): BpfObjectPro
         maps.push(def);
         mapIndexByName.set(sym.name, mapIndex);
       }
-      const regs = iv.getUint8(at * INSN + 1);
-      iv.setUint8(at * INSN + 1, (PSEUDO_MAP_FD << 4) | (regs & 0xf));
-      iv.setInt32(at * INSN + 4, mapIndex, true);
-      iv.setInt32(at * INSN + 12, 0, true);
+      setInsnSrc(insns, at, Pseudo.MAP_FD);
+      setInsnImm(insns, at, mapIndex);
+      setInsnImm(insns, at + 1, 0);
       mapRelocations.push({ insnIndex: at, mapIndex });
     }
   }
@@ -421,10 +416,9 @@ export function readBpfObject(bytes: Uint8Array, section?: string): BpfObjectPro
   // and pseudo ld_imm64s no relocation explains (a crafted object posing as relocated).
   for (let i = 0; i < nInsns; i++) {
     if (relocated.has(i)) continue;
-    const code = iv.getUint8(i * INSN);
-    const src = iv.getUint8(i * INSN + 1) >> 4;
-    if (code === JMP_CALL && src === PSEUDO_CALL) bad(`instruction ${i} is a bpf-to-bpf call: subprograms are not supported`);
-    if (code === LD_IMM64 && src !== 0) bad(`instruction ${i}: ld_imm64 with src_reg ${src} but no relocation`);
+    const { code, src } = decodeInsn(insns, i);
+    if (code === Op.CALL && src === PseudoCall.CALL) bad(`instruction ${i} is a bpf-to-bpf call: subprograms are not supported`);
+    if (code === Op.LD_IMM64 && src !== 0) bad(`instruction ${i}: ld_imm64 with src_reg ${src} but no relocation`);
   }
   mapRelocations.sort((a, b) => a.insnIndex - b.insnIndex);
   return { section: prog.name, insns, license, maps, mapRelocations, externCalls };

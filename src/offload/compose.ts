@@ -16,85 +16,60 @@
 
 import { BpfMap, BpfMapType } from '../sys/bpf/maps.js';
 import { BpfProgType, closeBpfFd, progLoadWithLog } from '../sys/bpf/programs.js';
-import { encodeInsns, BPF_INSN_SIZE, BPF_PSEUDO_CALL, BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE, type BpfInsn } from '../sys/bpf/insns.js';
-import { XDP_DROP, XDP_PASS, XDP_TX } from '../sys/bpf/xdp.js';
 import { progInfo } from '../sys/bpf/info.js';
+import { XDP_DROP, XDP_PASS, XDP_TX } from '../sys/bpf/xdp.js';
+import {
+  encodeInsns, decodeInsn, ldImm64, redirectToQueueSocket, Op, Pseudo, PseudoCall, BPF_INSN_SIZE,
+  BPF_CLASS_MASK, BPF_OP_MASK, BPF_CLASS_JMP, BPF_CLASS_JMP32, BPF_OP_JA, BPF_OP_CALL, BPF_OP_EXIT, type BpfInsn,
+} from '../sys/bpf/insns.js';
+import { VxError } from '../errors.js';
 
 export interface ComposeOptions {
   /** XSKMAP with one AF_XDP socket per queue index. */
   xskMapFd: number;
 }
 
-/** A guest program the composer cannot place safely; `insn` is the guest-relative index. */
-export class ComposeError extends Error {
-  constructor(message: string, readonly insn: number) {
-    super(message);
-    this.name = 'ComposeError';
+type Transfer = 'jump' | 'call' | 'callback';
+const TRANSFER_TEXT: Record<Transfer, string> = { jump: 'jump', call: 'subprogram call', callback: 'callback reference' };
+
+/**
+ * A guest program the composer cannot place safely; `insn` is the guest-relative index,
+ * `target` where its jump, call or callback reference would land (null for length errors).
+ */
+export class ComposeError extends VxError {
+  constructor(code: 'compose-bad-length' | 'compose-too-long' | 'compose-truncated-ld-imm64' | `compose-${Transfer}-outside` | 'compose-target-mid-ld-imm64',
+    message: string, readonly insn: number, readonly target: number | null = null) {
+    super(code, message);
   }
 }
 
-// Opcodes (uapi linux/bpf_common.h + linux/bpf.h).
-const LD_IMM64 = 0x18;
-const CLASS_JMP = 0x05;
-const CLASS_JMP32 = 0x06;
-const OP_JA = 0x00;
-const OP_CALL = 0x80;
-const OP_EXIT = 0x90;
-const MOV64_REG = 0xbf;
-const MOV64_IMM = 0xb7;
-const JEQ32_IMM = 0x16;
-const LDX_W = 0x61;
-const ATOMIC_DW = 0xdb;   // BPF_STX | BPF_ATOMIC | BPF_DW, imm = BPF_ADD
-const CALL = 0x85;
-const EXIT = 0x95;
-const BPF_PSEUDO_FUNC = 4;
-const HELPER_REDIRECT_MAP = 51;
-/** offsetof(struct xdp_md, rx_queue_index) */
-const XDP_MD_RX_QUEUE_INDEX = 16;
 /** The kernel's cap on a program's length (BPF_COMPLEXITY_LIMIT_INSNS). */
 const MAX_PROG_INSNS = 1_000_000;
 
-const R0 = 0, R1 = 1, R2 = 2, R3 = 3, R6 = 6;
-
-function ldImm64(dst: number, src: number, imm: number, imm2 = 0): BpfInsn[] {
-  return [{ code: LD_IMM64, dst, src, imm }, { code: 0, imm: imm2 }];
-}
-
-/**
- * bpf_redirect_map(xskmap, ctx->rx_queue_index, XDP_DROP): the low bits of flags are the
- * verdict when the slot is empty, so a queue without a socket drops instead of aborting.
- */
-function redirectToQueueSocket(ctxReg: number, xskMapFd: number): BpfInsn[] {
-  return [
-    { code: LDX_W, dst: R2, src: ctxReg, off: XDP_MD_RX_QUEUE_INDEX },
-    ...ldImm64(R1, BPF_PSEUDO_MAP_FD, xskMapFd),
-    { code: MOV64_IMM, dst: R3, imm: XDP_DROP },
-    { code: CALL, imm: HELPER_REDIRECT_MAP },
-    { code: EXIT },
-  ];
-}
+const R0 = 0, R1 = 1, R2 = 2, R6 = 6;
 
 function entryBlock(xskMapFd: number, abortedMapFd: number): BpfInsn[] {
   // Indices are fixed; the assertion in composeXdp keeps them honest.
   const LABEL_DROP = 9, LABEL_TX = 11, LABEL_REDIRECT = 13;
   const jeq = (at: number, value: number, target: number): BpfInsn =>
-    ({ code: JEQ32_IMM, dst: R0, imm: value, off: target - at - 1 });
+    ({ code: Op.JEQ32_IMM, dst: R0, imm: value, off: target - at - 1 });
   return [
-    /* 0 */ { code: MOV64_REG, dst: R6, src: R1 },   // ctx survives the call in a callee-saved register
-    /* 1 */ { code: CALL, src: BPF_PSEUDO_CALL, imm: ENTRY_INSNS - 2 },
+    /* 0 */ { code: Op.MOV64_REG, dst: R6, src: R1 },   // ctx survives the call in a callee-saved register
+    /* 1 */ { code: Op.CALL, src: PseudoCall.CALL, imm: ENTRY_INSNS - 2 },
     // The kernel reads an XDP verdict as u32, so compare the low 32 bits only.
     /* 2 */ jeq(2, XDP_PASS, LABEL_REDIRECT),
     /* 3 */ jeq(3, XDP_DROP, LABEL_DROP),
     /* 4 */ jeq(4, XDP_TX, LABEL_TX),
     // XDP_ABORTED, XDP_REDIRECT (the guest cannot set a target) and unknown values.
-    /* 5 */ ...ldImm64(R1, BPF_PSEUDO_MAP_VALUE, abortedMapFd, 0),
-    /* 7 */ { code: MOV64_IMM, dst: R2, imm: 1 },
-    /* 8 */ { code: ATOMIC_DW, dst: R1, src: R2, off: 0, imm: 0 },
-    /* 9 */ { code: MOV64_IMM, dst: R0, imm: XDP_DROP },
-    /* 10 */ { code: EXIT },
-    /* 11 */ { code: MOV64_IMM, dst: R0, imm: XDP_TX },
-    /* 12 */ { code: EXIT },
-    /* 13 */ ...redirectToQueueSocket(R6, xskMapFd),
+    /* 5 */ ...ldImm64(R1, Pseudo.MAP_VALUE, abortedMapFd, 0),
+    /* 7 */ { code: Op.MOV64_IMM, dst: R2, imm: 1 },
+    /* 8 */ { code: Op.ATOMIC_DW, dst: R1, src: R2, off: 0, imm: 0 },
+    /* 9 */ { code: Op.MOV64_IMM, dst: R0, imm: XDP_DROP },
+    /* 10 */ { code: Op.EXIT },
+    /* 11 */ { code: Op.MOV64_IMM, dst: R0, imm: XDP_TX },
+    /* 12 */ { code: Op.EXIT },
+    // bpf_redirect_map(xskmap, ctx->rx_queue_index, XDP_DROP): a queue without a socket drops instead of aborting.
+    /* 13 */ ...redirectToQueueSocket(R6, xskMapFd, XDP_DROP),
   ];
 }
 
@@ -112,46 +87,42 @@ function checkFd(what: string, fd: number): void {
  */
 export function checkGuestBlock(guest: Uint8Array): number {
   if (guest.byteLength === 0 || guest.byteLength % BPF_INSN_SIZE !== 0) {
-    throw new ComposeError(`guest program is ${guest.byteLength} bytes, not a non-zero multiple of 8`, 0);
+    throw new ComposeError('compose-bad-length', `guest program is ${guest.byteLength} bytes, not a non-zero multiple of 8`, 0);
   }
   const n = guest.byteLength / BPF_INSN_SIZE;
   if (n + ENTRY_INSNS > MAX_PROG_INSNS) {
-    throw new ComposeError(`guest program has ${n} instructions; composed it would exceed ${MAX_PROG_INSNS}`, 0);
+    throw new ComposeError('compose-too-long', `guest program has ${n} instructions; composed it would exceed ${MAX_PROG_INSNS}`, 0);
   }
-  const v = new DataView(guest.buffer, guest.byteOffset, guest.byteLength);
   const secondHalf = new Uint8Array(n);
-  const targets: { from: number; to: number; what: string }[] = [];
+  const targets: { from: number; to: number; kind: Transfer }[] = [];
   for (let i = 0; i < n; i++) {
-    const o = i * BPF_INSN_SIZE;
-    const code = v.getUint8(o);
-    const src = v.getUint8(o + 1) >> 4;
-    const off = v.getInt16(o + 2, true);
-    const imm = v.getInt32(o + 4, true);
-    if (code === LD_IMM64) {
-      if (i + 1 >= n) throw new ComposeError(`instruction ${i}: ld_imm64 has no second half`, i);
-      if (src === BPF_PSEUDO_FUNC) targets.push({ from: i, to: i + imm + 1, what: 'callback reference' });
+    const { code, src, off, imm } = decodeInsn(guest, i);
+    if (code === Op.LD_IMM64) {
+      if (i + 1 >= n) throw new ComposeError('compose-truncated-ld-imm64', `instruction ${i}: ld_imm64 has no second half`, i);
+      if (src === Pseudo.FUNC) targets.push({ from: i, to: i + imm + 1, kind: 'callback' });
       secondHalf[i + 1] = 1;
       i++;
       continue;
     }
-    const cls = code & 0x07;
-    if (cls !== CLASS_JMP && cls !== CLASS_JMP32) continue;
-    const op = code & 0xf0;
-    if (op === OP_EXIT) continue;
-    if (op === OP_CALL) {
-      if (cls === CLASS_JMP && src === BPF_PSEUDO_CALL) targets.push({ from: i, to: i + imm + 1, what: 'subprogram call' });
+    const cls = code & BPF_CLASS_MASK;
+    if (cls !== BPF_CLASS_JMP && cls !== BPF_CLASS_JMP32) continue;
+    const op = code & BPF_OP_MASK;
+    if (op === BPF_OP_EXIT) continue;
+    if (op === BPF_OP_CALL) {
+      if (cls === BPF_CLASS_JMP && src === PseudoCall.CALL) targets.push({ from: i, to: i + imm + 1, kind: 'call' });
       continue;
     }
     // JMP32|JA (gotol) carries its offset in imm; every other jump in off.
-    const rel = cls === CLASS_JMP32 && op === OP_JA ? imm : off;
-    targets.push({ from: i, to: i + rel + 1, what: 'jump' });
+    const rel = cls === BPF_CLASS_JMP32 && op === BPF_OP_JA ? imm : off;
+    targets.push({ from: i, to: i + rel + 1, kind: 'jump' });
   }
   for (const t of targets) {
+    const what = TRANSFER_TEXT[t.kind];
     if (t.to < 0 || t.to >= n) {
-      throw new ComposeError(`instruction ${t.from}: ${t.what} to ${t.to} leaves the guest program (0..${n - 1})`, t.from);
+      throw new ComposeError(`compose-${t.kind}-outside`, `instruction ${t.from}: ${what} to ${t.to} leaves the guest program (0..${n - 1})`, t.from, t.to);
     }
     if (secondHalf[t.to]) {
-      throw new ComposeError(`instruction ${t.from}: ${t.what} lands in the middle of the ld_imm64 at ${t.to - 1}`, t.from);
+      throw new ComposeError('compose-target-mid-ld-imm64', `instruction ${t.from}: ${what} lands in the middle of the ld_imm64 at ${t.to - 1}`, t.from, t.to);
     }
   }
   return n;
@@ -179,7 +150,7 @@ export function composeXdp(guestInsns: Uint8Array, opts: ComposeOptions & { abor
 /** The program used when no guest program is offloaded: redirect every frame to its queue's socket. */
 export function plainRedirect(opts: ComposeOptions): Uint8Array {
   checkFd('xskMapFd', opts.xskMapFd);
-  return encodeInsns(redirectToQueueSocket(R1, opts.xskMapFd));
+  return encodeInsns(redirectToQueueSocket(R1, opts.xskMapFd, XDP_DROP));
 }
 
 export interface ComposedLoadOptions extends ComposeOptions {

@@ -3,7 +3,8 @@
 // addresses stay on this side (DESIGN.md decision 4). Also the map-type policy.
 
 import { BpfMap, BpfMapType, isPerCpuMapType, BPF_F_NO_PREALLOC, BPF_F_RDONLY_PROG, BPF_F_WRONLY_PROG } from '../sys/bpf/maps.js';
-import { ProtocolError, Status, QuotaId, type MapCreateRequest } from './protocol.js';
+import { Status, QuotaId, type MapCreateRequest } from './protocol.js';
+import { ProtocolError } from './errors.js';
 import type { Quotas } from './quotas.js';
 
 /** Map types a guest may create. Per-CPU types are refused with their own reason. */
@@ -22,40 +23,40 @@ export interface MapDef { type: number; keySize: number; valueSize: number; maxE
 /** Checks a MAP_CREATE against type policy and the per-map quotas; throws ProtocolError. */
 export function checkMapDef(d: MapCreateRequest, q: Quotas): void {
   if (isPerCpuMapType(d.type)) {
-    throw new ProtocolError(Status.MAP_TYPE_REFUSED,
+    throw new ProtocolError(Status.MAP_TYPE_REFUSED, 'map-type-percpu',
       `map type ${mapTypeName(d.type)} (${d.type}) is refused: per-CPU values are sized by the host's CPU count, which the guest cannot know`,
       { a: d.type });
   }
   if (!OFFLOAD_MAP_TYPES.includes(d.type)) {
-    throw new ProtocolError(Status.MAP_TYPE_REFUSED,
+    throw new ProtocolError(Status.MAP_TYPE_REFUSED, 'bad-map-type',
       `map type ${mapTypeName(d.type)} (${d.type}) is not offloadable (allowed: ${OFFLOAD_MAP_TYPES.map(mapTypeName).join(', ')})`,
       { a: d.type });
   }
   const badFlags = d.flags & ~ALLOWED_MAP_FLAGS;
   if (badFlags !== 0) {
-    throw new ProtocolError(Status.BAD_REQUEST,
+    throw new ProtocolError(Status.BAD_REQUEST, 'bad-map-flags',
       `map flags 0x${(badFlags >>> 0).toString(16)} are not allowed (allowed: NO_PREALLOC 0x1, RDONLY_PROG 0x80, WRONLY_PROG 0x100)`);
   }
   if ((d.flags & BPF_F_NO_PREALLOC) !== 0 && d.type !== BpfMapType.HASH) {
     // The kernel answers EINVAL (ARRAY) or ENOTSUPP (LRU_HASH); say why instead.
-    throw new ProtocolError(Status.BAD_REQUEST, `NO_PREALLOC applies to HASH maps only; ${mapTypeName(d.type)} maps are always preallocated`);
+    throw new ProtocolError(Status.BAD_REQUEST, 'no-prealloc-not-hash', `NO_PREALLOC applies to HASH maps only; ${mapTypeName(d.type)} maps are always preallocated`);
   }
   if (d.type === BpfMapType.ARRAY && d.keySize !== 4) {
-    throw new ProtocolError(Status.BAD_REQUEST, `ARRAY maps have 4-byte keys, not ${d.keySize}`);
+    throw new ProtocolError(Status.BAD_REQUEST, 'array-key-size', `ARRAY maps have 4-byte keys, not ${d.keySize}`);
   }
   if (d.keySize === 0 || d.valueSize === 0 || d.maxEntries === 0) {
-    throw new ProtocolError(Status.BAD_REQUEST, 'key size, value size and max entries must be non-zero');
+    throw new ProtocolError(Status.BAD_REQUEST, 'zero-map-size', 'key size, value size and max entries must be non-zero');
   }
   if (d.keySize > q.maxKeySize) {
-    throw new ProtocolError(Status.QUOTA_EXCEEDED, `key size ${d.keySize} is over this device's max-key-size of ${q.maxKeySize}`,
+    throw new ProtocolError(Status.QUOTA_EXCEEDED, 'quota-exceeded', `key size ${d.keySize} is over this device's max-key-size of ${q.maxKeySize}`,
       { a: QuotaId.MAX_KEY_SIZE, b: d.keySize, c: q.maxKeySize });
   }
   if (d.valueSize > q.maxValueSize) {
-    throw new ProtocolError(Status.QUOTA_EXCEEDED, `value size ${d.valueSize} is over this device's max-value-size of ${q.maxValueSize}`,
+    throw new ProtocolError(Status.QUOTA_EXCEEDED, 'quota-exceeded', `value size ${d.valueSize} is over this device's max-value-size of ${q.maxValueSize}`,
       { a: QuotaId.MAX_VALUE_SIZE, b: d.valueSize, c: q.maxValueSize });
   }
   if (d.maxEntries > q.maxEntries) {
-    throw new ProtocolError(Status.QUOTA_EXCEEDED, `max_entries ${d.maxEntries} is over this device's max-entries quota of ${q.maxEntries}`,
+    throw new ProtocolError(Status.QUOTA_EXCEEDED, 'quota-exceeded', `max_entries ${d.maxEntries} is over this device's max-entries quota of ${q.maxEntries}`,
       { a: QuotaId.MAX_ENTRIES, b: d.maxEntries, c: q.maxEntries });
   }
 }
@@ -93,7 +94,7 @@ export class MapTable {
 
   /** The handle the next add() will use; throws when the handle space is exhausted. */
   peekHandle(): number {
-    if (this.next > MAX_HANDLE) throw new ProtocolError(Status.QUOTA_EXCEEDED, 'map handles exhausted for this claim', { a: 0 });
+    if (this.next > MAX_HANDLE) throw new ProtocolError(Status.QUOTA_EXCEEDED, 'handles-exhausted', 'map handles exhausted for this claim', { a: 0 });
     return this.next;
   }
 

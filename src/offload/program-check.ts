@@ -3,18 +3,9 @@
 // verifier remains the authority on safety; this narrows what reaches it (DESIGN.md
 // decision 6), and every refusal names the instruction and the helper or feature.
 
-import { ProtocolError, Status, QuotaId, NO_INSN } from './protocol.js';
-
-export const INSN_BYTES = 8;
-const LD_IMM64 = 0x18;
-const JMP_CALL = 0x85;
-
-/** ld_imm64 src_reg values (uapi linux/bpf.h). */
-export const Pseudo = {
-  MAP_FD: 1, MAP_VALUE: 2, BTF_ID: 3, FUNC: 4, MAP_IDX: 5, MAP_IDX_VALUE: 6,
-} as const;
-/** call src_reg values. */
-export const PseudoCall = { HELPER: 0, CALL: 1, KFUNC_CALL: 2 } as const;
+import { Status, QuotaId, NO_INSN } from './protocol.js';
+import { ProtocolError, refuse, OffloadConfigError } from './errors.js';
+import { decodeInsn, insnCount, isLdImm64SecondHalf, setInsnImm, Op, Pseudo, PseudoCall, Helper } from '../sys/bpf/insns.js';
 
 // Helper ids in the kernel's enum order (__BPF_FUNC_MAPPER), so a refusal can name them.
 const HELPER_NAMES = (
@@ -91,13 +82,13 @@ export const NEVER_ALLOWED_HELPERS: ReadonlyMap<number, string> = new Map([
   [153, 'reads host per-CPU data'], [154, 'reads host per-CPU data'], [42, 'reads host NUMA topology'],
 ]);
 
-/** Throws RangeError when an operator-supplied allow-list names a never-allowed helper. */
+/** Throws OffloadConfigError when an operator-supplied allow-list names a non-helper or a never-allowed helper. */
 export function validateAllowList(ids: readonly number[]): Set<number> {
   const out = new Set<number>();
   for (const id of ids) {
-    if (!Number.isInteger(id) || id <= 0 || id > 0xffff) throw new RangeError(`helper id ${id} is not a helper`);
+    if (!Number.isInteger(id) || id <= 0 || id > 0xffff) throw new OffloadConfigError('not-a-helper', `helper id ${id} is not a helper`, String(id));
     const why = NEVER_ALLOWED_HELPERS.get(id);
-    if (why) throw new RangeError(`helper ${helperName(id)} (${id}) can never be allowed: it ${why}`);
+    if (why) throw new OffloadConfigError('helper-never-allowed', `helper ${helperName(id)} (${id}) can never be allowed: it ${why}`, String(id));
     out.add(id);
   }
   return out;
@@ -131,40 +122,33 @@ export interface DecodedProgram {
   pseudoLoads: { index: number; src: number }[];
 }
 
-function insnAt(v: DataView, i: number): { code: number; dst: number; src: number; off: number; imm: number } {
-  const o = i * INSN_BYTES;
-  const regs = v.getUint8(o + 1);
-  return { code: v.getUint8(o), dst: regs & 0xf, src: regs >> 4, off: v.getInt16(o + 2, true), imm: v.getInt32(o + 4, true) };
-}
-
 /**
  * Reads the instruction stream for the things policy looks at. Refuses (BAD_REQUEST) only
  * what cannot be read as a program: a length that is not a non-zero multiple of 8 and a
  * malformed ld_imm64 pair. Everything else is the verifier's to judge.
  */
 export function decodeProgram(insns: Uint8Array): DecodedProgram {
-  if (insns.byteLength === 0 || insns.byteLength % INSN_BYTES !== 0) {
-    throw new ProtocolError(Status.BAD_REQUEST, `program is ${insns.byteLength} bytes, not a non-zero multiple of 8`);
+  const count = insnCount(insns);
+  if (count === null) {
+    throw new ProtocolError(Status.BAD_REQUEST, 'bad-program-length', `program is ${insns.byteLength} bytes, not a non-zero multiple of 8`);
   }
-  const v = new DataView(insns.buffer, insns.byteOffset, insns.byteLength);
-  const count = insns.byteLength / INSN_BYTES;
   const p: DecodedProgram = {
     insns, count, helperCalls: [], subprogCalls: [], kfuncCalls: [], oddCalls: [], mapRefs: [], pseudoLoads: [],
   };
   for (let i = 0; i < count; i++) {
-    const ins = insnAt(v, i);
-    if (ins.code === JMP_CALL) {
+    const ins = decodeInsn(insns, i);
+    if (ins.code === Op.CALL) {
       if (ins.src === PseudoCall.HELPER) p.helperCalls.push({ index: i, helper: ins.imm });
       else if (ins.src === PseudoCall.CALL) p.subprogCalls.push(i);
       else if (ins.src === PseudoCall.KFUNC_CALL) p.kfuncCalls.push(i);
       else p.oddCalls.push({ index: i, src: ins.src });
-    } else if (ins.code === LD_IMM64) {
+    } else if (ins.code === Op.LD_IMM64) {
       if (i + 1 >= count) {
-        throw new ProtocolError(Status.BAD_REQUEST, `instruction ${i}: ld_imm64 has no second half`, { a: i });
+        throw new ProtocolError(Status.BAD_REQUEST, 'truncated-ld-imm64', `instruction ${i}: ld_imm64 has no second half`, { a: i });
       }
-      const hi = insnAt(v, i + 1);
-      if (hi.code !== 0 || hi.dst !== 0 || hi.src !== 0 || hi.off !== 0) {
-        throw new ProtocolError(Status.BAD_REQUEST, `instruction ${i + 1}: malformed second half of ld_imm64`, { a: i + 1 });
+      const hi = decodeInsn(insns, i + 1);
+      if (!isLdImm64SecondHalf(hi)) {
+        throw new ProtocolError(Status.BAD_REQUEST, 'bad-ld-imm64', `instruction ${i + 1}: malformed second half of ld_imm64`, { a: i + 1 });
       }
       if (ins.src === Pseudo.MAP_FD || ins.src === Pseudo.MAP_VALUE) {
         p.mapRefs.push({ index: i, src: ins.src, handle: ins.imm >>> 0, offset: hi.imm >>> 0 });
@@ -194,9 +178,6 @@ export interface JudgedProgram {
   usedHandles: number[];
 }
 
-function refuse(status: number, reason: string, detail: { a?: number; b?: number; c?: number } = {}): never {
-  throw new ProtocolError(status, reason, detail);
-}
 
 /**
  * Applies the device policy; throws ProtocolError naming the first violation. Order: size
@@ -206,18 +187,18 @@ function refuse(status: number, reason: string, detail: { a?: number; b?: number
 export function judgeProgram(p: DecodedProgram, license: string, declaredHandles: readonly number[],
   policy: ProgramPolicy): JudgedProgram {
   if (p.count > policy.maxInsns) {
-    refuse(Status.QUOTA_EXCEEDED, `program has ${p.count} instructions, over this device's max-prog-insns quota of ${policy.maxInsns}`,
+    refuse(Status.QUOTA_EXCEEDED, 'quota-exceeded', `program has ${p.count} instructions, over this device's max-prog-insns quota of ${policy.maxInsns}`,
       { a: QuotaId.MAX_PROG_INSNS, b: p.count, c: policy.maxInsns });
   }
   if (!isGplCompatible(license)) {
-    refuse(Status.LICENSE_REFUSED,
+    refuse(Status.LICENSE_REFUSED, 'license-refused',
       `license '${license.slice(0, 64)}' is not GPL-compatible (accepted: ${[...GPL_COMPATIBLE].join(', ')})`);
   }
   const declared = new Set<number>();
   for (const h of declaredHandles) {
-    if (declared.has(h)) refuse(Status.BAD_REQUEST, `map handle ${h} is declared twice`, { a: h });
+    if (declared.has(h)) refuse(Status.BAD_REQUEST, 'duplicate-map-handle', `map handle ${h} is declared twice`, { a: h });
     if (!policy.handleExists(h)) {
-      refuse(Status.BAD_MAP_HANDLE, `map handle ${h} is not a map of this device`, { a: h, b: NO_INSN });
+      refuse(Status.BAD_MAP_HANDLE, 'bad-map-handle', `map handle ${h} is not a map of this device`, { a: h, b: NO_INSN });
     }
     declared.add(h);
   }
@@ -227,33 +208,33 @@ export function judgeProgram(p: DecodedProgram, license: string, declaredHandles
   for (const c of p.helperCalls) {
     items.push({ index: c.index, check: () => {
       const name = helperName(c.helper);
-      if (c.helper === 12) {
-        refuse(Status.TAIL_CALL_REFUSED, `instruction ${c.index}: tail calls (${name}, 12) are not allowed on this device`,
-          { a: c.index, b: 12 });
+      if (c.helper === Helper.TAIL_CALL) {
+        refuse(Status.TAIL_CALL_REFUSED, 'tail-call-refused', `instruction ${c.index}: tail calls (${name}, ${Helper.TAIL_CALL}) are not allowed on this device`,
+          { a: c.index, b: Helper.TAIL_CALL });
       }
       if (!policy.allowedHelpers.has(c.helper)) {
         const why = NEVER_ALLOWED_HELPERS.get(c.helper);
-        refuse(Status.HELPER_NOT_ALLOWED,
+        refuse(Status.HELPER_NOT_ALLOWED, 'helper-not-allowed',
           `helper ${name} (${c.helper}) is not allowed on this device${why ? ` (it ${why})` : ''}; instruction ${c.index}`,
           { a: c.helper >>> 0, b: c.index });
       }
     } });
   }
   for (const i of p.kfuncCalls) {
-    items.push({ index: i, check: () => refuse(Status.KFUNC_REFUSED, `instruction ${i}: kfunc calls (BPF_PSEUDO_KFUNC_CALL) are not allowed on this device`, { a: i }) });
+    items.push({ index: i, check: () => refuse(Status.KFUNC_REFUSED, 'kfunc-refused', `instruction ${i}: kfunc calls (BPF_PSEUDO_KFUNC_CALL) are not allowed on this device`, { a: i }) });
   }
   for (const c of p.oddCalls) {
-    items.push({ index: c.index, check: () => refuse(Status.INSN_REFUSED, `instruction ${c.index}: call with src_reg ${c.src} is not a helper, subprogram or kfunc call`, { a: c.index }) });
+    items.push({ index: c.index, check: () => refuse(Status.INSN_REFUSED, 'bad-call', `instruction ${c.index}: call with src_reg ${c.src} is not a helper, subprogram or kfunc call`, { a: c.index }) });
   }
   for (const l of p.pseudoLoads) {
     items.push({ index: l.index, check: () => {
       if (l.src === Pseudo.BTF_ID) {
-        refuse(Status.KSYM_REFUSED, `instruction ${l.index}: BTF ksym loads (ld_imm64 src_reg 3, BPF_PSEUDO_BTF_ID) are not allowed on this device`, { a: l.index });
+        refuse(Status.KSYM_REFUSED, 'ksym-refused', `instruction ${l.index}: BTF ksym loads (ld_imm64 src_reg 3, BPF_PSEUDO_BTF_ID) are not allowed on this device`, { a: l.index });
       }
       const what = l.src === Pseudo.FUNC ? 'callback function pointers (BPF_PSEUDO_FUNC)'
         : l.src === Pseudo.MAP_IDX || l.src === Pseudo.MAP_IDX_VALUE ? 'fd_array map references (BPF_PSEUDO_MAP_IDX*); use handles'
           : `ld_imm64 src_reg ${l.src}`;
-      refuse(Status.INSN_REFUSED, `instruction ${l.index}: ${what} are not supported`, { a: l.index });
+      refuse(Status.INSN_REFUSED, l.src === Pseudo.FUNC ? 'callback-refused' : 'pseudo-load-refused', `instruction ${l.index}: ${what} are not supported`, { a: l.index });
     } });
   }
   const used = new Set<number>();
@@ -261,7 +242,7 @@ export function judgeProgram(p: DecodedProgram, license: string, declaredHandles
     items.push({ index: m.index, check: () => {
       if (!declared.has(m.handle)) {
         const live = policy.handleExists(m.handle);
-        refuse(Status.BAD_MAP_HANDLE, live
+        refuse(Status.BAD_MAP_HANDLE, live ? 'map-not-declared' : 'bad-map-handle', live
           ? `instruction ${m.index}: map handle ${m.handle} is not in the program's map table`
           : `instruction ${m.index}: map handle ${m.handle} is not a map of this device`, { a: m.handle, b: m.index });
       }
@@ -276,8 +257,7 @@ export function judgeProgram(p: DecodedProgram, license: string, declaredHandles
 /** A copy of the instructions with each map reference's imm = that handle's host map fd. */
 export function rewriteMapRefs(j: JudgedProgram, fdOf: (handle: number) => number): Uint8Array {
   const out = j.decoded.insns.slice();
-  const v = new DataView(out.buffer);
-  for (const m of j.decoded.mapRefs) v.setInt32(m.index * INSN_BYTES + 4, fdOf(m.handle), true);
+  for (const m of j.decoded.mapRefs) setInsnImm(out, m.index, fdOf(m.handle));
   return out;
 }
 

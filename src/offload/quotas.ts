@@ -3,6 +3,7 @@
 // kernel is asked to allocate anything (the kernel's own figure is read afterwards).
 
 import { readFileSync } from 'node:fs';
+import { OffloadConfigError } from './errors.js';
 
 export interface Quotas {
   /** Live maps per device. */
@@ -67,41 +68,36 @@ const UNITS: Record<string, number> = {
   kb: 1000, mb: 1000 ** 2, gb: 1000 ** 3, tb: 1000 ** 4,
 };
 
-/** "16MiB", "16M" (binary), "16MB" (decimal), "4096", 4096 → bytes. Throws RangeError. */
+/** "16MiB", "16M" (binary), "16MB" (decimal), "4096", 4096 → bytes. Throws OffloadConfigError ('bad-size'). */
 export function parseSize(input: string | number): number {
   if (typeof input === 'number') {
-    if (!Number.isSafeInteger(input) || input < 0) throw new RangeError(`size ${input} is not a non-negative integer`);
+    if (!Number.isSafeInteger(input) || input < 0) throw new OffloadConfigError('bad-size', `size ${input} is not a non-negative integer`, String(input));
     return input;
   }
   const m = /^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$/.exec(input);
   const unit = m ? UNITS[m[2]!.toLowerCase()] : undefined;
-  if (!m || unit === undefined) throw new RangeError(`size '${input}': expected a number with an optional unit (KiB, MiB, GiB, KB, MB, GB)`);
+  if (!m || unit === undefined) throw new OffloadConfigError('bad-size', `size '${input}': expected a number with an optional unit (KiB, MiB, GiB, KB, MB, GB)`, input);
   const n = Math.round(Number(m[1]) * unit);
-  if (!Number.isSafeInteger(n)) throw new RangeError(`size '${input}' is too large`);
+  if (!Number.isSafeInteger(n)) throw new OffloadConfigError('bad-size', `size '${input}' is too large`, input);
   return n;
 }
 
-/** "65536", "64k" (×1000 for counts is ambiguous, so k/K = 1024 like sizes), numbers. */
-export function parseCount(input: string | number): number {
-  return parseSize(input);
-}
-
-/** Checks each given quota against its range; returns a clean copy. Throws RangeError naming it. */
+/** Checks each given quota against its range; returns a clean copy. Throws OffloadConfigError naming it (subject: the CLI flag). */
 export function validateQuotas(changes: Partial<Record<keyof Quotas, unknown>>): Partial<Quotas> {
   const out: Partial<Quotas> = {};
   for (const [k, raw] of Object.entries(changes)) {
     if (raw === undefined) continue;
-    if (!(k in QUOTA_RANGES)) throw new RangeError(`unknown quota '${k}'`);
+    if (!(k in QUOTA_RANGES)) throw new OffloadConfigError('unknown-quota', `unknown quota '${k}'`, k);
     const key = k as keyof Quotas;
     const [lo, hi] = QUOTA_RANGES[key];
     let value = NaN;
     try {
       if (typeof raw === 'string' || typeof raw === 'number') value = parseSize(raw);
     } catch (e) {
-      throw new RangeError(`--${QUOTA_FLAGS[key]} ${String(raw)}: ${(e as Error).message}`);
+      throw new OffloadConfigError('bad-quota', `--${QUOTA_FLAGS[key]} ${String(raw)}: ${(e as Error).message}`, QUOTA_FLAGS[key]);
     }
     if (!Number.isSafeInteger(value) || value < lo || value > hi) {
-      throw new RangeError(`--${QUOTA_FLAGS[key]} ${String(raw)}: must be an integer in ${lo}..${hi}`);
+      throw new OffloadConfigError('bad-quota', `--${QUOTA_FLAGS[key]} ${String(raw)}: must be an integer in ${lo}..${hi}`, QUOTA_FLAGS[key]);
     }
     out[key] = value;
   }

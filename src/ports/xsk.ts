@@ -6,11 +6,11 @@ import {
   XskSocket, remapSharedAt, mapFileAt, XDP_UMEM_UNALIGNED_CHUNK_FLAG, XDP_COPY, XDP_USE_NEED_WAKEUP, XDP_SHARED_UMEM,
   XDP_PACKET_HEADROOM, XDP_UMEM_MIN_CHUNK_SIZE, type SocketRingLayouts, type XskStatistics,
 } from '../sys/xsk.js';
-import { BpfError } from '../sys/bpf/libbpf.js';
 import { BpfMap, BpfMapType } from '../sys/bpf/maps.js';
+import { BpfError } from '../sys/bpf/libbpf.js';
 import { progLoad, closeBpfFd } from '../sys/bpf/programs.js';
-import { encodeInsns, BPF_PSEUDO_MAP_FD } from '../sys/bpf/insns.js';
 import { xdpAttach, xdpDetach, XDP_FLAGS_DRV_MODE, XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_FLAGS_REPLACE, XDP_PASS } from '../sys/bpf/xdp.js';
+import { encodeInsns, redirectToQueueSocket, returnImm } from '../sys/bpf/insns.js';
 import type { RegionInfo } from '../memory/guest-memory.js';
 import { linkStats } from './link-stats.js';
 import type { Port } from './port.js';
@@ -194,13 +194,7 @@ function roundUp(v: number, a: number): number {
  * goes to that queue's socket; a queue without one passes to the (address-less) peer stack.
  */
 export function redirectProgramInsns(xskMapFd: number): Uint8Array {
-  return encodeInsns([
-    { code: 0x61, dst: 2, src: 1, off: 16 }, // r2 = ctx->rx_queue_index (struct xdp_md @16)
-    { code: 0x18, dst: 1, src: BPF_PSEUDO_MAP_FD, imm: xskMapFd }, { code: 0 }, // r1 = &xskmap
-    { code: 0xb7, dst: 3, imm: XDP_PASS }, // r3 = fallback action
-    { code: 0x85, imm: 51 }, // call bpf_redirect_map
-    { code: 0x95 }, // exit
-  ]);
+  return encodeInsns(redirectToQueueSocket(1, xskMapFd, XDP_PASS));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -376,7 +370,7 @@ export class XskPort implements Port {
       map = BpfMap.create(BpfMapType.XSKMAP, 4, 4, queuePairs, { name: 'vx_xskmap' });
       prog = progLoad(redirectProgramInsns(map.fd), { license: 'GPL', name: 'vx_xsk_redir' });
       xdpAttach(peerIfindex, prog, XDP_FLAGS_DRV_MODE);
-      pass = progLoad(encodeInsns([{ code: 0xb7, dst: 0, imm: XDP_PASS }, { code: 0x95 }]), { license: 'GPL', name: 'vx_xsk_hostpass' });
+      pass = progLoad(encodeInsns(returnImm(XDP_PASS)), { license: 'GPL', name: 'vx_xsk_hostpass' });
       // Host frames must reach the guest with complete checksums: AF_XDP copies bytes and has no
       // way to say "checksum partial", so the host end computes them in software.
       spawnSync('ethtool', ['-K', ifname, 'tx', 'off'], { timeout: 10_000 });

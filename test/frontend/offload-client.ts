@@ -6,7 +6,7 @@ import path from 'node:path';
 import {
   OFFLOAD_ETHERTYPE, Status, statusName, bindMapHandles, decodeResponse, decodeMapCreateBody, encodeClaim, encodeMapCreate,
   encodeProgSet, type Response,
-} from '../../src/offload/protocol.js';
+} from '../../src/offload/guest/codec.js';
 import { readBpfObject } from '../../src/offload/bpf-object.js';
 import { repoRoot } from '../harness/backend.js';
 import type { PacketSocket } from '../harness/packet-socket.js';

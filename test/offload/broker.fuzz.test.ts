@@ -3,8 +3,8 @@ import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { OffloadBroker } from '../../src/offload/broker.js';
-import * as P from '../../src/offload/protocol.js';
-import { Cmd, Status } from '../../src/offload/protocol.js';
+import * as P from '../../src/offload/guest/codec.js';
+import { Cmd, Status } from '../../src/offload/guest/codec.js';
 import { readBpfObject } from '../../src/offload/bpf-object.js';
 import { BpfMapType, mapGetFdById } from '../../src/sys/bpf/maps.js';
 import { progGetFdById, closeBpfFd } from '../../src/sys/bpf/programs.js';
@@ -75,7 +75,10 @@ describe('offload broker fuzz', () => {
     const otherBefore = other.show();
 
     // The target: device A, small quotas so allocations stay quick.
-    const a = new OffloadBroker({ device: 'fuzz-target', quotas: { maxMapMemory: 1 << 20, maxEntries: 4096, maxMaps: 8 } });
+    let lastCode = '';
+    const a = new OffloadBroker({
+      device: 'fuzz-target', quotas: { maxMapMemory: 1 << 20, maxEntries: 4096, maxMaps: 8 }, onRefusal: (x) => { lastCode = x.code; },
+    });
     brokers.push(a);
     const seenMaps = new Set<number>();
     const seenProgs = new Set<number>();
@@ -136,6 +139,7 @@ describe('offload broker fuzz', () => {
       const kind = r.int(10);
       const req = kind < 4 ? valid(seq) : kind < 9 ? mutate(valid(seq)) : r.bytes(r.int(80));
       let res: Uint8Array;
+      lastCode = '';
       try {
         res = a.handle(req);
       } catch (e) {
@@ -146,7 +150,8 @@ describe('offload broker fuzz', () => {
       expect(res.byteLength).toBeLessThanOrEqual(P.MAX_MESSAGE_BYTES);
       statuses.set(P.statusName(d.status), (statuses.get(P.statusName(d.status)) ?? 0) + 1);
       // Kernel errors are fine (the kernel is the authority); a bug in the broker is not.
-      expect(d.reason, `request ${Buffer.from(req).toString('hex')} (seed ${seed})`).not.toMatch(/^internal error/);
+      expect(lastCode, `request ${Buffer.from(req).toString('hex')} (seed ${seed}): ${d.reason}`).not.toBe('internal-error');
+      expect(lastCode === '', `status ${P.statusName(d.status)} and refusal code '${lastCode}' disagree`).toBe(d.status === Status.OK);
       if (d.status === Status.KERNEL_ERROR) {
         const k = d.reason.replace(/\d+/g, 'N');
         kernelErrors.set(k, (kernelErrors.get(k) ?? 0) + 1);

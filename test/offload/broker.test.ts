@@ -4,9 +4,10 @@ import { existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmdir
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { OffloadBroker, type OffloadBrokerOptions, type OffloadProgram } from '../../src/offload/broker.js';
-import * as P from '../../src/offload/protocol.js';
-import { Status, QuotaId } from '../../src/offload/protocol.js';
+import { OffloadBroker, type OffloadBrokerOptions, type OffloadProgram, type RefusalRecord } from '../../src/offload/broker.js';
+import { OffloadConfigError } from '../../src/offload/errors.js';
+import * as P from '../../src/offload/guest/codec.js';
+import { Status, QuotaId } from '../../src/offload/guest/codec.js';
 import { readBpfObject, type BpfObjectProgram } from '../../src/offload/bpf-object.js';
 import { BpfMapType, mapGetFdById } from '../../src/sys/bpf/maps.js';
 import { progGetFdById, closeBpfFd, progLoad, BpfProgType } from '../../src/sys/bpf/programs.js';
@@ -102,8 +103,11 @@ function frame(srcIp = [10, 0, 0, 1]): Uint8Array {
 }
 
 const brokers: OffloadBroker[] = [];
+/** Each broker's latest refusal, with its stable code (host side: the guest sees status and reason). */
+const lastRefusal = new Map<OffloadBroker, RefusalRecord>();
+const codeOf = (b: OffloadBroker): string | undefined => lastRefusal.get(b)?.code;
 function broker(opts: Partial<OffloadBrokerOptions> = {}): OffloadBroker {
-  const b = new OffloadBroker({ device: `vx${brokers.length}`, ...opts });
+  const b: OffloadBroker = new OffloadBroker({ device: `vx${brokers.length}`, onRefusal: (r) => lastRefusal.set(b, r), ...opts });
   brokers.push(b);
   return b;
 }
@@ -278,26 +282,27 @@ describe('offload broker against the kernel', () => {
     const b = broker();
     const g = new Guest(b);
     g.claim();
-    const expectRefused = (name: string, status: number, text: RegExp) => {
+    const expectRefused = (name: string, status: number, code: string, detail: Partial<P.ErrorDetail> = {}) => {
       const o = obj(name);
       // Their maps are stand-ins: the check looks at the instructions, not the map types.
       const handles = o.maps.map(() => g.createMap({ type: BpfMapType.ARRAY, keySize: 4, valueSize: 8, maxEntries: 1 }));
       const r = g.send((s) => P.encodeProgSet(s, { license: o.license, insns: P.bindMapHandles(o.insns, o.mapRelocations, handles), mapHandles: handles }));
       expect(P.statusName(r.status), `${name}: ${r.reason}`).toBe(P.statusName(status));
-      expect(r.reason).toMatch(text);
+      expect(codeOf(b), name).toBe(code);
+      expect(r.detail).toMatchObject(detail);
       expect(b.program).toBeNull();
     };
-    expectRefused('bad_trace_printk', Status.HELPER_NOT_ALLOWED, /bpf_trace_printk \(6\)/);
-    expectRefused('bad_get_current', Status.HELPER_NOT_ALLOWED, /bpf_get_current_pid_tgid \(14\)/);
-    expectRefused('bad_tail_call', Status.TAIL_CALL_REFUSED, /tail call/);
-    expectRefused('bad_kfunc', Status.KFUNC_REFUSED, /kfunc/);
-    expectRefused('big_prog', Status.QUOTA_EXCEEDED, /max-prog-insns/);
+    expectRefused('bad_trace_printk', Status.HELPER_NOT_ALLOWED, 'helper-not-allowed', { a: 6 });
+    expectRefused('bad_get_current', Status.HELPER_NOT_ALLOWED, 'helper-not-allowed', { a: 14 });
+    expectRefused('bad_tail_call', Status.TAIL_CALL_REFUSED, 'tail-call-refused', { b: 12 });
+    expectRefused('bad_kfunc', Status.KFUNC_REFUSED, 'kfunc-refused');
+    expectRefused('big_prog', Status.QUOTA_EXCEEDED, 'quota-exceeded', { a: QuotaId.MAX_PROG_INSNS });
     // Map types those samples need are refused at MAP_CREATE, each naming the type.
-    for (const [type, re] of [[BpfMapType.PERCPU_ARRAY, /PERCPU_ARRAY.*per-CPU/], [BpfMapType.PROG_ARRAY, /PROG_ARRAY/],
-      [BpfMapType.DEVMAP, /DEVMAP/], [BpfMapType.PERF_EVENT_ARRAY, /PERF_EVENT_ARRAY/], [BpfMapType.LRU_PERCPU_HASH, /per-CPU/]] as const) {
+    for (const [type, code] of [[BpfMapType.PERCPU_ARRAY, 'map-type-percpu'], [BpfMapType.PROG_ARRAY, 'bad-map-type'],
+      [BpfMapType.DEVMAP, 'bad-map-type'], [BpfMapType.PERF_EVENT_ARRAY, 'bad-map-type'], [BpfMapType.LRU_PERCPU_HASH, 'map-type-percpu']] as const) {
       const r = g.send((s) => P.encodeMapCreate(s, { type, keySize: 4, valueSize: 4, maxEntries: 1 }));
       expect(r.status).toBe(Status.MAP_TYPE_REFUSED);
-      expect(r.reason).toMatch(re);
+      expect(codeOf(b)).toBe(code);
       expect(r.detail!.a).toBe(type);
     }
     b.reset('test');
@@ -317,6 +322,7 @@ describe('offload broker against the kernel', () => {
     // A non-GPL license is refused before the kernel is asked.
     const lic = g.send((s) => P.encodeProgSet(s, { license: 'Proprietary', insns, mapHandles: [] }));
     expect(lic.status).toBe(Status.LICENSE_REFUSED);
+    expect(codeOf(b)).toBe('license-refused');
     b.reset('test');
   });
 
@@ -335,11 +341,13 @@ describe('offload broker against the kernel', () => {
     const drop = obj('xdp_drop');
     const r = gb.send((s) => P.encodeProgSet(s, { license: 'GPL', insns: P.bindMapHandles(drop.insns, drop.mapRelocations, [a2]), mapHandles: [a2] }));
     expect(r.status).toBe(Status.BAD_MAP_HANDLE);
-    expect(r.reason).toMatch(/handle 2 is not a map of this device/);
+    expect(codeOf(bb)).toBe('bad-map-handle');
+    expect(r.detail!.a).toBe(2);
     // Declaring a live handle but referencing an undeclared one is refused too.
     const r2 = gb.send((s) => P.encodeProgSet(s, { license: 'GPL', insns: P.bindMapHandles(drop.insns, drop.mapRelocations, [a2]), mapHandles: [1] }));
     expect(r2.status).toBe(Status.BAD_MAP_HANDLE);
     expect(r2.detail!.b).toBe(drop.mapRelocations[0]!.insnIndex);
+    expect(codeOf(bb)).toBe('bad-map-handle'); // handle 2 is device A's, so not live here either
     expect(bb.program).toBeNull();
     a.reset('test');
     bb.reset('test');
@@ -354,12 +362,13 @@ describe('offload broker against the kernel', () => {
       const r = g.send((s) => P.encodeMapCreate(s, m));
       expect(r.status, r.reason).toBe(Status.QUOTA_EXCEEDED);
       expect(r.detail!.a).toBe(quota);
+      expect(codeOf(b)).toBe('quota-exceeded');
       return r;
     };
-    expect(refused({ type: BpfMapType.HASH, keySize: 4, valueSize: 8, maxEntries: 4096 }, QuotaId.MAX_ENTRIES).reason).toMatch(/max-entries quota of 2048/);
+    expect(refused({ type: BpfMapType.HASH, keySize: 4, valueSize: 8, maxEntries: 4096 }, QuotaId.MAX_ENTRIES).detail).toMatchObject({ b: 4096, c: 2048 });
     refused({ type: BpfMapType.HASH, keySize: 600, valueSize: 8, maxEntries: 1 }, QuotaId.MAX_KEY_SIZE);
     // 2048 × (48 + 8 + 64) bytes ≈ 280 KB > 200 KB: refused before anything is allocated.
-    expect(refused({ type: BpfMapType.HASH, keySize: 4, valueSize: 64, maxEntries: 2048 }, QuotaId.MAX_MAP_MEMORY).reason).toMatch(/max-map-memory/);
+    expect(refused({ type: BpfMapType.HASH, keySize: 4, valueSize: 64, maxEntries: 2048 }, QuotaId.MAX_MAP_MEMORY).detail!.c).toBe(200_000);
     expect(ownBpfFds()).toBe(fds0);
     const h1 = g.createMap({ type: BpfMapType.HASH, keySize: 4, valueSize: 8, maxEntries: 1024 });
     const used = b.quotas().usage.mapMemory;
@@ -388,8 +397,9 @@ describe('offload broker against the kernel', () => {
     for (let i = 0; i < 20; i++) if (g.send(P.encodeCaps).status === Status.RATE_LIMITED) limited++;
     expect(limited).toBe(11); // 10 tokens, one spent by CLAIM
     const r = g.send(P.encodeCaps);
-    expect(r.reason).toMatch(/max-ops-per-sec quota of 10/);
-    expect(r.detail!.a).toBe(100);
+    expect(r.status).toBe(Status.RATE_LIMITED);
+    expect(codeOf(b)).toBe('rate-limited');
+    expect(r.detail!.a).toBe(100); // ms until one of 10 tokens per second is back
     t += 500;
     expect(g.send(P.encodeCaps).status).toBe(Status.OK);
     // setQuotas applies live.
@@ -417,7 +427,13 @@ describe('offload broker against the kernel', () => {
     // Existing maps keep working; the guest sees the new limits in CAPS.
     g.ok((s) => P.encodeElemUpdate(s, 1, u32(0), u64(5)));
     expect(P.decodeCapsBody(g.ok(P.encodeCaps).body).maxMaps).toBe(2);
-    expect(() => b.setQuotas({ maxMaps: -1 })).toThrow(/max-maps/);
+    try {
+      b.setQuotas({ maxMaps: -1 });
+      expect.unreachable('setQuotas accepted max-maps -1');
+    } catch (e) {
+      expect(e).toBeInstanceOf(OffloadConfigError);
+      expect(e).toMatchObject({ code: 'bad-quota', subject: 'max-maps' });
+    }
     expect(b.setQuotas({ maxMapMemory: '16MiB' as unknown as number }).limits.maxMapMemory).toBe(16 * 1024 * 1024);
     b.setQuotas({ maxMaps: 8, maxMapMemory: 1 << 20 });
     g.createMap({ type: BpfMapType.ARRAY, keySize: 4, valueSize: 8, maxEntries: 1 });

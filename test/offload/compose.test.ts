@@ -272,18 +272,22 @@ describe('composeXdp layout', () => {
   });
 
   it('refuses guest jumps, calls and callback references that leave the guest block', () => {
-    const cases: [BpfInsn[], RegExp][] = [
-      [[callSub(-3), mov64Imm(0, 1), exit()], /subprogram call to -2 leaves/],
-      [[ja(5), mov64Imm(0, 1), exit()], /jump to 6 leaves/],
-      [[{ code: 0x06, imm: -2 }, mov64Imm(0, 1), exit()], /jump to -1 leaves/],    // gotol
-      [[{ code: 0x18, src: 4, imm: 50 }, { code: 0 }, mov64Imm(0, 1), exit()], /callback reference/],
-      [[ja(1), ...ldMapFd(1, 3), mov64Imm(0, 1), exit()], /middle of the ld_imm64 at 1/],
-      [[mov64Imm(0, 1), exit(), { code: 0x18 }], /no second half/],
+    const cases: [BpfInsn[], Partial<ComposeError>][] = [
+      [[callSub(-3), mov64Imm(0, 1), exit()], { code: 'compose-call-outside', insn: 0, target: -2 }],
+      [[ja(5), mov64Imm(0, 1), exit()], { code: 'compose-jump-outside', insn: 0, target: 6 }],
+      [[{ code: 0x06, imm: -2 }, mov64Imm(0, 1), exit()], { code: 'compose-jump-outside', insn: 0, target: -1 }],    // gotol
+      [[{ code: 0x18, src: 4, imm: 50 }, { code: 0 }, mov64Imm(0, 1), exit()], { code: 'compose-callback-outside', insn: 0, target: 51 }],
+      [[ja(1), ...ldMapFd(1, 3), mov64Imm(0, 1), exit()], { code: 'compose-target-mid-ld-imm64', insn: 0, target: 2 }],
+      [[mov64Imm(0, 1), exit(), { code: 0x18 }], { code: 'compose-truncated-ld-imm64', insn: 2 }],
     ];
-    for (const [insns, re] of cases) {
-      expect(() => composeXdp(encodeInsns(insns), { xskMapFd: 3, abortedMapFd: 4 })).toThrow(re);
+    const composeError = (fn: () => unknown): ComposeError => {
+      try { fn(); } catch (e) { expect(e).toBeInstanceOf(ComposeError); return e as ComposeError; }
+      throw new Error('expected a ComposeError');
+    };
+    for (const [insns, want] of cases) {
+      expect(composeError(() => composeXdp(encodeInsns(insns), { xskMapFd: 3, abortedMapFd: 4 }))).toMatchObject(want);
     }
-    expect(() => checkGuestBlock(new Uint8Array(12))).toThrow(ComposeError);
+    expect(composeError(() => checkGuestBlock(new Uint8Array(12))).code).toBe('compose-bad-length');
     expect(() => composeXdp(returns(1), { xskMapFd: -1, abortedMapFd: 4 })).toThrow(RangeError);
   });
 });

@@ -10,7 +10,7 @@ import { uniqueIfName, disableIpv6, readLinkStats } from '../harness/netdev.js';
 import { waitUntil } from '../harness/processes.js';
 import { udpFrame, seqOf, GUEST_MAC } from '../harness/frames.js';
 import { readBpfObject } from '../../src/offload/bpf-object.js';
-import { statusName, encodeMapCreate, encodeProgSet, encodeProgUnset, encodeElemLookup, encodeCaps, encodeRelease, encodeElemUpdate } from '../../src/offload/protocol.js';
+import { statusName, encodeMapCreate, encodeProgSet, encodeProgUnset, encodeElemLookup, encodeCaps, encodeRelease, encodeElemUpdate } from '../../src/offload/guest/codec.js';
 import { listProgIds, listMapIds } from '../../src/sys/bpf/info.js';
 
 const HOST_MAC = '52:54:00:0f:0f:0f';

@@ -8,7 +8,7 @@ import { uniqueIfName, vethXdpCounters } from '../harness/netdev.js';
 import { waitUntil, sleep } from '../harness/processes.js';
 import { udpFrame, seqOf, GUEST_MAC } from '../harness/frames.js';
 import { defaultPeerName } from '../../src/ports/xsk.js';
-import { encodeProgUnset, encodeElemLookup } from '../../src/offload/protocol.js';
+import { encodeProgUnset, encodeElemLookup } from '../../src/offload/guest/codec.js';
 
 const HOST_MAC = '52:54:00:0e:0e:0e';
 

@@ -1,13 +1,60 @@
-// Instruction encoding (struct bpf_insn: code u8, dst:4|src:4 u8, off s16, imm s32). Pure
-// byte layout, no libbpf call: the broker's checks and composer use it without loading anything.
+// The one encoding of BPF instructions (struct bpf_insn, uapi linux/bpf.h):
+//   u8 code; u8 dst_reg:4, src_reg:4; s16 off; s32 imm;   little-endian, 8 bytes
+// and of the 16-byte ld_imm64 pair ("the only instruction that occupies two slots": its
+// second half has code, dst, src and off all zero and carries the upper imm). Pure bytes, no
+// native calls: the AF_XDP port (redirect program), the offload checks, the composer and the
+// ELF reader all build and read instructions through here, so a field layout or opcode can
+// only be wrong in one place. Lives in sys/ so both ports/ and offload/ may import it.
 
 export const BPF_INSN_SIZE = 8;
 
-/** src_reg of an ld_imm64 whose imm is a map fd; of a call to a subprogram; of a kfunc call. */
-export const BPF_PSEUDO_MAP_FD = 1;
-export const BPF_PSEUDO_MAP_VALUE = 2;
-export const BPF_PSEUDO_CALL = 1;
-export const BPF_PSEUDO_KFUNC_CALL = 2;
+/** Full opcodes (class | size/source | op, uapi linux/bpf_common.h) this project emits or looks for. */
+export const Op = {
+  /** BPF_LD | BPF_IMM | BPF_DW: the first half of a 16-byte load */
+  LD_IMM64: 0x18,
+  /** BPF_LDX | BPF_MEM | BPF_W */
+  LDX_W: 0x61,
+  /** BPF_ALU64 | BPF_MOV | BPF_K */
+  MOV64_IMM: 0xb7,
+  /** BPF_ALU64 | BPF_MOV | BPF_X */
+  MOV64_REG: 0xbf,
+  /** BPF_JMP32 | BPF_JEQ | BPF_K */
+  JEQ32_IMM: 0x16,
+  /** BPF_STX | BPF_ATOMIC | BPF_DW (imm = BPF_ADD: fetch-less add) */
+  ATOMIC_DW: 0xdb,
+  /** BPF_JMP | BPF_CALL */
+  CALL: 0x85,
+  /** BPF_JMP | BPF_EXIT */
+  EXIT: 0x95,
+} as const;
+
+/** Instruction classes (code & 0x07) and jump ops (code & 0xf0) that decide control flow. */
+export const BPF_CLASS_MASK = 0x07;
+export const BPF_OP_MASK = 0xf0;
+export const BPF_CLASS_JMP = 0x05;
+export const BPF_CLASS_JMP32 = 0x06;
+export const BPF_OP_JA = 0x00;
+export const BPF_OP_CALL = 0x80;
+export const BPF_OP_EXIT = 0x90;
+
+/** ld_imm64 src_reg values (uapi linux/bpf.h, BPF_PSEUDO_*). */
+export const Pseudo = {
+  MAP_FD: 1, MAP_VALUE: 2, BTF_ID: 3, FUNC: 4, MAP_IDX: 5, MAP_IDX_VALUE: 6,
+} as const;
+/** call src_reg values: helper (0), bpf-to-bpf (BPF_PSEUDO_CALL), kfunc (BPF_PSEUDO_KFUNC_CALL). */
+export const PseudoCall = { HELPER: 0, CALL: 1, KFUNC_CALL: 2 } as const;
+
+export const BPF_PSEUDO_MAP_FD = Pseudo.MAP_FD;
+export const BPF_PSEUDO_MAP_VALUE = Pseudo.MAP_VALUE;
+export const BPF_PSEUDO_FUNC = Pseudo.FUNC;
+export const BPF_PSEUDO_CALL = PseudoCall.CALL;
+export const BPF_PSEUDO_KFUNC_CALL = PseudoCall.KFUNC_CALL;
+
+/** Helper ids (enum bpf_func_id) the project's own programs call or policy names. */
+export const Helper = { TAIL_CALL: 12, REDIRECT_MAP: 51 } as const;
+
+/** offsetof(struct xdp_md, rx_queue_index) */
+export const XDP_MD_RX_QUEUE_INDEX = 16;
 
 export interface BpfInsn { code: number; dst?: number; src?: number; off?: number; imm?: number }
 
@@ -25,11 +72,58 @@ export function encodeInsns(insns: readonly BpfInsn[]): Uint8Array {
   return out;
 }
 
-/** Reads instruction n of a raw program. */
+/** Reads instruction n of a raw program (RangeError when n is outside it). */
 export function decodeInsn(insns: Uint8Array, n: number): Required<BpfInsn> {
   const o = n * BPF_INSN_SIZE;
-  if (n < 0 || o + BPF_INSN_SIZE > insns.byteLength) throw new RangeError(`instruction ${n} out of range`);
+  if (!Number.isInteger(n) || n < 0 || o + BPF_INSN_SIZE > insns.byteLength) throw new RangeError(`instruction ${n} out of range`);
   const v = new DataView(insns.buffer, insns.byteOffset + o, BPF_INSN_SIZE);
   const regs = v.getUint8(1);
   return { code: v.getUint8(0), dst: regs & 0xf, src: regs >> 4, off: v.getInt16(2, true), imm: v.getInt32(4, true) };
+}
+
+/** Instructions in a raw program, or null when its length is not a non-zero multiple of 8. */
+export function insnCount(insns: Uint8Array): number | null {
+  return insns.byteLength === 0 || insns.byteLength % BPF_INSN_SIZE !== 0 ? null : insns.byteLength / BPF_INSN_SIZE;
+}
+
+/** Overwrites instruction n's imm (map-reference rewrites: handle → fd, index → handle). */
+export function setInsnImm(insns: Uint8Array, n: number, imm: number): void {
+  decodeInsn(insns, n); // bounds
+  new DataView(insns.buffer, insns.byteOffset).setInt32(n * BPF_INSN_SIZE + 4, imm | 0, true);
+}
+
+/** Overwrites instruction n's src_reg, keeping dst_reg. */
+export function setInsnSrc(insns: Uint8Array, n: number, src: number): void {
+  const { dst } = decodeInsn(insns, n);
+  insns[n * BPF_INSN_SIZE + 1] = ((src & 0xf) << 4) | dst;
+}
+
+/** dst = imm64 as the pair of slots the kernel expects; src is a BPF_PSEUDO_* kind (0 for a plain constant). */
+export function ldImm64(dst: number, src: number, imm: number, imm2 = 0): BpfInsn[] {
+  return [{ code: Op.LD_IMM64, dst, src, imm }, { code: 0, imm: imm2 }];
+}
+
+/** True when `second` is a well-formed second half of an ld_imm64 (only imm may be set). */
+export function isLdImm64SecondHalf(second: Required<BpfInsn>): boolean {
+  return second.code === 0 && second.dst === 0 && second.src === 0 && second.off === 0;
+}
+
+/**
+ * return bpf_redirect_map(&xskmap, ctx->rx_queue_index, fallback): every frame goes to its
+ * queue's AF_XDP socket; the low bits of flags are the verdict when that slot is empty. Used
+ * alone by the xsk port and as the tail of the offload composer's entry block.
+ */
+export function redirectToQueueSocket(ctxReg: number, xskMapFd: number, fallback: number): BpfInsn[] {
+  return [
+    { code: Op.LDX_W, dst: 2, src: ctxReg, off: XDP_MD_RX_QUEUE_INDEX },
+    ...ldImm64(1, Pseudo.MAP_FD, xskMapFd),
+    { code: Op.MOV64_IMM, dst: 3, imm: fallback },
+    { code: Op.CALL, imm: Helper.REDIRECT_MAP },
+    { code: Op.EXIT },
+  ];
+}
+
+/** r0 = verdict; exit. */
+export function returnImm(verdict: number): BpfInsn[] {
+  return [{ code: Op.MOV64_IMM, dst: 0, imm: verdict }, { code: Op.EXIT }];
 }

@@ -1,0 +1,194 @@
+// The guest's side of the offload codec: request encoders and response decoders, as an
+// offload-aware guest (the TS test frontend, the benches, the demo, docs examples) uses them.
+// The backend never imports this module; it re-exports the shared protocol vocabulary so a
+// guest-side user imports one module. Responses are decoded as untrusted bytes too.
+
+import {
+  Cmd, Status, OFFLOAD_MAGIC, OFFLOAD_VERSION, HEADER_BYTES, RESPONSE_FLAG, MAX_REASON_BYTES, ERROR_DETAIL_BYTES,
+  MAP_CREATE_BYTES, readHeader, writeHeader, encodeObjName,
+  type ClaimRequest, type MapCreateRequest, type Caps, type ErrorDetail,
+} from '../protocol.js';
+import { Reader, Writer, malformed, encodeUtf8, decodeUtf8 } from '../wire.js';
+import { setInsnImm } from '../../sys/bpf/insns.js';
+
+export * from '../protocol.js';
+export { ProtocolError } from '../errors.js';
+
+// ---------------------------------------------------------------------------------------
+// Requests
+
+/** Header + payload. */
+export function encodeRequest(command: number, seq: number, payload: Uint8Array = new Uint8Array(0),
+  version = OFFLOAD_VERSION): Uint8Array {
+  const out = new Uint8Array(HEADER_BYTES + payload.byteLength);
+  writeHeader(out, command, seq, payload.byteLength, version);
+  out.set(payload, HEADER_BYTES);
+  return out;
+}
+
+export function encodeClaim(seq: number, r: Partial<ClaimRequest> = {}): Uint8Array {
+  const w = new Writer(8).u16(r.minVersion ?? OFFLOAD_VERSION).u16(r.maxVersion ?? OFFLOAD_VERSION)
+    .u32(r.maxResponseBytes ?? 0);
+  return encodeRequest(Cmd.CLAIM, seq, w.finish());
+}
+
+export const encodeCaps = (seq: number): Uint8Array => encodeRequest(Cmd.CAPS, seq);
+export const encodeRelease = (seq: number): Uint8Array => encodeRequest(Cmd.RELEASE, seq);
+export const encodeProgUnset = (seq: number): Uint8Array => encodeRequest(Cmd.PROG_UNSET, seq);
+
+export function encodeMapCreate(seq: number, m: Omit<MapCreateRequest, 'flags' | 'name'> & Partial<MapCreateRequest>): Uint8Array {
+  const w = new Writer(MAP_CREATE_BYTES).u32(m.type).u32(m.keySize).u32(m.valueSize).u32(m.maxEntries)
+    .u32(m.flags ?? 0).bytes(encodeObjName(m.name ?? ''));
+  return encodeRequest(Cmd.MAP_CREATE, seq, w.finish());
+}
+
+export function encodeMapFree(seq: number, handle: number): Uint8Array {
+  return encodeRequest(Cmd.MAP_FREE, seq, new Writer(4).u32(handle).finish());
+}
+
+function elem(cmd: number, seq: number, handle: number, flags: number, ...parts: Uint8Array[]): Uint8Array {
+  const w = new Writer(8 + parts.reduce((n, p) => n + p.byteLength, 0)).u32(handle).u32(flags);
+  for (const p of parts) w.bytes(p);
+  return encodeRequest(cmd, seq, w.finish());
+}
+export const encodeElemLookup = (seq: number, handle: number, key: Uint8Array): Uint8Array =>
+  elem(Cmd.ELEM_LOOKUP, seq, handle, 0, key);
+export const encodeElemUpdate = (seq: number, handle: number, key: Uint8Array, value: Uint8Array, flags = 0): Uint8Array =>
+  elem(Cmd.ELEM_UPDATE, seq, handle, flags, key, value);
+export const encodeElemDelete = (seq: number, handle: number, key: Uint8Array): Uint8Array =>
+  elem(Cmd.ELEM_DELETE, seq, handle, 0, key);
+export const encodeGetFirstKey = (seq: number, handle: number): Uint8Array =>
+  elem(Cmd.GET_FIRST_KEY, seq, handle, 0);
+export const encodeGetNextKey = (seq: number, handle: number, key: Uint8Array): Uint8Array =>
+  elem(Cmd.GET_NEXT_KEY, seq, handle, 0, key);
+
+export function encodeLookupBatch(seq: number, handle: number, maxCount: number, cursor: Uint8Array | null = null): Uint8Array {
+  const c = cursor ?? new Uint8Array(0);
+  const w = new Writer(16 + c.byteLength).u32(handle).u32(0).u32(maxCount).u32(c.byteLength).bytes(c);
+  return encodeRequest(Cmd.ELEM_LOOKUP_BATCH, seq, w.finish());
+}
+
+export function encodeUpdateBatch(seq: number, handle: number, keys: Uint8Array, values: Uint8Array, count: number, flags = 0): Uint8Array {
+  const w = new Writer(12 + keys.byteLength + values.byteLength).u32(handle).u32(flags).u32(count).bytes(keys).bytes(values);
+  return encodeRequest(Cmd.ELEM_UPDATE_BATCH, seq, w.finish());
+}
+
+export function encodeDeleteBatch(seq: number, handle: number, keys: Uint8Array, count: number): Uint8Array {
+  const w = new Writer(12 + keys.byteLength).u32(handle).u32(0).u32(count).bytes(keys);
+  return encodeRequest(Cmd.ELEM_DELETE_BATCH, seq, w.finish());
+}
+
+export function encodeProgSet(seq: number, p: { license: string; insns: Uint8Array; mapHandles: readonly number[]; name?: string; flags?: number }): Uint8Array {
+  const lic = encodeUtf8(p.license);
+  if (p.insns.byteLength % 8 !== 0) throw new RangeError('instructions are not a multiple of 8 bytes');
+  const w = new Writer(32 + 4 * p.mapHandles.length + lic.byteLength + p.insns.byteLength)
+    .u32(p.flags ?? 0).u32(p.insns.byteLength / 8).u32(p.mapHandles.length).u32(lic.byteLength)
+    .bytes(encodeObjName(p.name ?? ''));
+  for (const h of p.mapHandles) w.u32(h);
+  w.bytes(lic).bytes(p.insns);
+  return encodeRequest(Cmd.PROG_SET, seq, w.finish());
+}
+
+/**
+ * A copy of `insns` whose map ld_imm64s (src_reg 1, imm = map index, as
+ * src/offload/bpf-object.ts leaves them) refer to the handles MAP_CREATE returned.
+ */
+export function bindMapHandles(insns: Uint8Array, relocations: readonly { insnIndex: number; mapIndex: number }[],
+  handles: readonly number[]): Uint8Array {
+  const out = insns.slice();
+  for (const r of relocations) {
+    const h = handles[r.mapIndex];
+    if (h === undefined) throw new RangeError(`no handle for map index ${r.mapIndex}`);
+    setInsnImm(out, r.insnIndex, h);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// Responses
+
+export interface Response {
+  /** The request's command (response flag removed). */
+  command: number;
+  seq: number;
+  status: number;
+  reason: string;
+  /** OK: the command's body. Failure: everything after the reason (detail + extra). */
+  body: Uint8Array;
+  detail?: ErrorDetail;
+  verifierLog?: string;
+}
+
+export function decodeResponse(msg: Uint8Array): Response {
+  const h = readHeader(msg);
+  if (!h) return malformed('truncated', `response shorter than its ${HEADER_BYTES}-byte header`);
+  if (h.magic !== OFFLOAD_MAGIC) malformed('bad-magic', `bad magic 0x${h.magic.toString(16)}`);
+  if ((h.command & RESPONSE_FLAG) === 0) malformed('not-a-response', `command 0x${h.command.toString(16)} is not a response`);
+  if (h.length > msg.byteLength - HEADER_BYTES) {
+    malformed('length-exceeds-message', `length ${h.length} exceeds the ${msg.byteLength - HEADER_BYTES} bytes present`);
+  }
+  const r = new Reader(msg.subarray(HEADER_BYTES, HEADER_BYTES + h.length), 'response');
+  const status = r.u32('status');
+  const reasonLen = r.u32('reason_len');
+  if (reasonLen > MAX_REASON_BYTES) malformed('reason-too-long', `reason_len ${reasonLen} > ${MAX_REASON_BYTES}`);
+  const reason = decodeUtf8(r.take(reasonLen, 'reason'));
+  const body = r.rest();
+  const out: Response = { command: h.command & ~RESPONSE_FLAG, seq: h.seq, status, reason, body };
+  if (status !== Status.OK && body.byteLength >= ERROR_DETAIL_BYTES) {
+    const d = new Reader(body, 'error detail');
+    out.detail = { a: d.u32('a'), b: d.u32('b'), c: d.u64('c') };
+    if (status === Status.VERIFIER_REJECTED && d.remaining >= 4) {
+      const n = d.u32('log_len');
+      out.verifierLog = decodeUtf8(d.take(Math.min(n, d.remaining), 'log'));
+    }
+  }
+  return out;
+}
+
+export function decodeCapsBody(b: Uint8Array): Caps {
+  const r = new Reader(b, 'caps');
+  const version = r.u16('version'); r.u16('reserved');
+  const c = {
+    version, maxRequestBytes: r.u32('max_request_bytes'), maxResponseBytes: r.u32('max_response_bytes'),
+    maxProgInsns: r.u32('max_prog_insns'), maxMaps: r.u32('max_maps'), maxEntries: r.u32('max_entries'),
+    maxKeySize: r.u32('max_key_size'), maxValueSize: r.u32('max_value_size'), maxOpsPerSec: r.u32('max_ops_per_sec'),
+    verifierLogBytes: r.u32('verifier_log_bytes'), maxMapMemory: r.u64('max_map_memory'),
+  };
+  const usedMaps = r.u32('used_maps'); r.u32('reserved');
+  const usedMapMemory = r.u64('used_map_memory');
+  const nTypes = r.u32('map_type_count');
+  const nHelpers = r.u32('helper_count');
+  r.fits(nTypes + nHelpers, 4, 'counts', 'count-exceeds-payload', 'caps: counts exceed the body');
+  const mapTypes = r.u32s(nTypes, 'map_types');
+  const helpers = r.u32s(nHelpers, 'helpers');
+  return { ...c, usedMaps, usedMapMemory, mapTypes, helpers };
+}
+
+export function decodeMapCreateBody(b: Uint8Array): { handle: number; chargedBytes: number } {
+  const r = new Reader(b, 'MAP_CREATE response');
+  const handle = r.u32('handle'); r.u32('reserved');
+  return { handle, chargedBytes: r.u64('charged_bytes') };
+}
+
+export function decodeProgSetBody(b: Uint8Array): { insns: number; tag: string } {
+  const r = new Reader(b, 'PROG_SET response');
+  const insns = r.u32('insns'); r.u32('reserved');
+  return { insns, tag: Buffer.from(r.take(8, 'tag')).toString('hex') };
+}
+
+/** u32 processed: body of ELEM_UPDATE_BATCH / ELEM_DELETE_BATCH; PROG_UNSET's was_loaded. */
+export function decodeU32Body(b: Uint8Array): number {
+  return new Reader(b, 'response').u32('value');
+}
+
+export interface LookupBatchResult { count: number; done: boolean; cursor: Uint8Array; keys: Uint8Array; values: Uint8Array }
+/** ELEM_LOOKUP_BATCH body: u32 count, u32 done, u32 cursor_len, cursor, keys, values. */
+export function decodeLookupBatchBody(b: Uint8Array, keySize: number, valueSize: number): LookupBatchResult {
+  const r = new Reader(b, 'ELEM_LOOKUP_BATCH response');
+  const count = r.u32('count');
+  const done = r.u32('done') !== 0;
+  const cursor = r.take(r.u32('cursor_len'), 'cursor');
+  const keys = r.take(count * keySize, 'keys');
+  const values = r.take(count * valueSize, 'values');
+  return { count, done, cursor, keys, values };
+}

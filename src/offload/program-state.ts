@@ -1,0 +1,82 @@
+// The device's program and the explicit state machine a PROG_SET walks through, after
+// netdevsim's bpf.c (received → verified → translated → attached):
+//
+//   received   decoded from the request (syntax only)
+//   checked    judged against device policy, map handles rewritten to host fds
+//   loaded     accepted by the host verifier; the kernel holds it, pinned when pinning is on
+//   published  the device's program: listeners (the datapath, which attaches it to the port)
+//              have been told; the previous program is closed only after that
+//
+// A candidate's phase is one field; each step takes the phase before it, so a step cannot be
+// skipped or repeated. A refusal at any step leaves the published program untouched.
+// `restored` is a program re-adopted from pins after a restart: it runs, and carries its
+// checked code only when the pinned source could be checked again.
+
+import type { ProgSetRequest } from './protocol.js';
+import type { JudgedProgram } from './program-check.js';
+
+export interface OffloadProgram {
+  /** Owned by the broker and closed when the program changes: a datapath thread should open its own with progGetFdById(id). */
+  fd: number;
+  id: number;
+  tag: string;
+  insns: number;
+  loadedAt: string;
+}
+
+export interface LoadedProgram extends OffloadProgram {
+  name: string;
+  usedHandles: number[];
+  /** The checked instructions with host map fds in place, for composition (xsk port); null when they could not be restored. */
+  code: Uint8Array | null;
+  license: string;
+}
+
+export type Candidate =
+  | { phase: 'received'; req: ProgSetRequest }
+  | { phase: 'checked'; req: ProgSetRequest; judged: JudgedProgram; code: Uint8Array }
+  | { phase: 'loaded'; req: ProgSetRequest; judged: JudgedProgram; program: LoadedProgram };
+
+export type Received = Extract<Candidate, { phase: 'received' }>;
+export type Checked = Extract<Candidate, { phase: 'checked' }>;
+export type Loaded = Extract<Candidate, { phase: 'loaded' }>;
+
+type SlotState =
+  | { phase: 'empty' }
+  | { phase: 'published'; program: LoadedProgram }
+  | { phase: 'restored'; program: LoadedProgram };
+
+/** The device's current program, in one field. */
+export class ProgramSlot {
+  private state: SlotState = { phase: 'empty' };
+
+  get phase(): SlotState['phase'] { return this.state.phase; }
+
+  get current(): LoadedProgram | null {
+    return this.state.phase === 'empty' ? null : this.state.program;
+  }
+
+  /** Makes a loaded candidate the device's program; returns the one it replaces (the caller closes it after notifying). */
+  publish(c: Loaded): LoadedProgram | null {
+    const old = this.current;
+    this.state = { phase: 'published', program: c.program };
+    return old;
+  }
+
+  /** Re-adopts a pinned program after a restart. */
+  restore(program: LoadedProgram): void {
+    if (this.state.phase !== 'empty') throw new Error(`cannot restore a program over a ${this.state.phase} one`);
+    this.state = { phase: 'restored', program };
+  }
+
+  /** Empties the slot; returns what it held (the caller unpins, notifies and closes). */
+  take(): LoadedProgram | null {
+    const old = this.current;
+    this.state = { phase: 'empty' };
+    return old;
+  }
+}
+
+export function publicView(p: LoadedProgram): OffloadProgram {
+  return { fd: p.fd, id: p.id, tag: p.tag, insns: p.insns, loadedAt: p.loadedAt };
+}
