@@ -17,9 +17,9 @@ import {
 } from '../../src/offload/compose.js';
 import {
   CleanupStack, createNetns, createVethPair, uniqueIfName, uniqueNetnsName, getMac, run, linkExists, netnsExists, vethXdpCounters,
-} from '../harness/netdev.js';
-import { PacketSocket, bytesToMac } from '../harness/packet-socket.js';
-import { udpFrame, seqOf } from '../harness/frames.js';
+} from '../support/netdev.js';
+import { PacketSocket, bytesToMac } from '../support/packet-socket.js';
+import { udpFrame, seqOf } from '../support/frames.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 

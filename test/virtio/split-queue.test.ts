@@ -1,7 +1,7 @@
 import koffi from 'koffi';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { GuestMemory } from '../../src/memory/guest-memory.js';
-import { makeMemoryFixture, MiB, HI, type MemoryFixture } from './memory-fixture.js';
+import { makeMemoryFixture, MiB, HI, type MemoryFixture } from '../support/memory-fixture.js';
 import {
   DescriptorChain,
   MAX_INDIRECT_ENTRIES,
@@ -10,7 +10,7 @@ import {
   vringNeedEvent,
   type VirtqueueErrorReason,
 } from '../../src/virtio/split-queue.js';
-import { DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DriverQueue } from '../frontend/driver-queue.js';
+import { DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DriverQueue } from '../support/frontend/driver-queue.js';
 
 const QSIZE = 256;
 

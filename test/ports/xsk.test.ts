@@ -12,9 +12,9 @@ import { XskPort } from '../../src/ports/xsk.js';
 import { XskRxPath, XskTxPath, openXskQueue, type XskQueue } from '../../src/net/xsk-paths.js';
 import { C, COUNTERS } from '../../src/net/stats.js';
 import type { PathContext } from '../../src/net/queue-paths.js';
-import { DriverQueue } from '../frontend/driver-queue.js';
-import { CleanupStack, disableIpv6, linkExists, uniqueIfName } from '../harness/netdev.js';
-import { PacketSocket, buildUdpFrame, checkPatternPayload, parseUdpFrame, patternPayload } from '../harness/packet-socket.js';
+import { DriverQueue } from '../support/frontend/driver-queue.js';
+import { CleanupStack, disableIpv6, linkExists, uniqueIfName } from '../support/netdev.js';
+import { PacketSocket, buildUdpFrame, checkPatternPayload, parseUdpFrame, patternPayload } from '../support/packet-socket.js';
 
 const MiB = 1 << 20;
 const HDR = 12;
