@@ -1,8 +1,10 @@
-// `npm run bench [-- tap|xsk|offload|all] [--seconds N] [--rounds N] [--json]`: throughput of vhost-xdp beside DPDK
+// `npm run bench [-- tap|xsk|offload|micro|all] [--seconds N] [--rounds N] [--json]`: throughput of vhost-xdp beside DPDK
 // references measured in the same run (ratios matter, not absolute numbers: the machine is shared).
+// `micro` (not part of `all`): in-process costs of the split ring and of the composed XDP entry.
 import { loadavg } from 'node:os';
 import { measureDpdkTapReference, measureVhostXdpTap, measureDpdkAfXdpReference, measureVhostXdpXsk, type ReferenceResult } from './reference-dpdk.js';
 import { runOffloadBench } from './offload-bench.js';
+import { runMicroBench } from './micro.js';
 
 const args = process.argv.slice(2);
 const VALUED = new Set(['--seconds', '--rounds']);
@@ -12,8 +14,8 @@ if (unknownFlag) {
   process.exit(2);
 }
 const which = args.find((a, i) => !a.startsWith('--') && !VALUED.has(args[i - 1] ?? '')) ?? 'all';
-if (!['tap', 'xsk', 'offload', 'all'].includes(which)) {
-  console.error(`unknown bench '${which}': tap, xsk, offload or all`);
+if (!['tap', 'xsk', 'offload', 'micro', 'all'].includes(which)) {
+  console.error(`unknown bench '${which}': tap, xsk, offload, micro or all`);
   process.exit(2);
 }
 const secIdx = args.indexOf('--seconds');
@@ -158,6 +160,18 @@ if (which === 'offload' || which === 'all') {
     line('host->guest dropped in the kernel (pps)', count(median(caps.map((c) => c.pps))), `(offered ${count(median(caps.map((c) => c.offeredPps)))})`);
     line('drop capacity / delivery rate', `${median(caps.map((c) => c.ratioToDelivered)).toFixed(2)}x`, `not the same flood: the delivery window had one generator${bound}`);
   }
+}
+
+if (which === 'micro') {
+  if (!json) console.log('in-process costs, single thread');
+  const m = runMicroBench();
+  results.micro = m;
+  line('split ring pop+pushUsed, 1-seg chains, Mops/s', (m.splitQueueOpsPerSec / 1e6).toFixed(2), 'floor 1.00');
+  const t = m.testRunNsPerFrame;
+  line('test-run ns/frame: xdp_drop alone', String(t.dropAlone));
+  line('test-run ns/frame: xdp_drop composed', String(t.dropComposed), `target < alone + 100 (${t.dropComposed < t.dropAlone + 100 ? 'met' : 'MISSED'})`);
+  line('test-run ns/frame: xdp_pass composed', String(t.passComposed));
+  line('test-run ns/frame: plain redirect', String(t.plainRedirect));
 }
 
 if (json) console.log(JSON.stringify(results, null, 2));
