@@ -322,7 +322,7 @@ describe('xsk port: pinned memory and teardown', () => {
   });
 
   it('pins the UMEM once per device while sockets are open, and close() leaves no veth, socket, program or map', async () => {
-    await withRig({}, async (r, local) => {
+    await withRig({}, async (r) => {
       const info = r.port.umemInfo!;
       expect(info.mode).toBe('zero-copy');
       expect(r.port.pinnedBytes).toBe(info.length);

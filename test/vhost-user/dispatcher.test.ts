@@ -88,6 +88,16 @@ async function ackStatus(fe: TestFrontend, request: number, payload: Uint8Array,
   return new DataView(r.payload.buffer, r.payload.byteOffset).getBigUint64(0, true);
 }
 
+/** A bare header announcing `size` payload bytes (sent on its own, unlike encodeMessage's). */
+function header(request: number, flags: number, size: number): Uint8Array {
+  const h = new Uint8Array(HEADER_SIZE);
+  const v = new DataView(h.buffer);
+  v.setUint32(0, request, true);
+  v.setUint32(4, flags, true);
+  v.setUint32(8, size, true);
+  return h;
+}
+
 /** Resolves once the backend has hung up on `fe` (readReply sees EOF). */
 async function expectHangUp(fe: TestFrontend): Promise<void> {
   await expect(fe.readReply(3000)).rejects.toThrow(/closed the connection/);
@@ -259,23 +269,13 @@ describe('vhost-user dispatcher rules (checked before any handler runs)', () => 
 
   test('header size limit: a header announcing more than MAX_PAYLOAD bytes closes the connection before anything is buffered', async () => {
     const fe = await session();
-    const h = new Uint8Array(HEADER_SIZE);
-    const v = new DataView(h.buffer);
-    v.setUint32(0, Request.SET_MEM_TABLE, true);
-    v.setUint32(4, ACK, true);
-    v.setUint32(8, MAX_PAYLOAD + 1, true);
-    fe.sock.send(h);
+    fe.sock.send(header(Request.SET_MEM_TABLE, ACK, MAX_PAYLOAD + 1));
     await expectHangUp(fe);
   });
 
   test('fds only with the header: fds attached to payload bytes close the connection', async () => {
     const fe = await session();
-    const h = new Uint8Array(HEADER_SIZE);
-    const v = new DataView(h.buffer);
-    v.setUint32(0, Request.SET_VRING_CALL, true);
-    v.setUint32(4, FLAG_VERSION, true);
-    v.setUint32(8, 8, true);
-    fe.sock.send(h);
+    fe.sock.send(header(Request.SET_VRING_CALL, FLAG_VERSION, 8));
     fe.sock.send(u64Payload(0), [eventfd()]);
     await expectHangUp(fe);
   });

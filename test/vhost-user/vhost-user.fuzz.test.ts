@@ -122,13 +122,11 @@ describe(`vhost-user fuzz (seed ${seed}, ${FUZZ_MS} ms)`, () => {
   let goodPs: PacketSocket;
   let victimPs: PacketSocket;
   let victimSock: string;
-  const taps: string[] = [];
 
   beforeAll(async () => {
     const dir = tempDir('fuzz');
     const victimTap = uniqueIfName('vxv');
     const goodTap = uniqueIfName('vxg');
-    taps.push(victimTap, goodTap);
     victimSock = path.join(dir, 'victim.sock');
     const goodSock = path.join(dir, 'good.sock');
     be = await startBackend([
