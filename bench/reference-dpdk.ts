@@ -1,15 +1,15 @@
 import { writeFileSync, rmSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { pathToFileURL } from 'node:url';
-import { startTestpmd, type Testpmd, type PortStats } from '../test/harness/dpdk.js';
-import { spawnManaged, sleep, type ManagedProcess } from '../test/harness/processes.js';
+import { startTestpmd, type Testpmd, type PortStats } from '../test/support/dpdk.js';
+import { spawnManaged, sleep, type ManagedProcess } from '../test/support/processes.js';
 import {
   CleanupStack, createVethPair, deleteLink, disableIpv6, readLinkStats, uniqueIfName, vethXdpCounters, type LinkStats,
-} from '../test/harness/netdev.js';
-import { XdpFlood } from '../test/harness/xdp-flood.js';
+} from '../test/support/netdev.js';
+import { XdpFlood } from '../test/support/xdp-flood.js';
 import { defaultPeerName } from '../src/ports/xsk.js';
-import { buildUdpFrame } from '../test/harness/packet-socket.js';
-import { CLI } from '../test/harness/backend.js';
+import { buildUdpFrame } from '../test/support/packet-socket.js';
+import { CLI } from '../test/support/backend.js';
 
 /**
  * DPDK's own numbers for the paths vhost-xdp implements, measured in the same run as the
@@ -25,7 +25,7 @@ import { CLI } from '../test/harness/backend.js';
  *           datapath worker gets in the matching bench, so the comparison is backend vs backend.
  *   core 0: B's forwarding lcore (B main lcore on core 1; mains only wake to print stats),
  *           and for host->guest also the generator (taskset -c 0, one process): trafgen on
- *           the tap, the live-frames XDP flood (test/harness/xdp-flood.ts) on the veth.
+ *           the tap, the live-frames XDP flood (test/support/xdp-flood.ts) on the veth.
  * In host->guest, the generator and B's busy-polling rxonly loop share core 0, so the offered
  * load is bounded by what the generator gets of that core; the result reports the offered rate beside
  * the delivered one so a generator-bound run is visible as such. Use the same pinning when

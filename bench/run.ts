@@ -1,10 +1,12 @@
-// `npm run bench [-- tap|xsk|offload|all] [--seconds N] [--rounds N] [--json]`: throughput of vhost-xdp beside DPDK
+// `npm run bench [-- tap|xsk|offload|micro|all] [--seconds N] [--rounds N] [--json]`: throughput of vhost-xdp beside DPDK
 // references measured in the same run (ratios matter, not absolute numbers: the machine is shared).
+// `micro` (not part of `all`): in-process costs of the split ring and of the composed XDP entry.
 // `npm run bench -- scale [--devices 1,8,32,64] [--workers N] [--seconds N] [--json]`: RSS, threads and idle CPU
 // of one serve process with N quiet devices (issue 13). Not part of `all`: it measures footprint, not throughput.
 import { loadavg } from 'node:os';
 import { measureDpdkTapReference, measureVhostXdpTap, measureDpdkAfXdpReference, measureVhostXdpXsk, type ReferenceResult } from './reference-dpdk.js';
 import { runOffloadBench } from './offload-bench.js';
+import { runMicroBench } from './micro.js';
 import { runScaleBench, scaleTable, SCALE_TARGETS } from './scale-bench.js';
 
 const args = process.argv.slice(2);
@@ -15,8 +17,8 @@ if (unknownFlag) {
   process.exit(2);
 }
 const which = args.find((a, i) => !a.startsWith('--') && !VALUED.has(args[i - 1] ?? '')) ?? 'all';
-if (!['tap', 'xsk', 'offload', 'scale', 'all'].includes(which)) {
-  console.error(`unknown bench '${which}': tap, xsk, offload, scale or all`);
+if (!['tap', 'xsk', 'offload', 'scale', 'micro', 'all'].includes(which)) {
+  console.error(`unknown bench '${which}': tap, xsk, offload, scale, micro or all`);
   process.exit(2);
 }
 const secIdx = args.indexOf('--seconds');
@@ -201,6 +203,18 @@ if (which === 'scale') {
     for (const l of scaleTable(r)) console.log(l);
     console.log('  anon: the backend\'s own heap, isolates and stacks; shmem: guest RAM it touched; unconn.: RSS with the devices up but no frontend yet');
   }
+}
+
+if (which === 'micro') {
+  if (!json) console.log('in-process costs, single thread');
+  const m = runMicroBench();
+  results.micro = m;
+  line('split ring pop+pushUsed, 1-seg chains, Mops/s', (m.splitQueueOpsPerSec / 1e6).toFixed(2), 'floor 1.00');
+  const t = m.testRunNsPerFrame;
+  line('test-run ns/frame: xdp_drop alone', String(t.dropAlone));
+  line('test-run ns/frame: xdp_drop composed', String(t.dropComposed), `target < alone + 100 (${t.dropComposed < t.dropAlone + 100 ? 'met' : 'MISSED'})`);
+  line('test-run ns/frame: xdp_pass composed', String(t.passComposed));
+  line('test-run ns/frame: plain redirect', String(t.plainRedirect));
 }
 
 if (json) console.log(JSON.stringify(results, null, 2));

@@ -5,10 +5,10 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os, { loadavg } from 'node:os';
 import path from 'node:path';
-import { CLI, startBackend } from '../test/harness/backend.js';
-import { TestFrontend } from '../test/frontend/test-frontend.js';
-import { CleanupStack, deleteLink, disableIpv6, listLinks, uniqueIfName } from '../test/harness/netdev.js';
-import { sleep } from '../test/harness/processes.js';
+import { CLI, startBackend } from '../test/support/backend.js';
+import { TestFrontend } from '../test/support/frontend/test-frontend.js';
+import { CleanupStack, deleteLink, disableIpv6, listLinks, uniqueIfName } from '../test/support/netdev.js';
+import { sleep } from '../test/support/processes.js';
 
 /** Issue 13's targets. */
 export const SCALE_TARGETS = { rssMbAt32: 100, perAddedDeviceMb: 2, idleCpuPctAt64: 1 } as const;

@@ -1,5 +1,5 @@
 // Runs once around the whole test run (vitest globalSetup). Test files make their scratch
-// directories under /tmp with a `vx-` prefix (harness/backend.ts tempDir); the worker processes
+// directories under /tmp with a `vx-` prefix (support/backend.ts tempDir); the worker processes
 // that made them are ended without a normal exit, so the directories are removed here, after
 // the run, unless something is still mounted on them.
 import fs from 'node:fs';

@@ -1,11 +1,11 @@
 import { describe, test, expect, beforeAll, afterAll } from 'vitest';
 import fs from 'node:fs';
 import path from 'node:path';
-import { startBackend, tempDir, type Backend } from '../harness/backend.js';
-import { TestFrontend } from '../frontend/test-frontend.js';
-import { PacketSocket } from '../harness/packet-socket.js';
-import { udpFrame, seqOf } from '../harness/frames.js';
-import { uniqueIfName, disableIpv6 } from '../harness/netdev.js';
+import { startBackend, tempDir, type Backend } from '../support/backend.js';
+import { TestFrontend } from '../support/frontend/test-frontend.js';
+import { PacketSocket } from '../support/packet-socket.js';
+import { udpFrame, seqOf } from '../support/frames.js';
+import { uniqueIfName, disableIpv6 } from '../support/netdev.js';
 
 interface Placement { worker: number; queues: { device: string; pair: number }[] }
 

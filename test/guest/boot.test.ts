@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { GuestVm } from './guest-vm.js';
+import { GuestVm } from '../support/guest/guest-vm.js';
 
 // One guest for the whole file: a TCG boot costs ~10-20 s on these machines.
 describe('guest image boots under TCG to a usable root shell', () => {

@@ -2,11 +2,11 @@ import { rmSync } from 'node:fs';
 import type { DeviceStatus } from '../../src/service/device.js';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { countFds, countGuestMappings, startBackend, tempDir, type Backend } from '../harness/backend.js';
-import { addAddress, freeTestSubnet, CleanupStack, disableIpv6, getMtu, linkExists, run as runHost, setLinkUp, uniqueIfName } from '../harness/netdev.js';
-import { waitUntil } from '../harness/processes.js';
-import { GuestVm } from './guest-vm.js';
-import { mibPerSec, sendRandom, TcpSink, type TransferResult } from './host-endpoint.js';
+import { countFds, countGuestMappings, startBackend, tempDir, type Backend } from '../support/backend.js';
+import { addAddress, freeTestSubnet, CleanupStack, disableIpv6, getMtu, linkExists, run as runHost, setLinkUp, uniqueIfName } from '../support/netdev.js';
+import { waitUntil } from '../support/processes.js';
+import { GuestVm } from '../support/guest/guest-vm.js';
+import { mibPerSec, sendRandom, TcpSink, type TransferResult } from '../support/guest/host-endpoint.js';
 
 /**
  * A real Debian guest (stock virtio_net) against `vhost-xdp serve`, then the same transfer

@@ -3,13 +3,13 @@ import { existsSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { startBackend, tempDir, type Backend } from '../harness/backend.js';
-import { addAddress, freeTestSubnet, CleanupStack, disableIpv6, run as runHost, setLinkUp, uniqueIfName } from '../harness/netdev.js';
-import { waitUntil } from '../harness/processes.js';
-import { PacketSocket, bytesToMac } from '../harness/packet-socket.js';
-import { udpFrame, seqOf } from '../harness/frames.js';
-import { GuestVm } from './guest-vm.js';
-import { sendRandom, TcpSink } from './host-endpoint.js';
+import { startBackend, tempDir, type Backend } from '../support/backend.js';
+import { addAddress, freeTestSubnet, CleanupStack, disableIpv6, run as runHost, setLinkUp, uniqueIfName } from '../support/netdev.js';
+import { waitUntil } from '../support/processes.js';
+import { PacketSocket, bytesToMac } from '../support/packet-socket.js';
+import { udpFrame, seqOf } from '../support/frames.js';
+import { GuestVm } from '../support/guest/guest-vm.js';
+import { sendRandom, TcpSink } from '../support/guest/host-endpoint.js';
 
 /**
  * The offload-aware guest driver (vm-images/virtio-net-offload.patch, built by

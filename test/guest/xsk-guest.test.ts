@@ -5,12 +5,12 @@
 // that then runs natively on the backend's veth end.
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import path from 'node:path';
-import { startBackend, tempDir, type Backend } from '../harness/backend.js';
-import { addAddress, freeTestSubnet, run as runHost, uniqueIfName, deleteLink, vethXdpCounters } from '../harness/netdev.js';
-import { waitUntil } from '../harness/processes.js';
+import { startBackend, tempDir, type Backend } from '../support/backend.js';
+import { addAddress, freeTestSubnet, run as runHost, uniqueIfName, deleteLink, vethXdpCounters } from '../support/netdev.js';
+import { waitUntil } from '../support/processes.js';
 import { defaultPeerName } from '../../src/ports/xsk.js';
-import { GuestVm } from './guest-vm.js';
-import { sendRandom, TcpSink } from './host-endpoint.js';
+import { GuestVm } from '../support/guest/guest-vm.js';
+import { sendRandom, TcpSink } from '../support/guest/host-endpoint.js';
 
 const MAC = '52:54:00:5a:17:09';
 /** The offload-aware driver in the image (vm-images/build.sh). */

@@ -1,11 +1,11 @@
 import { describe, test, expect, afterEach } from 'vitest';
 import path from 'node:path';
-import { startBackend, tempDir, type Backend } from '../harness/backend.js';
-import { startTestpmd, ensureHugepages, isTxonlyFrame, pcapVdev, readPcap, type Testpmd } from '../harness/dpdk.js';
-import { PacketSocket } from '../harness/packet-socket.js';
-import { uniqueIfName, disableIpv6, readLinkStats } from '../harness/netdev.js';
-import { waitUntil } from '../harness/processes.js';
-import { udpFrame, seqOf, GUEST_MAC } from '../harness/frames.js';
+import { startBackend, tempDir, type Backend } from '../support/backend.js';
+import { startTestpmd, ensureHugepages, isTxonlyFrame, pcapVdev, readPcap, type Testpmd } from '../support/dpdk.js';
+import { PacketSocket } from '../support/packet-socket.js';
+import { uniqueIfName, disableIpv6, readLinkStats } from '../support/netdev.js';
+import { waitUntil } from '../support/processes.js';
+import { udpFrame, seqOf, GUEST_MAC } from '../support/frames.js';
 
 // DPDK's virtio-user is an independent vhost-user frontend: it checks our protocol handling,
 // ring layout and vnet header against someone else's implementation.

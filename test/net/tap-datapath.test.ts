@@ -2,11 +2,11 @@ import { describe, test, expect, beforeAll, afterAll } from 'vitest';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Request, u64Payload } from '../../src/vhost-user/protocol.js';
-import { startBackend, tempDir, type Backend } from '../harness/backend.js';
-import { TestFrontend } from '../frontend/test-frontend.js';
-import { PacketSocket, buildUdpFrame, patternPayload } from '../harness/packet-socket.js';
-import { udpFrame, seqOf, GUEST_MAC, HOST_MAC } from '../harness/frames.js';
-import { uniqueIfName, disableIpv6, linkExists } from '../harness/netdev.js';
+import { startBackend, tempDir, type Backend } from '../support/backend.js';
+import { TestFrontend } from '../support/frontend/test-frontend.js';
+import { PacketSocket, buildUdpFrame, patternPayload } from '../support/packet-socket.js';
+import { udpFrame, seqOf, GUEST_MAC, HOST_MAC } from '../support/frames.js';
+import { uniqueIfName, disableIpv6, linkExists } from '../support/netdev.js';
 
 describe('tap port datapath, TypeScript frontend, 2 queue pairs', () => {
   let be: Backend;

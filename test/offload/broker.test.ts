@@ -552,35 +552,19 @@ describe('offload broker against the kernel', () => {
     }
   });
 
-  it('measures handle() throughput: single ELEM_UPDATE/LOOKUP round trips and batched element ops', () => {
+  it('answers single and batched element operations on a 64 Ki-entry HASH map with OK (their rates: npm run bench -- offload)', () => {
     const b = broker({ quotas: { maxOpsPerSec: 10_000_000 } });
     const g = new Guest(b);
     g.claim();
     const h = g.createMap({ type: BpfMapType.HASH, keySize: 4, valueSize: 8, maxEntries: 65536 });
-    const key = u32(1);
-    const val = u64(2);
-    const timeIt = (n: number, f: (i: number) => void) => {
-      const t0 = process.hrtime.bigint();
-      for (let i = 0; i < n; i++) f(i);
-      return n / (Number(process.hrtime.bigint() - t0) / 1e9);
-    };
-    const upd = P.encodeElemUpdate(1, h, key, val);
-    const lk = P.encodeElemLookup(2, h, key);
-    const updRate = timeIt(20_000, () => b.handle(upd));
-    const lkRate = timeIt(20_000, () => b.handle(lk));
+    g.ok((s) => P.encodeElemUpdate(s, h, u32(1), u64(2)));
+    expect(readU64(g.ok((s) => P.encodeElemLookup(s, h, u32(1))).body)).toBe(2);
     const n = 1024;
     const keys = new Uint8Array(n * 4);
     const vals = new Uint8Array(n * 8);
     for (let i = 0; i < n; i++) keys.set(u32(i), i * 4);
-    const bu = P.encodeUpdateBatch(3, h, keys, vals, n);
-    const batchUpd = timeIt(200, () => b.handle(bu)) * n;
-    const bl = P.encodeLookupBatch(4, h, n);
-    const batchLk = timeIt(200, () => b.handle(bl)) * P.decodeLookupBatchBody(P.decodeResponse(b.handle(bl)).body, 4, 8).count;
-    console.log(`broker.handle(): ELEM_UPDATE ${Math.round(updRate)}/s, ELEM_LOOKUP ${Math.round(lkRate)}/s, ` +
-      `ELEM_UPDATE_BATCH ${Math.round(batchUpd)} elem/s, ELEM_LOOKUP_BATCH ${Math.round(batchLk)} elem/s`);
-    expect(P.decodeResponse(b.handle(lk)).status).toBe(Status.OK);
-    expect(updRate).toBeGreaterThan(20_000);
-    expect(batchUpd).toBeGreaterThan(200_000);
+    g.ok((s) => P.encodeUpdateBatch(s, h, keys, vals, n));
+    expect(P.decodeLookupBatchBody(g.ok((s) => P.encodeLookupBatch(s, h, n)).body, 4, 8).count).toBeGreaterThan(0);
     b.reset('test');
   });
 });

@@ -3,12 +3,12 @@
 import { describe, test, expect, beforeAll, afterAll } from 'vitest';
 import fs from 'node:fs';
 import path from 'node:path';
-import { OffloadRig } from '../frontend/offload-rig.js';
-import { offloadSample, requireOk } from '../frontend/offload-client.js';
-import { buildUdpFrame, patternPayload } from '../harness/packet-socket.js';
-import { uniqueIfName, disableIpv6, readLinkStats } from '../harness/netdev.js';
-import { waitUntil } from '../harness/processes.js';
-import { udpFrame, seqOf, GUEST_MAC } from '../harness/frames.js';
+import { OffloadRig } from '../support/frontend/offload-rig.js';
+import { offloadSample, requireOk } from '../support/frontend/offload-client.js';
+import { buildUdpFrame, patternPayload } from '../support/packet-socket.js';
+import { uniqueIfName, disableIpv6, readLinkStats } from '../support/netdev.js';
+import { waitUntil } from '../support/processes.js';
+import { udpFrame, seqOf, GUEST_MAC } from '../support/frames.js';
 import { readBpfObject } from '../../src/offload/bpf-object.js';
 import { statusName, encodeMapCreate, encodeProgSet, encodeProgUnset, encodeElemLookup, encodeCaps, encodeRelease, encodeElemUpdate } from '../../src/offload/guest/codec.js';
 import { listProgIds, listMapIds } from '../../src/sys/bpf/info.js';

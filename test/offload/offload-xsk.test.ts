@@ -1,12 +1,12 @@
 // Offload on the xsk port: the guest's program runs natively at the ingress of the backend's
 // veth end, composed with the AF_XDP redirect, so dropped frames never reach the backend.
 import { describe, test, expect, beforeAll, afterAll } from 'vitest';
-import { OffloadRig } from '../frontend/offload-rig.js';
-import { offloadSample, requireOk } from '../frontend/offload-client.js';
-import { bytesToMac } from '../harness/packet-socket.js';
-import { uniqueIfName, vethXdpCounters } from '../harness/netdev.js';
-import { waitUntil, sleep } from '../harness/processes.js';
-import { udpFrame, seqOf, GUEST_MAC } from '../harness/frames.js';
+import { OffloadRig } from '../support/frontend/offload-rig.js';
+import { offloadSample, requireOk } from '../support/frontend/offload-client.js';
+import { bytesToMac } from '../support/packet-socket.js';
+import { uniqueIfName, vethXdpCounters } from '../support/netdev.js';
+import { waitUntil, sleep } from '../support/processes.js';
+import { udpFrame, seqOf, GUEST_MAC } from '../support/frames.js';
 import { defaultPeerName } from '../../src/ports/xsk.js';
 import { encodeProgUnset, encodeElemLookup } from '../../src/offload/guest/codec.js';
 

@@ -4,12 +4,12 @@
 import { describe, test, expect, beforeAll, afterAll } from 'vitest';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { startBackend, tempDir, CLI, type Backend } from '../harness/backend.js';
-import { TestFrontend } from '../frontend/test-frontend.js';
-import { PacketSocket } from '../harness/packet-socket.js';
-import { uniqueIfName, deleteLink, linkExists } from '../harness/netdev.js';
-import { waitUntil } from '../harness/processes.js';
-import { udpFrame, seqOf, GUEST_MAC, HOST_MAC } from '../harness/frames.js';
+import { startBackend, tempDir, CLI, type Backend } from '../support/backend.js';
+import { TestFrontend } from '../support/frontend/test-frontend.js';
+import { PacketSocket } from '../support/packet-socket.js';
+import { uniqueIfName, deleteLink, linkExists } from '../support/netdev.js';
+import { waitUntil } from '../support/processes.js';
+import { udpFrame, seqOf, GUEST_MAC, HOST_MAC } from '../support/frames.js';
 import { xdpQuery } from '../../src/sys/bpf/xdp.js';
 import { listProgIds } from '../../src/sys/bpf/info.js';
 import { ifNameToIndex } from '../../src/sys/libc.js';

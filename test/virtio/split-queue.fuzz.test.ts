@@ -2,9 +2,9 @@ import { createRequire } from 'node:module';
 import { Worker } from 'node:worker_threads';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GuestMemory, type RegionInfo } from '../../src/memory/guest-memory.js';
-import { makeMemoryFixture, MiB, HI, type MemoryFixture } from './memory-fixture.js';
+import { makeMemoryFixture, MiB, HI, type MemoryFixture } from '../support/memory-fixture.js';
 import { DescriptorChain, MAX_INDIRECT_ENTRIES, SplitQueue, VirtqueueError } from '../../src/virtio/split-queue.js';
-import { DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DriverQueue } from '../frontend/driver-queue.js';
+import { DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DriverQueue } from '../support/frontend/driver-queue.js';
 
 /**
  * Time-bounded fuzz of SplitQueue.pop over real shared memory. Reproduce a failure with

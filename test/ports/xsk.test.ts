@@ -13,9 +13,9 @@ import { XskPort } from '../../src/ports/xsk.js';
 import { XskRxPath, XskTxPath, openXskQueue, type XskQueue } from '../../src/net/xsk-paths.js';
 import { C, COUNTERS } from '../../src/net/stats.js';
 import type { PathContext } from '../../src/net/queue-paths.js';
-import { DriverQueue } from '../frontend/driver-queue.js';
-import { CleanupStack, disableIpv6, linkExists, uniqueIfName } from '../harness/netdev.js';
-import { PacketSocket, buildUdpFrame, checkPatternPayload, parseUdpFrame, patternPayload } from '../harness/packet-socket.js';
+import { DriverQueue } from '../support/frontend/driver-queue.js';
+import { CleanupStack, disableIpv6, linkExists, uniqueIfName } from '../support/netdev.js';
+import { PacketSocket, buildUdpFrame, checkPatternPayload, parseUdpFrame, patternPayload } from '../support/packet-socket.js';
 
 const MiB = 1 << 20;
 const HDR = 12;
@@ -323,7 +323,7 @@ describe('xsk port: pinned memory and teardown', () => {
   });
 
   it('pins the UMEM once per device while sockets are open, and close() leaves no veth, socket, program or map', async () => {
-    await withRig({}, async (r, local) => {
+    await withRig({}, async (r) => {
       const info = r.port.umemInfo!;
       expect(info.mode).toBe('zero-copy');
       expect(r.port.pinnedBytes).toBe(info.length);
@@ -509,8 +509,9 @@ describe('xsk port: transmit wakeups', () => {
   });
 });
 
-describe('xsk port: throughput (reported, not asserted)', () => {
-  it('measures 64-byte frames/s through the paths, single thread', async () => {
+describe('xsk port: sustained 64-byte traffic', () => {
+  // Frame rates of these paths: npm run bench -- xsk (through serve, beside DPDK's af_xdp PMD).
+  it('thousands of 64-byte frames each way, buffers recycled as they complete, make no JS copy', async () => {
     await withRig({}, async (r, local) => {
       // Guest → host: 128 chains recycled as they complete.
       const f = frameFor(7000, 18); // 60-byte frame + padding → 64 with FCS
@@ -522,18 +523,19 @@ describe('xsk port: throughput (reported, not asserted)', () => {
       const addTx = (i: number): void => { r.txDrv.add([{ gpa: base + i * 2048, len: HDR + f.length, writable: false }], i); };
       for (let i = 0; i < 128; i++) addTx(i);
       r.txDrv.publish();
+      const TX_FRAMES = 5000;
       let sent = 0;
-      const t0 = performance.now();
-      while (performance.now() - t0 < 1500) {
+      const txGuard = Date.now() + 10_000; // a hang guard, not a measurement
+      while (sent < TX_FRAMES && Date.now() < txGuard) {
         r.tx.process(64, false);
         for (let u = r.txDrv.pollUsed(); u; u = r.txDrv.pollUsed()) { sent++; addTx(u.token as number); }
         r.txDrv.publish();
       }
-      const txRate = sent / ((performance.now() - t0) / 1000);
+      expect(sent).toBeGreaterThanOrEqual(TX_FRAMES);
 
-      // Host → guest: the same thread sends 32 frames with AF_PACKET (the kernel runs the veth
-      // XDP redirect and the copy into guest RAM inside that send), then the RX path delivers
-      // them and the driver recycles 256 buffers. Also timed: the RX path alone.
+      // Host → guest: 32 frames per AF_PACKET round (the kernel runs the veth XDP redirect and
+      // the copy into guest RAM inside that send), then the RX path delivers them and the
+      // driver recycles 256 buffers.
       const rbase = 0x200000 + 0x40000;
       const addRx = (i: number): void => { r.rxDrv.add([{ gpa: rbase + i * 2048, len: 2048, writable: true }], i); };
       for (let i = 0; i < 255; i++) addRx(i);
@@ -543,21 +545,13 @@ describe('xsk port: throughput (reported, not asserted)', () => {
       local.push('packet socket', () => ps.close());
       const small = frameFor(7001, 18);
       let got = 0;
-      let pathMs = 0;
-      const t1 = performance.now();
-      while (performance.now() - t1 < 1500) {
+      for (let round = 0; round < 200; round++) {
         for (let k = 0; k < 32; k++) ps.send(small);
-        const p0 = performance.now();
         r.rx.process(64);
-        pathMs += performance.now() - p0;
         for (let u = r.rxDrv.pollUsed(); u; u = r.rxDrv.pollUsed()) { got++; addRx(u.token as number); }
         r.rxDrv.publish();
       }
-      const rxRate = got / ((performance.now() - t1) / 1000);
-      const rxPathRate = got / (pathMs / 1000);
-      const st = r.port.statistics(0)!;
-      process.stdout.write(`xsk paths, 64-byte frames: guest→host ${(txRate / 1e6).toFixed(3)} Mpps; host→guest ${(rxRate / 1e6).toFixed(3)} Mpps incl. the AF_PACKET sends, RX path alone ${(rxPathRate / 1e6).toFixed(3)} Mpps ` +
-        `(fill-ring-empty drops ${st.rxFillRingEmptyDescs}, ring-full ${st.rxRingFull}); jsCopies ${r.counter(C.jsCopies)}\n`);
+      expect(got).toBeGreaterThan(0);
       expect(r.counter(C.jsCopies)).toBe(0);
     });
   });

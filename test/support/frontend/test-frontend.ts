@@ -1,14 +1,14 @@
 // The project's own vhost-user frontend + virtio-net driver, over a memfd it shares with the
 // backend. Fast enough for unit, fuzz and bench use; it plays "the guest" without QEMU.
 import { setTimeout as sleep } from 'node:timers/promises';
-import { UnixSocket } from '../../src/sys/unix-socket.js';
-import { memfdCreate, SharedMapping, eventfdCreate, eventfdSignal, eventfdDrain, closeFd } from '../../src/sys/libc.js';
-import { GuestMemory } from '../../src/memory/guest-memory.js';
+import { UnixSocket } from '../../../src/sys/unix-socket.js';
+import { memfdCreate, SharedMapping, eventfdCreate, eventfdSignal, eventfdDrain, closeFd } from '../../../src/sys/libc.js';
+import { GuestMemory } from '../../../src/memory/guest-memory.js';
 import {
   Request, ProtocolFeature, FLAG_VERSION, FLAG_NEED_REPLY, FLAG_REPLY, HEADER_SIZE, bit, hasBit,
   encodeMessage, decodeHeader, u64Payload, vringStatePayload, vringAddrPayload, memTablePayload, F_PROTOCOL_FEATURES,
-} from '../../src/vhost-user/protocol.js';
-import { NetFeature as F } from '../../src/net/features.js';
+} from '../../../src/vhost-user/protocol.js';
+import { NetFeature as F } from '../../../src/net/features.js';
 import { DriverQueue } from './driver-queue.js';
 
 export interface FrontendOptions {

@@ -2,12 +2,12 @@
 // disconnect, no veth or program after SIGTERM, and a restart after SIGKILL takes over cleanly.
 import { describe, test, expect, afterAll } from 'vitest';
 import path from 'node:path';
-import { startBackend, tempDir, countFds, type Backend } from '../harness/backend.js';
-import { TestFrontend } from '../frontend/test-frontend.js';
-import { PacketSocket } from '../harness/packet-socket.js';
-import { uniqueIfName, linkExists, deleteLink } from '../harness/netdev.js';
-import { waitUntil } from '../harness/processes.js';
-import { udpFrame, seqOf, GUEST_MAC, HOST_MAC } from '../harness/frames.js';
+import { startBackend, tempDir, countFds, type Backend } from '../support/backend.js';
+import { TestFrontend } from '../support/frontend/test-frontend.js';
+import { PacketSocket } from '../support/packet-socket.js';
+import { uniqueIfName, linkExists, deleteLink } from '../support/netdev.js';
+import { waitUntil } from '../support/processes.js';
+import { udpFrame, seqOf, GUEST_MAC, HOST_MAC } from '../support/frames.js';
 import { progGetFdById, closeBpfFd } from '../../src/sys/bpf/programs.js';
 import { listProgIds, progInfo } from '../../src/sys/bpf/info.js';
 

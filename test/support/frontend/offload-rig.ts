@@ -2,8 +2,8 @@
 // guest (one data pair + the reserved pair) with an offload client on the reserved pair, and a
 // packet socket on the host side of the port. Tap and xsk offload tests share it, restart included.
 import path from 'node:path';
-import { startBackend, tempDir, mountPinDir, unmountPinDir, type Backend } from '../harness/backend.js';
-import { PacketSocket } from '../harness/packet-socket.js';
+import { startBackend, tempDir, mountPinDir, unmountPinDir, type Backend } from '../backend.js';
+import { PacketSocket } from '../packet-socket.js';
 import { TestFrontend } from './test-frontend.js';
 import { OffloadClient, hostFramesReceived } from './offload-client.js';
 

@@ -1,4 +1,4 @@
-import { existsSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { ManagedProcess, spawnManaged } from './processes.js';
 
 /**
@@ -222,23 +222,6 @@ function registerLivePrefix(prefix: string): void {
   process.on('exit', () => {
     for (const p of livePrefixes) removeDpdkLeftovers(p);
   });
-}
-
-/**
- * virtio-user port (DPDK's independent vhost-user frontend = "the guest"). Without server=1 it
- * is the client, which is what `vhost-xdp serve --socket PATH` (server mode) expects; the
- * backend must already be listening or testpmd exits at probe.
- */
-export function virtioUserVdev(o: { path: string; queues?: number; queueSize?: number; mac?: string; index?: number; server?: boolean }): string {
-  const parts = [`net_virtio_user${o.index ?? 0}`, `path=${o.path}`, `queues=${o.queues ?? 1}`, `queue_size=${o.queueSize ?? 256}`];
-  if (o.mac) parts.push(`mac=${o.mac}`);
-  if (o.server) parts.push('server=1');
-  return parts.join(',');
-}
-
-/** vhost PMD port (DPDK as the vhost-user backend = server on `iface` unless client). */
-export function vhostVdev(o: { iface: string; queues?: number; index?: number; client?: boolean }): string {
-  return `net_vhost${o.index ?? 0},iface=${o.iface},queues=${o.queues ?? 1}${o.client ? ',client=1' : ''}`;
 }
 
 /** A vdev string for a pcap port that writes every frame it transmits to `file`; one file per TX queue. */
@@ -526,13 +509,4 @@ export async function startTestpmd(opts: TestpmdOptions): Promise<Testpmd> {
     throw new Error(`testpmd failed to start${hint}: ${TESTPMD} ${args.join(' ')}\n${(e as Error).message}`);
   }
   return pmd;
-}
-
-/** Size of a file in bytes, 0 when absent (for polling pcap output). */
-export function fileSize(path: string): number {
-  try {
-    return statSync(path).size;
-  } catch {
-    return 0;
-  }
 }

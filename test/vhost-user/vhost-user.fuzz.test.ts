@@ -1,11 +1,11 @@
 import { describe, test, expect, beforeAll, afterAll } from 'vitest';
 import path from 'node:path';
-import { startBackend, tempDir, countFds, countGuestMappings, type Backend } from '../harness/backend.js';
-import { TestFrontend } from '../frontend/test-frontend.js';
-import { PacketSocket } from '../harness/packet-socket.js';
-import { uniqueIfName, disableIpv6 } from '../harness/netdev.js';
-import { waitUntil } from '../harness/processes.js';
-import { udpFrame, seqOf, HOST_MAC, GUEST_MAC } from '../harness/frames.js';
+import { startBackend, tempDir, countFds, countGuestMappings, type Backend } from '../support/backend.js';
+import { TestFrontend } from '../support/frontend/test-frontend.js';
+import { PacketSocket } from '../support/packet-socket.js';
+import { uniqueIfName, disableIpv6 } from '../support/netdev.js';
+import { waitUntil } from '../support/processes.js';
+import { udpFrame, seqOf, HOST_MAC, GUEST_MAC } from '../support/frames.js';
 import { eventfdCreate, eventfdSignal, memfdCreate, closeFd } from '../../src/sys/libc.js';
 import { Request, FLAG_VERSION, FLAG_NEED_REPLY, memTablePayload, u64Payload, vringStatePayload, vringAddrPayload } from '../../src/vhost-user/protocol.js';
 
@@ -122,13 +122,11 @@ describe(`vhost-user fuzz (seed ${seed}, ${FUZZ_MS} ms)`, () => {
   let goodPs: PacketSocket;
   let victimPs: PacketSocket;
   let victimSock: string;
-  const taps: string[] = [];
 
   beforeAll(async () => {
     const dir = tempDir('fuzz');
     const victimTap = uniqueIfName('vxv');
     const goodTap = uniqueIfName('vxg');
-    taps.push(victimTap, goodTap);
     victimSock = path.join(dir, 'victim.sock');
     const goodSock = path.join(dir, 'good.sock');
     be = await startBackend([

@@ -1,7 +1,7 @@
 import { existsSync } from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { spawnManaged, type ManagedProcess } from '../harness/processes.js';
+import { spawnManaged, type ManagedProcess } from '../processes.js';
+import { repoRoot } from '../backend.js';
 
 /**
  * A QEMU guest (vm-images/out) driven over its serial console.
@@ -21,9 +21,8 @@ export const READY_MARKER = 'VHOST-XDP-GUEST-READY';
 /** PS1 set by vm-images/init. */
 const PROMPT = 'vxguest# ';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-export const LAUNCHER = path.resolve(here, '../../qemu-scripts/launch-guest.sh');
-export const IMAGES = path.resolve(here, '../../vm-images/out');
+export const LAUNCHER = path.join(repoRoot(), 'qemu-scripts/launch-guest.sh');
+export const IMAGES = path.join(repoRoot(), 'vm-images/out');
 
 export interface GuestVmOptions {
   /** For logs and QEMU's process name. */

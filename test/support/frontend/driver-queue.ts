@@ -1,4 +1,4 @@
-import type { GuestMemory } from '../../src/memory/guest-memory.js';
+import type { GuestMemory } from '../../../src/memory/guest-memory.js';
 
 /**
  * The driver (guest) side of a split virtqueue, for the TypeScript test frontend: what the

@@ -6,11 +6,11 @@ import path from 'node:path';
 import {
   OFFLOAD_ETHERTYPE, Status, statusName, bindMapHandles, decodeResponse, decodeMapCreateBody, encodeClaim, encodeMapCreate,
   encodeProgSet, type Response,
-} from '../../src/offload/guest/codec.js';
-import { readBpfObject } from '../../src/offload/bpf-object.js';
-import { repoRoot } from '../harness/backend.js';
-import type { PacketSocket } from '../harness/packet-socket.js';
-import { udpFrame, seqOf, GUEST_MAC } from '../harness/frames.js';
+} from '../../../src/offload/guest/codec.js';
+import { readBpfObject } from '../../../src/offload/bpf-object.js';
+import { repoRoot } from '../backend.js';
+import type { PacketSocket } from '../packet-socket.js';
+import { udpFrame, seqOf, GUEST_MAC } from '../frames.js';
 import type { TestFrontend } from './test-frontend.js';
 
 const ETH_HLEN = 14;

@@ -1,11 +1,11 @@
 import { describe, test, expect, beforeAll, afterAll } from 'vitest';
 import path from 'node:path';
-import { startBackend, tempDir, countFds, countGuestMappings, type Backend } from '../harness/backend.js';
-import { TestFrontend } from '../frontend/test-frontend.js';
-import { PacketSocket } from '../harness/packet-socket.js';
-import { uniqueIfName, disableIpv6, listLinks } from '../harness/netdev.js';
-import { waitUntil } from '../harness/processes.js';
-import { udpFrame, seqOf } from '../harness/frames.js';
+import { startBackend, tempDir, countFds, countGuestMappings, type Backend } from '../support/backend.js';
+import { TestFrontend } from '../support/frontend/test-frontend.js';
+import { PacketSocket } from '../support/packet-socket.js';
+import { uniqueIfName, disableIpv6, listLinks } from '../support/netdev.js';
+import { waitUntil } from '../support/processes.js';
+import { udpFrame, seqOf } from '../support/frames.js';
 
 describe('frontend disconnect and reconnect', () => {
   let be: Backend;

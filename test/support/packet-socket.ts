@@ -20,7 +20,6 @@ export const PacketType = { HOST: 0, BROADCAST: 1, MULTICAST: 2, OTHERHOST: 3, O
 // create a socket inside a namespace they made.
 const setns = koffi.load('libc.so.6').func('setns', 'int', ['int', 'int']) as (fd: number, nstype: number) => number;
 
-const MSGHDR_SIZE = 56;
 const FRAME_MAX = 65536;
 
 export interface OpenOptions {

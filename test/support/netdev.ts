@@ -112,16 +112,8 @@ export function setLinkUp(name: string, netns?: string): void {
   ip(['link', 'set', 'dev', name, 'up'], netns);
 }
 
-export function setLinkDown(name: string, netns?: string): void {
-  ip(['link', 'set', 'dev', name, 'down'], netns);
-}
-
 export function setMtu(name: string, mtu: number, netns?: string): void {
   ip(['link', 'set', 'dev', name, 'mtu', String(mtu)], netns);
-}
-
-export function setMac(name: string, mac: string, netns?: string): void {
-  ip(['link', 'set', 'dev', name, 'address', mac], netns);
 }
 
 export function getMac(name: string, netns?: string): string {
@@ -131,10 +123,6 @@ export function getMac(name: string, netns?: string): string {
 
 export function getMtu(name: string, netns?: string): number {
   return Number(linkJson(name, netns).mtu);
-}
-
-export function moveToNetns(name: string, netns: string): void {
-  ip(['link', 'set', 'dev', name, 'netns', netns]);
 }
 
 export function addAddress(name: string, cidr: string, netns?: string): void {

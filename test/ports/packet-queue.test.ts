@@ -4,9 +4,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NativeBuffer, ifNameToIndex } from '../../src/sys/libc.js';
 import { writeU64 } from '../../src/sys/u64.js';
 import { PacketQueue } from '../../src/ports/packet-queue.js';
-import { CleanupStack, createVethPair, uniqueIfName } from '../harness/netdev.js';
-import { PacketSocket } from '../harness/packet-socket.js';
-import { udpFrame, seqOf } from '../harness/frames.js';
+import { CleanupStack, createVethPair, uniqueIfName } from '../support/netdev.js';
+import { PacketSocket } from '../support/packet-socket.js';
+import { udpFrame, seqOf } from '../support/frames.js';
 
 const HDR = 12;
 const cleanup = new CleanupStack();
