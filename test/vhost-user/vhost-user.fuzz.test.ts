@@ -166,7 +166,15 @@ describe(`vhost-user fuzz (seed ${seed}, ${FUZZ_MS} ms)`, () => {
     const warm = await TestFrontend.connect(victimSock, { queuePairs: 2, start: true, memBytes: 4 << 20, queueSize: 64 });
     warm.close();
     await waitUntil(async () => (await be.call('status')).devices.find((d: any) => d.name === 'victim').connected === false, 3000, 'victim disconnect');
-    const fdsBefore = countFds(be.proc.pid);
+    // The status calls' control connections close asynchronously: take the baseline once the
+    // count has held still for a few reads.
+    let fdsBefore = countFds(be.proc.pid);
+    for (let still = 0; still < 3;) {
+      await new Promise((res) => setTimeout(res, 100));
+      const n = countFds(be.proc.pid);
+      still = n === fdsBefore ? still + 1 : 0;
+      fdsBefore = n;
+    }
     const deadline = Date.now() + FUZZ_MS;
     let sessions = 0;
     let messages = 0;
