@@ -213,7 +213,7 @@ function rollback(st: OffloadState, loaded: Loaded | null): void {
  * published, so listeners attach the program to the port before the guest's first frame.
  */
 export function importState(st: OffloadState, bytes: Uint8Array): ImportExtras {
-  if (st.claim || st.maps.size > 0 || st.program.current || st.pins?.exists()) {
+  if (st.closed || st.claim || st.maps.size > 0 || st.program.current || st.pins?.exists()) {
     throw new MigrationStateError('state-not-fresh', `device ${st.device} already holds offload state; import needs a fresh broker`);
   }
   // "Copy, then validate" (DESIGN.md decision 5): the decoded state is views into this copy.
