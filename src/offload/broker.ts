@@ -7,6 +7,7 @@
 //   claim-, map-, program-commands.ts   the handlers
 //   program-state.ts    the program state machine
 //   restore.ts          re-adopting pinned state after a restart
+//   migration.ts        the state QEMU carries to another host (format: migration-format.ts)
 // Host fds and ids never reach the guest.
 
 import { BpfMapType } from '../sys/bpf/maps.js';
@@ -15,11 +16,13 @@ import { mapTypeName, type MapEntry } from './map-table.js';
 import { validateQuotas, quotaWarnings, readMemlock, type Quotas, type QuotaUsage } from './quotas.js';
 import { publicView, type OffloadProgram } from './program-state.js';
 import { restoreFromPins } from './restore.js';
+import { exportState, importState, describeState, type ExportExtras, type ImportExtras, type StateSummary } from './migration.js';
 import { OffloadState, type OffloadBrokerOptions as StateOptions } from './state.js';
 
 export type { Quotas, QuotaUsage } from './quotas.js';
 export type { OffloadProgram } from './program-state.js';
 export type { RefusalRecord } from './dispatch.js';
+export type { ExportExtras, ImportExtras, StateSummary, VerdictCounters } from './migration.js';
 
 export interface OffloadBrokerOptions extends StateOptions {
   /** Called with each refusal's status and stable code (logs, metrics, tests); must not throw. */
@@ -78,6 +81,59 @@ export class OffloadBroker {
     const b = new OffloadBroker(opts);
     restoreFromPins(b.st);
     return b;
+  }
+
+  /**
+   * A broker built from a migration state (a fresh broker + importState). Throws
+   * MigrationStateError, leaving no kernel object or pin behind.
+   */
+  static fromState(bytes: Uint8Array, opts: OffloadBrokerOptions): { broker: OffloadBroker } & ImportExtras {
+    const b = new OffloadBroker(opts);
+    try {
+      return { broker: b, ...b.importState(bytes) };
+    } catch (e) {
+      b.close();
+      throw e;
+    }
+  }
+
+  /**
+   * What a state holds, decoded but not judged and without touching the kernel: for a
+   * destination without --offload, which must refuse a claimed state (the guest's offload
+   * cannot land there) but may accept an unclaimed one. Throws MigrationStateError.
+   */
+  static describeState(bytes: Uint8Array): StateSummary {
+    return describeState(bytes);
+  }
+
+  /**
+   * The device's offload state for QEMU's migration stream (docs/offload-protocol.md §7).
+   * Read-only: the source keeps running with its offload until discard(). Call it with the
+   * datapath stopped, so the program does not change its maps while they are read. Throws
+   * MigrationStateError ('state-program-unexportable', 'state-too-large').
+   */
+  exportState(extras: ExportExtras = {}): Uint8Array {
+    return exportState(this.st, extras);
+  }
+
+  /**
+   * Fills this broker (fresh: unclaimed, no maps, nothing pinned) from a migration state,
+   * judged against this device's quotas and allow-list, the program verified again by the
+   * host kernel. On success the guest's handles are the same integers, the claim and program
+   * listeners have fired (the program is attached before the first frame), and the returned
+   * counters and attach flags are the caller's to apply. Throws MigrationStateError, leaving
+   * the broker fresh and nothing in the kernel or pin dir.
+   */
+  importState(bytes: Uint8Array): ImportExtras {
+    return importState(this.st, bytes);
+  }
+
+  /**
+   * After QEMU completed the migration: the guest's offload now lives on the destination, so
+   * this backend drops its program, maps, claim and pins (unlike close(), which keeps pins).
+   */
+  discard(): void {
+    this.st.reset('migrated to another backend');
   }
 
   /** One request in (a private copy), one response out; never throws. */

@@ -37,3 +37,21 @@ export class OffloadConfigError extends VxError {
     super(code, message);
   }
 }
+
+/** Stable codes of a refused migration state (docs/offload-protocol.md §7 lists each rule). */
+export type MigrationStateCode =
+  | 'bad-state-magic' | 'state-version' | 'state-truncated' | 'state-trailing' | 'state-checksum'
+  | 'state-malformed' | 'state-map-type' | 'state-quota' | 'state-program-refused' | 'state-kernel'
+  | 'state-not-fresh' | 'state-program-unexportable' | 'state-too-large';
+
+/**
+ * A migration state the destination refuses (or the source cannot write). The vhost-user side
+ * fails CHECK_DEVICE_STATE with it, so QEMU fails the migration and the source keeps running.
+ * `rule` is the code of the underlying rule when one of the broker's own checks refused
+ * (e.g. 'helper-not-allowed', 'verifier-rejected', 'quota-exceeded', 'truncated').
+ */
+export class MigrationStateError extends VxError {
+  constructor(code: MigrationStateCode, message: string, readonly rule?: string, cause?: unknown) {
+    super(code, message, { cause });
+  }
+}

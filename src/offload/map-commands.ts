@@ -7,7 +7,7 @@ import { BpfMap, BpfMapType } from '../sys/bpf/maps.js';
 import { BpfError } from '../sys/bpf/libbpf.js';
 import { mapInfo } from '../sys/bpf/info.js';
 import { Errno } from '../sys/errors.js';
-import { Status, QuotaId } from './protocol.js';
+import { Status, QuotaId, type MapCreateRequest } from './protocol.js';
 import {
   decodeMapCreate, decodeMapFree, decodeElem, decodeLookupBatch, decodeBatch,
   encodeMapCreateBody, encodeU32Body, encodeLookupBatchBody, RESPONSE_OVERHEAD_BYTES, LOOKUP_BATCH_BODY_PREFIX_BYTES,
@@ -22,8 +22,12 @@ const EMPTY = new Uint8Array(0);
 // ---------------------------------------------------------------------------------------
 // Create and free
 
-export function mapCreate(st: OffloadState, p: Uint8Array): Uint8Array {
-  const d = decodeMapCreate(p);
+/**
+ * Creates one map under `handle` (default: the next one) after the type and quota checks,
+ * pins it, and adds it to the table; "a refusal never leaves partial state". Shared by
+ * MAP_CREATE and migration import (migration.ts), which passes the guest's old handle.
+ */
+export function createMapEntry(st: OffloadState, d: MapCreateRequest, handle = st.maps.peekHandle()): MapEntry {
   const q = st.limits;
   checkMapDef(d, q);
   if (st.maps.size + 1 > q.maxMaps) {
@@ -36,7 +40,6 @@ export function mapCreate(st: OffloadState, p: Uint8Array): Uint8Array {
     `map needs ${need} bytes; this device uses ${st.maps.chargedBytes} of its max-map-memory quota of ${q.maxMapMemory}`,
     { a: QuotaId.MAX_MAP_MEMORY, b: Math.min(need, 0xffffffff), c: q.maxMapMemory });
   if (st.maps.chargedBytes + estimate > q.maxMapMemory) throw memoryRefusal(estimate);
-  const handle = st.maps.peekHandle();
 
   let map: BpfMap;
   try {
@@ -61,9 +64,14 @@ export function mapCreate(st: OffloadState, p: Uint8Array): Uint8Array {
     if (st.pins) { try { st.pins.unpinMap(handle); } catch { /* best effort */ } }
     throw err;
   }
-  st.writeClaimState();
   st.log(`map ${handle} created: ${mapTypeName(d.type)} key ${d.keySize} value ${d.valueSize} entries ${d.maxEntries} (${e.chargedBytes} bytes, id ${e.id})`);
-  return encodeMapCreateBody(handle, e.chargedBytes);
+  return e;
+}
+
+export function mapCreate(st: OffloadState, p: Uint8Array): Uint8Array {
+  const e = createMapEntry(st, decodeMapCreate(p));
+  st.writeClaimState();
+  return encodeMapCreateBody(e.handle, e.chargedBytes);
 }
 
 export function mapFree(st: OffloadState, p: Uint8Array): undefined {

@@ -9,7 +9,8 @@ import { Status, MAX_VERIFIER_LOG_BYTES } from './protocol.js';
 import { decodeProgSet, encodeProgSetBody, encodeU32Body, encodeVerifierLog } from './host-codec.js';
 import { refuse } from './errors.js';
 import { decodeProgram, judgeProgram, rewriteMapRefs } from './program-check.js';
-import type { Received, Checked, Loaded } from './program-state.js';
+import type { Received, Checked, Loaded, LoadedProgram } from './program-state.js';
+import type { ProgSetRequest } from './protocol.js';
 import type { OffloadState } from './state.js';
 
 /** Verifier log buffer handed to the kernel: the newest part of the log is kept (kernel ≥ 6.4). */
@@ -47,9 +48,11 @@ function load(st: OffloadState, c: Checked): Loaded {
   // Pinned before it is published, so a published program survives a restart; closed on any failure here.
   try {
     const info = progInfo(fd);
-    const program = {
+    const program: LoadedProgram = {
       fd, id: info.id, tag: info.tag, insns: judged.decoded.count, loadedAt: st.isoNow(),
       name: req.name, usedHandles: judged.usedHandles, code, license: req.license,
+      // A copy: req.insns is a view into the whole request (or migration state).
+      source: { insns: req.insns.slice(), mapHandles: [...req.mapHandles] },
     };
     st.pins?.pinProg(fd, {
       insns: program.insns, loadedAt: program.loadedAt, usedHandles: program.usedHandles, name: program.name,
@@ -62,15 +65,27 @@ function load(st: OffloadState, c: Checked): Loaded {
   }
 }
 
-export function progSet(st: OffloadState, p: Uint8Array): Uint8Array {
-  const received: Received = { phase: 'received', req: decodeProgSet(p) };
-  const loaded = load(st, check(st, received));
-  // published: the old program (if any) is closed only after listeners saw the new one.
+/**
+ * received → checked → loaded: the program is in the kernel (and pinned) but not yet the
+ * device's. Shared by PROG_SET and migration import (migration.ts), which publishes only once
+ * the whole state is in place.
+ */
+export function checkAndLoad(st: OffloadState, req: ProgSetRequest): Loaded {
+  return load(st, check(st, { phase: 'received', req }));
+}
+
+/** published: the old program (if any) is closed only after listeners saw the new one. */
+export function publishProgram(st: OffloadState, loaded: Loaded): LoadedProgram {
   const old = st.program.publish(loaded);
   st.emitProgram();
   if (old) closeBpfFd(old.fd);
   const prog = loaded.program;
   st.log(`program loaded: id ${prog.id} tag ${prog.tag}, ${prog.insns} insns, maps [${prog.usedHandles.join(', ')}]${old ? ` (replaced id ${old.id})` : ''}`);
+  return prog;
+}
+
+export function progSet(st: OffloadState, p: Uint8Array): Uint8Array {
+  const prog = publishProgram(st, checkAndLoad(st, decodeProgSet(p)));
   return encodeProgSetBody(prog.insns, Buffer.from(prog.tag, 'hex'));
 }
 

@@ -30,6 +30,12 @@ export interface LoadedProgram extends OffloadProgram {
   /** The checked instructions with host map fds in place, for composition (xsk port); null when they could not be restored. */
   code: Uint8Array | null;
   license: string;
+  /**
+   * The instructions as the guest sent them (map references still guest handles) and the
+   * program's declared map table: what the migration state carries (migration.ts), since the
+   * destination rewrites handles into its own fds. Null when a restart could not recover it.
+   */
+  source: { insns: Uint8Array; mapHandles: number[] } | null;
 }
 
 export type Candidate =

@@ -4,7 +4,7 @@
 // encodes responses) and guest/codec.ts (the guest side encodes requests, decodes responses);
 // both read and write through wire.ts.
 
-import { malformed } from './wire.js';
+import { malformed, Writer, encodeUtf8 } from './wire.js';
 export type { ErrorDetail } from './errors.js';
 
 export const OFFLOAD_ETHERTYPE = 0x88b5;
@@ -154,6 +154,21 @@ export function encodeObjName(name: string): Uint8Array {
   if (!/^[A-Za-z0-9_.]{0,15}$/.test(name)) throw new RangeError(`name '${name}': at most 15 of [A-Za-z0-9_.]`);
   for (let i = 0; i < name.length; i++) out[i] = name.charCodeAt(i);
   return out;
+}
+
+/**
+ * The PROG_SET payload (§3). Written by the guest's PROG_SET and by the migration state's
+ * program section (migration-format.ts), which carries the program exactly as the guest sent
+ * it; the host reads both with host-codec's decodeProgSet.
+ */
+export function encodeProgSetPayload(p: { license: string; insns: Uint8Array; mapHandles: readonly number[]; name?: string; flags?: number }): Uint8Array {
+  const lic = encodeUtf8(p.license);
+  if (p.insns.byteLength % 8 !== 0) throw new RangeError('instructions are not a multiple of 8 bytes');
+  const w = new Writer(32 + 4 * p.mapHandles.length + lic.byteLength + p.insns.byteLength)
+    .u32(p.flags ?? 0).u32(p.insns.byteLength / 8).u32(p.mapHandles.length).u32(lic.byteLength)
+    .bytes(encodeObjName(p.name ?? ''));
+  for (const h of p.mapHandles) w.u32(h);
+  return w.bytes(lic).bytes(p.insns).finish();
 }
 
 // ---------------------------------------------------------------------------------------

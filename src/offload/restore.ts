@@ -71,7 +71,7 @@ function restoreProgram(st: OffloadState, pins: DevicePins): void {
   const program: LoadedProgram = {
     fd: got.fd, id: info.id, tag: info.tag, insns: got.meta?.insns ?? info.xlatedProgLen / 8,
     loadedAt: got.meta?.loadedAt ?? st.isoNow(), name: got.meta?.name ?? info.name,
-    usedHandles: used.filter((h) => st.maps.has(h)), code: null, license: 'GPL',
+    usedHandles: used.filter((h) => st.maps.has(h)), code: null, license: 'GPL', source: null,
   };
   const src = got.meta?.source;
   if (src && src.tag === info.tag) {
@@ -80,6 +80,7 @@ function restoreProgram(st: OffloadState, pins: DevicePins): void {
       if (!bytes) throw new Error('source pin missing or short');
       program.code = checkProgramFor(st, bytes, src.license, src.declaredHandles).code;
       program.license = src.license;
+      program.source = { insns: bytes, mapHandles: [...src.declaredHandles] };
     } catch (e) {
       st.log(`program source not restored (the program runs, but cannot be composed again): ${(e as Error).message}`);
     }

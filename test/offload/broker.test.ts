@@ -1,14 +1,13 @@
 import { describe, it, expect, beforeAll, afterAll, afterEach } from 'vitest';
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmdirSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, rmdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { OffloadBroker, type OffloadBrokerOptions, type OffloadProgram, type RefusalRecord } from '../../src/offload/broker.js';
 import { OffloadConfigError } from '../../src/offload/errors.js';
 import * as P from '../../src/offload/guest/codec.js';
+import { obj, ownBpfFds, existsNow, gone, Guest, u32, u64, readU64, readU32, frame } from './helpers.js';
 import { Status, QuotaId } from '../../src/offload/guest/codec.js';
-import { readBpfObject, type BpfObjectProgram } from '../../src/offload/bpf-object.js';
 import { BpfMapType, mapGetFdById } from '../../src/sys/bpf/maps.js';
 import { progGetFdById, closeBpfFd, progLoad, BpfProgType } from '../../src/sys/bpf/programs.js';
 import { encodeInsns } from '../../src/sys/bpf/insns.js';
@@ -16,90 +15,12 @@ import { TestRunner } from '../../src/sys/bpf/test-run.js';
 import { XDP_DROP, XDP_PASS, XDP_TX } from '../../src/sys/bpf/xdp.js';
 import { countKernelObjects, progInfo } from '../../src/sys/bpf/info.js';
 
-const ROOT = fileURLToPath(new URL('../..', import.meta.url));
-const obj = (name: string): BpfObjectProgram =>
-  readBpfObject(new Uint8Array(readFileSync(join(ROOT, 'bpf/out', `${name}.o`))));
-
-// --- leak accounting: this process's bpf fds, and every kernel id a broker ever reported --
-function ownBpfFds(): number {
-  let n = 0;
-  for (const fd of readdirSync('/proc/self/fd')) {
-    try {
-      if (readlinkSync(`/proc/self/fd/${fd}`).startsWith('anon_inode:bpf-')) n++;
-    } catch { /* closed meanwhile */ }
-  }
-  return n;
-}
 const seenMapIds = new Set<number>();
 const seenProgIds = new Set<number>();
 function remember(b: OffloadBroker): void {
   const s = b.show();
   for (const m of s.maps) seenMapIds.add(m.id);
   if (s.program) seenProgIds.add(s.program.id);
-}
-function existsNow(open: (id: number) => number, id: number): boolean {
-  try {
-    closeBpfFd(open(id));
-    return true;
-  } catch {
-    return false;
-  }
-}
-const sleepMs = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
-/**
- * True once no object has this id. A program drops its map references only after an RCU
- * grace period, so a map a freed program used may outlive the program by a few ms.
- */
-function gone(open: (id: number) => number, id: number, waitMs = 2000): boolean {
-  for (let waited = 0; ; waited += 10) {
-    if (!existsNow(open, id)) return true;
-    if (waited >= waitMs) return false;
-    sleepMs(10);
-  }
-}
-
-// --- a tiny guest: sequence numbers, decoding, and the response's seq/command checked ---
-class Guest {
-  seq = 1;
-  constructor(readonly b: OffloadBroker) {}
-  send(encode: (seq: number) => Uint8Array): P.Response {
-    const seq = this.seq++;
-    const req = encode(seq);
-    const r = P.decodeResponse(this.b.handle(req));
-    expect(r.seq).toBe(seq);
-    expect(r.command).toBe(P.readHeader(req)!.command);
-    return r;
-  }
-  ok(encode: (seq: number) => Uint8Array): P.Response {
-    const r = this.send(encode);
-    if (r.status !== Status.OK) throw new Error(`expected OK, got ${P.statusName(r.status)}: ${r.reason}`);
-    return r;
-  }
-  claim(maxResponseBytes = 0): P.Caps {
-    return P.decodeCapsBody(this.ok((s) => P.encodeClaim(s, { maxResponseBytes })).body);
-  }
-  createMap(m: Omit<P.MapCreateRequest, 'flags' | 'name'> & Partial<P.MapCreateRequest>): number {
-    return P.decodeMapCreateBody(this.ok((s) => P.encodeMapCreate(s, m)).body).handle;
-  }
-  /** Creates the object's maps and offloads its program; returns the handles. */
-  offload(o: BpfObjectProgram): number[] {
-    const handles = o.maps.map((m) => this.createMap(m));
-    this.ok((s) => P.encodeProgSet(s, { license: o.license, insns: P.bindMapHandles(o.insns, o.mapRelocations, handles), mapHandles: handles, name: 'vx_test' }));
-    return handles;
-  }
-}
-
-const u32 = (n: number) => { const b = new Uint8Array(4); new DataView(b.buffer).setUint32(0, n, true); return b; };
-const u64 = (n: number) => { const b = new Uint8Array(8); new DataView(b.buffer).setBigUint64(0, BigInt(n), true); return b; };
-const readU64 = (b: Uint8Array) => Number(new DataView(b.buffer, b.byteOffset).getBigUint64(0, true));
-const readU32 = (b: Uint8Array, off = 0) => new DataView(b.buffer, b.byteOffset).getUint32(off, true);
-
-function frame(srcIp = [10, 0, 0, 1]): Uint8Array {
-  const f = new Uint8Array(64);
-  f.set([2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00], 0);
-  f[14] = 0x45;
-  f.set(srcIp, 26);
-  return f;
 }
 
 const brokers: OffloadBroker[] = [];

@@ -5,10 +5,10 @@
 
 import {
   Cmd, Status, OFFLOAD_MAGIC, OFFLOAD_VERSION, HEADER_BYTES, RESPONSE_FLAG, MAX_REASON_BYTES, ERROR_DETAIL_BYTES,
-  MAP_CREATE_BYTES, readHeader, writeHeader, encodeObjName,
+  MAP_CREATE_BYTES, readHeader, writeHeader, encodeObjName, encodeProgSetPayload,
   type ClaimRequest, type MapCreateRequest, type Caps, type ErrorDetail,
 } from '../protocol.js';
-import { Reader, Writer, malformed, encodeUtf8, decodeUtf8 } from '../wire.js';
+import { Reader, Writer, malformed, decodeUtf8 } from '../wire.js';
 import { setInsnImm } from '../../sys/bpf/insns.js';
 
 export * from '../protocol.js';
@@ -78,15 +78,8 @@ export function encodeDeleteBatch(seq: number, handle: number, keys: Uint8Array,
   return encodeRequest(Cmd.ELEM_DELETE_BATCH, seq, w.finish());
 }
 
-export function encodeProgSet(seq: number, p: { license: string; insns: Uint8Array; mapHandles: readonly number[]; name?: string; flags?: number }): Uint8Array {
-  const lic = encodeUtf8(p.license);
-  if (p.insns.byteLength % 8 !== 0) throw new RangeError('instructions are not a multiple of 8 bytes');
-  const w = new Writer(32 + 4 * p.mapHandles.length + lic.byteLength + p.insns.byteLength)
-    .u32(p.flags ?? 0).u32(p.insns.byteLength / 8).u32(p.mapHandles.length).u32(lic.byteLength)
-    .bytes(encodeObjName(p.name ?? ''));
-  for (const h of p.mapHandles) w.u32(h);
-  w.bytes(lic).bytes(p.insns);
-  return encodeRequest(Cmd.PROG_SET, seq, w.finish());
+export function encodeProgSet(seq: number, p: Parameters<typeof encodeProgSetPayload>[0]): Uint8Array {
+  return encodeRequest(Cmd.PROG_SET, seq, encodeProgSetPayload(p));
 }
 
 /**

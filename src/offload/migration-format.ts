@@ -1,0 +1,259 @@
+// The offload migration state's byte format (docs/offload-protocol.md §7): encode, and decode
+// (syntax only: magic, version, lengths, counts, section order, field ranges). Whether this
+// device accepts what a decoded state says (quotas, map types, the program) is judged in
+// migration.ts, as the broker judges a decoded request in its commands.
+//
+// The bytes come from QEMU's migration stream, i.e. from another host: untrusted. Every read
+// goes through wire.Reader, so each count is checked against the bytes present before it sizes
+// anything, and every failure is a MigrationStateError with a stable code.
+
+import { crc32 } from 'node:zlib';
+import { MAX_MESSAGE_BYTES, MIN_RESPONSE_LIMIT, OBJ_NAME_BYTES, decodeObjName, encodeObjName, encodeProgSetPayload } from './protocol.js';
+import { decodeProgSet } from './host-codec.js';
+import { Reader, Writer } from './wire.js';
+import { MigrationStateError, OffloadConfigError, ProtocolError, type MigrationStateCode } from './errors.js';
+import { validateQuotas, type Quotas } from './quotas.js';
+import type { MapDef } from './map-table.js';
+
+/** 'V','X','M','S' in memory order (bytes 56 58 4D 53), read as a little-endian u32. */
+export const STATE_MAGIC = 0x534d5856;
+export const STATE_VERSION = 1;
+export const STATE_HEADER_BYTES = 16;
+const SECTION_HEADER_BYTES = 8;
+/** A section's length is a u32. */
+const MAX_SECTION_BYTES = 0xffffffff;
+/** Guest handles are 1..2^31-1 (map-table.ts); next_handle may be one past the last. */
+const MAX_HANDLE = 0x7fffffff;
+/** The largest time a JavaScript Date holds (ms since the epoch). */
+const MAX_DATE_MS = 8.64e15;
+
+export const Section = { CLAIM: 1, QUOTAS: 2, MAP: 3, PROGRAM: 4, COUNTERS: 5 } as const;
+const MAP_HEADER_BYTES = 32 + OBJ_NAME_BYTES;
+const QUOTAS_BYTES = 32;
+const CLAIM_BYTES = 24;
+const COUNTERS_BYTES = 32;
+const PROGRAM_PREFIX_BYTES = 16;
+
+/** Frames the offloaded program gave each verdict, as the datapath counted them (net/stats.ts). */
+export interface VerdictCounters { pass: number; drop: number; tx: number; aborted: number }
+
+export interface StateMap extends MapDef {
+  handle: number;
+  /** Elements present: keys[count × keySize], values[count × valueSize], packed. */
+  count: number;
+  keys: Uint8Array;
+  values: Uint8Array;
+}
+
+export interface StateProgram {
+  name: string;
+  license: string;
+  /** The program's declared map table (guest handles). */
+  mapHandles: number[];
+  /** As the guest sent them: map references hold guest handles. */
+  insns: Uint8Array;
+  /** The kernel tag on the source, 16 hex digits: the destination's load must give the same. */
+  tag: string;
+  /** XDP_FLAGS_* the source's port attached it with (0: run through BPF_PROG_TEST_RUN); for the caller. */
+  attachFlags: number;
+}
+
+export interface MigrationState {
+  claim: { claimedAtMs: number; responseLimit: number; nextHandle: number } | null;
+  /** The source's limits: informational, the destination's own configuration wins. */
+  quotas: Quotas;
+  maps: StateMap[];
+  program: StateProgram | null;
+  counters: VerdictCounters | null;
+}
+
+function refused(code: MigrationStateCode, message: string, rule?: string, cause?: unknown): never {
+  throw new MigrationStateError(code, message, rule, cause);
+}
+const malformed = (message: string, rule?: string): never => refused('state-malformed', message, rule);
+
+// ---------------------------------------------------------------------------------------
+// Encode
+
+function section(out: Writer, type: number, body: Uint8Array): void {
+  if (body.byteLength > MAX_SECTION_BYTES) {
+    refused('state-too-large', `migration state section ${type} is ${body.byteLength} bytes, over the u32 section length`);
+  }
+  out.u16(type).u16(0).u32(body.byteLength).bytes(body);
+}
+
+export function encodeState(s: MigrationState): Uint8Array {
+  const out = new Writer(4096);
+  out.u32(STATE_MAGIC).u16(STATE_VERSION).u16(0).u32(0).u32(0); // length and crc patched below
+  const c = s.claim;
+  section(out, Section.CLAIM, new Writer(CLAIM_BYTES).u32(c ? 1 : 0).u32(c?.responseLimit ?? 0).u32(c?.nextHandle ?? 0).u32(0)
+    .u64(c?.claimedAtMs ?? 0).finish());
+  const q = s.quotas;
+  section(out, Section.QUOTAS, new Writer(QUOTAS_BYTES).u32(q.maxMaps).u32(q.maxEntries).u32(q.maxProgInsns).u32(q.maxOpsPerSec)
+    .u32(q.maxKeySize).u32(q.maxValueSize).u64(q.maxMapMemory).finish());
+  for (const m of s.maps) {
+    const w = new Writer(MAP_HEADER_BYTES + m.keys.byteLength + m.values.byteLength)
+      .u32(m.handle).u32(m.type).u32(m.keySize).u32(m.valueSize).u32(m.maxEntries).u32(m.flags).u32(1).u32(m.count)
+      .bytes(encodeObjName(m.name)).bytes(m.keys).bytes(m.values);
+    section(out, Section.MAP, w.finish());
+  }
+  const p = s.program;
+  if (p) {
+    const body = encodeProgSetPayload({ license: p.license, insns: p.insns, mapHandles: p.mapHandles, name: p.name });
+    section(out, Section.PROGRAM, new Writer(PROGRAM_PREFIX_BYTES + body.byteLength)
+      .u32(p.attachFlags).u32(0).bytes(Buffer.from(p.tag, 'hex')).bytes(body).finish());
+  }
+  const n = s.counters;
+  if (n) section(out, Section.COUNTERS, new Writer(COUNTERS_BYTES).u64(n.pass).u64(n.drop).u64(n.tx).u64(n.aborted).finish());
+  const bytes = out.finish();
+  if (bytes.byteLength > 0xffffffff) refused('state-too-large', `migration state is ${bytes.byteLength} bytes, over the u32 total length`);
+  const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  v.setUint32(8, bytes.byteLength, true);
+  v.setUint32(12, crc32(bytes.subarray(STATE_HEADER_BYTES)), true);
+  return bytes;
+}
+
+// ---------------------------------------------------------------------------------------
+// Decode
+
+/** Reader refusals (wire.ts) as migration-state refusals; ours pass through. */
+function asStateError(e: unknown): unknown {
+  if (e instanceof ProtocolError) {
+    return new MigrationStateError(e.code === 'truncated' ? 'state-truncated' : 'state-malformed', `migration state: ${e.message}`, e.code, e);
+  }
+  if (e instanceof OffloadConfigError) return new MigrationStateError('state-malformed', `migration state quotas: ${e.message}`, e.code, e);
+  return e;
+}
+
+/**
+ * Decodes a private copy of a state (the caller copies: the state is parsed in place and
+ * element bytes stay views into it). Throws MigrationStateError.
+ */
+export function decodeState(b: Uint8Array): MigrationState {
+  try {
+    return decode(b);
+  } catch (e) {
+    throw asStateError(e);
+  }
+}
+
+function decodeHeader(b: Uint8Array): void {
+  const v = new DataView(b.buffer, b.byteOffset, b.byteLength);
+  if (b.byteLength >= 4 && v.getUint32(0, true) !== STATE_MAGIC) {
+    refused('bad-state-magic', `migration state magic 0x${v.getUint32(0, true).toString(16)} (want 0x${STATE_MAGIC.toString(16)}, 'VXMS')`);
+  }
+  if (b.byteLength < STATE_HEADER_BYTES) refused('state-truncated', `migration state is ${b.byteLength} bytes, shorter than its ${STATE_HEADER_BYTES}-byte header`);
+  const version = v.getUint16(4, true);
+  if (version !== STATE_VERSION) refused('state-version', `migration state version ${version} is not supported (this host reads ${STATE_VERSION})`);
+  if (v.getUint16(6, true) !== 0) malformed('migration state header flags are not 0');
+  const total = v.getUint32(8, true);
+  if (total > b.byteLength) refused('state-truncated', `migration state says ${total} bytes, ${b.byteLength} present`);
+  if (total < b.byteLength) refused('state-trailing', `migration state says ${total} bytes, ${b.byteLength} present`);
+  // Corruption in transit is caught here; a hostile source can recompute the CRC, so every check below still runs.
+  const want = v.getUint32(12, true);
+  const got = crc32(b.subarray(STATE_HEADER_BYTES));
+  if (want !== got) refused('state-checksum', `migration state CRC32 0x${got.toString(16)} does not match its header (0x${want.toString(16)})`);
+}
+
+function decode(b: Uint8Array): MigrationState {
+  decodeHeader(b);
+  const r = new Reader(b.subarray(STATE_HEADER_BYTES), 'migration state');
+  const s: Omit<MigrationState, 'quotas'> & { quotas: Quotas | null } = { claim: null, quotas: null, maps: [], program: null, counters: null };
+  let last = 0;
+  let claimed = false;
+  while (r.remaining > 0) {
+    const type = r.u16('section type');
+    if (r.u16('section flags') !== 0) malformed(`section ${type}: flags are not 0`);
+    const len = r.u32('section length');
+    const body = new Reader(r.take(len, `section ${type} body`), `migration state section ${type}`);
+    // "CLAIM, QUOTAS, MAP…, PROGRAM?, COUNTERS?" (§7): one order, so one state has one encoding.
+    if (type < last || (type === last && type !== Section.MAP) || (last === 0 && type !== Section.CLAIM)
+      || (last === Section.CLAIM && type !== Section.QUOTAS)) {
+      malformed(`section ${type} after section ${last}: sections go CLAIM, QUOTAS, MAP…, PROGRAM, COUNTERS`);
+    }
+    last = type;
+    switch (type) {
+      case Section.CLAIM: claimed = decodeClaim(body, s); break;
+      case Section.QUOTAS: s.quotas = decodeQuotas(body); break;
+      case Section.MAP: s.maps.push(decodeMap(body, s.maps.at(-1)?.handle ?? 0)); break;
+      case Section.PROGRAM: s.program = decodeProgram(body); break;
+      case Section.COUNTERS: s.counters = decodeCounters(body); break;
+      default: malformed(`unknown section type ${type}`);
+    }
+    body.end();
+  }
+  if (!s.quotas) refused('state-truncated', 'migration state ends before its CLAIM and QUOTAS sections');
+  if (!claimed && (s.maps.length > 0 || s.program)) malformed('an unclaimed state carries maps or a program');
+  const top = s.maps.at(-1)?.handle ?? 0;
+  if (s.claim && top >= s.claim.nextHandle) malformed(`map handle ${top} is not below next_handle ${s.claim.nextHandle}`);
+  return { ...s, quotas: s.quotas };
+}
+
+function decodeClaim(r: Reader, s: Pick<MigrationState, 'claim'>): boolean {
+  const claimed = r.u32('claimed');
+  const responseLimit = r.u32('response_limit');
+  const nextHandle = r.u32('next_handle');
+  const reserved = r.u32('reserved');
+  const claimedAtMs = r.u64('claimed_at');
+  if (claimed > 1 || reserved !== 0) malformed('CLAIM: claimed is not 0/1 or reserved is not 0');
+  if (claimed === 0) {
+    if (responseLimit !== 0 || nextHandle !== 0 || claimedAtMs !== 0) malformed('CLAIM: an unclaimed state has non-zero claim fields');
+    return false;
+  }
+  // "max_response_bytes, ≥ 1024; 0 = 61,440" (§1 Limits): a claim holds the resolved limit.
+  if (responseLimit < MIN_RESPONSE_LIMIT || responseLimit > MAX_MESSAGE_BYTES) {
+    malformed(`CLAIM: response_limit ${responseLimit} outside ${MIN_RESPONSE_LIMIT}..${MAX_MESSAGE_BYTES}`);
+  }
+  if (nextHandle < 1 || nextHandle > MAX_HANDLE + 1) malformed(`CLAIM: next_handle ${nextHandle} outside 1..${MAX_HANDLE + 1}`);
+  if (claimedAtMs > MAX_DATE_MS) malformed(`CLAIM: claimed_at ${claimedAtMs} is not a time`);
+  s.claim = { claimedAtMs, responseLimit, nextHandle };
+  return true;
+}
+
+function decodeQuotas(r: Reader): Quotas {
+  const q = {
+    maxMaps: r.u32('max_maps'), maxEntries: r.u32('max_entries'), maxProgInsns: r.u32('max_prog_insns'),
+    maxOpsPerSec: r.u32('max_ops_per_sec'), maxKeySize: r.u32('max_key_size'), maxValueSize: r.u32('max_value_size'),
+    maxMapMemory: r.u64('max_map_memory'),
+  };
+  validateQuotas(q);
+  return q;
+}
+
+function decodeMap(r: Reader, previous: number): StateMap {
+  const handle = r.u32('handle');
+  const type = r.u32('type');
+  const keySize = r.u32('key_size');
+  const valueSize = r.u32('value_size');
+  const maxEntries = r.u32('max_entries');
+  const flags = r.u32('flags');
+  const cpus = r.u32('value_cpus');
+  const count = r.u32('count');
+  const name = decodeObjName(r.take(OBJ_NAME_BYTES, 'name'), 'map name');
+  if (handle <= previous || handle > MAX_HANDLE) malformed(`MAP: handle ${handle} is not above the previous map's (${previous}) or outside 1..${MAX_HANDLE}`);
+  // Per-CPU values are sized by the CPU count, which two hosts need not share; the device never
+  // holds per-CPU maps (MAP_CREATE refuses them), so a state never needs more than one value.
+  if (cpus !== 1) refused('state-map-type', `MAP ${handle}: value_cpus ${cpus}: per-CPU values are not carried (must be 1)`, 'map-type-percpu');
+  if (keySize === 0 || valueSize === 0 || maxEntries === 0) malformed(`MAP ${handle}: key size, value size and max entries must be non-zero`, 'zero-map-size');
+  if (count > maxEntries) malformed(`MAP ${handle}: ${count} elements in a map of max_entries ${maxEntries}`);
+  // "Every count is checked against the bytes actually present before it sizes anything."
+  r.fits(count, keySize + valueSize, 'count', 'count-exceeds-payload');
+  const keys = r.take(count * keySize, 'keys');
+  const values = r.take(count * valueSize, 'values');
+  return { handle, type, keySize, valueSize, maxEntries, flags, name, count, keys, values };
+}
+
+function decodeProgram(r: Reader): StateProgram {
+  const attachFlags = r.u32('attach_flags');
+  if (r.u32('reserved') !== 0) malformed('PROGRAM: reserved is not 0');
+  const tag = Buffer.from(r.take(8, 'tag')).toString('hex');
+  const p = decodeProgSet(r.rest());
+  if (p.flags !== 0) malformed('PROGRAM: PROG_SET flags are not 0');
+  return { name: p.name, license: p.license, mapHandles: p.mapHandles, insns: p.insns, tag, attachFlags };
+}
+
+function decodeCounters(r: Reader): VerdictCounters {
+  const c = { pass: r.u64('pass'), drop: r.u64('drop'), tx: r.u64('tx'), aborted: r.u64('aborted') };
+  for (const [k, v] of Object.entries(c)) if (!Number.isSafeInteger(v)) malformed(`COUNTERS: ${k} is over 2^53`);
+  return c;
+}
