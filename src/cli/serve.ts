@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import type { Argv } from 'yargs';
 import { logger, setLogLevel, type LogLevel } from '../log.js';
 import { Service } from '../service/service.js';
+import { VxError } from '../errors.js';
 import { defaultWorkers } from '../datapath/worker-pool.js';
 import { parseDeviceOption, validateSpec, parsePinLimit, pinLimitDefault, SpecError, type DeviceSpec } from '../service/device-spec.js';
 
@@ -61,7 +62,9 @@ export function serveCommand(y: Argv) {
       try {
         svc = await Service.start(specs, control, { workers: argv.workers, busyPoll: argv['busy-poll'] });
       } catch (e) {
-        console.error(`vhost-xdp serve: ${(e as Error).message}`);
+        // The stable code first, for scripts; the message names the path, the owner, the fix.
+        const code = e instanceof VxError ? `[${e.code}] ` : '';
+        console.error(`vhost-xdp serve: ${code}${(e as Error).message}`);
         process.exit(1);
       }
       const shutdown = (sig: string) => {

@@ -3,6 +3,7 @@ import http from 'node:http';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { logger } from '../log.js';
 import { VxError } from '../errors.js';
+import { claimSocketPath, type SocketClaim } from '../sys/socket-claim.js';
 
 export type Method = (params: Record<string, unknown>) => unknown | Promise<unknown>;
 
@@ -24,22 +25,25 @@ export class ControlServer {
   private readonly http: http.Server;
   private readonly wss: WebSocketServer;
 
-  private constructor(readonly path: string, private readonly methods: Record<string, Method>) {
+  private constructor(readonly path: string, private readonly methods: Record<string, Method>, private readonly claim: SocketClaim) {
     this.http = http.createServer((_req, res) => { res.writeHead(426).end('use a websocket\n'); });
     this.wss = new WebSocketServer({ server: this.http, maxPayload: MAX_MESSAGE });
     this.wss.on('connection', (ws) => ws.on('message', (data) => void this.answer(ws, data.toString())));
   }
 
   static async listen(path: string, methods: Record<string, Method>, mode = 0o600): Promise<ControlServer> {
-    if (fs.existsSync(path)) {
-      if (!fs.lstatSync(path).isSocket()) throw new Error(`${path} exists and is not a socket`);
-      fs.unlinkSync(path);
+    // One owner per socket: a second serve must not leave the first unreachable by `status`.
+    const claim = claimSocketPath(path, (line) => log.warn(line));
+    const s = new ControlServer(path, methods, claim);
+    try {
+      await new Promise<void>((resolve, reject) => {
+        s.http.once('error', reject);
+        s.http.listen(path, () => resolve());
+      });
+    } catch (e) {
+      claim.release();
+      throw e;
     }
-    const s = new ControlServer(path, methods);
-    await new Promise<void>((resolve, reject) => {
-      s.http.once('error', reject);
-      s.http.listen(path, () => resolve());
-    });
     fs.chmodSync(path, mode);
     return s;
   }
@@ -66,6 +70,6 @@ export class ControlServer {
     for (const c of this.wss.clients) c.terminate();
     await new Promise<void>((r) => this.wss.close(() => r()));
     await new Promise<void>((r) => this.http.close(() => r()));
-    try { fs.unlinkSync(this.path); } catch { /* gone already */ }
+    this.claim.release();
   }
 }

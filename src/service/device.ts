@@ -5,6 +5,7 @@ import { TapPort } from '../ports/tap.js';
 import { XskPort, type PinLimitChange } from '../ports/xsk.js';
 import type { Port } from '../ports/port.js';
 import { VhostUserEndpoint } from '../vhost-user/endpoint.js';
+import { claimSocketPath, type SocketClaim } from '../sys/socket-claim.js';
 import { parsePort, type DeviceSpec } from './device-spec.js';
 import type { WorkerPool } from '../datapath/worker-pool.js';
 
@@ -51,7 +52,7 @@ export class Device {
   private readonly endpoint: VhostUserEndpoint;
   private lastDisconnect = '';
 
-  private constructor(spec: DeviceSpec, port: Port, net: NetDevice) {
+  private constructor(spec: DeviceSpec, port: Port, net: NetDevice, claim: SocketClaim | null) {
     this.spec = spec;
     this.port = port;
     this.net = net;
@@ -60,6 +61,7 @@ export class Device {
       path: spec.socket,
       mode: spec.client ? 'client' : 'server',
       backend: net,
+      claim: claim ?? undefined,
       onDisconnect: (reason) => {
         this.lastDisconnect = reason;
         log.debug(`session ended: ${reason}`);
@@ -71,25 +73,31 @@ export class Device {
     const p = parsePort(spec.port);
     // With offload the guest sees one more pair: the reserved offload channel (a data pair until claimed).
     const pairs = spec.queues + (spec.offload ? 1 : 0);
+    // The socket before the port: a second serve on a live socket must not touch its port.
+    const claim = spec.client ? null : claimSocketPath(spec.socket, (line) => logger(spec.name).warn(line));
     let port: Port;
     try {
       port = p.kind === 'xsk'
         ? XskPort.create(p.ifname, pairs, { mtu: spec.mtu ?? 1500, pinLimitBytes: spec.pinLimit })
         : TapPort.open(p.ifname, pairs);
     } catch (e) {
+      claim?.release();
       // A refused pin limit: say which device it was given for.
       if (e instanceof RangeError) throw new RangeError(`device ${spec.name}: ${e.message}`);
       throw e;
     }
     let net: NetDevice | null = null;
+    let d: Device | null = null;
     try {
       if (spec.mtu && p.kind === 'tap') port.setMtu(spec.mtu);
       const offload = spec.offload ? { device: spec.name, pinDir: spec.pinDir ?? null } : null;
       net = new NetDevice({ name: spec.name, port, queuePairs: pairs, pool, mtu: spec.mtu, offload });
-      const d = new Device(spec, port, net);
+      d = new Device(spec, port, net, claim);
       d.endpoint.start();
       return d;
     } catch (e) {
+      if (d) d.endpoint.stop();
+      else claim?.release();
       if (net) void net.close();
       else port.close();
       throw e;

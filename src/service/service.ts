@@ -29,13 +29,15 @@ export class Service {
       names.add(s.name);
     }
     try {
-      for (const spec of specs) {
-        svc.devices.set(spec.name, Device.create(spec, svc.pool));
-        log.info(`device ${spec.name}: ${spec.client ? 'connecting to' : 'listening on'} ${spec.socket}, port ${spec.port}, ${spec.queues} queue pair(s)`);
-      }
+      // The control socket first: a second serve pointed at a live one's control socket must
+      // fail before it creates any port or socket of its own.
       if (controlPath) {
         fs.mkdirSync(path.dirname(controlPath), { recursive: true });
         svc.control = await ControlServer.listen(controlPath, svc.methods());
+      }
+      for (const spec of specs) {
+        svc.devices.set(spec.name, Device.create(spec, svc.pool));
+        log.info(`device ${spec.name}: ${spec.client ? 'connecting to' : 'listening on'} ${spec.socket}, port ${spec.port}, ${spec.queues} queue pair(s)`);
       }
     } catch (e) {
       await svc.stop();

@@ -33,6 +33,7 @@ export const raw = {
   epoll_wait: lib.func('epoll_wait', 'int', ['int', 'intptr_t', 'int', 'int']),
   if_nametoindex: lib.func('if_nametoindex', 'uint', ['str']),
   getpid: lib.func('getpid', 'int', []),
+  flock: lib.func('flock', 'int', ['int', 'int']),
   dup: lib.func('dup', 'int', ['int']),
   sched_yield: lib.func('sched_yield', 'int', []),
   memcpy: lib.func('memcpy', 'intptr_t', ['intptr_t', 'intptr_t', 'size_t']),

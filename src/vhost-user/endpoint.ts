@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import koffi from 'koffi';
-import { UnixSocket, unlinkPath } from '../sys/unix-socket.js';
+import { UnixSocket } from '../sys/unix-socket.js';
+import { claimSocketPath, type SocketClaim } from '../sys/socket-claim.js';
 import { logger, type Logger } from '../log.js';
 import { Session } from './session.js';
 import type { VhostUserBackend } from './backend.js';
@@ -14,6 +15,8 @@ export interface EndpointOptions {
   backend: VhostUserBackend;
   /** Socket file permissions in server mode. */
   socketMode?: number;
+  /** Server mode: the path already claimed by the caller (claimed here when absent). */
+  claim?: SocketClaim;
   onConnect?: (s: Session) => void;
   onDisconnect?: (reason: string) => void;
 }
@@ -27,6 +30,7 @@ const BACKOFF_MAX_MS = 5000;
  */
 export class VhostUserEndpoint {
   private listener: UnixSocket | null = null;
+  private claim: SocketClaim | null = null;
   private listenPoll: PollHandle | null = null;
   private session: Session | null = null;
   private sessionPoll: PollHandle | null = null;
@@ -40,6 +44,7 @@ export class VhostUserEndpoint {
 
   constructor(private readonly opts: EndpointOptions) {
     this.log = logger(opts.backend.name);
+    this.claim = opts.claim ?? null;
   }
 
   start(): void {
@@ -51,11 +56,8 @@ export class VhostUserEndpoint {
 
   private listen(): void {
     const { path } = this.opts;
-    if (fs.existsSync(path)) {
-      const st = fs.lstatSync(path);
-      if (!st.isSocket()) throw new Error(`${path} exists and is not a socket; refusing to replace it`);
-      unlinkPath(path);
-    }
+    // One owner per socket: a second serve on a live path is refused, a stale file replaced.
+    this.claim ??= claimSocketPath(path, (line) => this.log.warn(line));
     this.listener = UnixSocket.listen(path);
     fs.chmodSync(path, this.opts.socketMode ?? 0o600);
     this.listenPoll = koffi.node.poll(this.listener.fd, { readable: true }, () => this.acceptAll());
@@ -136,7 +138,8 @@ export class VhostUserEndpoint {
     if (this.listener) {
       this.listener.close();
       this.listener = null;
-      unlinkPath(this.opts.path);
     }
+    this.claim?.release();
+    this.claim = null;
   }
 }
