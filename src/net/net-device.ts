@@ -1,7 +1,8 @@
 import { logger, type Logger } from '../log.js';
-import { bit, hasBit } from '../vhost-user/protocol.js';
+import { bit, hasBit, F_LOG_ALL } from '../vhost-user/protocol.js';
 import { BackendRefusal, type VhostUserBackend, type VringConfig } from '../vhost-user/backend.js';
 import type { RegionInfo } from '../memory/guest-memory.js';
+import type { LogInfo } from '../memory/dirty-log.js';
 import type { Port } from '../ports/port.js';
 import { OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, NetFeature as F, describeFeatures, vnetHeaderLength } from './features.js';
 import { DeviceStats } from './stats.js';
@@ -56,6 +57,8 @@ export class NetDevice implements VhostUserBackend, PoolClient {
   readonly broker: OffloadChannel | null;
   readonly offloadPair: number;
   lastResetReason = '';
+  /** Where guest writes are marked during migration (null: logging off); the datapath wiring comes with the RX/TX rework. */
+  dirtyLog: LogInfo | null = null;
 
   constructor(private readonly opts: NetDeviceOptions) {
     this.name = opts.name;
@@ -226,10 +229,13 @@ export class NetDevice implements VhostUserBackend, PoolClient {
   get currentMtu(): number { return this.mtu; }
 
   featuresAcked(features: bigint): void {
-    if (this.running.size > 0 && features !== this.features) {
+    // LOG_ALL alone may change while rings run (migration starts/stops logging); the session handles it.
+    const changed = (features ^ this.features) & ~bit(F_LOG_ALL);
+    if (this.running.size > 0 && changed !== 0n) {
       throw new BackendRefusal('features changed while vrings are running');
     }
     this.features = features;
+    if (this.running.size > 0) return;
     const has = (b: number) => hasBit(features, b);
     this.port.configureOffloads({
       vnetHeaderLength: vnetHeaderLength(features),
@@ -353,6 +359,19 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     this.eachWorker({ op: 'memory', regions: [] });
   }
 
+  dirtyLogChanged(log: LogInfo | null): void {
+    this.dirtyLog = log;
+  }
+
+  /** Migration state: a versioned header; the offload section plugs in behind it. */
+  saveState(): Uint8Array {
+    return encodeDeviceState();
+  }
+
+  loadState(state: Uint8Array): void {
+    checkDeviceState(state);
+  }
+
   get runningVrings(): number[] { return [...this.running.keys()].sort((a, b) => a - b); }
 
   async close(): Promise<void> {
@@ -367,4 +386,26 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     this.pool.unregister(this.id);
     this.port.close();
   }
+}
+
+// Device state: u32 magic 'VXDS', u16 version, u16 sections (0: no offload state yet).
+const STATE_MAGIC = 0x56584453;
+const STATE_VERSION = 1;
+const STATE_HEADER = 8;
+
+function encodeDeviceState(): Uint8Array {
+  const b = new Uint8Array(STATE_HEADER);
+  const v = new DataView(b.buffer);
+  v.setUint32(0, STATE_MAGIC, true);
+  v.setUint16(4, STATE_VERSION, true);
+  v.setUint16(6, 0, true);
+  return b;
+}
+
+/** Accepts exactly the state encodeDeviceState writes; anything else fails the migration. */
+function checkDeviceState(b: Uint8Array): void {
+  const v = new DataView(b.buffer, b.byteOffset, b.length);
+  if (b.length < STATE_HEADER || v.getUint32(0, true) !== STATE_MAGIC) throw new BackendRefusal(`device state of ${b.length} bytes has no vhost-xdp header`, 'bad-device-state');
+  if (v.getUint16(4, true) !== STATE_VERSION) throw new BackendRefusal(`device state version ${v.getUint16(4, true)} (this backend reads ${STATE_VERSION})`, 'bad-device-state-version');
+  if (v.getUint16(6, true) !== 0 || b.length !== STATE_HEADER) throw new BackendRefusal('device state carries sections this backend does not read', 'bad-device-state');
 }

@@ -6,6 +6,7 @@ import { XskPort, type PinLimitChange } from '../ports/xsk.js';
 import type { Port } from '../ports/port.js';
 import { VhostUserEndpoint } from '../vhost-user/endpoint.js';
 import { claimSocketPath, type SocketClaim } from '../sys/socket-claim.js';
+import type { TransferRecord } from '../vhost-user/device-state.js';
 import { parsePort, type DeviceSpec } from './device-spec.js';
 import type { WorkerPool } from '../datapath/worker-pool.js';
 
@@ -32,6 +33,10 @@ export interface DeviceStatus {
   offload: { pair: number; claimed: boolean; program: number | null } | null;
   /** Which pool worker serves each running pair. */
   workers: { pair: number; worker: number }[];
+  /** Dirty logging for live migration is on (LOG_ALL acked and a log mapped). */
+  logging: boolean;
+  /** The last device-state transfer of a migration (save on the source, load on the destination). */
+  lastMigration: TransferRecord | null;
 }
 
 /** The pinned-memory quota of an xsk device as the control API shows it. */
@@ -127,6 +132,8 @@ export class Device {
       refusals: Object.fromEntries(this.endpoint.refusals),
       lastDisconnect: this.lastDisconnect,
       workers: this.net.placement,
+      logging: s?.logging ?? false,
+      lastMigration: this.endpoint.lastMigration,
     };
   }
 

@@ -24,6 +24,8 @@ export const raw = {
   recvmsg: lib.func('recvmsg', 'intptr_t', ['int', 'intptr_t', 'int']),
   sendmsg: lib.func('sendmsg', 'intptr_t', ['int', 'intptr_t', 'int']),
   memfd_create: lib.func('memfd_create', 'int', ['str', 'uint']),
+  pipe2: lib.func('pipe2', 'int', ['intptr_t', 'int']),
+  fstat: lib.func('fstat', 'int', ['int', 'intptr_t']),
   ftruncate: lib.func('ftruncate', 'int', ['int', 'int64']),
   mmap: lib.func('mmap', 'intptr_t', ['intptr_t', 'size_t', 'int', 'int', 'int', 'int64']),
   munmap: lib.func('munmap', 'int', ['intptr_t', 'size_t']),
@@ -46,6 +48,9 @@ export const O_NONBLOCK = 0o4000;
 export const O_CLOEXEC = 0o2000000;
 export const F_GETFL = 3;
 export const F_SETFL = 4;
+export const O_ACCMODE = 3;
+export const O_RDONLY = 0;
+export const O_WRONLY = 1;
 export const PROT_READ = 1;
 export const PROT_WRITE = 2;
 export const MAP_SHARED = 1;
@@ -130,6 +135,36 @@ export class SharedMapping {
     this.unmapped = true;
     raw.munmap(this.address, this.size);
   }
+}
+
+export type FdKind = 'file' | 'fifo' | 'socket' | 'other';
+
+/** What fstat says about an fd: size, st_blksize (2 MiB on hugetlbfs), kind, and O_ACCMODE. */
+export interface FdInfo {
+  size: number;
+  blockSize: number;
+  kind: FdKind;
+  /** O_RDONLY, O_WRONLY or O_RDWR. */
+  access: number;
+}
+
+const statBuf = new NativeBuffer(4096);
+
+export function fdInfo(fd: number): FdInfo {
+  check(raw.fstat(fd, statBuf.address), 'fstat', `fd ${fd}`);
+  // struct stat on x86_64: st_mode u32 @24, st_size i64 @48, st_blksize i64 @56.
+  const mode = statBuf.view.getUint32(24, true) & 0o170000;
+  const size = Number(statBuf.view.getBigInt64(48, true));
+  const b = Number(statBuf.view.getBigInt64(56, true));
+  const kind: FdKind = mode === 0o100000 ? 'file' : mode === 0o010000 ? 'fifo' : mode === 0o140000 ? 'socket' : 'other';
+  const access = check(raw.fcntl(fd, F_GETFL, 0), 'fcntl(F_GETFL)') & O_ACCMODE;
+  return { size, blockSize: b > 0 && b <= 1 << 30 ? b : 4096, kind, access };
+}
+
+/** A pipe: [read end, write end], both close-on-exec. */
+export function pipe(flags = 0): [number, number] {
+  check(raw.pipe2(statBuf.address + 1024, O_CLOEXEC | flags), 'pipe2');
+  return [statBuf.view.getInt32(1024, true), statBuf.view.getInt32(1028, true)];
 }
 
 export function memfdCreate(name: string, size: number): number {

@@ -1,5 +1,6 @@
 import { VxError } from '../errors.js';
 import type { RegionInfo } from '../memory/guest-memory.js';
+import type { LogInfo } from '../memory/dirty-log.js';
 
 /**
  * A backend's refusal of something the frontend asked for (logged as a refusal, not a bug).
@@ -25,6 +26,13 @@ export interface VringConfig {
   kickFd: number;
   callFd: number;
   errFd: number;
+  /**
+   * VHOST_VRING_F_LOG of SET_VRING_ADDR: while a dirty log is given, used-ring writes are marked
+   * at logGuestAddr + their offset into the used ring (DirtyLog.markUsed), not at usedGpa.
+   */
+  logUsed: boolean;
+  /** log_guest_addr of SET_VRING_ADDR (0 unless logUsed). */
+  logGuestAddr: number;
 }
 
 /**
@@ -53,4 +61,18 @@ export interface VhostUserBackend {
   sendRarp(mac: Uint8Array): void;
   /** Frontend gone or device reset: drop all per-session state (queues must be stopped already). */
   sessionReset(reason: string): void;
+  /**
+   * The dirty log to mark every guest write into (DirtyLog over `log`), or null: no logging.
+   * Non-null exactly while VHOST_F_LOG_ALL is acked and SET_LOG_BASE gave a log; may change while
+   * rings run. Before returning, the backend must stop marking into the previous log (the session
+   * unmaps it next). A backend with this hook is offered VHOST_F_LOG_ALL and LOG_SHMFD.
+   */
+  dirtyLogChanged?(log: LogInfo | null): void;
+  /**
+   * Device state for migration (SET_DEVICE_STATE_FD, save direction), called while every ring is
+   * stopped. A backend with saveState and loadState is offered VHOST_USER_PROTOCOL_F_DEVICE_STATE.
+   */
+  saveState?(): Uint8Array;
+  /** Takes the state saved by a source backend; throws a VxError with a code to refuse it (fails the migration). */
+  loadState?(state: Uint8Array): void;
 }

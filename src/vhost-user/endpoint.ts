@@ -5,6 +5,7 @@ import { claimSocketPath, type SocketClaim } from '../sys/socket-claim.js';
 import { logger, type Logger } from '../log.js';
 import { Session } from './session.js';
 import type { VhostUserBackend } from './backend.js';
+import type { TransferRecord } from './device-state.js';
 
 type PollHandle = ReturnType<typeof koffi.node.poll>;
 
@@ -41,6 +42,8 @@ export class VhostUserEndpoint {
   connections = 0;
   /** Refused requests by error code, over every session this endpoint ran. */
   readonly refusals = new Map<string, number>();
+  /** The last device-state transfer (migration save or load), over every session. */
+  lastMigration: TransferRecord | null = null;
 
   constructor(private readonly opts: EndpointOptions) {
     this.log = logger(opts.backend.name);
@@ -108,7 +111,7 @@ export class VhostUserEndpoint {
 
   private attach(sock: UnixSocket): void {
     this.connections++;
-    const session = new Session(sock, this.opts.backend, (_s, reason) => this.detached(reason), this.refusals);
+    const session = new Session(sock, this.opts.backend, (_s, reason) => this.detached(reason), this.refusals, (r) => { this.lastMigration = r; });
     this.session = session;
     this.log.info(`frontend connected (${this.opts.mode} mode, ${this.opts.path})`);
     this.sessionPoll = koffi.node.poll(sock.fd, { readable: true, disconnect: true }, () => session.onReadable());

@@ -1,21 +1,7 @@
-import koffi from 'koffi';
 import { VxError } from '../errors.js';
-import { SharedMapping, closeFd, NativeBuffer, check } from '../sys/libc.js';
+import { SharedMapping, closeFd, fdInfo } from '../sys/libc.js';
 import type { MemoryRegionDesc } from './protocol.js';
 import { MAX_GUEST_ADDRESS, type RegionInfo } from '../memory/guest-memory.js';
-
-const fstat = koffi.load('libc.so.6').func('fstat', 'int', ['int', 'intptr_t']);
-const statBuf = new NativeBuffer(4096);
-
-/** Size and st_blksize (2 MiB for hugetlbfs, the page size for memfd/shm) of an fd. */
-function fileInfo(fd: number): { size: number; blockSize: number; regular: boolean } {
-  check(fstat(fd, statBuf.address), 'fstat');
-  // struct stat on x86_64: st_mode u32 @24, st_size i64 @48, st_blksize i64 @56.
-  const mode = statBuf.view.getUint32(24, true);
-  const size = Number(statBuf.view.getBigInt64(48, true));
-  const b = Number(statBuf.view.getBigInt64(56, true));
-  return { size, blockSize: b > 0 && b <= 1 << 30 ? b : 4096, regular: (mode & 0o170000) === 0o100000 };
-}
 
 interface Mapped {
   desc: MemoryRegionDesc;
@@ -64,9 +50,9 @@ export class MemoryTable {
   add(d: MemoryRegionDesc, fd: number): void {
     try {
       MemoryTable.validate(d, this.mapped.map((m) => m.desc));
-      const info = fileInfo(fd);
+      const info = fdInfo(fd);
       // Touching a mapping past the end of its file is SIGBUS, not an error we could catch.
-      if (!info.regular) throw new MemoryTableError('region-not-memory-file', 'region fd is not a memory file (memfd, shm or hugetlbfs)');
+      if (info.kind !== 'file') throw new MemoryTableError('region-not-memory-file', 'region fd is not a memory file (memfd, shm or hugetlbfs)');
       if (d.mmapOffset + d.size > info.size) {
         throw new MemoryTableError('region-file-too-small', `region needs ${d.mmapOffset + d.size} bytes of its file, which has ${info.size}`);
       }

@@ -45,6 +45,8 @@ export enum Request {
   REM_MEM_REG = 38,
   SET_STATUS = 39,
   GET_STATUS = 40,
+  SET_DEVICE_STATE_FD = 42,
+  CHECK_DEVICE_STATE = 43,
 }
 
 export function requestName(id: number): string {
@@ -66,12 +68,15 @@ export enum ProtocolFeature {
   INBAND_NOTIFICATIONS = 14,
   CONFIGURE_MEM_SLOTS = 15,
   STATUS = 16,
+  DEVICE_STATE = 19,
 }
 
 /** Virtio feature bit that says the backend speaks GET/SET_PROTOCOL_FEATURES. */
 export const F_PROTOCOL_FEATURES = 30;
-/** VHOST_F_LOG_ALL: dirty logging for live migration (not offered: we do not log). */
+/** VHOST_F_LOG_ALL: dirty logging for live migration (offered when the backend takes a dirty log). */
 export const F_LOG_ALL = 26;
+/** SET_VRING_ADDR flags bit VHOST_VRING_F_LOG: used-ring writes are logged at log_guest_addr. */
+export const VRING_F_LOG = 0;
 
 export const bit = (n: number): bigint => 1n << BigInt(n);
 
@@ -143,6 +148,20 @@ export function vringAddrPayload(a: VringAddr): Uint8Array {
   v.setBigUint64(32, BigInt(a.logGuest), true);
   return b;
 }
+
+/** SET_LOG_BASE payload: "Log description" (u64 log size, u64 log offset). */
+export const LOG_DESC_SIZE = 16;
+
+export function logDescPayload(size: number, offset: number): Uint8Array {
+  const b = new Uint8Array(LOG_DESC_SIZE);
+  const v = new DataView(b.buffer);
+  v.setBigUint64(0, BigInt(size), true);
+  v.setBigUint64(8, BigInt(offset), true);
+  return b;
+}
+
+/** SET_DEVICE_STATE_FD payload: "Device state transfer parameters" (u32 direction, u32 phase). */
+export const DEVICE_STATE_PARAMS_SIZE = 8;
 
 export interface MemoryRegionDesc {
   gpa: number;

@@ -2,21 +2,25 @@ import { VxError } from '../errors.js';
 import { closeFd, SysError } from '../sys/libc.js';
 import type { UnixSocket } from '../sys/unix-socket.js';
 import { logger, type Logger } from '../log.js';
-import { GuestMemory, GuestMemoryError, type RegionInfo } from '../memory/guest-memory.js';
+import { GuestMemory, GuestMemoryError, MAX_GUEST_ADDRESS, type RegionInfo } from '../memory/guest-memory.js';
 import { MemoryTable, MemoryTableError } from './memory-table.js';
+import { LogMapping, LogBaseError } from './log-base.js';
+import { StateTransfer, DeviceStateError, STATE_NOFD, type TransferRecord } from './device-state.js';
+import { logBytesFor, type LogInfo } from '../memory/dirty-log.js';
 import { MessageReader, ProtocolError, type Message } from './message-reader.js';
 import { BackendRefusal, type VhostUserBackend } from './backend.js';
 import {
   Request, ProtocolFeature, requestName, encodeMessage, u64Payload, vringStatePayload, hasBit,
   F_PROTOCOL_FEATURES, FLAG_VERSION, FLAG_VERSION_MASK, FLAG_REPLY, FLAG_NEED_REPLY, VRING_INDEX_MASK,
-  VRING_NOFD_MASK, MAX_MEM_REGIONS, MEMORY_REGION_SIZE, VRING_ADDR_SIZE, type MemoryRegionDesc,
+  VRING_NOFD_MASK, MAX_MEM_REGIONS, MEMORY_REGION_SIZE, VRING_ADDR_SIZE, F_LOG_ALL, VRING_F_LOG, LOG_DESC_SIZE,
+  DEVICE_STATE_PARAMS_SIZE, bit, type MemoryRegionDesc,
 } from './protocol.js';
 
 export type RequestErrorCode =
   | 'bad-version' | 'unsupported-request' | 'bad-payload-size' | 'bad-fd-count' | 'feature-not-negotiated'
   | 'unoffered-features' | 'bad-vring-index' | 'bad-region-count' | 'no-free-mem-slot' | 'no-such-region'
   | 'vring-running' | 'bad-vring-size' | 'bad-vring-base' | 'bad-fd-word' | 'no-kick-fd' | 'bad-enable-value'
-  | 'vring-outside-memory';
+  | 'vring-outside-memory' | 'bad-vring-flags' | 'vring-addr-changed';
 
 /**
  * A request the session refuses; the code names the rule, the message the values (logged with
@@ -34,6 +38,9 @@ interface VringState {
   availUser: number;
   usedUser: number;
   addrSet: boolean;
+  /** VHOST_VRING_F_LOG and log_guest_addr of the last SET_VRING_ADDR. */
+  logUsed: boolean;
+  logGuestAddr: number;
   base: number;
   kickFd: number;
   callFd: number;
@@ -44,7 +51,7 @@ interface VringState {
 }
 
 function freshVring(enabled: boolean): VringState {
-  return { num: 0, descUser: 0, availUser: 0, usedUser: 0, addrSet: false, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled, started: false, running: false };
+  return { num: 0, descUser: 0, availUser: 0, usedUser: 0, addrSet: false, logUsed: false, logGuestAddr: 0, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled, started: false, running: false };
 }
 
 type Range = readonly [number, number];
@@ -55,10 +62,21 @@ interface HandlerSpec {
   fds: Range;
   /** The request always has a reply (so REPLY_ACK does not add one). */
   replies?: boolean;
+  /** The request has a reply once this protocol feature is negotiated (SET_LOG_BASE with LOG_SHMFD). */
+  repliesWith?: ProtocolFeature;
+  /**
+   * The reply that means failure, for a replying request whose reply has one: a refusal is
+   * answered with it instead of closing the connection (without it, the frontend would take
+   * whatever we answer for success, so a refusal must hang up).
+   */
+  failReply?: Uint8Array;
   /** Only valid once this protocol feature has been negotiated. */
   protocolFeature?: ProtocolFeature;
   run(s: Session, m: Message, v: DataView): Uint8Array | void;
 }
+
+/** End of the highest guest region (0 without memory): what a dirty log must cover. */
+const regionsEnd = (infos: readonly RegionInfo[]): number => infos.reduce((end, r) => Math.max(end, r.gpa + r.size), 0);
 
 const u64 = (v: DataView, off = 0) => Number(v.getBigUint64(off, true));
 
@@ -71,9 +89,9 @@ function readRegion(v: DataView, off: number): MemoryRegionDesc {
  * handler runs (the rust-vmm dispatcher shape). Index checks live in `vring()`, once.
  */
 const handlers: Partial<Record<Request, HandlerSpec>> = {
-  [Request.GET_FEATURES]: { size: [0, 0], fds: [0, 0], replies: true, run: (s) => u64Payload(s.backend.deviceFeatures()) },
+  [Request.GET_FEATURES]: { size: [0, 0], fds: [0, 0], replies: true, run: (s) => u64Payload(s.offeredFeatures()) },
   [Request.SET_FEATURES]: { size: [8, 8], fds: [0, 0], run: (s, _m, v) => s.setFeatures(v.getBigUint64(0, true)) },
-  [Request.GET_PROTOCOL_FEATURES]: { size: [0, 0], fds: [0, 0], replies: true, run: (s) => u64Payload(s.backend.protocolFeatures()) },
+  [Request.GET_PROTOCOL_FEATURES]: { size: [0, 0], fds: [0, 0], replies: true, run: (s) => u64Payload(s.offeredProtocolFeatures()) },
   [Request.SET_PROTOCOL_FEATURES]: { size: [8, 8], fds: [0, 0], run: (s, _m, v) => s.setProtocolFeatures(v.getBigUint64(0, true)) },
   [Request.SET_OWNER]: { size: [0, 0], fds: [0, 0], run: (s) => { s.owned = true; } },
   [Request.RESET_OWNER]: { size: [0, 0], fds: [0, 0], run: (s) => s.resetDevice('RESET_OWNER') },
@@ -93,6 +111,24 @@ const handlers: Partial<Record<Request, HandlerSpec>> = {
   [Request.SET_VRING_ENABLE]: { size: [8, 8], fds: [0, 0], run: (s, _m, v) => s.setVringEnable(v.getUint32(0, true), v.getUint32(4, true)) },
   [Request.NET_SET_MTU]: { size: [8, 8], fds: [0, 0], protocolFeature: ProtocolFeature.NET_MTU, run: (s, _m, v) => s.backend.setMtu(u64(v)) },
   [Request.SEND_RARP]: { size: [8, 8], fds: [0, 0], protocolFeature: ProtocolFeature.RARP, run: (s, m) => s.backend.sendRarp(m.payload.slice(0, 6)) },
+  // No failReply: QEMU reads the reply without looking at it, so a failure must hang up (the
+  // migration then fails) rather than let the frontend believe we log.
+  [Request.SET_LOG_BASE]: {
+    size: [LOG_DESC_SIZE, LOG_DESC_SIZE], fds: [1, 1], protocolFeature: ProtocolFeature.LOG_SHMFD, repliesWith: ProtocolFeature.LOG_SHMFD,
+    run: (s, m, v) => s.setLogBase({ size: u64(v), offset: u64(v, 8) }, m.fds.shift()!),
+  },
+  // "an optional message with an eventfd ... to inform the front-end that the log has been
+  // modified": QEMU reads the log on its own schedule, so we never signal it (the fd is closed).
+  [Request.SET_LOG_FD]: { size: [0, 0], fds: [1, 1], protocolFeature: ProtocolFeature.LOG_SHMFD, run: () => undefined },
+  [Request.SET_DEVICE_STATE_FD]: {
+    size: [DEVICE_STATE_PARAMS_SIZE, DEVICE_STATE_PARAMS_SIZE], fds: [1, 1], replies: true, protocolFeature: ProtocolFeature.DEVICE_STATE,
+    // "Bits 0-7 are 0 on success, and non-zero on error. Bit 8 is the invalid FD flag": set always,
+    // we return no fd ("The back-end must not both indicate an error and return a file descriptor").
+    failReply: u64Payload(STATE_NOFD | 1),
+    run: (s, m, v) => s.setDeviceStateFd(v.getUint32(0, true), v.getUint32(4, true), m.fds.shift()!),
+  },
+  // "0 is success, any non-zero value is an error."
+  [Request.CHECK_DEVICE_STATE]: { size: [0, 0], fds: [0, 0], replies: true, protocolFeature: ProtocolFeature.DEVICE_STATE, failReply: u64Payload(1), run: (s) => s.checkDeviceState() },
 };
 
 /**
@@ -109,6 +145,10 @@ export class Session {
   private protoNegotiated = false;
   private readonly table = new MemoryTable();
   private memory: GuestMemory | null = null;
+  /** The log of SET_LOG_BASE, and what the backend was last told to mark into. */
+  private logMap: LogMapping | null = null;
+  private logGiven: LogInfo | null = null;
+  private transfer: StateTransfer | null = null;
   private vrings: VringState[];
   private readonly reader: MessageReader;
   private closed = false;
@@ -120,7 +160,7 @@ export class Session {
    * endpoint passes one map for all its sessions so the counts outlive a frontend's connection.
    */
   constructor(readonly socket: UnixSocket, backend: VhostUserBackend, private readonly onClose: (s: Session, reason: string) => void,
-    private readonly refusals = new Map<string, number>()) {
+    private readonly refusals = new Map<string, number>(), private readonly onTransfer: (r: TransferRecord) => void = () => {}) {
     this.backend = backend;
     this.log = logger(backend.name);
     this.reader = new MessageReader(socket);
@@ -168,7 +208,8 @@ export class Session {
     } catch (e) {
       error = (e as Error).message;
       code = e instanceof VxError ? e.code : 'internal';
-      if (!(e instanceof RequestError || e instanceof GuestMemoryError || e instanceof MemoryTableError || e instanceof SysError || e instanceof BackendRefusal)) {
+      if (!(e instanceof RequestError || e instanceof GuestMemoryError || e instanceof MemoryTableError || e instanceof SysError || e instanceof BackendRefusal
+        || e instanceof LogBaseError || e instanceof DeviceStateError)) {
         this.log.error(`${name}: unexpected ${(e as Error).stack ?? e}`);
       }
     } finally {
@@ -176,17 +217,19 @@ export class Session {
       for (const fd of m.fds) closeFd(fd);
       m.fds.length = 0;
     }
+    const replies = spec !== undefined && (spec.replies === true || (spec.repliesWith !== undefined && this.hasProto(spec.repliesWith)));
     if (error !== null) {
       this.refused++;
       this.refusals.set(code, (this.refusals.get(code) ?? 0) + 1);
       this.log.warn(`refused ${name} (${code}): ${error}`);
+      if (replies && spec.failReply && !this.closed) return this.send(request, spec.failReply);
       // A request whose reply the frontend waits for cannot be answered with garbage: hang up.
-      if (spec?.replies) return this.close(`${name} failed: ${error}`);
+      if (replies) return this.close(`${name} failed: ${error}`);
       if (wantAck) this.send(request, u64Payload(1));
       return;
     }
     if (this.closed) return;
-    if (spec?.replies && reply) this.send(request, reply);
+    if (replies && reply) this.send(request, reply);
     else if (wantAck) this.send(request, u64Payload(0));
   }
 
@@ -203,15 +246,32 @@ export class Session {
     return this.protoNegotiated && hasBit(this.protoFeatures, f);
   }
 
+  /** The backend's features, plus VHOST_F_LOG_ALL when it takes a dirty log (the session does the protocol side). */
+  offeredFeatures(): bigint {
+    return this.backend.deviceFeatures() | (this.backend.dirtyLogChanged ? bit(F_LOG_ALL) : 0n);
+  }
+
+  /** The backend's protocol features, plus LOG_SHMFD and DEVICE_STATE when it has their hooks. */
+  offeredProtocolFeatures(): bigint {
+    const b = this.backend;
+    return b.protocolFeatures() | (b.dirtyLogChanged ? bit(ProtocolFeature.LOG_SHMFD) : 0n)
+      | (b.saveState && b.loadState ? bit(ProtocolFeature.DEVICE_STATE) : 0n);
+  }
+
+  /**
+   * The spec: "To start/stop logging ... the front-end may send messages VHOST_USER_SET_FEATURES
+   * with VHOST_F_LOG_ALL", while rings run; the backend accepts that bit changing at any time.
+   */
   setFeatures(f: bigint): void {
-    const offered = this.backend.deviceFeatures();
+    const offered = this.offeredFeatures();
     if ((f & ~offered) !== 0n) throw new RequestError('unoffered-features', `features 0x${f.toString(16)} include bits never offered (0x${(f & ~offered).toString(16)})`);
-    this.features = f;
     this.backend.featuresAcked(f);
+    this.features = f;
+    this.updateDirtyLog();
   }
 
   setProtocolFeatures(f: bigint): void {
-    const offered = this.backend.protocolFeatures();
+    const offered = this.offeredProtocolFeatures();
     if ((f & ~offered) !== 0n) throw new RequestError('unoffered-features', `protocol features 0x${f.toString(16)} include bits never offered`);
     this.protoFeatures = f;
     this.protoNegotiated = true;
@@ -254,6 +314,9 @@ export class Session {
     this.backend.memoryChanged(infos);
     release();
     this.log.info(`memory table: ${infos.length} region(s), ${(infos.reduce((a, r) => a + r.size, 0) / 2 ** 20).toFixed(0)} MiB`);
+    const end = regionsEnd(infos);
+    // QEMU grows the log before it adds memory; marks beyond a log that did not grow are refused and counted.
+    if (this.logMap && this.logMap.info.size < logBytesFor(end)) this.log.warn(`dirty log of ${this.logMap.info.size} bytes does not cover guest memory up to 0x${end.toString(16)}`);
     this.vrings.forEach((_v, i) => {
       try {
         this.maybeStart(i);
@@ -289,6 +352,80 @@ export class Session {
     this.swapMemory(remaining, () => this.table.remove(d));
   }
 
+  /**
+   * SET_LOG_BASE: maps the new log, moves the backend onto it, then unmaps the old one. QEMU sends
+   * it when logging starts and whenever guest memory outgrows the log, possibly while rings run.
+   */
+  setLogBase(d: { size: number; offset: number }, fd: number): Uint8Array {
+    const next = LogMapping.map(d, fd, regionsEnd(this.table.infos()));
+    const old = this.logMap;
+    this.logMap = next;
+    this.updateDirtyLog();
+    old?.unmap();
+    this.log.info(`dirty log: ${d.size} bytes at offset ${d.offset}`);
+    // The spec lists SET_LOG_BASE among the requests with a reply (with LOG_SHMFD) without a body
+    // format; QEMU only checks the request id. A u64 0 reads as success either way.
+    return u64Payload(0);
+  }
+
+  /** Tells the backend where to mark: the log while LOG_ALL is acked and a log is mapped, else null. */
+  private updateDirtyLog(): void {
+    const want = hasBit(this.features, F_LOG_ALL) && this.logMap ? this.logMap.info : null;
+    if (want === this.logGiven) return;
+    this.backend.dirtyLogChanged?.(want);
+    this.logGiven = want;
+    this.log.info(want ? 'dirty logging on' : 'dirty logging off');
+  }
+
+  /** Unmaps the log after telling the backend to stop marking into it. */
+  private dropLog(): void {
+    const had = this.logMap;
+    this.logMap = null;
+    try {
+      this.updateDirtyLog();
+    } finally {
+      had?.unmap();
+    }
+  }
+
+  get logging(): boolean { return this.logGiven !== null; }
+
+  /**
+   * SET_DEVICE_STATE_FD: starts saving (source) or loading (destination) the backend's state over
+   * the fd. "Migration phase ... 0: Stopped ... the vhost-user device is suspended": refused while
+   * any ring runs. A new transfer replaces one still under way.
+   */
+  setDeviceStateFd(direction: number, phase: number, fd: number): Uint8Array {
+    const running = this.vrings.findIndex((v) => v.running);
+    if (running >= 0) {
+      closeFd(fd);
+      throw new DeviceStateError('device-not-suspended', `vring ${running} is running; state moves only while the device is suspended`);
+    }
+    this.transfer?.cancel('a new SET_DEVICE_STATE_FD');
+    this.transfer = null;
+    const b = this.backend;
+    this.transfer = StateTransfer.begin(direction, phase, fd, {
+      state: () => b.saveState!(),
+      apply: (bytes) => b.loadState!(bytes),
+      onDone: (r) => {
+        this.log[r.ok ? 'info' : 'warn'](`device state ${r.direction}: ${r.bytes} bytes in ${r.ms} ms${r.ok ? '' : `, failed (${r.code}): ${r.reason}`}`);
+        this.onTransfer(r);
+      },
+    });
+    return u64Payload(STATE_NOFD);
+  }
+
+  /** CHECK_DEVICE_STATE: the result of the last transfer (its failure is a refusal with its code). */
+  checkDeviceState(): Uint8Array {
+    const t = this.transfer;
+    this.transfer = null;
+    if (!t) throw new DeviceStateError('no-transfer', 'no SET_DEVICE_STATE_FD to check');
+    const r = t.finish();
+    // The refusal carries the transfer's own code (the backend's, when loadState refused the state).
+    if (!r.ok) throw new DeviceStateError(r.code ?? 'transfer-failed', `${r.direction}: ${r.reason ?? 'failed'}`);
+    return u64Payload(0);
+  }
+
   setVringNum(index: number, num: number): void {
     const v = this.vring(index);
     if (v.running) throw new RequestError('vring-running', `vring ${index} is running`);
@@ -296,13 +433,34 @@ export class Session {
     v.num = num;
   }
 
+  /**
+   * SET_VRING_ADDR. On a running ring only the logging fields may change ("To start/stop logging
+   * of data/used ring writes, the front-end may send ... VHOST_USER_SET_VRING_ADDR with
+   * VHOST_VRING_F_LOG in ring's flags set to 1/0"): the ring restarts from where it stopped,
+   * between two bursts, with the new fields.
+   */
   setVringAddr(dv: DataView): void {
     const index = dv.getUint32(0, true);
+    const flags = dv.getUint32(4, true);
     const v = this.vring(index);
-    if (v.running) throw new RequestError('vring-running', `vring ${index} is running`);
-    v.descUser = u64(dv, 8);
-    v.usedUser = u64(dv, 16);
-    v.availUser = u64(dv, 24);
+    if ((flags & ~(1 << VRING_F_LOG)) !== 0) throw new RequestError('bad-vring-flags', `vring ${index} flags 0x${flags.toString(16)} (only VHOST_VRING_F_LOG is defined)`);
+    const desc = u64(dv, 8), used = u64(dv, 16), avail = u64(dv, 24);
+    const logUsed = (flags & (1 << VRING_F_LOG)) !== 0;
+    const logGuestAddr = logUsed ? u64(dv, 32) : 0;
+    if (logUsed && !(logGuestAddr >= 0 && logGuestAddr + 6 + 8 * 32768 <= MAX_GUEST_ADDRESS)) {
+      throw new RequestError('bad-vring-flags', `vring ${index} log_guest_addr 0x${logGuestAddr.toString(16)} out of range`);
+    }
+    if (v.running) {
+      if (desc !== v.descUser || used !== v.usedUser || avail !== v.availUser) throw new RequestError('vring-addr-changed', `vring ${index} is running; only its logging may change`);
+      if (logUsed === v.logUsed && logGuestAddr === v.logGuestAddr) return;
+      v.base = this.backend.stopVring(index);
+      v.running = false;
+    }
+    v.descUser = desc;
+    v.usedUser = used;
+    v.availUser = avail;
+    v.logUsed = logUsed;
+    v.logGuestAddr = logGuestAddr;
     v.addrSet = true;
     this.maybeStart(index);
   }
@@ -385,6 +543,7 @@ export class Session {
         availGpa: this.memory.uvaToGpa(v.availUser, 6 + 2 * size),
         usedGpa: this.memory.uvaToGpa(v.usedUser, 6 + 8 * size),
         lastAvailIdx: v.base, kickFd: v.kickFd, callFd: v.callFd, errFd: v.errFd,
+        logUsed: v.logUsed, logGuestAddr: v.logGuestAddr,
       };
     } catch (e) {
       throw new RequestError('vring-outside-memory', `vring ${index}: ${(e as Error).message}`, { cause: e });
@@ -406,6 +565,8 @@ export class Session {
       return { ...freshVring(true), callFd: v.callFd, errFd: v.errFd };
     });
     this.features = 0n;
+    // Logging starts again with a new SET_LOG_BASE; a state transfer is not device state and goes on.
+    this.dropLog();
     this.backend.sessionReset(reason);
     // The backend dropped its view of guest memory with the reset; the table itself stays.
     if (this.memory) this.backend.memoryChanged(this.table.infos());
@@ -434,10 +595,16 @@ export class Session {
     this.closed = true;
     try {
       this.stopAll();
+      this.features = 0n;
+      this.dropLog();
       this.backend.sessionReset(reason);
     } catch (e) {
       this.log.error(`reset after disconnect: ${(e as Error).message}`);
     }
+    this.logMap?.unmap();
+    this.logMap = null;
+    this.transfer?.cancel(`frontend gone: ${reason}`);
+    this.transfer = null;
     for (const v of this.vrings) this.closeVringFds(v);
     this.memory = null;
     this.table.clear();
