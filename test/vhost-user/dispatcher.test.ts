@@ -3,13 +3,12 @@
 // rule, through the project's TS frontend on the device's unix socket, and reads the outcome
 // as a code: the REPLY_ACK status, the refused-request counter of the control API, the device
 // state the handler would have changed, or the connection being closed. Never log text.
-import { describe, test, expect, beforeAll, afterAll, afterEach } from 'vitest';
-import path from 'node:path';
-import { startBackend, tempDir, countFds, type Backend } from '../support/backend.js';
+import { describe, test, expect } from 'vitest';
+import { countFds } from '../support/backend.js';
+import { useTapDevice } from '../support/device-rig.js';
 import { TestFrontend, DEFAULT_FEATURES } from '../support/frontend/test-frontend.js';
-import { uniqueIfName, linkExists, deleteLink } from '../support/netdev.js';
 import { waitUntil, sleep } from '../support/processes.js';
-import { eventfdCreate, memfdCreate, closeFd } from '../../src/sys/libc.js';
+import { eventfdCreate, memfdCreate } from '../../src/sys/libc.js';
 import {
   Request, ProtocolFeature, FLAG_VERSION, FLAG_NEED_REPLY, FLAG_REPLY, HEADER_SIZE, MAX_PAYLOAD, F_PROTOCOL_FEATURES,
   bit, u64Payload, vringStatePayload, memTablePayload,
@@ -20,34 +19,11 @@ const NONE = new Uint8Array(0);
 /** queues=1: vrings 0 and 1 exist, 2 is the first index out of range. */
 const VRINGS = 2;
 
-let be: Backend;
-let sock: string;
-let tap: string;
-const openFe: TestFrontend[] = [];
-const openFds: number[] = [];
-
-beforeAll(async () => {
-  const dir = tempDir('dispatch');
-  tap = uniqueIfName('vxdsp');
-  sock = path.join(dir, 'd.sock');
-  be = await startBackend(['--device', `name=disp,socket=${sock},port=tap:${tap},queues=1`], { dir });
-});
-
-afterAll(async () => {
-  for (const fe of openFe) fe.close();
-  await be?.stop();
-  if (tap && linkExists(tap)) deleteLink(tap);
-});
-
-afterEach(async () => {
-  for (const fe of openFe.splice(0)) fe.close();
-  for (const fd of openFds.splice(0)) closeFd(fd);
-  // One frontend per device: the next test's connection must not race this one's teardown.
-  await waitUntil(async () => (await device()).connected === false, 3000, 'session closed');
-});
+const rig = useTapDevice('disp', 'dispatch');
+const { openFe, openFds } = rig;
 
 async function device(): Promise<{ connected: boolean; refusedRequests: number; featureBits: string; mtu: number; runningVrings: number[] }> {
-  return (await be.call('status')).devices.find((d: { name: string }) => d.name === 'disp');
+  return rig.device();
 }
 
 const refused = async (): Promise<number> => (await device()).refusedRequests;
@@ -64,7 +40,7 @@ function eventfd(): number {
  * exactly `proto`, or nothing at all when `proto` is null). No rings, no memory.
  */
 async function session(proto: ProtocolFeature[] | null = [ProtocolFeature.REPLY_ACK]): Promise<TestFrontend> {
-  const fe = await TestFrontend.connect(sock, { start: false });
+  const fe = await TestFrontend.connect(rig.sock, { start: false });
   openFe.push(fe);
   await fe.request(Request.GET_FEATURES, NONE, [], true);
   if (proto !== null) {
@@ -112,10 +88,10 @@ async function ackableFeatures(fe: TestFrontend): Promise<bigint> {
 
 /** The backend's open fd count once it stops moving (control API connections close asynchronously). */
 async function settledFdCount(): Promise<number> {
-  let last = countFds(be.proc.pid);
+  let last = countFds(rig.be.proc.pid);
   for (let i = 0; i < 30; i++) {
     await sleep(100);
-    const now = countFds(be.proc.pid);
+    const now = countFds(rig.be.proc.pid);
     if (now === last) return now;
     last = now;
   }

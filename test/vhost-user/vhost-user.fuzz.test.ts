@@ -6,8 +6,8 @@ import { PacketSocket } from '../support/packet-socket.js';
 import { uniqueIfName, disableIpv6 } from '../support/netdev.js';
 import { waitUntil } from '../support/processes.js';
 import { udpFrame, seqOf, HOST_MAC, GUEST_MAC } from '../support/frames.js';
-import { eventfdCreate, eventfdSignal, memfdCreate, closeFd } from '../../src/sys/libc.js';
-import { Request, FLAG_VERSION, FLAG_NEED_REPLY, memTablePayload, u64Payload, vringStatePayload, vringAddrPayload } from '../../src/vhost-user/protocol.js';
+import { eventfdCreate, eventfdSignal, memfdCreate, closeFd, pipe } from '../../src/sys/libc.js';
+import { Request, ProtocolFeature, FLAG_VERSION, FLAG_NEED_REPLY, F_LOG_ALL, bit, memTablePayload, u64Payload, vringStatePayload, vringAddrPayload, logDescPayload } from '../../src/vhost-user/protocol.js';
 
 // Seeded PRNG so a failure can be replayed: VHOST_FUZZ_SEED=<n>.
 function prng(seed: number) {
@@ -53,7 +53,7 @@ function randomMessage(r: Rng, fe: TestFrontend, tmpFds: number[]): { request: n
     }
   };
   const index = r.chance(0.7) ? r.int(6) : r.u32() & 0x1ff;
-  switch (r.int(9)) {
+  switch (r.int(10)) {
     case 0: { // arbitrary request id, size and fds
       if (r.chance(0.3)) addFds(r.int(4), r.pick(['event', 'mem'] as const));
       return { request: r.int(50), flags, payload: r.bytes(r.int(320)), fds };
@@ -91,6 +91,30 @@ function randomMessage(r: Rng, fe: TestFrontend, tmpFds: number[]): { request: n
       v.setBigUint64(16, BigInt(r.chance(0.5) ? 1 << 20 : r.u32()), true);
       v.setBigUint64(24, BigInt(fuzzAddress(r, 1 << 20, fe.mapping.address)), true);
       return { request: r.pick([Request.ADD_MEM_REG, Request.REM_MEM_REG]), flags, payload: p, fds };
+    }
+    case 8: { // migration: open the gates, then logs and state transfers with lying sizes and fds
+      const which = r.int(5);
+      if (which === 0) {
+        const bits = [ProtocolFeature.LOG_SHMFD, ProtocolFeature.DEVICE_STATE, ProtocolFeature.REPLY_ACK, ProtocolFeature.MQ].filter(() => r.chance(0.7));
+        return { request: Request.SET_PROTOCOL_FEATURES, flags, fds, payload: u64Payload(bits.reduce((m, b) => m | bit(b), 0n)) };
+      }
+      if (which === 1) {
+        addFds(r.chance(0.9) ? 1 : r.int(3), r.pick(['mem', 'smallmem', 'event'] as const));
+        const size = r.pick([0, 8, 128, 4096, 1 << 20, r.u32()]);
+        return { request: Request.SET_LOG_BASE, flags, fds, payload: logDescPayload(size, r.chance(0.7) ? 0 : fuzzAddress(r, 4096)) };
+      }
+      if (which === 2) {
+        const [rd, wr] = pipe();
+        tmpFds.push(rd, wr);
+        const dir = r.chance(0.9) ? r.int(2) : r.u32();
+        fds.push(r.chance(0.8) ? (dir === 0 ? wr : rd) : (dir === 0 ? rd : wr));
+        const p = new Uint8Array(8);
+        new DataView(p.buffer).setUint32(0, dir, true);
+        new DataView(p.buffer).setUint32(4, r.chance(0.9) ? 0 : r.u32(), true);
+        return { request: Request.SET_DEVICE_STATE_FD, flags, fds, payload: p };
+      }
+      if (which === 3) return { request: Request.CHECK_DEVICE_STATE, flags, fds, payload: new Uint8Array(0) };
+      return { request: Request.SET_FEATURES, flags, fds, payload: u64Payload(fe.features ^ (r.chance(0.8) ? bit(F_LOG_ALL) : bit(r.int(64)))) };
     }
     default: // wrong payload size for a known request
       return { request: r.int(41), flags, payload: r.bytes(r.pick([1, 7, 9, 39, 41, 300])), fds };

@@ -2,11 +2,12 @@
 // backend. Fast enough for unit, fuzz and bench use; it plays "the guest" without QEMU.
 import { setTimeout as sleep } from 'node:timers/promises';
 import { UnixSocket } from '../../../src/sys/unix-socket.js';
-import { memfdCreate, SharedMapping, eventfdCreate, eventfdSignal, eventfdDrain, closeFd } from '../../../src/sys/libc.js';
+import { memfdCreate, SharedMapping, eventfdCreate, eventfdSignal, eventfdDrain, closeFd, pipe, raw, NativeBuffer, setNonBlocking, lastErrno, Errno } from '../../../src/sys/libc.js';
 import { GuestMemory } from '../../../src/memory/guest-memory.js';
 import {
   Request, ProtocolFeature, FLAG_VERSION, FLAG_NEED_REPLY, FLAG_REPLY, HEADER_SIZE, bit, hasBit,
   encodeMessage, decodeHeader, u64Payload, vringStatePayload, vringAddrPayload, memTablePayload, F_PROTOCOL_FEATURES,
+  logDescPayload, VRING_F_LOG, type VringAddr,
 } from '../../../src/vhost-user/protocol.js';
 import { NetFeature as F } from '../../../src/net/features.js';
 import { DriverQueue } from './driver-queue.js';
@@ -19,6 +20,8 @@ export interface FrontendOptions {
   features?: bigint;
   /** Start the rings (default true). */
   start?: boolean;
+  /** Protocol features to negotiate besides the default set (masked with what the backend offers). */
+  protocolFeatures?: bigint;
   connectTimeoutMs?: number;
 }
 
@@ -69,6 +72,7 @@ export class TestFrontend {
     const opts: Required<FrontendOptions> = {
       queuePairs: options.queuePairs ?? 1, queueSize: options.queueSize ?? 256, memBytes: options.memBytes ?? 32 << 20,
       features: options.features ?? DEFAULT_FEATURES, start: options.start ?? true, connectTimeoutMs: options.connectTimeoutMs ?? 10_000,
+      protocolFeatures: options.protocolFeatures ?? 0n,
     };
     const deadline = Date.now() + opts.connectTimeoutMs;
     let sock: UnixSocket | null = null;
@@ -163,7 +167,7 @@ export class TestFrontend {
     this.features = offered & this.opts.features;
     if (hasBit(offered, F_PROTOCOL_FEATURES)) {
       const proto = await this.getU64(Request.GET_PROTOCOL_FEATURES);
-      const want = proto & (bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.NET_MTU) | bit(ProtocolFeature.RESET_DEVICE) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS));
+      const want = proto & (bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.NET_MTU) | bit(ProtocolFeature.RESET_DEVICE) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) | this.opts.protocolFeatures);
       // REPLY_ACK applies from the next request on, not to the one that negotiates it.
       await this.request(Request.SET_PROTOCOL_FEATURES, u64Payload(want));
       this.protocolFeatures = want;
@@ -190,7 +194,9 @@ export class TestFrontend {
         await this.request(Request.SET_VRING_NUM, vringStatePayload(index, queueSize));
         await this.request(Request.SET_VRING_BASE, vringStatePayload(index, 0));
         const l = q.layout;
-        await this.request(Request.SET_VRING_ADDR, vringAddrPayload({ index, flags: 0, descUser: this.mapping.address + l.descGpa, usedUser: this.mapping.address + l.usedGpa, availUser: this.mapping.address + l.availGpa, logGuest: 0 }));
+        const addr = { index, flags: 0, descUser: this.mapping.address + l.descGpa, usedUser: this.mapping.address + l.usedGpa, availUser: this.mapping.address + l.availGpa, logGuest: 0 };
+        this.vringAddrs[index] = addr;
+        await this.request(Request.SET_VRING_ADDR, vringAddrPayload(addr));
         await this.request(Request.SET_VRING_CALL, u64Payload(index), [st.call[k]]);
         await this.request(Request.SET_VRING_KICK, u64Payload(index), [st.kick[k]]);
         if (hasBit(this.features, F_PROTOCOL_FEATURES)) await this.request(Request.SET_VRING_ENABLE, vringStatePayload(index, 1));
@@ -282,6 +288,84 @@ export class TestFrontend {
   }
 
   private readonly bigBusy = new Set<number>();
+  /** SET_VRING_ADDR as sent at setup, per vring index. */
+  readonly vringAddrs: VringAddr[] = [];
+
+  // ---- live migration, as QEMU drives it ----
+
+  /** The guest-physical address of vring `index`'s used ring. */
+  usedGpa(index: number): number {
+    return this.vringAddrs[index]!.usedUser - this.mapping.address;
+  }
+
+  /** SET_LOG_BASE with `fd` (the backend gets a copy); returns the reply's payload (with LOG_SHMFD every SET_LOG_BASE has one). */
+  async setLogBase(fd: number, size: number, offset = 0): Promise<Uint8Array> {
+    this.sendRaw(Request.SET_LOG_BASE, FLAG_VERSION, logDescPayload(size, offset), [fd]);
+    const r = await this.readReply();
+    if (!r) throw new FrontendError('no reply to SET_LOG_BASE');
+    if (r.request !== Request.SET_LOG_BASE || !(r.flags & FLAG_REPLY)) throw new FrontendError(`reply to SET_LOG_BASE has request ${r.request}`);
+    return r.payload;
+  }
+
+  /** Re-sends vring `index`'s addresses with VHOST_VRING_F_LOG set or clear (QEMU does so when logging starts and stops). */
+  async setVringLog(index: number, on: boolean, logGuest = this.usedGpa(index)): Promise<void> {
+    const a = this.vringAddrs[index];
+    if (!a) throw new FrontendError(`vring ${index} has no addresses`);
+    await this.request(Request.SET_VRING_ADDR, vringAddrPayload({ ...a, flags: on ? 1 << VRING_F_LOG : 0, logGuest: on ? logGuest : 0 }));
+  }
+
+  async setFeatures(features: bigint): Promise<void> {
+    await this.request(Request.SET_FEATURES, u64Payload(features));
+    this.features = features;
+  }
+
+  /** SET_DEVICE_STATE_FD with `fd`; returns the reply's u64 (bits 0-7 status, bit 8 no fd). */
+  async setDeviceStateFd(direction: number, phase: number, fd: number): Promise<bigint> {
+    const b = new Uint8Array(8);
+    const v = new DataView(b.buffer);
+    v.setUint32(0, direction, true);
+    v.setUint32(4, phase, true);
+    const p = await this.request(Request.SET_DEVICE_STATE_FD, b, [fd], true);
+    return new DataView(p!.buffer, p!.byteOffset).getBigUint64(0, true);
+  }
+
+  async checkDeviceState(): Promise<bigint> {
+    const p = await this.request(Request.CHECK_DEVICE_STATE, new Uint8Array(0), [], true);
+    return new DataView(p!.buffer, p!.byteOffset).getBigUint64(0, true);
+  }
+
+  /** The source side: SAVE over a pipe, read to EOF, then CHECK_DEVICE_STATE (as QEMU's vhost_save_backend_state). */
+  async saveDeviceState(timeoutMs = 5000): Promise<{ reply: bigint; state: Uint8Array; check: bigint }> {
+    const [r, w] = pipe();
+    try {
+      const reply = await this.setDeviceStateFd(0, 0, w);
+      closeFd(w);
+      const state = reply === 0x100n ? await readToEof(r, timeoutMs) : new Uint8Array(0);
+      return { reply, state, check: await this.checkDeviceState() };
+    } finally {
+      closeFd(r);
+      closeFd(w);
+    }
+  }
+
+  /**
+   * The destination side: LOAD over a pipe, write `state` and close (unless `keepOpen`), then
+   * CHECK_DEVICE_STATE. `written` is how much the backend took before it closed its end.
+   */
+  async loadDeviceState(state: Uint8Array, opts: { keepOpen?: boolean; timeoutMs?: number } = {}): Promise<{ reply: bigint; written: number; check: bigint }> {
+    const [r, w] = pipe();
+    let wfd = w;
+    try {
+      const reply = await this.setDeviceStateFd(1, 0, r);
+      closeFd(r);
+      const written = reply === 0x100n ? await writeAll(w, state, opts.timeoutMs ?? 5000) : 0;
+      if (!opts.keepOpen) { closeFd(w); wfd = -1; }
+      return { reply, written, check: await this.checkDeviceState() };
+    } finally {
+      closeFd(r);
+      closeFd(wfd);
+    }
+  }
 
   /** TX buffers the device has not yet returned. */
   txInFlight(p: number): number {
@@ -346,4 +430,44 @@ export class TestFrontend {
     this.mapping.unmap();
     closeFd(this.memfd);
   }
+}
+
+const pipeBuf = new NativeBuffer(65536);
+
+/** Reads a non-blocking-capable fd to end of file (yielding to the event loop while it is empty). */
+async function readToEof(fd: number, timeoutMs: number): Promise<Uint8Array> {
+  setNonBlocking(fd);
+  const parts: Uint8Array[] = [];
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const n = raw.read(fd, pipeBuf.address, pipeBuf.size);
+    if (n === 0) break;
+    if (n > 0) { parts.push(pipeBuf.bytes.slice(0, n)); continue; }
+    if (lastErrno() !== Errno.EAGAIN) throw new FrontendError(`read(state pipe): errno ${lastErrno()}`);
+    if (Date.now() > deadline) throw new FrontendError('the backend did not close the state pipe');
+    await sleep(1);
+  }
+  const out = new Uint8Array(parts.reduce((a, p) => a + p.length, 0));
+  let at = 0;
+  for (const p of parts) { out.set(p, at); at += p.length; }
+  return out;
+}
+
+/** Writes all of `bytes` (yielding while the pipe is full); stops early when the reader closed its end. */
+async function writeAll(fd: number, bytes: Uint8Array, timeoutMs: number): Promise<number> {
+  setNonBlocking(fd);
+  let off = 0;
+  const deadline = Date.now() + timeoutMs;
+  while (off < bytes.length) {
+    const n = Math.min(pipeBuf.size, bytes.length - off);
+    pipeBuf.bytes.set(bytes.subarray(off, off + n), 0);
+    const r = raw.write(fd, pipeBuf.address, n);
+    if (r > 0) { off += r; continue; }
+    const e = lastErrno();
+    if (e === Errno.EPIPE) break;
+    if (e !== Errno.EAGAIN) throw new FrontendError(`write(state pipe): errno ${e}`);
+    if (Date.now() > deadline) throw new FrontendError('the backend stopped reading the state pipe');
+    await sleep(1);
+  }
+  return off;
 }
