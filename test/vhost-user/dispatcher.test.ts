@@ -5,7 +5,7 @@
 // state the handler would have changed, or the connection being closed. Never log text.
 import { describe, test, expect } from 'vitest';
 import { countFds } from '../support/backend.js';
-import { useTapDevice } from '../support/device-rig.js';
+import { useTapDevice } from '../support/frontend/device-rig.js';
 import { TestFrontend, DEFAULT_FEATURES } from '../support/frontend/test-frontend.js';
 import { waitUntil, sleep } from '../support/processes.js';
 import { eventfdCreate, memfdCreate } from '../../src/sys/libc.js';

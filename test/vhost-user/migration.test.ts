@@ -4,7 +4,7 @@
 // API's refusal counts and status, and the backend's own mappings in /proc.
 import { describe, test, expect } from 'vitest';
 import fs from 'node:fs';
-import { useTapDevice } from '../support/device-rig.js';
+import { useTapDevice } from '../support/frontend/device-rig.js';
 import { TestFrontend } from '../support/frontend/test-frontend.js';
 import { waitUntil } from '../support/processes.js';
 import { memfdCreate, eventfdCreate, pipe } from '../../src/sys/libc.js';

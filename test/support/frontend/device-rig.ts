@@ -1,10 +1,10 @@
 import path from 'node:path';
 import { beforeAll, afterAll, afterEach } from 'vitest';
-import { startBackend, tempDir, type Backend } from './backend.js';
-import type { TestFrontend } from './frontend/test-frontend.js';
-import { uniqueIfName, linkExists, deleteLink } from './netdev.js';
-import { waitUntil } from './processes.js';
-import { closeFd } from '../../src/sys/libc.js';
+import { startBackend, tempDir, type Backend } from '../backend.js';
+import type { TestFrontend } from './test-frontend.js';
+import { uniqueIfName, linkExists, deleteLink } from '../netdev.js';
+import { waitUntil } from '../processes.js';
+import { closeFd } from '../../../src/sys/libc.js';
 
 /** One `serve` with one tap device of one queue pair, shared by a test file. */
 export interface DeviceRig {
