@@ -5,7 +5,9 @@ import type { RegionInfo } from '../memory/guest-memory.js';
 import type { LogInfo } from '../memory/dirty-log.js';
 import type { Port } from '../ports/port.js';
 import { OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, NetFeature as F, describeFeatures, vnetHeaderLength } from './features.js';
-import { DeviceStats } from './stats.js';
+import { DeviceStats, C, COUNTERS } from './stats.js';
+import { encodeDeviceState, decodeDeviceState } from './device-state.js';
+import { OffloadBroker } from '../offload/broker.js';
 import type { WorkerPool, PoolClient } from '../datapath/worker-pool.js';
 import type { DeviceRequest, WorkerEvent } from '../datapath/messages.js';
 import type { OffloadProgram } from '../offload/broker.js';
@@ -363,13 +365,43 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     this.dirtyLog = log;
   }
 
-  /** Migration state: a versioned header; the offload section plugs in behind it. */
+  /**
+   * Migration out (SET_DEVICE_STATE_FD, save): the offload state, read-only, so a cancelled or
+   * failed migration leaves this device as it was. A refusal fails the migration.
+   */
   saveState(): Uint8Array {
-    return encodeDeviceState();
+    if (!this.broker) return encodeDeviceState({ offload: null });
+    const t = this.stats.total();
+    const counters = { pass: t.xdpPass, drop: t.xdpDrop, tx: t.xdpTx, aborted: t.xdpAborted };
+    return encodeDeviceState({ offload: this.broker.exportState(counters) });
   }
 
+  /**
+   * Migration in (load): the state is untrusted input. A claimed offload cannot land on a
+   * backend without --offload; an unclaimed one (a guest that never offloaded) can.
+   */
   loadState(state: Uint8Array): void {
-    checkDeviceState(state);
+    const { offload } = decodeDeviceState(state);
+    if (!offload) return;
+    if (!this.broker) {
+      const held = OffloadBroker.describeState(offload);
+      if (held.claimed || held.maps > 0 || held.program) {
+        throw new BackendRefusal(`the guest's offload (${held.maps} map(s), ${held.program ? `program ${held.program.name}` : 'no program'}) cannot land here: this device was started without --offload`, 'offload-not-enabled');
+      }
+      return;
+    }
+    const counters = this.broker.importState(offload);
+    if (counters) {
+      // Verdicts counted on the source continue here: they go to the reserved pair's row,
+      // which no worker writes verdicts to (a claimed pair carries no data frames).
+      const base = this.offloadPair * COUNTERS.length;
+      const v = this.stats.values;
+      v[base + C.xdpPass]! += counters.pass;
+      v[base + C.xdpDrop]! += counters.drop;
+      v[base + C.xdpTx]! += counters.tx;
+      v[base + C.xdpAborted]! += counters.aborted;
+    }
+    this.log.info(`offload state loaded: ${this.broker.claimed ? 'claimed' : 'unclaimed'}, program ${this.broker.program?.id ?? 'none'}`);
   }
 
   get runningVrings(): number[] { return [...this.running.keys()].sort((a, b) => a - b); }
@@ -386,26 +418,4 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     this.pool.unregister(this.id);
     this.port.close();
   }
-}
-
-// Device state: u32 magic 'VXDS', u16 version, u16 sections (0: no offload state yet).
-const STATE_MAGIC = 0x56584453;
-const STATE_VERSION = 1;
-const STATE_HEADER = 8;
-
-function encodeDeviceState(): Uint8Array {
-  const b = new Uint8Array(STATE_HEADER);
-  const v = new DataView(b.buffer);
-  v.setUint32(0, STATE_MAGIC, true);
-  v.setUint16(4, STATE_VERSION, true);
-  v.setUint16(6, 0, true);
-  return b;
-}
-
-/** Accepts exactly the state encodeDeviceState writes; anything else fails the migration. */
-function checkDeviceState(b: Uint8Array): void {
-  const v = new DataView(b.buffer, b.byteOffset, b.length);
-  if (b.length < STATE_HEADER || v.getUint32(0, true) !== STATE_MAGIC) throw new BackendRefusal(`device state of ${b.length} bytes has no vhost-xdp header`, 'bad-device-state');
-  if (v.getUint16(4, true) !== STATE_VERSION) throw new BackendRefusal(`device state version ${v.getUint16(4, true)} (this backend reads ${STATE_VERSION})`, 'bad-device-state-version');
-  if (v.getUint16(6, true) !== 0 || b.length !== STATE_HEADER) throw new BackendRefusal('device state carries sections this backend does not read', 'bad-device-state');
 }

@@ -1,5 +1,6 @@
 import type { Logger } from '../log.js';
 import { OffloadBroker, type OffloadProgram, type OffloadShow } from '../offload/broker.js';
+import type { VerdictCounters } from '../offload/migration.js';
 import { validateQuotas, type Quotas, type QuotaUsage } from '../offload/quotas.js';
 import { ComposedProgram } from '../offload/compose.js';
 import { xdpAttach, XDP_FLAGS_DRV_MODE } from '../sys/bpf/xdp.js';
@@ -80,6 +81,16 @@ export class OffloadChannel {
       this.opts.log.warn(`host end of the veth: ${(e as Error).message} (XDP_TX bounces may not reach the host)`);
     }
     this.opts.log.info(next ? `composed program ${next.id} (guest program + AF_XDP redirect) attached natively` : 'plain AF_XDP redirect attached');
+  }
+
+  /** The offload section of the device's migration state (read-only: the source keeps running). */
+  exportState(counters: VerdictCounters): Uint8Array {
+    return this.broker.exportState({ counters });
+  }
+
+  /** Fills the fresh broker from a migrating guest's state; the listeners attach its program. */
+  importState(bytes: Uint8Array): VerdictCounters | null {
+    return this.broker.importState(bytes).counters;
   }
 
   show(): OffloadShow { return this.broker.show(); }
