@@ -3,12 +3,13 @@ import { bit, hasBit } from '../vhost-user/protocol.js';
 import { BackendRefusal, type VhostUserBackend, type VringConfig } from '../vhost-user/backend.js';
 import type { RegionInfo } from '../memory/guest-memory.js';
 import type { Port } from '../ports/port.js';
-import { OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, NetFeature as F, describeFeatures, vnetHeaderLength } from './features.js';
+import { OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, NetFeature as F, describeFeatures } from './features.js';
+import { vnetHeaderLength, txOffloads } from './vnet-header.js';
 import { DeviceStats } from './stats.js';
 import type { WorkerPool, PoolClient } from '../datapath/worker-pool.js';
 import type { DeviceRequest, WorkerEvent } from '../datapath/messages.js';
 import type { OffloadProgram } from '../offload/broker.js';
-import { ETH_HLEN, TX_CSUM, TX_TSO4, TX_TSO6, TX_ECN, type FrameFormat } from './frame-format.js';
+import { ETH_HLEN, type FrameFormat } from './frame-format.js';
 import { progGetFdById } from '../sys/libbpf.js';
 import type { XskOffloadTarget } from '../ports/xsk.js';
 import { OffloadChannel } from './offload-channel.js';
@@ -251,8 +252,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
       headerLength,
       mergeable: hasBit(f, F.MRG_RXBUF),
       maxFrame: headerLength + (gso ? MAX_GSO_FRAME : ETH_HLEN + VLAN_HLEN + this.mtu),
-      txOffloads: (hasBit(f, F.CSUM) ? TX_CSUM : 0) | (hasBit(f, F.HOST_TSO4) ? TX_TSO4 : 0)
-        | (hasBit(f, F.HOST_TSO6) ? TX_TSO6 : 0) | (hasBit(f, F.HOST_ECN) ? TX_ECN : 0),
+      txOffloads: txOffloads(f),
     };
   }
 

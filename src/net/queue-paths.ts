@@ -2,12 +2,14 @@ import { NativeBuffer, eventfdSignal, IOV_MAX } from '../sys/libc.js';
 import { readU64, writeU64 } from '../sys/u64.js';
 import { SplitQueue } from '../virtio/split-queue.js';
 import { DescriptorChain } from '../virtio/descriptor-chain.js';
+import { ChainReader, ChainWriter } from '../virtio/chain-io.js';
 import { VirtqueueError } from '../virtio/errors.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
 import type { HostQueue } from '../ports/port.js';
 import { C, COUNTERS } from './stats.js';
 import { TestRunner, XDP_DROP, XDP_PASS, XDP_TX } from '../sys/libbpf.js';
-import { ETH_HLEN, TX_CSUM, TX_TSO4, TX_TSO6, TX_ECN } from './frame-format.js';
+import { ETH_HLEN } from './frame-format.js';
+import { TX_CSUM, TX_TSO4, TX_TSO6, TX_ECN, headerRequests, unnegotiatedRequest, setNumBuffers } from './vnet-header.js';
 
 /** Offload frames: zero MACs and the IEEE local-experimental EtherType (docs/offload-protocol.md). */
 export const OFFLOAD_ETHERTYPE = 0x88b5;
@@ -21,60 +23,6 @@ export interface OffloadLink {
   /** Claimed: the pair carries only offload messages; other frames are dropped. */
   claimed: boolean;
   post(message: Uint8Array): void;
-}
-
-/**
- * Copies `len` bytes starting at byte `from` of a chain's first `segLimit` segments into `into`;
- * returns the count copied (less when the chain is shorter).
- */
-export function copyFromChain(ch: DescriptorChain, mem: GuestMemory, from: number, len: number, into: Uint8Array, segLimit = ch.count): number {
-  let skip = from;
-  let done = 0;
-  for (let i = 0; i < segLimit && done < len; i++) {
-    const sl = ch.length[i]!;
-    if (skip >= sl) { skip -= sl; continue; }
-    const take = Math.min(sl - skip, len - done);
-    const r = mem.regions[ch.region[i]!]!;
-    const off = ch.offset[i]! + skip;
-    into.set(r.bytes.subarray(off, off + take), done);
-    done += take;
-    skip = 0;
-  }
-  return done;
-}
-
-const VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
-const VIRTIO_NET_HDR_GSO_NONE = 0;
-const VIRTIO_NET_HDR_GSO_TCPV4 = 1;
-const VIRTIO_NET_HDR_GSO_TCPV6 = 4;
-const VIRTIO_NET_HDR_GSO_ECN = 0x80;
-
-/** The vnet header's flags (low byte) and gso_type (high byte) of a TX chain (0 without a header). */
-export function headerRequests(ch: DescriptorChain, mem: GuestMemory, headerLength: number): number {
-  if (headerLength < 2 || ch.readableCount === 0) return 0;
-  const r = mem.regions[ch.region[0]!]!;
-  const off = ch.offset[0]!;
-  // flags and gso_type are adjacent bytes: one little-endian load reads both.
-  if (ch.length[0]! >= 2) return r.view.getUint16(off, true);
-  const r1 = ch.readableCount > 1 ? mem.regions[ch.region[1]!]!.bytes : null;
-  return r.bytes[off]! | ((r1 ? r1[ch.offset[1]!]! : 0) << 8);
-}
-
-/**
- * True when a header asks the device for work the driver did not negotiate (the spec forbids
- * it): a checksum without CSUM, TCPv4/v6 segmentation without HOST_TSO4/6, ECN without
- * HOST_ECN, and UDP segmentation (UFO, USO), which is never offered. Flag bits other than
- * NEEDS_CSUM are ignored, as the device must.
- */
-export function unnegotiatedRequest(req: number, allowed: number): boolean {
-  if ((req & VIRTIO_NET_HDR_F_NEEDS_CSUM) !== 0 && (allowed & TX_CSUM) === 0) return true;
-  const gso = (req >> 8) & 0xff;
-  if ((gso & VIRTIO_NET_HDR_GSO_ECN) !== 0 && (allowed & TX_ECN) === 0) return true;
-  const type = gso & ~VIRTIO_NET_HDR_GSO_ECN;
-  if (type === VIRTIO_NET_HDR_GSO_NONE) return false;
-  if (type === VIRTIO_NET_HDR_GSO_TCPV4) return (allowed & TX_TSO4) === 0;
-  if (type === VIRTIO_NET_HDR_GSO_TCPV6) return (allowed & TX_TSO6) === 0;
-  return true;
 }
 
 /** Frames handled per queue before the worker looks at other queues (fairness). */
@@ -124,20 +72,24 @@ export abstract class QueuePath {
 export class TxPath extends QueuePath {
   private readonly iov = new NativeBuffer(IOV_MAX * 16);
   private readonly eth = new Uint8Array(ETH_HLEN);
+  private readonly reader: ChainReader;
   /** Set on the reserved pair of an offload device. */
   offload: OffloadLink | null = null;
   /** Header requests the driver negotiated (TX_CSUM | TX_TSO4 | ...); frames asking for more are refused. */
   offloads = TX_CSUM | TX_TSO4 | TX_TSO6 | TX_ECN;
 
   constructor(queue: SplitQueue, index: number, callFd: number, ctx: PathContext, private readonly host: HostQueue,
-              private readonly headerLength: number, private readonly mem: GuestMemory) {
+              private readonly headerLength: number, mem: GuestMemory) {
     super(queue, index, callFd, ctx);
+    this.reader = new ChainReader(mem);
   }
 
   /** Handles the chain as an offload message if it is one; true when it was consumed. */
   private offloadFrame(ch: DescriptorChain): boolean {
     const link = this.offload!;
-    const got = copyFromChain(ch, this.mem, this.headerLength, ETH_HLEN, this.eth, ch.readableCount);
+    const r = this.reader.overReadable(ch);
+    r.skip(this.headerLength);
+    const got = r.read(this.eth, 0, ETH_HLEN);
     const e = this.eth;
     let isOffload = got === ETH_HLEN && ((e[12]! << 8) | e[13]!) === OFFLOAD_ETHERTYPE;
     for (let i = 0; isOffload && i < 12; i++) if (e[i] !== 0) isOffload = false;
@@ -149,7 +101,7 @@ export class TxPath extends QueuePath {
     // Copy, then let the broker validate: the guest may rewrite its buffer at any time.
     const len = Math.min(Math.max(0, ch.readableBytes - this.headerLength - ETH_HLEN), MAX_OFFLOAD_COPY);
     const msg = new Uint8Array(len);
-    copyFromChain(ch, this.mem, this.headerLength + ETH_HLEN, len, msg, ch.readableCount);
+    r.read(msg, 0, len);
     link.post(msg);
     return true;
   }
@@ -161,26 +113,18 @@ export class TxPath extends QueuePath {
     const ch = this.chain;
     const iov = this.iov.view;
     const iovAddr = this.iov.address;
+    const r = this.reader;
     let done = 0;
     try {
       if (suppressKicks) q.setKickNotification(false);
       for (;;) {
         while (done < budget && q.pop(ch)) {
           done++;
-          let cnt = 0;
-          for (let i = 0; i < ch.readableCount; i++) {
-            const len = ch.length[i]!;
-            if (len === 0) continue;
-            const a = ch.hostAddress[i]!;
-            writeU64(iov, cnt * 16, a);
-            iov.setUint32(cnt * 16 + 8, len, true);
-            iov.setUint32(cnt * 16 + 12, 0, true);
-            cnt++;
-          }
+          const cnt = r.overReadable(ch).iovecs(iov, 0, IOV_MAX);
           if (ch.readableBytes < this.headerLength + ETH_HLEN || ch.writableBytes > 0 && ch.readableCount === 0) {
             // No room for an Ethernet header after the vnet header: not a frame.
             this.count(C.txErrors);
-          } else if (unnegotiatedRequest(headerRequests(ch, this.mem, this.headerLength), this.offloads)) {
+          } else if (unnegotiatedRequest(headerRequests(r, this.headerLength), this.offloads)) {
             this.count(C.txErrors);
           } else if (this.offload && this.offloadFrame(ch)) {
             // consumed by the broker link (or dropped on a claimed pair)
@@ -251,11 +195,16 @@ export class RxPath extends QueuePath {
   runner: TestRunner | null = null;
   private bounce: NativeBuffer | null = null;
   private readonly backIov = new NativeBuffer(4096);
+  /** Over stashed segments: the frame's bytes and header, read back or written. */
+  private readonly reader: ChainReader;
+  private readonly writer: ChainWriter;
 
   constructor(queue: SplitQueue, index: number, callFd: number, ctx: PathContext, private readonly host: HostQueue,
               private readonly mem: GuestMemory, private readonly headerLength: number,
               private readonly mergeable: boolean, private readonly maxFrame: number) {
     super(queue, index, callFd, ctx);
+    this.reader = new ChainReader(mem);
+    this.writer = new ChainWriter(mem);
   }
 
   private get stashed(): number { return this.cTail - this.cHead; }
@@ -322,13 +271,9 @@ export class RxPath extends QueuePath {
     return true;
   }
 
-  private readonly u16 = new Uint8Array(2);
-
-  /** Writes a little-endian u16 at byte `at` of the frame starting at segment `seg` (num_buffers). */
-  private writeFrameU16(seg: number, at: number, value: number): void {
-    this.u16[0] = value & 0xff;
-    this.u16[1] = value >> 8;
-    this.scatter(seg, at, this.u16);
+  /** A writer over the stash from the first byte of segment s0 (a frame's start). */
+  private stashWriter(s0: number): ChainWriter {
+    return this.writer.overSegments(this.sRegion, this.sOffset, this.sLength, s0, this.sTail);
   }
 
   /**
@@ -391,7 +336,7 @@ export class RxPath extends QueuePath {
           used++;
           if (!this.mergeable) break;
         }
-        this.writeFrameU16(s0, 10, used);
+        setNumBuffers(this.stashWriter(s0), this.headerLength, used);
         this.count(C.rxPackets);
         this.count(C.rxBytes, n - this.headerLength);
       }
@@ -422,7 +367,9 @@ export class RxPath extends QueuePath {
     } else {
       if (len > MAX_FRAME_BOUNCE) { this.count(C.xdpAborted); return -1; }
       this.bounce ??= new NativeBuffer(MAX_FRAME_BOUNCE);
-      this.gather(s0, hdr, len, this.bounce.bytes);
+      const r = this.reader.overSegments(this.sRegion, this.sOffset, this.sLength, s0, this.sTail);
+      r.skip(hdr);
+      r.read(this.bounce.bytes, 0, len);
       this.count(C.jsCopies);
       this.count(C.jsCopyBytes, len);
       addr = this.bounce.address;
@@ -441,7 +388,9 @@ export class RxPath extends QueuePath {
         this.count(C.xdpPass);
         if (!contiguous) {
           if (hdr + outLen > this.stashBytes) { this.count(C.xdpAborted); return -1; }
-          this.scatter(s0, hdr, this.bounce!.bytes.subarray(0, outLen));
+          const w = this.stashWriter(s0);
+          w.skip(hdr);
+          w.write(this.bounce!.bytes, 0, outLen);
           this.count(C.jsCopies);
           this.count(C.jsCopyBytes, outLen);
         }
@@ -482,29 +431,6 @@ export class RxPath extends QueuePath {
     }
   }
 
-  /** Copies stash bytes [at, at+len) counted from the start of segment s0 into `into`. */
-  private gather(s0: number, at: number, len: number, into: Uint8Array): void {
-    this.walk(s0, at, len, (r, off, done, take) => into.set(r.subarray(off, off + take), done));
-  }
-
-  /** Writes `data` into the stash from byte `at` counted from the start of segment s0. */
-  private scatter(s0: number, at: number, data: Uint8Array): void {
-    this.walk(s0, at, data.length, (r, off, done, take) => r.set(data.subarray(done, done + take), off));
-  }
-
-  private walk(s0: number, at: number, len: number, fn: (region: Uint8Array, off: number, done: number, take: number) => void): void {
-    let off = at;
-    let done = 0;
-    for (let s = s0; done < len && s < this.sTail; s++) {
-      const sl = this.sLength[s]!;
-      if (off >= sl) { off -= sl; continue; }
-      const take = Math.min(sl - off, len - done);
-      fn(this.mem.regions[this.sRegion[s]!]!.bytes, this.sOffset[s]! + off, done, take);
-      done += take;
-      off = 0;
-    }
-  }
-
   /**
    * Delivers one offload response (offload header + payload) as a frame: zero vnet header,
    * zero-MAC Ethernet header with the offload EtherType, then the message. False when the guest
@@ -522,8 +448,9 @@ export class RxPath extends QueuePath {
       const c = this.cHead;
       if ((this.mergeable ? this.stashBytes : this.cBytes[c]!) < total) return false;
       const s0 = this.cSegStart[c]!;
-      this.scatter(s0, 0, head);
-      this.scatter(s0, head.length, message);
+      const w = this.stashWriter(s0);
+      w.write(head, 0, head.length);
+      w.write(message, 0, message.length);
       let remaining = total;
       let used = 0;
       while (remaining > 0 && this.cHead < this.cTail) {
@@ -534,7 +461,7 @@ export class RxPath extends QueuePath {
         this.cHead++;
         used++;
       }
-      this.writeFrameU16(s0, 10, used);
+      setNumBuffers(this.stashWriter(s0), this.headerLength, used);
       this.publish();
       return true;
     } catch (e) {

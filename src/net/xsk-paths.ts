@@ -1,11 +1,12 @@
 import koffi from 'koffi';
 import { FillRing, CompletionRing, RxRing, TxRing, kickTx } from '../sys/xsk.js';
 import { SplitQueue } from '../virtio/split-queue.js';
-import { DescriptorChain } from '../virtio/descriptor-chain.js';
+import { ChainReader, ChainWriter } from '../virtio/chain-io.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
 import type { HostQueue } from '../ports/port.js';
 import type { XskQueueConfig } from '../ports/xsk.js';
-import { QueuePath, headerRequests, unnegotiatedRequest, type PathContext } from './queue-paths.js';
+import { QueuePath, type PathContext } from './queue-paths.js';
+import { headerRequests, unnegotiatedRequest, writeRxHeader } from './vnet-header.js';
 import { C, COUNTERS } from './stats.js';
 import { ETH_HLEN } from './frame-format.js';
 
@@ -131,6 +132,8 @@ export class XskRxPath extends XskPath {
   private interleaved = 0;
   /** True while waiting for the guest to add buffers (mirrors RxPath.starving for the worker). */
   starving = false;
+  /** Over a slot's guest segments: the header we write and the bounce copy. */
+  private readonly writer: ChainWriter;
 
   constructor(queue: SplitQueue, index: number, callFd: number, ctx: PathContext, xq: XskQueue,
               mem: GuestMemory, headerLength: number) {
@@ -146,6 +149,7 @@ export class XskRxPath extends XskPath {
     this.oLength = new Uint32Array(this.cap * MAX_BOUNCE_SEGS);
     this.oSegs = new Uint8Array(this.cap);
     this.oCapacity = new Float64Array(this.cap);
+    this.writer = new ChainWriter(mem);
   }
 
   /** Hands guest receive chains to the fill ring; returns false when the guest ring was empty. */
@@ -208,11 +212,10 @@ export class XskRxPath extends XskPath {
     return more;
   }
 
-  /** Writes a zeroed vnet header (num_buffers = 1) at a buffer start. */
-  private writeHeader(region: number, offset: number): void {
-    const b = this.mem.regions[region]!.bytes;
-    b.fill(0, offset, offset + this.headerLength);
-    if (this.headerLength >= 12) b[offset + 10] = 1;
+  /** A writer over the guest segments of a slot, at their first byte. */
+  private slotWriter(slot: number): ChainWriter {
+    const s0 = slot * MAX_BOUNCE_SEGS;
+    return this.writer.overSegments(this.oRegion, this.oOffset, this.oLength, s0, s0 + this.oSegs[slot]!);
   }
 
   /** Delivers one received frame to the oldest outstanding chain. */
@@ -232,11 +235,10 @@ export class XskRxPath extends XskPath {
       if (this.oBounce[slot]! >= 0) this.freeBounce.push(this.oBounce[slot]!);
       return;
     }
-    const s0 = slot * MAX_BOUNCE_SEGS;
     const k = this.oBounce[slot]!;
     if (k < 0) {
       // The kernel wrote the frame at buffer + hdr; only the header is ours to write.
-      this.writeHeader(this.oRegion[s0]!, this.oOffset[s0]!);
+      writeRxHeader(this.slotWriter(slot), hdr, 1);
       q.pushUsed(headIdx, hdr + len);
     } else {
       this.freeBounce.push(k);
@@ -245,42 +247,15 @@ export class XskRxPath extends XskPath {
         q.pushUsed(headIdx, 0);
         return;
       }
-      const src = this.oAddr[slot]! + u.frameOffset;
-      const from = this.xq.umemBytes;
-      this.scatterHeader(slot);
-      let skip = hdr;
-      let done = 0;
-      for (let i = 0; i < this.oSegs[slot]! && done < len; i++) {
-        const r = this.mem.regions[this.oRegion[s0 + i]!]!.bytes;
-        const off = this.oOffset[s0 + i]!;
-        const sl = this.oLength[s0 + i]!;
-        if (skip >= sl) { skip -= sl; continue; }
-        const take = Math.min(sl - skip, len - done);
-        r.set(from.subarray(src + done, src + done + take), off + skip);
-        done += take;
-        skip = 0;
-      }
+      const w = this.slotWriter(slot);
+      writeRxHeader(w, hdr, 1);
+      w.write(this.xq.umemBytes, this.oAddr[slot]! + u.frameOffset, len);
       this.count(C.jsCopies);
       this.count(C.jsCopyBytes, len);
       q.pushUsed(headIdx, hdr + len);
     }
     this.count(C.rxPackets);
     this.count(C.rxBytes, len);
-  }
-
-  private readonly hdrBytes = new Uint8Array(12);
-
-  private scatterHeader(slot: number): void {
-    const h = this.hdrBytes;
-    h.fill(0);
-    if (this.headerLength >= 12) h[10] = 1;
-    let done = 0;
-    const s0 = slot * MAX_BOUNCE_SEGS;
-    for (let i = 0; i < this.oSegs[slot]! && done < this.headerLength; i++) {
-      const take = Math.min(this.oLength[s0 + i]!, this.headerLength - done);
-      this.mem.regions[this.oRegion[s0 + i]!]!.bytes.set(h.subarray(done, done + take), this.oOffset[s0 + i]!);
-      done += take;
-    }
   }
 
   /**
@@ -350,6 +325,7 @@ export class XskRxPath extends XskPath {
  */
 export class XskTxPath extends XskPath {
   private readonly oDone: Uint8Array;
+  private readonly reader: ChainReader;
 
   constructor(queue: SplitQueue, index: number, callFd: number, ctx: PathContext, xq: XskQueue,
               mem: GuestMemory, headerLength: number) {
@@ -358,6 +334,7 @@ export class XskTxPath extends XskPath {
       throw new Error(`${queue.name}: AF_XDP socket ${xq.fd} still holds frames of a previous run (release the queue and open a new one)`);
     }
     this.oDone = new Uint8Array(this.cap);
+    this.reader = new ChainReader(mem);
   }
 
 
@@ -397,25 +374,6 @@ export class XskTxPath extends XskPath {
     this.count(C.txErrors); // an address we never posted (a previous path's): ignore it
   }
 
-  /** Copies the frame (past the header) into bounce chunk k (the caller checked it fits a chunk). */
-  private gather(ch: DescriptorChain, k: number, len: number): void {
-    const u = this.xq.cfg.umem;
-    const dst = this.xq.cfg.txBounce.offset + k * u.chunkSize;
-    const to = this.xq.umemBytes;
-    let skip = this.headerLength;
-    let done = 0;
-    for (let i = 0; i < ch.readableCount && done < len; i++) {
-      const sl = ch.length[i]!;
-      if (skip >= sl) { skip -= sl; continue; }
-      const take = Math.min(sl - skip, len - done);
-      const r = this.mem.regions[ch.region[i]!]!.bytes;
-      const off = ch.offset[i]! + skip;
-      to.set(r.subarray(off, off + take), dst + done);
-      done += take;
-      skip = 0;
-    }
-  }
-
   /**
    * Posts up to `budget` guest frames to the TX ring, kicks the kernel, and returns finished
    * chains. Returns true when frames are left (call again).
@@ -449,7 +407,8 @@ export class XskTxPath extends XskPath {
             continue;
           }
           // AF_XDP carries plain frames: no checksum or segmentation can be done for the guest.
-          if (unnegotiatedRequest(headerRequests(ch, this.mem, hdr), 0)) {
+          const r = this.reader.overReadable(ch);
+          if (unnegotiatedRequest(headerRequests(r, hdr), 0)) {
             this.count(C.txErrors);
             q.pushUsed(ch.head, 0);
             continue;
@@ -472,7 +431,9 @@ export class XskTxPath extends XskPath {
               break;
             }
             k = b;
-            this.gather(ch, k, frameLen);
+            // The frame past the header into the chunk (the checks above made sure it fits one).
+            r.skip(hdr);
+            r.read(this.xq.umemBytes, this.xq.cfg.txBounce.offset + k * u.chunkSize, frameLen);
             this.count(C.jsCopies);
             this.count(C.jsCopyBytes, frameLen);
             addr = this.xq.cfg.txBounce.offset + k * u.chunkSize;
