@@ -11,7 +11,6 @@ import type { DeviceRequest, WorkerEvent } from '../datapath/messages.js';
 import type { OffloadProgram } from '../offload/broker.js';
 import { ETH_HLEN, type FrameFormat } from './frame-format.js';
 import { progGetFdById } from '../sys/libbpf.js';
-import type { XskOffloadTarget } from '../ports/xsk.js';
 import { OffloadChannel } from './offload-channel.js';
 
 export interface NetDeviceOptions {
@@ -73,9 +72,10 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     }
     let broker: OffloadChannel | null = null;
     if (opts.offload) {
-      const xsk = (this.port as { offloadTarget?: XskOffloadTarget }).offloadTarget;
+      const port = this.port;
+      const attach = port.attachProgram ? port.attachProgram.bind(port) : undefined;
       try {
-        broker = new OffloadChannel({ ...opts.offload, xsk, log: this.log }, {
+        broker = new OffloadChannel({ ...opts.offload, attach, log: this.log }, {
           reply: (m) => this.offloadReply(m),
           claimChanged: (claimed) => this.eachWorker({ op: 'offload', pair: this.offloadPair, claimed }),
           programChanged: (p) => this.programChanged(p),
