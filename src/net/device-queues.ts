@@ -2,20 +2,21 @@ import type { MessagePort } from 'node:worker_threads';
 import { EPOLLIN, eventfdDrain, eventfdSignal } from '../sys/libc.js';
 import { GuestMemory } from '../memory/guest-memory.js';
 import { SplitQueue } from '../virtio/split-queue.js';
-import { openHostQueue } from '../ports/host-queue.js';
-import type { HostQueue } from '../ports/port.js';
+import { openHostQueue } from '../ports/open-queue.js';
+import type { HostQueue } from '../ports/host-queue.js';
 import type { VringConfig } from '../vhost-user/backend.js';
 import { logger, type Logger } from '../log.js';
 import { TestRunner } from '../sys/bpf/test-run.js';
 import { closeBpfFd } from '../sys/bpf/programs.js';
-import { RxPath, TxPath, BURST, type PathContext, type OffloadLink } from './queue-paths.js';
-import { XskQueue, XskRxPath, XskTxPath } from './xsk-paths.js';
+import { BURST, type PathContext } from './queue-path.js';
+import { RxPath } from './rx-path.js';
+import { TxPath, type OffloadLink } from './tx-path.js';
 import { C, COUNTERS } from './stats.js';
 import { DEFAULT_FORMAT, type FrameFormat } from './frame-format.js';
 import type { Watcher } from '../datapath/watcher.js';
 import type { DeviceRequest, WorkerEvent } from '../datapath/messages.js';
 
-interface Running { cfg: VringConfig; rx?: RxPath | XskRxPath; tx?: TxPath | XskTxPath; }
+interface Running { cfg: VringConfig; rx?: RxPath; tx?: TxPath; }
 
 /** Responses held for a guest that has not posted receive buffers: bounded, oldest dropped. */
 const MAX_PENDING_REPLIES = 64;
@@ -61,6 +62,7 @@ export class DeviceQueues {
             throw e;
           }
           this.hosts.set(req.pair, h);
+          this.applyProgram(req.pair);
           this.applyClaim(req.pair);
         }
         return 0;
@@ -106,7 +108,7 @@ export class DeviceQueues {
         },
       };
       const tx = this.vrings.get(pair * 2 + 1)?.tx;
-      if (tx instanceof TxPath) tx.offload = this.link;
+      if (tx) tx.offload = this.link;
     }
     const changed = this.link.claimed !== claimed;
     this.link.claimed = claimed;
@@ -124,8 +126,7 @@ export class DeviceQueues {
     } catch (e) {
       this.log.warn(`pair ${pair}: ${(e as Error).message}`);
     }
-    const rx = this.vrings.get(pair * 2)?.rx;
-    if (rx instanceof RxPath) rx.runner = claimed ? null : this.runner?.runner ?? null;
+    this.applyProgram(pair);
     if (this.vrings.has(pair * 2)) this.hostArmed(pair, !claimed);
   }
 
@@ -142,7 +143,7 @@ export class DeviceQueues {
   private flushReplies(): void {
     const link = this.link;
     const rx = this.vrings.get(this.offloadPair * 2)?.rx;
-    if (!link || !(rx instanceof RxPath)) return;
+    if (!link || !rx) return;
     while (link.pending.length > 0 && rx.deliverMessage(link.pending[0]!)) link.pending.shift();
   }
 
@@ -160,9 +161,15 @@ export class DeviceQueues {
       this.runner = null;
     }
     if (progFd >= 0) this.runner = { fd: progFd, runner: new TestRunner(progFd) };
-    for (const v of this.vrings.values()) {
-      if (v.rx instanceof RxPath) v.rx.runner = this.isClaimed(v.cfg.index >> 1) ? null : this.runner?.runner ?? null;
-    }
+    for (const pair of this.hosts.keys()) this.applyProgram(pair);
+  }
+
+  /**
+   * The offloaded program goes to the pair's port queue (a port method: tap runs it per frame,
+   * DESIGN.md decision 7); a claimed pair carries only offload messages and runs none.
+   */
+  private applyProgram(pair: number): void {
+    this.hosts.get(pair)?.setProgram?.(this.isClaimed(pair) ? null : this.runner?.runner ?? null);
   }
 
   private context(pair: number): PathContext {
@@ -197,24 +204,13 @@ export class DeviceQueues {
     q.usedIdx = usedRegion.view.getUint16(cfg.usedGpa - usedRegion.gpa + 2, true);
     const run: Running = { cfg };
     const ctx = this.context(pair);
-    if (host instanceof XskQueue) {
-      // AF_XDP: the kernel writes into and reads from guest buffers; programs run in the kernel.
-      if (cfg.index % 2 === 0) {
-        run.rx = new XskRxPath(q, cfg.index, cfg.callFd, ctx, host, memory, format.headerLength);
-        q.setKickNotification(false);
-      } else {
-        run.tx = new XskTxPath(q, cfg.index, cfg.callFd, ctx, host, memory, format.headerLength);
-      }
-    } else if (cfg.index % 2 === 0) {
-      const rx = new RxPath(q, cfg.index, cfg.callFd, ctx, host, memory, format.headerLength, format.mergeable, format.maxFrame);
-      rx.runner = this.isClaimed(pair) ? null : this.runner?.runner ?? null;
-      run.rx = rx;
+    if (cfg.index % 2 === 0) {
+      run.rx = new RxPath(q, cfg.index, cfg.callFd, ctx, host, memory, format);
       // Kicks on the receive queue matter only while we wait for buffers.
       q.setKickNotification(false);
     } else {
-      const tx = new TxPath(q, cfg.index, cfg.callFd, ctx, host, format.headerLength, memory);
+      const tx = new TxPath(q, cfg.index, cfg.callFd, ctx, host, memory, format);
       tx.offload = pair === this.offloadPair ? this.link : null;
-      tx.offloads = format.txOffloads;
       run.tx = tx;
     }
     this.watcher.add(cfg.kickFd, EPOLLIN, () => this.onKick(cfg.index));
@@ -320,15 +316,15 @@ export class DeviceQueues {
     if (this.serve(pair * 2)) this.markPending(pair * 2);
   }
 
-  /** True while AF_XDP transmit completions are outstanding (they come without a wakeup). */
+  /** True while transmit completions are outstanding (ring ports: AF_XDP completions come without a wakeup). */
   inFlight(): boolean {
-    for (const v of this.vrings.values()) if (v.tx instanceof XskTxPath && v.tx.inFlight > 0) return true;
+    for (const v of this.vrings.values()) if (v.tx && v.tx.inFlight > 0) return true;
     return false;
   }
 
   pollInFlight(): void {
     for (const [i, v] of this.vrings) {
-      if (v.tx instanceof XskTxPath && v.tx.inFlight > 0 && v.tx.process(BURST, !this.busyPoll)) this.markPending(i);
+      if (v.tx && v.tx.inFlight > 0 && v.tx.process(BURST, !this.busyPoll)) this.markPending(i);
     }
   }
 

@@ -41,8 +41,3 @@ export function describeFeatures(f: bigint): string[] {
   if (f & bit(F_PROTOCOL_FEATURES)) names.push('PROTOCOL_FEATURES');
   return names;
 }
-
-/** Length of the header in front of every frame: 12 with VERSION_1 or MRG_RXBUF, else 10. */
-export function vnetHeaderLength(f: bigint): number {
-  return f & (bit(F.VERSION_1) | bit(F.MRG_RXBUF)) ? 12 : 10;
-}

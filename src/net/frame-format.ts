@@ -1,12 +1,6 @@
 /** Ethernet header: destination, source, EtherType. */
 export const ETH_HLEN = 14;
 
-/** Header requests a driver may make, by the features it acked (FrameFormat.txOffloads). */
-export const TX_CSUM = 1; // VIRTIO_NET_F_CSUM
-export const TX_TSO4 = 2; // VIRTIO_NET_F_HOST_TSO4
-export const TX_TSO6 = 4; // VIRTIO_NET_F_HOST_TSO6
-export const TX_ECN = 8; // VIRTIO_NET_F_HOST_ECN
-
 /** How frames are laid out for one device (from the acked features); plain data, posted to workers. */
 export interface FrameFormat {
   eventIdx: boolean;

@@ -4,16 +4,16 @@ import { BackendRefusal, type VhostUserBackend, type VringConfig } from '../vhos
 import type { RegionInfo } from '../memory/guest-memory.js';
 import type { LogInfo } from '../memory/dirty-log.js';
 import type { Port } from '../ports/port.js';
-import { OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, NetFeature as F, describeFeatures, vnetHeaderLength } from './features.js';
+import { OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, NetFeature as F, describeFeatures } from './features.js';
+import { vnetHeaderLength, txOffloads } from './vnet-header.js';
 import { DeviceStats, C, COUNTERS } from './stats.js';
 import { encodeDeviceState, decodeDeviceState } from './device-state.js';
 import { OffloadBroker } from '../offload/broker.js';
 import type { WorkerPool, PoolClient } from '../datapath/worker-pool.js';
 import type { DeviceRequest, WorkerEvent } from '../datapath/messages.js';
 import type { OffloadProgram } from '../offload/broker.js';
-import { ETH_HLEN, TX_CSUM, TX_TSO4, TX_TSO6, TX_ECN, type FrameFormat } from './frame-format.js';
+import { ETH_HLEN, type FrameFormat } from './frame-format.js';
 import { progGetFdById } from '../sys/bpf/programs.js';
-import type { XskOffloadTarget } from '../ports/xsk.js';
 import { OffloadChannel } from './offload-channel.js';
 
 export interface NetDeviceOptions {
@@ -77,9 +77,10 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     }
     let broker: OffloadChannel | null = null;
     if (opts.offload) {
-      const xsk = (this.port as { offloadTarget?: XskOffloadTarget }).offloadTarget;
+      const port = this.port;
+      const attach = port.attachProgram ? port.attachProgram.bind(port) : undefined;
       try {
-        broker = new OffloadChannel({ ...opts.offload, xsk, log: this.log }, {
+        broker = new OffloadChannel({ ...opts.offload, attach, log: this.log }, {
           reply: (m) => this.offloadReply(m),
           claimChanged: (claimed) => this.eachWorker({ op: 'offload', pair: this.offloadPair, claimed }),
           programChanged: (p) => this.programChanged(p),
@@ -259,8 +260,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
       headerLength,
       mergeable: hasBit(f, F.MRG_RXBUF),
       maxFrame: headerLength + (gso ? MAX_GSO_FRAME : ETH_HLEN + VLAN_HLEN + this.mtu),
-      txOffloads: (hasBit(f, F.CSUM) ? TX_CSUM : 0) | (hasBit(f, F.HOST_TSO4) ? TX_TSO4 : 0)
-        | (hasBit(f, F.HOST_TSO6) ? TX_TSO6 : 0) | (hasBit(f, F.HOST_ECN) ? TX_ECN : 0),
+      txOffloads: txOffloads(f),
     };
   }
 

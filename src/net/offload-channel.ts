@@ -2,9 +2,6 @@ import type { Logger } from '../log.js';
 import { OffloadBroker, type OffloadProgram, type OffloadShow } from '../offload/broker.js';
 import type { VerdictCounters } from '../offload/migration.js';
 import { validateQuotas, type Quotas, type QuotaUsage } from '../offload/quotas.js';
-import { ComposedProgram } from '../offload/compose.js';
-import { xdpAttach, XDP_FLAGS_DRV_MODE } from '../sys/bpf/xdp.js';
-import { setBounceReceive, type XskOffloadTarget } from '../ports/xsk.js';
 
 /** What the channel needs from its device: where replies, claims and programs go. */
 export interface OffloadSink {
@@ -18,8 +15,11 @@ export interface OffloadSink {
 export interface OffloadChannelOptions {
   device: string;
   pinDir: string | null;
-  /** On an xsk port the program runs natively on the backend's veth end, composed with the XSKMAP redirect. */
-  xsk?: XskOffloadTarget;
+  /**
+   * The port's own way to attach a program (Port.attachProgram: xsk runs it natively at its
+   * veth end); without one, programs go to the datapath to test-run per frame (sink.programChanged).
+   */
+  attach?: (source: { code: Uint8Array; license: string } | null, warn: (message: string) => void) => string;
   log: Logger;
 }
 
@@ -31,7 +31,6 @@ export interface OffloadChannelOptions {
  */
 export class OffloadChannel {
   readonly broker: OffloadBroker;
-  private composed: ComposedProgram | null = null;
 
   constructor(private readonly opts: OffloadChannelOptions, private readonly sink: OffloadSink) {
     const b = OffloadBroker.restore({ device: opts.device, pinDir: opts.pinDir, log: (l) => opts.log.info(l) });
@@ -39,7 +38,7 @@ export class OffloadChannel {
     if (b.claimed) opts.log.info(`re-adopted pinned offload state from ${opts.pinDir}`);
     b.onClaimChange((claimed) => sink.claimChanged(claimed));
     b.onProgramChange((p) => this.programChanged(p));
-    if (opts.xsk) this.attachComposed();
+    if (opts.attach) this.attachInPort();
   }
 
   get claimed(): boolean { return this.broker.claimed; }
@@ -51,36 +50,19 @@ export class OffloadChannel {
   }
 
   private programChanged(p: OffloadProgram | null): void {
-    if (this.opts.xsk) this.attachComposed();
+    if (this.opts.attach) this.attachInPort();
     else this.sink.programChanged(p);
     this.opts.log.info(p ? `offloaded program ${p.id} (tag ${p.tag}, ${p.insns} insns) runs on host->guest frames` : 'no offloaded program');
   }
 
-  /**
-   * AF_XDP: the guest program runs in the kernel at the veth's ingress, composed with the
-   * redirect to this device's sockets; nothing runs per frame in JavaScript.
-   */
-  private attachComposed(): void {
-    const xsk = this.opts.xsk!;
-    const src = this.broker.programSource;
-    let next: ComposedProgram | null = null;
+  /** The port runs the program itself (in the kernel): it attaches it, the datapath never sees it. */
+  private attachInPort(): void {
+    const log = this.opts.log;
     try {
-      if (src) next = ComposedProgram.load(src.code, { xskMapFd: xsk.xskMapFd, name: 'vx_xsk_guest' }, src.license);
-      xdpAttach(xsk.peerIfindex, next ? next.fd : xsk.redirectFd, XDP_FLAGS_DRV_MODE);
+      log.info(this.opts.attach!(this.broker.programSource, (m) => log.warn(m)));
     } catch (e) {
-      next?.close();
-      this.opts.log.error(`offloaded program not attached to the veth: ${(e as Error).message}`);
-      return;
+      log.error(`offloaded program not attached to the port: ${(e as Error).message}`);
     }
-    // The attached program holds its own reference: the previous one can go.
-    this.composed?.close();
-    this.composed = next;
-    try {
-      setBounceReceive(xsk, next !== null);
-    } catch (e) {
-      this.opts.log.warn(`host end of the veth: ${(e as Error).message} (XDP_TX bounces may not reach the host)`);
-    }
-    this.opts.log.info(next ? `composed program ${next.id} (guest program + AF_XDP redirect) attached natively` : 'plain AF_XDP redirect attached');
   }
 
   /** The offload section of the device's migration state (read-only: the source keeps running). */
@@ -104,8 +86,6 @@ export class OffloadChannel {
   }
 
   close(): void {
-    this.composed?.close();
-    this.composed = null;
     this.broker.close();
   }
 }

@@ -1,7 +1,7 @@
-import { raw, NativeBuffer, closeFd, IOV_MAX } from '../sys/libc.js';
+import { closeFd, IOV_MAX } from '../sys/libc.js';
 import { ArgumentError } from '../errors.js';
 import { openPacketSocket } from '../sys/packet-socket.js';
-import { readU64, writeU64 } from '../sys/u64.js';
+import type { DescriptorChain } from '../virtio/descriptor-chain.js';
 import { FdQueue } from './fd-queue.js';
 
 /** What a worker needs to open a packet queue (plain data: posted to workers). */
@@ -9,7 +9,7 @@ export interface PacketQueueConfig {
   kind: 'packet';
   ifname: string;
   ifindex: number;
-  /** The guest's vnet header length: skipped, the frame after it is sent. */
+  /** The guest's vnet header length: skipped, the frame after it is sent (bind() sets it again from the device's format). */
   headerLength: number;
 }
 
@@ -25,10 +25,9 @@ export interface PacketQueueConfig {
  * PACKET_VNET_HDR_SZ, which needs Linux 6.2 for the 12-byte header.
  */
 export class PacketQueue extends FdQueue {
-  /** The caller's iovecs, copied and moved past the header (theirs stay as they were). */
-  private readonly iov = new NativeBuffer(IOV_MAX * 16);
+  override readonly carriesHeader = false;
 
-  private constructor(fd: number, what: string, private readonly headerLength: number) {
+  private constructor(fd: number, what: string) {
     super(fd, what);
   }
 
@@ -38,33 +37,20 @@ export class PacketQueue extends FdQueue {
     }
     // Like an AF_XDP socket: straight to the driver, no qdisc in between.
     const fd = openPacketSocket(cfg.ifindex, cfg.ifname, { protocolBE: 0, qdiscBypass: true });
-    return new PacketQueue(fd, `AF_PACKET ${cfg.ifname}`, cfg.headerLength);
+    const q = new PacketQueue(fd, `AF_PACKET ${cfg.ifname}`);
+    q.headerLength = cfg.headerLength;
+    return q;
   }
 
-  override transmit(iovAddress: number, iovCount: number): number {
-    if (!(iovCount > 0 && iovCount <= IOV_MAX)) return -1;
-    raw.memcpy(this.iov.address, iovAddress, iovCount * 16);
-    const v = this.iov.view;
-    let skip = this.headerLength;
-    let first = 0;
-    while (skip > 0 && first < iovCount) {
-      const len = readU64(v, first * 16 + 8);
-      if (len <= skip) {
-        skip -= len;
-        first++;
-      } else {
-        writeU64(v, first * 16, readU64(v, first * 16) + skip);
-        writeU64(v, first * 16 + 8, len - skip);
-        skip = 0;
-      }
-    }
-    // Nothing past the header: not a frame (the TX path counts those before they get here).
-    if (first >= iovCount) return -1;
-    return super.transmit(this.iov.address + first * 16, iovCount - first);
+  /** The frame after the vnet header, wherever the descriptors split it. */
+  protected override txIovecs(ch: DescriptorChain, iov: DataView): number {
+    const r = this.reader!.overReadable(ch);
+    r.skip(this.headerLength);
+    return r.iovecs(iov, 0, IOV_MAX);
   }
 
-  close(): void {
+  override close(): void {
     closeFd(this.fd);
-    this.iov.free();
+    super.close();
   }
 }

@@ -1,25 +1,8 @@
-/**
- * A host attachment as the datapath sees it, one queue per virtio queue pair. Frames move
- * between guest buffers and the host through iovec arrays in native memory (no JS copies).
- */
-export interface HostQueue {
-  /** Readable when the host has frames for the guest. */
-  readonly fd: number;
-  /** Reads one frame (vnet header first) into the iovecs; bytes read, or -1 when none is waiting. */
-  receive(iovAddress: number, iovCount: number): number;
-  /** Sends one frame (vnet header first) from the iovecs; bytes sent, or -1 when the host is full. */
-  transmit(iovAddress: number, iovCount: number): number;
-  /** Takes the queue out of (false) or back into (true) the host's use. */
-  setAttached?(attached: boolean): void;
-  /** Releases what the queue itself owns (the port owns the fds of tap and AF_XDP queues). */
-  close?(): void;
-}
-
-import type { XskQueueConfig } from './xsk.js';
+import type { XskQueueConfig } from './xsk-queue.js';
 import type { PacketQueueConfig } from './packet-queue.js';
 import type { RegionInfo } from '../memory/guest-memory.js';
 
-/** What a worker needs to open its side of a port queue (plain data: posted to workers). */
+/** What a worker needs to open its side of a port queue (plain data: posted to workers; ports/open-queue.ts opens it as a HostQueue). */
 export type HostQueueConfig = { kind: 'tap'; fd: number; ifname: string } | XskQueueConfig | PacketQueueConfig;
 
 /** The control-plane side of a port. */
@@ -42,6 +25,14 @@ export interface Port {
    * guest-RAM queue (offload replies are written by the datapath, not by the kernel).
    */
   reservedQueueConfig?(pair: number): HostQueueConfig;
+  /**
+   * Attaching an offloaded program is a port method (DESIGN.md decision 7). A port that runs it
+   * in the kernel (xsk: natively at the ingress of its veth end) attaches it here, or the plain
+   * setup again for null; returns a line for the log and throws when it could not attach it
+   * (what was attached stays). A port without (tap) has its queues test-run it per frame
+   * (HostQueue.setProgram).
+   */
+  attachProgram?(source: { code: Uint8Array; license: string } | null, warn: (message: string) => void): string;
   /** Checksum and segmentation offloads this port can honour (tap: all; AF_XDP: none). */
   readonly offloads?: boolean;
   setMtu(mtu: number): void;

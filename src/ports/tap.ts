@@ -152,7 +152,11 @@ export function setTapQueueAttached(fd: number, attached: boolean): void {
   }
 }
 
-/** Worker side of one tap queue: readv/writev straight between the tap and guest buffers. */
+/**
+ * Worker side of one tap queue: readv/writev straight between the tap and guest buffers, vnet
+ * header included (the tap reads and writes it). An offloaded program runs on each frame the
+ * tap hands over before the guest sees it (setProgram): a tap has no kernel hook there.
+ */
 export class TapQueue extends FdQueue {
   constructor(fd: number) {
     super(fd, 'tap');

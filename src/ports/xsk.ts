@@ -4,7 +4,7 @@ import { spawnSync } from 'node:child_process';
 import { raw, MAP_FAILED, MAP_PRIVATE, MAP_ANONYMOUS, PROT_READ, PROT_WRITE, SysError, lastErrno, Errno, ifNameToIndex } from '../sys/libc.js';
 import {
   XskSocket, remapSharedAt, mapFileAt, XDP_UMEM_UNALIGNED_CHUNK_FLAG, XDP_COPY, XDP_USE_NEED_WAKEUP, XDP_SHARED_UMEM,
-  XDP_PACKET_HEADROOM, XDP_UMEM_MIN_CHUNK_SIZE, type SocketRingLayouts, type XskStatistics,
+  XDP_PACKET_HEADROOM, XDP_UMEM_MIN_CHUNK_SIZE, type XskStatistics,
 } from '../sys/xsk.js';
 import { BpfMap, BpfMapType } from '../sys/bpf/maps.js';
 import { BpfError } from '../sys/bpf/libbpf.js';
@@ -12,7 +12,9 @@ import { progLoad, closeBpfFd } from '../sys/bpf/programs.js';
 import { xdpAttach, xdpDetach, XDP_FLAGS_DRV_MODE, XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_FLAGS_REPLACE, XDP_PASS } from '../sys/bpf/xdp.js';
 import { encodeInsns, redirectToQueueSocket, returnImm } from '../sys/bpf/insns.js';
 import type { RegionInfo } from '../memory/guest-memory.js';
+import type { UmemRegion, XskQueueConfig, XskUmemInfo } from './xsk-queue.js';
 import { linkStats } from './link-stats.js';
+import { ComposedProgram } from '../offload/compose.js';
 import type { Port } from './port.js';
 import type { PacketQueueConfig } from './packet-queue.js';
 
@@ -29,59 +31,6 @@ export const DEFAULT_PIN_LIMIT = 4096 * MiB;
 export const MAX_PIN_LIMIT = 2 ** 40;
 /** Private bounce chunks per queue and direction when none is given. */
 const DEFAULT_BOUNCE_CHUNKS = 64;
-
-/** A guest memory region as the UMEM holds it. */
-export interface UmemRegion {
-  gpa: number;
-  size: number;
-  /** Where the region starts inside the UMEM (UMEM addresses are offsets from its start). */
-  umemOffset: number;
-}
-
-/** The UMEM geometry every path of a device shares (plain data: posted to workers). */
-export interface XskUmemInfo {
-  /** Our virtual address of UMEM offset 0. */
-  address: number;
-  length: number;
-  chunkSize: number;
-  /** UMEM headroom: the kernel puts a received frame at chunk + headroom + XDP_PACKET_HEADROOM. */
-  headroom: number;
-  /** headroom + XDP_PACKET_HEADROOM. */
-  frameOffset: number;
-  /** Largest frame the kernel delivers (chunkSize - frameOffset); larger ones it drops. */
-  maxFrame: number;
-  /** Guest regions inside the UMEM; empty in bounce-only mode. */
-  regions: UmemRegion[];
-  /** 'zero-copy': guest RAM is in the UMEM; 'bounce': only private chunks (over the pin limit). */
-  mode: 'zero-copy' | 'bounce';
-  /** Why the UMEM is bounce-only (null in zero-copy mode), for the operator's log. */
-  bounceReason: string | null;
-}
-
-/** What a worker needs to run one queue pair over its AF_XDP socket (plain data). */
-export interface XskQueueConfig {
-  kind: 'xsk';
-  /** The backend-owned veth end. */
-  ifname: string;
-  ifindex: number;
-  queueId: number;
-  /** The receive socket (fill, completion and RX rings; in the XSKMAP; the one to poll). */
-  fd: number;
-  /**
-   * The transmit socket (TX ring only), sharing the receive socket's buffer pool, so its
-   * completions arrive on `rings.completion`. Kept apart so that nothing waits on it: every
-   * sent frame's skb destructor wakes the waiters of its socket, and with the RX socket in the
-   * worker's epoll set that wakeup cost about 9% of guest-to-host throughput.
-   */
-  txFd: number;
-  /** Frames one TX wakeup sends (XDP_MAX_TX_SKB_BUDGET). */
-  txBudget: number;
-  rings: SocketRingLayouts;
-  umem: XskUmemInfo;
-  /** This pair's private chunks (UMEM offsets, chunkSize apart) for frames that cannot go zero-copy. */
-  rxBounce: { offset: number; count: number };
-  txBounce: { offset: number; count: number };
-}
 
 export interface XskPortOptions {
   /** Name of the backend-owned veth end (default: derived from ifname). */
@@ -231,8 +180,8 @@ function isOurLeftover(ifname: string, peer: string): boolean {
   }
 }
 
-/** What the worker that runs the offload broker needs to put programs on this port's veth. */
-export interface XskOffloadTarget {
+/** Where an offloaded program goes on this port's veth. */
+interface XskOffloadTarget {
   xskMapFd: number;
   peerIfindex: number;
   /** The plain redirect program (no guest program offloaded). */
@@ -251,7 +200,7 @@ export interface XskOffloadTarget {
  * 0.70 without. So the host end runs XDP_PASS only while a guest program (which may bounce) is
  * offloaded. A program someone else put on the host end is left alone: it enables the path too.
  */
-export function setBounceReceive(t: XskOffloadTarget, on: boolean): void {
+function setBounceReceive(t: XskOffloadTarget, on: boolean): void {
   try {
     if (on) xdpAttach(t.hostIfindex, t.hostPassFd, XDP_FLAGS_DRV_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST);
     else xdpDetach(t.hostIfindex, XDP_FLAGS_DRV_MODE | XDP_FLAGS_REPLACE, t.hostPassFd);
@@ -322,6 +271,8 @@ export class XskPort implements Port {
   private headerLength = 12;
   private readonly xskMap: BpfMap;
   private readonly redirectFd: number;
+  /** The offloaded guest program composed with the redirect, while one is attached. */
+  private composed: ComposedProgram | null = null;
   private umem: GuestUmem | null = null;
   private readonly sockets = new Map<number, PairSocket>();
   private disabled = new Set<number>();
@@ -390,8 +341,34 @@ export class XskPort implements Port {
   /** The XSKMAP fd (key = queue pair, value = socket fd) the composed program redirects into. */
   get xskMapFd(): number { return this.xskMap.fd; }
   get peerIndex(): number { return this.peerIfindex; }
-  get offloadTarget(): XskOffloadTarget {
+  private get offloadTarget(): XskOffloadTarget {
     return { xskMapFd: this.xskMap.fd, peerIfindex: this.peerIfindex, redirectFd: this.redirectFd, hostIfindex: ifNameToIndex(this.ifname), hostPassFd: this.hostPassFd };
+  }
+
+  /**
+   * The guest program runs in the kernel at the veth's ingress, composed with the redirect to
+   * this device's sockets (one XDP program: offload/compose.ts); nothing runs per frame in
+   * JavaScript. Null puts the plain redirect back.
+   */
+  attachProgram(source: { code: Uint8Array; license: string } | null, warn: (message: string) => void): string {
+    const t = this.offloadTarget;
+    let next: ComposedProgram | null = null;
+    try {
+      if (source) next = ComposedProgram.load(source.code, { xskMapFd: t.xskMapFd, name: 'vx_xsk_guest' }, source.license);
+      xdpAttach(t.peerIfindex, next ? next.fd : t.redirectFd, XDP_FLAGS_DRV_MODE);
+    } catch (e) {
+      next?.close();
+      throw e;
+    }
+    // The attached program holds its own reference: the previous one can go.
+    this.composed?.close();
+    this.composed = next;
+    try {
+      setBounceReceive(t, next !== null);
+    } catch (e) {
+      warn(`host end of the veth: ${(e as Error).message} (XDP_TX bounces may not reach the host)`);
+    }
+    return next ? `composed program ${next.id} (guest program + AF_XDP redirect) attached natively` : 'plain AF_XDP redirect attached';
   }
   get umemInfo(): XskUmemInfo | null { return this.umem?.info ?? null; }
 
@@ -599,6 +576,8 @@ export class XskPort implements Port {
     } catch {
       // The link may already be gone.
     }
+    this.composed?.close();
+    this.composed = null;
     closeBpfFd(this.redirectFd);
     closeBpfFd(this.hostPassFd);
     this.xskMap.close();

@@ -1,7 +1,6 @@
 // Guest TX headers may only ask for what the driver negotiated (virtio 1.x 5.1.6.2).
 import { describe, expect, it } from 'vitest';
-import { unnegotiatedRequest } from '../../src/net/queue-paths.js';
-import { TX_CSUM, TX_TSO4, TX_TSO6, TX_ECN } from '../../src/net/frame-format.js';
+import { unnegotiatedRequest, TX_CSUM, TX_TSO4, TX_TSO6, TX_ECN } from '../../src/net/vnet-header.js';
 
 /** flags (low byte) | gso_type << 8, as headerRequests returns them. */
 const req = (flags: number, gso: number) => flags | (gso << 8);

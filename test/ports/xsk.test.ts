@@ -10,9 +10,12 @@ import { xdpQuery } from '../../src/sys/bpf/xdp.js';
 import { listMapIds, listProgIds, mapInfo } from '../../src/sys/bpf/info.js';
 import { SplitQueue } from '../../src/virtio/split-queue.js';
 import { XskPort } from '../../src/ports/xsk.js';
-import { XskRxPath, XskTxPath, openXskQueue, type XskQueue } from '../../src/net/xsk-paths.js';
+import { XskQueue } from '../../src/ports/xsk-queue.js';
+import { RxPath } from '../../src/net/rx-path.js';
+import { TxPath } from '../../src/net/tx-path.js';
 import { C, COUNTERS } from '../../src/net/stats.js';
-import type { PathContext } from '../../src/net/queue-paths.js';
+import type { PathContext } from '../../src/net/queue-path.js';
+import type { FrameFormat } from '../../src/net/frame-format.js';
 import { DriverQueue } from '../support/frontend/driver-queue.js';
 import { CleanupStack, disableIpv6, linkExists, uniqueIfName } from '../support/netdev.js';
 import { PacketSocket, buildUdpFrame, checkPatternPayload, parseUdpFrame, patternPayload } from '../support/packet-socket.js';
@@ -23,6 +26,8 @@ const QSIZE = 256;
 const RX_RING_GPA = 0x200000;
 const TX_RING_GPA = 0x210000;
 const POISON = 0xaa;
+/** The paths' frame layout: 12-byte header, one buffer per frame, no header requests allowed. */
+const FORMAT: FrameFormat = { eventIdx: false, headerLength: HDR, mergeable: false, maxFrame: HDR + 1518, txOffloads: 0 };
 
 /** A memfd "guest" mapped twice (driver view and device view), as QEMU and the backend do. */
 interface Guest {
@@ -63,8 +68,8 @@ class Rig {
   readonly xq: XskQueue;
   readonly rxDrv: DriverQueue;
   readonly txDrv: DriverQueue;
-  readonly rx: XskRxPath;
-  readonly tx: XskTxPath;
+  readonly rx: RxPath;
+  readonly tx: TxPath;
   readonly broken: string[] = [];
 
   constructor(cleanup: CleanupStack, opts: RigOptions = {}) {
@@ -76,14 +81,14 @@ class Rig {
     cleanup.link(ifname);
     disableIpv6(ifname);
     this.port.attachMemory([this.guest.region]);
-    this.xq = openXskQueue(this.port.queueConfig(0));
+    this.xq = new XskQueue(this.port.queueConfig(0));
     this.rxDrv = new DriverQueue(this.guest.drv, RX_RING_GPA, QSIZE, { eventIdx: false });
     this.txDrv = new DriverQueue(this.guest.drv, TX_RING_GPA, QSIZE, { eventIdx: false });
     const ctx: PathContext = { name: 'xsk-test', stats: this.stats, pair: 0, onBroken: (_i, why) => this.broken.push(why) };
     const rxq = new SplitQueue(this.guest.dev, this.rxDrv.layout, { eventIdx: false, name: 'xsk-test:rx0' });
     const txq = new SplitQueue(this.guest.dev, this.txDrv.layout, { eventIdx: false, name: 'xsk-test:tx0' });
-    this.rx = new XskRxPath(rxq, 0, -1, ctx, this.xq, this.guest.dev, HDR);
-    this.tx = new XskTxPath(txq, 1, -1, ctx, this.xq, this.guest.dev, HDR);
+    this.rx = new RxPath(rxq, 0, -1, ctx, this.xq, this.guest.dev, FORMAT);
+    this.tx = new TxPath(txq, 1, -1, ctx, this.xq, this.guest.dev, FORMAT);
   }
 
   get ifname(): string { return this.port.ifname; }
@@ -364,13 +369,13 @@ describe('xsk port: pinned memory and teardown', () => {
 describe('xsk port: queue pairs', () => {
   it('each pair gets its own socket on its own queue, all sharing one UMEM (pinned once)', async () => {
     await withRig({ pairs: 2 }, async (r, local) => {
-      const xq1 = openXskQueue(r.port.queueConfig(1));
+      const xq1 = new XskQueue(r.port.queueConfig(1));
       expect(xq1.fd).not.toBe(r.xq.fd);
       expect(r.port.pinnedBytes).toBe(r.port.umemInfo!.length);
       const drv1 = new DriverQueue(r.guest.drv, 0x220000, QSIZE, { eventIdx: false });
       const q1 = new SplitQueue(r.guest.dev, drv1.layout, { eventIdx: false, name: 'xsk-test:rx1' });
       const stats1 = new Float64Array(2 * COUNTERS.length);
-      const rx1 = new XskRxPath(q1, 2, -1, { name: 'xsk-test', stats: stats1, pair: 1, onBroken: () => undefined }, xq1, r.guest.dev, HDR);
+      const rx1 = new RxPath(q1, 2, -1, { name: 'xsk-test', stats: stats1, pair: 1, onBroken: () => undefined }, xq1, r.guest.dev, FORMAT);
       for (let i = 0; i < 48; i++) {
         r.rxDrv.add([{ gpa: i * 2048, len: 2048, writable: true }], i * 2048);
         drv1.add([{ gpa: 0x100000 + i * 2048, len: 2048, writable: true }], 0x100000 + i * 2048);
@@ -421,9 +426,11 @@ describe('xsk port: transmit wakeups', () => {
     await withRig({}, async (r, local) => {
       const ps = PacketSocket.open(r.ifname);
       local.push('packet socket', () => ps.close());
-      // Nothing in flight yet: any counter value is a valid start.
+      // Nothing in flight yet: any counter value is a valid start (the port's two in-flight
+      // tables and the RX path's table of posted chains).
       const near = 2 ** 30 - 10;
-      for (const p of [r.rx, r.tx] as unknown as { head: number; tail: number }[]) p.head = p.tail = near;
+      const counters = [r.xq.rxTable, r.xq.txTable, r.rx] as unknown as { head: number; tail: number }[];
+      for (const p of counters) p.head = p.tail = near;
       const n = 40;
       for (let i = 0; i < n; i++) r.rxDrv.add([{ gpa: i * 2048, len: 2048, writable: true }], i * 2048);
       r.rxDrv.publish();
@@ -442,7 +449,7 @@ describe('xsk port: transmit wakeups', () => {
       r.txDrv.publish();
       expect(r.completeTx(n).length).toBe(n);
       expect(ps.recvAll(n, 3000, (f) => (udpPayloadSeq(f) ?? 0) >= 9400).length).toBe(n);
-      for (const p of [r.rx, r.tx] as unknown as { head: number; tail: number }[]) {
+      for (const p of counters) {
         expect(p.head).toBeLessThan(2 ** 30);
         expect(p.tail).toBe(p.head);
       }
