@@ -2,6 +2,7 @@ import type { RegionInfo } from '../memory/guest-memory.js';
 import type { VringConfig } from '../vhost-user/backend.js';
 import type { HostQueueConfig } from '../ports/port.js';
 import type { FrameFormat } from '../net/frame-format.js';
+import type { LogInfo } from '../memory/dirty-log.js';
 
 /**
  * What the main thread asks of one device's queues on a worker. Plain data: posted between
@@ -11,6 +12,8 @@ export type DeviceRequest =
   | { op: 'memory'; regions: RegionInfo[] }
   | { op: 'host'; pair: number; cfg: HostQueueConfig | null }
   | { op: 'format'; format: FrameFormat }
+  /** Migration logging on (the log's mapping) or off (null). */
+  | { op: 'log'; log: LogInfo | null }
   | { op: 'start'; vring: VringConfig }
   | { op: 'stop'; index: number }
   | { op: 'call'; index: number; fd: number }

@@ -2,6 +2,7 @@ import type { MessagePort } from 'node:worker_threads';
 import { EPOLLIN, eventfdDrain, eventfdSignal } from '../sys/libc.js';
 import { GuestMemory } from '../memory/guest-memory.js';
 import { SplitQueue } from '../virtio/split-queue.js';
+import { DirtyLog } from '../memory/dirty-log.js';
 import { openHostQueue } from '../ports/open-queue.js';
 import type { HostQueue } from '../ports/host-queue.js';
 import type { VringConfig } from '../vhost-user/backend.js';
@@ -16,7 +17,7 @@ import { DEFAULT_FORMAT, type FrameFormat } from './frame-format.js';
 import type { Watcher } from '../datapath/watcher.js';
 import type { DeviceRequest, WorkerEvent } from '../datapath/messages.js';
 
-interface Running { cfg: VringConfig; rx?: RxPath; tx?: TxPath; }
+interface Running { cfg: VringConfig; queue: SplitQueue; rx?: RxPath; tx?: TxPath; }
 
 /** Responses held for a guest that has not posted receive buffers: bounded, oldest dropped. */
 const MAX_PENDING_REPLIES = 64;
@@ -30,6 +31,8 @@ export class DeviceQueues {
   private readonly log: Logger;
   private readonly stats: Float64Array;
   private memory: GuestMemory | null = null;
+  /** The migration dirty log (this thread's view of the session's mapping) while logging is on. */
+  private dirtyLog: DirtyLog | null = null;
   private format: FrameFormat = DEFAULT_FORMAT;
   private readonly hosts = new Map<number, HostQueue>();
   private readonly vrings = new Map<number, Running>();
@@ -65,6 +68,12 @@ export class DeviceQueues {
           this.applyProgram(req.pair);
           this.applyClaim(req.pair);
         }
+        return 0;
+      case 'log':
+        // Synchronous: once this returns no queue here writes to the old log, which the
+        // session unmaps next.
+        this.dirtyLog = req.log ? new DirtyLog(req.log) : null;
+        for (const v of this.vrings.values()) v.queue.setDirtyLog(this.dirtyLog, v.cfg);
         return 0;
       case 'format':
         this.format = req.format;
@@ -202,7 +211,8 @@ export class DeviceQueues {
     // Resume where the guest's used ring is (after a reconnect the frontend only tells us avail).
     const usedRegion = memory.regionFor(cfg.usedGpa, 4);
     q.usedIdx = usedRegion.view.getUint16(cfg.usedGpa - usedRegion.gpa + 2, true);
-    const run: Running = { cfg };
+    q.setDirtyLog(this.dirtyLog, cfg);
+    const run: Running = { cfg, queue: q };
     const ctx = this.context(pair);
     if (cfg.index % 2 === 0) {
       run.rx = new RxPath(q, cfg.index, cfg.callFd, ctx, host, memory, format);

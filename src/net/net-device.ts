@@ -141,6 +141,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     this.onWorker.set(w, new Set());
     this.request(w, { op: 'memory', regions: this.regions });
     this.request(w, { op: 'format', format: this.format() });
+    if (this.dirtyLog) this.request(w, { op: 'log', log: this.dirtyLog });
     if (this.broker) {
       this.request(w, { op: 'offload', pair: this.offloadPair, claimed: this.broker.claimed });
       if (this.broker.program) this.sendProgram(w, this.broker.program);
@@ -363,6 +364,9 @@ export class NetDevice implements VhostUserBackend, PoolClient {
 
   dirtyLogChanged(log: LogInfo | null): void {
     this.dirtyLog = log;
+    // Every worker that serves a pair of this device marks through its own view of the log.
+    this.eachWorker({ op: 'log', log });
+    this.log.info(log ? `migration logging on (${log.size} bytes of log)` : 'migration logging off');
   }
 
   /**

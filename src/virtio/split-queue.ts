@@ -1,4 +1,5 @@
 import { GuestMemory, readAddress } from '../memory/guest-memory.js';
+import type { DirtyLog, UsedRingLog } from '../memory/dirty-log.js';
 import { DescriptorChain } from './descriptor-chain.js';
 import { VirtqueueError } from './errors.js';
 
@@ -85,6 +86,9 @@ if (new Uint8Array(new Uint16Array([1]).buffer)[0] !== 1) {
  * cases (flush then read used_event/flags; write avail_event then re-read avail->idx) get a
  * real fence (fullFence) inside needsNotify/setKickNotification.
  */
+/** Segments kept when a used chain is walked again for the dirty log (as many as a chain may have). */
+const MAX_LOG_SEGMENTS = 1024;
+
 export class SplitQueue {
   readonly size: number;
   readonly name: string;
@@ -117,6 +121,13 @@ export class SplitQueue {
   /** used idx at the last needsNotify (EVENT_IDX "old"); invalid until the first one. */
   private signalledUsed = 0;
   private signalledValid = false;
+  /** The migration dirty log while logging is on (LOG_ALL acked and a log mapped), else null. */
+  private log: DirtyLog | null = null;
+  private usedLog: UsedRingLog = { logUsed: false, logGuestAddr: 0 };
+  /** Scratch for re-walking a used chain to find the pages its bytes went to (logging only). */
+  private logChain: DescriptorChain | null = null;
+  /** Used entries whose chain could not be walked again for logging (a guest that broke it). */
+  logMisses = 0;
 
   constructor(mem: GuestMemory, layout: SplitQueueLayout, opts: SplitQueueOptions) {
     const { size, descGpa, availGpa, usedGpa } = layout;
@@ -367,11 +378,60 @@ export class SplitQueue {
   flushUsed(): void {
     const newIdx = this.used;
     const old = this.publishedUsed;
+    // One predictable branch per burst while migration logging is off.
+    if (this.log !== null) this.logUsedEntries(old, newIdx);
     Atomics.store(this.usedHeader, 1, newIdx);
     this.publishedUsed = newIdx;
     // More than 65535 elements since the last notify check: the u16 window no longer says
     // whether used_event was crossed, so notify unconditionally next time.
     if (((newIdx - this.signalledUsed) & 0xffff) < ((newIdx - old) & 0xffff)) this.signalledValid = false;
+  }
+
+  /**
+   * Logging for live migration. Every byte the device writes into guest memory is reported to
+   * the driver in a used element ("len: the total number of bytes written into the buffer",
+   * virtio 1.2 §2.7.8): frames a tap readv or the kernel's AF_XDP path put there, headers,
+   * bounce copies, offload replies. So this queue's used publishing is the one place that
+   * marks them all, whatever path wrote them, and a new write path cannot forget to.
+   */
+  setDirtyLog(log: DirtyLog | null, usedLog: UsedRingLog = { logUsed: false, logGuestAddr: 0 }): void {
+    this.log = log;
+    this.usedLog = { logUsed: usedLog.logUsed, logGuestAddr: usedLog.logGuestAddr };
+    if (log && !this.logChain) this.logChain = new DescriptorChain(MAX_LOG_SEGMENTS);
+  }
+
+  /**
+   * Marks the pages written for used elements [from, to) and the used ring words themselves.
+   * The chain is walked again from the descriptor table: the driver may not touch a chain it
+   * made available before it is used (§2.7.13), so the walk sees what pop() saw; a driver that
+   * breaks that rule only spoils its own migration, and the walk keeps every bound check.
+   */
+  private logUsedEntries(from: number, to: number): void {
+    const log = this.log!;
+    const ch = this.logChain!;
+    const n = (to - from) & 0xffff;
+    for (let i = 0; i < n; i++) {
+      const slot = (from + i) & this.mask;
+      const head = this.usedView.getUint32(4 + 8 * slot, true);
+      let left = this.usedView.getUint32(8 + 8 * slot, true);
+      if (left > 0) {
+        try {
+          ch.head = head;
+          ch.count = ch.readableCount = ch.readableBytes = ch.writableBytes = 0;
+          this.walk(ch, head);
+          for (let k = ch.readableCount; k < ch.count && left > 0; k++) {
+            const take = Math.min(ch.length[k]!, left);
+            if (!log.mark(ch.gpa[k]!, take)) this.logMisses++;
+            left -= take;
+          }
+        } catch (e) {
+          if (!(e instanceof VirtqueueError)) throw e;
+          this.logMisses++;
+        }
+      }
+      if (!log.markUsed(this.usedLog, 4 + 8 * slot, 8)) this.logMisses++;
+    }
+    if (!log.markUsed(this.usedLog, 2, 2)) this.logMisses++;
   }
 
   /** Pending pushUsed elements not yet flushed. */
