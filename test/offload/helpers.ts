@@ -9,18 +9,21 @@ import type { OffloadBroker } from '../../src/offload/broker.js';
 import * as P from '../../src/offload/guest/codec.js';
 import { Status } from '../../src/offload/guest/codec.js';
 import { readBpfObject, type BpfObjectProgram } from '../../src/offload/bpf-object.js';
-import { closeBpfFd } from '../../src/sys/bpf/programs.js';
+import { closeBpfFd, progGetFdById } from '../../src/sys/bpf/programs.js';
+import { mapGetFdById } from '../../src/sys/bpf/maps.js';
+import { listMapIds, listProgIds, mapInfo, progInfo } from '../../src/sys/bpf/info.js';
 
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const obj = (name: string): BpfObjectProgram =>
   readBpfObject(new Uint8Array(readFileSync(join(ROOT, 'bpf/out', `${name}.o`))));
 
-// --- leak accounting: this process's bpf fds, and every kernel id a broker ever reported --
-export function ownBpfFds(): number {
+// --- leak accounting: a process's bpf fds, and every kernel id a broker ever reported --
+/** Open bpf fds (maps, programs, links) of this process, or of process `pid`. */
+export function ownBpfFds(pid: number | 'self' = 'self'): number {
   let n = 0;
-  for (const fd of readdirSync('/proc/self/fd')) {
+  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
     try {
-      if (readlinkSync(`/proc/self/fd/${fd}`).startsWith('anon_inode:bpf-')) n++;
+      if (readlinkSync(`/proc/${pid}/fd/${fd}`).startsWith('anon_inode:bpf-')) n++;
     } catch { /* closed meanwhile */ }
   }
   return n;
@@ -32,6 +35,15 @@ export function existsNow(open: (id: number) => number, id: number): boolean {
   } catch {
     return false;
   }
+}
+/** Kernel maps and programs alive now whose names pass the tests, whoever holds them (other runs load objects too). */
+export function namedKernelObjects(mapName: (n: string) => boolean, progName: (n: string) => boolean): { maps: number[]; progs: number[] } {
+  const named = (ids: number[], open: (id: number) => number, name: (fd: number) => string, want: (n: string) => boolean) => ids.filter((id) => {
+    let fd: number;
+    try { fd = open(id); } catch { return false; }
+    try { return want(name(fd)); } finally { closeBpfFd(fd); }
+  });
+  return { maps: named(listMapIds(), mapGetFdById, (fd) => mapInfo(fd).name, mapName), progs: named(listProgIds(), progGetFdById, (fd) => progInfo(fd).name, progName) };
 }
 export const sleepMs = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 /**

@@ -15,10 +15,9 @@ import * as P from '../../src/offload/guest/codec.js';
 import { Status } from '../../src/offload/guest/codec.js';
 import { BpfMapType, mapGetFdById } from '../../src/sys/bpf/maps.js';
 import { progGetFdById, closeBpfFd } from '../../src/sys/bpf/programs.js';
-import { listMapIds, listProgIds, mapInfo, progInfo } from '../../src/sys/bpf/info.js';
 import { TestRunner } from '../../src/sys/bpf/test-run.js';
 import { XDP_DROP, XDP_PASS } from '../../src/sys/bpf/xdp.js';
-import { obj, ownBpfFds, Guest, u32, u64, readU64, frame } from './helpers.js';
+import { obj, ownBpfFds, namedKernelObjects, Guest, u32, u64, readU64, frame } from './helpers.js';
 
 // Names every map and program of this file carries, so the leak check can tell them from
 // objects other processes on this host create meanwhile.
@@ -37,15 +36,7 @@ afterEach(() => {
 
 /** Kernel objects of this file alive now (by name), whoever holds them. */
 function ourObjects(): { maps: number[]; progs: number[] } {
-  const named = (ids: number[], open: (id: number) => number, name: (fd: number) => string, want: (n: string) => boolean) => ids.filter((id) => {
-    let fd: number;
-    try { fd = open(id); } catch { return false; }
-    try { return want(name(fd)); } finally { closeBpfFd(fd); }
-  });
-  return {
-    maps: named(listMapIds(), mapGetFdById, (fd) => mapInfo(fd).name, (n) => n.startsWith(MAP_PREFIX)),
-    progs: named(listProgIds(), progGetFdById, (fd) => progInfo(fd).name, (n) => n === PROG_NAME),
-  };
+  return namedKernelObjects((n) => n.startsWith(MAP_PREFIX), (n) => n === PROG_NAME);
 }
 const sleepMs = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 /** No object of this file remains (a freed program drops its maps after an RCU grace period). */

@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import {
   OFFLOAD_ETHERTYPE, Status, statusName, bindMapHandles, decodeResponse, decodeMapCreateBody, encodeClaim, encodeMapCreate,
-  encodeProgSet, type Response,
+  encodeProgSet, encodeElemLookup, type Response,
 } from '../../../src/offload/guest/codec.js';
 import { readBpfObject } from '../../../src/offload/bpf-object.js';
 import { repoRoot } from '../backend.js';
@@ -72,17 +72,26 @@ export function requireOk(r: Response): Response {
 /**
  * Offloads a clang-built sample the way a guest driver would: creates each of its maps on the
  * host, binds the program's map references to the handles it got, sends PROG_SET. Returns the
- * handles, in the object's map order; throws on any refusal.
+ * handles, in the object's map order; throws on any refusal. The program is named after the
+ * sample and the maps as in the object, unless `names` says otherwise (the kernel's names, for
+ * telling a test's objects from other runs').
  */
-export async function offloadSample(oc: OffloadClient, name: string): Promise<number[]> {
+export async function offloadSample(oc: OffloadClient, name: string, names: { prog?: string; mapPrefix?: string } = {}): Promise<number[]> {
   const obj = readBpfObject(new Uint8Array(fs.readFileSync(path.join(repoRoot(), 'bpf/out', `${name}.o`))));
   const handles: number[] = [];
   for (const m of obj.maps) {
-    const created = requireOk(await oc.call(encodeMapCreate(oc.nextSeq(), { type: m.type, keySize: m.keySize, valueSize: m.valueSize, maxEntries: m.maxEntries, name: m.name })));
+    const mapName = `${names.mapPrefix ?? ''}${m.name}`.slice(0, 15);
+    const created = requireOk(await oc.call(encodeMapCreate(oc.nextSeq(), { type: m.type, keySize: m.keySize, valueSize: m.valueSize, maxEntries: m.maxEntries, name: mapName })));
     handles.push(decodeMapCreateBody(created.body).handle);
   }
-  requireOk(await oc.call(encodeProgSet(oc.nextSeq(), { license: obj.license, insns: bindMapHandles(obj.insns, obj.mapRelocations, handles), mapHandles: handles, name })));
+  requireOk(await oc.call(encodeProgSet(oc.nextSeq(), { license: obj.license, insns: bindMapHandles(obj.insns, obj.mapRelocations, handles), mapHandles: handles, name: names.prog ?? name })));
   return handles;
+}
+
+/** ELEM_LOOKUP of a u64 value (a sample's counter) through the offload protocol; throws on a refusal. */
+export async function lookupU64(oc: OffloadClient, handle: number, key: Uint8Array = new Uint8Array(4)): Promise<number> {
+  const r = requireOk(await oc.call(encodeElemLookup(oc.nextSeq(), handle, key)));
+  return Number(new DataView(r.body.buffer, r.body.byteOffset).getBigUint64(0, true));
 }
 
 /**

@@ -20,11 +20,21 @@ export interface OffloadRigOptions {
   firstSeq: number;
   /** Runs after every backend start, before the guest connects (e.g. disableIpv6 on a tap). */
   afterStart?: () => void;
+  /** `serve --offload --pin-dir` (default); false: a plain device of two data pairs, no offload client. */
+  offload?: boolean;
+  /** Protocol features the guest negotiates besides the frontend's default set (e.g. the migration ones). */
+  protocolFeatures?: bigint;
+  /**
+   * false: the guest connects as on a migration's destination, negotiated but with nothing
+   * started (fe.start() later); default true: rings running.
+   */
+  start?: boolean;
 }
 
 export class OffloadRig {
   be!: Backend;
   fe!: TestFrontend;
+  /** On the reserved pair; absent without offload. */
   oc!: OffloadClient;
   ps!: PacketSocket;
   /** Next unused frame sequence number. */
@@ -38,8 +48,10 @@ export class OffloadRig {
     this.seq = o.firstSeq;
     this.dir = tempDir(o.tag);
     this.sock = path.join(this.dir, 'dev.sock');
-    this.pinRoot = mountPinDir(this.dir);
-    this.args = ['--socket', this.sock, '--port', `${o.port}:${o.ifname}`, '--queues', '1', '--offload', '--pin-dir', this.pinRoot, '--name', o.name];
+    const offload = o.offload ?? true;
+    this.pinRoot = offload ? mountPinDir(this.dir) : '';
+    this.args = ['--socket', this.sock, '--port', `${o.port}:${o.ifname}`, '--name', o.name,
+      ...(offload ? ['--queues', '1', '--offload', '--pin-dir', this.pinRoot] : ['--queues', '2'])];
   }
 
   static async start(o: OffloadRigOptions): Promise<OffloadRig> {
@@ -56,8 +68,10 @@ export class OffloadRig {
   private async up(): Promise<void> {
     this.be = await startBackend(this.args, { dir: this.dir });
     this.o.afterStart?.();
-    this.fe = await TestFrontend.connect(this.sock, { queuePairs: 2 });
-    this.oc = new OffloadClient(this.fe, 1);
+    const start = this.o.start ?? true;
+    this.fe = await TestFrontend.connect(this.sock, { queuePairs: 2, start, protocolFeatures: this.o.protocolFeatures ?? 0n });
+    if (!start) await this.fe.negotiate();
+    if (this.o.offload ?? true) this.oc = new OffloadClient(this.fe, 1);
     // After the backend: an xsk port makes its veth anew on every start.
     this.ps = PacketSocket.open(this.o.ifname);
   }
@@ -85,6 +99,6 @@ export class OffloadRig {
     this.ps?.close();
     this.fe?.close();
     await this.be?.stop();
-    unmountPinDir(this.pinRoot);
+    if (this.pinRoot) unmountPinDir(this.pinRoot);
   }
 }

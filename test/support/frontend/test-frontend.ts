@@ -162,7 +162,13 @@ export class TestFrontend {
   // ---- device setup as a guest driver + QEMU would do it ----
 
   async setup(): Promise<void> {
-    const { queuePairs, queueSize } = this.opts;
+    await this.negotiate();
+    await this.start();
+  }
+
+  /** What QEMU sends when it connects: features and protocol features offered, owner. */
+  async negotiate(): Promise<void> {
+    const { queuePairs } = this.opts;
     const offered = await this.getU64(Request.GET_FEATURES);
     this.features = offered & this.opts.features;
     if (hasBit(offered, F_PROTOCOL_FEATURES)) {
@@ -177,6 +183,14 @@ export class TestFrontend {
       }
     }
     await this.request(Request.SET_OWNER);
+  }
+
+  /**
+   * What the guest driver's DRIVER_OK makes QEMU send: features acked, memory, every ring new and
+   * started from 0 (again: a driver that reset the device; resumeRings continues the old ones).
+   */
+  async start(): Promise<void> {
+    const { queuePairs, queueSize } = this.opts;
     await this.request(Request.SET_FEATURES, u64Payload(this.features));
     await this.request(Request.SET_MEM_TABLE, memTablePayload([{ gpa: 0, size: this.opts.memBytes, uva: this.mapping.address, mmapOffset: 0 }]), [this.memfd]);
     const eventIdx = hasBit(this.features, F.RING_EVENT_IDX);
@@ -187,21 +201,43 @@ export class TestFrontend {
       this.txBase[p] = this.alloc(queueSize * SLOT);
       this.bigTx[p] = this.alloc(BIG);
       const st: PairState = { rx, tx, kick: [eventfdCreate(), eventfdCreate()], call: [eventfdCreate(), eventfdCreate()], txFree: Array.from({ length: queueSize }, (_, i) => i), rxSlots: 0 };
-      this.pairs.push(st);
+      // A second start is a driver that reset the device: its old rings are forgotten.
+      const old = this.pairs[p];
+      if (old) for (const fd of [...old.kick, ...old.call]) closeFd(fd);
+      this.pairs[p] = st;
+      this.bigBusy.delete(p);
       this.fillRx(p);
-      for (const [k, q] of [[0, rx], [1, tx]] as const) {
+      for (const k of [0, 1] as const) {
         const index = 2 * p + k;
-        await this.request(Request.SET_VRING_NUM, vringStatePayload(index, queueSize));
-        await this.request(Request.SET_VRING_BASE, vringStatePayload(index, 0));
-        const l = q.layout;
-        const addr = { index, flags: 0, descUser: this.mapping.address + l.descGpa, usedUser: this.mapping.address + l.usedGpa, availUser: this.mapping.address + l.availGpa, logGuest: 0 };
-        this.vringAddrs[index] = addr;
-        await this.request(Request.SET_VRING_ADDR, vringAddrPayload(addr));
-        await this.request(Request.SET_VRING_CALL, u64Payload(index), [st.call[k]]);
-        await this.request(Request.SET_VRING_KICK, u64Payload(index), [st.kick[k]]);
-        if (hasBit(this.features, F_PROTOCOL_FEATURES)) await this.request(Request.SET_VRING_ENABLE, vringStatePayload(index, 1));
+        const l = (k === 0 ? rx : tx).layout;
+        this.vringAddrs[index] = { index, flags: 0, descUser: this.mapping.address + l.descGpa, usedUser: this.mapping.address + l.usedGpa, availUser: this.mapping.address + l.availGpa, logGuest: 0 };
+        await this.startRing(index, 0);
       }
     }
+  }
+
+  /** SET_VRING_NUM/BASE/ADDR/CALL/KICK/ENABLE for a ring whose queue and addresses exist. */
+  private async startRing(index: number, base: number): Promise<void> {
+    const st = this.pair(index >> 1);
+    const k = (index & 1) as 0 | 1;
+    await this.request(Request.SET_VRING_NUM, vringStatePayload(index, this.opts.queueSize));
+    await this.request(Request.SET_VRING_BASE, vringStatePayload(index, base));
+    await this.request(Request.SET_VRING_ADDR, vringAddrPayload(this.vringAddrs[index]!));
+    await this.request(Request.SET_VRING_CALL, u64Payload(index), [st.call[k]]);
+    await this.request(Request.SET_VRING_KICK, u64Payload(index), [st.kick[k]]);
+    if (hasBit(this.features, F_PROTOCOL_FEATURES)) await this.request(Request.SET_VRING_ENABLE, vringStatePayload(index, 1));
+  }
+
+  /** GET_VRING_BASE on every ring, as QEMU stops the device (VM stop, migration switch-over); returns the bases by vring index. */
+  async stopRings(): Promise<number[]> {
+    const bases: number[] = [];
+    for (let i = 0; i < 2 * this.pairs.length; i++) bases.push(await this.getVringBase(i));
+    return bases;
+  }
+
+  /** Starts the same rings again from the bases stopRings returned (VM continued, migration cancelled). */
+  async resumeRings(bases: readonly number[]): Promise<void> {
+    for (let i = 0; i < bases.length; i++) await this.startRing(i, bases[i]!);
   }
 
   private pair(p: number): PairState {
