@@ -6,6 +6,7 @@ import { FdQueue } from './fd-queue.js';
 import { linkStats } from './link-stats.js';
 
 const TUNSETIFF = 0x400454ca;
+const TUNSETPERSIST = 0x400454cb;
 const TUNSETOFFLOAD = 0x400454d0;
 const TUNSETVNETHDRSZ = 0x400454d8;
 const TUNSETQUEUE = 0x400454d9;
@@ -63,28 +64,59 @@ export function setInterfaceMtu(name: string, mtu: number): void {
 }
 
 
+/** The interface alias that marks a tap as made by vhost-xdp (so a restarted serve re-adopts it). */
+function ownerMark(ifname: string): string {
+  return `vhost-xdp tap ${ifname}`;
+}
+
+function isOurs(ifname: string): boolean {
+  try {
+    return fs.readFileSync(`/sys/class/net/${ifname}/ifalias`, 'utf8').trim() === ownerMark(ifname);
+  } catch {
+    return false;
+  }
+}
+
 /**
- * A tap with one fd per queue pair (IFF_MULTI_QUEUE when more than one). A tap we created goes
- * away when its last fd closes; a persistent tap that already existed is left in place.
+ * A tap with one fd per queue pair (IFF_MULTI_QUEUE when more than one). A tap we create is
+ * persistent (TUNSETPERSIST) and marked as ours: a backend that crashes leaves it in place with
+ * its ifindex, MAC, addresses, bridge membership, MTU, qdisc and programs, and the restarted
+ * backend re-attaches to it. A clean shutdown removes it. A tap that was there and is not ours
+ * is attached to and never removed.
  */
 export class TapPort implements Port {
   readonly kind = 'tap';
+  /** Ours to remove on a clean shutdown: created now, or re-adopted after a crash. */
   readonly created: boolean;
+  /** It was ours and survived a previous backend: re-attached, configuration untouched. */
+  readonly adopted: boolean;
   private fds: number[] = [];
 
   private constructor(readonly ifname: string, readonly queuePairs: number) {
-    this.created = !interfaceExists(ifname);
+    const exists = interfaceExists(ifname);
+    this.adopted = exists && isOurs(ifname);
+    this.created = !exists || this.adopted;
   }
 
   static open(ifname: string, queuePairs: number): TapPort {
     const port = new TapPort(ifname, queuePairs);
+    const fresh = port.created && !port.adopted;
     try {
       for (let q = 0; q < queuePairs; q++) {
         const fd = check(raw.open('/dev/net/tun', O_RDWR | O_NONBLOCK | O_CLOEXEC, 0), 'open', '/dev/net/tun');
         port.fds.push(fd);
         setIfName(ifname);
         ifreq.view.setInt16(16, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (queuePairs > 1 ? IFF_MULTI_QUEUE : 0), true);
-        check(raw.ioctl(fd, TUNSETIFF, ifreq.address), 'ioctl(TUNSETIFF)', ifname);
+        if (raw.ioctl(fd, TUNSETIFF, ifreq.address) < 0) {
+          const e = lastErrno();
+          // The kernel refuses a queue layout other than the one the tap was made with.
+          if (e === Errno.EINVAL && q === 0 && !fresh) throw new SysError('ioctl(TUNSETIFF)', e, `${ifname} exists with another queue layout than ${queuePairs} pair(s); delete it or give the same --queues`);
+          throw new SysError('ioctl(TUNSETIFF)', e, ifname);
+        }
+      }
+      if (fresh) {
+        check(raw.ioctl(port.fds[0]!, TUNSETPERSIST, 1), 'ioctl(TUNSETPERSIST)', ifname);
+        fs.writeFileSync(`/sys/class/net/${ifname}/ifalias`, ownerMark(ifname));
       }
       port.setVnetHeaderLength(12);
       setLinkUp(ifname, true);
@@ -133,7 +165,12 @@ export class TapPort implements Port {
     return linkStats(this.ifname);
   }
 
+  /** Clean shutdown: a tap that is ours goes (not persistent any more, its last fd closed). */
   close(): void {
+    if (this.created && this.fds.length > 0) {
+      // Best effort: a tap whose persist flag cannot be cleared stays, which a restart re-adopts.
+      raw.ioctl(this.fds[0]!, TUNSETPERSIST, 0);
+    }
     for (const fd of this.fds) closeFd(fd);
     this.fds = [];
   }

@@ -172,6 +172,15 @@ function ownerMark(ifname: string): string {
   return `vhost-xdp xsk peer of ${ifname}`;
 }
 
+/** Receive queues of a link (a veth pair made for N pairs has N). */
+function rxQueueCount(name: string): number {
+  try {
+    return fs.readdirSync(`/sys/class/net/${name}/queues`).filter((q) => q.startsWith('rx-')).length;
+  } catch {
+    return 0;
+  }
+}
+
 function isOurLeftover(ifname: string, peer: string): boolean {
   try {
     return fs.readFileSync(`/sys/class/net/${peer}/ifalias`, 'utf8').trim() === ownerMark(ifname);
@@ -279,6 +288,8 @@ export class XskPort implements Port {
   private closed = false;
   /** Bytes the kernel holds pinned for this device's UMEM right now. */
   pinnedBytes = 0;
+  /** The pair survived a previous backend and was re-attached (its host end untouched). */
+  adopted = false;
 
   private constructor(readonly ifname: string, readonly queuePairs: number, opts: XskPortOptions,
     peer: string, peerIfindex: number, xskMap: BpfMap, redirectFd: number, private readonly hostPassFd: number) {
@@ -301,16 +312,22 @@ export class XskPort implements Port {
     // Before the link exists: a refused limit leaves nothing to clean up.
     checkPinLimit(opts.pinLimitBytes ?? DEFAULT_PIN_LIMIT, queuePairs, opts.bounceChunks ?? DEFAULT_BOUNCE_CHUNKS);
     const peer = opts.peerName ?? defaultPeerName(ifname);
+    let adopted = false;
     if (linkExists(ifname)) {
-      // A pair left by a backend that was killed (SIGKILL leaves veths and their XDP program
-      // behind) carries our mark on its peer: remove it. Anything else is not ours to touch.
+      // A pair left by a backend that was killed carries our mark on its peer: re-adopt it, so
+      // the host end keeps its ifindex, MAC, addresses, bridge membership, MTU and programs.
+      // One with another queue count cannot serve this device: made anew. Anything else is
+      // not ours to touch.
       if (!isOurLeftover(ifname, peer)) throw new SysError('xsk port', Errno.EEXIST, `${ifname} already exists and is not a veth pair vhost-xdp made`);
-      spawnSync('ip', ['link', 'delete', ifname]);
+      if (rxQueueCount(peer) === queuePairs) adopted = true;
+      else spawnSync('ip', ['link', 'delete', ifname]);
     }
     const n = String(queuePairs);
     const mtu = String(opts.mtu ?? 1500);
-    ip(['link', 'add', ifname, 'numtxqueues', n, 'numrxqueues', n, 'mtu', mtu, 'type', 'veth',
-      'peer', 'name', peer, 'numtxqueues', n, 'numrxqueues', n, 'mtu', mtu]);
+    if (!adopted) {
+      ip(['link', 'add', ifname, 'numtxqueues', n, 'numrxqueues', n, 'mtu', mtu, 'type', 'veth',
+        'peer', 'name', peer, 'numtxqueues', n, 'numrxqueues', n, 'mtu', mtu]);
+    }
     let map: BpfMap | null = null;
     let prog = -1;
     let pass = -1;
@@ -327,13 +344,16 @@ export class XskPort implements Port {
       spawnSync('ethtool', ['-K', ifname, 'tx', 'off'], { timeout: 10_000 });
       ip(['link', 'set', 'dev', peer, 'alias', ownerMark(ifname)]);
       ip(['link', 'set', 'dev', peer, 'up']);
-      ip(['link', 'set', 'dev', ifname, 'up']);
-      return new XskPort(ifname, queuePairs, opts, peer, peerIfindex, map, prog, pass);
+      // The host end is the operator's once it exists: a re-adopted one stays as they left it.
+      if (!adopted) ip(['link', 'set', 'dev', ifname, 'up']);
+      const port = new XskPort(ifname, queuePairs, opts, peer, peerIfindex, map, prog, pass);
+      port.adopted = adopted;
+      return port;
     } catch (e) {
       if (prog >= 0) closeBpfFd(prog);
       if (pass >= 0) closeBpfFd(pass);
       map?.close();
-      spawnSync('ip', ['link', 'delete', ifname]);
+      if (!adopted) spawnSync('ip', ['link', 'delete', ifname]);
       throw e;
     }
   }

@@ -18,7 +18,7 @@ export interface DeviceStatus {
    * pinnedBytes: guest RAM pinned for AF_XDP (xsk ports; 0 otherwise); pinLimitBytes: its quota
    * (null: tap); umem: how the current memory table is served (null: none yet, or tap).
    */
-  port: { kind: string; ifname: string; created: boolean; pinnedBytes: number; pinLimitBytes: number | null; umem: 'zero-copy' | 'bounce' | null };
+  port: { kind: string; ifname: string; created: boolean; adopted: boolean; pinnedBytes: number; pinLimitBytes: number | null; umem: 'zero-copy' | 'bounce' | null };
   queuePairs: number;
   connected: boolean;
   connections: number;
@@ -117,7 +117,7 @@ export class Device {
       socket: this.spec.socket,
       mode: this.spec.client ? 'client' : 'server',
       port: {
-        kind: this.port.kind, ifname: this.port.ifname, created, pinnedBytes: (this.port as { pinnedBytes?: number }).pinnedBytes ?? 0,
+        kind: this.port.kind, ifname: this.port.ifname, created, adopted: (this.port as { adopted?: boolean }).adopted ?? false, pinnedBytes: (this.port as { pinnedBytes?: number }).pinnedBytes ?? 0,
         pinLimitBytes: this.xsk?.pinLimitBytes ?? null, umem: this.xsk?.umemInfo?.mode ?? null,
       },
       queuePairs: this.net.maxQueuePairs(),

@@ -144,8 +144,9 @@ describe('DirtyLog used ring (VHOST_VRING_F_LOG)', () => {
 async function raceRounds(opts: { size: number; markers: number; reader: boolean; rounds: number }): Promise<{ missing: number; readerWords: number }> {
   const { size, markers, rounds } = opts;
   const { mapping } = makeLog(size, 0);
-  // ctl: [0] round, [1] markers done, [2] stop, [3] words the reader took non-zero.
-  const ctl = new Int32Array(new SharedArrayBuffer(16));
+  // ctl: [0] round, [1] markers done, [2] stop, [3] words the reader took non-zero,
+  // [4] pause asked (between rounds), [5] the reader is paused (holds no exchanged word).
+  const ctl = new Int32Array(new SharedArrayBuffer(24));
   const seen = new Uint8Array(new SharedArrayBuffer(size));
   const koffiPath = createRequire(import.meta.url).resolve('koffi');
   const dirtyLogUrl = new URL('../../dist/src/memory/dirty-log.js', import.meta.url).href;
@@ -161,6 +162,14 @@ async function raceRounds(opts: { size: number; markers: number; reader: boolean
         const words = new BigInt64Array(koffi.view(w.address, w.size));
         const seen = new BigInt64Array(w.seen.buffer);
         while (Atomics.load(ctl, 2) === 0) {
+          if (Atomics.load(ctl, 4) !== 0) {
+            // Between passes every exchanged word is folded into seen: safe to count now.
+            Atomics.store(ctl, 5, 1);
+            Atomics.notify(ctl, 5);
+            while (Atomics.load(ctl, 4) !== 0 && Atomics.load(ctl, 2) === 0) Atomics.wait(ctl, 4, 1, 50);
+            Atomics.store(ctl, 5, 0);
+            continue;
+          }
           for (let i = 0; i < words.length; i++) {
             if (words[i] === 0n) continue;
             const v = Atomics.exchange(words, i, 0n);
@@ -190,11 +199,19 @@ async function raceRounds(opts: { size: number; markers: number; reader: boolean
       log.fill(0);
       seen.fill(0);
       Atomics.store(ctl, 1, 0);
+      Atomics.store(ctl, 4, 0);
+      Atomics.notify(ctl, 4);
+      // The reader's "paused" from the previous round must be gone before it counts again.
+      while (opts.reader && Atomics.load(ctl, 5) !== 0) await new Promise((res) => setTimeout(res, 0));
       Atomics.store(ctl, 0, r);
       Atomics.notify(ctl, 0);
       while (Atomics.load(ctl, 1) < markers) await new Promise((res) => setTimeout(res, 0));
-      // The reader may still hold a word it exchanged: give it a moment to fold it into seen.
-      await new Promise((res) => setTimeout(res, 2));
+      if (opts.reader) {
+        // The reader may hold a word it exchanged and not yet folded into seen: let it finish
+        // its pass and stop, however long the scheduler keeps it off a core.
+        Atomics.store(ctl, 4, 1);
+        while (Atomics.load(ctl, 5) !== 1) await new Promise((res) => setTimeout(res, 0));
+      }
       for (let b = 0; b < size; b++) if ((seen[b]! | Atomics.load(log, b)) !== 0xff) missing++;
     }
     return { missing, readerWords: Atomics.load(ctl, 3) };
