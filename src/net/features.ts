@@ -15,7 +15,7 @@ const F = NetFeature;
  * What we offer. CTRL_VQ/CTRL_RX/GUEST_ANNOUNCE/MTU/MAC/STATUS are served by the frontend itself
  * (QEMU terminates the control queue), but QEMU masks bits the backend does not offer, so we
  * offer them. Not offered: UFO (the kernel dropped UFO), RING_PACKED (split ring only so far),
- * LOG_ALL (no dirty logging, so no live migration yet), ACCESS_PLATFORM (no IOTLB).
+ * ACCESS_PLATFORM (no IOTLB). LOG_ALL is added by the session, which owns the dirty log.
  */
 export const OFFERED_FEATURES: bigint = [
   F.CSUM, F.GUEST_CSUM, F.CTRL_GUEST_OFFLOADS, F.MTU, F.MAC, F.GUEST_TSO4, F.GUEST_TSO6, F.GUEST_ECN,
@@ -28,7 +28,8 @@ export const OFFERED_FEATURES: bigint = [
  * Protocol features: MQ, REPLY_ACK, NET_MTU, RARP, RESET_DEVICE, CONFIGURE_MEM_SLOTS.
  * Not yet: BACKEND_REQ/HOST_NOTIFIER (no backend-initiated messages), INFLIGHT_SHMFD (net does
  * not need crash-consistent inflight tracking: a lost in-flight frame is a dropped packet),
- * LOG_SHMFD (no migration), CONFIG (QEMU owns virtio-net config), STATUS, INBAND_NOTIFICATIONS.
+ * CONFIG (QEMU owns virtio-net config), STATUS, INBAND_NOTIFICATIONS. LOG_SHMFD and DEVICE_STATE
+ * are added by the session for a backend with the migration hooks (docs/migration.md).
  */
 export const OFFERED_PROTOCOL_FEATURES: bigint = [
   ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.NET_MTU, ProtocolFeature.RARP,

@@ -372,8 +372,10 @@ export class NetDevice implements VhostUserBackend, PoolClient {
   }
 
   sendRarp(mac: Uint8Array): void {
-    // Guests announce themselves (GUEST_ANNOUNCE) after migration; we have no migration yet.
-    this.log.info(`SEND_RARP for ${[...mac].map((b) => b.toString(16).padStart(2, '0')).join(':')} (nothing to do without migration)`);
+    // QEMU sends this after a migration only to a guest that cannot announce itself
+    // (GUEST_ANNOUNCE not negotiated); we offer GUEST_ANNOUNCE, so the guest's own gratuitous
+    // ARP does the job. Logged so an operator can see the switch-over reached this backend.
+    this.log.info(`SEND_RARP for ${[...mac].map((b) => b.toString(16).padStart(2, '0')).join(':')} (the guest announces itself: GUEST_ANNOUNCE)`);
   }
 
   sessionReset(reason: string): void {
