@@ -4,7 +4,7 @@
 import path from 'node:path';
 import { startBackend, tempDir, mountPinDir, unmountPinDir, type Backend } from '../backend.js';
 import { PacketSocket } from '../packet-socket.js';
-import { TestFrontend } from './test-frontend.js';
+import { TestFrontend, type FrontendOptions } from './test-frontend.js';
 import { OffloadClient, hostFramesReceived } from './offload-client.js';
 
 export interface OffloadRigOptions {
@@ -20,6 +20,8 @@ export interface OffloadRigOptions {
   firstSeq: number;
   /** Runs after every backend start, before the guest connects (e.g. disableIpv6 on a tap). */
   afterStart?: () => void;
+  /** Frontend options besides the two queue pairs (e.g. protocol features for migration). */
+  frontend?: FrontendOptions;
 }
 
 export class OffloadRig {
@@ -56,7 +58,7 @@ export class OffloadRig {
   private async up(): Promise<void> {
     this.be = await startBackend(this.args, { dir: this.dir });
     this.o.afterStart?.();
-    this.fe = await TestFrontend.connect(this.sock, { queuePairs: 2 });
+    this.fe = await TestFrontend.connect(this.sock, { ...this.o.frontend, queuePairs: 2 });
     this.oc = new OffloadClient(this.fe, 1);
     // After the backend: an xsk port makes its veth anew on every start.
     this.ps = PacketSocket.open(this.o.ifname);
