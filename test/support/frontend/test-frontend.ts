@@ -523,6 +523,18 @@ export class TestFrontend {
     return frames;
   }
 
+  /**
+   * Consumes RX queue p's used buffers without reading them (benches: what a guest that drops
+   * every frame costs) and refills; returns how many buffers came back.
+   */
+  drainRx(p: number): number {
+    const st = this.pair(p);
+    let n = 0;
+    for (let u = st.rx.pollUsed(); u; u = st.rx.pollUsed()) n++;
+    if (n > 0) this.fillRx(p);
+    return n;
+  }
+
   /** Waits until `count` frames arrived on RX queue p (or the timeout); returns what arrived. */
   async waitForFrames(p: number, count: number, timeoutMs = 5000, filter?: (f: Uint8Array) => boolean): Promise<Uint8Array[]> {
     const out: Uint8Array[] = [];
