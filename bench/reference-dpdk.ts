@@ -73,8 +73,8 @@ export interface ReferenceResult {
 }
 
 const PINNING = 'A(vhost PMD <-io-> host PMD): main lcore 0, forwarding lcore 1; B(virtio-user): main lcore 1, forwarding lcore 0; generator (trafgen on tap, XDP live-frames flood on veth): taskset -c 0, 1 process';
-const GUEST_MAC = '02:00:00:00:0b:01';
-const HOST_MAC = '02:00:00:00:0a:01';
+export const GUEST_MAC = '02:00:00:00:0b:01';
+export const HOST_MAC = '02:00:00:00:0a:01';
 
 function rateBetween(a: { at: number; ports: PortStats[] }, b: { at: number; ports: PortStats[] }, port: number, field: 'rxPackets' | 'txPackets'): { packets: number; seconds: number } {
   const pa = a.ports.find((p) => p.port === port);
@@ -84,18 +84,18 @@ function rateBetween(a: { at: number; ports: PortStats[] }, b: { at: number; por
 }
 
 /** Trafgen config whose only packet is `frame` (literal bytes, so no cpp run is needed). */
-function trafgenConfig(frame: Uint8Array): string {
+export function trafgenConfig(frame: Uint8Array): string {
   return `{\n  ${Array.from(frame, (b) => `0x${b.toString(16).padStart(2, '0')}`).join(', ')}\n}\n`;
 }
 
-function startTrafgen(ifname: string, cfgPath: string, cpu: number): ManagedProcess {
+export function startTrafgen(ifname: string, cfgPath: string, cpu: number): ManagedProcess {
   // -P 1: one process (trafgen otherwise forks one per CPU); --no-sock-mem/--notouch-irq: leave socket memory
   // sysctls and IRQ affinities alone (they would stay changed if trafgen were killed);
   // -C: no CPU stats. Default TX_RING with qdisc bypass, infinite count until SIGINT.
   return spawnManaged('taskset', ['-c', String(cpu), 'trafgen', '-o', ifname, '-i', cfgPath, '-P', '1', '--no-sock-mem', '--notouch-irq', '-C'], { name: 'trafgen' });
 }
 
-async function measureKernelRate(ifname: string, seconds: number, counter: 'rx' | 'tx'): Promise<{ packets: number; seconds: number; dropped: number }> {
+export async function measureKernelRate(ifname: string, seconds: number, counter: 'rx' | 'tx'): Promise<{ packets: number; seconds: number; dropped: number }> {
   const s0: LinkStats = readLinkStats(ifname);
   const t0 = process.hrtime.bigint();
   await sleep(seconds * 1000);

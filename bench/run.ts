@@ -1,6 +1,8 @@
 // `npm run bench [-- tap|xsk|offload|micro|all] [--seconds N] [--rounds N] [--json]`: throughput of vhost-xdp beside DPDK
 // references measured in the same run (ratios matter, not absolute numbers: the machine is shared).
 // `micro` (not part of `all`): in-process costs of the split ring and of the composed XDP entry.
+// `npm run bench -- logging [--seconds N] [--rounds N]`: throughput on the tap port with migration dirty logging on
+// vs off, interleaved rounds (issue 14; not part of `all`).
 // `npm run bench -- scale [--devices 1,8,32,64] [--workers N] [--seconds N] [--json]`: RSS, threads and idle CPU
 // of one serve process with N quiet devices (issue 13). Not part of `all`: it measures footprint, not throughput.
 import { loadavg } from 'node:os';
@@ -8,6 +10,7 @@ import { measureDpdkTapReference, measureVhostXdpTap, measureDpdkAfXdpReference,
 import { runOffloadBench } from './offload-bench.js';
 import { runMicroBench } from './micro.js';
 import { runScaleBench, scaleTable, SCALE_TARGETS } from './scale-bench.js';
+import { runLoggingBench } from './logging-bench.js';
 
 const args = process.argv.slice(2);
 const VALUED = new Set(['--seconds', '--rounds', '--devices', '--workers']);
@@ -17,8 +20,8 @@ if (unknownFlag) {
   process.exit(2);
 }
 const which = args.find((a, i) => !a.startsWith('--') && !VALUED.has(args[i - 1] ?? '')) ?? 'all';
-if (!['tap', 'xsk', 'offload', 'scale', 'micro', 'all'].includes(which)) {
-  console.error(`unknown bench '${which}': tap, xsk, offload, scale, micro or all`);
+if (!['tap', 'xsk', 'offload', 'scale', 'micro', 'logging', 'all'].includes(which)) {
+  console.error(`unknown bench '${which}': tap, xsk, offload, scale, micro, logging or all`);
   process.exit(2);
 }
 const secIdx = args.indexOf('--seconds');
@@ -203,6 +206,20 @@ if (which === 'scale') {
     for (const l of scaleTable(r)) console.log(l);
     console.log('  anon: the backend\'s own heap, isolates and stacks; shmem: guest RAM it touched; unconn.: RSS with the devices up but no frontend yet');
   }
+}
+
+if (which === 'logging') {
+  if (!json) console.log(`dirty logging (live migration) on the tap port, 64-byte frames, TS frontend as the guest (Mpps${rounds > 1 ? `, median of ${rounds} interleaved rounds` : ''})`);
+  const r = await runLoggingBench({ seconds, rounds });
+  results.logging = r;
+  const each = (xs: number[]): string => (rounds > 1 ? `; rounds ${xs.map((x) => x.toFixed(2)).join(' ')}` : '');
+  const pick = (i: 0 | 1, f: (w: (typeof r.rounds)[0][0]) => number): number => median(r.rounds.map((x) => f(x[i])));
+  line('guest->host, logging off', pick(0, (w) => w.guestToHostMpps).toFixed(3));
+  line('guest->host, logging on', pick(1, (w) => w.guestToHostMpps).toFixed(3), `${median(r.guestToHostRatios).toFixed(2)}x off (goal >= 0.8x)${each(r.guestToHostRatios)}`);
+  line('host->guest, logging off', pick(0, (w) => w.hostToGuestMpps).toFixed(3), `(offered ${pick(0, (w) => w.offeredMpps).toFixed(3)})`);
+  line('host->guest, logging on', pick(1, (w) => w.hostToGuestMpps).toFixed(3), `${median(r.hostToGuestRatios).toFixed(2)}x off (goal >= 0.8x)${each(r.hostToGuestRatios)}; offered ${pick(1, (w) => w.offeredMpps).toFixed(3)}`);
+  line('pages dirty after a window, logging on', String(pick(1, (w) => w.dirtyPages)), 'off: 0 in every window');
+  line('1-min load average at start (2 cores)', String(r.loadAvg1));
 }
 
 if (which === 'micro') {

@@ -2,7 +2,7 @@ import type { RegionInfo } from '../memory/guest-memory.js';
 import type { VringConfig } from '../vhost-user/backend.js';
 import type { HostQueueConfig } from '../ports/port.js';
 import type { FrameFormat } from '../net/frame-format.js';
-import type { LogInfo } from '../memory/dirty-log.js';
+import type { LogInfo, UsedRingLog } from '../memory/dirty-log.js';
 
 /**
  * What the main thread asks of one device's queues on a worker. Plain data: posted between
@@ -14,6 +14,8 @@ export type DeviceRequest =
   | { op: 'format'; format: FrameFormat }
   /** Migration logging on (the log's mapping) or off (null). */
   | { op: 'log'; log: LogInfo | null }
+  /** A running vring's VHOST_VRING_F_LOG / log_guest_addr changed (applied in place). */
+  | { op: 'vring-log'; index: number; log: UsedRingLog }
   | { op: 'start'; vring: VringConfig }
   | { op: 'stop'; index: number }
   | { op: 'call'; index: number; fd: number }

@@ -75,6 +75,13 @@ export class DeviceQueues {
         this.dirtyLog = req.log ? new DirtyLog(req.log) : null;
         for (const v of this.vrings.values()) v.queue.setDirtyLog(this.dirtyLog, v.cfg);
         return 0;
+      case 'vring-log': {
+        const run = this.vrings.get(req.index);
+        if (!run) throw new Error(`vring ${req.index} is not running`);
+        run.cfg = { ...run.cfg, logUsed: req.log.logUsed, logGuestAddr: req.log.logGuestAddr };
+        run.queue.setDirtyLog(this.dirtyLog, run.cfg);
+        return 0;
+      }
       case 'format':
         this.format = req.format;
         return 0;

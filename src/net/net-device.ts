@@ -2,7 +2,7 @@ import { logger, type Logger } from '../log.js';
 import { bit, hasBit, F_LOG_ALL } from '../vhost-user/protocol.js';
 import { BackendRefusal, type VhostUserBackend, type VringConfig } from '../vhost-user/backend.js';
 import type { RegionInfo } from '../memory/guest-memory.js';
-import type { LogInfo } from '../memory/dirty-log.js';
+import type { LogInfo, UsedRingLog } from '../memory/dirty-log.js';
 import type { Port } from '../ports/port.js';
 import { OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, NetFeature as F, describeFeatures } from './features.js';
 import { vnetHeaderLength, txOffloads } from './vnet-header.js';
@@ -390,6 +390,15 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     // Drop the workers' view of guest memory before the session unmaps it.
     this.regions = [];
     this.eachWorker({ op: 'memory', regions: [] });
+  }
+
+  vringLogChanged(index: number, log: UsedRingLog): void {
+    const cfg = this.running.get(index);
+    const w = this.pool.workerOf(this.id, index >> 1);
+    if (!cfg || w < 0) throw new BackendRefusal(`vring ${index} is not running`, 'vring-not-running');
+    this.request(w, { op: 'vring-log', index, log: { logUsed: log.logUsed, logGuestAddr: log.logGuestAddr } });
+    cfg.logUsed = log.logUsed;
+    cfg.logGuestAddr = log.logGuestAddr;
   }
 
   dirtyLogChanged(log: LogInfo | null): void {

@@ -1,6 +1,6 @@
 import { VxError } from '../errors.js';
 import type { RegionInfo } from '../memory/guest-memory.js';
-import type { LogInfo } from '../memory/dirty-log.js';
+import type { LogInfo, UsedRingLog } from '../memory/dirty-log.js';
 
 /**
  * A backend's refusal of something the frontend asked for (logged as a refusal, not a bug).
@@ -68,6 +68,13 @@ export interface VhostUserBackend {
    * unmaps it next). A backend with this hook is offered VHOST_F_LOG_ALL and LOG_SHMFD.
    */
   dirtyLogChanged?(log: LogInfo | null): void;
+  /**
+   * VHOST_VRING_F_LOG / log_guest_addr changed on a running vring (QEMU sends that when
+   * migration logging starts and stops): apply them between two bursts without stopping the
+   * ring. Without this hook the session restarts the ring, which a port whose host queue
+   * still holds the ring's buffers (an AF_XDP fill ring) cannot do.
+   */
+  vringLogChanged?(index: number, log: UsedRingLog): void;
   /**
    * Device state for migration (SET_DEVICE_STATE_FD, save direction), called while every ring is
    * stopped. A backend with saveState and loadState is offered VHOST_USER_PROTOCOL_F_DEVICE_STATE.

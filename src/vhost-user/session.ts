@@ -436,8 +436,8 @@ export class Session {
   /**
    * SET_VRING_ADDR. On a running ring only the logging fields may change ("To start/stop logging
    * of data/used ring writes, the front-end may send ... VHOST_USER_SET_VRING_ADDR with
-   * VHOST_VRING_F_LOG in ring's flags set to 1/0"): the ring restarts from where it stopped,
-   * between two bursts, with the new fields.
+   * VHOST_VRING_F_LOG in ring's flags set to 1/0"): the backend applies them between two
+   * bursts (vringLogChanged), or, without that hook, the ring restarts from where it stopped.
    */
   setVringAddr(dv: DataView): void {
     const index = dv.getUint32(0, true);
@@ -453,6 +453,12 @@ export class Session {
     if (v.running) {
       if (desc !== v.descUser || used !== v.usedUser || avail !== v.availUser) throw new RequestError('vring-addr-changed', `vring ${index} is running; only its logging may change`);
       if (logUsed === v.logUsed && logGuestAddr === v.logGuestAddr) return;
+      if (this.backend.vringLogChanged) {
+        this.backend.vringLogChanged(index, { logUsed, logGuestAddr });
+        v.logUsed = logUsed;
+        v.logGuestAddr = logGuestAddr;
+        return;
+      }
       v.base = this.backend.stopVring(index);
       v.running = false;
     }

@@ -483,9 +483,15 @@ export class SplitQueue {
    */
   setKickNotification(enabled: boolean): void {
     if (this.eventIdx) {
-      if (enabled) this.usedView.setUint16(4 + 8 * this.size, this.lastAvail, true);
+      if (enabled) {
+        this.usedView.setUint16(4 + 8 * this.size, this.lastAvail, true);
+        // avail_event is a used-ring word too: logged like the elements (it may sit on a page
+        // of its own, past the last element's).
+        if (this.log !== null && !this.log.markUsed(this.usedLog, 4 + 8 * this.size, 2)) this.logMisses++;
+      }
     } else {
       this.usedView.setUint16(0, enabled ? 0 : VIRTQ_USED_F_NO_NOTIFY, true);
+      if (this.log !== null && !this.log.markUsed(this.usedLog, 0, 2)) this.logMisses++;
     }
     fullFence();
   }

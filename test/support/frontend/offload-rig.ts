@@ -4,7 +4,7 @@
 import path from 'node:path';
 import { startBackend, tempDir, mountPinDir, unmountPinDir, type Backend } from '../backend.js';
 import { PacketSocket } from '../packet-socket.js';
-import { TestFrontend } from './test-frontend.js';
+import { TestFrontend, type FrontendOptions } from './test-frontend.js';
 import { OffloadClient, hostFramesReceived } from './offload-client.js';
 
 export interface OffloadRigOptions {
@@ -29,6 +29,8 @@ export interface OffloadRigOptions {
    * started (fe.start() later); default true: rings running.
    */
   start?: boolean;
+  /** Frontend options besides the two queue pairs (e.g. protocol features for migration). */
+  frontend?: FrontendOptions;
 }
 
 export class OffloadRig {
@@ -69,7 +71,8 @@ export class OffloadRig {
     this.be = await startBackend(this.args, { dir: this.dir });
     this.o.afterStart?.();
     const start = this.o.start ?? true;
-    this.fe = await TestFrontend.connect(this.sock, { queuePairs: 2, start, protocolFeatures: this.o.protocolFeatures ?? 0n });
+    const protocolFeatures = (this.o.frontend?.protocolFeatures ?? 0n) | (this.o.protocolFeatures ?? 0n);
+    this.fe = await TestFrontend.connect(this.sock, { ...this.o.frontend, queuePairs: 2, start, protocolFeatures });
     if (!start) await this.fe.negotiate();
     if (this.o.offload ?? true) this.oc = new OffloadClient(this.fe, 1);
     // After the backend: an xsk port makes its veth anew on every start.

@@ -7,10 +7,11 @@ import { GuestMemory } from '../../../src/memory/guest-memory.js';
 import {
   Request, ProtocolFeature, FLAG_VERSION, FLAG_NEED_REPLY, FLAG_REPLY, HEADER_SIZE, bit, hasBit,
   encodeMessage, decodeHeader, u64Payload, vringStatePayload, vringAddrPayload, memTablePayload, F_PROTOCOL_FEATURES,
-  logDescPayload, VRING_F_LOG, type VringAddr,
+  logDescPayload, VRING_F_LOG, F_LOG_ALL, type VringAddr,
 } from '../../../src/vhost-user/protocol.js';
 import { NetFeature as F } from '../../../src/net/features.js';
-import { DriverQueue } from './driver-queue.js';
+import { DriverQueue, type DriverBuffer } from './driver-queue.js';
+import { GuestLog, type GuestRange } from './guest-log.js';
 
 export interface FrontendOptions {
   queuePairs?: number;
@@ -23,16 +24,29 @@ export interface FrontendOptions {
   /** Protocol features to negotiate besides the default set (masked with what the backend offers). */
   protocolFeatures?: bigint;
   connectTimeoutMs?: number;
+  /**
+   * 'slots' (default): every RX chain is one 2 KiB slot, refilled by receive(). 'manual': RX
+   * queues get only what postRx() posts (custom chains, e.g. small or page-crossing segments).
+   */
+  rxFill?: 'slots' | 'manual';
 }
 
 export const DEFAULT_FEATURES = [F.VERSION_1, F.MRG_RXBUF, F.RING_EVENT_IDX, F.RING_INDIRECT_DESC, F.MQ, F.CSUM, F.GUEST_CSUM]
   .reduce((m, b) => m | bit(b), bit(F_PROTOCOL_FEATURES));
 
 const SLOT = 2048;
+const PAGE = 4096;
 const BIG = 68 * 1024;
 const HDR = 12;
 
 export class FrontendError extends Error {}
+
+/** Adds the 4 KiB page numbers [r.gpa, r.gpa + r.len) touches. */
+export function addPages(into: Set<number>, r: GuestRange): Set<number> {
+  if (r.len <= 0) return into;
+  for (let p = Math.floor(r.gpa / PAGE); p <= Math.floor((r.gpa + r.len - 1) / PAGE); p++) into.add(p);
+  return into;
+}
 
 interface PairState {
   rx: DriverQueue;
@@ -72,7 +86,7 @@ export class TestFrontend {
     const opts: Required<FrontendOptions> = {
       queuePairs: options.queuePairs ?? 1, queueSize: options.queueSize ?? 256, memBytes: options.memBytes ?? 32 << 20,
       features: options.features ?? DEFAULT_FEATURES, start: options.start ?? true, connectTimeoutMs: options.connectTimeoutMs ?? 10_000,
-      protocolFeatures: options.protocolFeatures ?? 0n,
+      protocolFeatures: options.protocolFeatures ?? 0n, rxFill: options.rxFill ?? 'slots',
     };
     const deadline = Date.now() + opts.connectTimeoutMs;
     let sock: UnixSocket | null = null;
@@ -94,7 +108,8 @@ export class TestFrontend {
     return fe;
   }
 
-  private alloc(bytes: number, align = 4096): number {
+  /** Reserves guest memory the frontend will not hand out again (buffers a test lays out itself). */
+  alloc(bytes: number, align = 4096): number {
     const at = Math.ceil(this.nextFree / align) * align;
     if (at + bytes > this.opts.memBytes) throw new FrontendError('test frontend memory exhausted');
     this.nextFree = at + bytes;
@@ -246,9 +261,10 @@ export class TestFrontend {
     return st;
   }
 
-  /** Posts receive buffers (one 2 KiB slot each) until the RX queue is full. */
+  /** Posts receive buffers (one 2 KiB slot each) until the RX queue is full ('slots' mode; 'manual' posts nothing). */
   fillRx(p: number): number {
     const st = this.pair(p);
+    if (this.opts.rxFill === 'manual') return 0;
     let n = 0;
     while (st.rx.numFree > 0) {
       const slot = st.rxSlots++ % this.opts.queueSize;
@@ -262,6 +278,51 @@ export class TestFrontend {
     }
     return n;
   }
+
+  /**
+   * Posts receive chains laid out by the caller (writable segments, in order) and kicks; returns
+   * how many fit. receive() reads and records them like the slots.
+   */
+  postRx(p: number, chains: readonly (readonly DriverBuffer[])[]): number {
+    const st = this.pair(p);
+    let n = 0;
+    for (const segs of chains) {
+      const own = segs.map((b) => ({ gpa: b.gpa, len: b.len, writable: true }));
+      if (st.rx.add(own, own) === null) break;
+      n++;
+    }
+    if (n > 0) {
+      st.rx.publish();
+      if (st.rx.needsKick()) eventfdSignal(st.kick[0]);
+    }
+    return n;
+  }
+
+  /** The first `len` bytes of an RX chain (token: a slot's gpa, or the segments postRx posted), as guest ranges. */
+  private rxRanges(token: unknown, len: number): GuestRange[] {
+    const segs: readonly { gpa: number; len: number }[] = typeof token === 'number' ? [{ gpa: token, len: SLOT }] : token as DriverBuffer[];
+    const out: GuestRange[] = [];
+    for (let i = 0; i < segs.length && len > 0; i++) {
+      const take = Math.min(segs[i]!.len, len);
+      out.push({ gpa: segs[i]!.gpa, len: take });
+      len -= take;
+    }
+    if (len > 0) throw new FrontendError(`device reported ${len} bytes more than the chain holds`);
+    return out;
+  }
+
+  private gather(ranges: readonly GuestRange[]): Uint8Array {
+    const out = new Uint8Array(ranges.reduce((a, r) => a + r.len, 0));
+    let at = 0;
+    for (const r of ranges) { out.set(this.mem.slice(r.gpa, r.len), at); at += r.len; }
+    return out;
+  }
+
+  /**
+   * While non-null, receive() appends the guest ranges the device reported written (the first
+   * `len` bytes of every used RX chain, whoever called receive()): what a dirty log must cover.
+   */
+  rxWrites: GuestRange[] | null = null;
 
   private reclaimTx(st: PairState): void {
     for (let u = st.tx.pollUsed(); u; u = st.tx.pollUsed()) {
@@ -355,6 +416,64 @@ export class TestFrontend {
     this.features = features;
   }
 
+  /**
+   * Starts dirty logging the way QEMU does when a migration starts: a log memfd of its own
+   * (mapped here to read the bits) through SET_LOG_BASE, VHOST_VRING_F_LOG on every vring
+   * (logged at its used ring's gpa), then LOG_ALL (unless `logAll` is false: a log the backend
+   * holds but must not write yet). Needs LOG_SHMFD negotiated.
+   */
+  async startDirtyLog(opts: { logAll?: boolean } = {}): Promise<GuestLog> {
+    const log = GuestLog.create(this.opts.memBytes);
+    try {
+      await this.setLogBase(log.fd, log.size);
+      for (let i = 0; i < this.vringAddrs.length; i++) await this.setVringLog(i, true);
+      if (opts.logAll ?? true) await this.setLogAll(true);
+    } catch (e) {
+      log.close();
+      throw e;
+    }
+    return log;
+  }
+
+  /** SET_FEATURES with LOG_ALL set or clear (the rings keep running). */
+  async setLogAll(on: boolean): Promise<void> {
+    await this.setFeatures(on ? this.features | bit(F_LOG_ALL) : this.features & ~bit(F_LOG_ALL));
+  }
+
+  /** Pages the driver itself writes: descriptor tables, avail rings, TX buffers (not the device's). */
+  driverPages(): Set<number> {
+    const pages = new Set<number>();
+    for (let p = 0; p < this.pairs.length; p++) {
+      for (const q of [this.pairs[p]!.rx, this.pairs[p]!.tx]) addPages(pages, { gpa: q.layout.descGpa, len: q.layout.usedGpa - q.layout.descGpa });
+      addPages(pages, { gpa: this.txBase[p]!, len: this.opts.queueSize * SLOT });
+      addPages(pages, { gpa: this.bigTx[p]!, len: BIG });
+    }
+    return pages;
+  }
+
+  /** The used ring of vring `index` as a guest range (flags, idx, ring, avail_event). */
+  usedRing(index: number): GuestRange {
+    return { gpa: this.usedGpa(index), len: 6 + 8 * this.opts.queueSize };
+  }
+
+  /** A copy of all guest memory (to see afterwards which pages changed). */
+  snapshot(): Uint8Array {
+    return this.mem.slice(0, this.opts.memBytes).slice();
+  }
+
+  /** Pages whose bytes differ from `before` (a snapshot()). */
+  changedPages(before: Uint8Array): Set<number> {
+    const now = this.mem.slice(0, this.opts.memBytes);
+    const out = new Set<number>();
+    const a = new BigUint64Array(before.buffer, before.byteOffset, before.length / 8);
+    const b = new BigUint64Array(now.buffer, now.byteOffset, now.length / 8);
+    const perPage = PAGE / 8;
+    for (let pg = 0; pg < a.length / perPage; pg++) {
+      for (let i = pg * perPage; i < (pg + 1) * perPage; i++) if (a[i] !== b[i]) { out.add(pg); break; }
+    }
+    return out;
+  }
+
   /** SET_DEVICE_STATE_FD with `fd`; returns the reply's u64 (bits 0-7 status, bit 8 no fd). */
   async setDeviceStateFd(direction: number, phase: number, fd: number): Promise<bigint> {
     const b = new Uint8Array(8);
@@ -418,14 +537,17 @@ export class TestFrontend {
     for (;;) {
       const u = st.rx.pollUsed();
       if (!u) break;
-      const gpa = u.token as number;
-      const first = this.mem.slice(gpa, Math.max(u.len, HDR)).slice();
-      const numBuffers = new DataView(first.buffer).getUint16(10, true);
-      const parts = [first.subarray(HDR, u.len)];
+      const firstRanges = this.rxRanges(u.token, u.len);
+      this.rxWrites?.push(...firstRanges);
+      const first = this.gather(firstRanges);
+      const numBuffers = first.length >= HDR ? new DataView(first.buffer).getUint16(10, true) : 1;
+      const parts = [first.subarray(Math.min(HDR, first.length))];
       for (let i = 1; i < numBuffers; i++) {
         const more = st.rx.pollUsed();
         if (!more) throw new FrontendError(`frame announced ${numBuffers} buffers, device returned ${i}`);
-        parts.push(this.mem.slice(more.token as number, more.len).slice());
+        const ranges = this.rxRanges(more.token, more.len);
+        this.rxWrites?.push(...ranges);
+        parts.push(this.gather(ranges));
       }
       const total = parts.reduce((a, b) => a + b.length, 0);
       const frame = new Uint8Array(total);
@@ -435,6 +557,18 @@ export class TestFrontend {
     }
     this.fillRx(p);
     return frames;
+  }
+
+  /**
+   * Consumes RX queue p's used buffers without reading them (benches: what a guest that drops
+   * every frame costs) and refills; returns how many buffers came back.
+   */
+  drainRx(p: number): number {
+    const st = this.pair(p);
+    let n = 0;
+    for (let u = st.rx.pollUsed(); u; u = st.rx.pollUsed()) n++;
+    if (n > 0) this.fillRx(p);
+    return n;
   }
 
   /** Waits until `count` frames arrived on RX queue p (or the timeout); returns what arrived. */
