@@ -231,6 +231,8 @@ static int transact_once(uint16_t cmd, const void *payload, uint32_t len, struct
 	if (n < 0) {
 		if (errno == EMSGSIZE)
 			die(EX_SYSTEM, "%s: request 0x%04x (%u bytes) is larger than the channel takes", devpath, cmd, VXO_HDR + len);
+		if (errno == EPERM)
+			die(EX_SYSTEM, "%s: request 0x%04x is not allowed through the channel (the kernel path owns it)", devpath, cmd);
 		die(EX_SYSTEM, "%s: write: %s", devpath, strerror(errno));
 	}
 	if ((size_t)n != VXO_HDR + len)
@@ -241,6 +243,11 @@ static int transact_once(uint16_t cmd, const void *payload, uint32_t len, struct
 	if (n < 0) {
 		if (errno == ETIMEDOUT)
 			die(EX_SYSTEM, "%s: the host did not answer request 0x%04x in time", devpath, cmd);
+		if (errno == EBUSY && (cmd == CMD_OBJ_BEGIN || cmd == CMD_OBJ_LOAD))
+			die(EX_SYSTEM, "%s: a program is offloaded through the kernel (ip link ... xdpoffload); "
+				       "detach it first (ip link set dev %s xdpoffload off)", ifname, ifname);
+		if (errno == ENODEV)
+			die(EX_SYSTEM, "%s: the offload channel is gone (device removed or claim released)", devpath);
 		die(EX_SYSTEM, "%s: read: %s", devpath, strerror(errno));
 	}
 	if (n < VXO_HDR + 8)
