@@ -33,7 +33,7 @@
 #define RESP_BUF (64 * 1024)
 #define OBJ_NAME 16
 #define PROG_NAME 64
-#define MAP_ENTRY 44 /* OBJ_SHOW: 6 x u32 + name[16] */
+#define MAP_ENTRY 40 /* OBJ_SHOW: 6 x u32 + name[16] */
 #define MAX_OBJECT_FILE (64u << 20)
 
 enum {
