@@ -5,10 +5,12 @@
 # the same on every machine of this kind: the newest linux-image-6.1.0-*-amd64 (resolved
 # now, never hard-coded, because the ABI number moves with security updates),
 # busybox-static, iproute2's `ip` and `bpftool` plus exactly the shared libraries they
-# need (walked through ELF DT_NEEDED, mapped to packages with dpkg -S).
+# need (walked through ELF DT_NEEDED, mapped to packages with dpkg -S). The object-path CLI
+# vxdp (vm-images/vxdp/vxdp.c) is compiled here with the host's C compiler, statically, into
+# /usr/bin/vxdp; every bpf/out/*.o goes to /bpf.
 #
-# Idempotent: out/.stamp holds a hash of this script, the init, the guest's BPF objects and
-# the resolved package versions; when it matches, nothing is rebuilt.
+# Idempotent: out/.stamp holds a hash of this script, the init, vxdp.c, the guest's BPF objects
+# and the resolved package versions; when it matches, nothing is rebuilt.
 #
 # Usage: vm-images/build.sh [--force]
 # Env:   VXDP_KERNEL_PKG=linux-image-6.1.0-NN-amd64  pins a kernel package instead of the newest.
@@ -100,7 +102,7 @@ shopt -s nullglob
 bpf_objs=("$repo"/bpf/out/*.o)
 stamp=$(
   {
-    sha256sum "$here/build.sh" "$here/init"
+    sha256sum "$here/build.sh" "$here/init" "$here/vxdp/vxdp.c"
     sha256sum "$out/virtio_net_offload.ko"
     for o in "${bpf_objs[@]}"; do sha256sum "$o"; done
     echo "$kpkg=$kver"
@@ -254,6 +256,14 @@ say "modules: ${!modseen[*]}"
 # Not under lib/modules: it is also named virtio_net; init insmods it by path.
 mkdir -p "$root/lib/vxdp"
 cp "$out/virtio_net_offload.ko" "$root/lib/vxdp/virtio_net_offload.ko"
+
+# The object-path CLI: static, so it needs nothing from the image's libraries.
+vxdp_cc=$(command -v gcc || command -v cc || command -v clang || true)
+[ -n "$vxdp_cc" ] || die "no C compiler on the host for vm-images/vxdp/vxdp.c (apt-get install gcc)"
+"$vxdp_cc" -static -O2 -Wall -Wextra -o "$root/usr/bin/vxdp" "$here/vxdp/vxdp.c" 2>"$work/vxdp.err" ||
+  { cat "$work/vxdp.err" >&2; die "compiling vm-images/vxdp/vxdp.c failed (a static build needs libc6-dev)"; }
+strip "$root/usr/bin/vxdp"
+say "vxdp: $(du -h "$root/usr/bin/vxdp" | cut -f1) static"
 
 # Guest BPF objects, if the repo has built any.
 for o in "${bpf_objs[@]}"; do cp "$o" "$root/bpf/"; done
