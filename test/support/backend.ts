@@ -5,6 +5,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { spawnManaged, type ManagedProcess } from './processes.js';
 import { callControl } from '../../src/control/control-client.js';
+import { setprivArgs, handOver, type RunAs } from './unprivileged.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 
@@ -47,12 +48,29 @@ export function unmountPinDir(at: string): void {
   try { execFileSync('umount', [at]); } catch { /* not mounted */ }
 }
 
+export interface StartOptions {
+  name?: string;
+  dir?: string;
+  env?: NodeJS.ProcessEnv;
+  readyTimeoutMs?: number;
+  /**
+   * Run serve as this user with only these capabilities (setpriv: ambient + bounding set), as
+   * a host's service manager would. DIR is handed to the user (its sockets are created there).
+   */
+  runAs?: RunAs;
+  /** Open fds handed to serve as its fds 3, 4, ... (`--fd 3`, socket activation). */
+  extraFds?: number[];
+}
+
 /** Starts `vhost-xdp serve ARGS --control DIR/ctl` and waits for its ready line. */
-export async function startBackend(args: string[], opts: { name?: string; dir?: string; env?: NodeJS.ProcessEnv; readyTimeoutMs?: number } = {}): Promise<Backend> {
+export async function startBackend(args: string[], opts: StartOptions = {}): Promise<Backend> {
   if (!fs.existsSync(CLI)) throw new Error(`${CLI} is missing: run npm run build`);
   const dir = opts.dir ?? tempDir('be');
   const control = path.join(dir, 'ctl.sock');
-  const proc = spawnManaged(process.execPath, [CLI, 'serve', ...args, '--control', control], { name: opts.name ?? 'vhost-xdp', env: opts.env });
+  const argv = [process.execPath, CLI, 'serve', ...args, '--control', control];
+  if (opts.runAs) handOver(opts.runAs, dir);
+  const [cmd, ...rest] = opts.runAs ? ['setpriv', ...setprivArgs(opts.runAs, argv)] : argv;
+  const proc = spawnManaged(cmd!, rest, { name: opts.name ?? 'vhost-xdp', env: opts.env, extraFds: opts.extraFds });
   try {
     await proc.waitForLine(/^vhost-xdp ready:/, opts.readyTimeoutMs ?? 15_000);
   } catch (e) {

@@ -6,6 +6,7 @@ import { startBackend, tempDir, mountPinDir, unmountPinDir, type Backend } from 
 import { PacketSocket } from '../packet-socket.js';
 import { TestFrontend } from './test-frontend.js';
 import { OffloadClient, hostFramesReceived } from './offload-client.js';
+import { handOver, type RunAs } from '../unprivileged.js';
 
 export interface OffloadRigOptions {
   /** tempDir tag. */
@@ -29,6 +30,8 @@ export interface OffloadRigOptions {
    * started (fe.start() later); default true: rings running.
    */
   start?: boolean;
+  /** Run serve as this user with only these capabilities (support/unprivileged.ts). */
+  runAs?: RunAs;
 }
 
 export class OffloadRig {
@@ -50,6 +53,8 @@ export class OffloadRig {
     this.sock = path.join(this.dir, 'dev.sock');
     const offload = o.offload ?? true;
     this.pinRoot = offload ? mountPinDir(this.dir) : '';
+    // The pin directory belongs to the user serve runs as, as a unit's ExecStartPre makes it.
+    if (o.runAs && this.pinRoot) handOver(o.runAs, this.dir, this.pinRoot);
     this.args = ['--socket', this.sock, '--port', `${o.port}:${o.ifname}`, '--name', o.name,
       ...(offload ? ['--queues', '1', '--offload', '--pin-dir', this.pinRoot] : ['--queues', '2'])];
   }
@@ -66,7 +71,7 @@ export class OffloadRig {
   }
 
   private async up(): Promise<void> {
-    this.be = await startBackend(this.args, { dir: this.dir });
+    this.be = await startBackend(this.args, { dir: this.dir, runAs: this.o.runAs });
     this.o.afterStart?.();
     const start = this.o.start ?? true;
     this.fe = await TestFrontend.connect(this.sock, { queuePairs: 2, start, protocolFeatures: this.o.protocolFeatures ?? 0n });
