@@ -60,16 +60,33 @@ export interface StartOptions {
   runAs?: RunAs;
   /** Open fds handed to serve as its fds 3, 4, ... (`--fd 3`, socket activation). */
   extraFds?: number[];
+  /**
+   * As systemd socket activation does: LISTEN_FDS = extraFds.length and LISTEN_PID = serve's own
+   * pid (a shell exports its $$ and execs serve, so the pid is the one serve gets).
+   */
+  socketActivation?: boolean;
+  /** The whole command line instead of `node CLI serve ARGS --control DIR/ctl.sock`; give `control` with it. */
+  argv?: string[];
+  /** The control socket the command line names (with argv). */
+  control?: string;
+  /** With socketActivation: the umask serve starts with (systemd's UMask=). */
+  umask?: string;
 }
 
 /** Starts `vhost-xdp serve ARGS --control DIR/ctl` and waits for its ready line. */
 export async function startBackend(args: string[], opts: StartOptions = {}): Promise<Backend> {
   if (!fs.existsSync(CLI)) throw new Error(`${CLI} is missing: run npm run build`);
   const dir = opts.dir ?? tempDir('be');
-  const control = path.join(dir, 'ctl.sock');
-  const argv = [process.execPath, CLI, 'serve', ...args, '--control', control];
-  if (opts.runAs) handOver(opts.runAs, dir);
-  const [cmd, ...rest] = opts.runAs ? ['setpriv', ...setprivArgs(opts.runAs, argv)] : argv;
+  const control = opts.control ?? path.join(dir, 'ctl.sock');
+  let argv = opts.argv ?? [process.execPath, CLI, 'serve', ...args, '--control', control];
+  if (opts.runAs) {
+    handOver(opts.runAs, dir);
+    argv = ['setpriv', ...setprivArgs(opts.runAs, argv)];
+  }
+  if (opts.socketActivation) {
+    argv = ['sh', '-c', `${opts.umask ? `umask ${opts.umask}; ` : ''}export LISTEN_PID=$$ LISTEN_FDS=${opts.extraFds?.length ?? 0}; exec "$@"`, 'sh', ...argv];
+  }
+  const [cmd, ...rest] = argv;
   const proc = spawnManaged(cmd!, rest, { name: opts.name ?? 'vhost-xdp', env: opts.env, extraFds: opts.extraFds });
   try {
     await proc.waitForLine(/^vhost-xdp ready:/, opts.readyTimeoutMs ?? 15_000);
