@@ -23,15 +23,14 @@ describe.each(['tap', 'xsk'] as const)('serve --port %s as an unprivileged user 
   let ps: PacketSocket | undefined;
   let rig: OffloadRig | undefined;
 
+  // Frontends first, then the backend, then the rig (it unmounts its pin dir last).
   afterEach(async () => {
-    ps?.close();
-    ps = undefined;
-    await pmd?.stop();
-    pmd = undefined;
-    await be?.stop();
-    be = undefined;
-    await rig?.close();
-    rig = undefined;
+    const [p, t, b, r] = [ps, pmd, be, rig];
+    ps = pmd = be = rig = undefined;
+    p?.close();
+    await t?.stop();
+    await b?.stop();
+    await r?.close();
   });
 
   /** The process runs as the user, with exactly these capabilities and no way to regain more. */
