@@ -5,8 +5,16 @@ import { serveCommand } from './serve.js';
 import { inspectCommands } from './inspect.js';
 import { demoCommand } from './demo.js';
 import { offloadCommands } from './offload.js';
+import { wantsCapabilities, backendCapabilities } from './conventions.js';
 
-let y = yargs(hideBin(process.argv))
+const args = hideBin(process.argv);
+// QEMU's backend conventions: --print-capabilities prints and exits, every other option ignored.
+if (args[0] === 'serve' && wantsCapabilities(args)) {
+  console.log(JSON.stringify(backendCapabilities()));
+  process.exit(0);
+}
+
+let y = yargs(args)
   .scriptName('vhost-xdp')
   .usage('$0 <command> [options]\n\nA vhost-user virtio-net backend with an XDP offload broker.')
   .strict()

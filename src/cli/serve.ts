@@ -5,6 +5,11 @@ import { Service } from '../service/service.js';
 import { VxError } from '../errors.js';
 import { defaultWorkers } from '../datapath/worker-pool.js';
 import { parseDeviceOption, validateSpec, parsePinLimit, pinLimitDefault, SpecError, type DeviceSpec } from '../service/device-spec.js';
+import { socketFromSystemd, parseSocketMode, resolveGroup, backendCapabilities } from './conventions.js';
+import type { SocketFiles } from '../service/device.js';
+
+/** After SIGTERM, the longest a clean shutdown may take before the process exits anyway. */
+const SHUTDOWN_DEADLINE_MS = 3000;
 
 const log = logger('vhost-xdp');
 
@@ -13,7 +18,11 @@ export function serveCommand(y: Argv) {
     'serve',
     'Serve virtio-net devices over vhost-user sockets (QEMU or DPDK virtio-user connect to them)',
     (a) => a
-      .option('socket', { type: 'string', describe: 'vhost-user socket path of the (single) device' })
+      .option('socket', { type: 'string', alias: 'socket-path', describe: 'vhost-user socket path of the (single) device (--socket-path: QEMU\'s backend convention)' })
+      .option('fd', { type: 'number', describe: 'serve the (single) device on this inherited listening unix socket instead of binding --socket (QEMU\'s backend convention; systemd socket activation passes fd 3 with LISTEN_FDS/LISTEN_PID, which serve picks up by itself)' })
+      .option('socket-group', { type: 'string', describe: 'group (name or gid) of the vhost-user socket files serve binds, e.g. the group QEMU runs as (libvirt-qemu, kvm); serve must be a member of it' })
+      .option('socket-mode', { type: 'string', default: '0600', describe: 'mode of the vhost-user socket files serve binds (0660 lets --socket-group connect)' })
+      .option('print-capabilities', { type: 'boolean', describe: 'print the backend capabilities as JSON (vhost-user.json schema) and exit' })
       .option('port', { type: 'string', describe: 'host port: tap:IFNAME (created if missing, removed on exit if we created it), or xsk:IFNAME (a veth pair served over AF_XDP with guest RAM as the UMEM)' })
       .option('queues', { type: 'number', default: 1, describe: 'queue pairs offered to the guest' })
       .option('name', { type: 'string', default: 'dev0', describe: 'device name used in logs, status and the control API' })
@@ -32,7 +41,13 @@ export function serveCommand(y: Argv) {
       .example('$0 serve --device name=a,socket=/tmp/a.sock,port=tap:vxa --device name=b,socket=/tmp/b.sock,port=tap:vxb --control /tmp/vx.ctl', 'two devices in one process'),
     async (argv) => {
       setLogLevel(argv['log-level'] as LogLevel);
+      if (argv['print-capabilities']) {
+        // Also caught in main.ts before any other option is looked at.
+        console.log(JSON.stringify(backendCapabilities()));
+        process.exit(0);
+      }
       let specs: DeviceSpec[];
+      let files: SocketFiles = {};
       let control = argv.control ?? null;
       try {
         const pinLimit = argv['pin-limit'] === undefined ? undefined : parsePinLimit(argv['pin-limit'], '--pin-limit');
@@ -48,10 +63,18 @@ export function serveCommand(y: Argv) {
           }
           control ??= cfg.control ?? null;
         }
-        if (argv.socket || argv.port) {
+        // An inherited listening socket: --fd N, or fd 3 from systemd socket activation.
+        const activated = socketFromSystemd();
+        const listenFd = argv.fd ?? activated ?? undefined;
+        if (listenFd !== undefined) {
+          if (argv.socket) throw new SpecError('fd-with-socket', `--fd ${listenFd}${argv.fd === undefined ? ' (LISTEN_FDS)' : ''} and --socket are incompatible: the socket is inherited`);
+          if (!argv.port) throw new SpecError('socket-without-port', '--fd and --port go together');
+          specs.push(validateSpec({ ...defaults, name: argv.name, socket: `fd:${listenFd}`, listenFd, port: argv.port }));
+        } else if (argv.socket || argv.port) {
           if (!argv.socket || !argv.port) throw new SpecError('socket-without-port', '--socket and --port go together');
           specs.push(validateSpec({ ...defaults, name: argv.name, socket: argv.socket, port: argv.port }));
         }
+        files = { mode: parseSocketMode(argv['socket-mode']), group: argv['socket-group'] === undefined ? undefined : resolveGroup(argv['socket-group']) };
         for (const d of argv.device ?? []) specs.push(parseDeviceOption(d, defaults));
         if (specs.length === 0) throw new SpecError('nothing-to-serve', 'nothing to serve: give --socket and --port, --device, or --config');
       } catch (e) {
@@ -60,16 +83,25 @@ export function serveCommand(y: Argv) {
       }
       let svc: Service;
       try {
-        svc = await Service.start(specs, control, { workers: argv.workers, busyPoll: argv['busy-poll'] });
+        svc = await Service.start(specs, control, { workers: argv.workers, busyPoll: argv['busy-poll'] }, files);
       } catch (e) {
         // The stable code first, for scripts; the message names the path, the owner, the fix.
         const code = e instanceof VxError ? `[${e.code}] ` : '';
         console.error(`vhost-xdp serve: ${code}${(e as Error).message}`);
         process.exit(1);
       }
+      // The backend conventions: end as quickly and cleanly as possible on SIGTERM (a management
+      // layer follows up with SIGKILL after a few seconds). A clean stop that hangs is cut short.
       const shutdown = (sig: string) => {
         log.info(`${sig}: shutting down`);
-        void svc.stop().then(() => process.exit(0));
+        setTimeout(() => {
+          log.error(`shutdown took longer than ${SHUTDOWN_DEADLINE_MS} ms: exiting anyway`);
+          process.exit(1);
+        }, SHUTDOWN_DEADLINE_MS).unref();
+        void svc.stop().then(() => process.exit(0), (e: unknown) => {
+          log.error(`shutdown: ${(e as Error).message}`);
+          process.exit(1);
+        });
       };
       process.once('SIGINT', () => shutdown('SIGINT'));
       process.once('SIGTERM', () => shutdown('SIGTERM'));

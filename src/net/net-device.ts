@@ -13,7 +13,7 @@ import type { WorkerPool, PoolClient } from '../datapath/worker-pool.js';
 import type { DeviceRequest, WorkerEvent } from '../datapath/messages.js';
 import type { OffloadProgram } from '../offload/broker.js';
 import { ETH_HLEN, type FrameFormat } from './frame-format.js';
-import { progGetFdById } from '../sys/bpf/programs.js';
+import { dupCloexec } from '../sys/libc.js';
 import { OffloadChannel } from './offload-channel.js';
 
 export interface NetDeviceOptions {
@@ -128,7 +128,10 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     if (this.port.needsGuestMemory) return; // the program runs in the kernel (OffloadChannel)
     let fd = -1;
     if (program) {
-      try { fd = progGetFdById(program.id); } catch (e) { this.log.error(`offloaded program ${program.id}: ${(e as Error).message}`); }
+      // A duplicate of the broker's own fd, not BPF_PROG_GET_FD_BY_ID: that needs CAP_SYS_ADMIN,
+      // which an unprivileged serve does not hold (docs/least-privilege.md). The broker's fd is
+      // open for as long as the program is published, and workers share this fd table.
+      try { fd = dupCloexec(program.fd, `offloaded program ${program.id}`); } catch (e) { this.log.error(`offloaded program ${program.id}: ${(e as Error).message}`); }
     }
     this.request(w, { op: 'xdp', progFd: fd });
   }

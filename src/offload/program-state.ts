@@ -16,7 +16,7 @@ import type { ProgSetRequest } from './protocol.js';
 import type { JudgedProgram } from './program-check.js';
 
 export interface OffloadProgram {
-  /** Owned by the broker and closed when the program changes: a datapath thread should open its own with progGetFdById(id). */
+  /** Owned by the broker and closed when the program changes: a datapath thread gets its own duplicate of it (net-device.ts). */
   fd: number;
   id: number;
   tag: string;

@@ -1,4 +1,5 @@
 import fs from 'node:fs';
+import { spawnSync } from 'node:child_process';
 import { ArgumentError } from '../errors.js';
 import { raw, NativeBuffer, check, closeFd, SysError, lastErrno, Errno, O_RDWR, O_NONBLOCK, O_CLOEXEC } from '../sys/libc.js';
 import type { HostQueueConfig, Port } from './port.js';
@@ -69,6 +70,16 @@ function ownerMark(ifname: string): string {
   return `vhost-xdp tap ${ifname}`;
 }
 
+/**
+ * Sets the interface alias through rtnetlink (`ip link set … alias`, CAP_NET_ADMIN, which `ip`
+ * inherits as an ambient capability) rather than writing /sys/class/net/IF/ifalias: that file
+ * is root's 0644, so an unprivileged serve would need CAP_DAC_OVERRIDE to open it.
+ */
+function setAlias(ifname: string, alias: string): void {
+  const r = spawnSync('ip', ['link', 'set', 'dev', ifname, 'alias', alias], { encoding: 'utf8', timeout: 10_000 });
+  if (r.status !== 0) throw new Error(`ip link set dev ${ifname} alias: ${(r.stderr || r.error?.message || '').trim()}`);
+}
+
 function isOurs(ifname: string): boolean {
   try {
     return fs.readFileSync(`/sys/class/net/${ifname}/ifalias`, 'utf8').trim() === ownerMark(ifname);
@@ -116,7 +127,7 @@ export class TapPort implements Port {
       }
       if (fresh) {
         check(raw.ioctl(port.fds[0]!, TUNSETPERSIST, 1), 'ioctl(TUNSETPERSIST)', ifname);
-        fs.writeFileSync(`/sys/class/net/${ifname}/ifalias`, ownerMark(ifname));
+        setAlias(ifname, ownerMark(ifname));
       }
       port.setVnetHeaderLength(12);
       setLinkUp(ifname, true);

@@ -158,13 +158,6 @@ function linkExists(name: string): boolean {
   return fs.existsSync(`/sys/class/net/${name}`);
 }
 
-function writeSysctl(path: string, value: string): void {
-  try {
-    fs.writeFileSync(path, value);
-  } catch {
-    // IPv6 may be compiled out; then there is nothing to silence.
-  }
-}
 
 
 /** The interface alias that marks a peer as made by vhost-xdp for `ifname`. */
@@ -332,8 +325,11 @@ export class XskPort implements Port {
     let prog = -1;
     let pass = -1;
     try {
-      // The peer has no addresses; without IPv6 it emits nothing the host would take for guest traffic.
-      writeSysctl(`/proc/sys/net/ipv6/conf/${peer}/disable_ipv6`, '1');
+      // The peer has no addresses; with no IPv6 link-local address either it emits nothing the
+      // host would take for guest traffic (no DAD, router or MLD solicitations). Set through
+      // rtnetlink before the link comes up: the disable_ipv6 sysctl is root's file in /proc/sys,
+      // out of reach of an unprivileged serve (docs/least-privilege.md).
+      if (!adopted) ip(['link', 'set', 'dev', peer, 'addrgenmode', 'none']);
       const peerIfindex = ifNameToIndex(peer);
       map = BpfMap.create(BpfMapType.XSKMAP, 4, 4, queuePairs, { name: 'vx_xskmap' });
       prog = progLoad(redirectProgramInsns(map.fd), { license: 'GPL', name: 'vx_xsk_redir' });

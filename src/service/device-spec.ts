@@ -4,7 +4,13 @@ import { parseSize } from '../offload/quotas.js';
 /** How a device is described on the command line, in a config file, or over the control API. */
 export interface DeviceSpec {
   name: string;
+  /** The socket path; with listenFd, only a label (`fd:N`) for logs and status. */
   socket: string;
+  /**
+   * Server mode: accept on this inherited listening socket instead of binding `socket`
+   * (`--fd N`, or fd 3 from systemd socket activation).
+   */
+  listenFd?: number;
   /** `tap:IFNAME` */
   port: string;
   queues: number;
@@ -24,7 +30,8 @@ export interface DeviceSpec {
 export type SpecErrorCode =
   | 'bad-port' | 'bad-device-name' | 'no-socket' | 'pin-dir-without-offload' | 'bad-queues' | 'process-wide-option'
   | 'bad-mtu' | 'pin-limit-not-xsk' | 'bad-pin-limit' | 'bad-device-option' | 'unknown-device-key'
-  | 'socket-without-port' | 'nothing-to-serve' | 'bad-workers';
+  | 'socket-without-port' | 'nothing-to-serve' | 'bad-workers' | 'fd-with-socket' | 'fd-with-client'
+  | 'bad-socket-mode' | 'bad-socket-group';
 
 /** The operator's device configuration is wrong: fixed by editing it, never by a reconnect. */
 export class SpecError extends VxError {
@@ -45,6 +52,7 @@ export function validateSpec(s: DeviceSpec): DeviceSpec {
   if (!NAME_RE.test(s.name)) throw new SpecError('bad-device-name', `device name '${s.name}' must be 1..32 of A-Z a-z 0-9 _ . -`);
   if (!s.socket) throw new SpecError('no-socket', `device ${s.name}: a socket path is required`);
   parsePort(s.port);
+  if (s.listenFd !== undefined && s.client) throw new SpecError('fd-with-client', `device ${s.name}: an inherited listening socket (--fd) serves; it cannot be used in client mode`);
   if (s.pinDir !== undefined && !s.offload) throw new SpecError('pin-dir-without-offload', `device ${s.name}: a pin directory only makes sense with offload`);
   if (!Number.isInteger(s.queues) || s.queues < 1 || s.queues > 16) throw new SpecError('bad-queues', `device ${s.name}: queues ${s.queues} outside 1..16`);
   if (s.mtu !== undefined && (!Number.isInteger(s.mtu) || s.mtu < 68 || s.mtu > 65535)) throw new SpecError('bad-mtu', `device ${s.name}: mtu ${s.mtu} outside 68..65535`);

@@ -6,6 +6,7 @@ import { XskPort, type PinLimitChange } from '../ports/xsk.js';
 import type { Port } from '../ports/port.js';
 import { VhostUserEndpoint } from '../vhost-user/endpoint.js';
 import { claimSocketPath, type SocketClaim } from '../sys/socket-claim.js';
+import { UnixSocket } from '../sys/unix-socket.js';
 import type { TransferRecord } from '../vhost-user/device-state.js';
 import { parsePort, type DeviceSpec } from './device-spec.js';
 import type { WorkerPool } from '../datapath/worker-pool.js';
@@ -39,6 +40,12 @@ export interface DeviceStatus {
   lastMigration: TransferRecord | null;
 }
 
+/** Owner group and mode of the vhost-user socket files serve binds (--socket-group, --socket-mode). */
+export interface SocketFiles {
+  group?: number;
+  mode?: number;
+}
+
 /** The pinned-memory quota of an xsk device as the control API shows it. */
 export interface PinQuota {
   limit: number;
@@ -57,7 +64,7 @@ export class Device {
   private readonly endpoint: VhostUserEndpoint;
   private lastDisconnect = '';
 
-  private constructor(spec: DeviceSpec, port: Port, net: NetDevice, claim: SocketClaim | null) {
+  private constructor(spec: DeviceSpec, port: Port, net: NetDevice, claim: SocketClaim | null, inherited: UnixSocket | null, files: SocketFiles) {
     this.spec = spec;
     this.port = port;
     this.net = net;
@@ -67,6 +74,9 @@ export class Device {
       mode: spec.client ? 'client' : 'server',
       backend: net,
       claim: claim ?? undefined,
+      inherited: inherited ?? undefined,
+      socketMode: files.mode,
+      socketGroup: files.group,
       onDisconnect: (reason) => {
         this.lastDisconnect = reason;
         log.debug(`session ended: ${reason}`);
@@ -74,12 +84,15 @@ export class Device {
     });
   }
 
-  static create(spec: DeviceSpec, pool: WorkerPool): Device {
+  static create(spec: DeviceSpec, pool: WorkerPool, files: SocketFiles = {}): Device {
     const p = parsePort(spec.port);
     // With offload the guest sees one more pair: the reserved offload channel (a data pair until claimed).
     const pairs = spec.queues + (spec.offload ? 1 : 0);
     // The socket before the port: a second serve on a live socket must not touch its port.
-    const claim = spec.client ? null : claimSocketPath(spec.socket, (line) => logger(spec.name).warn(line));
+    // An inherited listening socket (--fd) is not a path we bind: nothing to claim, but it is
+    // checked before the port exists, as a claim is.
+    const inherited = spec.listenFd !== undefined && !spec.client ? UnixSocket.adoptListener(spec.listenFd) : null;
+    const claim = spec.client || inherited ? null : claimSocketPath(spec.socket, (line) => logger(spec.name).warn(line));
     let port: Port;
     try {
       port = p.kind === 'xsk'
@@ -87,6 +100,7 @@ export class Device {
         : TapPort.open(p.ifname, pairs);
     } catch (e) {
       claim?.release();
+      inherited?.close();
       // A refused pin limit: say which device it was given for.
       if (e instanceof RangeError) throw new RangeError(`device ${spec.name}: ${e.message}`);
       throw e;
@@ -97,12 +111,15 @@ export class Device {
       if (spec.mtu && p.kind === 'tap') port.setMtu(spec.mtu);
       const offload = spec.offload ? { device: spec.name, pinDir: spec.pinDir ?? null } : null;
       net = new NetDevice({ name: spec.name, port, queuePairs: pairs, pool, mtu: spec.mtu, offload });
-      d = new Device(spec, port, net, claim);
+      d = new Device(spec, port, net, claim, inherited, files);
       d.endpoint.start();
       return d;
     } catch (e) {
       if (d) d.endpoint.stop();
-      else claim?.release();
+      else {
+        claim?.release();
+        inherited?.close();
+      }
       if (net) void net.close();
       else port.close();
       throw e;

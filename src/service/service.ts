@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { logger } from '../log.js';
 import { ControlServer, ControlError, type Method } from '../control/control-server.js';
-import { Device } from './device.js';
+import { Device, type SocketFiles } from './device.js';
 import { pinLimitBytes, type DeviceSpec } from './device-spec.js';
 import { validateQuotas } from '../offload/quotas.js';
 import { WorkerPool, defaultWorkers, type PoolOptions } from '../datapath/worker-pool.js';
@@ -21,7 +21,7 @@ export class Service {
   private constructor(readonly pool: WorkerPool) {}
 
   /** Datapath options default to one worker per core this process may run on, sleeping in epoll. */
-  static async start(specs: DeviceSpec[], controlPath: string | null, datapath: Partial<PoolOptions> = {}): Promise<Service> {
+  static async start(specs: DeviceSpec[], controlPath: string | null, datapath: Partial<PoolOptions> = {}, files: SocketFiles = {}): Promise<Service> {
     const svc = new Service(new WorkerPool({ workers: datapath.workers ?? defaultWorkers(), busyPoll: datapath.busyPoll ?? false }));
     const names = new Set<string>();
     for (const s of specs) {
@@ -36,7 +36,7 @@ export class Service {
         svc.control = await ControlServer.listen(controlPath, svc.methods());
       }
       for (const spec of specs) {
-        svc.devices.set(spec.name, Device.create(spec, svc.pool));
+        svc.devices.set(spec.name, Device.create(spec, svc.pool, files));
         log.info(`device ${spec.name}: ${spec.client ? 'connecting to' : 'listening on'} ${spec.socket}, port ${spec.port}, ${spec.queues} queue pair(s)`);
       }
     } catch (e) {

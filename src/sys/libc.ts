@@ -108,6 +108,13 @@ export function closeFd(fd: number): void {
   if (fd >= 0) raw.close(fd);
 }
 
+const F_DUPFD_CLOEXEC = 1030;
+
+/** A second fd (close-on-exec) for the same open file: the copy a thread can own and close. */
+export function dupCloexec(fd: number, what = 'fd'): number {
+  return check(raw.fcntl(fd, F_DUPFD_CLOEXEC, 0), 'fcntl(F_DUPFD_CLOEXEC)', what);
+}
+
 export function setNonBlocking(fd: number): void {
   const flags = check(raw.fcntl(fd, F_GETFL, 0), 'fcntl(F_GETFL)');
   check(raw.fcntl(fd, F_SETFL, flags | O_NONBLOCK), 'fcntl(F_SETFL)');

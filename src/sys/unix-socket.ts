@@ -1,5 +1,5 @@
-import { raw, NativeBuffer, closeFd, check, SysError, lastErrno, Errno, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC } from './libc.js';
-import { ArgumentError } from '../errors.js';
+import { raw, NativeBuffer, closeFd, check, SysError, lastErrno, Errno, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC, setNonBlocking } from './libc.js';
+import { ArgumentError, VxError } from '../errors.js';
 
 const AF_UNIX = 1;
 const SOL_SOCKET = 1;
@@ -7,6 +7,18 @@ const SCM_RIGHTS = 1;
 const MSG_CTRUNC = 0x8;
 const MSG_NOSIGNAL = 0x4000;
 const MSG_CMSG_CLOEXEC = 0x40000000;
+const SO_TYPE = 3;
+const SO_ACCEPTCONN = 30;
+const SO_DOMAIN = 39;
+const F_SETFD = 2;
+const FD_CLOEXEC = 1;
+
+/** An fd handed to us as a listening vhost-user socket is not one (`--fd N`, LISTEN_FDS). */
+export class ListenFdError extends VxError {
+  constructor(readonly fd: number, message: string) {
+    super('bad-listen-fd', message);
+  }
+}
 
 /** Most fds one message may carry; vhost-user's SET_MEM_TABLE carries at most 8. */
 export const MAX_FDS_PER_MESSAGE = 32;
@@ -57,6 +69,36 @@ export class UnixSocket {
       throw e;
     }
     return s;
+  }
+
+  /**
+   * Takes over a listening socket this process inherited (QEMU's backend convention `--fd N`,
+   * systemd socket activation): it must be a listening AF_UNIX stream socket. It becomes
+   * non-blocking (accept runs on the event loop) and close-on-exec (children such as `ip` must
+   * not hold it open).
+   */
+  static adoptListener(fd: number): UnixSocket {
+    if (!Number.isInteger(fd) || fd < 0) throw new ListenFdError(fd, `--fd ${fd}: not a file descriptor number`);
+    const b = new NativeBuffer(4096);
+    try {
+      const opt = (name: number, what: string): number => {
+        b.view.setUint32(8, 4, true);
+        if (raw.getsockopt(fd, SOL_SOCKET, name, b.address, b.address + 8) < 0) {
+          const e = lastErrno();
+          const why = e === Errno.EBADF ? 'is not open' : e === Errno.ENOTSOCK ? 'is not a socket' : `getsockopt(${what}) failed (errno ${e})`;
+          throw new ListenFdError(fd, `fd ${fd} ${why}: expected the listening vhost-user socket`);
+        }
+        return b.view.getInt32(0, true);
+      };
+      if (opt(SO_DOMAIN, 'SO_DOMAIN') !== AF_UNIX) throw new ListenFdError(fd, `fd ${fd} is not an AF_UNIX socket`);
+      if (opt(SO_TYPE, 'SO_TYPE') !== SOCK_STREAM) throw new ListenFdError(fd, `fd ${fd} is not a stream socket`);
+      if (opt(SO_ACCEPTCONN, 'SO_ACCEPTCONN') !== 1) throw new ListenFdError(fd, `fd ${fd} is not listening (listen() was not called on it)`);
+    } finally {
+      b.free();
+    }
+    setNonBlocking(fd);
+    check(raw.fcntl(fd, F_SETFD, FD_CLOEXEC), 'fcntl(F_SETFD)', `fd ${fd}`);
+    return new UnixSocket(fd);
   }
 
   /** Connects (blocking), then switches the socket to non-blocking. */

@@ -14,8 +14,16 @@ export interface EndpointOptions {
   /** server: we listen and the frontend connects (QEMU `server=off`); client: we connect, with backoff. */
   mode: 'server' | 'client';
   backend: VhostUserBackend;
-  /** Socket file permissions in server mode. */
+  /** Socket file permissions in server mode (default 0600). */
   socketMode?: number;
+  /** Group the socket file is given in server mode (a gid; default: ours). */
+  socketGroup?: number;
+  /**
+   * Server mode: an inherited listening socket to accept on instead of binding `path` (QEMU's
+   * `--fd N`, systemd socket activation; UnixSocket.adoptListener). Its file is not ours: no
+   * claim, chmod or unlink.
+   */
+  inherited?: UnixSocket;
   /** Server mode: the path already claimed by the caller (claimed here when absent). */
   claim?: SocketClaim;
   onConnect?: (s: Session) => void;
@@ -59,10 +67,17 @@ export class VhostUserEndpoint {
 
   private listen(): void {
     const { path } = this.opts;
-    // One owner per socket: a second serve on a live path is refused, a stale file replaced.
-    this.claim ??= claimSocketPath(path, (line) => this.log.warn(line));
-    this.listener = UnixSocket.listen(path);
-    fs.chmodSync(path, this.opts.socketMode ?? 0o600);
+    if (this.opts.inherited) {
+      this.listener = this.opts.inherited;
+    } else {
+      // One owner per socket: a second serve on a live path is refused, a stale file replaced.
+      this.claim ??= claimSocketPath(path, (line) => this.log.warn(line));
+      this.listener = UnixSocket.listen(path);
+      // Group before mode: a group-accessible mode never applies to the wrong group. A frontend
+      // running as another user (libvirt's libvirt-qemu) connects through them.
+      if (this.opts.socketGroup !== undefined) fs.chownSync(path, -1, this.opts.socketGroup);
+      fs.chmodSync(path, this.opts.socketMode ?? 0o600);
+    }
     this.listenPoll = koffi.node.poll(this.listener.fd, { readable: true }, () => this.acceptAll());
   }
 

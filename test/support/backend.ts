@@ -5,6 +5,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { spawnManaged, type ManagedProcess } from './processes.js';
 import { callControl } from '../../src/control/control-client.js';
+import { setprivArgs, handOver, type RunAs } from './unprivileged.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 
@@ -47,12 +48,46 @@ export function unmountPinDir(at: string): void {
   try { execFileSync('umount', [at]); } catch { /* not mounted */ }
 }
 
+export interface StartOptions {
+  name?: string;
+  dir?: string;
+  env?: NodeJS.ProcessEnv;
+  readyTimeoutMs?: number;
+  /**
+   * Run serve as this user with only these capabilities (setpriv: ambient + bounding set), as
+   * a host's service manager would. DIR is handed to the user (its sockets are created there).
+   */
+  runAs?: RunAs;
+  /** Open fds handed to serve as its fds 3, 4, ... (`--fd 3`, socket activation). */
+  extraFds?: number[];
+  /**
+   * As systemd socket activation does: LISTEN_FDS = extraFds.length and LISTEN_PID = serve's own
+   * pid (a shell exports its $$ and execs serve, so the pid is the one serve gets).
+   */
+  socketActivation?: boolean;
+  /** The whole command line instead of `node CLI serve ARGS --control DIR/ctl.sock`; give `control` with it. */
+  argv?: string[];
+  /** The control socket the command line names (with argv). */
+  control?: string;
+  /** With socketActivation: the umask serve starts with (systemd's UMask=). */
+  umask?: string;
+}
+
 /** Starts `vhost-xdp serve ARGS --control DIR/ctl` and waits for its ready line. */
-export async function startBackend(args: string[], opts: { name?: string; dir?: string; env?: NodeJS.ProcessEnv; readyTimeoutMs?: number } = {}): Promise<Backend> {
+export async function startBackend(args: string[], opts: StartOptions = {}): Promise<Backend> {
   if (!fs.existsSync(CLI)) throw new Error(`${CLI} is missing: run npm run build`);
   const dir = opts.dir ?? tempDir('be');
-  const control = path.join(dir, 'ctl.sock');
-  const proc = spawnManaged(process.execPath, [CLI, 'serve', ...args, '--control', control], { name: opts.name ?? 'vhost-xdp', env: opts.env });
+  const control = opts.control ?? path.join(dir, 'ctl.sock');
+  let argv = opts.argv ?? [process.execPath, CLI, 'serve', ...args, '--control', control];
+  if (opts.runAs) {
+    handOver(opts.runAs, dir);
+    argv = ['setpriv', ...setprivArgs(opts.runAs, argv)];
+  }
+  if (opts.socketActivation) {
+    argv = ['sh', '-c', `${opts.umask ? `umask ${opts.umask}; ` : ''}export LISTEN_PID=$$ LISTEN_FDS=${opts.extraFds?.length ?? 0}; exec "$@"`, 'sh', ...argv];
+  }
+  const [cmd, ...rest] = argv;
+  const proc = spawnManaged(cmd!, rest, { name: opts.name ?? 'vhost-xdp', env: opts.env, extraFds: opts.extraFds });
   try {
     await proc.waitForLine(/^vhost-xdp ready:/, opts.readyTimeoutMs ?? 15_000);
   } catch (e) {

@@ -26,6 +26,8 @@ export interface SpawnOptions {
   echo?: boolean;
   /** Lines kept for waitForLine/tail (oldest dropped first). */
   keepLines?: number;
+  /** Open fds of this process handed to the child as its fds 3, 4, ... (e.g. a listening socket). */
+  extraFds?: number[];
 }
 
 const live = new Set<ManagedProcess>();
@@ -74,7 +76,7 @@ export class ManagedProcess {
     this.child = spawn(command, args, {
       env: opts.env ?? process.env,
       cwd: opts.cwd,
-      stdio: [opts.stdin ?? 'ignore', 'pipe', 'pipe'],
+      stdio: [opts.stdin ?? 'ignore', 'pipe', 'pipe', ...(opts.extraFds ?? [])],
       detached: true,
     });
     if (this.child.pid === undefined) {

@@ -6,6 +6,7 @@ import { startBackend, tempDir, mountPinDir, unmountPinDir, type Backend } from 
 import { PacketSocket } from '../packet-socket.js';
 import { TestFrontend, type FrontendOptions } from './test-frontend.js';
 import { OffloadClient, hostFramesReceived } from './offload-client.js';
+import { handOver, type RunAs } from '../unprivileged.js';
 
 export interface OffloadRigOptions {
   /** tempDir tag. */
@@ -31,6 +32,8 @@ export interface OffloadRigOptions {
   start?: boolean;
   /** Frontend options besides the two queue pairs (e.g. protocol features for migration). */
   frontend?: FrontendOptions;
+  /** Run serve as this user with only these capabilities (support/unprivileged.ts). */
+  runAs?: RunAs;
 }
 
 export class OffloadRig {
@@ -52,6 +55,8 @@ export class OffloadRig {
     this.sock = path.join(this.dir, 'dev.sock');
     const offload = o.offload ?? true;
     this.pinRoot = offload ? mountPinDir(this.dir) : '';
+    // The pin directory belongs to the user serve runs as, as a unit's ExecStartPre makes it.
+    if (o.runAs && this.pinRoot) handOver(o.runAs, this.dir, this.pinRoot);
     this.args = ['--socket', this.sock, '--port', `${o.port}:${o.ifname}`, '--name', o.name,
       ...(offload ? ['--queues', '1', '--offload', '--pin-dir', this.pinRoot] : ['--queues', '2'])];
   }
@@ -68,7 +73,7 @@ export class OffloadRig {
   }
 
   private async up(): Promise<void> {
-    this.be = await startBackend(this.args, { dir: this.dir });
+    this.be = await startBackend(this.args, { dir: this.dir, runAs: this.o.runAs });
     this.o.afterStart?.();
     const start = this.o.start ?? true;
     const protocolFeatures = (this.o.frontend?.protocolFeatures ?? 0n) | (this.o.protocolFeatures ?? 0n);
