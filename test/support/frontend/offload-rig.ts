@@ -31,6 +31,8 @@ export interface OffloadRigOptions {
   start?: boolean;
   /** Frontend options besides the two queue pairs (e.g. protocol features for migration). */
   frontend?: FrontendOptions;
+  /** More `serve` options (e.g. --metrics). */
+  extraArgs?: string[];
 }
 
 export class OffloadRig {
@@ -53,7 +55,7 @@ export class OffloadRig {
     const offload = o.offload ?? true;
     this.pinRoot = offload ? mountPinDir(this.dir) : '';
     this.args = ['--socket', this.sock, '--port', `${o.port}:${o.ifname}`, '--name', o.name,
-      ...(offload ? ['--queues', '1', '--offload', '--pin-dir', this.pinRoot] : ['--queues', '2'])];
+      ...(offload ? ['--queues', '1', '--offload', '--pin-dir', this.pinRoot] : ['--queues', '2']), ...(o.extraArgs ?? [])];
   }
 
   static async start(o: OffloadRigOptions): Promise<OffloadRig> {
