@@ -17,7 +17,8 @@ for lib in /usr/include/bpf/libbpf.h:libbpf-dev /usr/bin/busybox:busybox-static 
            /usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0/librte_net_virtio.so.23:librte-net-virtio23 \
            /usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0/librte_net_af_xdp.so.23:librte-net-af-xdp23 \
            /usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0/librte_net_tap.so.23:librte-net-tap23 \
-           /usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0/librte_mempool_ring.so.23:librte-mempool-ring23; do
+           /usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0/librte_mempool_ring.so.23:librte-mempool-ring23 \
+           /usr/lib/python3/dist-packages/prometheus_client/parser.py:python3-prometheus-client; do
   [ -e "${lib%%:*}" ] || need_apt+=("${lib#*:}")
 done
 qemu_ok=1
@@ -35,7 +36,8 @@ if [ ${#need_apt[@]} -gt 0 ] || [ $qemu_ok = 0 ]; then
   if [ $qemu_ok = 0 ]; then apt-get install -y -qq -t bookworm-backports qemu-system-x86 >/dev/null; fi
   pkgs=(clang llvm libbpf-dev libbpf1 bpftool xdp-tools iproute2 iputils-ping tcpdump iperf3 cpio
         busybox-static netsniff-ng ethtool dpdk-dev librte-net-vhost23 librte-net-virtio23
-        librte-net-af-xdp23 librte-net-tap23 librte-mempool-ring23)
+        librte-net-af-xdp23 librte-net-tap23 librte-mempool-ring23
+        python3-prometheus-client)  # the tests parse /metrics with the Prometheus text parser
   apt-get install -y -qq "${pkgs[@]}" >/dev/null
 else
   say "system packages present"

@@ -2,7 +2,7 @@ import type { Argv } from 'yargs';
 import { callControl } from '../control/control-client.js';
 import type { OffloadShow } from '../offload/broker.js';
 import type { Quotas, QuotaUsage } from '../offload/quotas.js';
-import type { PinQuota } from '../service/device.js';
+import type { OffloadHost, PinQuota } from '../service/device.js';
 import { PIN_QUOTA_KEY } from '../service/service.js';
 import { fail, formatBytes } from './output.js';
 
@@ -46,13 +46,20 @@ export function offloadCommands(y: Argv) {
         console.log(r.detached ? `${argv.name}: program detached (maps kept)` : `${argv.name}: no program was attached`);
         return;
       }
-      const r = (await callControl(argv.control as string, 'offload.show', { name: argv.name }).catch(fail)) as OffloadShow & { verdicts: Record<string, number> };
+      const r = (await callControl(argv.control as string, 'offload.show', { name: argv.name }).catch(fail)) as OffloadShow & { host: OffloadHost | null; verdicts: Record<string, number> };
       if (argv.json) return console.log(JSON.stringify(r, null, 2));
-      console.log(`${r.device}: offload channel ${r.claimed ? `claimed since ${r.claimedAt}` : 'not claimed'}${r.pinDir ? `, pinned under ${r.pinDir}` : ''}`);
-      if (r.program) console.log(`  program id ${r.program.id} tag ${r.program.tag} '${r.program.name}', ${r.program.insns} insns, loaded ${r.program.loadedAt}, maps ${r.program.mapHandles.join(' ') || '-'}`);
-      else console.log('  no program');
+      console.log(`${r.device}: offload channel ${r.claimed ? `claimed since ${r.claimedAt}` : 'not claimed'}${r.pinDir ? `, pinned under ${r.pinDir}` : ''}; host BPF objects named ${r.bpfPrefix}_*`);
+      if (r.program) {
+        console.log(`  program '${r.program.name}' (guest) tag ${r.program.tag}, ${r.program.insns} insns, loaded ${r.program.loadedAt}, maps ${r.program.mapHandles.join(' ') || '-'}`);
+        const h = r.host?.program;
+        const runs = !h ? '' : h.runs === 'test-run' ? ', run on each frame by the backend (BPF_PROG_TEST_RUN)'
+          : h.hostId !== null ? `; runs as host program id ${h.hostId} '${h.hostProgramName}' attached natively at the veth` : '; not attached';
+        console.log(`  host program id ${r.program.id} '${r.program.hostName}'${runs}`);
+      } else {
+        console.log('  no program');
+      }
       console.log(`  verdicts: pass ${r.verdicts.pass}  drop ${r.verdicts.drop}  tx ${r.verdicts.tx}  aborted ${r.verdicts.aborted}`);
-      for (const m of r.maps) console.log(`  map ${m.handle}: ${m.type} '${m.name}' key ${m.keySize} value ${m.valueSize}, ${m.entries}/${m.maxEntries} entries, ${formatBytes(m.bytes)} (host id ${m.id})`);
+      for (const m of r.maps) console.log(`  map ${m.handle}: ${m.type} '${m.name}' key ${m.keySize} value ${m.valueSize}, ${m.entries}/${m.maxEntries} entries, ${formatBytes(m.bytes)} (host id ${m.id} '${m.hostName}')`);
       printQuotas(r.quotas);
     })
     .command('quota <action> <name>', 'Show or change a device\'s quotas: offload quotas (live; lowering below use refuses new allocations) and, on xsk ports, pinned guest memory (takes effect at the next memory table)', (a) => {

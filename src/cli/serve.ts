@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import type { Argv } from 'yargs';
 import { logger, setLogLevel, type LogLevel } from '../log.js';
 import { Service } from '../service/service.js';
+import { MetricsServer, parseMetricsAddress } from '../service/metrics.js';
 import { VxError } from '../errors.js';
 import { defaultWorkers } from '../datapath/worker-pool.js';
 import { parseDeviceOption, validateSpec, parsePinLimit, pinLimitDefault, SpecError, type DeviceSpec } from '../service/device-spec.js';
@@ -36,6 +37,7 @@ export function serveCommand(y: Argv) {
       .option('pin-dir', { type: 'string', describe: 'with --offload: pin offloaded programs and maps under DIR/<device>/ so a restarted backend re-adopts them (a bpffs directory)' })
       .option('pin-limit', { type: 'string', describe: 'xsk ports: most guest RAM one device may pin for its zero-copy UMEM (512MiB, 4GiB; default 4GiB). A guest over it runs bounce-only (every frame copied). Change it live with `quota set NAME --max-pinned-memory SIZE`' })
       .option('control', { type: 'string', describe: 'control API unix socket (ws), mode 0600; used by status/stats' })
+      .option('metrics', { type: 'string', describe: 'serve Prometheus metrics at http://HOST:PORT/metrics (PORT alone: loopback 127.0.0.1; off by default). docs/metrics.md' })
       .option('log-level', { type: 'string', choices: ['debug', 'info', 'warn', 'error'], default: 'info' })
       .example('$0 serve --socket /tmp/vx0.sock --port tap:vx0 --queues 2', 'one device; start QEMU with -chardev socket,path=/tmp/vx0.sock')
       .example('$0 serve --device name=a,socket=/tmp/a.sock,port=tap:vxa --device name=b,socket=/tmp/b.sock,port=tap:vxb --control /tmp/vx.ctl', 'two devices in one process'),
@@ -82,8 +84,14 @@ export function serveCommand(y: Argv) {
         process.exit(2);
       }
       let svc: Service;
+      let metrics: MetricsServer | null = null;
       try {
+        const metricsAt = argv.metrics === undefined ? null : parseMetricsAddress(argv.metrics);
         svc = await Service.start(specs, control, { workers: argv.workers, busyPoll: argv['busy-poll'] }, files);
+        if (metricsAt) {
+          const s = svc;
+          metrics = await MetricsServer.listen(metricsAt, () => s.devices.values()).catch(async (e) => { await s.stop(); throw e; });
+        }
       } catch (e) {
         // The stable code first, for scripts; the message names the path, the owner, the fix.
         const code = e instanceof VxError ? `[${e.code}] ` : '';
@@ -98,7 +106,7 @@ export function serveCommand(y: Argv) {
           log.error(`shutdown took longer than ${SHUTDOWN_DEADLINE_MS} ms: exiting anyway`);
           process.exit(1);
         }, SHUTDOWN_DEADLINE_MS).unref();
-        void svc.stop().then(() => process.exit(0), (e: unknown) => {
+        void (metrics?.close() ?? Promise.resolve()).then(() => svc.stop()).then(() => process.exit(0), (e: unknown) => {
           log.error(`shutdown: ${(e as Error).message}`);
           process.exit(1);
         });

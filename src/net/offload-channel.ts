@@ -1,5 +1,5 @@
 import type { Logger } from '../log.js';
-import { OffloadBroker, type OffloadProgram, type OffloadShow } from '../offload/broker.js';
+import { OffloadBroker, type OffloadProgram, type OffloadProgramInfo, type OffloadShow } from '../offload/broker.js';
 import type { VerdictCounters } from '../offload/migration.js';
 import { validateQuotas, type Quotas, type QuotaUsage } from '../offload/quotas.js';
 
@@ -76,6 +76,9 @@ export class OffloadChannel {
   }
 
   show(): OffloadShow { return this.broker.show(); }
+  programInfo(): OffloadProgramInfo | null { return this.broker.programInfo(); }
+  get bpfPrefix(): string { return this.broker.bpfPrefix; }
+  get requests(): { total: number; byStatus: Record<string, number> } { return this.broker.requests; }
   quotas(): { limits: Quotas; usage: QuotaUsage } { return this.broker.quotas(); }
   setQuotas(changes: Record<string, unknown>): { limits: Quotas; usage: QuotaUsage; warnings: string[] } {
     return this.broker.setQuotas(validateQuotas(changes));

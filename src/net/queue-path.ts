@@ -33,6 +33,7 @@ export abstract class QueuePath {
   broken = false;
   protected readonly base: number;
   protected readonly headerLength: number;
+  private readonly brokenCounter: number;
 
   /** Starts the port queue's side this path serves (it may refuse: AF_XDP rings left over from a previous run). */
   constructor(readonly queue: SplitQueue, readonly index: number, callFd: number, protected readonly ctx: PathContext,
@@ -41,6 +42,7 @@ export abstract class QueuePath {
     this.callFd = callFd;
     this.base = ctx.pair * COUNTERS.length;
     this.headerLength = format.headerLength;
+    this.brokenCounter = side === 'rx' ? C.rxRingBroken : C.txRingBroken;
   }
 
   protected count(c: number, n = 1): void {
@@ -71,6 +73,7 @@ export abstract class QueuePath {
     if (!(e instanceof VirtqueueError)) throw e;
     // A broken ring is the guest's fault: stop serving it (fail-stop), never read further.
     this.broken = true;
+    this.count(this.brokenCounter);
     this.ctx.onBroken(this.index, e.message);
   }
 }

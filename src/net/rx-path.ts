@@ -100,7 +100,7 @@ export class RxPath extends QueuePath {
       if (!q.pop(ch)) return false;
       if (ch.readableCount > 0 || ch.writableBytes < this.minBuffer) {
         // A receive buffer the device may not write, or too small for anything: hand it back empty.
-        this.count(C.rxErrors);
+        this.count(C.rxErrBuffer);
         q.pushUsed(ch.head, 0);
         if (this.tail !== this.head) this.interleaved++;
         continue;
@@ -137,8 +137,8 @@ export class RxPath extends QueuePath {
       this.count(C.rxBytes, len - this.headerLength);
     } else {
       for (let j = 0; j < k; j++) q.pushUsed(this.fHead16[this.head++ & this.mask]!, 0);
-      if (status === RX_ERROR) this.count(C.rxErrors);
-      else if (status === RX_DROPPED) this.count(C.rxDropped);
+      if (status === RX_ERROR) this.count(C.rxErrHost);
+      else if (status === RX_DROPPED) this.count(C.rxDropOversize);
     }
     if (this.head === this.tail) this.interleaved = 0;
   }
@@ -240,7 +240,7 @@ export class RxPath extends QueuePath {
         if (!q.pop(ch)) break;
         if (ch.readableCount > 0 || ch.writableBytes < this.minBuffer) {
           // Cannot be rewound around: everything popped for this message goes back empty.
-          this.count(C.rxErrors);
+          this.count(C.rxErrBuffer);
           q.pushUsed(ch.head, 0);
           for (let s = this.head; s !== this.tail; s++) q.pushUsed(this.fHead16[s & this.mask]!, 0);
           this.head = this.tail = 0;

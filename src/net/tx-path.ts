@@ -2,7 +2,7 @@ import { SplitQueue } from '../virtio/split-queue.js';
 import type { DescriptorChain } from '../virtio/descriptor-chain.js';
 import { ChainReader } from '../virtio/chain-io.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
-import { TX_BUSY, TX_DROPPED, TX_POSTED, TX_SENT, type HostQueue } from '../ports/host-queue.js';
+import { TX_BUSY, TX_POSTED, TX_SENT, type HostQueue } from '../ports/host-queue.js';
 import { C } from './stats.js';
 import { ETH_HLEN, type FrameFormat } from './frame-format.js';
 import { headerRequests, unnegotiatedRequest } from './vnet-header.js';
@@ -62,7 +62,7 @@ export class TxPath extends QueuePath {
     for (let i = 0; isOffload && i < 12; i++) if (e[i] !== 0) isOffload = false;
     if (!isOffload) {
       if (!link.claimed) return false;
-      this.count(C.txDropped); // a claimed pair carries nothing but offload messages
+      this.count(C.txDropClaimed); // a claimed pair carries nothing but offload messages
       return true;
     }
     // Copy, then let the broker validate: the guest may rewrite its buffer at any time.
@@ -105,9 +105,9 @@ export class TxPath extends QueuePath {
           done++;
           if (ch.readableBytes < hdr + ETH_HLEN) {
             // No room for an Ethernet header after the vnet header: not a frame.
-            this.count(C.txErrors);
+            this.count(C.txErrFrame);
           } else if (unnegotiatedRequest(headerRequests(this.reader.overReadable(ch), hdr), this.offloads)) {
-            this.count(C.txErrors);
+            this.count(C.txErrFrame);
           } else if (this.offload && this.offloadFrame(ch)) {
             // consumed by the broker link (or dropped on a claimed pair)
           } else {
@@ -126,9 +126,8 @@ export class TxPath extends QueuePath {
             if (st === TX_SENT) {
               packets++;
               bytes += ch.readableBytes - hdr;
-            } else {
-              this.count(st === TX_DROPPED ? C.txDropped : C.txErrors);
             }
+            // TX_DROPPED, TX_ERROR: the port counted the reason where it refused the frame.
           }
           q.pushUsed(ch.head, 0);
         }

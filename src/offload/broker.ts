@@ -11,6 +11,7 @@
 // Host fds and ids never reach the guest.
 
 import { BpfMapType } from '../sys/bpf/maps.js';
+import { progInfo } from '../sys/bpf/info.js';
 import { Dispatcher, type RefusalRecord } from './dispatch.js';
 import { mapTypeName, type MapEntry } from './map-table.js';
 import { validateQuotas, quotaWarnings, readMemlock, type Quotas, type QuotaUsage } from './quotas.js';
@@ -33,13 +34,20 @@ export interface OffloadShowMap {
   handle: number; id: number; type: string; typeId: number; keySize: number; valueSize: number;
   maxEntries: number; flags: number; name: string; entries: number; bytes: number; kernelBytes: number | null;
   createdAt: string;
+  /** The kernel's name for it (`bpftool map show`): the device's prefix, then the guest's name (host-names.ts). */
+  hostName: string;
 }
+
+/** The device's program: the guest's name and the kernel's (`bpftool prog show`) for the program the broker loaded. */
+export interface OffloadProgramInfo { id: number; tag: string; name: string; hostName: string }
 
 export interface OffloadShow {
   device: string;
   claimed: boolean;
   claimedAt: string | null;
-  program: (OffloadProgram & { name: string; mapHandles: number[] }) | null;
+  program: (OffloadProgram & { name: string; hostName: string; mapHandles: number[] }) | null;
+  /** The prefix of every host BPF object name of this device (host-names.ts). */
+  bpfPrefix: string;
   maps: OffloadShowMap[];
   quotas: { limits: Quotas; usage: QuotaUsage };
   allowedHelpers: number[];
@@ -60,6 +68,11 @@ function countEntries(e: MapEntry): number {
     n++;
   }
   return Math.min(n, e.def.maxEntries);
+}
+
+/** The kernel's name of a program ('' when it cannot be read). */
+function kernelProgName(fd: number): string {
+  try { return progInfo(fd).name; } catch { return ''; }
 }
 
 export class OffloadBroker {
@@ -143,6 +156,17 @@ export class OffloadBroker {
 
   get claimed(): boolean { return this.st.claim !== null; }
 
+  /** The program with its guest and host names, or null; cheap (one BPF_OBJ_GET_INFO_BY_FD), for status and metrics. */
+  programInfo(): OffloadProgramInfo | null {
+    const p = this.st.program.current;
+    return p ? { id: p.id, tag: p.tag, name: p.name, hostName: kernelProgName(p.fd) } : null;
+  }
+
+  get bpfPrefix(): string { return this.st.bpfPrefix; }
+
+  /** Requests handled, by response status (OK, QUOTA_EXCEEDED, RATE_LIMITED, ...). */
+  get requests(): { total: number; byStatus: Record<string, number> } { return this.dispatcher.requests; }
+
   get program(): OffloadProgram | null {
     const p = this.st.program.current;
     return p ? publicView(p) : null;
@@ -192,11 +216,12 @@ export class OffloadBroker {
       device: st.device,
       claimed: this.claimed,
       claimedAt: st.claim?.at ?? null,
-      program: p ? { ...publicView(p), name: p.name, mapHandles: [...p.usedHandles] } : null,
+      program: p ? { ...publicView(p), name: p.name, hostName: kernelProgName(p.fd), mapHandles: [...p.usedHandles] } : null,
+      bpfPrefix: st.bpfPrefix,
       maps: st.maps.entries().map((e) => ({
         handle: e.handle, id: e.id, type: mapTypeName(e.def.type), typeId: e.def.type, keySize: e.def.keySize,
         valueSize: e.def.valueSize, maxEntries: e.def.maxEntries, flags: e.def.flags, name: e.def.name,
-        entries: countEntries(e), bytes: e.chargedBytes, kernelBytes: readMemlock(e.map.fd), createdAt: e.createdAt,
+        entries: countEntries(e), bytes: e.chargedBytes, kernelBytes: readMemlock(e.map.fd), createdAt: e.createdAt, hostName: e.map.name,
       })),
       quotas: this.quotas(),
       allowedHelpers: st.helpers(),

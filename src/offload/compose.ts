@@ -156,6 +156,8 @@ export function plainRedirect(opts: ComposeOptions): Uint8Array {
 export interface ComposedLoadOptions extends ComposeOptions {
   /** Program name (≤ 15 chars of [A-Za-z0-9_.]); default 'vx_xsk'. */
   name?: string;
+  /** Name of the aborted-counter map (≤ 15 chars); default 'vx_aborted'. */
+  abortedName?: string;
   /** Verifier log bytes kept on a rejection (see progLoadWithLog). */
   logSize?: number;
 }
@@ -197,7 +199,7 @@ export class ComposedProgram {
       return ComposedProgram.adopt(fd, null, insns.byteLength / BPF_INSN_SIZE, null);
     }
     checkGuestBlock(guestInsns);
-    const aborted = BpfMap.create(BpfMapType.ARRAY, 4, 8, 1, { name: 'vx_aborted' });
+    const aborted = BpfMap.create(BpfMapType.ARRAY, 4, 8, 1, { name: opts.abortedName ?? 'vx_aborted' });
     let fd: number;
     let count: number;
     try {

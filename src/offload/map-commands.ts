@@ -43,7 +43,7 @@ export function createMapEntry(st: OffloadState, d: MapCreateRequest, handle = s
 
   let map: BpfMap;
   try {
-    map = BpfMap.create(d.type, d.keySize, d.valueSize, d.maxEntries, { flags: d.flags, name: d.name });
+    map = BpfMap.create(d.type, d.keySize, d.valueSize, d.maxEntries, { flags: d.flags, name: st.hostName(d.name) });
   } catch (e) {
     if (e instanceof BpfError) {
       refuse(Status.KERNEL_ERROR, 'kernel-error', `the kernel refused the ${mapTypeName(d.type)} map: ${e.code}`, { a: e.errno });
@@ -57,7 +57,7 @@ export function createMapEntry(st: OffloadState, d: MapCreateRequest, handle = s
     if (st.maps.chargedBytes + charged > q.maxMapMemory) throw memoryRefusal(charged);
     const id = mapInfo(map.fd).id;
     const createdAt = st.isoNow();
-    st.pins?.pinMap(handle, map.fd, { handle, chargedBytes: charged, createdAt });
+    st.pins?.pinMap(handle, map.fd, { handle, chargedBytes: charged, createdAt, name: d.name });
     e = st.maps.add({ map, id, def: { ...d }, chargedBytes: charged, createdAt }, handle);
   } catch (err) {
     map.close();

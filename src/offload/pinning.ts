@@ -26,7 +26,8 @@ const BPF_FS_MAGIC = 0xcafe4a11;
 const MAX_DOC_BYTES = 4000;
 
 export interface PinnedClaim { version: 1; device: string; claimedAt: string; nextHandle: number; responseLimit: number }
-export interface PinnedMapMeta { handle: number; chargedBytes: number; createdAt: string }
+/** name: the guest's name for the map (the kernel's carries the device prefix, host-names.ts). */
+export interface PinnedMapMeta { handle: number; chargedBytes: number; createdAt: string; name?: string }
 export interface PinnedProgMeta {
   insns: number; loadedAt: string; usedHandles: number[]; name: string;
   /** Present when `src` was pinned with the program (absent in pins of older versions). */

@@ -35,7 +35,7 @@ function load(st: OffloadState, c: Checked): Loaded {
   const { req, judged, code } = c;
   let fd: number;
   try {
-    fd = progLoadWithLog(code, { license: req.license, type: BpfProgType.XDP, name: req.name || 'vx_offload', logSize: VERIFIER_LOG_BUFFER }).fd;
+    fd = progLoadWithLog(code, { license: req.license, type: BpfProgType.XDP, name: st.hostName(req.name || 'offload'), logSize: VERIFIER_LOG_BUFFER }).fd;
   } catch (err) {
     if (err instanceof BpfError) {
       st.log(`program refused by the verifier: ${err.code}`);

@@ -13,6 +13,7 @@ import { checkProgramFor } from './program-commands.js';
 import type { DevicePins, PinnedClaim } from './pinning.js';
 import type { LoadedProgram } from './program-state.js';
 import type { OffloadState } from './state.js';
+import { roleOf } from './host-names.js';
 
 /** Fills a fresh state from its pins; a state without pins (or with none written) stays fresh. */
 export function restoreFromPins(st: OffloadState): void {
@@ -46,7 +47,7 @@ function restoreMaps(st: OffloadState, pins: DevicePins, claim: PinnedClaim): vo
       const charged = meta?.chargedBytes ?? Math.max(estimateMapBytes(map.type, map.keySize, map.valueSize, map.maxEntries), readMemlock(map.fd) ?? 0);
       st.maps.add({
         map, id: info.id, chargedBytes: charged, createdAt: meta?.createdAt ?? claim.claimedAt,
-        def: { type: map.type, keySize: map.keySize, valueSize: map.valueSize, maxEntries: map.maxEntries, flags: map.flags, name: map.name },
+        def: { type: map.type, keySize: map.keySize, valueSize: map.valueSize, maxEntries: map.maxEntries, flags: map.flags, name: meta?.name ?? roleOf(st.bpfPrefix, map.name) },
       }, handle);
     } catch (e) {
       map?.close();
@@ -70,7 +71,7 @@ function restoreProgram(st: OffloadState, pins: DevicePins): void {
   const used = got.meta?.usedHandles ?? info.mapIds.map((id) => ids.get(id)).filter((h): h is number => h !== undefined);
   const program: LoadedProgram = {
     fd: got.fd, id: info.id, tag: info.tag, insns: got.meta?.insns ?? info.xlatedProgLen / 8,
-    loadedAt: got.meta?.loadedAt ?? st.isoNow(), name: got.meta?.name ?? info.name,
+    loadedAt: got.meta?.loadedAt ?? st.isoNow(), name: got.meta?.name ?? roleOf(st.bpfPrefix, info.name),
     usedHandles: used.filter((h) => st.maps.has(h)), code: null, license: 'GPL', source: null,
   };
   const src = got.meta?.source;

@@ -13,6 +13,7 @@ import { MapTable, OFFLOAD_MAP_TYPES, type MapEntry } from './map-table.js';
 import { DEFAULT_QUOTAS, TokenBucket, validateQuotas, type Quotas, type QuotaUsage } from './quotas.js';
 import { DevicePins } from './pinning.js';
 import { ProgramSlot, publicView, type LoadedProgram, type OffloadProgram } from './program-state.js';
+import { bpfPrefix, hostObjectName } from './host-names.js';
 
 export interface OffloadBrokerOptions {
   device: string;
@@ -27,6 +28,8 @@ export interface Claim { at: string; responseLimit: number }
 
 export class OffloadState {
   readonly device: string;
+  /** The prefix of this device's host BPF object names (host-names.ts). */
+  readonly bpfPrefix: string;
   limits: Quotas;
   readonly allowed: ReadonlySet<number>;
   readonly maps = new MapTable();
@@ -42,12 +45,18 @@ export class OffloadState {
 
   constructor(opts: OffloadBrokerOptions) {
     this.device = opts.device;
+    this.bpfPrefix = bpfPrefix(opts.device);
     this.limits = { ...DEFAULT_QUOTAS, ...validateQuotas(opts.quotas ?? {}) };
     this.allowed = validateAllowList(opts.allowedHelpers ?? [...DEFAULT_ALLOWED_HELPERS]);
     this.now = opts.now ?? Date.now;
     this.logFn = opts.log ?? (() => {});
     this.bucket = new TokenBucket(this.limits.maxOpsPerSec, this.now);
     this.pins = opts.pinDir ? new DevicePins(opts.pinDir, opts.device) : null;
+  }
+
+  /** The host kernel's name for an object the guest calls `name` (or the backend makes for `name`). */
+  hostName(name: string): string {
+    return hostObjectName(this.bpfPrefix, name);
   }
 
   log(line: string): void {

@@ -10,8 +10,13 @@ import {
   type HostQueue, type QueueFormat, type RxFrames,
 } from './host-queue.js';
 
-/** writev errors that mean "this frame is not going out": counted as a drop. */
-const DROPPED = new Set([Errno.EAGAIN, Errno.EINTR, Errno.ENOBUFS, Errno.EMSGSIZE, Errno.ENETDOWN, Errno.ENXIO, Errno.EINVAL]);
+/** writev errors that mean "this frame is not going out": a drop, counted under its reason. */
+const DROP_REASON = new Map<number, number>([
+  [Errno.EAGAIN, PortCount.txDropHostBusy], [Errno.EINTR, PortCount.txDropHostBusy], [Errno.ENOBUFS, PortCount.txDropHostBusy],
+  [Errno.EMSGSIZE, PortCount.txDropOversize],
+  [Errno.ENETDOWN, PortCount.txDropLinkDown], [Errno.ENXIO, PortCount.txDropLinkDown],
+  [Errno.EINVAL, PortCount.txDropRefused],
+]);
 /** Largest frame run through a bounce buffer when it spans several receive buffers. */
 const MAX_FRAME_BOUNCE = 65536 + 256;
 
@@ -156,7 +161,7 @@ export class FdQueue implements HostQueue {
       let got = raw.readv(this.fd, this.iov.address + s0 * 16, segs);
       if (got < 0) {
         const e = lastErrno();
-        if (e !== Errno.EAGAIN && e !== Errno.EINTR) this.counts[PortCount.rxErrors]! += 1;
+        if (e !== Errno.EAGAIN && e !== Errno.EINTR) this.counts[PortCount.rxErrHost]! += 1;
         out.hostEmpty = true;
         break;
       }
@@ -226,8 +231,8 @@ export class FdQueue implements HostQueue {
       const r = this.reader!.overSegments(this.sRegion, this.sOffset, this.sLength, s0, this.sTail);
       r.skip(hdr);
       r.read(this.bounce.bytes, 0, len);
-      this.count(PortCount.jsCopies);
-      this.count(PortCount.jsCopyBytes, len);
+      this.count(PortCount.rxCopies);
+      this.count(PortCount.rxCopyBytes, len);
       addr = this.bounce.address;
       cap = MAX_FRAME_BOUNCE;
     }
@@ -247,8 +252,8 @@ export class FdQueue implements HostQueue {
           const w = this.writer!.overSegments(this.sRegion, this.sOffset, this.sLength, s0, this.sTail);
           w.skip(hdr);
           w.write(this.bounce!.bytes, 0, outLen);
-          this.count(PortCount.jsCopies);
-          this.count(PortCount.jsCopyBytes, outLen);
+          this.count(PortCount.rxCopies);
+          this.count(PortCount.rxCopyBytes, outLen);
         }
         return hdr + outLen;
       case XDP_DROP:
@@ -275,9 +280,9 @@ export class FdQueue implements HostQueue {
     b.setUint32(24, len, true);
     b.setUint32(28, 0, true);
     try {
-      if (this.writev(this.backIov.address, 2) < 0) this.count(PortCount.txDropped);
+      this.writev(this.backIov.address, 2); // a refusal is counted under its reason
     } catch {
-      this.count(PortCount.txErrors);
+      this.count(PortCount.txErrHost);
     }
   }
 
@@ -291,24 +296,32 @@ export class FdQueue implements HostQueue {
 
   postTx(_cookie: number, ch: DescriptorChain): number {
     const cnt = this.txIovecs(ch, this.txIov.view);
-    if (cnt === 0) return TX_DROPPED; // nothing past the header: not a frame
+    if (cnt === 0) {
+      this.count(PortCount.txDropRefused); // nothing past the header: not a frame
+      return TX_DROPPED;
+    }
     try {
       return this.writev(this.txIov.address, cnt) >= 0 ? TX_SENT : TX_DROPPED;
     } catch {
+      this.count(PortCount.txErrHost);
       return TX_DROPPED;
     }
   }
 
   /**
    * Frames the host cannot take now (full, link down) or at all (too large for its MTU) are
-   * dropped, -1: a guest can send those at line rate, and an exception per frame costs more
-   * than the frame.
+   * dropped, -1, counted under their reason: a guest can send those at line rate, and an
+   * exception per frame costs more than the frame.
    */
   private writev(iovAddress: number, iovCount: number): number {
     const n = raw.writev(this.fd, iovAddress, iovCount);
     if (n >= 0) return n;
     const e = lastErrno();
-    if (DROPPED.has(e)) return -1;
+    const reason = DROP_REASON.get(e);
+    if (reason !== undefined) {
+      this.count(reason);
+      return -1;
+    }
     throw new SysError(`writev(${this.what})`, e);
   }
 

@@ -15,9 +15,9 @@ export const RX_NONE = 3;
 export const TX_POSTED = 0;
 /** Sent and done with already (writev ports): the buffers are free now. */
 export const TX_SENT = 1;
-/** Not going out (host full, link down, too large for it): the buffers are free now; a drop. */
+/** Not going out (host full, link down, too large for it): the buffers are free now; a drop (the port counted its reason). */
 export const TX_DROPPED = 2;
-/** Not a frame this port can send: the buffers are free now; an error. */
+/** Not a frame this port can send: the buffers are free now; an error (the port counted its reason). */
 export const TX_ERROR = 3;
 /** No room right now (ring or bounce chunks busy): nothing was taken, post it again later. */
 export const TX_BUSY = 4;
@@ -45,8 +45,16 @@ export class RxFrames {
   }
 }
 
-/** What a port queue counts for the datapath, which folds them into the device's counters and zeroes them. */
-export const PORT_COUNTS = ['jsCopies', 'jsCopyBytes', 'rxErrors', 'txErrors', 'txDropped', 'xdpPass', 'xdpDrop', 'xdpTx', 'xdpAborted'] as const;
+/**
+ * What a port queue counts for the datapath, which folds them into the device's counters
+ * (net/stats.ts, same names) and zeroes them. A port counts the reason of every frame it
+ * loses where it loses it: postTx counts the reason of each TX_DROPPED or TX_ERROR it returns.
+ */
+export const PORT_COUNTS = [
+  'rxCopies', 'rxCopyBytes', 'txCopies', 'txCopyBytes', 'rxErrHost', 'txErrHost',
+  'txDropOversize', 'txDropHostBusy', 'txDropLinkDown', 'txDropRefused',
+  'xdpPass', 'xdpDrop', 'xdpTx', 'xdpAborted',
+] as const;
 export type PortCountName = (typeof PORT_COUNTS)[number];
 export const PortCount = Object.fromEntries(PORT_COUNTS.map((n, i) => [n, i])) as Record<PortCountName, number>;
 
@@ -104,7 +112,7 @@ export interface HostQueue {
    */
   cancelRx(): void;
 
-  /** Posts the device-readable part of a popped chain as one frame; TX_* says what happened. */
+  /** Posts the device-readable part of a popped chain as one frame; TX_* says what happened (a lost frame's reason is in counts). */
   postTx(cookie: number, ch: DescriptorChain): number;
   /** Hands the frames posted since the last flush to the host (a kick). */
   flushTx(): void;

@@ -309,8 +309,8 @@ export class XskQueue implements HostQueue {
       const w = this.writer!.overSegments(this.oRegion, this.oOffset, this.oLength, s0, s0 + this.oSegs[slot]!);
       w.skip(hdr);
       w.write(this.umemBytes, t.addr[slot]! + u.frameOffset, len);
-      this.counts[PortCount.jsCopies]! += 1;
-      this.counts[PortCount.jsCopyBytes]! += len;
+      this.counts[PortCount.rxCopies]! += 1;
+      this.counts[PortCount.rxCopyBytes]! += len;
     }
     // Zero-copy: the kernel wrote the frame at buffer + hdr; the header is the datapath's.
     out.length[i] = hdr + len;
@@ -329,7 +329,10 @@ export class XskQueue implements HostQueue {
     const u = this.cfg.umem;
     const hdr = this.headerLength;
     const frameLen = ch.readableBytes - hdr;
-    if (frameLen > u.chunkSize) return TX_ERROR;
+    if (frameLen > u.chunkSize) {
+      this.counts[PortCount.txDropOversize]! += 1;
+      return TX_ERROR;
+    }
     if (t.tail - t.head >= t.cap || this.tx.free(1) < 1) return TX_BUSY;
     let seg = -1;
     let at = 0;
@@ -349,8 +352,8 @@ export class XskQueue implements HostQueue {
       const r = this.reader!.overReadable(ch);
       r.skip(hdr);
       r.read(this.umemBytes, addr, frameLen);
-      this.counts[PortCount.jsCopies]! += 1;
-      this.counts[PortCount.jsCopyBytes]! += frameLen;
+      this.counts[PortCount.txCopies]! += 1;
+      this.counts[PortCount.txCopyBytes]! += frameLen;
     }
     const slot = t.tail & t.mask;
     t.cookie[slot] = cookie;
@@ -412,7 +415,7 @@ export class XskQueue implements HostQueue {
         return t.cookie[slot]!;
       }
     }
-    this.counts[PortCount.txErrors]! += 1; // an address we never posted (a previous run's): ignore it
+    this.counts[PortCount.txErrHost]! += 1; // an address we never posted (a previous run's): ignore it
     return -1;
   }
 

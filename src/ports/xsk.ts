@@ -15,6 +15,8 @@ import type { RegionInfo } from '../memory/guest-memory.js';
 import type { UmemRegion, XskQueueConfig, XskUmemInfo } from './xsk-queue.js';
 import { linkStats } from './link-stats.js';
 import { ComposedProgram } from '../offload/compose.js';
+import { hostObjectName } from '../offload/host-names.js';
+import { progInfo } from '../sys/bpf/info.js';
 import type { Port } from './port.js';
 import type { PacketQueueConfig } from './packet-queue.js';
 
@@ -43,6 +45,8 @@ export interface XskPortOptions {
   ringSize?: number;
   /** Private bounce chunks per direction and pair (default 64). */
   bounceChunks?: number;
+  /** Prefix of the names of the BPF objects this port loads (offload/host-names.ts; default 'vx'). */
+  bpfPrefix?: string;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -273,6 +277,7 @@ export class XskPort implements Port {
   private headerLength = 12;
   private readonly xskMap: BpfMap;
   private readonly redirectFd: number;
+  private readonly bpfPrefix: string;
   /** The offloaded guest program composed with the redirect, while one is attached. */
   private composed: ComposedProgram | null = null;
   private umem: GuestUmem | null = null;
@@ -295,6 +300,12 @@ export class XskPort implements Port {
     // create() checked it before making the link.
     this.pinLimit = opts.pinLimitBytes ?? DEFAULT_PIN_LIMIT;
     this.mtu = opts.mtu ?? 1500;
+    this.bpfPrefix = opts.bpfPrefix ?? 'vx';
+  }
+
+  /** The name of a BPF object this port loads: the device's prefix, then what it is for. */
+  private bpfName(role: string): string {
+    return hostObjectName(this.bpfPrefix, role);
   }
 
   static create(ifname: string, queuePairs: number, opts: XskPortOptions = {}): XskPort {
@@ -331,10 +342,10 @@ export class XskPort implements Port {
       // out of reach of an unprivileged serve (docs/least-privilege.md).
       if (!adopted) ip(['link', 'set', 'dev', peer, 'addrgenmode', 'none']);
       const peerIfindex = ifNameToIndex(peer);
-      map = BpfMap.create(BpfMapType.XSKMAP, 4, 4, queuePairs, { name: 'vx_xskmap' });
-      prog = progLoad(redirectProgramInsns(map.fd), { license: 'GPL', name: 'vx_xsk_redir' });
+      map = BpfMap.create(BpfMapType.XSKMAP, 4, 4, queuePairs, { name: hostObjectName(opts.bpfPrefix ?? 'vx', 'xskmap') });
+      prog = progLoad(redirectProgramInsns(map.fd), { license: 'GPL', name: hostObjectName(opts.bpfPrefix ?? 'vx', 'xsk_redir') });
       xdpAttach(peerIfindex, prog, XDP_FLAGS_DRV_MODE);
-      pass = progLoad(encodeInsns(returnImm(XDP_PASS)), { license: 'GPL', name: 'vx_xsk_hostpass' });
+      pass = progLoad(encodeInsns(returnImm(XDP_PASS)), { license: 'GPL', name: hostObjectName(opts.bpfPrefix ?? 'vx', 'hostpass') });
       // Host frames must reach the guest with complete checksums: AF_XDP copies bytes and has no
       // way to say "checksum partial", so the host end computes them in software.
       spawnSync('ethtool', ['-K', ifname, 'tx', 'off'], { timeout: 10_000 });
@@ -370,7 +381,7 @@ export class XskPort implements Port {
     const t = this.offloadTarget;
     let next: ComposedProgram | null = null;
     try {
-      if (source) next = ComposedProgram.load(source.code, { xskMapFd: t.xskMapFd, name: 'vx_xsk_guest' }, source.license);
+      if (source) next = ComposedProgram.load(source.code, { xskMapFd: t.xskMapFd, name: this.bpfName('xsk_guest'), abortedName: this.bpfName('aborted') }, source.license);
       xdpAttach(t.peerIfindex, next ? next.fd : t.redirectFd, XDP_FLAGS_DRV_MODE);
     } catch (e) {
       next?.close();
@@ -387,6 +398,13 @@ export class XskPort implements Port {
     return next ? `composed program ${next.id} (guest program + AF_XDP redirect) attached natively` : 'plain AF_XDP redirect attached';
   }
   get umemInfo(): XskUmemInfo | null { return this.umem?.info ?? null; }
+
+  /** The program attached at the veth's ingress: the composed one (guest program + redirect) while an offload runs, else the plain redirect. */
+  get attachedProgram(): { id: number; name: string; composed: boolean } {
+    if (this.composed) return { id: this.composed.id, name: this.bpfName('xsk_guest'), composed: true };
+    const info = progInfo(this.redirectFd);
+    return { id: info.id, name: info.name, composed: false };
+  }
 
   /** The pinned-memory quota of this device's UMEM in bytes. */
   get pinLimitBytes(): number { return this.pinLimit; }

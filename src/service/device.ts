@@ -10,6 +10,7 @@ import { UnixSocket } from '../sys/unix-socket.js';
 import type { TransferRecord } from '../vhost-user/device-state.js';
 import { parsePort, type DeviceSpec } from './device-spec.js';
 import type { WorkerPool } from '../datapath/worker-pool.js';
+import { bpfPrefix } from '../offload/host-names.js';
 
 export interface DeviceStatus {
   name: string;
@@ -31,7 +32,8 @@ export interface DeviceStatus {
   /** Requests refused since the device started, by error code (every connection counted). */
   refusals: Record<string, number>;
   lastDisconnect: string;
-  offload: { pair: number; claimed: boolean; program: number | null } | null;
+  /** bpfPrefix: how this device's host BPF objects are named (`<bpfPrefix>_<role>`, offload/host-names.ts). */
+  offload: { pair: number; claimed: boolean; program: number | null; bpfPrefix: string } | null;
   /** Which pool worker serves each running pair. */
   workers: { pair: number; worker: number }[];
   /** Dirty logging for live migration is on (LOG_ALL acked and a log mapped). */
@@ -44,6 +46,19 @@ export interface DeviceStatus {
 export interface SocketFiles {
   group?: number;
   mode?: number;
+}
+
+/**
+ * Where the guest's offloaded program runs on the host. name/id/tag: the program as the guest
+ * sent it (the broker's load of it); hostName: its kernel name, which names the device
+ * (offload/host-names.ts); hostId: the host program that runs it on frames, as `bpftool prog
+ * show` lists it: on a tap port the broker's program itself (test-run on each frame), on an
+ * xsk port the composed program attached at the veth (guest program + AF_XDP redirect; null
+ * while none is attached).
+ */
+export interface OffloadHost {
+  bpfPrefix: string;
+  program: { id: number; tag: string; name: string; hostName: string; hostId: number | null; hostProgramName: string | null; runs: 'test-run' | 'xdp-native' } | null;
 }
 
 /** The pinned-memory quota of an xsk device as the control API shows it. */
@@ -96,7 +111,7 @@ export class Device {
     let port: Port;
     try {
       port = p.kind === 'xsk'
-        ? XskPort.create(p.ifname, pairs, { mtu: spec.mtu ?? 1500, pinLimitBytes: spec.pinLimit })
+        ? XskPort.create(p.ifname, pairs, { mtu: spec.mtu ?? 1500, pinLimitBytes: spec.pinLimit, bpfPrefix: bpfPrefix(spec.name) })
         : TapPort.open(p.ifname, pairs);
     } catch (e) {
       claim?.release();
@@ -138,7 +153,7 @@ export class Device {
         pinLimitBytes: this.xsk?.pinLimitBytes ?? null, umem: this.xsk?.umemInfo?.mode ?? null,
       },
       queuePairs: this.net.maxQueuePairs(),
-      offload: this.broker ? { pair: this.net.offloadPair, claimed: this.broker.claimed, program: this.broker.program?.id ?? null } : null,
+      offload: this.broker ? { pair: this.net.offloadPair, claimed: this.broker.claimed, program: this.broker.program?.id ?? null, bpfPrefix: this.broker.bpfPrefix } : null,
       connected: s !== null,
       connections: this.endpoint.connections,
       features: describeFeatures(this.net.negotiated),
@@ -165,6 +180,18 @@ export class Device {
   }
 
   get broker() { return this.net.broker; }
+
+  /** Null without --offload. */
+  offloadHost(): OffloadHost | null {
+    const b = this.broker;
+    if (!b) return null;
+    const p = b.programInfo();
+    if (!p) return { bpfPrefix: b.bpfPrefix, program: null };
+    const x = this.xsk;
+    if (!x) return { bpfPrefix: b.bpfPrefix, program: { ...p, hostId: p.id, hostProgramName: p.hostName, runs: 'test-run' } };
+    const a = x.attachedProgram;
+    return { bpfPrefix: b.bpfPrefix, program: { ...p, hostId: a.composed ? a.id : null, hostProgramName: a.composed ? a.name : null, runs: 'xdp-native' } };
+  }
 
   /** The port when it pins guest memory (xsk), else null. */
   get xsk(): XskPort | null { return this.port instanceof XskPort ? this.port : null; }

@@ -59,7 +59,7 @@ export class Service {
       'offload.show': (p) => {
         const d = this.device(p.name);
         const t = d.net.stats.total();
-        return { ...this.broker(d).show(), verdicts: { pass: t.xdpPass, drop: t.xdpDrop, tx: t.xdpTx, aborted: t.xdpAborted } };
+        return { ...this.broker(d).show(), host: d.offloadHost(), verdicts: { pass: t.xdpPass, drop: t.xdpDrop, tx: t.xdpTx, aborted: t.xdpAborted } };
       },
       'offload.detach': (p) => ({ detached: this.broker(this.device(p.name)).detach() }),
       // The offload broker's quotas (limits/usage, with --offload) and, on xsk ports, the

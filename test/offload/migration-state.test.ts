@@ -18,6 +18,7 @@ import { progGetFdById, closeBpfFd } from '../../src/sys/bpf/programs.js';
 import { TestRunner } from '../../src/sys/bpf/test-run.js';
 import { XDP_DROP, XDP_PASS } from '../../src/sys/bpf/xdp.js';
 import { obj, ownBpfFds, namedKernelObjects, Guest, u32, u64, readU64, frame } from './helpers.js';
+import { roleOf } from '../../src/offload/host-names.js';
 
 // Names every map and program of this file carries, so the leak check can tell them from
 // objects other processes on this host create meanwhile.
@@ -36,7 +37,9 @@ afterEach(() => {
 
 /** Kernel objects of this file alive now (by name), whoever holds them. */
 function ourObjects(): { maps: number[]; progs: number[] } {
-  return namedKernelObjects((n) => n.startsWith(MAP_PREFIX), (n) => n === PROG_NAME);
+  // Kernel names are <device prefix>_<guest name> (src/offload/host-names.ts); every device here is mig*.
+  return namedKernelObjects((n) => /^mig[A-Za-z0-9]*_/.test(n) && roleOf(n.slice(0, n.indexOf('_')), n).startsWith(MAP_PREFIX),
+    (n) => /^mig[A-Za-z0-9]*_/.test(n) && roleOf(n.slice(0, n.indexOf('_')), n) === PROG_NAME);
 }
 const sleepMs = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 /** No object of this file remains (a freed program drops its maps after an RCU grace period). */

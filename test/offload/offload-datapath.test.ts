@@ -41,7 +41,7 @@ describe('XDP offload through the reserved queue pair (tap port)', () => {
     rig.ps.drain();
     rig.fe.transmit(1, [udpFrame(s, 100)]);
     expect(rig.ps.recvAll(1, 3000, (f) => seqOf(f) === s).length).toBe(1);
-    expect((await rig.be.call('status')).devices[0].offload).toEqual({ pair: 1, claimed: false, program: null });
+    expect((await rig.be.call('status')).devices[0].offload).toEqual({ pair: 1, claimed: false, program: null, bpfPrefix: 'off' });
   });
 
   test('CLAIM and CAPS: the guest learns up front what this host allows', async () => {
@@ -145,7 +145,7 @@ describe('XDP offload through the reserved queue pair (tap port)', () => {
     rig.fe.close();
     await waitUntil(async () => !(await rig.be.call('status')).devices[0].connected, 3000, 'disconnect seen');
     await waitUntil(() => !listMapIds().includes(show.maps[0].id) && !listProgIds().includes(show.program.id), 3000, 'program and map gone from the kernel');
-    expect((await rig.be.call('status')).devices[0].offload).toEqual({ pair: 1, claimed: false, program: null });
+    expect((await rig.be.call('status')).devices[0].offload).toEqual({ pair: 1, claimed: false, program: null, bpfPrefix: 'off' });
     expect(fs.existsSync(path.join(rig.pinRoot, 'off'))).toBe(false);
   });
 });

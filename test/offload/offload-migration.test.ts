@@ -12,6 +12,7 @@ import { offloadSample, requireOk, lookupU64 } from '../support/frontend/offload
 import { uniqueIfName, disableIpv6 } from '../support/netdev.js';
 import { waitUntil } from '../support/processes.js';
 import { ownBpfFds, namedKernelObjects, readU64 } from './helpers.js';
+import { bpfPrefix, hostObjectName } from '../../src/offload/host-names.js';
 import { ProtocolFeature, bit } from '../../src/vhost-user/protocol.js';
 import { decodeDeviceState, encodeDeviceState } from '../../src/net/device-state.js';
 import { decodeState, STATE_HEADER_BYTES } from '../../src/offload/migration-format.js';
@@ -60,7 +61,8 @@ function kernelCount(mapId: number): number {
 }
 
 /** Kernel objects this run created, whoever holds them. */
-const ourObjects = () => namedKernelObjects((n) => n.startsWith(MAP_PREFIX), (n) => n === PROG);
+// The kernel's names carry the device's prefix before the guest's (src/offload/host-names.ts).
+const ourObjects = () => namedKernelObjects((n) => n.startsWith(hostObjectName(bpfPrefix(NAME), MAP_PREFIX)), (n) => n === hostObjectName(bpfPrefix(NAME), PROG));
 
 afterAll(async () => {
   for (const r of rigs.splice(0)) await r.close();

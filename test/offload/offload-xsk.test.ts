@@ -40,7 +40,7 @@ describe('XDP offload on the xsk port (native XDP on the veth)', () => {
       got.sort((a, b) => seqOf(a)! - seqOf(b)!);
       for (let i = 0; i < frames.length; i++) expect(Buffer.from(got[i]!).equals(Buffer.from(frames[i]!))).toBe(true);
       expect((await pairStats(1)).txPackets - before.txPackets).toBe(frames.length);
-      expect((await rig.be.call('status')).devices[0].offload).toEqual({ pair: 1, claimed: false, program: null });
+      expect((await rig.be.call('status')).devices[0].offload).toEqual({ pair: 1, claimed: false, program: null, bpfPrefix: 'offx' });
     });
 
     test('the reserved pair refuses headers asking for what an xsk device never offers (checksum, segmentation): counted, not sent', async () => {

@@ -10,15 +10,16 @@ import { waitUntil } from '../support/processes.js';
 import { udpFrame, seqOf, GUEST_MAC, HOST_MAC } from '../support/frames.js';
 import { progGetFdById, closeBpfFd } from '../../src/sys/bpf/programs.js';
 import { listProgIds, progInfo } from '../../src/sys/bpf/info.js';
+import { bpfPrefix, hostObjectName } from '../../src/offload/host-names.js';
 
 
-/** Ids of the redirect programs vhost-xdp loads for xsk ports. */
+/** Ids of the redirect programs vhost-xdp loads for this file's xsk device (named for it: src/offload/host-names.ts). */
 function redirectProgs(): number[] {
   return listProgIds().filter((id) => {
     let fd = -1;
     try {
       fd = progGetFdById(id);
-      return progInfo(fd).name === 'vx_xsk_redir';
+      return progInfo(fd).name === hostObjectName(bpfPrefix('xskd'), 'xsk_redir');
     } catch {
       return false;
     } finally {

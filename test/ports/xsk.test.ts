@@ -185,7 +185,7 @@ describe('xsk port: host → guest', () => {
     }
     expect(seen.size).toBe(32);
     expect(rig.counter(C.rxPackets)).toBe(32);
-    expect(rig.counter(C.jsCopies)).toBe(0);
+    expect(rig.counter(C.rxCopies)).toBe(0);
     expect(rig.broken).toEqual([]);
   });
 
@@ -221,8 +221,8 @@ describe('xsk port: host → guest', () => {
   });
 
   it('small and chained receive buffers take the bounce path, and every copy is counted', () => {
-    const copies0 = rig.counter(C.jsCopies);
-    const bytes0 = rig.counter(C.jsCopyBytes);
+    const copies0 = rig.counter(C.rxCopies);
+    const bytes0 = rig.counter(C.rxCopyBytes);
     const base = 0x100000;
     rig.rxDrv.add([{ gpa: base, len: 600, writable: true }], 'small');
     rig.rxDrv.add([{ gpa: base + 4096, len: 8, writable: true }, { gpa: base + 8192, len: 300, writable: true },
@@ -248,16 +248,16 @@ describe('xsk port: host → guest', () => {
     expect(udpPayloadSeq(joined.slice(HDR, used[1]!.len))).toBe(3001);
     // 442 bytes do not fit 200: handed back empty and counted as dropped.
     expect(used[2]!.len).toBe(0);
-    expect(rig.counter(C.rxDropped)).toBeGreaterThanOrEqual(1);
-    expect(rig.counter(C.jsCopies) - copies0).toBe(2);
-    expect(rig.counter(C.jsCopyBytes) - bytes0).toBe(frames[0]!.length + frames[1]!.length);
+    expect(rig.counter(C.rxDropOversize)).toBeGreaterThanOrEqual(1);
+    expect(rig.counter(C.rxCopies) - copies0).toBe(2);
+    expect(rig.counter(C.rxCopyBytes) - bytes0).toBe(frames[0]!.length + frames[1]!.length);
   });
 });
 
 describe('xsk port: guest → host', () => {
   it('frames leave straight from guest TX buffers and their chains return when the completion ring says so', () => {
     host.drain();
-    const copies0 = rig.counter(C.jsCopies);
+    const copies0 = rig.counter(C.txCopies);
     const base = 0x180000;
     const n = 32;
     for (let i = 0; i < n; i++) {
@@ -280,14 +280,14 @@ describe('xsk port: guest → host', () => {
     expect(done.length).toBe(n);
     const got = host.recvAll(n, 3000, (f) => udpPayloadSeq(f) !== null);
     expect(got.map(udpPayloadSeq).sort((a, b) => a! - b!)).toEqual(Array.from({ length: n }, (_, i) => 4000 + i));
-    expect(rig.counter(C.jsCopies) - copies0).toBe(0);
+    expect(rig.counter(C.txCopies) - copies0).toBe(0);
     expect(rig.tx.inFlight).toBe(0);
   });
 
   it('multi-segment frames are gathered through a bounce chunk (counted); offload requests are refused', () => {
     host.drain();
-    const copies0 = rig.counter(C.jsCopies);
-    const errs0 = rig.counter(C.txErrors);
+    const copies0 = rig.counter(C.txCopies);
+    const errs0 = rig.counter(C.txErrFrame);
     const base = 0x1c0000;
     const f = frameFor(5000, 300);
     rig.write(base, new Uint8Array(HDR));
@@ -304,8 +304,8 @@ describe('xsk port: guest → host', () => {
     expect(rig.completeTx(2).length).toBe(2);
     const got = host.recvAll(2, 200, (x) => udpPayloadSeq(x) !== null);
     expect(got.map(udpPayloadSeq)).toEqual([5000]);
-    expect(rig.counter(C.jsCopies) - copies0).toBe(1);
-    expect(rig.counter(C.txErrors) - errs0).toBe(1);
+    expect(rig.counter(C.txCopies) - copies0).toBe(1);
+    expect(rig.counter(C.txErrFrame) - errs0).toBe(1);
   });
 });
 
@@ -323,7 +323,7 @@ describe('xsk port: pinned memory and teardown', () => {
       const used = r.collectRx(1);
       expect(used.length).toBe(1);
       expect(udpPayloadSeq(r.read(0, used[0]!.len).slice(HDR))).toBe(6000);
-      expect(r.counter(C.jsCopies)).toBe(1);
+      expect(r.counter(C.rxCopies)).toBe(1);
     });
   });
 
@@ -559,7 +559,7 @@ describe('xsk port: sustained 64-byte traffic', () => {
         r.rxDrv.publish();
       }
       expect(got).toBeGreaterThan(0);
-      expect(r.counter(C.jsCopies)).toBe(0);
+      expect(r.counter(C.rxCopies)).toBe(0);
     });
   });
 });

@@ -34,6 +34,8 @@ export interface OffloadRigOptions {
   frontend?: FrontendOptions;
   /** Run serve as this user with only these capabilities (support/unprivileged.ts). */
   runAs?: RunAs;
+  /** More `serve` options (e.g. --metrics). */
+  extraArgs?: string[];
 }
 
 export class OffloadRig {
@@ -58,7 +60,7 @@ export class OffloadRig {
     // The pin directory belongs to the user serve runs as, as a unit's ExecStartPre makes it.
     if (o.runAs && this.pinRoot) handOver(o.runAs, this.dir, this.pinRoot);
     this.args = ['--socket', this.sock, '--port', `${o.port}:${o.ifname}`, '--name', o.name,
-      ...(offload ? ['--queues', '1', '--offload', '--pin-dir', this.pinRoot] : ['--queues', '2'])];
+      ...(offload ? ['--queues', '1', '--offload', '--pin-dir', this.pinRoot] : ['--queues', '2']), ...(o.extraArgs ?? [])];
   }
 
   static async start(o: OffloadRigOptions): Promise<OffloadRig> {
