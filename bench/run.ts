@@ -5,30 +5,33 @@
 // vs off, interleaved rounds (issue 14; not part of `all`).
 // `npm run bench -- scale [--devices 1,8,32,64] [--workers N] [--seconds N] [--json]`: RSS, threads and idle CPU
 // of one serve process with N quiet devices (issue 13). Not part of `all`: it measures footprint, not throughput.
+// `npm run bench -- restart [--rounds N] [--port tap|xsk] [--json]`: serve SIGKILLed and restarted under a reconnecting QEMU
+// guest, serve start to frames flowing (issue 15's budget), median of N rounds (default 5). Not part of `all`.
 import { loadavg } from 'node:os';
 import { measureDpdkTapReference, measureVhostXdpTap, measureDpdkAfXdpReference, measureVhostXdpXsk, type ReferenceResult } from './reference-dpdk.js';
 import { runOffloadBench } from './offload-bench.js';
 import { runMicroBench } from './micro.js';
 import { runScaleBench, scaleTable, SCALE_TARGETS } from './scale-bench.js';
 import { runLoggingBench } from './logging-bench.js';
+import { runRestartBench } from './restart-bench.js';
 
 const args = process.argv.slice(2);
-const VALUED = new Set(['--seconds', '--rounds', '--devices', '--workers']);
+const VALUED = new Set(['--seconds', '--rounds', '--devices', '--workers', '--port']);
 const unknownFlag = args.find((a) => a.startsWith('--') && !VALUED.has(a) && a !== '--json');
 if (unknownFlag) {
-  console.error(`unknown option ${unknownFlag}: --seconds N, --rounds N, --devices N,N,..., --workers N, --json`);
+  console.error(`unknown option ${unknownFlag}: --seconds N, --rounds N, --devices N,N,..., --workers N, --port tap|xsk, --json`);
   process.exit(2);
 }
 const which = args.find((a, i) => !a.startsWith('--') && !VALUED.has(args[i - 1] ?? '')) ?? 'all';
-if (!['tap', 'xsk', 'offload', 'scale', 'micro', 'logging', 'all'].includes(which)) {
-  console.error(`unknown bench '${which}': tap, xsk, offload, scale, micro, logging or all`);
+if (!['tap', 'xsk', 'offload', 'scale', 'micro', 'logging', 'restart', 'all'].includes(which)) {
+  console.error(`unknown bench '${which}': tap, xsk, offload, scale, micro, logging, restart or all`);
   process.exit(2);
 }
 const secIdx = args.indexOf('--seconds');
 const seconds = secIdx >= 0 ? Number(args[secIdx + 1]) : 5;
 const json = args.includes('--json');
 const roundsIdx = args.indexOf('--rounds');
-const rounds = roundsIdx >= 0 ? Number(args[roundsIdx + 1]) : 1;
+const rounds = roundsIdx >= 0 ? Number(args[roundsIdx + 1]) : which === 'restart' ? 5 : 1;
 if (!Number.isInteger(rounds) || rounds < 1 || rounds > 20) {
   console.error('--rounds takes an integer 1..20');
   process.exit(2);
@@ -47,6 +50,11 @@ const devicesText = valueOf('--devices') ?? '1,8,32,64';
 const deviceCounts = [...new Set(devicesText.split(',').map(Number))].sort((a, b) => a - b);
 if (deviceCounts.some((n) => !Number.isInteger(n) || n < 1 || n > 256)) {
   console.error('--devices takes a comma-separated list of integers 1..256');
+  process.exit(2);
+}
+const restartPort = valueOf('--port') ?? 'tap';
+if ((valueOf('--port') !== undefined && which !== 'restart') || (restartPort !== 'tap' && restartPort !== 'xsk')) {
+  console.error('--port tap|xsk belongs to the restart bench');
   process.exit(2);
 }
 const workersText = valueOf('--workers');
@@ -232,6 +240,18 @@ if (which === 'micro') {
   line('test-run ns/frame: xdp_drop composed', String(t.dropComposed), `target < alone + 100 (${t.dropComposed < t.dropAlone + 100 ? 'met' : 'MISSED'})`);
   line('test-run ns/frame: xdp_pass composed', String(t.passComposed));
   line('test-run ns/frame: plain redirect', String(t.plainRedirect));
+}
+
+if (which === 'restart') {
+  if (!json) {
+    console.log(`restart budget: serve SIGKILLed and started again under a QEMU guest on a ${restartPort} port (TCG, reconnect-ms=1000), ms from the new serve's spawn, median of ${rounds} rounds`);
+    console.log(`  1-min load average at start (2 cores): ${loadavg()[0]!.toFixed(2)}`);
+  }
+  const r = await runRestartBench(rounds, restartPort as 'tap' | 'xsk', json ? undefined : (l) => console.log(l));
+  results.restart = r;
+  line('serve ready (ports re-adopted, listening)', `${r.median.readyMs} ms`);
+  line('QEMU reconnected, every vring running', `${r.median.reconnectedMs} ms`);
+  line('frames flowing (first echo reply)', `${r.median.flowingMs} ms`, `budget < ${r.budgetMs} ms (${r.met ? 'met' : 'MISSED'})`);
 }
 
 if (json) console.log(JSON.stringify(results, null, 2));

@@ -514,9 +514,16 @@ export class Session {
       if (!this.protoNegotiated || !hasBit(this.features, F_PROTOCOL_FEATURES)) v.enabled = true;
       this.maybeStart(index);
     } else if (kind === 'call') {
-      closeFd(v.callFd);
+      // A worker serving the ring may signal the old fd until it has the new one: hand it over
+      // first, close the old one after (closed first, a signal in between hits EBADF and kills
+      // the worker, or an fd number already reused by something else).
+      const old = v.callFd;
       v.callFd = fd;
-      if (v.running) this.backend.updateCallFd(index, v.callFd);
+      try {
+        if (v.running) this.backend.updateCallFd(index, fd);
+      } finally {
+        closeFd(old);
+      }
     } else {
       closeFd(v.errFd);
       v.errFd = fd;

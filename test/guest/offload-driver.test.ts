@@ -3,13 +3,14 @@ import { existsSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { startBackend, tempDir, type Backend } from '../support/backend.js';
-import { addAddress, freeTestSubnet, CleanupStack, disableIpv6, run as runHost, setLinkUp, uniqueIfName } from '../support/netdev.js';
+import { mountPinDir, startBackend, tempDir, unmountPinDir, type Backend } from '../support/backend.js';
+import { addAddress, freeTestSubnet, CleanupStack, disableIpv6, linkIdentity, run as runHost, setLinkUp, uniqueIfName } from '../support/netdev.js';
 import { waitUntil } from '../support/processes.js';
 import { PacketSocket, bytesToMac } from '../support/packet-socket.js';
 import { udpFrame, seqOf } from '../support/frames.js';
 import { GuestVm } from '../support/guest/guest-vm.js';
 import { sendRandom, TcpSink } from '../support/guest/host-endpoint.js';
+import { formatTimings, killAndRestart } from '../support/guest/restart.js';
 
 /**
  * The offload-aware guest driver (vm-images/virtio-net-offload.patch, built by
@@ -209,6 +210,7 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
   const tap = uniqueIfName('vxo');
   const name = 'offe2e';
   const e2e = freeTestSubnet(19);
+  let args: string[] = [];
   let be: Backend | undefined;
   let vm: GuestVm | undefined;
   const guest = (): GuestVm => {
@@ -221,8 +223,11 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
     cleanup.push(`remove ${dir}`, () => rmSync(dir, { recursive: true, force: true }));
     execFileSync(path.join(VM_IMAGES, 'build-driver.sh'), { stdio: ['ignore', 'inherit', 'inherit'], timeout: 300_000 });
     cleanup.link(tap);
+    const pinRoot = mountPinDir(dir);
+    cleanup.push(`unmount ${pinRoot}`, () => unmountPinDir(pinRoot));
+    args = ['--socket', socket, '--port', `tap:${tap}`, '--queues', '1', '--offload', '--pin-dir', pinRoot, '--name', name];
     cleanup.push('stop backend', () => be?.stop());
-    be = await startBackend(['--socket', socket, '--port', `tap:${tap}`, '--queues', '1', '--offload', '--name', name], { dir, name: 'vx-offe2e' });
+    be = await startBackend(args, { dir, name: 'vx-offe2e' });
     disableIpv6(tap);
     addAddress(tap, `${e2e.host}/24`);
     setLinkUp(tap);
@@ -283,6 +288,50 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
     expect(hostPing(e2e.guest, 2)).toBe(0);
     expect(await counter()).toBeGreaterThanOrEqual(written + 2);
   }, 60_000);
+
+  test('with --pin-dir, SIGKILL and a restart with the same command line keep the offload: host UDP still dies on the host and is counted, the guest\'s bpftool map dump still works', async () => {
+    const vm = guest();
+    await sh(vm, 'ip -force link set dev eth0 xdpoffload obj /bpf/xdp_drop.o sec xdp 2>&1', 30_000);
+    const hostSide = linkIdentity(tap);
+    const before = (await be!.call('offload.show', { name })) as OffloadShow & { program: { id: number } };
+    expect(before.program?.name).toBe('xdp_drop_prog');
+    let seq = 7_000;
+    /** n UDP frames from the host into the tap: each one dropped by the program on the host (the verdict counter moves), none reaches the guest. */
+    const allDropped = async (n: number): Promise<void> => {
+      const rx0 = await rxPackets();
+      const d0 = (await offloadShow(be!, name)).verdicts.drop;
+      const ps = PacketSocket.open(tap);
+      try {
+        for (let i = 0; i < n; i++) ps.send(udpFrame(seq++, 64, 9999, '52:54:00:0f:0f:0e', MAC));
+      } finally {
+        ps.close();
+      }
+      await waitUntil(async () => (await offloadShow(be!, name)).verdicts.drop - d0 >= n, 10_000, `${n} drops counted on the host`);
+      expect(await rxPackets()).toBe(rx0);
+    };
+    /** drop_count[0] as the guest reads it: `bpftool map dump` goes through the driver to the host's map. */
+    const guestCount = async (): Promise<number> => {
+      const dump = JSON.parse(await sh(vm, `bpftool -j map dump id ${await mapId(vm, 'drop_count')}`)) as { value: string[] }[];
+      return dump[0]!.value.reduce((acc, b, i) => acc + Number.parseInt(b, 16) * 256 ** i, 0);
+    };
+    await allDropped(10);
+    const counted = await guestCount();
+    expect(counted).toBeGreaterThanOrEqual(10);
+    const { be: restarted, timings } = await killAndRestart({ old: be!, vrings: 4, start: () => startBackend(args, { dir, name: 'vx-offe2e-2' }) });
+    be = restarted;
+    console.log(`[offload-driver] restart with a program offloaded: ${formatTimings(timings)}`);
+    const after = (await be.call('offload.show', { name })) as OffloadShow & { program: { id: number } };
+    expect(after.claimed).toBe(true);
+    expect(after.program).toMatchObject({ name: 'xdp_drop_prog', id: before.program.id });
+    expect(after.maps.map((m) => m.handle)).toEqual(before.maps.map((m) => m.handle));
+    await allDropped(10);
+    // The same kernel map, its count carried across the restart, read by the guest's unchanged handle.
+    const recounted = await guestCount();
+    expect(recounted).toBeGreaterThanOrEqual(counted + 10);
+    expect(recounted).toBeLessThanOrEqual(counted + 15);
+    expect(await sh(vm, 'ip link show dev eth0')).toMatch(/xdpoffload[\s\S]*prog\/xdp id \d+ name xdp_drop/);
+    expect(linkIdentity(tap)).toEqual(hostSide);
+  }, 120_000);
 
   test('a program with a forbidden helper is refused with the host\'s reason; xdpoffload off restores delivery', async () => {
     const vm = guest();

@@ -6,11 +6,12 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import path from 'node:path';
 import { startBackend, tempDir, type Backend } from '../support/backend.js';
-import { addAddress, freeTestSubnet, run as runHost, uniqueIfName, deleteLink, vethXdpCounters } from '../support/netdev.js';
+import { addAddress, freeTestSubnet, linkIdentity, run as runHost, uniqueIfName, deleteLink, vethXdpCounters } from '../support/netdev.js';
 import { waitUntil } from '../support/processes.js';
 import { defaultPeerName } from '../../src/ports/xsk.js';
 import { GuestVm } from '../support/guest/guest-vm.js';
 import { sendRandom, TcpSink } from '../support/guest/host-endpoint.js';
+import { formatTimings, killAndRestart, streamAcross } from '../support/guest/restart.js';
 
 const MAC = '52:54:00:5a:17:09';
 /** The offload-aware driver in the image (vm-images/build.sh). */
@@ -28,13 +29,14 @@ describe('a QEMU guest (2 vCPUs) on the xsk port with --offload (AF_XDP over gue
   const peer = defaultPeerName(ifname);
   const dir = tempDir('xskguest');
   const socket = path.join(dir, 'vhost.sock');
+  // 1 data pair + the reserved pair.
+  const args = ['--socket', socket, '--port', `xsk:${ifname}`, '--queues', '1', '--offload', '--name', 'xskg'];
   let be: Backend | undefined;
   let vm: GuestVm | undefined;
   let sink: TcpSink | undefined;
 
   beforeAll(async () => {
-    // 1 data pair + the reserved pair.
-    be = await startBackend(['--socket', socket, '--port', `xsk:${ifname}`, '--queues', '1', '--offload', '--name', 'xskg'], { dir });
+    be = await startBackend(args, { dir });
     addAddress(ifname, `${net.host}/24`);
     // The image's default driver is the offload-aware one, which would claim the reserved pair.
     vm = await GuestVm.boot({ name: 'vx-xskguest', smp: 2, append: 'vxdp.stock=1', net: { kind: 'vhost-user', socket, queues: 2, mac: MAC, reconnectMs: 1000 } });
@@ -98,6 +100,30 @@ describe('a QEMU guest (2 vCPUs) on the xsk port with --offload (AF_XDP over gue
     console.log(`[xsk-guest] guest->host bytes per pair: ${JSON.stringify(tx)}`);
     for (const t of tx) expect(t).toBeGreaterThan(1 << 20);
   }, 240_000);
+
+  test('SIGKILL during a 32 MiB guest→host stream: the same command line re-adopts the veth pair untouched (host end ifindex, MAC, address); QEMU reconnects; the stream completes intact', async () => {
+    const hostSide = linkIdentity(ifname);
+    const peerIndex = linkIdentity(peer).ifindex;
+    expect(hostSide.addresses).toBe(`${net.host}/24`);
+    const { result, sent, atInterrupt, during } = await streamAcross({
+      vm: vm!, host: net.host, bytes: 32 << 20,
+      during: async () => {
+        const r = await killAndRestart({ old: be!, vrings: 4, guestAddr: net.guest, start: () => startBackend(args, { dir }) });
+        be = r.be;
+        return r.timings;
+      },
+    });
+    console.log(`[xsk-guest] restart under a 32 MiB stream: ${formatTimings(during)}; ${atInterrupt} B at the kill, ${result.bytes} B in ${result.ms} ms`);
+    expect(atInterrupt).toBeLessThan(32 << 20);
+    expect(result.bytes).toBe(32 << 20);
+    expect(result.sha256).toBe(sent);
+    expect(linkIdentity(ifname)).toEqual(hostSide);
+    expect(linkIdentity(peer).ifindex).toBe(peerIndex);
+    const st = (await be!.call('status')).devices[0];
+    expect(st.port).toMatchObject({ adopted: true, created: true, umem: 'zero-copy' });
+    expect(st.connections).toBe(1);
+    expect(during.flowingMs).toBeLessThan(10_000);
+  }, 300_000);
 
   test('the offload-aware driver (swapped in) offloads xdp_drop.o: host frames die in the kernel at the veth, the backend never sees them; off restores delivery', async () => {
     await sh(vm!, `rmmod virtio_net && modprobe net_failover && insmod ${GUEST_KO}`, 30_000);

@@ -8,20 +8,14 @@ import { startBackend, tempDir, type Backend } from '../support/backend.js';
 import { TestFrontend } from '../support/frontend/test-frontend.js';
 import { PacketSocket } from '../support/packet-socket.js';
 import { udpFrame, seqOf } from '../support/frames.js';
-import { uniqueIfName, linkExists, deleteLink, getMac, getMtu, setMtu, addAddress, disableIpv6, run } from '../support/netdev.js';
+import { uniqueIfName, linkExists, deleteLink, linkIdentity, setMtu, addAddress, disableIpv6, run, type LinkIdentity } from '../support/netdev.js';
 import { defaultPeerName } from '../../src/ports/xsk.js';
 
-interface HostView { ifindex: number; mac: string; mtu: number; addresses: string; master: string | null }
+interface HostView extends LinkIdentity { master: string | null }
 
 function hostView(ifname: string): HostView {
   const master = fs.existsSync(`/sys/class/net/${ifname}/master`) ? path.basename(fs.realpathSync(`/sys/class/net/${ifname}/master`)) : null;
-  return {
-    ifindex: Number(fs.readFileSync(`/sys/class/net/${ifname}/ifindex`, 'utf8')),
-    mac: getMac(ifname),
-    mtu: getMtu(ifname),
-    addresses: run(['ip', '-o', '-4', 'addr', 'show', 'dev', ifname]).split('\n').map((l) => l.split(/\s+/)[3]).filter(Boolean).sort().join(' '),
-    master,
-  };
+  return { ...linkIdentity(ifname), master };
 }
 
 /** The operator's configuration: an address, an MTU, a bridge. */

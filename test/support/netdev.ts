@@ -125,6 +125,26 @@ export function getMtu(name: string, netns?: string): number {
   return Number(linkJson(name, netns).mtu);
 }
 
+/** What the operator sees of a host link: the identity and configuration a restart must keep. */
+export interface LinkIdentity {
+  ifindex: number;
+  mac: string;
+  mtu: number;
+  /** IPv4 addresses with prefix, sorted, space-separated. */
+  addresses: string;
+}
+
+export function linkIdentity(name: string, netns?: string): LinkIdentity {
+  const info = linkJson(name, netns);
+  const addrs = JSON.parse(ip(['-j', '-4', 'addr', 'show', 'dev', name], netns)) as { addr_info?: { local: string; prefixlen: number }[] }[];
+  return {
+    ifindex: Number(info.ifindex),
+    mac: String(info.address),
+    mtu: Number(info.mtu),
+    addresses: (addrs[0]?.addr_info ?? []).map((a) => `${a.local}/${a.prefixlen}`).sort().join(' '),
+  };
+}
+
 export function addAddress(name: string, cidr: string, netns?: string): void {
   ip(['addr', 'add', cidr, 'dev', name], netns);
 }
