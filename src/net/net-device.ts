@@ -50,6 +50,13 @@ export class NetDevice implements VhostUserBackend, PoolClient {
   private regions: RegionInfo[] = [];
   /** Running vrings and how they were started (a pair moving to another worker restarts from it). */
   private readonly running = new Map<number, VringConfig>();
+  /**
+   * The reserved pair's rings the frontend stopped (GET_VRING_BASE) while the guest's offload was
+   * claimed, as they stood when stopped (lastAvailIdx: where they stopped). Whether that stop was
+   * the guest resetting its device or the VM stopping (migration switch-over, pause) shows only
+   * when the ring starts again: see offloadRingStarts.
+   */
+  private readonly offloadStopped = new Map<number, VringConfig | null>();
   /** Workers that know this device, and the pairs each serves. */
   private readonly onWorker = new Map<number, Set<number>>();
   connected = false;
@@ -198,9 +205,27 @@ export class NetDevice implements VhostUserBackend, PoolClient {
   }
 
   vringStopRequested(index: number): void {
-    if (this.broker?.claimed && index >> 1 === this.offloadPair) {
-      // The guest reset its device (driver unload, reboot): its offload state is gone with it.
-      this.broker.reset('the guest stopped the device');
+    // QEMU stops every ring the same way when the guest resets its device and when the VM
+    // stops (the migration's switch-over, before SAVE; a pause): the offload stays until the
+    // ring starts again, so SAVE finds it and a cancelled migration resumes with it.
+    if (this.broker?.claimed && index >> 1 === this.offloadPair && this.running.has(index)) this.offloadStopped.set(index, null);
+  }
+
+  /**
+   * A reserved ring starting again where it stopped (same rings, same last avail index) is the
+   * same driver going on (VM continued, migration cancelled). Anything else is a guest that
+   * reset its device (reboot, a driver that left without RELEASE): its offload state is gone
+   * with it, before the new driver's first frame.
+   */
+  private offloadRingStarts(cfg: VringConfig): void {
+    if (!this.offloadStopped.has(cfg.index)) return;
+    const was = this.offloadStopped.get(cfg.index);
+    this.offloadStopped.delete(cfg.index);
+    const same = was && was.descGpa === cfg.descGpa && was.availGpa === cfg.availGpa && was.usedGpa === cfg.usedGpa
+      && was.size === cfg.size && was.lastAvailIdx === cfg.lastAvailIdx;
+    if (!same && this.broker?.claimed) {
+      this.offloadStopped.clear();
+      this.broker.reset('the guest reset the device');
     }
   }
 
@@ -289,6 +314,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
   }
 
   startVring(cfg: VringConfig): void {
+    this.offloadRingStarts(cfg);
     const pair = cfg.index >> 1;
     let w = this.pool.workerOf(this.id, pair);
     const placed = w < 0;
@@ -321,6 +347,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
       if (w < 0 || !this.running.has(index)) throw new BackendRefusal(`vring ${index} is not running`, 'vring-not-running');
       const last = this.request(w, { op: 'stop', index });
       this.log.debug(`vring ${index} stopped at ${last}`);
+      if (this.offloadStopped.has(index)) this.offloadStopped.set(index, { ...this.running.get(index)!, lastAvailIdx: last });
       return last;
     } finally {
       this.running.delete(index);
@@ -356,6 +383,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     this.features = 0n;
     this.connected = false;
     this.lastResetReason = reason;
+    this.offloadStopped.clear();
     if (this.broker && !this.shuttingDown) this.broker.reset(reason);
     // Drop the workers' view of guest memory before the session unmaps it.
     this.regions = [];
