@@ -57,6 +57,8 @@ export class NetDevice implements VhostUserBackend, PoolClient {
    * when the ring starts again: see offloadRingStarts.
    */
   private readonly offloadStopped = new Map<number, VringConfig | null>();
+  /** Rings of an AF_XDP port stopped while their partner ran: their socket still holds what they posted (see reopenPair). */
+  private readonly stoppedAlone = new Set<number>();
   /** Workers that know this device, and the pairs each serves. */
   private readonly onWorker = new Map<number, Set<number>>();
   connected = false;
@@ -322,6 +324,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     let w = this.pool.workerOf(this.id, pair);
     const placed = w < 0;
     if (placed) w = this.placePair(pair);
+    else if (this.stoppedAlone.delete(cfg.index) && this.running.has(cfg.index ^ 1)) this.reopenPair(pair, w);
     try {
       this.request(w, { op: 'start', vring: cfg });
     } catch (e) {
@@ -331,6 +334,20 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     this.running.set(cfg.index, { ...cfg });
     this.connected = true;
     this.log.debug(`vring ${cfg.index} started on worker ${w} (size ${cfg.size}, base ${cfg.lastAvailIdx})`);
+  }
+
+  /**
+   * A ring restarting alone while its partner runs (SET_VRING_ADDR toggling the dirty log): an
+   * AF_XDP socket gives back what it was handed only when it is closed, so the ring would find
+   * its previous run's buffers in the socket's rings. The partner stops between two bursts, the
+   * pair gets a fresh socket on the same worker, and the partner starts again where it stopped.
+   */
+  private reopenPair(pair: number, w: number): void {
+    const partner = [2 * pair, 2 * pair + 1].map((i) => this.running.get(i)).filter((c): c is VringConfig => c !== undefined);
+    for (const cfg of partner) cfg.lastAvailIdx = this.request(w, { op: 'stop', index: cfg.index });
+    this.unplacePair(pair);
+    this.placePair(pair, w);
+    for (const cfg of partner) this.request(w, { op: 'start', vring: cfg });
   }
 
   private releasePair(pair: number): void {
@@ -355,7 +372,12 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     } finally {
       this.running.delete(index);
       // Both rings of a pair share one host queue (one AF_XDP socket): release it once neither runs.
-      if (!this.running.has(2 * pair) && !this.running.has(2 * pair + 1)) this.releasePair(pair);
+      if (!this.running.has(2 * pair) && !this.running.has(2 * pair + 1)) {
+        this.stoppedAlone.delete(index ^ 1);
+        this.releasePair(pair);
+      } else if (this.port.needsGuestMemory) {
+        this.stoppedAlone.add(index);
+      }
     }
   }
 
@@ -389,6 +411,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     this.connected = false;
     this.lastResetReason = reason;
     this.offloadStopped.clear();
+    this.stoppedAlone.clear();
     if (this.broker && !this.shuttingDown) this.broker.reset(reason);
     // Drop the workers' view of guest memory before the session unmaps it.
     this.regions = [];

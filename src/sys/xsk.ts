@@ -69,6 +69,9 @@ export function fullFence(): void {
 // Scratch for control-path structs (sockaddr_xdp, xdp_umem_reg, offsets, stats, pollfd).
 const scratch = new NativeBuffer(4096);
 
+/** For short sleeps in bind (a queue being released by the kernel). */
+const BIND_WAIT = new Int32Array(new SharedArrayBuffer(4));
+
 function sysFail(call: string, detail?: string): never {
   throw new SysError(call, lastErrno(), detail);
 }
@@ -372,7 +375,12 @@ export class XskSocket {
     v.setUint32(4, ifindex, true);
     v.setUint32(8, queueId, true);
     v.setUint32(12, sharedUmemFd, true);
-    if (raw.bind(this.fd, scratch.address, 16) < 0) sysFail('bind(AF_XDP)', `ifindex ${ifindex} queue ${queueId} flags 0x${flags.toString(16)}`);
+    // A socket closed on this queue just before (a pair reopened) releases the queue from a
+    // kernel work item (xp_release_deferred): until it ran, bind says EBUSY. Wait a little for it.
+    for (let waited = 0; raw.bind(this.fd, scratch.address, 16) < 0; waited += 5) {
+      if (lastErrno() !== Errno.EBUSY || waited >= 500) sysFail('bind(AF_XDP)', `ifindex ${ifindex} queue ${queueId} flags 0x${flags.toString(16)}`);
+      Atomics.wait(BIND_WAIT, 0, 0, 5);
+    }
   }
 
   statistics(): XskStatistics {

@@ -266,8 +266,13 @@ export class Session {
     const offered = this.offeredFeatures();
     if ((f & ~offered) !== 0n) throw new RequestError('unoffered-features', `features 0x${f.toString(16)} include bits never offered (0x${(f & ~offered).toString(16)})`);
     this.backend.featuresAcked(f);
+    const wasLogging = hasBit(this.features, F_LOG_ALL);
     this.features = f;
-    this.updateDirtyLog();
+    // QEMU frees its log right after it turns LOG_ALL off (vhost_migration_log -> vhost_log_put)
+    // and sends SET_LOG_BASE again before it logs again: a mapping kept past that point would
+    // only hold the frontend's freed memory (a cancelled or failed migration's log).
+    if (wasLogging && !hasBit(f, F_LOG_ALL)) this.dropLog();
+    else this.updateDirtyLog();
   }
 
   setProtocolFeatures(f: bigint): void {

@@ -218,6 +218,25 @@ export function diffLinkStats(after: LinkStats, before: LinkStats): LinkStats {
   };
 }
 
+/** Creates a Linux bridge (STP off: ports forward at once), IPv6 off, up. Delete with deleteLink. */
+export function createBridge(name: string): void {
+  ip(['link', 'add', name, 'type', 'bridge', 'stp_state', '0']);
+  disableIpv6(name);
+  setLinkUp(name);
+}
+
+/** Enslaves a link to a bridge and brings it up. */
+export function addToBridge(link: string, bridge: string): void {
+  disableIpv6(link);
+  ip(['link', 'set', 'dev', link, 'master', bridge, 'up']);
+}
+
+/** The bridge port the bridge has learned `mac` on (null: not learned). */
+export function fdbPort(bridge: string, mac: string): string | null {
+  const arr = JSON.parse(run(['bridge', '-j', 'fdb', 'show', 'br', bridge])) as { mac: string; ifname?: string; flags?: string[] }[];
+  return arr.find((e) => e.mac === mac.toLowerCase() && e.ifname !== bridge)?.ifname ?? null;
+}
+
 /** Names of all links in a namespace (or the caller's), for leak checks. */
 export function listLinks(netns?: string): string[] {
   const arr = JSON.parse(ip(['-j', 'link', 'show'], netns)) as { ifname: string }[];

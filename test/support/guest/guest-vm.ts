@@ -41,6 +41,8 @@ export interface GuestVmOptions {
   bootTimeoutMs?: number;
   /** Receives each console line (escape sequences removed). Default: stderr when HARNESS_VERBOSE=1. */
   log?: (line: string) => void;
+  /** Extra QEMU arguments (after the launcher's `--`), e.g. a QMP socket. */
+  qemuArgs?: string[];
 }
 
 export interface RunResult {
@@ -83,18 +85,10 @@ export class GuestVm {
 
   /** Starts QEMU and resolves once the guest shell is ready (kernel console quieted). */
   static async boot(opts: GuestVmOptions = {}): Promise<GuestVm> {
-    for (const f of ['vmlinuz', 'initrd.img']) {
-      if (!existsSync(path.join(IMAGES, f))) throw new Error(`${IMAGES}/${f} is missing: run vm-images/build.sh`);
-    }
-    const name = opts.name ?? `guest${nextVmId++}`;
-    const args = launcherArgs(opts, name);
-    const log = opts.log ?? (process.env.HARNESS_VERBOSE === '1' ? (l: string) => process.stderr.write(`[${name}] ${l}\n`) : undefined);
-    // setpriv --pdeathsig: QEMU dies with the test process even when that is SIGKILLed and no
-    // exit hook runs. It execs the launcher, which execs QEMU: one pid throughout.
-    const wrap = existsSync('/usr/bin/setpriv') ? ['/usr/bin/setpriv', '--pdeathsig', 'KILL', LAUNCHER] : [LAUNCHER];
     const t0 = Date.now();
-    const proc = spawnManaged(wrap[0]!, [...wrap.slice(1), ...args], { name, stdin: 'pipe', echo: false });
-    const vm = new GuestVm(proc, name, log);
+    const vm = GuestVm.spawn(opts);
+    const proc = vm.proc;
+    const name = vm.name;
     try {
       await vm.waitFor(new RegExp(READY_MARKER), opts.bootTimeoutMs ?? 90_000, 0);
       vm.bootMs = Date.now() - t0;
@@ -105,6 +99,29 @@ export class GuestVm {
       throw new Error(`${name}: boot failed: ${(e as Error).message}\nQEMU stderr/stdout tail:\n${proc.tail(20)}`);
     }
     return vm;
+  }
+
+  /**
+   * Starts QEMU waiting for an incoming migration at `uri` (`-incoming`, e.g. unix:PATH): no
+   * boot, the guest's console comes with its state. Resolves at once; run() works once the
+   * migration has completed and the guest runs here.
+   */
+  static incoming(opts: GuestVmOptions, uri: string): GuestVm {
+    return GuestVm.spawn({ ...opts, qemuArgs: [...(opts.qemuArgs ?? []), '-incoming', uri] });
+  }
+
+  private static spawn(opts: GuestVmOptions): GuestVm {
+    for (const f of ['vmlinuz', 'initrd.img']) {
+      if (!existsSync(path.join(IMAGES, f))) throw new Error(`${IMAGES}/${f} is missing: run vm-images/build.sh`);
+    }
+    const name = opts.name ?? `guest${nextVmId++}`;
+    const args = launcherArgs(opts, name);
+    const log = opts.log ?? (process.env.HARNESS_VERBOSE === '1' ? (l: string) => process.stderr.write(`[${name}] ${l}\n`) : undefined);
+    // setpriv --pdeathsig: QEMU dies with the test process even when that is SIGKILLed and no
+    // exit hook runs. It execs the launcher, which execs QEMU: one pid throughout.
+    const wrap = existsSync('/usr/bin/setpriv') ? ['/usr/bin/setpriv', '--pdeathsig', 'KILL', LAUNCHER] : [LAUNCHER];
+    const proc = spawnManaged(wrap[0]!, [...wrap.slice(1), ...args], { name, stdin: 'pipe', echo: false });
+    return new GuestVm(proc, name, log);
   }
 
   get pid(): number {
@@ -313,5 +330,6 @@ export function launcherArgs(opts: GuestVmOptions, name: string): string[] {
     if (net.mtu !== undefined) args.push('--mtu', String(net.mtu));
   }
   if (opts.append) args.push('--append', opts.append);
+  if (opts.qemuArgs?.length) args.push('--', ...opts.qemuArgs);
   return args;
 }

@@ -1,4 +1,5 @@
 import { createHash, randomFillSync } from 'node:crypto';
+import dgram from 'node:dgram';
 import net from 'node:net';
 
 /**
@@ -162,4 +163,22 @@ function sendOnce(host: string, port: number, bytes: number, chunkBytes: number,
       else resolve({ bytes, sha256: hash.digest('hex'), ms: Date.now() - t0 });
     });
   });
+}
+
+/**
+ * Sends `count` UDP datagrams of `bytes` bytes from host address `from` to to:port, `gapMs`
+ * apart (a burst would overflow the tap's queue and lose some), then closes the socket.
+ */
+export async function sendUdp(from: string, to: string, port: number, count: number, opts: { bytes?: number; gapMs?: number } = {}): Promise<void> {
+  const s = dgram.createSocket('udp4');
+  try {
+    await new Promise<void>((resolve, reject) => { s.once('error', reject); s.bind({ address: from, port: 0 }, () => resolve()); });
+    const payload = Buffer.alloc(opts.bytes ?? 64, 0x5a);
+    for (let i = 0; i < count; i++) {
+      await new Promise<void>((resolve, reject) => s.send(payload, port, to, (e) => (e ? reject(e) : resolve())));
+      await new Promise((r) => setTimeout(r, opts.gapMs ?? 5));
+    }
+  } finally {
+    s.close();
+  }
 }
