@@ -43,6 +43,18 @@ else
   say "system packages present"
 fi
 
+# libvirt (test/guest/libvirt.test.ts runs the README's libvirt XML): bookworm's 9.0 drives the
+# backports QEMU 10 installed above. --no-install-recommends keeps it from pulling lvm2, xen,
+# dnsmasq and friends; it never pulls bookworm's QEMU 7.2 over ours (checked with apt-get -s).
+# The test starts virtlogd/libvirtd itself when they are not running (no systemd here).
+if ! command -v virsh >/dev/null 2>&1 || ! [ -x /usr/sbin/libvirtd ] || ! [ -x /usr/sbin/virtlogd ]; then
+  say "installing libvirt-daemon-system libvirt-clients"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends libvirt-daemon-system libvirt-clients >/dev/null
+  qemu-system-x86_64 --version | grep -qE 'version (1[0-9]|[2-9][0-9])\.' ||
+    { say "libvirt's install replaced QEMU 10 with $(qemu-system-x86_64 --version | head -1)"; exit 1; }
+fi
+
 # DPDK (the independent vhost-user frontend in tests) needs hugepages.
 if [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 1024 ]; then
   echo 1024 > /proc/sys/vm/nr_hugepages || say "warning: could not reserve hugepages"

@@ -6,9 +6,10 @@ import { repoRoot } from '../backend.js';
 /**
  * A QEMU guest (vm-images/out) driven over its serial console.
  *
- * QEMU is started through qemu-scripts/launch-guest.sh, the launcher users run, so its
- * command line is tested too; the launcher execs QEMU, so `pid` is QEMU's. Tests always use
- * TCG (KVM guests hang on these hosts).
+ * boot() starts QEMU through qemu-scripts/launch-guest.sh, the launcher users run, so its
+ * command line is tested too; the launcher execs QEMU, so `pid` is QEMU's. attach() drives a
+ * machine started by someone else (a libvirt domain) through any GuestConsole. Tests always
+ * use TCG (KVM guests hang on these hosts).
  *
  * The console is busybox ash on ttyS0 with line editing: it echoes what we type, may wrap
  * long lines with redraw sequences, and asks the terminal for the cursor position (ESC[6n).
@@ -45,6 +46,46 @@ export interface GuestVmOptions {
   qemuArgs?: string[];
 }
 
+/**
+ * What a GuestVm drives: the guest's serial console and the machine behind it. QEMU started
+ * by the launcher is one (console on its stdio); a libvirt domain whose serial port is a unix
+ * socket is another.
+ */
+export interface GuestConsole {
+  /** Subscribes to console output. */
+  onData(cb: (chunk: string) => void): void;
+  /** Types raw text on the console. */
+  write(raw: string): void;
+  readonly running: boolean;
+  /** Resolves once the machine has ended (never rejects). */
+  readonly exited: Promise<unknown>;
+  /** How the machine ended, for error messages (null while running). */
+  readonly exitInfo: unknown;
+  /** Ends the machine for good (after `poweroff -f` had its chance); never throws. */
+  kill(): Promise<void>;
+  /** The last lines of the machine manager's own output (QEMU's stderr, libvirt's log). */
+  tail(lines: number): string;
+}
+
+/** A QEMU process whose serial console is its stdio (the launcher's -chardev stdio). */
+export function processConsole(proc: ManagedProcess): GuestConsole {
+  return {
+    onData: (cb) => proc.child.stdout!.on('data', (chunk: string | Buffer) => cb(chunk.toString())),
+    write: (raw) => proc.child.stdin!.write(raw),
+    get running() {
+      return proc.running;
+    },
+    exited: proc.exited,
+    get exitInfo() {
+      return proc.exitInfo;
+    },
+    kill: async () => {
+      await proc.stop('SIGTERM', 2000);
+    },
+    tail: (lines) => proc.tail(lines),
+  };
+}
+
 export interface RunResult {
   output: string;
   status: number;
@@ -64,9 +105,10 @@ let nextVmId = 0;
 
 export class GuestVm {
   readonly name: string;
-  /** Milliseconds from spawning QEMU to the guest shell's ready marker. */
+  /** Milliseconds from starting the machine to the guest shell's ready marker. */
   bootMs = 0;
-  private readonly proc: ManagedProcess;
+  private qemuPid = 0;
+  private readonly con: GuestConsole;
   private transcript = '';
   private pendingRaw = '';
   private lineBuf = '';
@@ -76,29 +118,27 @@ export class GuestVm {
   private shutdownPromise: Promise<void> | null = null;
   private readonly log: ((line: string) => void) | undefined;
 
-  private constructor(proc: ManagedProcess, name: string, log: ((line: string) => void) | undefined) {
-    this.proc = proc;
+  private constructor(con: GuestConsole, name: string, log: ((line: string) => void) | undefined) {
+    this.con = con;
     this.name = name;
     this.log = log;
-    proc.child.stdout!.on('data', (chunk: string | Buffer) => this.onData(chunk.toString()));
+    con.onData((chunk) => this.onData(chunk));
   }
 
   /** Starts QEMU and resolves once the guest shell is ready (kernel console quieted). */
   static async boot(opts: GuestVmOptions = {}): Promise<GuestVm> {
     const t0 = Date.now();
-    const vm = GuestVm.spawn(opts);
-    const proc = vm.proc;
-    const name = vm.name;
-    try {
-      await vm.waitFor(new RegExp(READY_MARKER), opts.bootTimeoutMs ?? 90_000, 0);
-      vm.bootMs = Date.now() - t0;
-      // Kernel messages would land in the middle of command output.
-      await vm.run('dmesg -n 1', 30_000);
-    } catch (e) {
-      await vm.shutdown();
-      throw new Error(`${name}: boot failed: ${(e as Error).message}\nQEMU stderr/stdout tail:\n${proc.tail(20)}`);
-    }
-    return vm;
+    return GuestVm.spawn(opts).ready(opts, t0);
+  }
+
+  /**
+   * Drives a machine started elsewhere (e.g. by libvirt) over `con`, attached before the guest
+   * can print its ready marker: resolves once the shell is ready, as boot() does. `since` is
+   * when the machine was started (for bootMs). On failure the machine is killed.
+   */
+  static async attach(con: GuestConsole, opts: Pick<GuestVmOptions, 'name' | 'bootTimeoutMs' | 'log'> = {}, since = Date.now()): Promise<GuestVm> {
+    const name = opts.name ?? `guest${nextVmId++}`;
+    return new GuestVm(con, name, GuestVm.logger(name, opts.log)).ready(opts, since);
   }
 
   /**
@@ -110,26 +150,46 @@ export class GuestVm {
     return GuestVm.spawn({ ...opts, qemuArgs: [...(opts.qemuArgs ?? []), '-incoming', uri] });
   }
 
+  private static logger(name: string, log: ((line: string) => void) | undefined): ((line: string) => void) | undefined {
+    return log ?? (process.env.HARNESS_VERBOSE === '1' ? (l: string) => process.stderr.write(`[${name}] ${l}\n`) : undefined);
+  }
+
   private static spawn(opts: GuestVmOptions): GuestVm {
     for (const f of ['vmlinuz', 'initrd.img']) {
       if (!existsSync(path.join(IMAGES, f))) throw new Error(`${IMAGES}/${f} is missing: run vm-images/build.sh`);
     }
     const name = opts.name ?? `guest${nextVmId++}`;
     const args = launcherArgs(opts, name);
-    const log = opts.log ?? (process.env.HARNESS_VERBOSE === '1' ? (l: string) => process.stderr.write(`[${name}] ${l}\n`) : undefined);
     // setpriv --pdeathsig: QEMU dies with the test process even when that is SIGKILLed and no
     // exit hook runs. It execs the launcher, which execs QEMU: one pid throughout.
     const wrap = existsSync('/usr/bin/setpriv') ? ['/usr/bin/setpriv', '--pdeathsig', 'KILL', LAUNCHER] : [LAUNCHER];
     const proc = spawnManaged(wrap[0]!, [...wrap.slice(1), ...args], { name, stdin: 'pipe', echo: false });
-    return new GuestVm(proc, name, log);
+    const vm = new GuestVm(processConsole(proc), name, GuestVm.logger(name, opts.log));
+    vm.qemuPid = proc.pid;
+    return vm;
   }
 
+  /** Waits for the guest shell's ready marker, then quiets the kernel console. */
+  private async ready(opts: Pick<GuestVmOptions, 'bootTimeoutMs'>, since: number): Promise<GuestVm> {
+    try {
+      await this.waitFor(new RegExp(READY_MARKER), opts.bootTimeoutMs ?? 90_000, 0);
+      this.bootMs = Date.now() - since;
+      // Kernel messages would land in the middle of command output.
+      await this.run('dmesg -n 1', 30_000);
+    } catch (e) {
+      await this.shutdown();
+      throw new Error(`${this.name}: boot failed: ${(e as Error).message}\nmachine output tail:\n${this.con.tail(20)}`);
+    }
+    return this;
+  }
+
+  /** QEMU's pid when boot() or incoming() started it (0 for an attached machine). */
   get pid(): number {
-    return this.proc.pid;
+    return this.qemuPid;
   }
 
   get running(): boolean {
-    return this.proc.running;
+    return this.con.running;
   }
 
   /** Everything the console printed so far, without \r and terminal escape sequences. */
@@ -139,13 +199,13 @@ export class GuestVm {
 
   /** Resolves when QEMU has exited. */
   get exited(): Promise<unknown> {
-    return this.proc.exited;
+    return this.con.exited;
   }
 
   /** Types raw text on the console (no newline added). */
   write(raw: string): void {
-    if (!this.proc.running) throw new Error(`${this.name}: QEMU is not running`);
-    this.proc.child.stdin!.write(raw);
+    if (!this.con.running) throw new Error(`${this.name}: QEMU is not running`);
+    this.con.write(raw);
   }
 
   /**
@@ -172,9 +232,9 @@ export class GuestVm {
           m.index = (m.index ?? 0) + from;
           done();
           resolve(m);
-        } else if (!this.proc.running) {
+        } else if (!this.con.running) {
           done();
-          reject(new Error(`${this.name}: QEMU exited (${JSON.stringify(this.proc.exitInfo)}) before ${what}\n${this.tail()}`));
+          reject(new Error(`${this.name}: QEMU exited (${JSON.stringify(this.con.exitInfo)}) before ${what}\n${this.tail()}`));
         }
       };
       const done = (): void => {
@@ -187,7 +247,7 @@ export class GuestVm {
       }, timeoutMs);
       this.watchers.add(check);
       // 'exit' can precede the last stdout chunk: re-check once the output has drained.
-      void this.proc.exited.then(() => setTimeout(check, 100));
+      void this.con.exited.then(() => setTimeout(check, 100));
       check();
     });
   }
@@ -234,7 +294,7 @@ export class GuestVm {
       const abortRx = new RegExp(`__VXB${id}__\\n(?:[\\s\\S]*\\n)?${PROMPT}$`);
       end = await this.waitUntil((t) => t.match(endRx) ?? t.match(abortRx), `end of command ${id}`, remaining(), from);
     } catch (e) {
-      if (this.proc.running) this.write('\x03');
+      if (this.con.running) this.write('\x03');
       throw new Error(`${this.name}: command timed out or failed: ${cmd}\n${(e as Error).message}`);
     }
     const begin = this.transcript.indexOf(`__VXB${id}__\n`, from);
@@ -267,15 +327,15 @@ export class GuestVm {
    */
   shutdown(): Promise<void> {
     this.shutdownPromise ??= (async () => {
-      if (!this.proc.running) return;
+      if (!this.con.running) return;
       try {
         // Ctrl-C first: a command still running would otherwise swallow the poweroff.
         this.write('\x03\npoweroff -f\n');
       } catch {
         /* stdin already closed */
       }
-      const off = await Promise.race([this.proc.exited, new Promise<null>((r) => setTimeout(() => r(null), 3000).unref())]);
-      if (!off) await this.proc.stop('SIGTERM', 2000);
+      const off = await Promise.race([this.con.exited.then(() => true), new Promise<null>((r) => setTimeout(() => r(null), 3000).unref())]);
+      if (!off) await this.con.kill();
       // Wake waiters so nothing hangs on a dead console.
       for (const w of [...this.watchers]) w();
     })();
