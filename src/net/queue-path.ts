@@ -8,7 +8,7 @@ import { C, COUNTERS } from './stats.js';
 import type { FrameFormat } from './frame-format.js';
 
 /** Offload frames: zero MACs and the IEEE local-experimental EtherType (docs/offload-protocol.md). */
-export const OFFLOAD_ETHERTYPE = 0x88b5;
+export { OFFLOAD_ETHERTYPE } from '../offload/protocol.js';
 
 /** Frames handled per queue before the worker looks at other queues (fairness). */
 export const BURST = 64;

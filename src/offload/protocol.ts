@@ -7,6 +7,7 @@
 import { malformed, Writer, encodeUtf8 } from './wire.js';
 export type { ErrorDetail } from './errors.js';
 
+/** The offload frames' EtherType (IEEE 802 local experimental 1), with all-zero MACs (§1). */
 export const OFFLOAD_ETHERTYPE = 0x88b5;
 /** 'V','X','D','P' in memory order: bytes 56 58 44 50, read as a little-endian u32. */
 export const OFFLOAD_MAGIC = 0x50445856;
