@@ -7,6 +7,8 @@
 // of one serve process with N quiet devices (issue 13). Not part of `all`: it measures footprint, not throughput.
 // `npm run bench -- restart [--rounds N] [--port tap|xsk] [--json]`: serve SIGKILLed and restarted under a reconnecting QEMU
 // guest, serve start to frames flowing (issue 15's budget), median of N rounds (default 5). Not part of `all`.
+// `npm run bench -- migration [--rounds N] [--json]`: QEMU live-migration downtime and total time, idle and busy guest,
+// vhost-xdp serve vs DPDK testpmd's vhost PMD as both backends, interleaved rounds (issue 14; not part of `all`).
 import { loadavg } from 'node:os';
 import { measureDpdkTapReference, measureVhostXdpTap, measureDpdkAfXdpReference, measureVhostXdpXsk, type ReferenceResult } from './reference-dpdk.js';
 import { runOffloadBench } from './offload-bench.js';
@@ -14,6 +16,7 @@ import { runMicroBench } from './micro.js';
 import { runScaleBench, scaleTable, SCALE_TARGETS } from './scale-bench.js';
 import { runLoggingBench } from './logging-bench.js';
 import { runRestartBench } from './restart-bench.js';
+import { runMigrationBench, type MigrationSample } from './migration-bench.js';
 
 const args = process.argv.slice(2);
 const VALUED = new Set(['--seconds', '--rounds', '--devices', '--workers', '--port']);
@@ -23,8 +26,8 @@ if (unknownFlag) {
   process.exit(2);
 }
 const which = args.find((a, i) => !a.startsWith('--') && !VALUED.has(args[i - 1] ?? '')) ?? 'all';
-if (!['tap', 'xsk', 'offload', 'scale', 'micro', 'logging', 'restart', 'all'].includes(which)) {
-  console.error(`unknown bench '${which}': tap, xsk, offload, scale, micro, logging, restart or all`);
+if (!['tap', 'xsk', 'offload', 'scale', 'micro', 'logging', 'restart', 'migration', 'all'].includes(which)) {
+  console.error(`unknown bench '${which}': tap, xsk, offload, scale, micro, logging, restart, migration or all`);
   process.exit(2);
 }
 const secIdx = args.indexOf('--seconds');
@@ -252,6 +255,47 @@ if (which === 'restart') {
   line('serve ready (ports re-adopted, listening)', `${r.median.readyMs} ms`);
   line('QEMU reconnected, every vring running', `${r.median.reconnectedMs} ms`);
   line('frames flowing (first echo reply)', `${r.median.flowingMs} ms`, `budget < ${r.budgetMs} ms (${r.met ? 'met' : 'MISSED'})`);
+}
+
+if (which === 'migration') {
+  const fmtLoad = (l: number[]): string => l.map((x) => x.toFixed(2)).join(' ');
+  if (!json) {
+    console.log(`live migration over a unix socket, QEMU 10 (query-migrate figures, ms), vhost-xdp serve --port tap vs DPDK testpmd vhost PMD <-io-> tap PMD, ${rounds} interleaved round(s)`);
+    console.log(`  1/5/15-min load average at start (2 cores): ${fmtLoad(loadavg())}`);
+  }
+  const r = await runMigrationBench(rounds, json ? undefined : (l) => console.log(l));
+  results.migration = r;
+  if (!json) console.log(`  guest: ${r.guest}\n  pinning: ${r.pinning}`);
+  const samples = r.rounds.flatMap((x) => x.samples);
+  const goals: string[] = [];
+  for (const load of ['idle', 'busy'] as const) {
+    const of = (kind: MigrationSample['kind']) => samples.filter((s) => s.kind === kind && s.load === load);
+    for (const s of of('dpdk').filter((x) => x.status !== 'completed')) {
+      line(`DPDK vhost PMD, ${load}: migration ${s.status}`, 'n/a', s.error ?? '');
+    }
+    // Per-round pairs where both kinds completed: a ratio against nothing means nothing.
+    const pairs = r.rounds.map((x) => [x.samples.find((s) => s.kind === 'dpdk' && s.load === load), x.samples.find((s) => s.kind === 'vhost-xdp' && s.load === load)] as const)
+      .filter((p): p is readonly [MigrationSample, MigrationSample] => p[0]?.status === 'completed' && p[1]?.status === 'completed');
+    for (const [field, name] of [['downtimeMs', 'downtime'], ['totalMs', 'total time']] as const) {
+      const ours = of('vhost-xdp').filter((s) => s.status === 'completed').map((s) => s[field]!);
+      const ref = of('dpdk').filter((s) => s.status === 'completed').map((s) => s[field]!);
+      if (ref.length) line(`DPDK vhost PMD, ${load} guest, ${name} (ms)`, median(ref).toFixed(0), rounds > 1 ? `rounds ${ref.join(' ')}` : '');
+      if (!ours.length) {
+        line(`vhost-xdp serve, ${load} guest, ${name} (ms)`, 'n/a', 'no completed migration');
+        continue;
+      }
+      const ratios = pairs.filter(([d]) => d[field]! > 0).map(([d, o]) => o[field]! / d[field]!);
+      const ratio = ratios.length ? `${median(ratios).toFixed(2)}x DPDK${field === 'downtimeMs' ? ' (goal <= 1.2x)' : ''}${eachRound(ratios)}` : 'no DPDK figure to compare';
+      line(`vhost-xdp serve, ${load} guest, ${name} (ms)`, median(ours).toFixed(0), `${ratio}${rounds > 1 ? `; rounds ${ours.join(' ')}` : ''}`);
+      if (field === 'downtimeMs') goals.push(ratios.length ? `${load} ${median(ratios) <= 1.2 ? 'met' : 'MISSED'} (${median(ratios).toFixed(2)}x)` : `${load} not comparable`);
+    }
+  }
+  const broken = samples.filter((s) => s.status === 'completed' && s.nicWorks === false);
+  if (!json) {
+    console.log(`  goal: downtime <= 1.2x DPDK: ${goals.join(', ')}`);
+    for (const s of broken) console.log(`  WARNING: ${s.kind} ${s.load}: the guest's NIC did not work after the migration`);
+    console.log(`  1/5/15-min load average at end: ${fmtLoad(r.loadAvgEnd)}`);
+  }
 }
 
 if (json) console.log(JSON.stringify(results, null, 2));
