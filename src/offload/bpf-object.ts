@@ -289,7 +289,8 @@ class Btf {
   private mapDef(name: string, structId: number, objectPath: boolean): ObjectMapDef {
     const st = this.skipMods(structId, `map '${name}'`).t;
     if (st.kind !== BTF_KIND.STRUCT) bad(`.BTF: map '${name}' is not a struct`);
-    const def: ObjectMapDef = { name, type: 0, keySize: 0, valueSize: 0, maxEntries: 0, flags: 0, pinning: 0, initialValues: false };
+    const def: BpfMapDef = { name, type: 0, keySize: 0, valueSize: 0, maxEntries: 0, flags: 0 };
+    const extra = { pinning: 0, initialValues: false };
     let haveType = false;
     for (let i = 0; i < st.vlen; i++) {
       const m = st.extra + 12 * i;
@@ -305,15 +306,16 @@ class Btf {
         case 'key': def.keySize = this.typeMember(mtype, what); break;
         case 'value': def.valueSize = this.typeMember(mtype, what); break;
         // Host-side placement hints with no meaning for an offloaded map.
-        case 'pinning': def.pinning = objectPath ? this.uintMember(mtype, what) : 0; break;
+        case 'pinning': if (objectPath) extra.pinning = this.uintMember(mtype, what); break;
         case 'numa_node': case 'map_extra': break;
         // A PROG_ARRAY's static initialiser (`.values = { [0] = &prog }`): libbpf fills it at load.
-        case 'values': if (objectPath) { def.initialValues = true; break; } bad(`.BTF: ${what} is not supported (inner maps and initial values are not)`);
+        case 'values': if (objectPath) { extra.initialValues = true; break; } bad(`.BTF: ${what} is not supported (inner maps and initial values are not)`);
         default: bad(`.BTF: ${what} is not supported (inner maps and initial values are not)`);
       }
     }
     if (!haveType) bad(`.BTF: map '${name}' has no type`);
-    return def;
+    // The kernel path's reader reports the definition only; the object path also what it asks for.
+    return (objectPath ? { ...def, ...extra } : def) as ObjectMapDef;
   }
 }
 

@@ -5,7 +5,7 @@
 // same process keeps passing traffic throughout. The seed is printed; VX_FUZZ_SEED replays it.
 import { describe, test, expect, beforeAll, afterAll } from 'vitest';
 import path from 'node:path';
-import { startBackend, tempDir, countFds, type Backend } from '../support/backend.js';
+import { startBackend, tempDir, countFds, settledFdCount, type Backend } from '../support/backend.js';
 import { TestFrontend } from '../support/frontend/test-frontend.js';
 import { OffloadClient, requireOk, uploadAndLoad, sampleObject, hostFramesReceived } from '../support/frontend/offload-client.js';
 import { PacketSocket } from '../support/packet-socket.js';
@@ -94,13 +94,7 @@ describe(`object path fuzz (seed ${seed}, ${FUZZ_MS} ms)`, () => {
     // The baseline once a first (valid) load and unload have brought up what stays.
     requireOk(await uploadAndLoad(oc, base, { name: OBJ }));
     requireOk(await oc.call(encodeObjUnload(oc.nextSeq())));
-    let fds0 = countFds(be.proc.pid);
-    for (let still = 0; still < 3;) {
-      await new Promise((res) => setTimeout(res, 100));
-      const n = countFds(be.proc.pid);
-      still = n === fds0 ? still + 1 : 0;
-      fds0 = n;
-    }
+    const fds0 = await settledFdCount(be.proc.pid);
     const bpf0 = ownBpfFds(be.proc.pid);
     const statuses: Record<string, number> = {};
     const deadline = Date.now() + FUZZ_MS;
