@@ -9,6 +9,7 @@ import { fail, formatBytes } from './output.js';
 const QUOTA_OPTIONS: Record<string, keyof Quotas> = {
   'max-maps': 'maxMaps', 'max-map-memory': 'maxMapMemory', 'max-entries': 'maxEntries',
   'max-prog-insns': 'maxProgInsns', 'max-ops-per-sec': 'maxOpsPerSec', 'max-key-size': 'maxKeySize', 'max-value-size': 'maxValueSize',
+  'max-object-bytes': 'maxObjectBytes',
 };
 
 /** The pinned-memory quota's flag (xsk ports). */

@@ -12,6 +12,9 @@ export interface BpfMapDef {
   name: string; type: number; keySize: number; valueSize: number; maxEntries: number; flags: number;
 }
 
+/** A `.maps` definition as the object path reads it: pinning and a static initialiser are reported, not refused. */
+export interface ObjectMapDef extends BpfMapDef { pinning: number; initialValues: boolean }
+
 export interface BpfObjectProgram {
   section: string;
   /**
@@ -268,8 +271,8 @@ class Btf {
   }
 
   /** Map definitions of the `.maps` DATASEC, by variable name. */
-  mapDefs(): Map<string, BpfMapDef> {
-    const out = new Map<string, BpfMapDef>();
+  mapDefs(objectPath = false): Map<string, ObjectMapDef> {
+    const out = new Map<string, ObjectMapDef>();
     for (const t of this.types) {
       if (!t || t.kind !== BTF_KIND.DATASEC || this.name(t.nameOff) !== '.maps') continue;
       for (let i = 0; i < t.vlen; i++) {
@@ -277,16 +280,17 @@ class Btf {
         const v = this.type(varId, '.maps variable');
         if (v.kind !== BTF_KIND.VAR) bad(`.BTF: .maps entry ${i} is not a variable`);
         const name = this.name(v.nameOff);
-        out.set(name, this.mapDef(name, v.sizeOrType));
+        out.set(name, this.mapDef(name, v.sizeOrType, objectPath));
       }
     }
     return out;
   }
 
-  private mapDef(name: string, structId: number): BpfMapDef {
+  private mapDef(name: string, structId: number, objectPath: boolean): ObjectMapDef {
     const st = this.skipMods(structId, `map '${name}'`).t;
     if (st.kind !== BTF_KIND.STRUCT) bad(`.BTF: map '${name}' is not a struct`);
     const def: BpfMapDef = { name, type: 0, keySize: 0, valueSize: 0, maxEntries: 0, flags: 0 };
+    const extra = { pinning: 0, initialValues: false };
     let haveType = false;
     for (let i = 0; i < st.vlen; i++) {
       const m = st.extra + 12 * i;
@@ -302,12 +306,16 @@ class Btf {
         case 'key': def.keySize = this.typeMember(mtype, what); break;
         case 'value': def.valueSize = this.typeMember(mtype, what); break;
         // Host-side placement hints with no meaning for an offloaded map.
-        case 'pinning': case 'numa_node': case 'map_extra': break;
+        case 'pinning': if (objectPath) extra.pinning = this.uintMember(mtype, what); break;
+        case 'numa_node': case 'map_extra': break;
+        // A PROG_ARRAY's static initialiser (`.values = { [0] = &prog }`): libbpf fills it at load.
+        case 'values': if (objectPath) { extra.initialValues = true; break; } bad(`.BTF: ${what} is not supported (inner maps and initial values are not)`);
         default: bad(`.BTF: ${what} is not supported (inner maps and initial values are not)`);
       }
     }
     if (!haveType) bad(`.BTF: map '${name}' has no type`);
-    return def;
+    // The kernel path's reader reports the definition only; the object path also what it asks for.
+    return (objectPath ? { ...def, ...extra } : def) as ObjectMapDef;
   }
 }
 
@@ -424,8 +432,124 @@ export function readBpfObject(bytes: Uint8Array, section?: string): BpfObjectPro
   return { section: prog.name, insns, license, maps, mapRelocations, externCalls };
 }
 
-function loadBtfMaps(f: Bytes, sections: Section[]): Map<string, BpfMapDef> {
+function loadBtfMaps(f: Bytes, sections: Section[]): Map<string, ObjectMapDef> {
   const btf = sections.find((s) => s.name === '.BTF');
   if (!btf || btf.type === SHT_NOBITS) bad('maps are referenced but the object has no .BTF (build with -g)');
   return new Btf(f, btf).mapDefs();
+}
+
+// ---------------------------------------------------------------------------------------
+// The object path's pre-check (docs/offload-protocol.md §8): what the backend reads of a
+// guest's whole object *before* libbpf sees it (in a child process). It bounds the things a
+// hostile object could use to make the loader work hard or allocate much (section count and
+// sizes, string tables, BTF, map geometry), and reads every program section so policy can
+// judge the instructions first. libbpf's own parse is not trusted to be robust; this one is.
+
+const ET_REL = 1;
+const SHT_PROGBITS = 1;
+const SHF_ALLOC = 0x2;
+/** clang -g emits ~30 sections for one source file; far more is not an object we want. */
+export const MAX_OBJECT_SECTIONS = 256;
+/** Programs (functions in executable sections) one object may hold. */
+export const MAX_OBJECT_PROGRAMS = 16;
+
+export interface ObjectInspection {
+  /** Executable sections with instructions (program sections and .text subprograms). */
+  code: { section: string; insns: Uint8Array }[];
+  /** `.maps` definitions (BTF), in declaration order. */
+  maps: ObjectMapDef[];
+  /** Global data sections libbpf turns into internal ARRAY maps of one element (value = the section). */
+  dataSections: { name: string; size: number; readonly: boolean }[];
+  /** Function symbols in program sections (not .text): the programs libbpf will load. */
+  programs: string[];
+  license: string;
+  /** Symbols the object does not define (kfuncs, ksyms, kconfig): the caller refuses them. */
+  externs: { name: string; calledFrom: string | null }[];
+}
+
+/**
+ * Reads an object for the object path without trusting it: ELF header, a bounded section table,
+ * names within their string tables, contents within the file, the symbol table, BTF (types and
+ * `.maps` definitions), global data sections. Throws BpfObjectError naming the first problem.
+ */
+export function inspectObject(bytes: Uint8Array): ObjectInspection {
+  const f = new Bytes(bytes);
+  f.need(0, 64, 'ELF header');
+  if (f.u32(0, 'ELF magic') !== 0x464c457f) bad('not an ELF file (bad magic)');
+  if (f.u16(16, 'e_type') !== ET_REL) bad(`e_type ${f.u16(16, 'e_type')} is not ET_REL (a relocatable object, as clang -c makes)`);
+  const shnum = f.u16(60, 'e_shnum');
+  if (shnum > MAX_OBJECT_SECTIONS) bad(`${shnum} sections; at most ${MAX_OBJECT_SECTIONS}`);
+  const sections = readSections(f);
+  const symbols = readSymbols(f, sections);
+  if (symbols.length > 65536) bad(`${symbols.length} symbols`);
+  const license = readLicense(f, sections);
+
+  const code: ObjectInspection['code'] = [];
+  const programs: string[] = [];
+  const dataSections: ObjectInspection['dataSections'] = [];
+  let totalInsns = 0;
+  for (const s of sections) {
+    if (s.index === 0) continue;
+    if ((s.flags & SHF_EXECINSTR) !== 0) {
+      if (s.size === 0) continue;
+      if (s.type !== SHT_PROGBITS) bad(`section '${s.name}' is executable but not PROGBITS`);
+      if (s.name !== '.text' && s.name !== 'xdp') bad(`program section '${s.name}': only SEC("xdp") programs (and .text subprograms) are offloaded`);
+      if (s.size % INSN !== 0) bad(`section '${s.name}' size ${s.size} is not a multiple of 8`);
+      totalInsns += s.size / INSN;
+      if (totalInsns > MAX_INSNS) bad(`more than ${MAX_INSNS} instructions`);
+      code.push({ section: s.name, insns: Uint8Array.prototype.slice.call(bytes, s.offset, s.offset + s.size) });
+    } else if (s.name === 'maps') {
+      bad("legacy 'maps' section (struct bpf_map_def): declare maps in SEC(\".maps\") with BTF");
+    } else if (s.name === '.kconfig' || s.name === '.ksyms') {
+      bad(`section '${s.name}' (host kernel configuration or symbols) is not offloadable`);
+    } else if ((s.flags & SHF_ALLOC) !== 0 && /^\.(data|rodata|bss)(\.|$)/.test(s.name)) {
+      dataSections.push({ name: s.name, size: s.size, readonly: s.name.startsWith('.rodata') });
+    } else if (s.name === '.struct_ops' || s.name.startsWith('.struct_ops.')) {
+      bad('struct_ops maps are not offloadable');
+    }
+  }
+  if (code.length === 0) bad('no program section');
+
+  const externs: ObjectInspection['externs'] = [];
+  const STT_FUNC = 2;
+  for (const [i, sym] of symbols.entries()) {
+    if (i === 0) continue;
+    if (sym.shndx === SHN_UNDEF && sym.name !== '') externs.push({ name: sym.name, calledFrom: null });
+    const sec = sym.shndx !== SHN_UNDEF && sym.shndx < SHN_LORESERVE ? sections[sym.shndx] : undefined;
+    if ((sym.info & 0xf) === STT_FUNC && sec?.name === 'xdp' && (sym.info >> 4) === 1 /* STB_GLOBAL */) {
+      programs.push(sym.name);
+      if (programs.length > MAX_OBJECT_PROGRAMS) bad(`more than ${MAX_OBJECT_PROGRAMS} programs`);
+    }
+  }
+  // Calls to externs: which one is a kfunc (called) rather than a ksym/kconfig variable.
+  if (externs.length > 0) {
+    for (const rel of sections.filter((s) => s.type === SHT_REL)) {
+      const target = sections[rel.info];
+      if (!target || (target.flags & SHF_EXECINSTR) === 0) continue;
+      if (rel.entsize !== 16 || rel.size % 16 !== 0) bad(`relocation section '${rel.name}' entry size is not 16`);
+      for (let o = rel.offset; o < rel.offset + rel.size; o += 16) {
+        const sym = symbols[f.u32(o + 12, 'r_info symbol')];
+        if (!sym || sym.shndx !== SHN_UNDEF) continue;
+        const off = f.u64(o, 'r_offset');
+        if (off + INSN > target.size) bad(`relocation at ${off} outside '${target.name}'`);
+        if (f.u8(target.offset + off, 'insn code') === Op.CALL) {
+          const e = externs.find((x) => x.name === sym.name);
+          if (e) e.calledFrom = target.name;
+        }
+      }
+    }
+  }
+
+  const mapsSec = sections.find((s) => s.name === '.maps');
+  let maps: ObjectMapDef[] = [];
+  if (mapsSec && mapsSec.size > 0) {
+    const btf = sections.find((s) => s.name === '.BTF');
+    if (!btf || btf.type === SHT_NOBITS) bad('the object has .maps but no .BTF (build with -g)');
+    maps = [...new Btf(f, btf).mapDefs(true).values()];
+  } else {
+    // Still bound and parse the BTF libbpf will load, so a malformed one is refused here.
+    const btf = sections.find((s) => s.name === '.BTF');
+    if (btf && btf.type !== SHT_NOBITS) new Btf(f, btf);
+  }
+  return { code, maps, dataSections, programs, license, externs };
 }

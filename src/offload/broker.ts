@@ -48,6 +48,8 @@ export interface OffloadShow {
   program: (OffloadProgram & { name: string; hostName: string; mapHandles: number[] }) | null;
   /** The prefix of every host BPF object name of this device (host-names.ts). */
   bpfPrefix: string;
+  /** The object the program came with (OBJ_LOAD): its programs (tail-call targets too) and map handles. */
+  object: { name: string; programs: { name: string; id: number; tag: string; insns: number }[]; mapHandles: number[] } | null;
   maps: OffloadShowMap[];
   quotas: { limits: Quotas; usage: QuotaUsage };
   allowedHelpers: number[];
@@ -218,6 +220,10 @@ export class OffloadBroker {
       claimedAt: st.claim?.at ?? null,
       program: p ? { ...publicView(p), name: p.name, hostName: kernelProgName(p.fd), mapHandles: [...p.usedHandles] } : null,
       bpfPrefix: st.bpfPrefix,
+      object: p?.object ? {
+        name: p.object.name, mapHandles: [...p.object.mapHandles],
+        programs: p.object.programs.map((x) => ({ name: x.name, id: x.id, tag: x.tag, insns: x.insns })),
+      } : null,
       maps: st.maps.entries().map((e) => ({
         handle: e.handle, id: e.id, type: mapTypeName(e.def.type), typeId: e.def.type, keySize: e.def.keySize,
         valueSize: e.def.valueSize, maxEntries: e.def.maxEntries, flags: e.def.flags, name: e.def.name,

@@ -5,11 +5,12 @@
 
 import {
   Cmd, CLAIM_BYTES, MAP_CREATE_BYTES, MAP_FREE_BYTES, ELEM_PREFIX_BYTES, LOOKUP_BATCH_PREFIX_BYTES,
-  BATCH_PREFIX_BYTES, PROG_SET_PREFIX_BYTES,
+  BATCH_PREFIX_BYTES, PROG_SET_PREFIX_BYTES, OBJ_BEGIN_BYTES, OBJ_CHUNK_PREFIX_BYTES, OBJ_LOAD_BYTES,
 } from './protocol.js';
 import * as claims from './claim-commands.js';
 import * as maps from './map-commands.js';
 import * as programs from './program-commands.js';
+import * as objects from './object-commands.js';
 import type { OffloadState } from './state.js';
 
 export interface CommandSpec {
@@ -57,4 +58,16 @@ export const COMMANDS: ReadonlyMap<number, CommandSpec> = new Map<number, Comman
     name: 'ELEM_DELETE_BATCH', needsClaim: true, costsToken: true, size: { atLeast: BATCH_PREFIX_BYTES },
     flags: { offset: 4, allowed: 'zero' }, run: maps.deleteBatch,
   }],
+  // The object path (§8).
+  [Cmd.OBJ_BEGIN, {
+    name: 'OBJ_BEGIN', needsClaim: true, costsToken: true, size: { exactly: OBJ_BEGIN_BYTES },
+    flags: { offset: 4, allowed: 'zero' }, run: objects.objBegin,
+  }],
+  [Cmd.OBJ_CHUNK, { name: 'OBJ_CHUNK', needsClaim: true, costsToken: true, size: { atLeast: OBJ_CHUNK_PREFIX_BYTES }, run: objects.objChunk }],
+  [Cmd.OBJ_LOAD, {
+    name: 'OBJ_LOAD', needsClaim: true, costsToken: true, size: { exactly: OBJ_LOAD_BYTES },
+    flags: { offset: 0, allowed: 'zero' }, run: objects.objLoad,
+  }],
+  [Cmd.OBJ_SHOW, { name: 'OBJ_SHOW', needsClaim: true, costsToken: true, size: { exactly: 0 }, run: objects.objShow }],
+  [Cmd.OBJ_UNLOAD, { name: 'OBJ_UNLOAD', needsClaim: true, costsToken: true, size: { exactly: 0 }, run: objects.objUnload }],
 ]);

@@ -19,10 +19,11 @@ import { BpfProgType, closeBpfFd, progLoadWithLog } from '../sys/bpf/programs.js
 import { progInfo } from '../sys/bpf/info.js';
 import { XDP_DROP, XDP_PASS, XDP_TX } from '../sys/bpf/xdp.js';
 import {
-  encodeInsns, decodeInsn, ldImm64, redirectToQueueSocket, Op, Pseudo, PseudoCall, BPF_INSN_SIZE,
+  encodeInsns, decodeInsn, ldImm64, redirectToQueueSocket, Op, Pseudo, PseudoCall, Helper, BPF_INSN_SIZE,
   BPF_CLASS_MASK, BPF_OP_MASK, BPF_CLASS_JMP, BPF_CLASS_JMP32, BPF_OP_JA, BPF_OP_CALL, BPF_OP_EXIT, type BpfInsn,
 } from '../sys/bpf/insns.js';
 import { VxError } from '../errors.js';
+import { btfLoad, funcBtf, funcBtfTypeId } from '../sys/bpf/btf.js';
 
 export interface ComposeOptions {
   /** XSKMAP with one AF_XDP socket per queue index. */
@@ -47,6 +48,8 @@ export class ComposeError extends VxError {
 const MAX_PROG_INSNS = 1_000_000;
 
 const R0 = 0, R1 = 1, R2 = 2, R6 = 6;
+/** enum bpf_attach_type BPF_XDP */
+const BPF_XDP_ATTACH = 37;
 
 function entryBlock(xskMapFd: number, abortedMapFd: number): BpfInsn[] {
   // Indices are fixed; the assertion in composeXdp keeps them honest.
@@ -147,6 +150,42 @@ export function composeXdp(guestInsns: Uint8Array, opts: ComposeOptions & { abor
   return out;
 }
 
+/**
+ * Where each subprogram of a program starts (the kernel's own split: instruction 0 and every
+ * bpf-to-bpf call or callback target), and whether any calls bpf_tail_call.
+ */
+export function subprogLayout(insns: Uint8Array): { starts: number[]; tailCall: boolean } {
+  const n = insns.byteLength / BPF_INSN_SIZE;
+  const starts = new Set<number>([0]);
+  let tailCall = false;
+  for (let i = 0; i < n; i++) {
+    const { code, src, imm } = decodeInsn(insns, i);
+    if (code === Op.CALL && src === PseudoCall.CALL) starts.add(i + imm + 1);
+    if (code === Op.CALL && src === PseudoCall.HELPER && imm === Helper.TAIL_CALL) tailCall = true;
+    if (code === Op.LD_IMM64) {
+      if (src === Pseudo.FUNC) starts.add(i + imm + 1);
+      i++;
+    }
+  }
+  return { starts: [...starts].filter((x) => x >= 0 && x < n).sort((a, b) => a - b), tailCall };
+}
+
+/**
+ * Func info for a composed program whose guest part calls bpf_tail_call: the kernel allows a
+ * tail call inside a subprogram only with BTF func info (and, on x86-64, within its stack
+ * limits). A tail call made there returns to the subprogram's caller, the entry block, so the
+ * target's verdict is mapped like the guest's own (docs/offload-protocol.md §8). Null when
+ * the program needs none; the caller closes btfFd after the load.
+ */
+function tailCallFuncInfo(insns: Uint8Array): { btfFd: number; records: Uint8Array } | null {
+  const { starts, tailCall } = subprogLayout(insns);
+  if (!tailCall) return null;
+  const records = new Uint8Array(8 * starts.length);
+  const v = new DataView(records.buffer);
+  starts.forEach((at, i) => { v.setUint32(8 * i, at, true); v.setUint32(8 * i + 4, funcBtfTypeId(i), true); });
+  return { btfFd: btfLoad(funcBtf(starts.length)), records };
+}
+
 /** The program used when no guest program is offloaded: redirect every frame to its queue's socket. */
 export function plainRedirect(opts: ComposeOptions): Uint8Array {
   checkFd('xskMapFd', opts.xskMapFd);
@@ -202,13 +241,19 @@ export class ComposedProgram {
     const aborted = BpfMap.create(BpfMapType.ARRAY, 4, 8, 1, { name: opts.abortedName ?? 'vx_aborted' });
     let fd: number;
     let count: number;
+    let funcInfo: { btfFd: number; records: Uint8Array } | null = null;
     try {
       const insns = composeXdp(guestInsns, { xskMapFd: opts.xskMapFd, abortedMapFd: aborted.fd });
       count = insns.byteLength / BPF_INSN_SIZE;
-      fd = progLoadWithLog(insns, loadOpts).fd;
+      funcInfo = tailCallFuncInfo(insns);
+      // A PROG_ARRAY accepts tail calls only from programs of its owner's expected attach type,
+      // and libbpf loads SEC("xdp") programs (the targets) as BPF_XDP.
+      fd = progLoadWithLog(insns, { ...loadOpts, ...(funcInfo ? { funcInfo, expectedAttachType: BPF_XDP_ATTACH } : {}) }).fd;
     } catch (e) {
       aborted.close();
       throw e;
+    } finally {
+      if (funcInfo) closeBpfFd(funcInfo.btfFd);
     }
     return ComposedProgram.adopt(fd, aborted, count, ENTRY_INSNS);
   }

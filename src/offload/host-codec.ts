@@ -4,10 +4,10 @@
 // wire.Reader, so a short or inconsistent payload becomes BAD_REQUEST, never a bad read.
 
 import {
-  HEADER_BYTES, RESPONSE_FLAG, MAX_REASON_BYTES, MAX_LICENSE_BYTES, OBJ_NAME_BYTES, ERROR_DETAIL_BYTES,
-  writeHeader, decodeObjName,
+  HEADER_BYTES, RESPONSE_FLAG, MAX_REASON_BYTES, MAX_LICENSE_BYTES, OBJ_NAME_BYTES, ERROR_DETAIL_BYTES, PROG_NAME_BYTES,
+  writeHeader, decodeObjName, encodeObjName,
   type ClaimRequest, type MapCreateRequest, type ElemRequest, type LookupBatchRequest, type UpdateBatchRequest,
-  type ProgSetRequest, type Caps, type ErrorDetail,
+  type ProgSetRequest, type Caps, type ErrorDetail, type ObjBeginRequest, type ObjChunkRequest, type ObjLoadRequest, type ObjShow,
 } from './protocol.js';
 import { Reader, Writer, malformed, boundedUtf8, tailUtf8, decodeUtf8 } from './wire.js';
 
@@ -83,6 +83,26 @@ export function decodeProgSet(p: Uint8Array): ProgSetRequest {
   return { flags, name, license, mapHandles, insns };
 }
 
+export function decodeObjBegin(p: Uint8Array): ObjBeginRequest {
+  const r = new Reader(p, 'OBJ_BEGIN');
+  const out = { totalBytes: r.u32('total_bytes'), flags: r.u32('flags'), name: decodeObjName(r.take(OBJ_NAME_BYTES, 'name'), 'object name') };
+  r.end();
+  return out;
+}
+
+/** OBJ_CHUNK: the data is a view into the broker's private copy of the request. */
+export function decodeObjChunk(p: Uint8Array): ObjChunkRequest {
+  const r = new Reader(p, 'OBJ_CHUNK');
+  return { offset: r.u32('offset'), data: r.rest() };
+}
+
+export function decodeObjLoad(p: Uint8Array): ObjLoadRequest {
+  const r = new Reader(p, 'OBJ_LOAD');
+  const out = { flags: r.u32('flags'), progName: decodeObjName(r.take(PROG_NAME_BYTES, 'prog_name'), 'program name') };
+  r.end();
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------
 // Responses
 
@@ -154,3 +174,27 @@ export function encodeLookupBatchBody(count: number, done: boolean, cursor: Uint
     .u32(count).u32(done ? 1 : 0).u32(cursor.byteLength).bytes(cursor).bytes(keys).bytes(values).finish();
 }
 
+
+/** OBJ_BEGIN: u32 max_object_bytes, u32 max_chunk_bytes. */
+export function encodeObjBeginBody(maxObjectBytes: number, maxChunkBytes: number): Uint8Array {
+  return new Writer(8).u32(maxObjectBytes).u32(maxChunkBytes).finish();
+}
+
+/** OBJ_LOAD: u32 prog_count, u32 map_count, u8 tag[8] (the entry program's). */
+export function encodeObjLoadBody(progCount: number, mapCount: number, tag: Uint8Array): Uint8Array {
+  return new Writer(16).u32(progCount).u32(mapCount).bytes(tag).finish();
+}
+
+/**
+ * OBJ_SHOW: char obj_name[16], char prog_name[64], u8 tag[8], u32 prog_count, u32 possible_cpus,
+ * u32 map_count, then per map u32 handle, type, key_size, value_size, max_entries, flags, char name[16].
+ */
+export function encodeObjShowBody(s: ObjShow): Uint8Array {
+  const w = new Writer(100 + 40 * s.maps.length)
+    .bytes(encodeObjName(s.objName)).bytes(encodeObjName(s.progName, PROG_NAME_BYTES)).bytes(Buffer.from(s.tag, 'hex'))
+    .u32(s.progCount).u32(s.possibleCpus).u32(s.maps.length);
+  for (const m of s.maps) {
+    w.u32(m.handle).u32(m.type).u32(m.keySize).u32(m.valueSize).u32(m.maxEntries).u32(m.flags).bytes(encodeObjName(m.name));
+  }
+  return w.finish();
+}

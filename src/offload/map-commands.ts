@@ -77,6 +77,9 @@ export function mapCreate(st: OffloadState, p: Uint8Array): Uint8Array {
 export function mapFree(st: OffloadState, p: Uint8Array): undefined {
   const { handle } = decodeMapFree(p);
   st.entry(handle);
+  if (st.program.current?.object?.mapHandles.includes(handle)) {
+    refuse(Status.MAP_IN_USE, 'object-map', `map handle ${handle} belongs to the loaded object; OBJ_UNLOAD frees it with the object`, { a: handle });
+  }
   if (st.program.current?.usedHandles.includes(handle)) {
     refuse(Status.MAP_IN_USE, 'map-in-use', `map handle ${handle} is used by the loaded program; PROG_UNSET or replace it first`, { a: handle });
   }
@@ -93,7 +96,7 @@ export function mapFree(st: OffloadState, p: Uint8Array): undefined {
 function expectLen(what: string, got: number, want: number, e: MapEntry): void {
   if (got !== want) {
     refuse(Status.BAD_REQUEST, 'bad-element-size',
-      `${what}: ${got} bytes of key/value data, map ${e.handle} wants ${want} (key ${e.def.keySize}, value ${e.def.valueSize})`);
+      `${what}: ${got} bytes of key/value data, map ${e.handle} wants ${want} (key ${e.def.keySize}, value ${e.map.valueBytes})`);
   }
 }
 
@@ -107,7 +110,7 @@ function elemError(err: unknown, e: MapEntry, op: string, processed = 0): never 
     case Errno.EEXIST:
       return refuse(Status.ELEMENT_EXISTS, 'element-exists', `${op}: element exists in map ${e.handle} (NOEXIST)`, { a: err.errno, c });
     case Errno.E2BIG:
-      if (e.def.type === BpfMapType.ARRAY) {
+      if (e.def.type === BpfMapType.ARRAY || e.def.type === BpfMapType.PERCPU_ARRAY) {
         refuse(Status.NO_SUCH_ELEMENT, 'no-such-element', `${op}: index beyond max_entries ${e.def.maxEntries} of ARRAY map ${e.handle}`, { a: err.errno, c });
       }
       return refuse(Status.MAP_FULL, 'map-full', `${op}: map ${e.handle} is full (max_entries ${e.def.maxEntries})`, { a: err.errno, c });
@@ -116,17 +119,29 @@ function elemError(err: unknown, e: MapEntry, op: string, processed = 0): never 
   }
 }
 
+/**
+ * The map behind a handle for an element command. A PROG_ARRAY's elements are the object's own
+ * programs, set by the object (libbpf fills it); reading one would show a host program id.
+ */
+function dataEntry(st: OffloadState, handle: number, op: string): MapEntry {
+  const e = st.entry(handle);
+  if (e.def.type === BpfMapType.PROG_ARRAY) {
+    refuse(Status.BAD_REQUEST, 'prog-array-elements', `${op}: map ${handle} is a PROG_ARRAY; its elements are the object's programs and are not read or written by handle`);
+  }
+  return e;
+}
+
 function noSuchElement(reason: string): never {
   return refuse(Status.NO_SUCH_ELEMENT, 'no-such-element', reason, { a: Errno.ENOENT });
 }
 
 function refuseArrayDelete(e: MapEntry, op: string): void {
-  if (e.def.type === BpfMapType.ARRAY) refuse(Status.BAD_REQUEST, 'array-delete', `${op}: elements of ARRAY map ${e.handle} cannot be deleted`);
+  if (e.def.type === BpfMapType.ARRAY || e.def.type === BpfMapType.PERCPU_ARRAY) refuse(Status.BAD_REQUEST, 'array-delete', `${op}: elements of ARRAY map ${e.handle} cannot be deleted`);
 }
 
 export function elemLookup(st: OffloadState, p: Uint8Array): Uint8Array {
   const r = decodeElem(p, 'ELEM_LOOKUP');
-  const e = st.entry(r.handle);
+  const e = dataEntry(st, r.handle, 'ELEM_LOOKUP');
   expectLen('ELEM_LOOKUP', r.data.byteLength, e.def.keySize, e);
   let value: Uint8Array | null;
   try { value = e.map.lookup(r.data); } catch (err) { elemError(err, e, 'lookup'); }
@@ -135,16 +150,16 @@ export function elemLookup(st: OffloadState, p: Uint8Array): Uint8Array {
 
 export function elemUpdate(st: OffloadState, p: Uint8Array): undefined {
   const r = decodeElem(p, 'ELEM_UPDATE');
-  const e = st.entry(r.handle);
+  const e = dataEntry(st, r.handle, 'ELEM_UPDATE');
   const k = e.def.keySize;
-  expectLen('ELEM_UPDATE', r.data.byteLength, k + e.def.valueSize, e);
+  expectLen('ELEM_UPDATE', r.data.byteLength, k + e.map.valueBytes, e);
   try { e.map.update(r.data.subarray(0, k), r.data.subarray(k), r.flags); } catch (err) { elemError(err, e, 'update'); }
   return undefined;
 }
 
 export function elemDelete(st: OffloadState, p: Uint8Array): undefined {
   const r = decodeElem(p, 'ELEM_DELETE');
-  const e = st.entry(r.handle);
+  const e = dataEntry(st, r.handle, 'ELEM_DELETE');
   refuseArrayDelete(e, 'delete');
   expectLen('ELEM_DELETE', r.data.byteLength, e.def.keySize, e);
   let found: boolean;
@@ -156,7 +171,7 @@ export function elemDelete(st: OffloadState, p: Uint8Array): undefined {
 function getKey(st: OffloadState, p: Uint8Array, first: boolean): Uint8Array {
   const what = first ? 'GET_FIRST_KEY' : 'GET_NEXT_KEY';
   const r = decodeElem(p, what);
-  const e = st.entry(r.handle);
+  const e = dataEntry(st, r.handle, what);
   expectLen(what, r.data.byteLength, first ? 0 : e.def.keySize, e);
   let next: Uint8Array | null;
   try { next = e.map.nextKey(first ? null : r.data); } catch (err) { elemError(err, e, what); }
@@ -171,7 +186,7 @@ export const getNextKey = (st: OffloadState, p: Uint8Array): Uint8Array => getKe
 
 export function lookupBatch(st: OffloadState, p: Uint8Array): Uint8Array {
   const r = decodeLookupBatch(p);
-  const e = st.entry(r.handle);
+  const e = dataEntry(st, r.handle, 'ELEM_LOOKUP_BATCH');
   const m = e.map;
   if (r.cursor.byteLength !== 0 && r.cursor.byteLength !== m.batchTokenSize) {
     refuse(Status.BAD_REQUEST, 'bad-batch-cursor',
@@ -179,12 +194,12 @@ export function lookupBatch(st: OffloadState, p: Uint8Array): Uint8Array {
   }
   if (r.maxCount === 0) refuse(Status.BAD_REQUEST, 'zero-max-count', 'ELEM_LOOKUP_BATCH: max_count is 0');
   // "Batch lookups return fewer elements" rather than exceed the claimed response limit (§1 Limits).
-  const per = e.def.keySize + e.def.valueSize;
+  const per = e.def.keySize + m.valueBytes;
   const room = st.responseLimit() - RESPONSE_OVERHEAD_BYTES - LOOKUP_BATCH_BODY_PREFIX_BYTES - m.batchTokenSize;
   const count = Math.min(r.maxCount, e.def.maxEntries, Math.floor(room / per));
   if (count <= 0) refuse(Status.TOO_LARGE, 'batch-does-not-fit', 'ELEM_LOOKUP_BATCH: not even one element fits the response limit');
   const keys = new Uint8Array(count * e.def.keySize);
-  const values = new Uint8Array(count * e.def.valueSize);
+  const values = new Uint8Array(count * m.valueBytes);
   let res: { count: number; next: Uint8Array | null };
   try {
     res = m.lookupBatch(r.cursor.byteLength ? r.cursor : null, keys, values, count);
@@ -197,7 +212,7 @@ export function lookupBatch(st: OffloadState, p: Uint8Array): Uint8Array {
   }
   const n = res.count;
   return encodeLookupBatchBody(n, !res.next, res.next ?? EMPTY,
-    keys.subarray(0, n * e.def.keySize), values.subarray(0, n * e.def.valueSize));
+    keys.subarray(0, n * e.def.keySize), values.subarray(0, n * m.valueBytes));
 }
 
 /** "count × (key + value) must equal the bytes present", checked before count sizes anything. */
@@ -214,9 +229,9 @@ function processedOf(err: unknown): number {
 
 export function updateBatch(st: OffloadState, p: Uint8Array): Uint8Array {
   const r = decodeBatch(p, 'ELEM_UPDATE_BATCH');
-  const e = st.entry(r.handle);
+  const e = dataEntry(st, r.handle, 'ELEM_UPDATE_BATCH');
   const k = e.def.keySize;
-  batchData('ELEM_UPDATE_BATCH', r.count, r.data, k + e.def.valueSize, e);
+  batchData('ELEM_UPDATE_BATCH', r.count, r.data, k + e.map.valueBytes, e);
   if (r.count === 0) return encodeU32Body(0);
   let n: number;
   try {
@@ -229,7 +244,7 @@ export function updateBatch(st: OffloadState, p: Uint8Array): Uint8Array {
 
 export function deleteBatch(st: OffloadState, p: Uint8Array): Uint8Array {
   const r = decodeBatch(p, 'ELEM_DELETE_BATCH');
-  const e = st.entry(r.handle);
+  const e = dataEntry(st, r.handle, 'ELEM_DELETE_BATCH');
   refuseArrayDelete(e, 'delete batch');
   batchData('ELEM_DELETE_BATCH', r.count, r.data, e.def.keySize, e);
   if (r.count === 0) return encodeU32Body(0);

@@ -10,6 +10,15 @@ import type { Quotas } from './quotas.js';
 /** Map types a guest may create. Per-CPU types are refused with their own reason. */
 export const OFFLOAD_MAP_TYPES: readonly number[] = [BpfMapType.HASH, BpfMapType.ARRAY, BpfMapType.LRU_HASH];
 
+/**
+ * Map types an object (§8) may hold: per-CPU types too (the guest learns possible_cpus from
+ * OBJ_SHOW), and PROG_ARRAY for tail calls into the object's own programs.
+ */
+export const OBJECT_MAP_TYPES: readonly number[] = [
+  BpfMapType.HASH, BpfMapType.ARRAY, BpfMapType.PROG_ARRAY, BpfMapType.PERCPU_HASH, BpfMapType.PERCPU_ARRAY,
+  BpfMapType.LRU_HASH, BpfMapType.LRU_PERCPU_HASH,
+];
+
 const typeNames = new Map<number, string>(Object.entries(BpfMapType).map(([k, v]) => [v, k]));
 export function mapTypeName(type: number): string {
   return typeNames.get(type) ?? `type ${type}`;
@@ -44,6 +53,11 @@ export function checkMapDef(d: MapCreateRequest, q: Quotas): void {
   if (d.type === BpfMapType.ARRAY && d.keySize !== 4) {
     throw new ProtocolError(Status.BAD_REQUEST, 'array-key-size', `ARRAY maps have 4-byte keys, not ${d.keySize}`);
   }
+  checkMapGeometry(d, q);
+}
+
+/** Sizes against the per-map quotas (MAP_CREATE and the object path). */
+export function checkMapGeometry(d: MapCreateRequest, q: Quotas): void {
   if (d.keySize === 0 || d.valueSize === 0 || d.maxEntries === 0) {
     throw new ProtocolError(Status.BAD_REQUEST, 'zero-map-size', 'key size, value size and max entries must be non-zero');
   }

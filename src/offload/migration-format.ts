@@ -12,7 +12,7 @@ import { MAX_MESSAGE_BYTES, MIN_RESPONSE_LIMIT, OBJ_NAME_BYTES, decodeObjName, e
 import { decodeProgSet } from './host-codec.js';
 import { Reader, Writer } from './wire.js';
 import { MigrationStateError, OffloadConfigError, ProtocolError, type MigrationStateCode } from './errors.js';
-import { validateQuotas, type Quotas } from './quotas.js';
+import { DEFAULT_QUOTAS, validateQuotas, type Quotas } from './quotas.js';
 import type { MapDef } from './map-table.js';
 
 /** 'V','X','M','S' in memory order (bytes 56 58 4D 53), read as a little-endian u32. */
@@ -215,6 +215,8 @@ function decodeQuotas(r: Reader): Quotas {
     maxMaps: r.u32('max_maps'), maxEntries: r.u32('max_entries'), maxProgInsns: r.u32('max_prog_insns'),
     maxOpsPerSec: r.u32('max_ops_per_sec'), maxKeySize: r.u32('max_key_size'), maxValueSize: r.u32('max_value_size'),
     maxMapMemory: r.u64('max_map_memory'),
+    // Not carried by version 1 (the object path came later): informational only, like the rest.
+    maxObjectBytes: DEFAULT_QUOTAS.maxObjectBytes,
   };
   validateQuotas(q);
   return q;

@@ -90,6 +90,14 @@ function readElements(e: MapEntry): Pick<StateMap, 'count' | 'keys' | 'values'> 
 }
 
 export function exportState(st: OffloadState, extras: ExportExtras = {}): Uint8Array {
+  const obj = st.program.current?.object;
+  if (obj) {
+    // Version 1 of the state carries PROG_SET programs and MAP_CREATE maps only; an object's
+    // programs, per-CPU maps and PROG_ARRAY would be dropped. Refuse instead: QEMU fails the
+    // migration and the guest keeps running here with its object.
+    throw new MigrationStateError('state-object-unsupported',
+      `device ${st.device} runs object '${obj.name}' (OBJ_LOAD); objects do not migrate yet (OBJ_UNLOAD, or load the program with PROG_SET, to migrate)`);
+  }
   const c = st.claim;
   const maps: StateMap[] = st.maps.entries().map((e) => ({ handle: e.handle, ...e.def, ...readElements(e) }));
   const p = st.program.current;

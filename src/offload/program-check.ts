@@ -203,40 +203,7 @@ export function judgeProgram(p: DecodedProgram, license: string, declaredHandles
     declared.add(h);
   }
 
-  type Item = { index: number; check: () => void };
-  const items: Item[] = [];
-  for (const c of p.helperCalls) {
-    items.push({ index: c.index, check: () => {
-      const name = helperName(c.helper);
-      if (c.helper === Helper.TAIL_CALL) {
-        refuse(Status.TAIL_CALL_REFUSED, 'tail-call-refused', `instruction ${c.index}: tail calls (${name}, ${Helper.TAIL_CALL}) are not allowed on this device`,
-          { a: c.index, b: Helper.TAIL_CALL });
-      }
-      if (!policy.allowedHelpers.has(c.helper)) {
-        const why = NEVER_ALLOWED_HELPERS.get(c.helper);
-        refuse(Status.HELPER_NOT_ALLOWED, 'helper-not-allowed',
-          `helper ${name} (${c.helper}) is not allowed on this device${why ? ` (it ${why})` : ''}; instruction ${c.index}`,
-          { a: c.helper >>> 0, b: c.index });
-      }
-    } });
-  }
-  for (const i of p.kfuncCalls) {
-    items.push({ index: i, check: () => refuse(Status.KFUNC_REFUSED, 'kfunc-refused', `instruction ${i}: kfunc calls (BPF_PSEUDO_KFUNC_CALL) are not allowed on this device`, { a: i }) });
-  }
-  for (const c of p.oddCalls) {
-    items.push({ index: c.index, check: () => refuse(Status.INSN_REFUSED, 'bad-call', `instruction ${c.index}: call with src_reg ${c.src} is not a helper, subprogram or kfunc call`, { a: c.index }) });
-  }
-  for (const l of p.pseudoLoads) {
-    items.push({ index: l.index, check: () => {
-      if (l.src === Pseudo.BTF_ID) {
-        refuse(Status.KSYM_REFUSED, 'ksym-refused', `instruction ${l.index}: BTF ksym loads (ld_imm64 src_reg 3, BPF_PSEUDO_BTF_ID) are not allowed on this device`, { a: l.index });
-      }
-      const what = l.src === Pseudo.FUNC ? 'callback function pointers (BPF_PSEUDO_FUNC)'
-        : l.src === Pseudo.MAP_IDX || l.src === Pseudo.MAP_IDX_VALUE ? 'fd_array map references (BPF_PSEUDO_MAP_IDX*); use handles'
-          : `ld_imm64 src_reg ${l.src}`;
-      refuse(Status.INSN_REFUSED, l.src === Pseudo.FUNC ? 'callback-refused' : 'pseudo-load-refused', `instruction ${l.index}: ${what} are not supported`, { a: l.index });
-    } });
-  }
+  const items = instructionChecks(p, { allowedHelpers: policy.allowedHelpers, tailCalls: false });
   const used = new Set<number>();
   for (const m of p.mapRefs) {
     items.push({ index: m.index, check: () => {
@@ -249,9 +216,61 @@ export function judgeProgram(p: DecodedProgram, license: string, declaredHandles
       used.add(m.handle);
     } });
   }
+  runInOrder(items);
+  return { decoded: p, license, usedHandles: [...used].sort((a, b) => a - b) };
+}
+
+/** One check tied to the instruction it is about, so refusals come in program order. */
+export type InsnCheck = { index: number; check: () => void };
+
+export function runInOrder(items: InsnCheck[]): void {
   items.sort((x, y) => x.index - y.index);
   for (const it of items) it.check();
-  return { decoded: p, license, usedHandles: [...used].sort((a, b) => a - b) };
+}
+
+/**
+ * The per-instruction policy both paths share: helpers against the allow-list (bpf_tail_call
+ * only where `tailCalls` says: the object path, into the object's own PROG_ARRAY), no kfuncs,
+ * no odd call forms, no BTF ksym loads or other pseudo loads. `where` prefixes instruction
+ * numbers (the object path names the program).
+ */
+export function instructionChecks(p: DecodedProgram, o: { allowedHelpers: ReadonlySet<number>; tailCalls: boolean; where?: string }): InsnCheck[] {
+  const at = (i: number) => `${o.where ? `${o.where} ` : ''}instruction ${i}`;
+  const items: InsnCheck[] = [];
+  for (const c of p.helperCalls) {
+    items.push({ index: c.index, check: () => {
+      const name = helperName(c.helper);
+      if (c.helper === Helper.TAIL_CALL) {
+        if (o.tailCalls) return;
+        refuse(Status.TAIL_CALL_REFUSED, 'tail-call-refused', `${at(c.index)}: tail calls (${name}, ${Helper.TAIL_CALL}) are not allowed on this device`,
+          { a: c.index, b: Helper.TAIL_CALL });
+      }
+      if (!o.allowedHelpers.has(c.helper)) {
+        const why = NEVER_ALLOWED_HELPERS.get(c.helper);
+        refuse(Status.HELPER_NOT_ALLOWED, 'helper-not-allowed',
+          `helper ${name} (${c.helper}) is not allowed on this device${why ? ` (it ${why})` : ''}; ${at(c.index)}`,
+          { a: c.helper >>> 0, b: c.index });
+      }
+    } });
+  }
+  for (const i of p.kfuncCalls) {
+    items.push({ index: i, check: () => refuse(Status.KFUNC_REFUSED, 'kfunc-refused', `${at(i)}: kfunc calls (BPF_PSEUDO_KFUNC_CALL) are not allowed on this device`, { a: i }) });
+  }
+  for (const c of p.oddCalls) {
+    items.push({ index: c.index, check: () => refuse(Status.INSN_REFUSED, 'bad-call', `${at(c.index)}: call with src_reg ${c.src} is not a helper, subprogram or kfunc call`, { a: c.index }) });
+  }
+  for (const l of p.pseudoLoads) {
+    items.push({ index: l.index, check: () => {
+      if (l.src === Pseudo.BTF_ID) {
+        refuse(Status.KSYM_REFUSED, 'ksym-refused', `${at(l.index)}: BTF ksym loads (ld_imm64 src_reg 3, BPF_PSEUDO_BTF_ID) are not allowed on this device`, { a: l.index });
+      }
+      const what = l.src === Pseudo.FUNC ? 'callback function pointers (BPF_PSEUDO_FUNC)'
+        : l.src === Pseudo.MAP_IDX || l.src === Pseudo.MAP_IDX_VALUE ? 'fd_array map references (BPF_PSEUDO_MAP_IDX*); use handles'
+          : `ld_imm64 src_reg ${l.src}`;
+      refuse(Status.INSN_REFUSED, l.src === Pseudo.FUNC ? 'callback-refused' : 'pseudo-load-refused', `${at(l.index)}: ${what} are not supported`, { a: l.index });
+    } });
+  }
+  return items;
 }
 
 /** A copy of the instructions with each map reference's imm = that handle's host map fd. */

@@ -76,10 +76,14 @@ export function checkAndLoad(st: OffloadState, req: ProgSetRequest): Loaded {
 
 /** published: the old program (if any) is closed only after listeners saw the new one. */
 export function publishProgram(st: OffloadState, loaded: Loaded): LoadedProgram {
-  const old = st.program.publish(loaded);
+  return publishLoaded(st, loaded.program);
+}
+
+/** Publishes a loaded program of either path (OBJ_LOAD's has an object); retires the one it replaces. */
+export function publishLoaded(st: OffloadState, prog: LoadedProgram): LoadedProgram {
+  const old = st.program.publish(prog);
   st.emitProgram();
-  if (old) closeBpfFd(old.fd);
-  const prog = loaded.program;
+  if (old) st.retire(old, true);
   st.log(`program loaded: id ${prog.id} tag ${prog.tag}, ${prog.insns} insns, maps [${prog.usedHandles.join(', ')}]${old ? ` (replaced id ${old.id})` : ''}`);
   return prog;
 }

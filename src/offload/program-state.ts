@@ -36,6 +36,27 @@ export interface LoadedProgram extends OffloadProgram {
    * destination rewrites handles into its own fds. Null when a restart could not recover it.
    */
   source: { insns: Uint8Array; mapHandles: number[] } | null;
+  /** Set when the program came with a whole object (OBJ_LOAD, §8): the object's other programs and its maps go with it. */
+  object?: LoadedObject;
+}
+
+/** A program of a loaded object (the entry included). */
+export interface ObjectProgram {
+  name: string;
+  /** Owned by the broker; closed when the object goes (the entry's is LoadedProgram.fd). */
+  fd: number;
+  id: number;
+  tag: string;
+  insns: number;
+}
+
+/** What OBJ_LOAD added besides the entry program: every program and every map of the object. */
+export interface LoadedObject {
+  /** OBJ_BEGIN's name (libbpf's object name; it prefixes the internal maps' names). */
+  name: string;
+  programs: ObjectProgram[];
+  /** Handles of the object's maps, in libbpf's order. They leave the table with the object. */
+  mapHandles: number[];
 }
 
 export type Candidate =
@@ -62,10 +83,10 @@ export class ProgramSlot {
     return this.state.phase === 'empty' ? null : this.state.program;
   }
 
-  /** Makes a loaded candidate the device's program; returns the one it replaces (the caller closes it after notifying). */
-  publish(c: Loaded): LoadedProgram | null {
+  /** Makes a loaded program the device's program; returns the one it replaces (the caller closes it after notifying). */
+  publish(program: LoadedProgram): LoadedProgram | null {
     const old = this.current;
-    this.state = { phase: 'published', program: c.program };
+    this.state = { phase: 'published', program };
     return old;
   }
 

@@ -41,6 +41,12 @@ export const Cmd = {
   ELEM_LOOKUP_BATCH: 0x0140,
   ELEM_UPDATE_BATCH: 0x0141,
   ELEM_DELETE_BATCH: 0x0142,
+  // The object path (§8): a whole libbpf object from guest userspace.
+  OBJ_BEGIN: 0x0150,
+  OBJ_CHUNK: 0x0151,
+  OBJ_LOAD: 0x0152,
+  OBJ_SHOW: 0x0153,
+  OBJ_UNLOAD: 0x0154,
 } as const;
 type CmdName = keyof typeof Cmd;
 
@@ -72,6 +78,8 @@ export const Status = {
   INSN_REFUSED: 19,
   MAP_IN_USE: 20,
   MAP_FULL: 21,
+  /** Object path: the ELF object is malformed, hostile or not loadable (reason says why). */
+  OBJECT_REFUSED: 22,
 } as const;
 type StatusName = keyof typeof Status;
 const statusNames = new Map<number, StatusName>(Object.entries(Status).map(([k, v]) => [v, k as StatusName]));
@@ -87,6 +95,7 @@ export const QuotaId = {
   MAX_PROG_INSNS: 4,
   MAX_KEY_SIZE: 5,
   MAX_VALUE_SIZE: 6,
+  MAX_OBJECT_BYTES: 7,
 } as const;
 
 export const UpdateFlag = { ANY: 0, NOEXIST: 1, EXIST: 2 } as const;
@@ -107,6 +116,16 @@ export const LOOKUP_BATCH_PREFIX_BYTES = 16;
 export const BATCH_PREFIX_BYTES = 12;
 /** u32 flags, insn_count, map_count, license_len, char name[16]. */
 export const PROG_SET_PREFIX_BYTES = 16 + OBJ_NAME_BYTES;
+/** OBJ_BEGIN: u32 total_bytes, u32 flags, char name[16]. */
+export const OBJ_BEGIN_BYTES = 8 + OBJ_NAME_BYTES;
+/** OBJ_CHUNK: u32 offset, then the bytes. */
+export const OBJ_CHUNK_PREFIX_BYTES = 4;
+/** Program names on the object path are C function names: up to 63 of [A-Za-z0-9_.], NUL-padded to 64. */
+export const PROG_NAME_BYTES = 64;
+/** OBJ_LOAD: u32 flags, char prog_name[64]. */
+export const OBJ_LOAD_BYTES = 4 + PROG_NAME_BYTES;
+/** Most object bytes one OBJ_CHUNK carries: a whole message less the header and the offset. */
+export const MAX_CHUNK_BYTES = MAX_MESSAGE_BYTES - HEADER_BYTES - OBJ_CHUNK_PREFIX_BYTES;
 
 // ---------------------------------------------------------------------------------------
 // Header
@@ -138,7 +157,7 @@ export function writeHeader(out: Uint8Array, command: number, seq: number, lengt
 
 export function decodeObjName(b: Uint8Array, field: string): string {
   const end = b.indexOf(0);
-  if (end < 0) malformed('name-not-terminated', `${field} is not NUL-terminated within ${OBJ_NAME_BYTES} bytes`);
+  if (end < 0) malformed('name-not-terminated', `${field} is not NUL-terminated within ${b.byteLength} bytes`);
   for (let i = end; i < b.byteLength; i++) if (b[i] !== 0) malformed('name-not-padded', `${field} has bytes after its NUL`);
   let s = '';
   for (let i = 0; i < end; i++) {
@@ -150,9 +169,9 @@ export function decodeObjName(b: Uint8Array, field: string): string {
   return s;
 }
 
-export function encodeObjName(name: string): Uint8Array {
-  const out = new Uint8Array(OBJ_NAME_BYTES);
-  if (!/^[A-Za-z0-9_.]{0,15}$/.test(name)) throw new RangeError(`name '${name}': at most 15 of [A-Za-z0-9_.]`);
+export function encodeObjName(name: string, size = OBJ_NAME_BYTES): Uint8Array {
+  const out = new Uint8Array(size);
+  if (!/^[A-Za-z0-9_.]*$/.test(name) || name.length > size - 1) throw new RangeError(`name '${name}': at most ${size - 1} of [A-Za-z0-9_.]`);
   for (let i = 0; i < name.length; i++) out[i] = name.charCodeAt(i);
   return out;
 }
@@ -196,6 +215,17 @@ export interface UpdateBatchRequest { handle: number; flags: number; count: numb
  * src_reg = 2 (BPF_PSEUDO_MAP_VALUE), imm = handle, second half's imm = value offset.
  */
 export interface ProgSetRequest { flags: number; name: string; license: string; mapHandles: number[]; insns: Uint8Array }
+
+/** OBJ_BEGIN: u32 total_bytes, u32 flags (0), char name[16]. */
+export interface ObjBeginRequest { totalBytes: number; flags: number; name: string }
+/** OBJ_CHUNK: u32 offset (= bytes received so far), bytes. */
+export interface ObjChunkRequest { offset: number; data: Uint8Array }
+/** OBJ_LOAD: u32 flags (0), char prog_name[64] (empty: the object's first XDP program). */
+export interface ObjLoadRequest { flags: number; progName: string }
+
+export interface ObjShowMap { handle: number; type: number; keySize: number; valueSize: number; maxEntries: number; flags: number; name: string }
+/** OBJ_SHOW body. */
+export interface ObjShow { objName: string; progName: string; tag: string; progCount: number; possibleCpus: number; maps: ObjShowMap[] }
 
 export interface Caps {
   version: number;

@@ -18,6 +18,8 @@ export interface Quotas {
   maxOpsPerSec: number;
   maxKeySize: number;
   maxValueSize: number;
+  /** Bytes of one ELF object on the object path (OBJ_BEGIN total_bytes). */
+  maxObjectBytes: number;
 }
 
 export interface QuotaUsage {
@@ -41,6 +43,8 @@ export const DEFAULT_QUOTAS: Readonly<Quotas> = Object.freeze({
   maxOpsPerSec: 100_000,
   maxKeySize: 512,
   maxValueSize: 32 * 1024,
+  // "Objects up to at least 1 MiB" (issue 17).
+  maxObjectBytes: 1024 * 1024,
 });
 
 /** Inclusive ranges; the upper bounds are what the kernel or one offload message can carry. */
@@ -54,12 +58,15 @@ export const QUOTA_RANGES: Readonly<Record<keyof Quotas, readonly [number, numbe
   maxKeySize: [1, 512],
   // A value must fit in one ELEM_UPDATE message with its key.
   maxValueSize: [1, 32 * 1024],
+  // The upload is held in memory until OBJ_LOAD; 64 MiB bounds what one device can make the backend hold.
+  maxObjectBytes: [0, 64 * 1024 * 1024],
 });
 
 /** Operator-facing names (the CLI flags). */
 export const QUOTA_FLAGS: Readonly<Record<keyof Quotas, string>> = Object.freeze({
   maxMaps: 'max-maps', maxMapMemory: 'max-map-memory', maxEntries: 'max-entries', maxProgInsns: 'max-prog-insns',
   maxOpsPerSec: 'max-ops-per-sec', maxKeySize: 'max-key-size', maxValueSize: 'max-value-size',
+  maxObjectBytes: 'max-object-bytes',
 });
 
 const UNITS: Record<string, number> = {

@@ -26,6 +26,9 @@ export interface OffloadBrokerOptions {
 
 export interface Claim { at: string; responseLimit: number }
 
+/** The bytes of an object the guest is uploading: a private buffer of the announced size. */
+export interface ObjectUpload { name: string; bytes: Uint8Array; received: number }
+
 export class OffloadState {
   readonly device: string;
   /** The prefix of this device's host BPF object names (host-names.ts). */
@@ -35,6 +38,8 @@ export class OffloadState {
   readonly maps = new MapTable();
   readonly program = new ProgramSlot();
   claim: Claim | null = null;
+  /** An object upload in progress (OBJ_BEGIN, OBJ_CHUNK…), consumed by OBJ_LOAD. */
+  upload: ObjectUpload | null = null;
   readonly bucket: TokenBucket;
   readonly pins: DevicePins | null;
   readonly now: () => number;
@@ -162,9 +167,27 @@ export class OffloadState {
     if (!old) return false;
     try { this.pins?.unpinProg(); } catch (e) { this.log(`unpin program failed: ${(e as Error).message}`); }
     this.emitProgram();
-    closeBpfFd(old.fd);
+    this.retire(old, true);
     this.log(`program id ${old.id} unloaded (${why})`);
     return true;
+  }
+
+  /**
+   * Closes a program nobody runs any more; an object's other programs and its maps go with it
+   * (unpinned when `unpin`: not on close(), which keeps pins for the next process).
+   */
+  retire(old: LoadedProgram, unpin: boolean): void {
+    closeBpfFd(old.fd);
+    const obj = old.object;
+    if (!obj) return;
+    for (const p of obj.programs) if (p.fd !== old.fd) closeBpfFd(p.fd);
+    for (const h of obj.mapHandles) {
+      if (unpin && this.pins) {
+        try { this.pins.unpinMap(h); } catch (e) { this.log(`unpin map ${h} failed: ${(e as Error).message}`); }
+      }
+      this.maps.remove(h);
+    }
+    this.log(`object '${obj.name}' released: ${obj.programs.length} programs, maps [${obj.mapHandles.join(', ')}]`);
   }
 
   /** Drops the claim, the program and every map, pins included. */
@@ -174,6 +197,7 @@ export class OffloadState {
     const n = this.maps.size;
     this.maps.clear();
     this.claim = null;
+    this.upload = null;
     if (this.pins) {
       try { this.pins.removeAll(); } catch (e) { this.log(`removing pins failed: ${(e as Error).message}`); }
     }
@@ -188,9 +212,10 @@ export class OffloadState {
     const old: LoadedProgram | null = this.program.take();
     if (old) {
       this.emitProgram();
-      closeBpfFd(old.fd);
+      this.retire(old, false);
     }
     this.maps.clear();
     this.claim = null;
+    this.upload = null;
   }
 }

@@ -16,6 +16,7 @@ export const raw = {
   fcntl: lib.func('fcntl', 'int', ['int', 'int', 'int']),
   ioctl: lib.func('ioctl', 'int', ['int', 'ulong', 'intptr_t']),
   socket: lib.func('socket', 'int', ['int', 'int', 'int']),
+  socketpair: lib.func('socketpair', 'int', ['int', 'int', 'int', 'intptr_t']),
   bind: lib.func('bind', 'int', ['int', 'intptr_t', 'uint32']),
   connect: lib.func('connect', 'int', ['int', 'intptr_t', 'uint32']),
   listen: lib.func('listen', 'int', ['int', 'int']),

@@ -101,6 +101,20 @@ export class UnixSocket {
     return new UnixSocket(fd);
   }
 
+  /**
+   * A connected pair (socketpair(2), AF_UNIX stream, close-on-exec, non-blocking): e.g. one end
+   * handed to a child process as an inherited fd, which sends fds back over it.
+   */
+  static pair(): [UnixSocket, UnixSocket] {
+    const b = new NativeBuffer(8);
+    try {
+      check(raw.socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, b.address), 'socketpair');
+      return [new UnixSocket(b.view.getInt32(0, true)), new UnixSocket(b.view.getInt32(4, true))];
+    } finally {
+      b.free();
+    }
+  }
+
   /** Connects (blocking), then switches the socket to non-blocking. */
   static connect(path: string): UnixSocket {
     const fd = check(raw.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), 'socket');

@@ -53,8 +53,11 @@ beforeAll(() => {
 });
 
 describe('samples', () => {
-  it('every built sample parses, with the GPL license and the xdp section', () => {
-    const names = readdirSync(OUT).filter((f) => f.endsWith('.o'));
+  it('every built kernel-path sample parses, with the GPL license and the xdp section', () => {
+    // The object path's samples (*_obj*) are for libbpf; the realistic one (global data, tail
+    // call, two programs) is beyond this reader (the kernel path's) by design.
+    expect(() => readBpfObject(new Uint8Array(readFileSync(join(OUT, 'xdp_filter_obj.o'))))).toThrow(BpfObjectError);
+    const names = readdirSync(OUT).filter((f) => f.endsWith('.o') && !/_obj/.test(f));
     expect(names.length).toBeGreaterThanOrEqual(15);
     for (const n of names) {
       const p = readBpfObject(new Uint8Array(readFileSync(join(OUT, n))));

@@ -106,6 +106,21 @@ export function countFds(pid: number): number {
   return fs.readdirSync(`/proc/${pid}/fd`).length;
 }
 
+/**
+ * A process's fd count once it has held still for three reads 100 ms apart: a leak baseline
+ * (control connections of status calls close asynchronously).
+ */
+export async function settledFdCount(pid: number): Promise<number> {
+  let n = countFds(pid);
+  for (let still = 0; still < 3;) {
+    await new Promise((res) => setTimeout(res, 100));
+    const m = countFds(pid);
+    still = m === n ? still + 1 : 0;
+    n = m;
+  }
+  return n;
+}
+
 /** Mappings of a process whose backing file looks like shared guest memory (memfd or hugetlbfs). */
 export function countGuestMappings(pid: number): number {
   return fs.readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n').filter((l) => /memfd:|\/dev\/hugepages|\/hugepages\//.test(l)).length;

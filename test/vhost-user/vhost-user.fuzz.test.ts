@@ -1,6 +1,6 @@
 import { describe, test, expect, beforeAll, afterAll } from 'vitest';
 import path from 'node:path';
-import { startBackend, tempDir, countFds, countGuestMappings, type Backend } from '../support/backend.js';
+import { startBackend, tempDir, countFds, settledFdCount, countGuestMappings, type Backend } from '../support/backend.js';
 import { TestFrontend } from '../support/frontend/test-frontend.js';
 import { PacketSocket } from '../support/packet-socket.js';
 import { uniqueIfName, disableIpv6 } from '../support/netdev.js';
@@ -192,13 +192,7 @@ describe(`vhost-user fuzz (seed ${seed}, ${FUZZ_MS} ms)`, () => {
     await waitUntil(async () => (await be.call('status')).devices.find((d: any) => d.name === 'victim').connected === false, 3000, 'victim disconnect');
     // The status calls' control connections close asynchronously: take the baseline once the
     // count has held still for a few reads.
-    let fdsBefore = countFds(be.proc.pid);
-    for (let still = 0; still < 3;) {
-      await new Promise((res) => setTimeout(res, 100));
-      const n = countFds(be.proc.pid);
-      still = n === fdsBefore ? still + 1 : 0;
-      fdsBefore = n;
-    }
+    const fdsBefore = await settledFdCount(be.proc.pid);
     const deadline = Date.now() + FUZZ_MS;
     let sessions = 0;
     let messages = 0;

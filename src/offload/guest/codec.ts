@@ -5,8 +5,8 @@
 
 import {
   Cmd, Status, OFFLOAD_MAGIC, OFFLOAD_VERSION, HEADER_BYTES, RESPONSE_FLAG, MAX_REASON_BYTES, ERROR_DETAIL_BYTES,
-  MAP_CREATE_BYTES, readHeader, writeHeader, encodeObjName, encodeProgSetPayload,
-  type ClaimRequest, type MapCreateRequest, type Caps, type ErrorDetail,
+  MAP_CREATE_BYTES, OBJ_NAME_BYTES, PROG_NAME_BYTES, MAX_CHUNK_BYTES, readHeader, writeHeader, encodeObjName, encodeProgSetPayload,
+  decodeObjName, type ClaimRequest, type MapCreateRequest, type Caps, type ErrorDetail, type ObjShow, type ObjShowMap,
 } from '../protocol.js';
 import { Reader, Writer, malformed, decodeUtf8 } from '../wire.js';
 import { setInsnImm } from '../../sys/bpf/insns.js';
@@ -80,6 +80,32 @@ export function encodeDeleteBatch(seq: number, handle: number, keys: Uint8Array,
 
 export function encodeProgSet(seq: number, p: Parameters<typeof encodeProgSetPayload>[0]): Uint8Array {
   return encodeRequest(Cmd.PROG_SET, seq, encodeProgSetPayload(p));
+}
+
+// The object path (§8).
+
+export function encodeObjBegin(seq: number, totalBytes: number, name = '', flags = 0): Uint8Array {
+  return encodeRequest(Cmd.OBJ_BEGIN, seq, new Writer(24).u32(totalBytes).u32(flags).bytes(encodeObjName(name)).finish());
+}
+
+export function encodeObjChunk(seq: number, offset: number, data: Uint8Array): Uint8Array {
+  return encodeRequest(Cmd.OBJ_CHUNK, seq, new Writer(4 + data.byteLength).u32(offset).bytes(data).finish());
+}
+
+export function encodeObjLoad(seq: number, progName = '', flags = 0): Uint8Array {
+  return encodeRequest(Cmd.OBJ_LOAD, seq, new Writer(4 + PROG_NAME_BYTES).u32(flags).bytes(encodeObjName(progName, PROG_NAME_BYTES)).finish());
+}
+
+export const encodeObjShow = (seq: number): Uint8Array => encodeRequest(Cmd.OBJ_SHOW, seq);
+export const encodeObjUnload = (seq: number): Uint8Array => encodeRequest(Cmd.OBJ_UNLOAD, seq);
+
+/** The OBJ_BEGIN, OBJ_CHUNK… requests that upload `object` (chunks of at most maxChunk bytes), sequence numbers from `seq()`. */
+export function objectUploadRequests(object: Uint8Array, seq: () => number, name = '', maxChunk = MAX_CHUNK_BYTES): Uint8Array[] {
+  const out = [encodeObjBegin(seq(), object.byteLength, name)];
+  for (let off = 0; off < object.byteLength; off += maxChunk) {
+    out.push(encodeObjChunk(seq(), off, object.subarray(off, Math.min(object.byteLength, off + maxChunk))));
+  }
+  return out;
 }
 
 /**
@@ -184,4 +210,35 @@ export function decodeLookupBatchBody(b: Uint8Array, keySize: number, valueSize:
   const keys = r.take(count * keySize, 'keys');
   const values = r.take(count * valueSize, 'values');
   return { count, done, cursor, keys, values };
+}
+
+export function decodeObjBeginBody(b: Uint8Array): { maxObjectBytes: number; maxChunkBytes: number } {
+  const r = new Reader(b, 'OBJ_BEGIN response');
+  return { maxObjectBytes: r.u32('max_object_bytes'), maxChunkBytes: r.u32('max_chunk_bytes') };
+}
+
+export function decodeObjLoadBody(b: Uint8Array): { progCount: number; mapCount: number; tag: string } {
+  const r = new Reader(b, 'OBJ_LOAD response');
+  const progCount = r.u32('prog_count');
+  const mapCount = r.u32('map_count');
+  return { progCount, mapCount, tag: Buffer.from(r.take(8, 'tag')).toString('hex') };
+}
+
+export function decodeObjShowBody(b: Uint8Array): ObjShow {
+  const r = new Reader(b, 'OBJ_SHOW response');
+  const objName = decodeObjName(r.take(OBJ_NAME_BYTES, 'obj_name'), 'obj_name');
+  const progName = decodeObjName(r.take(PROG_NAME_BYTES, 'prog_name'), 'prog_name');
+  const tag = Buffer.from(r.take(8, 'tag')).toString('hex');
+  const progCount = r.u32('prog_count');
+  const possibleCpus = r.u32('possible_cpus');
+  const n = r.u32('map_count');
+  r.fits(n, 40, 'map_count');
+  const maps: ObjShowMap[] = [];
+  for (let i = 0; i < n; i++) {
+    maps.push({
+      handle: r.u32('handle'), type: r.u32('type'), keySize: r.u32('key_size'), valueSize: r.u32('value_size'),
+      maxEntries: r.u32('max_entries'), flags: r.u32('flags'), name: decodeObjName(r.take(OBJ_NAME_BYTES, 'name'), 'map name'),
+    });
+  }
+  return { objName, progName, tag, progCount, possibleCpus, maps };
 }

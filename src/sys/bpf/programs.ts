@@ -23,12 +23,27 @@ export interface ProgLoadOptions {
   logSize?: number;
   /** Load with this log level (1 or 2) even on success; the log is then returned by progLoadWithLog. */
   logLevel?: number;
+  /**
+   * BTF func info: the BTF fd and one 8-byte record (u32 insn_off, u32 type_id) per subprogram,
+   * in instruction order (sys/bpf/btf.ts builds a minimal one).
+   */
+  funcInfo?: { btfFd: number; records: Uint8Array };
 }
 
 const DEFAULT_LOG_SIZE = 64 * 1024;
 const MAX_LOG_SIZE = 16 * 1024 * 1024;
 
 function loadOnce(insns: Uint8Array, o: ProgLoadOptions, log: NativeBuffer | null, logLevel: number): number {
+  // Func info records at a fixed address for the duration of the call.
+  const fi = o.funcInfo ? new NativeBuffer(Math.max(8, o.funcInfo.records.byteLength)) : null;
+  try {
+    return loadOnceWith(insns, o, log, logLevel, fi);
+  } finally {
+    fi?.free();
+  }
+}
+
+function loadOnceWith(insns: Uint8Array, o: ProgLoadOptions, log: NativeBuffer | null, logLevel: number, fi: NativeBuffer | null): number {
   // struct bpf_prog_load_opts (libbpf 1.1): sz@0 attempts@8 expected_attach_type@12
   // prog_btf_fd@16 prog_flags@20 prog_ifindex@24 kern_version@28 attach_btf_id@32
   // attach_prog_fd@36 attach_btf_obj_fd@40 fd_array@48 func_info@56 ... log_level@88
@@ -37,6 +52,13 @@ function loadOnce(insns: Uint8Array, o: ProgLoadOptions, log: NativeBuffer | nul
   const v = scratch.view;
   v.setUint32(12, o.expectedAttachType ?? 0, true);
   v.setUint32(20, o.progFlags ?? 0, true);
+  if (o.funcInfo) {
+    v.setUint32(16, o.funcInfo.btfFd, true);
+    fi!.bytes.set(o.funcInfo.records);
+    v.setBigUint64(56, BigInt(fi!.address), true);
+    v.setUint32(64, o.funcInfo.records.byteLength / 8, true);
+    v.setUint32(68, 8, true);
+  }
   if (log) {
     log.bytes[0] = 0;
     v.setUint32(88, logLevel, true);

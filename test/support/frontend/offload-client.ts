@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import {
   OFFLOAD_ETHERTYPE, Status, statusName, bindMapHandles, decodeResponse, decodeMapCreateBody, encodeClaim, encodeMapCreate,
-  encodeProgSet, encodeElemLookup, type Response,
+  encodeProgSet, encodeElemLookup, encodeObjLoad, objectUploadRequests, decodeObjLoadBody, type Response,
 } from '../../../src/offload/guest/codec.js';
 import { readBpfObject } from '../../../src/offload/bpf-object.js';
 import { repoRoot } from '../backend.js';
@@ -105,4 +105,45 @@ export async function hostFramesReceived(ps: PacketSocket, fe: TestFrontend, fir
   let got = 0;
   for (const p of pairs) for (const f of fe.receive(p)) if ((seqOf(f) ?? -1) >= first && (seqOf(f) ?? -1) < first + n) got++;
   return got;
+}
+
+/** A sample object's bytes (bpf/out/NAME.o). */
+export function sampleObject(name: string): Uint8Array {
+  return new Uint8Array(fs.readFileSync(path.join(repoRoot(), 'bpf/out', `${name}.o`)));
+}
+
+/**
+ * The object path as `vxdp load` drives it: OBJ_BEGIN, OBJ_CHUNKs of at most `chunk` bytes
+ * (each must be OK), then OBJ_LOAD; returns OBJ_LOAD's response (refusals included).
+ */
+export async function uploadAndLoad(oc: OffloadClient, object: Uint8Array, o: { name?: string; prog?: string; chunk?: number } = {}): Promise<Response> {
+  for (const req of objectUploadRequests(object, () => oc.nextSeq(), o.name ?? '', o.chunk)) requireOk(await oc.call(req));
+  return oc.call(encodeObjLoad(oc.nextSeq(), o.prog ?? ''), 15_000);
+}
+
+/** uploadAndLoad that must succeed: the OBJ_LOAD body. */
+export async function loadObject(oc: OffloadClient, object: Uint8Array, o: { name?: string; prog?: string; chunk?: number } = {}) {
+  return decodeObjLoadBody(requireOk(await uploadAndLoad(oc, object, o)).body);
+}
+
+/**
+ * xdp_filter_obj.o with its `const volatile` config patched (the 'VXCF' marker in .rodata, then
+ * u16 drop_sport, u16 enabled), as a loader sets a skeleton's rodata before load.
+ */
+export function filterObjectWithConfig(dropSport: number, enabled = true): Uint8Array {
+  const o = sampleObject('xdp_filter_obj').slice();
+  const at = Buffer.from(o.buffer, o.byteOffset, o.byteLength).indexOf(Buffer.from('VXCF', 'latin1'));
+  if (at < 0) throw new Error('xdp_filter_obj.o: config marker not found');
+  const v = new DataView(o.buffer, o.byteOffset);
+  v.setUint16(at + 4, dropSport, true);
+  v.setUint16(at + 6, enabled ? 1 : 0, true);
+  return o;
+}
+
+/** Sum over CPUs of a per-CPU u64 value (possible_cpus slots of 8 bytes, CPU 0 first). */
+export function sumPerCpuU64(value: Uint8Array): number {
+  let n = 0;
+  const v = new DataView(value.buffer, value.byteOffset, value.byteLength);
+  for (let o = 0; o + 8 <= value.byteLength; o += 8) n += Number(v.getBigUint64(o, true));
+  return n;
 }
