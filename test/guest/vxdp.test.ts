@@ -187,7 +187,12 @@ describe('vxdp and /dev/vxdp-<ifname> against serve --offload', () => {
       return;
     }
     await sh(vm, `test -f ${SAMPLE}`);
+    // OBJ_LOAD runs libbpf in a child process on the host (docs/offload-protocol.md §8): on
+    // this shared TCG machine it can take longer than the driver's 3 s default.
+    const timeout = await sh(vm, 'cat /sys/module/virtio_net/parameters/offload_timeout_ms');
+    await sh(vm, 'echo 20000 > /sys/module/virtio_net/parameters/offload_timeout_ms');
     const load = await sh(vm, `vxdp load ${SAMPLE}`, 60_000);
+    await sh(vm, `echo ${timeout} > /sys/module/virtio_net/parameters/offload_timeout_ms`);
     console.log(`[vxdp] ${load}`);
     const tag = /tag ([0-9a-f]{16})/.exec(load)?.[1];
     expect(tag).toBeDefined();
@@ -199,7 +204,9 @@ describe('vxdp and /dev/vxdp-<ifname> against serve --offload', () => {
     expect(show.maps.map((m) => m.type)).toEqual(expect.arrayContaining(['lru_hash', 'percpu_array', 'prog_array']));
     expect((await offloadShow()).program).not.toBeNull();
 
-    // Host frames from the configured source port are dropped on the host; the rest pass.
+    // Host frames from the configured source port are dropped on the host; the rest pass. The
+    // interface must be up: a down one posts no receive buffers, so no frame reaches the program.
+    await sh(vm, 'ip link set dev eth0 up');
     const drop0 = (await offloadShow()).verdicts.drop;
     const ps = PacketSocket.open(tap);
     try {
@@ -221,10 +228,36 @@ describe('vxdp and /dev/vxdp-<ifname> against serve --offload', () => {
     expect(flows.length).toBeGreaterThanOrEqual(1);
     expect(await sh(vm, 'vxdp map lookup counters key 2 0 0 0')).toMatch(/value \(CPU 00\):/);
 
+    const objectHandles = new Set(((await offloadShow()).object?.mapHandles ?? []) as number[]);
+    expect(objectHandles.size).toBe(show.maps.length);
     const un = await sh(vm, 'vxdp unload');
     expect(un).toMatch(/eth0: object unloaded/);
     expect(await sh(vm, 'ip link show dev eth0')).not.toMatch(/alias vxdp:/);
-    expect(await offloadShow()).toMatchObject({ program: null, maps: [] });
+    // The object's maps go with it (a map the kernel path left may still be on its way out).
+    const after = await offloadShow();
+    expect(after).toMatchObject({ program: null, object: null });
+    expect(after.maps.filter((m: { handle: number }) => objectHandles.has(m.handle))).toEqual([]);
     expect(await sh(vm, 'vxdp show')).toMatch(/eth0: no object offloaded/);
+  }, 120_000);
+
+  test('refusals reach the guest: the verifier\'s message with its C source line, a forbidden helper by name', async () => {
+    const vm = guest();
+    expect(objSupport()).toBe(true);
+    const timeout = await sh(vm, 'cat /sys/module/virtio_net/parameters/offload_timeout_ms');
+    await sh(vm, 'echo 20000 > /sys/module/virtio_net/parameters/offload_timeout_ms');
+    try {
+      const verifier = await vm.run('vxdp load /bpf/bad_obj_verifier.o 2>&1', 60_000);
+      expect(verifier.status).toBe(1);
+      expect(verifier.output).toMatch(/VERIFIER_REJECTED \(12\)/);
+      // BTF line info travels with the object: the log names the C line the verifier stopped at.
+      expect(verifier.output).toMatch(/bad_obj_verifier\.c:\d+/);
+      const helper = await vm.run('vxdp load /bpf/bad_obj_helper.o 2>&1', 60_000);
+      expect(helper.status).toBe(1);
+      expect(helper.output).toMatch(/HELPER_NOT_ALLOWED \(6\)/);
+      expect(helper.output).toContain('bpf_get_current_pid_tgid');
+    } finally {
+      await sh(vm, `echo ${timeout} > /sys/module/virtio_net/parameters/offload_timeout_ms`);
+    }
+    expect((await offloadShow()).program).toBeNull();
   }, 120_000);
 });
