@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import type { Argv } from 'yargs';
 import { logger, setLogLevel, type LogLevel } from '../log.js';
 import { Service } from '../service/service.js';
-import { MetricsServer, parseMetricsAddress } from '../service/metrics.js';
+import type { MetricsServer } from '../service/metrics.js';
 import { VxError } from '../errors.js';
 import { defaultWorkers } from '../datapath/worker-pool.js';
 import { parseDeviceOption, validateSpec, parsePinLimit, pinLimitDefault, SpecError, type DeviceSpec } from '../service/device-spec.js';
@@ -86,11 +86,13 @@ export function serveCommand(y: Argv) {
       let svc: Service;
       let metrics: MetricsServer | null = null;
       try {
-        const metricsAt = argv.metrics === undefined ? null : parseMetricsAddress(argv.metrics);
+        // prom-client is loaded only when metrics are asked for: it costs every process megabytes.
+        const m = argv.metrics === undefined ? null : await import('../service/metrics.js');
+        const metricsAt = m ? m.parseMetricsAddress(argv.metrics!) : null;
         svc = await Service.start(specs, control, { workers: argv.workers, busyPoll: argv['busy-poll'] }, files);
-        if (metricsAt) {
+        if (m && metricsAt) {
           const s = svc;
-          metrics = await MetricsServer.listen(metricsAt, () => s.devices.values()).catch(async (e) => { await s.stop(); throw e; });
+          metrics = await m.MetricsServer.listen(metricsAt, () => s.devices.values()).catch(async (e) => { await s.stop(); throw e; });
         }
       } catch (e) {
         // The stable code first, for scripts; the message names the path, the owner, the fix.

@@ -1,4 +1,4 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --max-semi-space-size=1
 // The program a vhost-user.json descriptor names (contrib/vhost-user/50-vhost-xdp.json): QEMU's
 // backend conventions call the backend binary with --print-capabilities, --socket-path or --fd
 // and no subcommand, so this is `vhost-xdp serve` under its own name.

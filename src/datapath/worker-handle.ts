@@ -5,6 +5,7 @@ import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type WorkerEvent, type WorkerRequest, t
 
 const workerUrl = new URL('./worker.js', import.meta.url);
 const REQUEST_TIMEOUT_MS = 5000;
+const YOUNG_GENERATION_MB = 2;
 
 /** The datapath refused or failed a request; the session logs it as a refusal of the request. */
 export class DatapathError extends BackendRefusal {
@@ -32,7 +33,9 @@ export class WorkerHandle {
     const { port1, port2 } = new MessageChannel();
     this.port = port1;
     const wd: WorkerData & { port: MessagePort } = { name, controlFd: this.controlFd, control: this.control, busyPoll, port: port2 };
-    this.worker = new Worker(workerUrl, { workerData: wd, transferList: [port2] });
+    // The datapath allocates nothing per frame: a small young generation is plenty, and every
+    // worker's semi-spaces are resident memory the process pays whatever it serves.
+    this.worker = new Worker(workerUrl, { workerData: wd, transferList: [port2], resourceLimits: { maxYoungGenerationSizeMb: YOUNG_GENERATION_MB } });
     this.worker.on('error', (e) => { this.dead = `worker error: ${e.message}`; });
     this.worker.on('message', (m: WorkerEvent | { ready: true }) => { if ('kind' in m) onEvent(m); });
     this.worker.on('exit', (code) => { this.dead ??= `worker exited (${code})`; });

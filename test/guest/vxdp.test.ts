@@ -36,6 +36,7 @@ async function sh(vm: GuestVm, cmd: string, timeoutMs = 30_000): Promise<string>
 interface OffloadShow {
   claimed: boolean;
   program: { name: string } | null;
+  object: { mapHandles: number[] } | null;
   maps: { handle: number; type: string }[];
   verdicts: { pass: number; drop: number; tx: number; aborted: number };
 }
@@ -228,7 +229,7 @@ describe('vxdp and /dev/vxdp-<ifname> against serve --offload', () => {
     expect(flows.length).toBeGreaterThanOrEqual(1);
     expect(await sh(vm, 'vxdp map lookup counters key 2 0 0 0')).toMatch(/value \(CPU 00\):/);
 
-    const objectHandles = new Set(((await offloadShow()).object?.mapHandles ?? []) as number[]);
+    const objectHandles = new Set((await offloadShow()).object?.mapHandles ?? []);
     expect(objectHandles.size).toBe(show.maps.length);
     const un = await sh(vm, 'vxdp unload');
     expect(un).toMatch(/eth0: object unloaded/);
@@ -236,7 +237,7 @@ describe('vxdp and /dev/vxdp-<ifname> against serve --offload', () => {
     // The object's maps go with it (a map the kernel path left may still be on its way out).
     const after = await offloadShow();
     expect(after).toMatchObject({ program: null, object: null });
-    expect(after.maps.filter((m: { handle: number }) => objectHandles.has(m.handle))).toEqual([]);
+    expect(after.maps.filter((m) => objectHandles.has(m.handle))).toEqual([]);
     expect(await sh(vm, 'vxdp show')).toMatch(/eth0: no object offloaded/);
   }, 120_000);
 

@@ -23,6 +23,16 @@ export function repoRoot(): string {
 /** The built CLI, the way users run it (`npm test` builds first). */
 export const CLI = path.join(repoRoot(), 'dist/src/cli/main.js');
 
+/**
+ * The node options the CLI's shebang (`#!/usr/bin/env -S node OPTIONS`) gives it: tests run
+ * it with them, as `vhost-xdp serve` runs for a user (the heap settings are part of what it costs).
+ */
+export const CLI_NODE_OPTIONS: string[] = (() => {
+  const first = fs.readFileSync(path.join(repoRoot(), 'src/cli/main.ts'), 'utf8').split('\n', 1)[0]!;
+  const m = /^#!\/usr\/bin\/env -S node(.*)$/.exec(first);
+  return m ? m[1]!.trim().split(/\s+/).filter(Boolean) : [];
+})();
+
 export interface Backend {
   proc: ManagedProcess;
   control: string;
@@ -78,7 +88,7 @@ export async function startBackend(args: string[], opts: StartOptions = {}): Pro
   if (!fs.existsSync(CLI)) throw new Error(`${CLI} is missing: run npm run build`);
   const dir = opts.dir ?? tempDir('be');
   const control = opts.control ?? path.join(dir, 'ctl.sock');
-  let argv = opts.argv ?? [process.execPath, CLI, 'serve', ...args, '--control', control];
+  let argv = opts.argv ?? [process.execPath, ...CLI_NODE_OPTIONS, CLI, 'serve', ...args, '--control', control];
   if (opts.runAs) {
     handOver(opts.runAs, dir);
     argv = ['setpriv', ...setprivArgs(opts.runAs, argv)];
