@@ -130,6 +130,9 @@ export async function runLoggingBench(opts: { seconds?: number; rounds?: number;
     writeFileSync(cfg, trafgenConfig(frame));
 
     const windowWith = async (on: boolean): Promise<LoggingWindow> => {
+      // As QEMU does: the backend lets go of the log when logging goes off, and gets a log base
+      // again before LOG_ALL comes back on.
+      if (on) await fe!.setLogBase(log!.fd, log!.size);
       await fe!.setLogAll(on);
       if ((await logging()) !== on) throw new Error(`the backend did not turn logging ${on ? 'on' : 'off'}`);
       log!.clear();
