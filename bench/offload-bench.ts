@@ -82,6 +82,23 @@ async function measureMapOps(oc: OffloadClient, seconds: number): Promise<MapOps
 }
 
 /**
+ * The TS frontend as the guest of `serve --offload --queues 1` at `sock` (a data pair and the
+ * reserved pair), its offload client spinning and the channel claimed. Closes the frontend on failure.
+ */
+export async function connectClaimedGuest(sock: string): Promise<{ fe: TestFrontend; oc: OffloadClient }> {
+  const fe = await TestFrontend.connect(sock, { queuePairs: 2, queueSize: 1024, memBytes: 64 << 20 });
+  try {
+    const oc = new OffloadClient(fe, 1);
+    oc.spin = true;
+    requireOk(await oc.claim());
+    return { fe, oc };
+  } catch (e) {
+    fe.close();
+    throw e;
+  }
+}
+
+/**
  * The XDP_DROP effect on a host->guest flood through `kind`'s port, and on the tap port also
  * map round trips through the offload queue.
  */
@@ -100,10 +117,9 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
     be = spawnManaged('taskset', ['-c', '1', process.execPath, CLI, 'serve', '--socket', sock, '--port', `${kind}:${tap}`, '--queues', '1', '--offload', '--control', ctl, '--name', 'bench', '--log-level', 'warn'], { name: 'vhost-xdp' });
     await be.waitForLine(/^vhost-xdp ready:/, 15_000);
     if (kind === 'tap') disableIpv6(tap);
-    fe = await TestFrontend.connect(sock, { queuePairs: 2, queueSize: 1024, memBytes: 64 << 20 });
-    const oc = new OffloadClient(fe, 1);
-    oc.spin = true;
-    requireOk(await oc.claim());
+    const guest = await connectClaimedGuest(sock);
+    fe = guest.fe;
+    const oc = guest.oc;
     const maps = kind === 'tap' ? await measureMapOps(oc, seconds) : undefined;
 
     // Host -> guest flood: delivered to the guest without offload vs dropped on the host with XDP_DROP.

@@ -9,6 +9,9 @@
 // guest, serve start to frames flowing (issue 15's budget), median of N rounds (default 5). Not part of `all`.
 // `npm run bench -- migration [--rounds N] [--json]`: QEMU live-migration downtime and total time, idle and busy guest,
 // vhost-xdp serve vs DPDK testpmd's vhost PMD as both backends, interleaved rounds (issue 14; not part of `all`).
+// `npm run bench -- object [--rounds N] [--seconds N] [--json]`: the object path (issue 17): OBJ_BEGIN to the first host
+// frame dropped on tap and xsk ports, and the sample's drop rate on the xsk port vs the same object attached natively by
+// root to a plain veth (the ceiling), interleaved rounds (not part of `all`).
 import { loadavg } from 'node:os';
 import { measureDpdkTapReference, measureVhostXdpTap, measureDpdkAfXdpReference, measureVhostXdpXsk, type ReferenceResult } from './reference-dpdk.js';
 import { runOffloadBench } from './offload-bench.js';
@@ -17,6 +20,7 @@ import { runScaleBench, scaleTable, SCALE_TARGETS } from './scale-bench.js';
 import { runLoggingBench } from './logging-bench.js';
 import { runRestartBench } from './restart-bench.js';
 import { runMigrationBench, type MigrationSample } from './migration-bench.js';
+import { runObjectBench } from './object-bench.js';
 
 const args = process.argv.slice(2);
 const VALUED = new Set(['--seconds', '--rounds', '--devices', '--workers', '--port']);
@@ -26,8 +30,8 @@ if (unknownFlag) {
   process.exit(2);
 }
 const which = args.find((a, i) => !a.startsWith('--') && !VALUED.has(args[i - 1] ?? '')) ?? 'all';
-if (!['tap', 'xsk', 'offload', 'scale', 'micro', 'logging', 'restart', 'migration', 'all'].includes(which)) {
-  console.error(`unknown bench '${which}': tap, xsk, offload, scale, micro, logging, restart, migration or all`);
+if (!['tap', 'xsk', 'offload', 'scale', 'micro', 'logging', 'restart', 'migration', 'object', 'all'].includes(which)) {
+  console.error(`unknown bench '${which}': tap, xsk, offload, scale, micro, logging, restart, migration, object or all`);
   process.exit(2);
 }
 const secIdx = args.indexOf('--seconds');
@@ -296,6 +300,32 @@ if (which === 'migration') {
     for (const s of broken) console.log(`  WARNING: ${s.kind} ${s.load}: the guest's NIC did not work after the migration`);
     console.log(`  1/5/15-min load average at end: ${fmtLoad(r.loadAvgEnd)}`);
   }
+}
+
+if (which === 'object') {
+  const fmtLoad = (l: number[]): string => l.map((x) => x.toFixed(2)).join(' ');
+  if (!json) {
+    console.log(`object path (issue 17): bpf/xdp_filter_obj.o (LRU_HASH, PERCPU_ARRAY, tail call; config patched to drop UDP sport 4005), TS frontend as the guest, ${rounds} round(s)`);
+    console.log(`  1/5/15-min load average at start (2 cores): ${fmtLoad(loadavg())}`);
+  }
+  const r = await runObjectBench({ rounds, seconds, log: json ? undefined : (l) => console.log(l) });
+  results.object = r;
+  if (!json) console.log(`  pinning: ${r.pinning}`);
+  for (const kind of ['tap', 'xsk'] as const) {
+    const ls = r.latency[kind];
+    const pick = (f: (l: (typeof ls)[0]) => number) => median(ls.map(f));
+    line(`${kind}: OBJ_BEGIN to first host frame dropped (ms)`, pick((l) => l.totalMs).toFixed(1),
+      `upload ${pick((l) => l.uploadMs).toFixed(1)} + OBJ_LOAD ${pick((l) => l.loadMs).toFixed(1)} + first drop ${pick((l) => l.firstDropAfterLoadMs).toFixed(1)} (${r.objectBytes}-byte object)${rounds > 1 ? `; rounds ${ls.map((l) => l.totalMs.toFixed(0)).join(' ')}` : ''}`);
+  }
+  const ceil = median(r.drops.map((d) => d.ceiling.pps));
+  const ours = median(r.drops.map((d) => d.xsk.pps));
+  const ratio = median(r.drops.map((d) => d.ratio));
+  line('ceiling: native on a plain veth, dropped (pps)', String(ceil), `(offered ${median(r.drops.map((d) => d.ceiling.offeredPps))})`);
+  line('xsk port, object offloaded, dropped (pps)', String(ours), `(offered ${median(r.drops.map((d) => d.xsk.offeredPps))})`);
+  const genBound = r.drops.every((d) => d.ceiling.offeredPps > 0 && d.ceiling.pps >= 0.99 * d.ceiling.offeredPps && d.xsk.pps >= 0.99 * d.xsk.offeredPps)
+    ? `; both sides dropped every frame offered: ${r.generator} is the limit, not either program` : '';
+  line('xsk drop rate / ceiling', `${ratio.toFixed(2)}x`, `goal >= 0.9x ceiling (${ratio >= 0.9 ? 'met' : 'MISSED'}); generator ${r.generator}${eachRound(r.drops.map((d) => d.ratio))}${genBound}`);
+  if (!json) console.log(`  1/5/15-min load average at end: ${fmtLoad(loadavg())}`);
 }
 
 if (json) console.log(JSON.stringify(results, null, 2));
