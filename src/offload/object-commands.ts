@@ -137,7 +137,7 @@ function checkMapQuotas(st: OffloadState, count: number, bytes: number): void {
 }
 
 /** A program's instructions against the device's policy; `mapRef` judges each map reference. */
-function judgeInsns(st: OffloadState, insns: Uint8Array, where: string, tailCalls: boolean, mapRef: (index: number, src: number, imm: number) => void) {
+export function judgeInsns(st: OffloadState, insns: Uint8Array, where: string, tailCalls: boolean, mapRef: (index: number, src: number, imm: number) => void) {
   let decoded;
   try {
     decoded = decodeProgram(insns);
@@ -245,6 +245,31 @@ function recheck(st: OffloadState, got: LoadedObjectFds, progName: string): Chec
   return { maps, programs, entry };
 }
 
+/**
+ * Pins the object's maps, its programs, the entry's code with map references as guest handles
+ * (so a restarted backend can compose it again on an xsk port) and meta_obj last (pinning.ts).
+ */
+function pinLoadedObject(st: OffloadState, program: LoadedProgram, object: LoadedObject, entry: number, entries: MapEntry[]): void {
+  const pins = st.pins;
+  if (!pins) return;
+  const handleOf = new Map(entries.map((e) => [e.map.fd, e.handle]));
+  let code: Uint8Array | null = null;
+  if (program.code) {
+    const decoded = decodeProgram(program.code);
+    code = rewriteMapRefs({ decoded, license: 'GPL', usedHandles: [] }, (fd) => {
+      const h = handleOf.get(fd);
+      if (h === undefined) throw new Error(`entry refers to fd ${fd}, not one of the object's maps`);
+      return h;
+    });
+  }
+  for (const e of entries) pins.pinMap(e.handle, e.map.fd, { handle: e.handle, chargedBytes: e.chargedBytes, createdAt: e.createdAt, name: e.def.name, object: true });
+  pins.pinObject({
+    version: 1, name: object.name, loadedAt: program.loadedAt, gen: program.id, entry, license: program.license,
+    programs: object.programs.map((x) => ({ name: x.name, tag: x.tag, insns: x.insns })),
+    mapHandles: [...object.mapHandles], codeBytes: code?.byteLength ?? 0,
+  }, object.programs.map((x) => x.fd), code);
+}
+
 function asRefusal(st: OffloadState, e: ObjectLoaderError): ProtocolError {
   if (e.code === 'object-load-failed' && e.log) {
     // "The verifier log (bounded) goes back to the guest" (DESIGN.md decision 6); with the
@@ -313,9 +338,22 @@ export function objLoad(st: OffloadState, p: Uint8Array): Uint8Array {
       fd: entry.fd, id: entry.id, tag: entry.tag, insns: entry.insns, loadedAt: st.isoNow(), name: entry.name.slice(0, 15),
       usedHandles: [...object.mapHandles], code: entry.code, license: inspected.license, source: null, object,
     };
+    // Pinned before it is published (docs §5, §8): a published object survives a restart. A
+    // failure to pin refuses the load: its maps leave the table (closed) and unpinned.
+    try {
+      pinLoadedObject(st, program, object, c.entry, entries);
+    } catch (e) {
+      for (const x of entries) {
+        try { st.pins?.unpinMap(x.handle); } catch { /* best effort */ }
+        st.maps.remove(x.handle);
+      }
+      if (e instanceof ProtocolError) throw e;
+      refuse(Status.KERNEL_ERROR, 'pin-failed', `the object could not be pinned: ${(e as Error).message.slice(0, 200)}`,
+        { a: (e as { errno?: number }).errno ?? 0 });
+    }
     for (const x of c.programs) owned.delete(x.fd);
-    // The object is not pinned (see docs §8): a restart drops it; the claim's next handle moves past
-    // its maps, and a program pinned before (PROG_SET) must not come back in its place.
+    // The claim's next handle moves past the object's maps; a program pinned before (PROG_SET)
+    // must not come back in its place (restore.ts also prefers the newer of the two).
     st.writeClaimState();
     st.pins?.unpinProg();
     publishLoaded(st, program);
