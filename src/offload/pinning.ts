@@ -20,6 +20,7 @@
 //                   old one's
 //   obj<G>_code     the entry's relocated instructions with map references as guest handles
 //                   (a blob like `src`): what the xsk port composes again after a restart
+//   obj<G>_elf      the object's ELF bytes as uploaded (a blob): what a migration carries
 // bpffs refuses regular files, so the JSON documents are stored as symlink targets (bpffs
 // supports symlinks and rename): each is written to a temporary name and renamed over the
 // old one, so a crash leaves either the old or the new document, never half of one. One
@@ -56,6 +57,8 @@ export interface PinnedObjectMeta {
   mapHandles: number[];
   /** Length of obj<G>_code (0: none pinned). */
   codeBytes: number;
+  /** Length of obj<G>_elf, the uploaded object (what a migration carries); absent or 0: none pinned. */
+  elfBytes?: number;
 }
 
 const SRC_CHUNK = 4096;
@@ -168,12 +171,14 @@ export class DevicePins {
    * point, renamed over any older one). The maps are pinned by the caller (pinMap). On failure
    * nothing of this generation stays.
    */
-  pinObject(meta: PinnedObjectMeta, progFds: number[], code: Uint8Array | null): void {
+  pinObject(meta: PinnedObjectMeta, progFds: number[], code: Uint8Array | null, elf?: Uint8Array): void {
     const g = `obj${meta.gen}`;
     try {
       progFds.forEach((fd, i) => { this.unlinkQuiet(`${g}_p${i}`); objPin(fd, this.path(`${g}_p${i}`)); });
       this.unlinkQuiet(`${g}_code`);
       if (code && code.byteLength > 0) this.pinBlob(`${g}_code`, code);
+      this.unlinkQuiet(`${g}_elf`);
+      if (elf && elf.byteLength > 0) this.pinBlob(`${g}_elf`, elf);
       this.writeDoc('meta_obj', meta);
     } catch (e) {
       this.unpinObjectGen(meta.gen);
@@ -194,6 +199,8 @@ export class DevicePins {
 
   getObjectCode(gen: number, bytes: number): Uint8Array | null { return this.getBlob(`obj${gen}_code`, bytes); }
 
+  getObjectElf(gen: number, bytes: number): Uint8Array | null { return this.getBlob(`obj${gen}_elf`, bytes); }
+
   /** Removes generation gen's program and code pins, and meta_obj when it names gen (or cannot be read). */
   unpinObjectGen(gen: number): void {
     const meta = this.readDoc<{ gen?: unknown }>('meta_obj');
@@ -201,7 +208,7 @@ export class DevicePins {
     this.unlinkQuiet('meta_obj_new');
     let names: string[];
     try { names = readdirSync(this.dir); } catch { return; }
-    const re = new RegExp(`^obj${gen}_(p\\d+|code)$`);
+    const re = new RegExp(`^obj${gen}_(p\\d+|code|elf)$`);
     for (const n of names) if (re.test(n)) this.unlinkQuiet(n);
   }
 
@@ -211,7 +218,7 @@ export class DevicePins {
     this.unlinkQuiet('meta_obj_new');
     let names: string[];
     try { names = readdirSync(this.dir); } catch { return; }
-    for (const n of names) if (/^obj\d+_(p\d+|code)$/.test(n)) this.unlinkQuiet(n);
+    for (const n of names) if (/^obj\d+_(p\d+|code|elf)$/.test(n)) this.unlinkQuiet(n);
   }
 
   private pinBlob(name: string, bytes: Uint8Array): void {

@@ -168,9 +168,11 @@ function objectMeta(raw: unknown): PinnedObjectMeta {
   if (!Array.isArray(m.mapHandles) || m.mapHandles.length > 1024 || !m.mapHandles.every((h) => isCount(h, 0xffffffff) && h > 0)) bad('bad map handles');
   if (new Set(m.mapHandles as number[]).size !== (m.mapHandles as number[]).length) bad('duplicate map handles');
   if (!isCount(m.codeBytes, MAX_CODE_BYTES) || (m.codeBytes as number) % 8 !== 0) bad('bad code length');
+  if (m.elfBytes !== undefined && !isCount(m.elfBytes, MAX_CODE_BYTES)) bad('bad object length');
   return {
     version: 1, name: m.name as string, loadedAt: m.loadedAt as string, gen: m.gen as number, entry: m.entry as number,
     license: m.license as string, programs, mapHandles: [...(m.mapHandles as number[])], codeBytes: m.codeBytes as number,
+    elfBytes: (m.elfBytes as number | undefined) ?? 0,
   };
 }
 
@@ -222,12 +224,25 @@ function restoreObject(st: OffloadState, pins: DevicePins, meta: PinnedObjectMet
     const program: LoadedProgram = {
       fd: entry.fd, id: entry.id, tag: entry.tag, insns: entry.insns, loadedAt: meta.loadedAt, name: entry.name.slice(0, 15),
       usedHandles: [...meta.mapHandles], code: entryCode(st, pins, meta), license: meta.license, source: null,
-      object: { name: meta.name, programs: opened, mapHandles: [...meta.mapHandles] },
+      object: { name: meta.name, programs: opened, mapHandles: [...meta.mapHandles], ...objectElf(st, pins, meta) },
     };
     st.program.restore(program);
   } catch (e) {
     for (const p of opened) closeBpfFd(p.fd);
     throw e;
+  }
+}
+
+/** The pinned ELF bytes (a migration loads them again on the destination, which checks them as a guest's upload). */
+function objectElf(st: OffloadState, pins: DevicePins, meta: PinnedObjectMeta): { elf?: Uint8Array } {
+  if (!meta.elfBytes) return {};
+  try {
+    const elf = pins.getObjectElf(meta.gen, meta.elfBytes);
+    if (!elf) throw new Error('object pin missing or short');
+    return { elf };
+  } catch (e) {
+    st.log(`object bytes not restored (the object runs, but cannot migrate): ${(e as Error).message}`);
+    return {};
   }
 }
 

@@ -67,6 +67,8 @@ describe('a pinned object in this process', () => {
     expect(b.programSource).not.toBe(null);
     expect(log.join('\n')).not.toMatch(/not restored/);
     expect(again.maps.some((m) => m.handle === plainMap)).toBe(true);
+    // The object's bytes were pinned too: a restored object can still migrate.
+    expect(OffloadBroker.describeState(b.exportState()).program).toMatchObject({ name: 'xdp_filter', tag: show.program!.tag });
     // OBJ_UNLOAD after the restore: nothing of the object stays, pins included.
     const g = new Guest(b);
     expect(P.decodeU32Body(g.ok((s) => P.encodeObjUnload(s)).body)).toBe(1);
