@@ -17,7 +17,9 @@ import type { MapDef } from './map-table.js';
 
 /** 'V','X','M','S' in memory order (bytes 56 58 4D 53), read as a little-endian u32. */
 export const STATE_MAGIC = 0x534d5856;
+/** Version 1: PROG_SET programs and MAP_CREATE maps. Version 2 adds the OBJECT section (written only when an object is loaded). */
 export const STATE_VERSION = 1;
+export const STATE_VERSION_OBJECT = 2;
 export const STATE_HEADER_BYTES = 16;
 const SECTION_HEADER_BYTES = 8;
 /** A section's length is a u32. */
@@ -27,7 +29,9 @@ const MAX_HANDLE = 0x7fffffff;
 /** The largest time a JavaScript Date holds (ms since the epoch). */
 const MAX_DATE_MS = 8.64e15;
 
-export const Section = { CLAIM: 1, QUOTAS: 2, MAP: 3, PROGRAM: 4, COUNTERS: 5 } as const;
+export const Section = { CLAIM: 1, QUOTAS: 2, MAP: 3, PROGRAM: 4, COUNTERS: 5, OBJECT: 6 } as const;
+const PROG_NAME_BYTES = 64;
+const OBJECT_PREFIX_BYTES = 16 + OBJ_NAME_BYTES + PROG_NAME_BYTES + 8;
 const MAP_HEADER_BYTES = 32 + OBJ_NAME_BYTES;
 const QUOTAS_BYTES = 32;
 const CLAIM_BYTES = 24;
@@ -58,6 +62,20 @@ export interface StateProgram {
   attachFlags: number;
 }
 
+/** One map of a loaded object; per-CPU values are valueCpus × round_up(valueSize, 8) bytes each. */
+export interface StateObjectMap extends StateMap { valueCpus: number }
+
+/** A loaded object (OBJ_LOAD): the ELF as the guest uploaded it, its entry, and its maps' contents in libbpf's order. */
+export interface StateObject {
+  attachFlags: number;
+  /** The entry program's kernel tag on the source. */
+  tag: string;
+  name: string;
+  progName: string;
+  elf: Uint8Array;
+  maps: StateObjectMap[];
+}
+
 export interface MigrationState {
   claim: { claimedAtMs: number; responseLimit: number; nextHandle: number } | null;
   /** The source's limits: informational, the destination's own configuration wins. */
@@ -65,6 +83,8 @@ export interface MigrationState {
   maps: StateMap[];
   program: StateProgram | null;
   counters: VerdictCounters | null;
+  /** Only in version 2 states; never with `program`. */
+  object?: StateObject | null;
 }
 
 function refused(code: MigrationStateCode, message: string, rule?: string, cause?: unknown): never {
@@ -84,7 +104,7 @@ function section(out: Writer, type: number, body: Uint8Array): void {
 
 export function encodeState(s: MigrationState): Uint8Array {
   const out = new Writer(4096);
-  out.u32(STATE_MAGIC).u16(STATE_VERSION).u16(0).u32(0).u32(0); // length and crc patched below
+  out.u32(STATE_MAGIC).u16(s.object ? STATE_VERSION_OBJECT : STATE_VERSION).u16(0).u32(0).u32(0); // length and crc patched below
   const c = s.claim;
   section(out, Section.CLAIM, new Writer(CLAIM_BYTES).u32(c ? 1 : 0).u32(c?.responseLimit ?? 0).u32(c?.nextHandle ?? 0).u32(0)
     .u64(c?.claimedAtMs ?? 0).finish());
@@ -105,6 +125,19 @@ export function encodeState(s: MigrationState): Uint8Array {
   }
   const n = s.counters;
   if (n) section(out, Section.COUNTERS, new Writer(COUNTERS_BYTES).u64(n.pass).u64(n.drop).u64(n.tx).u64(n.aborted).finish());
+  const o = s.object;
+  if (o) {
+    const name64 = new Uint8Array(PROG_NAME_BYTES);
+    name64.set(Buffer.from(o.progName, 'latin1').subarray(0, PROG_NAME_BYTES - 1));
+    const w = new Writer(OBJECT_PREFIX_BYTES + o.elf.byteLength + o.maps.reduce((t, m) => t + MAP_HEADER_BYTES + m.keys.byteLength + m.values.byteLength, 0))
+      .u32(o.attachFlags).u32(0).bytes(Buffer.from(o.tag, 'hex')).bytes(encodeObjName(o.name)).bytes(name64)
+      .u32(o.elf.byteLength).u32(o.maps.length).bytes(o.elf);
+    for (const m of o.maps) {
+      w.u32(m.handle).u32(m.type).u32(m.keySize).u32(m.valueSize).u32(m.maxEntries).u32(m.flags).u32(m.valueCpus).u32(m.count)
+        .bytes(encodeObjName(m.name)).bytes(m.keys).bytes(m.values);
+    }
+    section(out, Section.OBJECT, w.finish());
+  }
   const bytes = out.finish();
   if (bytes.byteLength > 0xffffffff) refused('state-too-large', `migration state is ${bytes.byteLength} bytes, over the u32 total length`);
   const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -144,7 +177,9 @@ function decodeHeader(b: Uint8Array): void {
   }
   if (b.byteLength < STATE_HEADER_BYTES) refused('state-truncated', `migration state is ${b.byteLength} bytes, shorter than its ${STATE_HEADER_BYTES}-byte header`);
   const version = v.getUint16(4, true);
-  if (version !== STATE_VERSION) refused('state-version', `migration state version ${version} is not supported (this host reads ${STATE_VERSION})`);
+  if (version !== STATE_VERSION && version !== STATE_VERSION_OBJECT) {
+    refused('state-version', `migration state version ${version} is not supported (this host reads ${STATE_VERSION} and ${STATE_VERSION_OBJECT})`);
+  }
   if (v.getUint16(6, true) !== 0) malformed('migration state header flags are not 0');
   const total = v.getUint32(8, true);
   if (total > b.byteLength) refused('state-truncated', `migration state says ${total} bytes, ${b.byteLength} present`);
@@ -157,6 +192,7 @@ function decodeHeader(b: Uint8Array): void {
 
 function decode(b: Uint8Array): MigrationState {
   decodeHeader(b);
+  const version = new DataView(b.buffer, b.byteOffset, b.byteLength).getUint16(4, true);
   const r = new Reader(b.subarray(STATE_HEADER_BYTES), 'migration state');
   const s: Omit<MigrationState, 'quotas'> & { quotas: Quotas | null } = { claim: null, quotas: null, maps: [], program: null, counters: null };
   let last = 0;
@@ -178,12 +214,27 @@ function decode(b: Uint8Array): MigrationState {
       case Section.MAP: s.maps.push(decodeMap(body, s.maps.at(-1)?.handle ?? 0)); break;
       case Section.PROGRAM: s.program = decodeProgram(body); break;
       case Section.COUNTERS: s.counters = decodeCounters(body); break;
+      case Section.OBJECT:
+        if (version !== STATE_VERSION_OBJECT) malformed('an OBJECT section in a version 1 state');
+        s.object = decodeObject(body);
+        break;
       default: malformed(`unknown section type ${type}`);
     }
     body.end();
   }
   if (!s.quotas) refused('state-truncated', 'migration state ends before its CLAIM and QUOTAS sections');
-  if (!claimed && (s.maps.length > 0 || s.program)) malformed('an unclaimed state carries maps or a program');
+  if (!claimed && (s.maps.length > 0 || s.program || s.object)) malformed('an unclaimed state carries maps or a program');
+  if (version === STATE_VERSION_OBJECT && !s.object) malformed('a version 2 state without its OBJECT section');
+  if (s.object && s.program) malformed('a state carries both a PROGRAM and an OBJECT');
+  if (s.object) {
+    const plain = new Set(s.maps.map((m) => m.handle));
+    const seen = new Set<number>();
+    for (const m of s.object.maps) {
+      if (plain.has(m.handle) || seen.has(m.handle)) malformed(`OBJECT map handle ${m.handle} is used twice`);
+      seen.add(m.handle);
+      if (s.claim && m.handle >= s.claim.nextHandle) malformed(`OBJECT map handle ${m.handle} is not below next_handle ${s.claim.nextHandle}`);
+    }
+  }
   const top = s.maps.at(-1)?.handle ?? 0;
   if (s.claim && top >= s.claim.nextHandle) malformed(`map handle ${top} is not below next_handle ${s.claim.nextHandle}`);
   return { ...s, quotas: s.quotas };
@@ -223,26 +274,35 @@ function decodeQuotas(r: Reader): Quotas {
 }
 
 function decodeMap(r: Reader, previous: number): StateMap {
+  const { valueCpus: _cpus, ...m } = decodeMapBody(r, 'MAP', (handle, cpus) => {
+    if (handle <= previous || handle > MAX_HANDLE) malformed(`MAP: handle ${handle} is not above the previous map's (${previous}) or outside 1..${MAX_HANDLE}`);
+    // Per-CPU values are sized by the CPU count, which two hosts need not share; the device never
+    // holds per-CPU maps through MAP_CREATE (it refuses them), so these never need more than one value.
+    if (cpus !== 1) refused('state-map-type', `MAP ${handle}: value_cpus ${cpus}: per-CPU values are not carried (must be 1)`, 'map-type-percpu');
+  });
+  return m;
+}
+
+/** One map's layout (MAP sections and the OBJECT section's maps); `check` judges handle and value_cpus before anything is sized. */
+function decodeMapBody(r: Reader, label: string, check: (handle: number, cpus: number) => void): StateObjectMap {
   const handle = r.u32('handle');
   const type = r.u32('type');
   const keySize = r.u32('key_size');
   const valueSize = r.u32('value_size');
   const maxEntries = r.u32('max_entries');
   const flags = r.u32('flags');
-  const cpus = r.u32('value_cpus');
+  const valueCpus = r.u32('value_cpus');
   const count = r.u32('count');
   const name = decodeObjName(r.take(OBJ_NAME_BYTES, 'name'), 'map name');
-  if (handle <= previous || handle > MAX_HANDLE) malformed(`MAP: handle ${handle} is not above the previous map's (${previous}) or outside 1..${MAX_HANDLE}`);
-  // Per-CPU values are sized by the CPU count, which two hosts need not share; the device never
-  // holds per-CPU maps (MAP_CREATE refuses them), so a state never needs more than one value.
-  if (cpus !== 1) refused('state-map-type', `MAP ${handle}: value_cpus ${cpus}: per-CPU values are not carried (must be 1)`, 'map-type-percpu');
-  if (keySize === 0 || valueSize === 0 || maxEntries === 0) malformed(`MAP ${handle}: key size, value size and max entries must be non-zero`, 'zero-map-size');
-  if (count > maxEntries) malformed(`MAP ${handle}: ${count} elements in a map of max_entries ${maxEntries}`);
+  check(handle, valueCpus);
+  if (keySize === 0 || valueSize === 0 || maxEntries === 0) malformed(`${label} ${handle}: key size, value size and max entries must be non-zero`, 'zero-map-size');
+  if (count > maxEntries) malformed(`${label} ${handle}: ${count} elements in a map of max_entries ${maxEntries}`);
+  const valueBytes = valueCpus === 1 ? valueSize : Math.ceil(valueSize / 8) * 8 * valueCpus;
   // "Every count is checked against the bytes actually present before it sizes anything."
-  r.fits(count, keySize + valueSize, 'count', 'count-exceeds-payload');
+  r.fits(count, keySize + valueBytes, 'count', 'count-exceeds-payload');
   const keys = r.take(count * keySize, 'keys');
-  const values = r.take(count * valueSize, 'values');
-  return { handle, type, keySize, valueSize, maxEntries, flags, name, count, keys, values };
+  const values = r.take(count * valueBytes, 'values');
+  return { handle, type, keySize, valueSize, maxEntries, flags, name, count, keys, values, valueCpus };
 }
 
 function decodeProgram(r: Reader): StateProgram {
@@ -252,6 +312,31 @@ function decodeProgram(r: Reader): StateProgram {
   const p = decodeProgSet(r.rest());
   if (p.flags !== 0) malformed('PROGRAM: PROG_SET flags are not 0');
   return { name: p.name, license: p.license, mapHandles: p.mapHandles, insns: p.insns, tag, attachFlags };
+}
+
+function decodeObject(r: Reader): StateObject {
+  const attachFlags = r.u32('attach_flags');
+  if (r.u32('reserved') !== 0) malformed('OBJECT: reserved is not 0');
+  const tag = Buffer.from(r.take(8, 'tag')).toString('hex');
+  const name = decodeObjName(r.take(OBJ_NAME_BYTES, 'name'), 'object name');
+  const raw = r.take(PROG_NAME_BYTES, 'prog_name');
+  const nul = raw.indexOf(0);
+  if (nul < 0 || raw.subarray(nul).some((x) => x !== 0)) malformed('OBJECT: prog_name is not NUL-terminated and zero-padded');
+  const progName = Buffer.from(raw.subarray(0, nul)).toString('latin1');
+  if (!/^[A-Za-z0-9_.]{1,63}$/.test(progName)) malformed('OBJECT: prog_name is not a C function name');
+  const elfBytes = r.u32('elf_bytes');
+  const count = r.u32('map_count');
+  if (elfBytes === 0) malformed('OBJECT: no object bytes');
+  const elf = r.take(elfBytes, 'elf');
+  r.fits(count, MAP_HEADER_BYTES, 'map_count', 'count-exceeds-payload');
+  const maps: StateObjectMap[] = [];
+  for (let i = 0; i < count; i++) {
+    maps.push(decodeMapBody(r, 'OBJECT map', (handle, cpus) => {
+      if (handle < 1 || handle > MAX_HANDLE) malformed(`OBJECT map ${i}: handle ${handle} outside 1..${MAX_HANDLE}`);
+      if (cpus < 1 || cpus > 4096) malformed(`OBJECT map ${handle}: value_cpus ${cpus} outside 1..4096`);
+    }));
+  }
+  return { attachFlags, tag, name, progName, elf, maps };
 }
 
 function decodeCounters(r: Reader): VerdictCounters {

@@ -10,7 +10,7 @@
 // program listener hears anything) until the whole state is in place; a refusal at any step
 // closes what was created and removes what was pinned.
 
-import { BpfMapType, BPF_ANY } from '../sys/bpf/maps.js';
+import { BpfMapType, BPF_ANY, BPF_F_RDONLY_PROG, isPerCpuMapType, numPossibleCpus } from '../sys/bpf/maps.js';
 import { BpfError } from '../sys/bpf/libbpf.js';
 import { closeBpfFd } from '../sys/bpf/programs.js';
 import { Status, type MapCreateRequest } from './protocol.js';
@@ -20,8 +20,10 @@ import { estimateMapBytes } from './quotas.js';
 import { decodeProgram, judgeProgram } from './program-check.js';
 import { createMapEntry } from './map-commands.js';
 import { checkAndLoad, publishProgram } from './program-commands.js';
-import { decodeState, encodeState, type MigrationState, type StateMap, type StateProgram, type VerdictCounters } from './migration-format.js';
-import type { Loaded } from './program-state.js';
+import { decodeState, encodeState, type MigrationState, type StateMap, type StateObject, type StateObjectMap, type StateProgram, type VerdictCounters } from './migration-format.js';
+import { loadObjectBytes } from './object-commands.js';
+import { publishLoaded } from './program-commands.js';
+import type { Loaded, LoadedProgram } from './program-state.js';
 import type { Quotas } from './quotas.js';
 import type { OffloadState } from './state.js';
 
@@ -86,21 +88,17 @@ function readElements(e: MapEntry): Pick<StateMap, 'count' | 'keys' | 'values'> 
       values.push(v);
     }
   }
-  return { count: keys.length, keys: Buffer.concat(keys, keys.length * keySize), values: Buffer.concat(values, values.length * valueSize) };
+  // valueBytes: a per-CPU value is every CPU's (possible CPUs × round_up(value_size, 8)).
+  return { count: keys.length, keys: Buffer.concat(keys, keys.length * keySize), values: Buffer.concat(values, values.length * e.map.valueBytes) };
 }
 
 export function exportState(st: OffloadState, extras: ExportExtras = {}): Uint8Array {
-  const obj = st.program.current?.object;
-  if (obj) {
-    // Version 1 of the state carries PROG_SET programs and MAP_CREATE maps only; an object's
-    // programs, per-CPU maps and PROG_ARRAY would be dropped. Refuse instead: QEMU fails the
-    // migration and the guest keeps running here with its object.
-    throw new MigrationStateError('state-object-unsupported',
-      `device ${st.device} runs object '${obj.name}' (OBJ_LOAD); objects do not migrate yet (OBJ_UNLOAD, or load the program with PROG_SET, to migrate)`);
-  }
   const c = st.claim;
-  const maps: StateMap[] = st.maps.entries().map((e) => ({ handle: e.handle, ...e.def, ...readElements(e) }));
-  const p = st.program.current;
+  const cur = st.program.current;
+  const object = cur?.object ? exportObject(st, cur, extras.attachFlags ?? 0) : null;
+  const mine = new Set(object?.maps.map((m) => m.handle) ?? []);
+  const maps: StateMap[] = st.maps.entries().filter((e) => !mine.has(e.handle)).map((e) => ({ handle: e.handle, ...e.def, ...readElements(e) }));
+  const p = object ? null : cur;
   let program: StateProgram | null = null;
   if (p) {
     if (!p.source) {
@@ -112,10 +110,31 @@ export function exportState(st: OffloadState, extras: ExportExtras = {}): Uint8A
   const at = c ? Date.parse(c.at) : NaN;
   const bytes = encodeState({
     claim: c ? { claimedAtMs: Number.isFinite(at) ? at : 0, responseLimit: c.responseLimit, nextHandle: st.maps.nextHandle } : null,
-    quotas: { ...st.limits }, maps, program, counters: extras.counters ?? null,
+    quotas: { ...st.limits }, maps, program, counters: extras.counters ?? null, object,
   });
-  st.log(`migration state exported: ${bytes.byteLength} bytes, ${maps.length} maps, ${program ? `program ${p!.tag}` : 'no program'}`);
+  st.log(`migration state exported: ${bytes.byteLength} bytes, ${maps.length} maps, ${program ? `program ${p!.tag}` : object ? `object '${object.name}' ${object.tag}` : 'no program'}`);
   return bytes;
+}
+
+/**
+ * A loaded object as the destination loads it again: the ELF the guest uploaded, the entry's
+ * name, and every map's contents in libbpf's order (a PROG_ARRAY's and a read-only map's come
+ * from the ELF again: the object's own programs, `.rodata` as the guest patched it).
+ */
+function exportObject(st: OffloadState, p: LoadedProgram, attachFlags: number): StateObject {
+  const obj = p.object!;
+  if (!obj.elf) {
+    throw new MigrationStateError('state-object-unsupported',
+      `object '${obj.name}' was re-adopted from pins without its bytes; it cannot be loaded on another host (OBJ_UNLOAD and load it again to migrate)`);
+  }
+  const entry = obj.programs.find((x) => x.fd === p.fd)!;
+  const maps: StateObjectMap[] = obj.mapHandles.map((h) => {
+    const e = st.maps.get(h)!;
+    const fromElf = e.def.type === BpfMapType.PROG_ARRAY || (e.def.flags & BPF_F_RDONLY_PROG) !== 0;
+    const contents = fromElf ? { count: 0, keys: new Uint8Array(0), values: new Uint8Array(0) } : readElements(e);
+    return { handle: h, ...e.def, ...contents, valueCpus: isPerCpuMapType(e.def.type) ? numPossibleCpus() : 1 };
+  });
+  return { attachFlags, tag: p.tag, name: obj.name, progName: entry.name, elf: obj.elf, maps };
 }
 
 // ---------------------------------------------------------------------------------------
@@ -125,7 +144,8 @@ export function describeState(bytes: Uint8Array): StateSummary {
   const s = decodeState(bytes.slice());
   return {
     claimed: s.claim !== null, maps: s.maps.length, elements: s.maps.reduce((n, m) => n + m.count, 0),
-    program: s.program ? { name: s.program.name, insns: s.program.insns.byteLength / 8, tag: s.program.tag } : null,
+    program: s.program ? { name: s.program.name, insns: s.program.insns.byteLength / 8, tag: s.program.tag }
+      : s.object ? { name: s.object.progName, insns: 0, tag: s.object.tag } : null,
   };
 }
 
@@ -157,7 +177,7 @@ function checkKeys(m: StateMap, what: string): void {
     const id = Buffer.from(key.buffer, key.byteOffset, k).toString('latin1');
     if (seen.has(id)) throw new MigrationStateError('state-malformed', `${what}: element ${i} repeats a key`, 'duplicate-key');
     seen.add(id);
-    if (m.type === BpfMapType.ARRAY) {
+    if (m.type === BpfMapType.ARRAY || m.type === BpfMapType.PERCPU_ARRAY) {
       const idx = new DataView(key.buffer, key.byteOffset, 4).getUint32(0, true);
       if (idx >= m.maxEntries) throw new MigrationStateError('state-malformed', `${what}: index ${idx} beyond max_entries ${m.maxEntries}`, 'array-index');
     }
@@ -179,6 +199,21 @@ function judge(st: OffloadState, s: MigrationState): void {
     try { checkMapDef(m, q); } catch (e) { throw asStateError(e, 'maps', what); }
     checkKeys(m, what);
     bytes += estimateMapBytes(m.type, m.keySize, m.valueSize, m.maxEntries);
+  }
+  const o = s.object;
+  if (o) {
+    if (o.elf.byteLength > q.maxObjectBytes) {
+      throw new MigrationStateError('state-quota', `the object is ${o.elf.byteLength} bytes; this device's max-object-bytes quota is ${q.maxObjectBytes}`, 'quota-exceeded');
+    }
+    for (const m of o.maps) {
+      const what = `object map ${m.handle}`;
+      const want = isPerCpuMapType(m.type) ? numPossibleCpus() : 1;
+      // Per-CPU values are this host's CPUs' each: with another count there is no faithful mapping.
+      if (m.valueCpus !== want) {
+        throw new MigrationStateError('state-map-type', `${what}: values for ${m.valueCpus} CPUs, this host has ${want} for it`, 'percpu-cpus');
+      }
+      checkKeys(m, what);
+    }
   }
   if (bytes > q.maxMapMemory) {
     throw new MigrationStateError('state-quota', `state's maps need ${bytes} bytes; this device's max-map-memory quota is ${q.maxMapMemory}`, 'quota-exceeded');
@@ -203,11 +238,12 @@ function buildMap(st: OffloadState, m: StateMap): void {
 }
 
 /** Undoes a partial import: nothing was published, so nobody is told; the kernel objects and pins go. */
-function rollback(st: OffloadState, loaded: Loaded | null): void {
+function rollback(st: OffloadState, loaded: Loaded | null, object: LoadedProgram | null): void {
   if (loaded) {
     try { st.pins?.unpinProg(); } catch { /* removeAll below */ }
     closeBpfFd(loaded.program.fd);
   }
+  if (object) for (const x of object.object!.programs) closeBpfFd(x.fd);
   st.maps.clear();
   st.claim = null;
   if (st.pins) {
@@ -228,6 +264,7 @@ export function importState(st: OffloadState, bytes: Uint8Array): ImportExtras {
   const s = decodeState(bytes.slice());
   judge(st, s);
   let loaded: Loaded | null = null;
+  let object: LoadedProgram | null = null;
   let phase: Phase = 'maps';
   let what = 'state';
   try {
@@ -247,12 +284,17 @@ export function importState(st: OffloadState, bytes: Uint8Array): ImportExtras {
         throw new MigrationStateError('state-program-refused', `program tag ${loaded.program.tag} is not the source's ${p.tag}`, 'tag-mismatch');
       }
     }
+    if (s.object) {
+      phase = 'program';
+      what = `object '${s.object.name}'`;
+      object = importObject(st, s.object);
+    }
     if (s.claim) {
       st.claim = { at: new Date(s.claim.claimedAtMs).toISOString(), responseLimit: s.claim.responseLimit };
       st.writeClaimState();
     }
   } catch (e) {
-    rollback(st, loaded);
+    rollback(st, loaded, object);
     const err = asStateError(e, phase, what);
     st.log(`migration state refused (${err.code}): ${err.message}`);
     throw err;
@@ -263,5 +305,39 @@ export function importState(st: OffloadState, bytes: Uint8Array): ImportExtras {
     st.emitClaim();
   }
   if (loaded) publishProgram(st, loaded);
-  return { counters: s.counters, attachFlags: s.program?.attachFlags ?? null, sourceQuotas: s.quotas };
+  if (object) publishLoaded(st, object);
+  return { counters: s.counters, attachFlags: s.program?.attachFlags ?? s.object?.attachFlags ?? null, sourceQuotas: s.quotas };
+}
+
+/**
+ * Loads the source's object through OBJ_LOAD's own steps (inspect, judge, libbpf in a child,
+ * recheck) with the source's handles, checks it is the same object (map geometry, entry tag),
+ * then writes the maps' contents. Not published: importState does that once all stands.
+ */
+function importObject(st: OffloadState, o: StateObject): LoadedProgram {
+  const program = loadObjectBytes(st, o.elf, o.name, o.progName, o.maps.map((m) => m.handle));
+  try {
+    if (program.tag !== o.tag) {
+      throw new MigrationStateError('state-program-refused', `object entry tag ${program.tag} is not the source's ${o.tag}`, 'tag-mismatch');
+    }
+    for (const m of o.maps) {
+      const e = st.maps.get(m.handle)!;
+      const d = e.def;
+      if (d.type !== m.type || d.keySize !== m.keySize || d.valueSize !== m.valueSize || d.maxEntries !== m.maxEntries) {
+        throw new MigrationStateError('state-malformed', `object map ${m.handle} ('${d.name}') is not the source's (${mapTypeName(m.type)} ${m.keySize}/${m.valueSize}/${m.maxEntries})`, 'object-maps-differ');
+      }
+      if (m.count > 0 && (d.type === BpfMapType.PROG_ARRAY || (d.flags & BPF_F_RDONLY_PROG) !== 0)) {
+        throw new MigrationStateError('state-malformed', `object map ${m.handle} ('${d.name}') comes from the object; the state may not carry its contents`, 'object-map-contents');
+      }
+      const vb = e.map.valueBytes;
+      for (let i = 0; i < m.count; i++) {
+        e.map.update(m.keys.subarray(i * m.keySize, (i + 1) * m.keySize), m.values.subarray(i * vb, (i + 1) * vb), BPF_ANY);
+      }
+    }
+    return program;
+  } catch (e) {
+    // loadObjectBytes handed the programs over: close them here (rollback clears maps and pins).
+    for (const x of program.object!.programs) closeBpfFd(x.fd);
+    throw e;
+  }
 }

@@ -137,7 +137,7 @@ function checkMapQuotas(st: OffloadState, count: number, bytes: number): void {
 }
 
 /** A program's instructions against the device's policy; `mapRef` judges each map reference. */
-function judgeInsns(st: OffloadState, insns: Uint8Array, where: string, tailCalls: boolean, mapRef: (index: number, src: number, imm: number) => void) {
+export function judgeInsns(st: OffloadState, insns: Uint8Array, where: string, tailCalls: boolean, mapRef: (index: number, src: number, imm: number) => void) {
   let decoded;
   try {
     decoded = decodeProgram(insns);
@@ -245,6 +245,31 @@ function recheck(st: OffloadState, got: LoadedObjectFds, progName: string): Chec
   return { maps, programs, entry };
 }
 
+/**
+ * Pins the object's maps, its programs, the entry's code with map references as guest handles
+ * (so a restarted backend can compose it again on an xsk port) and meta_obj last (pinning.ts).
+ */
+function pinLoadedObject(st: OffloadState, program: LoadedProgram, object: LoadedObject, entry: number, entries: MapEntry[]): void {
+  const pins = st.pins;
+  if (!pins) return;
+  const handleOf = new Map(entries.map((e) => [e.map.fd, e.handle]));
+  let code: Uint8Array | null = null;
+  if (program.code) {
+    const decoded = decodeProgram(program.code);
+    code = rewriteMapRefs({ decoded, license: 'GPL', usedHandles: [] }, (fd) => {
+      const h = handleOf.get(fd);
+      if (h === undefined) throw new Error(`entry refers to fd ${fd}, not one of the object's maps`);
+      return h;
+    });
+  }
+  for (const e of entries) pins.pinMap(e.handle, e.map.fd, { handle: e.handle, chargedBytes: e.chargedBytes, createdAt: e.createdAt, name: e.def.name, object: true });
+  pins.pinObject({
+    version: 1, name: object.name, loadedAt: program.loadedAt, gen: program.id, entry, license: program.license,
+    programs: object.programs.map((x) => ({ name: x.name, tag: x.tag, insns: x.insns })),
+    mapHandles: [...object.mapHandles], codeBytes: code?.byteLength ?? 0, elfBytes: object.elf?.byteLength ?? 0,
+  }, object.programs.map((x) => x.fd), code, object.elf);
+}
+
 function asRefusal(st: OffloadState, e: ObjectLoaderError): ProtocolError {
   if (e.code === 'object-load-failed' && e.log) {
     // "The verifier log (bounded) goes back to the guest" (DESIGN.md decision 6); with the
@@ -267,19 +292,36 @@ export function objLoad(st: OffloadState, p: Uint8Array): Uint8Array {
   }
   // OBJ_LOAD consumes the upload, whatever its outcome.
   st.upload = null;
-  const name = u.name || DEFAULT_OBJECT_NAME;
+  const program = loadObjectBytes(st, u.bytes, u.name || DEFAULT_OBJECT_NAME, r.progName);
+  const object = program.object!;
+  // The claim's next handle moves past the object's maps; a program pinned before (PROG_SET)
+  // must not come back in its place (restore.ts also prefers the newer of the two).
+  st.writeClaimState();
+  st.pins?.unpinProg();
+  publishLoaded(st, program);
+  st.log(`object '${object.name}' loaded: entry '${program.name}', ${object.programs.length} programs, ${object.mapHandles.length} maps`);
+  return encodeObjLoadBody(object.programs.length, object.mapHandles.length, Buffer.from(program.tag, 'hex'));
+}
+
+/**
+ * inspect → judge → load → recheck → handles → pins: an object in the kernel, pinned when
+ * pinning is on, but not the device's program yet (the caller publishes it, or retires it).
+ * `handles`: the handles its maps must get, in libbpf's order (migration import: the source's);
+ * otherwise the table's next ones. A refusal leaves nothing in the kernel, the table or the pins.
+ */
+export function loadObjectBytes(st: OffloadState, bytes: Uint8Array, name: string, progName: string, handles?: readonly number[]): LoadedProgram {
   let inspected: ObjectInspection;
   try {
-    inspected = inspectObject(u.bytes);
+    inspected = inspectObject(bytes);
   } catch (e) {
     if (e instanceof BpfObjectError) objectRefused('object-malformed', `malformed object: ${e.message}`);
     throw e;
   }
-  judgeInspection(st, inspected, r.progName);
+  judgeInspection(st, inspected, progName);
 
   let got: LoadedObjectFds;
   try {
-    got = loadObjectInChild(u.bytes, name, { logBytes: 64 * 1024, ...objectLoaderOptions });
+    got = loadObjectInChild(bytes, name, { logBytes: 64 * 1024, ...objectLoaderOptions });
   } catch (e) {
     if (e instanceof ObjectLoaderError) {
       st.log(`object '${name}' refused by the loader (${e.code}): ${e.message.split('\n')[0]}`);
@@ -290,37 +332,47 @@ export function objLoad(st: OffloadState, p: Uint8Array): Uint8Array {
   // From here on the kernel objects are ours: every refusal closes them.
   const owned = new Set<number>([...got.maps.map((m) => m.fd), ...got.programs.map((x) => x.fd)]);
   try {
-    const c = recheck(st, got, r.progName);
+    const c = recheck(st, got, progName);
+    if (handles && handles.length !== c.maps.length) {
+      objectRefused('object-maps-differ', `the object has ${c.maps.length} maps, ${handles.length} handles were given for them`);
+    }
     const entries: MapEntry[] = [];
     try {
-      for (const m of c.maps) {
-        const handle = st.maps.peekHandle();
+      c.maps.forEach((m, i) => {
+        const handle = handles ? handles[i]! : st.maps.peekHandle();
         const createdAt = st.isoNow();
         const e = st.maps.add({ map: BpfMap.fromFd(m.fd), id: m.id, def: m.def, chargedBytes: m.charged, createdAt }, handle);
         owned.delete(m.fd);
         entries.push(e);
-      }
+      });
     } catch (e) {
       for (const x of entries) st.maps.remove(x.handle);
       throw e;
     }
     const entry = c.programs[c.entry]!;
     const object: LoadedObject = {
-      name, mapHandles: entries.map((e) => e.handle),
+      name, mapHandles: entries.map((e) => e.handle), elf: bytes,
       programs: c.programs.map((x) => ({ name: x.name, fd: x.fd, id: x.id, tag: x.tag, insns: x.insns })),
     };
     const program: LoadedProgram = {
       fd: entry.fd, id: entry.id, tag: entry.tag, insns: entry.insns, loadedAt: st.isoNow(), name: entry.name.slice(0, 15),
       usedHandles: [...object.mapHandles], code: entry.code, license: inspected.license, source: null, object,
     };
+    // Pinned before it is published (docs §5, §8): a published object survives a restart. A
+    // failure to pin refuses the load: its maps leave the table (closed) and unpinned.
+    try {
+      pinLoadedObject(st, program, object, c.entry, entries);
+    } catch (e) {
+      for (const x of entries) {
+        try { st.pins?.unpinMap(x.handle); } catch { /* best effort */ }
+        st.maps.remove(x.handle);
+      }
+      if (e instanceof ProtocolError) throw e;
+      refuse(Status.KERNEL_ERROR, 'pin-failed', `the object could not be pinned: ${(e as Error).message.slice(0, 200)}`,
+        { a: (e as { errno?: number }).errno ?? 0 });
+    }
     for (const x of c.programs) owned.delete(x.fd);
-    // The object is not pinned (see docs §8): a restart drops it; the claim's next handle moves past
-    // its maps, and a program pinned before (PROG_SET) must not come back in its place.
-    st.writeClaimState();
-    st.pins?.unpinProg();
-    publishLoaded(st, program);
-    st.log(`object '${name}' loaded: entry '${entry.name}', ${c.programs.length} programs, ${entries.length} maps`);
-    return encodeObjLoadBody(c.programs.length, entries.length, Buffer.from(entry.tag, 'hex'));
+    return program;
   } finally {
     for (const fd of owned) closeBpfFd(fd);
   }

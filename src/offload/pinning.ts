@@ -12,6 +12,15 @@
 //                   again (xsk port); bpffs holds no regular files, and a program outgrows a
 //                   4 KiB metadata document
 //   meta_<handle>   per-map metadata (JSON)
+//   meta_obj        a loaded object (OBJ_LOAD, protocol §8): its name, programs (name, tag,
+//                   instructions), map handles, entry, license; written last, so it is the
+//                   commit point of an object's pins. Its maps are `map_<handle>` as above.
+//   obj<G>_p<i>     the object's program i (entry and tail-call targets); G is the entry
+//                   program's kernel id, so a replacing object's pins never collide with the
+//                   old one's
+//   obj<G>_code     the entry's relocated instructions with map references as guest handles
+//                   (a blob like `src`): what the xsk port composes again after a restart
+//   obj<G>_elf      the object's ELF bytes as uploaded (a blob): what a migration carries
 // bpffs refuses regular files, so the JSON documents are stored as symlink targets (bpffs
 // supports symlinks and rename): each is written to a temporary name and renamed over the
 // old one, so a crash leaves either the old or the new document, never half of one. One
@@ -27,11 +36,29 @@ const MAX_DOC_BYTES = 4000;
 
 export interface PinnedClaim { version: 1; device: string; claimedAt: string; nextHandle: number; responseLimit: number }
 /** name: the guest's name for the map (the kernel's carries the device prefix, host-names.ts). */
-export interface PinnedMapMeta { handle: number; chargedBytes: number; createdAt: string; name?: string }
+export interface PinnedMapMeta {
+  handle: number; chargedBytes: number; createdAt: string; name?: string;
+  /** Set on a loaded object's maps: restored only as part of the object meta_obj names. */
+  object?: boolean;
+}
 export interface PinnedProgMeta {
   insns: number; loadedAt: string; usedHandles: number[]; name: string;
   /** Present when `src` was pinned with the program (absent in pins of older versions). */
   source?: { bytes: number; license: string; declaredHandles: number[]; tag: string };
+}
+
+/** meta_obj: what restore needs to rebuild the device's view of a loaded object. */
+export interface PinnedObjectMeta {
+  version: 1; name: string; loadedAt: string;
+  /** The entry program's kernel id at load (names the obj<G>_* pins). */
+  gen: number;
+  entry: number; license: string;
+  programs: { name: string; tag: string; insns: number }[];
+  mapHandles: number[];
+  /** Length of obj<G>_code (0: none pinned). */
+  codeBytes: number;
+  /** Length of obj<G>_elf, the uploaded object (what a migration carries); absent or 0: none pinned. */
+  elfBytes?: number;
 }
 
 const SRC_CHUNK = 4096;
@@ -139,6 +166,61 @@ export class DevicePins {
     this.unlinkQuiet('meta_prog');
   }
 
+  /**
+   * Pins an object's programs and the entry's code under obj<gen>_*, then meta_obj (the commit
+   * point, renamed over any older one). The maps are pinned by the caller (pinMap). On failure
+   * nothing of this generation stays.
+   */
+  pinObject(meta: PinnedObjectMeta, progFds: number[], code: Uint8Array | null, elf?: Uint8Array): void {
+    const g = `obj${meta.gen}`;
+    try {
+      progFds.forEach((fd, i) => { this.unlinkQuiet(`${g}_p${i}`); objPin(fd, this.path(`${g}_p${i}`)); });
+      this.unlinkQuiet(`${g}_code`);
+      if (code && code.byteLength > 0) this.pinBlob(`${g}_code`, code);
+      this.unlinkQuiet(`${g}_elf`);
+      if (elf && elf.byteLength > 0) this.pinBlob(`${g}_elf`, elf);
+      this.writeDoc('meta_obj', meta);
+    } catch (e) {
+      this.unpinObjectGen(meta.gen);
+      throw e;
+    }
+  }
+
+  /** true when an object's metadata is pinned (readable or not). */
+  hasObject(): boolean {
+    try { return lstatSync(this.path('meta_obj')).isSymbolicLink(); } catch { return false; }
+  }
+
+  /** The pinned object metadata as stored (untrusted shape: restore.ts checks it), or null. */
+  readObject(): unknown { return this.readDoc<unknown>('meta_obj'); }
+
+  /** Opens program i of object generation gen; the caller owns the fd. */
+  getObjectProg(gen: number, i: number): number { return objGet(this.path(`obj${gen}_p${i}`)); }
+
+  getObjectCode(gen: number, bytes: number): Uint8Array | null { return this.getBlob(`obj${gen}_code`, bytes); }
+
+  getObjectElf(gen: number, bytes: number): Uint8Array | null { return this.getBlob(`obj${gen}_elf`, bytes); }
+
+  /** Removes generation gen's program and code pins, and meta_obj when it names gen (or cannot be read). */
+  unpinObjectGen(gen: number): void {
+    const meta = this.readDoc<{ gen?: unknown }>('meta_obj');
+    if (!meta || meta.gen === gen) this.unlinkQuiet('meta_obj');
+    this.unlinkQuiet('meta_obj_new');
+    let names: string[];
+    try { names = readdirSync(this.dir); } catch { return; }
+    const re = new RegExp(`^obj${gen}_(p\\d+|code|elf)$`);
+    for (const n of names) if (re.test(n)) this.unlinkQuiet(n);
+  }
+
+  /** Removes every object pin (any generation) and meta_obj: what a refused restore leaves behind. */
+  unpinAnyObject(): void {
+    this.unlinkQuiet('meta_obj');
+    this.unlinkQuiet('meta_obj_new');
+    let names: string[];
+    try { names = readdirSync(this.dir); } catch { return; }
+    for (const n of names) if (/^obj\d+_(p\d+|code|elf)$/.test(n)) this.unlinkQuiet(n);
+  }
+
   private pinBlob(name: string, bytes: Uint8Array): void {
     const chunks = Math.max(1, Math.ceil(bytes.byteLength / SRC_CHUNK));
     const map = BpfMap.create(BpfMapType.ARRAY, 4, SRC_CHUNK, chunks, { name: 'vx_prog_src' });
@@ -159,9 +241,12 @@ export class DevicePins {
   }
 
   /** The pinned program source (`bytes` long), or null when none is pinned or it is shorter than that. */
-  getSource(bytes: number): Uint8Array | null {
-    if (!existsSync(this.path('src'))) return null;
-    const map = BpfMap.fromFd(objGet(this.path('src')));
+  getSource(bytes: number): Uint8Array | null { return this.getBlob('src', bytes); }
+
+  private getBlob(name: string, bytes: number): Uint8Array | null {
+    if (!Number.isSafeInteger(bytes) || bytes <= 0) return null;
+    if (!existsSync(this.path(name))) return null;
+    const map = BpfMap.fromFd(objGet(this.path(name)));
     try {
       if (map.type !== BpfMapType.ARRAY || map.valueSize !== SRC_CHUNK || map.maxEntries * SRC_CHUNK < bytes) return null;
       const out = new Uint8Array(bytes);
@@ -195,6 +280,12 @@ export class DevicePins {
 
   /** Opens a pinned map; the caller owns the fd. */
   getMap(handle: number): number { return objGet(this.path(`map_${handle}`)); }
+
+  /** undefined when no program is pinned; else its metadata (null when unreadable). */
+  getProgMeta(): PinnedProgMeta | null | undefined {
+    if (!existsSync(this.path('prog'))) return undefined;
+    return this.readDoc<PinnedProgMeta>('meta_prog');
+  }
 
   /** Opens the pinned program, or returns null when none is pinned. */
   getProg(): { fd: number; meta: PinnedProgMeta | null } | null {

@@ -57,6 +57,11 @@ export interface LoadedObject {
   programs: ObjectProgram[];
   /** Handles of the object's maps, in libbpf's order. They leave the table with the object. */
   mapHandles: number[];
+  /**
+   * The ELF bytes as the guest uploaded them (its own copy): what a migration carries, since
+   * the destination loads the object again. Absent when a restart could not recover them.
+   */
+  elf?: Uint8Array;
 }
 
 export type Candidate =

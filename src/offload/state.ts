@@ -181,6 +181,9 @@ export class OffloadState {
     const obj = old.object;
     if (!obj) return;
     for (const p of obj.programs) if (p.fd !== old.fd) closeBpfFd(p.fd);
+    if (unpin && this.pins) {
+      try { this.pins.unpinObjectGen(old.id); } catch (e) { this.log(`unpin object '${obj.name}' failed: ${(e as Error).message}`); }
+    }
     for (const h of obj.mapHandles) {
       if (unpin && this.pins) {
         try { this.pins.unpinMap(h); } catch (e) { this.log(`unpin map ${h} failed: ${(e as Error).message}`); }

@@ -2,10 +2,11 @@ import { rmSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { startBackend, tempDir, type Backend } from '../support/backend.js';
-import { addAddress, freeTestSubnet, CleanupStack, disableIpv6, setLinkUp, uniqueIfName } from '../support/netdev.js';
+import { addAddress, freeTestSubnet, CleanupStack, disableIpv6, setLinkUp, uniqueIfName, vethXdpCounters } from '../support/netdev.js';
 import { PacketSocket } from '../support/packet-socket.js';
 import { udpFrame } from '../support/frames.js';
 import { GuestVm } from '../support/guest/guest-vm.js';
+import { defaultPeerName } from '../../src/ports/xsk.js';
 
 /**
  * The object path's guest side in a real guest: the offload-aware virtio_net's character
@@ -18,6 +19,11 @@ import { GuestVm } from '../support/guest/guest-vm.js';
  * the answer came back to vxdp, which names the status. Once the host speaks OBJ_*, the
  * same tests assert the full load / show / map dump / unload flow instead; neither branch
  * skips anything.
+ *
+ * The same tests run on a tap port (the program runs through BPF_PROG_TEST_RUN) and on an xsk
+ * port (the entry is composed and attached natively at the veth: host frames die in the
+ * kernel, counted by the veth's xdp_drops, and the tail call must come back to the composed
+ * entry).
  */
 
 const MAC = '52:54:00:5a:17:11';
@@ -41,12 +47,16 @@ interface OffloadShow {
   verdicts: { pass: number; drop: number; tx: number; aborted: number };
 }
 
-describe('vxdp and /dev/vxdp-<ifname> against serve --offload', () => {
+for (const port of ['tap', 'xsk'] as const) describe(`vxdp and /dev/vxdp-<ifname> against serve --offload on a ${port} port`, () => {
   const cleanup = new CleanupStack();
-  const dir = tempDir('vxdp');
+  const dir = tempDir(`vxdp-${port}`);
   const socket = path.join(dir, 'vhost.sock');
-  const tap = uniqueIfName('vxd');
-  const name = 'vxdp';
+  /** The host side of the port: the tap, or the veth end the host sends into (its peer runs the program). */
+  const tap = uniqueIfName(port === 'tap' ? 'vxd' : 'vxx');
+  const name = `vxdp${port}`;
+  /** Frames the program dropped on the host: the backend's verdict counters, or the veth's XDP drops. */
+  const hostDrops = async (): Promise<number> =>
+    port === 'tap' ? (await offloadShow()).verdicts.drop : vethXdpCounters(defaultPeerName(tap)).xdp_drops ?? 0;
   let be: Backend | undefined;
   let vm: GuestVm | undefined;
   /** Whether the host answers OBJ_SHOW (else UNKNOWN_COMMAND): decided by the first test. */
@@ -65,13 +75,13 @@ describe('vxdp and /dev/vxdp-<ifname> against serve --offload', () => {
     cleanup.push(`remove ${dir}`, () => rmSync(dir, { recursive: true, force: true }));
     cleanup.link(tap);
     cleanup.push('stop backend', () => be?.stop());
-    be = await startBackend(['--socket', socket, '--port', `tap:${tap}`, '--queues', '1', '--offload', '--name', name], { dir, name: 'vx-vxdp' });
-    disableIpv6(tap);
+    be = await startBackend(['--socket', socket, '--port', `${port}:${tap}`, '--queues', '1', '--offload', '--name', name], { dir, name: `vx-vxdp-${port}` });
+    if (port === 'tap') disableIpv6(tap);
     addAddress(tap, `${net.host}/24`);
     setLinkUp(tap);
     cleanup.push('shut the guest down', () => vm?.shutdown());
     // The image's init loads the offload-aware module: it claims pair 1 and makes /dev/vxdp-eth0.
-    vm = await GuestVm.boot({ name: 'vx-vxdp', smp: 1, net: { kind: 'vhost-user', socket, queues: 2, mac: MAC, reconnectMs: 1000 } });
+    vm = await GuestVm.boot({ name: `vx-vxdp-${port}`, smp: 1, net: { kind: 'vhost-user', socket, queues: 2, mac: MAC, reconnectMs: 1000 } });
     console.log(`[vxdp] boot ${vm.bootMs} ms`);
   }, 150_000);
 
@@ -208,7 +218,7 @@ describe('vxdp and /dev/vxdp-<ifname> against serve --offload', () => {
     // Host frames from the configured source port are dropped on the host; the rest pass. The
     // interface must be up: a down one posts no receive buffers, so no frame reaches the program.
     await sh(vm, 'ip link set dev eth0 up');
-    const drop0 = (await offloadShow()).verdicts.drop;
+    const drop0 = await hostDrops();
     const ps = PacketSocket.open(tap);
     try {
       for (let i = 0; i < 5; i++) ps.send(udpFrame(9000 + i, 64, DROP_SPORT, '52:54:00:0f:0f:0f', MAC));
@@ -216,7 +226,7 @@ describe('vxdp and /dev/vxdp-<ifname> against serve --offload', () => {
       ps.close();
     }
     await new Promise((r) => setTimeout(r, 500));
-    expect((await offloadShow()).verdicts.drop - drop0).toBeGreaterThanOrEqual(5);
+    expect(await hostDrops() - drop0).toBeGreaterThanOrEqual(5);
 
     // Per-CPU counters: each CPU's value, bpftool's JSON layout; C_DROPPED (index 2) counts them.
     const dump = JSON.parse(await sh(vm, 'vxdp map dump counters --json')) as { key: string[]; values: { cpu: number; value: string[] }[] }[];

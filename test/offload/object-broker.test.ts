@@ -8,7 +8,8 @@ import { OffloadBroker } from '../../src/offload/broker.js';
 import * as P from '../../src/offload/guest/codec.js';
 import { Status, QuotaId } from '../../src/offload/guest/codec.js';
 import { MigrationStateError } from '../../src/offload/errors.js';
-import { BpfMap, BpfMapType } from '../../src/sys/bpf/maps.js';
+import { BpfMap, BpfMapType, numPossibleCpus } from '../../src/sys/bpf/maps.js';
+import { decodeState, encodeState } from '../../src/offload/migration-format.js';
 import { progLoadWithLog, closeBpfFd } from '../../src/sys/bpf/programs.js';
 import { encodeInsns, ldImm64, Op } from '../../src/sys/bpf/insns.js';
 import { btfLoad, funcBtf, funcBtfTypeId } from '../../src/sys/bpf/btf.js';
@@ -112,7 +113,7 @@ describe('object refusals', () => {
 });
 
 describe('a loaded object', () => {
-  test('loads by name, replaces a PROG_SET program, refuses MAP_FREE of its maps, and does not migrate (state-object-unsupported)', () => {
+  test('loads by name, replaces a PROG_SET program, refuses MAP_FREE of its maps', () => {
     const g = claimed();
     upload(g, sample('xdp_filter_obj'));
     const body = P.decodeObjLoadBody(g.ok((s) => P.encodeObjLoad(s, 'udp_filter')).body);
@@ -121,10 +122,6 @@ describe('a loaded object', () => {
     expect(show.progName).toBe('udp_filter');
     const free = g.send((s) => P.encodeMapFree(s, show.maps[0]!.handle));
     expect(free.status).toBe(Status.MAP_IN_USE);
-    let err: unknown;
-    try { broker!.exportState(); } catch (e) { err = e; }
-    expect(err).toBeInstanceOf(MigrationStateError);
-    expect((err as MigrationStateError).code).toBe('state-object-unsupported');
     // A PROG_SET program replaces the object: its programs and maps go.
     const handles = g.offload({ section: 'xdp', insns: encodeInsns([{ code: Op.MOV64_IMM, dst: 0, imm: 2 }, { code: Op.EXIT }]), license: 'GPL', maps: [], mapRelocations: [], externCalls: [] });
     expect(handles).toEqual([]);
@@ -144,6 +141,67 @@ describe('a loaded object', () => {
     g.ok((s) => P.encodeElemUpdate(s, h, key, value));
     expect(Buffer.from(g.ok((s) => P.encodeElemLookup(s, h, key)).body)).toEqual(Buffer.from(value));
     expect(g.send((s) => P.encodeElemUpdate(s, h, key, new Uint8Array(8))).status).toBe(Status.BAD_REQUEST);
+  });
+});
+
+describe('migrating a loaded object (docs §7, state version 2)', () => {
+  const possible = numPossibleCpus();
+  function loadedWithState(): { g: Guest; show: P.ObjShow; flowsKey: Uint8Array } {
+    const g = claimed();
+    const plain = g.createMap({ type: BpfMapType.HASH, keySize: 4, valueSize: 4, maxEntries: 8 });
+    g.ok((s) => P.encodeElemUpdate(s, plain, new Uint8Array([1, 2, 3, 4]), new Uint8Array([5, 6, 7, 8])));
+    upload(g, sample('xdp_filter_obj'));
+    g.ok((s) => P.encodeObjLoad(s, 'xdp_filter'));
+    const show = P.decodeObjShowBody(g.ok((s) => P.encodeObjShow(s)).body);
+    const h = (n: string) => show.maps.find((m) => m.name === n || m.name.endsWith(n))!.handle;
+    g.ok((s) => P.encodeElemUpdate(s, h('counters'), new Uint8Array(4), new Uint8Array(8 * possible).fill(3)));
+    const flowsKey = new Uint8Array(12).fill(9);
+    g.ok((s) => P.encodeElemUpdate(s, h('flows'), flowsKey, new Uint8Array(8).fill(4)));
+    g.ok((s) => P.encodeElemUpdate(s, h('.bss'), new Uint8Array(4), new Uint8Array(8).fill(1)));
+    return { g, show, flowsKey };
+  }
+
+  test('export carries the object; a fresh broker imports it with the same handles, contents and entry tag, and runs it', () => {
+    const { show, flowsKey } = loadedWithState();
+    const src = broker!;
+    const bytes = src.exportState({ attachFlags: 0 });
+    expect(new DataView(bytes.buffer, bytes.byteOffset).getUint16(4, true)).toBe(2);
+    expect(OffloadBroker.describeState(bytes).program).toMatchObject({ name: 'xdp_filter', tag: show.tag });
+    const srcMaps = src.show().maps.map((m) => m.handle);
+    src.close();
+    broker = OffloadBroker.fromState(bytes, { device: 'objdst' }).broker;
+    const g = new Guest(broker);
+    const again = P.decodeObjShowBody(g.ok((s) => P.encodeObjShow(s)).body);
+    expect(again).toEqual({ ...show, objName: show.objName });
+    expect(broker.show().maps.map((m) => m.handle)).toEqual(srcMaps);
+    const h = (n: string) => again.maps.find((m) => m.name === n || m.name.endsWith(n))!.handle;
+    expect(Array.from(g.ok((s) => P.encodeElemLookup(s, h('counters'), new Uint8Array(4))).body)).toEqual(new Array(8 * possible).fill(3));
+    expect(Array.from(g.ok((s) => P.encodeElemLookup(s, h('flows'), flowsKey)).body)).toEqual(new Array(8).fill(4));
+    expect(Array.from(g.ok((s) => P.encodeElemLookup(s, h('.bss'), new Uint8Array(4))).body)).toEqual(new Array(8).fill(1));
+    expect(Array.from(g.ok((s) => P.encodeElemLookup(s, 1, new Uint8Array([1, 2, 3, 4]))).body)).toEqual([5, 6, 7, 8]);
+    // The PROG_ARRAY came from the ELF again: the tail call reaches udp_filter (the program is whole).
+    expect(broker.show().object!.programs.map((x) => x.name).sort()).toEqual(['udp_filter', 'xdp_filter']);
+    expect(broker.programSource).not.toBe(null);
+  });
+
+  test('a state whose per-CPU values are for another CPU count is refused (state-map-type), leaving nothing', () => {
+    loadedWithState();
+    const bytes = broker!.exportState();
+    broker!.close();
+    // The same state from a host with one more CPU: the per-CPU map's values sized for it.
+    const st = decodeState(bytes.slice());
+    const m = st.object!.maps.find((x) => x.type === BpfMapType.PERCPU_ARRAY)!;
+    m.valueCpus = possible + 1;
+    m.values = new Uint8Array(m.count * 8 * m.valueCpus);
+    const other = encodeState(st);
+    const fds = ownBpfFds();
+    let err: unknown;
+    try { OffloadBroker.fromState(other, { device: 'objdst' }); } catch (e) { err = e; }
+    expect(err).toBeInstanceOf(MigrationStateError);
+    expect((err as MigrationStateError).code).toBe('state-map-type');
+    expect((err as MigrationStateError).rule).toBe('percpu-cpus');
+    expect(ownBpfFds()).toBe(fds);
+    broker = null;
   });
 });
 

@@ -3,7 +3,11 @@
 // and host frames meet it on the host→guest path: through BPF_PROG_TEST_RUN on a tap port,
 // natively composed on an xsk port (where the tail call into udp_filter must come back to
 // the composed entry, or PASS frames would go up the host's stack instead of to the guest).
+// With `--pin-dir` (the rig's default) the object is pinned: serve killed with SIGKILL and
+// restarted re-adopts it, handles, map contents and drops continuing (§5, §8).
 import { describe, test, expect, beforeAll, afterAll } from 'vitest';
+import { readdirSync } from 'node:fs';
+import path from 'node:path';
 import { OffloadRig } from '../support/frontend/offload-rig.js';
 import { requireOk, loadObject, filterObjectWithConfig, sumPerCpuU64 } from '../support/frontend/offload-client.js';
 import { uniqueIfName, disableIpv6, vethXdpCounters } from '../support/netdev.js';
@@ -14,6 +18,7 @@ import {
 } from '../../src/offload/guest/codec.js';
 import { progGetFdById } from '../../src/sys/bpf/programs.js';
 import { mapGetFdById } from '../../src/sys/bpf/maps.js';
+import { waitUntil } from '../support/processes.js';
 import { gone, readU64 } from './helpers.js';
 
 const C_SEEN = 0, C_PASSED = 1, C_DROPPED = 2;
@@ -36,6 +41,7 @@ for (const port of ['tap', 'xsk'] as const) {
     let show: ObjShow;
     const handle = (name: string) => show.maps.find((m) => m.name === name || m.name.endsWith(name))!.handle;
     const lookup = async (h: number, key: Uint8Array) => requireOk(await rig.oc.call(encodeElemLookup(rig.oc.nextSeq(), h, key))).body;
+    const pinNames = () => { try { return readdirSync(path.join(rig.pinRoot, dev)); } catch { return []; } };
 
     beforeAll(async () => {
       rig = await OffloadRig.start({
@@ -103,6 +109,39 @@ for (const port of ['tap', 'xsk'] as const) {
       expect(w.status).toBe(Status.KERNEL_ERROR);
     });
 
+    test('pinned: serve killed with SIGKILL and restarted keeps the same programs, handles and map contents, and drops go on', async () => {
+      const dropped = async () => sumPerCpuU64(await lookup(handle('counters'), u32(C_DROPPED)));
+      const flows = async (sport: number) => readU64(await lookup(handle('flows'), flowKey(sport)));
+      // A guest write into the LRU map must survive too.
+      requireOk(await rig.oc.call(encodeElemUpdate(rig.oc.nextSeq(), handle('flows'), flowKey(9999), new Uint8Array(8).fill(7))));
+      const dropped0 = await dropped();
+      const flows0 = await flows(DROP_SPORT);
+      const before = await rig.be.call('offload.show', { name: dev });
+      expect(pinNames()).toEqual(expect.arrayContaining(['meta_obj', ...show.maps.map((m) => `map_${m.handle}`)]));
+      expect(pinNames().filter((n) => /^obj\d+_p\d+$/.test(n)).length).toBe(2);
+
+      await rig.restart();
+      await waitUntil(async () => (await rig.be.call('status')).devices[0].offload.claimed, 3000, 'claim re-adopted');
+      // Restored whole (the entry's code judged again, so an xsk port composes it), nothing refused.
+      await rig.be.proc.waitForLine(/restored from .*program id/, 3000);
+      expect(rig.be.proc.tail(400)).not.toMatch(/not restored/);
+      const after = await rig.be.call('offload.show', { name: dev });
+      expect(after.program.id).toBe(before.program.id);
+      expect(after.object).toEqual(before.object);
+      const ids = (s: { maps: { handle: number; id: number }[] }) => s.maps.map((m) => [m.handle, m.id]);
+      expect(ids(after)).toEqual(ids(before));
+      expect(decodeObjShowBody(requireOk(await rig.oc.call(encodeObjShow(rig.oc.nextSeq()))).body)).toEqual(show);
+      expect(await flows(DROP_SPORT)).toBe(flows0);
+      expect(Array.from(await lookup(handle('flows'), flowKey(9999)))).toEqual(new Array(8).fill(7));
+
+      const drops0 = port === 'xsk' ? vethXdpCounters(defaultPeerName(ifname)).xdp_drops ?? 0 : 0;
+      expect(await rig.hostToGuest(40)).toBe(35);
+      expect(await dropped()).toBe(dropped0 + 5);
+      expect(await flows(DROP_SPORT)).toBe(flows0 + 5);
+      if (port === 'xsk') expect(vethXdpCounters(defaultPeerName(ifname)).xdp_drops! - drops0).toBeGreaterThanOrEqual(5);
+      else expect((await rig.be.call('offload.show', { name: dev })).verdicts.drop).toBeGreaterThanOrEqual(5);
+    }, 60_000);
+
     test('OBJ_UNLOAD restores delivery and leaves no host program or map of the object', async () => {
       const s = await rig.be.call('offload.show', { name: dev });
       const progIds: number[] = s.object.programs.map((p: { id: number }) => p.id);
@@ -116,6 +155,7 @@ for (const port of ['tap', 'xsk'] as const) {
       const after = await rig.be.call('offload.show', { name: dev });
       expect(after.program).toBe(null);
       expect(after.maps).toEqual([]);
+      expect(pinNames().filter((n) => n !== 'state')).toEqual([]);
       expect((await rig.oc.call(encodeObjShow(rig.oc.nextSeq()))).status).toBe(Status.NO_SUCH_ELEMENT);
       expect(decodeU32Body(requireOk(await rig.oc.call(encodeObjUnload(rig.oc.nextSeq()))).body)).toBe(0);
     }, 30_000);
