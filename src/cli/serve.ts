@@ -104,8 +104,10 @@ export function serveCommand(y: Argv) {
       // layer follows up with SIGKILL after a few seconds). A clean stop that hangs is cut short.
       const shutdown = (sig: string) => {
         log.info(`${sig}: shutting down`);
+        svc.abandonPorts(false);
         setTimeout(() => {
           log.error(`shutdown took longer than ${SHUTDOWN_DEADLINE_MS} ms: exiting anyway`);
+          svc.abandonPorts(true);
           process.exit(1);
         }, SHUTDOWN_DEADLINE_MS).unref();
         void (metrics?.close() ?? Promise.resolve()).then(() => svc.stop()).then(() => process.exit(0), (e: unknown) => {

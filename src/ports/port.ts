@@ -42,4 +42,11 @@ export interface Port {
   setQueueEnabled(pair: number, enabled: boolean): void;
   stats(): { rxPackets: number; txPackets: number; rxBytes: number; txBytes: number; rxDropped: number; txDropped: number };
   close(): void;
+  /**
+   * The process is going away on purpose (SIGTERM/SIGINT), however the orderly close ends:
+   * make sure what we created goes with it, synchronously and without waiting for the
+   * datapath (a persistent tap stops being persistent and goes when our fds close; a veth is
+   * deleted only at the last resort, `final`, since its sockets may still be in use).
+   */
+  abandon?(final: boolean): void;
 }

@@ -176,6 +176,11 @@ export class TapPort implements Port {
     return linkStats(this.ifname);
   }
 
+  abandon(): void {
+    // Our fds keep it alive until the process ends; then it goes, even if close() never runs.
+    if (this.created && this.fds.length > 0) raw.ioctl(this.fds[0]!, TUNSETPERSIST, 0);
+  }
+
   /** Clean shutdown: a tap that is ours goes (not persistent any more, its last fd closed). */
   close(): void {
     if (this.created && this.fds.length > 0) {

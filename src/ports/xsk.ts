@@ -601,6 +601,11 @@ export class XskPort implements Port {
     return linkStats(this.ifname);
   }
 
+  /** Last resort of a shutdown that ran out of time: the pair we made must not outlive us. */
+  abandon(final: boolean): void {
+    if (final && !this.closed) spawnSync('ip', ['link', 'delete', this.ifname], { timeout: 2000 });
+  }
+
   close(): void {
     if (this.closed) return;
     this.closed = true;

@@ -111,6 +111,16 @@ export class Service {
     return d.broker;
   }
 
+  /**
+   * Shutdown on a signal: whatever happens to the orderly stop (a deadline, a failure), the ports
+   * we created must go with the process. `final`: the orderly stop ran out of time.
+   */
+  abandonPorts(final: boolean): void {
+    for (const d of this.devices.values()) {
+      try { d.port.abandon?.(final); } catch (e) { log.error(`${d.spec.name}: ${(e as Error).message}`); }
+    }
+  }
+
   stop(): Promise<void> {
     this.stopping ??= (async () => {
       await this.control?.close();
