@@ -29,8 +29,14 @@ export interface OffloadChannelOptions {
  * back to it. Control messages are rare; a thread hop each costs microseconds, and the broker's
  * state (maps, program, pins) then lives in one place whatever worker the pair moves to.
  */
+/** Guest requests that may wait behind a pending one; a guest that sends more gets no answer to them. */
+const MAX_QUEUED_REQUESTS = 64;
+
 export class OffloadChannel {
   readonly broker: OffloadBroker;
+  private busy = false;
+  private closed = false;
+  private readonly queue: Uint8Array[] = [];
 
   constructor(private readonly opts: OffloadChannelOptions, private readonly sink: OffloadSink) {
     const b = OffloadBroker.restore({ device: opts.device, pinDir: opts.pinDir, log: (l) => opts.log.info(l) });
@@ -44,9 +50,48 @@ export class OffloadChannel {
   get claimed(): boolean { return this.broker.claimed; }
   get program(): OffloadProgram | null { return this.broker.program; }
 
-  /** One request from the guest; the broker copies nothing it has not checked. */
+  /**
+   * One request from the guest; the broker copies nothing it has not checked. Answered on the
+   * spot unless one is pending (an OBJ_LOAD waiting on its loader child): then it queues behind
+   * it, so the device's requests run and are answered in the order the guest sent them, and no
+   * request of this guest changes the broker while its load is in flight.
+   */
   handle(message: Uint8Array): void {
-    this.sink.reply(this.broker.handle(message));
+    if (this.closed) return;
+    if (this.busy) {
+      if (this.queue.length >= MAX_QUEUED_REQUESTS) {
+        this.opts.log.warn(`offload request dropped: ${MAX_QUEUED_REQUESTS} requests already wait behind a pending one`);
+        return;
+      }
+      this.queue.push(message);
+      return;
+    }
+    this.run(message);
+  }
+
+  /** Runs requests until one is pending or none is left. */
+  private run(first: Uint8Array): void {
+    let message: Uint8Array | undefined = first;
+    while (message && !this.closed) {
+      const out = this.broker.serve(message);
+      if (out instanceof Promise) {
+        this.busy = true;
+        void out.then((reply) => {
+          this.busy = false;
+          if (this.closed) return;
+          this.reply(reply);
+          const next = this.queue.shift();
+          if (next) this.run(next);
+        });
+        return;
+      }
+      this.reply(out);
+      message = this.queue.shift();
+    }
+  }
+
+  private reply(message: Uint8Array): void {
+    try { this.sink.reply(message); } catch (e) { this.opts.log.error(`offload reply lost: ${(e as Error).message}`); }
   }
 
   private programChanged(p: OffloadProgram | null): void {
@@ -89,6 +134,8 @@ export class OffloadChannel {
   }
 
   close(): void {
+    this.closed = true;
+    this.queue.length = 0;
     this.broker.close();
   }
 }

@@ -156,6 +156,21 @@ export class OffloadBroker {
     return this.dispatcher.handle(request);
   }
 
+  /**
+   * handle() for the serving path: the same rules and responses, but OBJ_LOAD awaits its
+   * loader child instead of blocking the thread (and every other device) while it runs. The
+   * caller keeps the device's requests in order: nothing else of this broker's guest requests
+   * may run until it settles. Never rejects.
+   */
+  async handleAsync(request: Uint8Array): Promise<Uint8Array> {
+    return this.dispatcher.serve(request);
+  }
+
+  /** handleAsync without the promise when the command answered at once (every command but OBJ_LOAD). */
+  serve(request: Uint8Array): Uint8Array | Promise<Uint8Array> {
+    return this.dispatcher.serve(request);
+  }
+
   get claimed(): boolean { return this.st.claim !== null; }
 
   /** The program with its guest and host names, or null; cheap (one BPF_OBJ_GET_INFO_BY_FD), for status and metrics. */

@@ -25,6 +25,8 @@ export interface CommandSpec {
   readonly flags?: { offset: number; allowed: 'zero' | 'update' };
   /** Returns the OK response's body (undefined: empty); throws ProtocolError to refuse. */
   readonly run: (st: OffloadState, payload: Uint8Array) => Uint8Array | undefined;
+  /** The serving path's variant of `run` for a command that waits on something slow (OBJ_LOAD's child). */
+  readonly runAsync?: (st: OffloadState, payload: Uint8Array) => Promise<Uint8Array | undefined>;
 }
 
 const elem = (name: string, run: CommandSpec['run'], allowed: 'zero' | 'update' = 'zero'): CommandSpec =>
@@ -66,7 +68,7 @@ export const COMMANDS: ReadonlyMap<number, CommandSpec> = new Map<number, Comman
   [Cmd.OBJ_CHUNK, { name: 'OBJ_CHUNK', needsClaim: true, costsToken: true, size: { atLeast: OBJ_CHUNK_PREFIX_BYTES }, run: objects.objChunk }],
   [Cmd.OBJ_LOAD, {
     name: 'OBJ_LOAD', needsClaim: true, costsToken: true, size: { exactly: OBJ_LOAD_BYTES },
-    flags: { offset: 0, allowed: 'zero' }, run: objects.objLoad,
+    flags: { offset: 0, allowed: 'zero' }, run: objects.objLoad, runAsync: objects.objLoadAsync,
   }],
   [Cmd.OBJ_SHOW, { name: 'OBJ_SHOW', needsClaim: true, costsToken: true, size: { exactly: 0 }, run: objects.objShow }],
   [Cmd.OBJ_UNLOAD, { name: 'OBJ_UNLOAD', needsClaim: true, costsToken: true, size: { exactly: 0 }, run: objects.objUnload }],

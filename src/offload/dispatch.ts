@@ -55,53 +55,82 @@ export class Dispatcher {
   }
 
   handle(request: Uint8Array): Uint8Array {
-    const st = this.st;
-    let command = 0;
-    let seq = 0;
+    const at = { command: 0, seq: 0 };
     try {
-      const h = readHeader(request);
-      if (!h) badRequest('short-header', `request is ${request.byteLength} bytes, shorter than the ${HEADER_BYTES}-byte header`);
-      command = h.command;
-      seq = h.seq;
-      if (h.magic !== OFFLOAD_MAGIC) badRequest('bad-magic', `bad magic 0x${h.magic.toString(16)} (want 0x${OFFLOAD_MAGIC.toString(16)})`);
-      if (h.version !== OFFLOAD_VERSION) {
-        refuse(Status.UNSUPPORTED_VERSION, 'unsupported-version',
-          `protocol version ${h.version} is not supported (this host speaks ${OFFLOAD_VERSION}..${OFFLOAD_VERSION})`,
-          { a: OFFLOAD_VERSION, b: OFFLOAD_VERSION });
-      }
-      if ((command & RESPONSE_FLAG) !== 0) badRequest('response-bit-set', `command 0x${command.toString(16)} has the response bit set`);
-      if (h.length > MAX_MESSAGE_BYTES - HEADER_BYTES) {
-        refuse(Status.TOO_LARGE, 'message-too-large', `payload length ${h.length} is over the ${MAX_MESSAGE_BYTES - HEADER_BYTES}-byte limit`,
-          { c: MAX_MESSAGE_BYTES });
-      }
-      if (h.length > request.byteLength - HEADER_BYTES) {
-        badRequest('length-exceeds-message', `payload length ${h.length} but only ${request.byteLength - HEADER_BYTES} bytes present`);
-      }
-      const spec = COMMANDS.get(command) ?? refuse(Status.UNKNOWN_COMMAND, 'unknown-command', `unknown command 0x${command.toString(16)}`);
-      if (spec.costsToken) {
-        const wait = st.bucket.take();
-        if (wait > 0) {
-          refuse(Status.RATE_LIMITED, 'rate-limited',
-            `over this device's max-ops-per-sec quota of ${st.limits.maxOpsPerSec}; retry in ${wait} ms`, { a: wait });
-        }
-      }
-      if (st.closed) refuse(Status.NOT_CLAIMED, 'broker-closed', 'the offload broker of this device is closed');
-      if (spec.needsClaim && !st.claim) {
-        refuse(Status.NOT_CLAIMED, 'not-claimed', `${commandName(command)} before CLAIM: the offload pair is not claimed`);
-      }
-      // Bytes after `length` are frame padding (Ethernet minimum size) and are ignored.
-      const payload = request.subarray(HEADER_BYTES, HEADER_BYTES + h.length);
-      checkRules(spec, payload);
-      const out = encodeResponse(command, seq, Status.OK, '', spec.run(st, payload));
-      if (out.byteLength > st.responseLimit()) {
-        refuse(Status.TOO_LARGE, 'response-too-large',
-          `response of ${out.byteLength} bytes is over the claimed response limit of ${st.responseLimit()}`);
-      }
-      this.count(Status.OK);
-      return out;
+      const c = this.check(request, at);
+      return this.ok(at, c.spec.run(this.st, c.payload));
     } catch (e) {
-      return this.fail(command, seq, this.asRefusal(e, command));
+      return this.fail(at.command, at.seq, this.asRefusal(e, at.command));
     }
+  }
+
+  /**
+   * handle() for the serving path: the same checks, in the same order, synchronously; a
+   * command with an asynchronous handler (OBJ_LOAD) answers with a promise, every other one
+   * answers at once, as handle() does. Never throws, the promise never rejects.
+   */
+  serve(request: Uint8Array): Uint8Array | Promise<Uint8Array> {
+    const at = { command: 0, seq: 0 };
+    try {
+      const c = this.check(request, at);
+      if (!c.spec.runAsync) return this.ok(at, c.spec.run(this.st, c.payload));
+      return c.spec.runAsync(this.st, c.payload).then(
+        (body) => this.ok(at, body),
+      ).catch((e: unknown) => this.fail(at.command, at.seq, this.asRefusal(e, at.command)));
+    } catch (e) {
+      return this.fail(at.command, at.seq, this.asRefusal(e, at.command));
+    }
+  }
+
+  /** Every rule before a handler runs; throws the refusal. `at` gets the command and seq as soon as they are read. */
+  private check(request: Uint8Array, at: { command: number; seq: number }): { spec: CommandSpec; payload: Uint8Array } {
+    const st = this.st;
+    const h = readHeader(request);
+    if (!h) badRequest('short-header', `request is ${request.byteLength} bytes, shorter than the ${HEADER_BYTES}-byte header`);
+    const command = h.command;
+    at.command = command;
+    at.seq = h.seq;
+    if (h.magic !== OFFLOAD_MAGIC) badRequest('bad-magic', `bad magic 0x${h.magic.toString(16)} (want 0x${OFFLOAD_MAGIC.toString(16)})`);
+    if (h.version !== OFFLOAD_VERSION) {
+      refuse(Status.UNSUPPORTED_VERSION, 'unsupported-version',
+        `protocol version ${h.version} is not supported (this host speaks ${OFFLOAD_VERSION}..${OFFLOAD_VERSION})`,
+        { a: OFFLOAD_VERSION, b: OFFLOAD_VERSION });
+    }
+    if ((command & RESPONSE_FLAG) !== 0) badRequest('response-bit-set', `command 0x${command.toString(16)} has the response bit set`);
+    if (h.length > MAX_MESSAGE_BYTES - HEADER_BYTES) {
+      refuse(Status.TOO_LARGE, 'message-too-large', `payload length ${h.length} is over the ${MAX_MESSAGE_BYTES - HEADER_BYTES}-byte limit`,
+        { c: MAX_MESSAGE_BYTES });
+    }
+    if (h.length > request.byteLength - HEADER_BYTES) {
+      badRequest('length-exceeds-message', `payload length ${h.length} but only ${request.byteLength - HEADER_BYTES} bytes present`);
+    }
+    const spec = COMMANDS.get(command) ?? refuse(Status.UNKNOWN_COMMAND, 'unknown-command', `unknown command 0x${command.toString(16)}`);
+    if (spec.costsToken) {
+      const wait = st.bucket.take();
+      if (wait > 0) {
+        refuse(Status.RATE_LIMITED, 'rate-limited',
+          `over this device's max-ops-per-sec quota of ${st.limits.maxOpsPerSec}; retry in ${wait} ms`, { a: wait });
+      }
+    }
+    if (st.closed) refuse(Status.NOT_CLAIMED, 'broker-closed', 'the offload broker of this device is closed');
+    if (spec.needsClaim && !st.claim) {
+      refuse(Status.NOT_CLAIMED, 'not-claimed', `${commandName(command)} before CLAIM: the offload pair is not claimed`);
+    }
+    // Bytes after `length` are frame padding (Ethernet minimum size) and are ignored.
+    const payload = request.subarray(HEADER_BYTES, HEADER_BYTES + h.length);
+    checkRules(spec, payload);
+    return { spec, payload };
+  }
+
+  /** The OK response, unless it is over the claimed response limit. */
+  private ok(at: { command: number; seq: number }, body: Uint8Array | undefined): Uint8Array {
+    const out = encodeResponse(at.command, at.seq, Status.OK, '', body);
+    if (out.byteLength > this.st.responseLimit()) {
+      refuse(Status.TOO_LARGE, 'response-too-large',
+        `response of ${out.byteLength} bytes is over the claimed response limit of ${this.st.responseLimit()}`);
+    }
+    this.count(Status.OK);
+    return out;
   }
 
   /** Anything a handler throws, as the refusal the guest gets. */

@@ -32,7 +32,7 @@ import { decodeProgram, instructionChecks, isGplCompatible, runInOrder, rewriteM
 import { OBJECT_MAP_TYPES, checkMapGeometry, mapTypeName, type MapEntry } from './map-table.js';
 import { estimateMapBytes, readMemlock } from './quotas.js';
 import { publishLoaded } from './program-commands.js';
-import { loadObjectInChild, ObjectLoaderError, type LoadedObjectFds, type LoaderOptions } from './object-loader/loader.js';
+import { loadObjectInChild, loadObjectInChildAsync, ObjectLoaderError, type LoadedObjectFds, type LoaderOptions } from './object-loader/loader.js';
 import type { LoadedObject, LoadedProgram } from './program-state.js';
 import type { OffloadState } from './state.js';
 
@@ -284,7 +284,8 @@ function asRefusal(st: OffloadState, e: ObjectLoaderError): ProtocolError {
 // ---------------------------------------------------------------------------------------
 // OBJ_LOAD
 
-export function objLoad(st: OffloadState, p: Uint8Array): Uint8Array {
+/** OBJ_LOAD's checks on the request and the upload; consumes the upload, whatever the outcome. */
+function takeUpload(st: OffloadState, p: Uint8Array): { bytes: Uint8Array; name: string; progName: string } {
   const r = decodeObjLoad(p);
   const u = st.upload ?? refuse(Status.BAD_REQUEST, 'no-upload', 'OBJ_LOAD without an upload (OBJ_BEGIN, OBJ_CHUNK…)');
   if (u.received < u.bytes.byteLength) {
@@ -292,7 +293,11 @@ export function objLoad(st: OffloadState, p: Uint8Array): Uint8Array {
   }
   // OBJ_LOAD consumes the upload, whatever its outcome.
   st.upload = null;
-  const program = loadObjectBytes(st, u.bytes, u.name || DEFAULT_OBJECT_NAME, r.progName);
+  return { bytes: u.bytes, name: u.name || DEFAULT_OBJECT_NAME, progName: r.progName };
+}
+
+/** The loaded object becomes the device's program; OBJ_LOAD's response body. */
+function publishObject(st: OffloadState, program: LoadedProgram): Uint8Array {
   const object = program.object!;
   // The claim's next handle moves past the object's maps; a program pinned before (PROG_SET)
   // must not come back in its place (restore.ts also prefers the newer of the two).
@@ -303,13 +308,19 @@ export function objLoad(st: OffloadState, p: Uint8Array): Uint8Array {
   return encodeObjLoadBody(object.programs.length, object.mapHandles.length, Buffer.from(program.tag, 'hex'));
 }
 
-/**
- * inspect → judge → load → recheck → handles → pins: an object in the kernel, pinned when
- * pinning is on, but not the device's program yet (the caller publishes it, or retires it).
- * `handles`: the handles its maps must get, in libbpf's order (migration import: the source's);
- * otherwise the table's next ones. A refusal leaves nothing in the kernel, the table or the pins.
- */
-export function loadObjectBytes(st: OffloadState, bytes: Uint8Array, name: string, progName: string, handles?: readonly number[]): LoadedProgram {
+export function objLoad(st: OffloadState, p: Uint8Array): Uint8Array {
+  const u = takeUpload(st, p);
+  return publishObject(st, loadObjectBytes(st, u.bytes, u.name, u.progName));
+}
+
+/** OBJ_LOAD on the serving path: the child runs while the thread serves other devices. */
+export async function objLoadAsync(st: OffloadState, p: Uint8Array): Promise<Uint8Array> {
+  const u = takeUpload(st, p);
+  return publishObject(st, await loadObjectBytesAsync(st, u.bytes, u.name, u.progName));
+}
+
+/** inspect → judge: policy on the bytes, before any kernel object exists. */
+function inspectAndJudge(st: OffloadState, bytes: Uint8Array, progName: string): ObjectInspection {
   let inspected: ObjectInspection;
   try {
     inspected = inspectObject(bytes);
@@ -318,17 +329,59 @@ export function loadObjectBytes(st: OffloadState, bytes: Uint8Array, name: strin
     throw e;
   }
   judgeInspection(st, inspected, progName);
+  return inspected;
+}
 
+/** A loader failure as the guest's refusal. */
+function loaderFailed(st: OffloadState, name: string, e: unknown): never {
+  if (e instanceof ObjectLoaderError) {
+    st.log(`object '${name}' refused by the loader (${e.code}): ${e.message.split('\n')[0]}`);
+    throw asRefusal(st, e);
+  }
+  throw e;
+}
+
+/**
+ * inspect → judge → load → recheck → handles → pins: an object in the kernel, pinned when
+ * pinning is on, but not the device's program yet (the caller publishes it, or retires it).
+ * `handles`: the handles its maps must get, in libbpf's order (migration import: the source's);
+ * otherwise the table's next ones. A refusal leaves nothing in the kernel, the table or the pins.
+ */
+export function loadObjectBytes(st: OffloadState, bytes: Uint8Array, name: string, progName: string, handles?: readonly number[]): LoadedProgram {
+  const inspected = inspectAndJudge(st, bytes, progName);
   let got: LoadedObjectFds;
   try {
     got = loadObjectInChild(bytes, name, { logBytes: 64 * 1024, ...objectLoaderOptions });
   } catch (e) {
-    if (e instanceof ObjectLoaderError) {
-      st.log(`object '${name}' refused by the loader (${e.code}): ${e.message.split('\n')[0]}`);
-      throw asRefusal(st, e);
-    }
-    throw e;
+    loaderFailed(st, name, e);
   }
+  return adoptLoaded(st, got, inspected, bytes, name, progName, handles);
+}
+
+/**
+ * loadObjectBytes with the child awaited. A device reset or closed while the child ran gets
+ * nothing: the result is discarded, its fds closed, and the request refused.
+ */
+export async function loadObjectBytesAsync(st: OffloadState, bytes: Uint8Array, name: string, progName: string): Promise<LoadedProgram> {
+  const inspected = inspectAndJudge(st, bytes, progName);
+  const epoch = st.epoch;
+  let got: LoadedObjectFds;
+  try {
+    got = await loadObjectInChildAsync(bytes, name, { logBytes: 64 * 1024, ...objectLoaderOptions });
+  } catch (e) {
+    loaderFailed(st, name, e);
+  }
+  if (st.closed || st.epoch !== epoch || !st.claim) {
+    for (const fd of [...got.maps.map((m) => m.fd), ...got.programs.map((x) => x.fd)]) closeBpfFd(fd);
+    st.log(`object '${name}' discarded: the device was ${st.closed ? 'closed' : 'reset'} while it loaded`);
+    refuse(Status.NOT_CLAIMED, 'broker-reset', `the device's offload was ${st.closed ? 'closed' : 'reset'} while the object loaded`);
+  }
+  return adoptLoaded(st, got, inspected, bytes, name, progName);
+}
+
+/** recheck → handles → pins on what the child made; every fd it handed over is closed on a refusal. */
+function adoptLoaded(st: OffloadState, got: LoadedObjectFds, inspected: ObjectInspection, bytes: Uint8Array, name: string,
+  progName: string, handles?: readonly number[]): LoadedProgram {
   // From here on the kernel objects are ours: every refusal closes them.
   const owned = new Set<number>([...got.maps.map((m) => m.fd), ...got.programs.map((x) => x.fd)]);
   try {

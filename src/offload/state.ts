@@ -44,6 +44,8 @@ export class OffloadState {
   readonly pins: DevicePins | null;
   readonly now: () => number;
   closed = false;
+  /** Bumped by reset() and close(): an OBJ_LOAD that awaited its child compares it before adopting the result. */
+  epoch = 0;
   private readonly logFn: (line: string) => void;
   private readonly programListeners: ((p: OffloadProgram | null) => void)[] = [];
   private readonly claimListeners: ((claimed: boolean) => void)[] = [];
@@ -195,6 +197,7 @@ export class OffloadState {
 
   /** Drops the claim, the program and every map, pins included. */
   reset(reason: string): void {
+    this.epoch++;
     const wasClaimed = this.claim !== null;
     this.unloadProgram(reason);
     const n = this.maps.size;
@@ -212,6 +215,7 @@ export class OffloadState {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    this.epoch++;
     const old: LoadedProgram | null = this.program.take();
     if (old) {
       this.emitProgram();

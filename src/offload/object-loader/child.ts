@@ -32,6 +32,9 @@ function main(): void {
   const name = process.argv[2] ?? '';
   const logBytes = Math.min(Math.max(Number(process.argv[3]) || 65536, 4096), 1 << 24);
   const bytes = readFileSync(0);
+  // Tests only: a deterministically slow loader (the parent passes the variable through when set).
+  const delay = Math.min(Number(process.env.VX_OBJECT_LOADER_DELAY_MS) || 0, 60_000);
+  if (delay > 0) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, delay);
   if (bytes.byteLength > MAX_STDIN_BYTES) report({ ok: false, stage: 'input', errno: 0, reason: 'object too large' });
   silenceLibbpf();
   let obj: BpfObject;

@@ -5,7 +5,7 @@
 // runs out of memory or reports nonsense is a refusal; the kernel objects it made die with it.
 // Everything the child says is checked against what the kernel says about the fds.
 
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { dirname, join } from 'node:path';
 import { VxError } from '../../errors.js';
@@ -99,31 +99,32 @@ function decodeReport(text: string): ChildReport {
   return o as ChildReport;
 }
 
-/**
- * Loads `object` through libbpf in a child process. Returns the maps and programs it made, now
- * owned by this process (the caller closes the fds), with the programs' final instructions (map
- * references still hold the child's fd numbers: LoadedMap.childFd). Throws ObjectLoaderError.
- */
-export function loadObjectInChild(object: Uint8Array, name: string, options: LoaderOptions = {}): LoadedObjectFds {
-  const o = { ...DEFAULT_LOADER_OPTIONS, ...options };
-  const [mine, theirs] = UnixSocket.pair();
-  let fds: number[] = [];
-  try {
-    const r = spawnSync('prlimit', [
+/** prlimit's arguments around the child, and the child's environment (only PATH, and the tests' delay). */
+function childCommand(o: Required<LoaderOptions>, name: string): { args: string[]; env: NodeJS.ProcessEnv } {
+  const env: NodeJS.ProcessEnv = { PATH: process.env.PATH ?? '/usr/bin:/bin' };
+  // Tests make the loader slow deterministically; the child honours it, nothing else reads it.
+  if (process.env.VX_OBJECT_LOADER_DELAY_MS) env.VX_OBJECT_LOADER_DELAY_MS = process.env.VX_OBJECT_LOADER_DELAY_MS;
+  return {
+    args: [
       `--as=${o.addressSpaceBytes}`, `--cpu=${o.cpuSeconds}`, '--core=0', '--nofile=256', '--fsize=0', '--nproc=4096',
       '--', process.execPath, '--max-old-space-size=256', childScript(), name, String(o.logBytes),
-    ], {
-      input: object, stdio: ['pipe', 'pipe', 'pipe', theirs.fd], timeout: o.timeoutMs, killSignal: 'SIGKILL',
-      maxBuffer: MAX_REPORT_BYTES, env: { PATH: process.env.PATH ?? '/usr/bin:/bin' }, windowsHide: true,
-    });
-    theirs.close();
-    // Whatever it sent before it ended is ours to close, whatever happens next.
-    fds = drainFds(mine);
-    const err = r.error as NodeJS.ErrnoException | undefined;
-    if (err?.code === 'ETIMEDOUT' || (r.signal === 'SIGKILL' && err)) {
-      throw new ObjectLoaderError('object-loader-timeout', `the object loader did not finish within ${o.timeoutMs} ms`);
-    }
-    if (err) throw new ObjectLoaderError('object-loader-crashed', `the object loader failed: ${err.message}`);
+    ],
+    env,
+  };
+}
+
+/** How the child ended, whichever way it was run. */
+interface ChildOutcome { timedOut: boolean; error: Error | null; status: number | null; signal: NodeJS.Signals | null; stdout: Buffer }
+
+/**
+ * The one judgement of a child's run: its exit, its report, the fds it sent against the
+ * report and the kernel. `fds` are closed on any refusal; on success they are the caller's.
+ */
+function judgeChild(r: ChildOutcome, fds: number[], o: Required<LoaderOptions>): LoadedObjectFds {
+  let owned = fds;
+  try {
+    if (r.timedOut) throw new ObjectLoaderError('object-loader-timeout', `the object loader did not finish within ${o.timeoutMs} ms`);
+    if (r.error) throw new ObjectLoaderError('object-loader-crashed', `the object loader failed: ${r.error.message}`);
     if (r.status !== 0) {
       throw new ObjectLoaderError('object-loader-crashed',
         `the object loader ended with ${r.signal ? `signal ${r.signal}` : `status ${r.status}`} (libbpf could not handle this object)`);
@@ -152,11 +153,90 @@ export function loadObjectInChild(object: Uint8Array, name: string, options: Loa
       if (insns.byteLength === 0 || insns.byteLength % 8 !== 0) throw new ObjectLoaderError('object-loader-report', `program '${p.name}': no instructions`);
       return { name: p.name, section: p.section, insns, fd, id: info.id, tag: info.tag };
     });
-    fds = [];
+    owned = [];
     return { maps, programs };
+  } finally {
+    for (const fd of owned) closeBpfFd(fd);
+  }
+}
+
+/**
+ * Loads `object` through libbpf in a child process. Returns the maps and programs it made, now
+ * owned by this process (the caller closes the fds), with the programs' final instructions (map
+ * references still hold the child's fd numbers: LoadedMap.childFd). Throws ObjectLoaderError.
+ * Blocks the thread until the child ends (tests, migration import); the serving path uses
+ * loadObjectInChildAsync.
+ */
+export function loadObjectInChild(object: Uint8Array, name: string, options: LoaderOptions = {}): LoadedObjectFds {
+  const o = { ...DEFAULT_LOADER_OPTIONS, ...options };
+  const cmd = childCommand(o, name);
+  const [mine, theirs] = UnixSocket.pair();
+  try {
+    const r = spawnSync('prlimit', cmd.args, {
+      input: object, stdio: ['pipe', 'pipe', 'pipe', theirs.fd], timeout: o.timeoutMs, killSignal: 'SIGKILL',
+      maxBuffer: MAX_REPORT_BYTES, env: cmd.env, windowsHide: true,
+    });
+    theirs.close();
+    // Whatever it sent before it ended is ours to close, whatever happens next.
+    const fds = drainFds(mine);
+    const err = (r.error as NodeJS.ErrnoException | undefined) ?? null;
+    const timedOut = err?.code === 'ETIMEDOUT' || (r.signal === 'SIGKILL' && err !== null);
+    return judgeChild({ timedOut, error: err, status: r.status, signal: r.signal, stdout: r.stdout ?? Buffer.alloc(0) }, fds, o);
   } finally {
     theirs.close();
     mine.close();
-    for (const fd of fds) closeBpfFd(fd);
   }
+}
+
+/**
+ * loadObjectInChild without blocking the thread: the same child, limits, fd passing and
+ * judgement, run with spawn; the promise settles when the child has ended (killed with SIGKILL
+ * after the timeout). Rejects with ObjectLoaderError.
+ */
+export function loadObjectInChildAsync(object: Uint8Array, name: string, options: LoaderOptions = {}): Promise<LoadedObjectFds> {
+  const o = { ...DEFAULT_LOADER_OPTIONS, ...options };
+  const cmd = childCommand(o, name);
+  const [mine, theirs] = UnixSocket.pair();
+  return new Promise<LoadedObjectFds>((resolve, reject) => {
+    let child: ChildProcess;
+    try {
+      child = spawn('prlimit', cmd.args, { stdio: ['pipe', 'pipe', 'ignore', theirs.fd], env: cmd.env, windowsHide: true });
+    } catch (e) {
+      theirs.close();
+      mine.close();
+      reject(new ObjectLoaderError('object-loader-crashed', `the object loader failed: ${(e as Error).message}`));
+      return;
+    }
+    // The child has its copy; ours would keep the socket open after it ends.
+    theirs.close();
+    let timedOut = false;
+    let error: Error | null = null;
+    const chunks: Buffer[] = [];
+    let outBytes = 0;
+    const kill = () => { try { child.kill('SIGKILL'); } catch { /* already gone */ } };
+    const timer = setTimeout(() => { timedOut = true; kill(); }, o.timeoutMs);
+    child.stdout!.on('data', (b: Buffer) => {
+      outBytes += b.byteLength;
+      if (outBytes > MAX_REPORT_BYTES) {
+        if (!error) error = new Error(`stdout over ${MAX_REPORT_BYTES} bytes`);
+        kill();
+        return;
+      }
+      chunks.push(b);
+    });
+    child.stdin!.on('error', () => { /* a child that ends without reading its input: judged by its exit */ });
+    child.on('error', (e) => { if (!error) error = e; });
+    child.on('close', (status, signal) => {
+      clearTimeout(timer);
+      try {
+        const fds = drainFds(mine);
+        resolve(judgeChild({ timedOut, error, status, signal, stdout: Buffer.concat(chunks) }, fds, o));
+      } catch (e) {
+        reject(e);
+      } finally {
+        mine.close();
+      }
+    });
+    child.stdin!.end(Buffer.from(object.buffer, object.byteOffset, object.byteLength));
+  });
 }
