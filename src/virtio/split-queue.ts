@@ -215,17 +215,19 @@ export class SplitQueue {
     if (last === this.shadowAvail && this.availableCount() === 0) return false;
     const head = this.availView.getUint16(4 + 2 * (last & this.mask), true);
     this.lastAvail = (last + 1) & 0xffff;
-    chain.head = head;
-    chain.count = 0;
-    chain.readableCount = 0;
-    chain.readableBytes = 0;
-    chain.writableBytes = 0;
     if (head >= this.size) {
-      chain.head = -1;
+      chain.reset();
       throw new VirtqueueError('head-out-of-range', this.name, `avail ring slot ${last & this.mask} holds head ${head} >= queue size ${this.size}`);
     }
-    this.walk(chain, head);
+    this.load(chain, head);
     return true;
+  }
+
+  /** Fills `chain` with the chain starting at descriptor `head` (< size), every bound checked. */
+  private load(chain: DescriptorChain, head: number): void {
+    chain.reset();
+    chain.head = head;
+    this.walk(chain, head);
   }
 
   private walk(chain: DescriptorChain, head: number): void {
@@ -416,9 +418,7 @@ export class SplitQueue {
       let left = this.usedView.getUint32(8 + 8 * slot, true);
       if (left > 0) {
         try {
-          ch.head = head;
-          ch.count = ch.readableCount = ch.readableBytes = ch.writableBytes = 0;
-          this.walk(ch, head);
+          this.load(ch, head);
           for (let k = ch.readableCount; k < ch.count && left > 0; k++) {
             const take = Math.min(ch.length[k]!, left);
             if (!log.mark(ch.gpa[k]!, take)) this.logMisses++;
@@ -429,8 +429,12 @@ export class SplitQueue {
           this.logMisses++;
         }
       }
-      if (!log.markUsed(this.usedLog, 4 + 8 * slot, 8)) this.logMisses++;
     }
+    // The elements written, as one run of the ring (two when it wraps), then used->idx.
+    const first = from & this.mask;
+    const run = Math.min(n, this.size - first);
+    if (!log.markUsed(this.usedLog, 4 + 8 * first, 8 * run)) this.logMisses++;
+    if (run < n && !log.markUsed(this.usedLog, 4, 8 * (n - run))) this.logMisses++;
     if (!log.markUsed(this.usedLog, 2, 2)) this.logMisses++;
   }
 
