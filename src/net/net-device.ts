@@ -57,7 +57,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
    * when the ring starts again: see offloadRingStarts.
    */
   private readonly offloadStopped = new Map<number, VringConfig | null>();
-  /** Rings of an AF_XDP port stopped while their partner ran: their socket still holds what they posted (see reopenPair). */
+  /** Rings of an AF_XDP port stopped while their partner ran: their socket still holds what they posted (see startVring). */
   private readonly stoppedAlone = new Set<number>();
   /** Workers that know this device, and the pairs each serves. */
   private readonly onWorker = new Map<number, Set<number>>();
@@ -68,7 +68,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
   readonly broker: OffloadChannel | null;
   readonly offloadPair: number;
   lastResetReason = '';
-  /** Where guest writes are marked during migration (null: logging off); the datapath wiring comes with the RX/TX rework. */
+  /** Where guest writes are marked during migration (null: logging off); posted to every worker serving a pair. */
   dirtyLog: LogInfo | null = null;
 
   constructor(private readonly opts: NetDeviceOptions) {
@@ -199,14 +199,22 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     if (pair === this.offloadPair && this.broker?.claimed) return false;
     const from = this.pool.workerOf(this.id, pair);
     if (from < 0 || from === to) return false;
+    this.replacePair(pair, from, to);
+    return true;
+  }
+
+  /**
+   * Stops the pair's running rings on worker `from` (between two bursts, never mid-chain, their
+   * ring positions kept), closes its host queue there, opens a fresh one on `to` and starts the
+   * rings again where they stopped. Moving a pair and renewing its AF_XDP socket are both this.
+   */
+  private replacePair(pair: number, from: number, to: number): void {
     const cfgs = [2 * pair, 2 * pair + 1].map((i) => this.running.get(i)).filter((c): c is VringConfig => c !== undefined);
-    // Between bursts: the worker stops a ring only between two of them, never mid-chain.
     for (const cfg of cfgs) cfg.lastAvailIdx = this.request(from, { op: 'stop', index: cfg.index });
     this.unplacePair(pair);
-    this.pool.reassign(this.id, pair, to);
+    if (to !== from) this.pool.reassign(this.id, pair, to);
     this.placePair(pair, to);
     for (const cfg of cfgs) this.request(to, { op: 'start', vring: cfg });
-    return true;
   }
 
   vringStopRequested(index: number): void {
@@ -324,7 +332,12 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     let w = this.pool.workerOf(this.id, pair);
     const placed = w < 0;
     if (placed) w = this.placePair(pair);
-    else if (this.stoppedAlone.delete(cfg.index) && this.running.has(cfg.index ^ 1)) this.reopenPair(pair, w);
+    else if (this.stoppedAlone.delete(cfg.index) && this.running.has(cfg.index ^ 1)) {
+      // A ring restarting alone while its partner runs: an AF_XDP socket gives back what it was
+      // handed only when it is closed, so the ring would find its previous run's buffers in the
+      // socket's rings. The pair gets a fresh socket on the same worker first.
+      this.replacePair(pair, w, w);
+    }
     try {
       this.request(w, { op: 'start', vring: cfg });
     } catch (e) {
@@ -334,20 +347,6 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     this.running.set(cfg.index, { ...cfg });
     this.connected = true;
     this.log.debug(`vring ${cfg.index} started on worker ${w} (size ${cfg.size}, base ${cfg.lastAvailIdx})`);
-  }
-
-  /**
-   * A ring restarting alone while its partner runs (SET_VRING_ADDR toggling the dirty log): an
-   * AF_XDP socket gives back what it was handed only when it is closed, so the ring would find
-   * its previous run's buffers in the socket's rings. The partner stops between two bursts, the
-   * pair gets a fresh socket on the same worker, and the partner starts again where it stopped.
-   */
-  private reopenPair(pair: number, w: number): void {
-    const partner = [2 * pair, 2 * pair + 1].map((i) => this.running.get(i)).filter((c): c is VringConfig => c !== undefined);
-    for (const cfg of partner) cfg.lastAvailIdx = this.request(w, { op: 'stop', index: cfg.index });
-    this.unplacePair(pair);
-    this.placePair(pair, w);
-    for (const cfg of partner) this.request(w, { op: 'start', vring: cfg });
   }
 
   private releasePair(pair: number): void {
