@@ -9,6 +9,7 @@ import { CLI, startBackend } from '../test/support/backend.js';
 import { TestFrontend } from '../test/support/frontend/test-frontend.js';
 import { CleanupStack, deleteLink, disableIpv6, listLinks, uniqueIfName } from '../test/support/netdev.js';
 import { sleep } from '../test/support/processes.js';
+import { clockTick, cpuPct } from './proc-cpu.js';
 
 /** Issue 13's targets. */
 export const SCALE_TARGETS = { rssMbAt32: 100, perAddedDeviceMb: 2, idleCpuPctAt64: 1 } as const;
@@ -78,13 +79,6 @@ export function serveHasWorkersOption(): boolean {
   return /--workers\b/.test(help);
 }
 
-/** Clock ticks per second, the unit of utime/stime in /proc/PID/stat. */
-function clockTick(): number {
-  const t = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim());
-  if (!Number.isInteger(t) || t <= 0) throw new Error(`getconf CLK_TCK gave '${t}'`);
-  return t;
-}
-
 export function procStatus(pid: number): ProcStatus {
   const text = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
   const field = (name: string): number => {
@@ -94,24 +88,6 @@ export function procStatus(pid: number): ProcStatus {
   };
   const mb = (name: string): number => round1((field(name) * 1024) / MB);
   return { rssMb: mb('VmRSS'), anonMb: mb('RssAnon'), fileMb: mb('RssFile'), shmemMb: mb('RssShmem'), threads: field('Threads') };
-}
-
-/** utime + stime of a whole process (all threads), in clock ticks. */
-function cpuTicks(pid: number): number {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  // comm (field 2) may hold spaces and parentheses: count fields from the last ')'. What follows
-  // starts at field 3 (state), so utime (14) and stime (15) are the 12th and 13th.
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return Number(f[11]) + Number(f[12]);
-}
-
-/** CPU the process used over `seconds` of wall time, in % of one core. */
-async function cpuPct(pid: number, seconds: number, tick: number): Promise<number> {
-  const c0 = cpuTicks(pid);
-  const t0 = process.hrtime.bigint();
-  await sleep(seconds * 1000);
-  const used = (cpuTicks(pid) - c0) / tick;
-  return round2((100 * used) / (Number(process.hrtime.bigint() - t0) / 1e9));
 }
 
 /** A config file with one single-queue tap device per name (a file: 64 `--device` flags read badly in ps). */

@@ -5,10 +5,11 @@ import {
   netnsExists, readLinkStats, uniqueIfName, uniqueNetnsName,
 } from './netdev.js';
 import {
-  PacketSocket, buildUdpFrame, checkPatternPayload, ipv4HeaderChecksum, parseUdpFrame, patternPayload,
+  PacketSocket, PacketType, buildUdpFrame, checkPatternPayload, ipv4HeaderChecksum, parseUdpFrame, patternPayload,
 } from './packet-socket.js';
 import { dpdkLeftovers, isTxonlyFrame, pcapVdev, readPcap, startTestpmd } from './dpdk.js';
 import { spawnManaged } from './processes.js';
+import { Pinger, percentile } from './pinger.js';
 
 // The helpers other tests stand on, exercised against real kernel objects.
 
@@ -226,5 +227,70 @@ describe('testpmd against a kernel tap (net_tap PMD)', () => {
     expect(r.code).toBe(0);
     const got = readPcap(pcap).filter((f) => parseUdpFrame(f)?.dstPort === 7001);
     expect(got.map((f) => Array.from(f))).toEqual(sent.map((f) => Array.from(f)));
+  });
+});
+
+const PING_HOST_MAC = '02:00:00:00:0a:01';
+const PING_GUEST_MAC = '02:00:00:00:0b:01';
+
+// The latency bench's pinger: every echo is counted once and timed, what never comes back is lost.
+describe('pinger on a veth pair', () => {
+  const a = uniqueIfName('vxpa');
+  const b = uniqueIfName('vxpb');
+  beforeAll(() => {
+    createVethPair(a, b);
+    disableIpv6(a);
+    disableIpv6(b);
+  });
+  afterAll(() => deleteLink(a));
+
+  test('percentile is the nearest rank', () => {
+    const xs = Array.from({ length: 100 }, (_, i) => i + 1);
+    expect(percentile(xs, 50)).toBe(50);
+    expect(percentile(xs, 99)).toBe(99);
+    expect(percentile([7], 99)).toBe(7);
+    expect(percentile([], 50)).toBe(0);
+  });
+
+  test('a bouncer that swaps MACs answers every ping: all received, none lost, round trips timed', async () => {
+    const echo = PacketSocket.open(b);
+    let bouncing = true;
+    let bounced = 0;
+    // The far end of the veth plays testpmd's macswap: same frame back, MACs swapped.
+    const bouncer = (async () => {
+      while (bouncing) {
+        for (let f = echo.recvFrame(0); f; f = echo.recvFrame(0)) {
+          if (f.pktType === PacketType.OUTGOING) continue;
+          const out = f.frame.slice();
+          out.set(f.frame.subarray(6, 12), 0);
+          out.set(f.frame.subarray(0, 6), 6);
+          echo.send(out);
+          bounced++;
+        }
+        await new Promise((r) => setTimeout(r, 0));
+      }
+    })();
+    try {
+      const r = await Pinger.run({ ifname: a, srcMac: PING_HOST_MAC, dstMac: PING_GUEST_MAC, rate: 200, seconds: 1 }, 0);
+      expect(r.sent).toBe(200);
+      expect(r.received).toBe(200);
+      expect(r.lost).toBe(0);
+      expect(bounced).toBeGreaterThanOrEqual(200);
+      expect(r.p50Us).toBeGreaterThan(0);
+      expect(r.p99Us).toBeGreaterThanOrEqual(r.p50Us);
+      expect(r.maxUs).toBeGreaterThanOrEqual(r.p99Us);
+    } finally {
+      bouncing = false;
+      await bouncer;
+      echo.close();
+    }
+  });
+
+  test('with nobody bouncing every ping is lost and no round trip is made up', async () => {
+    const r = await Pinger.run({ ifname: a, srcMac: PING_HOST_MAC, dstMac: PING_GUEST_MAC, rate: 100, seconds: 0.5 }, 0);
+    expect(r.sent).toBe(50);
+    expect(r.received).toBe(0);
+    expect(r.lost).toBe(50);
+    expect(r.p99Us).toBe(0);
   });
 });

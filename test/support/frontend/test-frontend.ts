@@ -55,6 +55,8 @@ interface PairState {
   call: [number, number];
   txFree: number[];
   rxSlots: number;
+  /** Tokens of postTx chains the device has returned, not yet taken by takeTxDone. */
+  ownTxDone: object[];
 }
 
 /** A vhost-user frontend that drives a virtio-net device the way a guest driver would. */
@@ -215,7 +217,7 @@ export class TestFrontend {
       this.rxBase[p] = this.alloc(queueSize * SLOT);
       this.txBase[p] = this.alloc(queueSize * SLOT);
       this.bigTx[p] = this.alloc(BIG);
-      const st: PairState = { rx, tx, kick: [eventfdCreate(), eventfdCreate()], call: [eventfdCreate(), eventfdCreate()], txFree: Array.from({ length: queueSize }, (_, i) => i), rxSlots: 0 };
+      const st: PairState = { rx, tx, kick: [eventfdCreate(), eventfdCreate()], call: [eventfdCreate(), eventfdCreate()], txFree: Array.from({ length: queueSize }, (_, i) => i), rxSlots: 0, ownTxDone: [] };
       // A second start is a driver that reset the device: its old rings are forgotten.
       const old = this.pairs[p];
       if (old) for (const fd of [...old.kick, ...old.call]) closeFd(fd);
@@ -326,6 +328,10 @@ export class TestFrontend {
 
   private reclaimTx(st: PairState): void {
     for (let u = st.tx.pollUsed(); u; u = st.tx.pollUsed()) {
+      if (typeof u.token === 'object' && u.token !== null) {
+        st.ownTxDone.push(u.token);
+        continue;
+      }
       const token = u.token as number;
       if (token < 0) this.bigBusy.delete(-1 - token);
       else st.txFree.push(token);
@@ -382,6 +388,33 @@ export class TestFrontend {
     this.bigBusy.add(p);
     st.tx.publish();
     if (st.tx.needsKick()) eventfdSignal(st.kick[1]);
+  }
+
+  /**
+   * Queues TX chains the caller laid out itself in memory it alloc()ed, virtio-net header
+   * included (e.g. many 64 KiB GSO frames in flight, which the slots and the one large buffer
+   * cannot hold); each chain comes back through takeTxDone as its token. Returns how many fit.
+   */
+  postTx(p: number, chains: readonly { segs: readonly { gpa: number; len: number }[]; token: object }[]): number {
+    const st = this.pair(p);
+    this.reclaimTx(st);
+    let n = 0;
+    for (const c of chains) {
+      if (st.tx.add(c.segs.map((b) => ({ gpa: b.gpa, len: b.len, writable: false })), c.token) === null) break;
+      n++;
+    }
+    if (n > 0) {
+      st.tx.publish();
+      if (st.tx.needsKick()) eventfdSignal(st.kick[1]);
+    }
+    return n;
+  }
+
+  /** Tokens of postTx chains the device has handed back since the last call. */
+  takeTxDone(p: number): object[] {
+    const st = this.pair(p);
+    this.reclaimTx(st);
+    return st.ownTxDone.splice(0);
   }
 
   private readonly bigBusy = new Set<number>();
