@@ -29,7 +29,8 @@ import { CLI } from '../test/support/backend.js';
  * In host->guest, the generator and B's busy-polling rxonly loop share core 0, so the offered
  * load is bounded by what the generator gets of that core; the result reports the offered rate beside
  * the delivered one so a generator-bound run is visible as such. Use the same pinning when
- * measuring vhost-xdp.
+ * measuring vhost-xdp. fairHostToGuest adds a window with B's forwarding lcore moved to core 1
+ * and core 0 left to the generator (FAIR_PLACEMENT).
  *
  * Counting: guest->host = packets the host kernel receives on the tap (or the veth peer),
  * from its own counters; host->guest = packets virtio-user (B) receives, from testpmd's
@@ -42,6 +43,16 @@ export interface ReferenceOptions {
   /** Ethernet frame length without FCS. Default 64. */
   frameLen?: number;
   warmupSeconds?: number;
+  /**
+   * When set, a second guest->host window with frames of this length, on the same backend right
+   * after the 64-byte one (details.guestToHostLarge): big frames cost the backend per byte, not per frame.
+   */
+  largeFrameLen?: number;
+  /**
+   * Also measure host->guest with the generator alone on core 0 and the guest's forwarding lcore
+   * beside the backend on core 1 (details.hostToGuestFair); see FAIR_PLACEMENT.
+   */
+  fairHostToGuest?: boolean;
 }
 
 export interface DirectionDetails {
@@ -52,6 +63,9 @@ export interface DirectionDetails {
   offeredMpps?: number;
   /** Frames the kernel dropped on the host port during the window (tap queue full etc.). */
   hostPortDropped?: number;
+  /** Guest->host with largeFrameLen: frame length and the bit rate the host received (Ethernet frames without FCS). */
+  frameLen?: number;
+  gbps?: number;
 }
 
 export interface ReferenceResult {
@@ -65,6 +79,10 @@ export interface ReferenceResult {
     loadAvg1: number;
     guestToHost: DirectionDetails;
     hostToGuest: DirectionDetails;
+    /** With largeFrameLen: guest->host with frames of that length, same backend. */
+    guestToHostLarge?: DirectionDetails;
+    /** With fairHostToGuest: host->guest with FAIR_PLACEMENT. */
+    hostToGuestFair?: DirectionDetails & { placement: string };
     /** af_xdp only: host->guest with the flood pinned to the backend's core (1) instead of the guest's (0). */
     hostToGuestFloodOnBackendCore?: DirectionDetails;
     /** vhost-xdp seat only: the warnings and errors it logged during the run. */
@@ -73,6 +91,17 @@ export interface ReferenceResult {
 }
 
 const PINNING = 'A(vhost PMD <-io-> host PMD): main lcore 0, forwarding lcore 1; B(virtio-user): main lcore 1, forwarding lcore 0; generator (trafgen on tap, XDP live-frames flood on veth): taskset -c 0, 1 process';
+/**
+ * Host->guest with the generator starved by nobody: on two cores it gets core 0 to itself
+ * (trafgen, one process), and the guest's forwarding lcore (B: main lcore 0, forwarding lcore 1)
+ * shares core 1 with the backend's seat (A's forwarding lcore, or every vhost-xdp thread), the
+ * same for both backends. The offered load then no longer depends on who busy-polls the
+ * generator's core (with the flood on the guest's core DPDK read 0.03 Mpps: the guest's time
+ * slices, not either backend, set the figure). What remains shared is the backend's core: two
+ * busy-pollers (DPDK's A and B) split it by the scheduler's time slices, an event-driven backend
+ * takes it when it has work; that difference is the thing measured. The mains only wake to print stats.
+ */
+export const FAIR_PLACEMENT = 'generator alone on core 0; guest (virtio-user forwarding lcore) and backend share core 1; mains on core 0';
 export const GUEST_MAC = '02:00:00:00:0b:01';
 export const HOST_MAC = '02:00:00:00:0a:01';
 
@@ -119,7 +148,7 @@ async function measureXdpArrivals(ifname: string, seconds: number): Promise<{ pa
 export type BackendSeat = 'dpdk' | 'vhost-xdp';
 
 /** vhost-xdp serve pinned to core 1 (all its threads), the seat testpmd A has in the reference. */
-async function startVhostXdp(sock: string, port: string, cleanup: CleanupStack): Promise<ManagedProcess> {
+export async function startVhostXdp(sock: string, port: string, cleanup: CleanupStack): Promise<ManagedProcess> {
   const be = spawnManaged('taskset', ['-c', '1', process.execPath, CLI, 'serve', '--socket', sock, '--port', port, '--log-level', 'warn'], { name: 'vhost-xdp' });
   cleanup.push('stop vhost-xdp', () => be.stop('SIGTERM', 5000));
   await be.waitForLine(/^vhost-xdp ready:/, 15_000);
@@ -185,6 +214,18 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
     const g2h = await measureKernelRate(hostIf, seconds, 'rx');
     await b.stop();
     b = undefined;
+    const g2hLarge = opts.largeFrameLen === undefined ? null : await (async () => {
+      b = await startTestpmd({
+        name: `ref-${kind}-B-tx${opts.largeFrameLen}`,
+        vdevs: [`net_virtio_user0,path=${sock},queues=1,queue_size=256,mac=${GUEST_MAC}`],
+        forwardMode: 'txonly', txpkts: opts.largeFrameLen, cores: '0,1', mainLcore: 1, ethPeers: [HOST_MAC],
+      });
+      await sleep(warmup * 1000);
+      const r = await measureKernelRate(hostIf, seconds, 'rx');
+      await b.stop();
+      b = undefined;
+      return r;
+    })();
 
     // Host -> guest: trafgen into the host port; count what virtio-user receives.
     const frame = buildUdpFrame({
@@ -202,7 +243,7 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
     // through a socket from a shared core (it topped out near 0.2 Mpps): flood it with the
     // live-frames XDP generator and count what reached the backend's end (its XDP counters).
     // A tap has no such path; trafgen is the flood there.
-    const hostToGuestWindow = async (genCpu: number): Promise<{ h2g: { packets: number; seconds: number }; offered: { packets: number; seconds: number; dropped: number } }> => {
+    const hostToGuestWindow = async (genCpu: number, guest: Testpmd): Promise<{ h2g: { packets: number; seconds: number }; offered: { packets: number; seconds: number; dropped: number } }> => {
       let stopGen: () => Promise<unknown>;
       if (kind === 'af_xdp') {
         const flood = await XdpFlood.start(hostIf, frame, genCpu);
@@ -213,22 +254,34 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
       }
       cleanup.push('stop the generator', stopGen);
       await sleep(warmup * 1000);
-      const histStart = b!.history.length;
+      const histStart = guest.history.length;
       const offered = kind === 'af_xdp' ? await measureXdpArrivals(backendEnd!, seconds) : await measureKernelRate(hostIf, seconds, 'tx');
       // Wait for one more stats period so the window is covered by two snapshots.
-      await b!.waitForStats(() => b!.history.length >= histStart + seconds, 3000).catch(() => undefined);
-      const first = b!.history[histStart - 1] ?? b!.history[histStart];
-      const last = b!.history.at(-1);
+      await guest.waitForStats(() => guest.history.length >= histStart + seconds, 3000).catch(() => undefined);
+      const first = guest.history[histStart - 1] ?? guest.history[histStart];
+      const last = guest.history.at(-1);
       if (!first || !last || first === last) throw new Error('testpmd B printed no stats during the host->guest window');
       const h2g = rateBetween(first, last, 0, 'rxPackets');
       await stopGen();
       return { h2g, offered };
     };
-    const { h2g, offered } = await hostToGuestWindow(0);
+    const { h2g, offered } = await hostToGuestWindow(0, b);
     // On two cores the flood shares a core with someone. On the guest's core (above) it starves
     // the guest, and the result mostly says how much a backend buffers between the guest's time
     // slices. On the backend's core it competes with the backend itself: the other view.
-    const onBackendCore = kind === 'af_xdp' ? await hostToGuestWindow(1) : null;
+    const onBackendCore = kind === 'af_xdp' ? await hostToGuestWindow(1, b) : null;
+    await b.stop();
+    b = undefined;
+    let fair: Awaited<ReturnType<typeof hostToGuestWindow>> | null = null;
+    if (opts.fairHostToGuest) {
+      // FAIR_PLACEMENT: the same guest, its forwarding lcore moved beside the backend.
+      b = await startTestpmd({
+        name: `ref-${kind}-B-rx-fair`,
+        vdevs: [`net_virtio_user0,path=${sock},queues=1,queue_size=256,mac=${GUEST_MAC}`],
+        forwardMode: 'rxonly', cores: '0,1', mainLcore: 0,
+      });
+      fair = await hostToGuestWindow(0, b);
+    }
 
     const mpps = (p: number, s: number): number => Math.round((p / s / 1e6) * 1000) / 1000;
     return {
@@ -240,6 +293,19 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
         pinning: PINNING,
         loadAvg1,
         guestToHost: { mpps: mpps(g2h.packets, g2h.seconds), packets: g2h.packets, seconds: g2h.seconds, hostPortDropped: g2h.dropped },
+        ...(g2hLarge ? {
+          guestToHostLarge: {
+            mpps: mpps(g2hLarge.packets, g2hLarge.seconds), packets: g2hLarge.packets, seconds: g2hLarge.seconds, hostPortDropped: g2hLarge.dropped,
+            frameLen: opts.largeFrameLen, gbps: Math.round((g2hLarge.packets * opts.largeFrameLen! * 8) / g2hLarge.seconds / 1e6) / 1000,
+          },
+        } : {}),
+        ...(fair ? {
+          hostToGuestFair: {
+            mpps: mpps(fair.h2g.packets, fair.h2g.seconds), packets: fair.h2g.packets, seconds: fair.h2g.seconds,
+            offeredMpps: mpps(fair.offered.packets + fair.offered.dropped, fair.offered.seconds), hostPortDropped: fair.offered.dropped,
+            placement: FAIR_PLACEMENT,
+          },
+        } : {}),
         hostToGuest: {
           mpps: mpps(h2g.packets, h2g.seconds), packets: h2g.packets, seconds: h2g.seconds,
           offeredMpps: mpps(offered.packets + offered.dropped, offered.seconds), hostPortDropped: offered.dropped,

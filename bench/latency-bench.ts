@@ -1,0 +1,45 @@
+import { loadavg } from 'node:os';
+import { startTestpmd, type Testpmd } from '../test/support/dpdk.js';
+import { getMac } from '../test/support/netdev.js';
+import { Pinger, type PingResult } from '../test/support/pinger.js';
+import { sleep } from '../test/support/processes.js';
+import { GUEST_MAC, type BackendSeat } from './reference-dpdk.js';
+import { startTapSeat } from './tap-seat.js';
+
+/**
+ * Round-trip latency (issue 18): host -> tap -> guest -> tap -> host. The guest is DPDK
+ * testpmd on virtio-user in macswap (every frame goes straight back with its MACs swapped);
+ * the backend seat is `serve --port tap:` or DPDK's vhost PMD <-io-> tap PMD; the host side is
+ * the pinger (test/support/pinger.ts) on the tap, at a modest fixed rate, timing each echo by
+ * its kernel receive stamp.
+ */
+export const LATENCY_PINNING = 'backend seat: core 1 (testpmd A forwarding lcore / every serve thread); guest (virtio-user macswap): forwarding lcore 0, main 1; pinger: core 0 beside the guest, sleeping between pings';
+/** Pings per second: far below either backend's capacity, so queueing is not what is measured. */
+export const PING_RATE = 1000;
+
+export interface LatencySample extends PingResult {
+  seat: BackendSeat;
+  loadAvg1: number;
+  backendWarnings: string[];
+}
+
+export async function measureLatency(seat: BackendSeat, seconds: number): Promise<LatencySample> {
+  const loadAvg1 = Math.round(loadavg()[0]! * 100) / 100;
+  const s = await startTapSeat(seat, 'lt');
+  let guest: Testpmd | undefined;
+  try {
+    guest = await startTestpmd({
+      name: `lt-${seat}-guest`,
+      vdevs: [`net_virtio_user0,path=${s.sock},queues=1,queue_size=256,mac=${GUEST_MAC}`],
+      forwardMode: 'macswap', cores: '0,1', mainLcore: 1, portTopology: 'loop',
+    });
+    // The first frames also pay for first-touch of rings and mbufs: a short run not counted.
+    await Pinger.run({ ifname: s.hostIf, srcMac: getMac(s.hostIf), dstMac: GUEST_MAC, rate: PING_RATE, seconds: 0.5 }, 0);
+    await sleep(200);
+    const r = await Pinger.run({ ifname: s.hostIf, srcMac: getMac(s.hostIf), dstMac: GUEST_MAC, rate: PING_RATE, seconds }, 0);
+    return { ...r, seat, loadAvg1, backendWarnings: s.warnings() };
+  } finally {
+    await guest?.stop();
+    await s.stop();
+  }
+}
