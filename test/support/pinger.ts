@@ -27,7 +27,7 @@ const CLOCK_REALTIME = 0;
 const MAGIC = 0x7678_6c74; // 'vxlt'
 const PAYLOAD = 18;
 /** An echo later than this after the last send counts as lost. */
-const GRACE_MS = 200;
+const GRACE_MS = 500;
 
 const clockGettime = koffi.load('libc.so.6').func('clock_gettime', 'int', ['int', 'intptr_t']) as (clk: number, ts: number) => number;
 
