@@ -1,7 +1,7 @@
 import path from 'node:path';
 import fs from 'node:fs';
 import { loadavg } from 'node:os';
-import { spawnManaged, sleep, type ManagedProcess } from '../test/support/processes.js';
+import { spawnManaged, type ManagedProcess } from '../test/support/processes.js';
 import { CLI, tempDir } from '../test/support/backend.js';
 import { TestFrontend, DEFAULT_FEATURES } from '../test/support/frontend/test-frontend.js';
 import { addAddress, disableIpv6, freeTestSubnet, getMac, readLinkStats, run, uniqueIfName } from '../test/support/netdev.js';
@@ -165,6 +165,5 @@ export async function runGsoBench(seconds: number): Promise<GsoResult> {
     fe?.close();
     await be?.stop('SIGTERM', 5000);
     fs.rmSync(dir, { recursive: true, force: true });
-    await sleep(0);
   }
 }

@@ -142,7 +142,7 @@ const GENERATOR_BOUND = 0.97;
 function compare(label: string, refLabel: string, pick: (r: ReferenceResult) => number | undefined, offered: (r: ReferenceResult) => number | undefined,
                  runs: { refs: ReferenceResult[]; ours: ReferenceResult[] }, target = '', extra?: (r: ReferenceResult) => number | undefined): Record<string, unknown> | null {
   // Rounds where either side has no figure do not count (a ratio against nothing means nothing).
-  const kept = runs.refs.map((r, i) => [r, runs.ours[i]!] as const).filter(([a, b]) => pick(a) !== undefined && pick(b) !== undefined && pick(a)! > 0);
+  const kept = runs.refs.map((r, i) => [r, runs.ours[i]!, i + 1] as const).filter(([a, b]) => pick(a) !== undefined && pick(b) !== undefined && pick(a)! > 0);
   if (kept.length === 0) {
     line(label, 'n/a', 'no measurement in any round');
     return null;
@@ -154,9 +154,9 @@ function compare(label: string, refLabel: string, pick: (r: ReferenceResult) => 
     const o = rs.map(offered).filter((x): x is number => x !== undefined);
     return o.length ? ` (offered ${median(o).toFixed(3)})` : '';
   };
-  const bound = (side: 0 | 1): number[] => kept.flatMap((pair, i) => {
+  const bound = (side: 0 | 1): number[] => kept.flatMap((pair) => {
     const o = offered(pair[side]);
-    return o !== undefined && o > 0 && pick(pair[side])! >= GENERATOR_BOUND * o ? [i + 1] : [];
+    return o !== undefined && o > 0 && pick(pair[side])! >= GENERATOR_BOUND * o ? [pair[2]] : [];
   });
   const boundNote = (side: 0 | 1): string => (bound(side).length ? `; generator-bound round(s) ${bound(side).join(' ')}` : '');
   const ex = (side: 0 | 1): string => {
