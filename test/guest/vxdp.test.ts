@@ -1,4 +1,4 @@
-import { readdirSync, readFileSync, rmSync } from 'node:fs';
+import { rmSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { startBackend, tempDir, type Backend } from '../support/backend.js';
@@ -6,6 +6,7 @@ import { addAddress, freeTestSubnet, CleanupStack, disableIpv6, setLinkUp, uniqu
 import { PacketSocket } from '../support/packet-socket.js';
 import { udpFrame } from '../support/frames.js';
 import { GuestVm } from '../support/guest/guest-vm.js';
+import { objectLoadersBelow } from '../support/processes.js';
 import { defaultPeerName } from '../../src/ports/xsk.js';
 
 /**
@@ -32,24 +33,6 @@ const DEV = '/dev/vxdp-eth0';
 const SAMPLE = '/bpf/xdp_filter_obj.o';
 const DROP_SPORT = 4003;
 const net = freeTestSubnet(18);
-
-/** The object loader children (docs/offload-protocol.md §8) among a process's descendants. */
-function loaderChildrenOf(root: number): number[] {
-  const parent = new Map<number, number>();
-  const loaders: number[] = [];
-  for (const d of readdirSync('/proc')) {
-    if (!/^\d+$/.test(d)) continue;
-    try {
-      const stat = readFileSync(`/proc/${d}/stat`, 'utf8');
-      parent.set(Number(d), Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]));
-      if (readFileSync(`/proc/${d}/cmdline`, 'utf8').includes('object-loader/child.js')) loaders.push(Number(d));
-    } catch { /* gone meanwhile */ }
-  }
-  return loaders.filter((pid) => {
-    for (let p = parent.get(pid), n = 0; p !== undefined && n < 64; p = parent.get(p), n++) if (p === root) return true;
-    return false;
-  });
-}
 
 async function sh(vm: GuestVm, cmd: string, timeoutMs = 30_000): Promise<string> {
   const r = await vm.run(cmd, timeoutMs);
@@ -293,7 +276,7 @@ for (const port of ['tap', 'xsk'] as const) describe(`vxdp and /dev/vxdp-<ifname
     for (let attempt = 0; attempt < 3 && !detach?.cancelledLoad; attempt++) {
       await sh(vm, `rm -f /tmp/load.out /tmp/load.rc; (vxdp load ${SAMPLE} >/tmp/load.out 2>&1; echo $? >/tmp/load.rc) &`);
       const end = Date.now() + 30_000;
-      while (loaderChildrenOf(be!.proc.pid).length === 0 && Date.now() < end) await new Promise((r) => setTimeout(r, 5));
+      while (objectLoadersBelow(be!.proc.pid).length === 0 && Date.now() < end) await new Promise((r) => setTimeout(r, 5));
       detach = (await be!.call('offload.detach', { name })) as { detached: boolean; cancelledLoad: boolean };
       await sh(vm, 'while [ ! -s /tmp/load.rc ]; do sleep 0.2; done', 60_000);
       if (!detach.cancelledLoad) await sh(vm, 'vxdp unload || true');
@@ -303,7 +286,7 @@ for (const port of ['tap', 'xsk'] as const) describe(`vxdp and /dev/vxdp-<ifname
     const out = await sh(vm, 'cat /tmp/load.out');
     expect(out).toMatch(/host refused: CANCELLED \(24\)/);
     expect(out).toMatch(/operator cancelled the load; nothing was loaded/);
-    expect(loaderChildrenOf(be!.proc.pid)).toEqual([]);
+    expect(objectLoadersBelow(be!.proc.pid)).toEqual([]);
     expect(await offloadShow()).toMatchObject({ program: null, object: null });
     expect(await sh(vm, 'vxdp show')).toMatch(/eth0: no object offloaded/);
     expect(await sh(vm, 'ip link show dev eth0')).not.toMatch(/alias vxdp:/);

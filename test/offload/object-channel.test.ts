@@ -9,7 +9,7 @@
 //   - the object's maps and programs (and the pinned blobs) carry the device's prefix in the
 //     kernel, as the kernel path's do, while the guest keeps its own names.
 import { describe, test, expect, afterEach, beforeAll, afterAll } from 'vitest';
-import { readFileSync, readdirSync } from 'node:fs';
+import { readdirSync } from 'node:fs';
 import { OffloadChannel, MAX_QUEUED_REQUESTS } from '../../src/net/offload-channel.js';
 import * as P from '../../src/offload/guest/codec.js';
 import { Status } from '../../src/offload/guest/codec.js';
@@ -20,6 +20,7 @@ import { objGet } from '../../src/sys/bpf/pins.js';
 import { closeBpfFd } from '../../src/sys/bpf/programs.js';
 import { filterObjectWithConfig } from '../support/frontend/offload-client.js';
 import { tempDir, mountPinDir, unmountPinDir } from '../support/backend.js';
+import { objectLoadersBelow, waitUntil } from '../support/processes.js';
 import { namedKernelObjects, ownBpfFds } from './helpers.js';
 
 interface Rig { ch: OffloadChannel; replies: P.Response[]; warnings: string[]; seq: number }
@@ -50,14 +51,6 @@ function send(r: Rig, encode: (seq: number) => Uint8Array): number {
   return seq;
 }
 
-async function until(what: string, ok: () => boolean, ms = 30_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!ok()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((res) => setTimeout(res, 20));
-  }
-}
-
 /** CLAIM and the whole upload, each answered OK at once. */
 function claimAndUpload(r: Rig, objName: string): void {
   send(r, (s) => P.encodeClaim(s, {}));
@@ -67,20 +60,6 @@ function claimAndUpload(r: Rig, objName: string): void {
   }
   expect(r.replies.map((x) => P.statusName(x.status))).toEqual(r.replies.map(() => 'OK'));
   r.replies.length = 0;
-}
-
-/** Pids of this process's loader children (prlimit execs node on child.js). */
-function loaderChildren(): number[] {
-  const out: number[] = [];
-  for (const d of readdirSync('/proc')) {
-    if (!/^\d+$/.test(d)) continue;
-    try {
-      const stat = readFileSync(`/proc/${d}/stat`, 'utf8');
-      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-      if (ppid === process.pid && readFileSync(`/proc/${d}/cmdline`, 'utf8').includes('object-loader/child.js')) out.push(Number(d));
-    } catch { /* gone meanwhile */ }
-  }
-  return out;
 }
 
 /** The device's kernel objects by name. Opens each by id: only while they are held (see stillAlive). */
@@ -122,7 +101,7 @@ describe('requests behind a pending OBJ_LOAD', () => {
     expect(r.warnings.length).toBe(1);
     expect(r.warnings[0]).toContain('gapbusy');
 
-    await until('the load and the queued requests', () => r.replies.length === MAX_QUEUED_REQUESTS + 7);
+    await waitUntil(() => r.replies.length === MAX_QUEUED_REQUESTS + 7, 30_000, 'the load and the queued requests', 20);
     const rest = r.replies.slice(6);
     expect(rest.map((x) => x.seq)).toEqual([loadSeq, ...caps.slice(0, MAX_QUEUED_REQUESTS)]);
     expect(rest.map((x) => x.status)).toEqual(rest.map(() => Status.OK));
@@ -152,17 +131,17 @@ describe('cancelling a pending OBJ_LOAD', () => {
     const loadSeq = send(r, (s) => P.encodeObjLoad(s));
     const showSeq = send(r, (s) => P.encodeObjShow(s));
     // While the child holds them: two programs and five maps, named for the device.
-    await until('the child to load the object', () => ours(prefix).progs.length >= 2 && ours(prefix).maps.length >= 5);
+    await waitUntil(() => ours(prefix).progs.length >= 2 && ours(prefix).maps.length >= 5, 30_000, 'the child to load the object', 20);
     const made = ours(prefix);
-    const children = loaderChildren();
+    const children = objectLoadersBelow(process.pid);
     expect(children.length).toBe(1);
 
     expect(r.ch.detach()).toEqual({ detached: false, cancelledLoad: true });
-    await until('the answers', () => r.replies.length === 2, 10_000);
+    await waitUntil(() => r.replies.length === 2, 10_000, 'the answers', 20);
     expect(r.replies.map((x) => [x.seq, x.status])).toEqual([[loadSeq, Status.CANCELLED], [showSeq, Status.NO_SUCH_ELEMENT]]);
     expect(r.ch.show().program).toBeNull();
     expect(r.ch.show().maps).toEqual([]);
-    expect(loaderChildren()).toEqual([]);
+    expect(objectLoadersBelow(process.pid)).toEqual([]);
     // A program drops its map references after an RCU grace period: stillAlive gives the kernel a moment.
     expect(await stillAlive(made)).toEqual({ maps: [], progs: [] });
     expect(ownBpfFds()).toBe(fds);
@@ -173,7 +152,7 @@ describe('cancelling a pending OBJ_LOAD', () => {
     r.replies.length = 0;
     claimAndUpload(r, 'vo_can');
     send(r, (s) => P.encodeObjLoad(s));
-    await until('the second load', () => r.replies.length === 1);
+    await waitUntil(() => r.replies.length === 1, 30_000, 'the second load', 20);
     expect(r.replies[0]!.status).toBe(Status.OK);
   }, 90_000);
 
@@ -182,11 +161,11 @@ describe('cancelling a pending OBJ_LOAD', () => {
     const r = channel('gaprst');
     claimAndUpload(r, 'vo_rst');
     const loadSeq = send(r, (s) => P.encodeObjLoad(s));
-    await until('the loader child', () => loaderChildren().length === 1);
+    await waitUntil(() => objectLoadersBelow(process.pid).length === 1, 30_000, 'the loader child', 20);
     r.ch.reset('device reset');
-    await until('the answer', () => r.replies.length === 1, 10_000);
+    await waitUntil(() => r.replies.length === 1, 10_000, 'the answer', 20);
     expect(r.replies[0]).toMatchObject({ seq: loadSeq, status: Status.NOT_CLAIMED });
-    expect(loaderChildren()).toEqual([]);
+    expect(objectLoadersBelow(process.pid)).toEqual([]);
   }, 60_000);
 });
 
@@ -201,7 +180,7 @@ describe("the object's host names", () => {
     const r = channel(device, pinRoot);
     claimAndUpload(r, 'vo_names');
     send(r, (s) => P.encodeObjLoad(s));
-    await until('the load', () => r.replies.length === 1);
+    await waitUntil(() => r.replies.length === 1, 30_000, 'the load', 20);
     expect(r.replies[0]!.status).toBe(Status.OK);
 
     const show = r.ch.show();
