@@ -27,3 +27,22 @@ export function logger(scope: string): Logger {
     error: (m) => emit('error', m),
   };
 }
+
+/**
+ * A log line something outside our control (a guest) can trigger at will: at most one per
+ * `intervalMs`; the next one that passes says how many were left out meanwhile.
+ */
+export function rateLimited(emit: (msg: string) => void, intervalMs: number, now: () => number = Date.now): (msg: string) => void {
+  let last = -Infinity;
+  let skipped = 0;
+  return (msg) => {
+    const t = now();
+    if (t - last < intervalMs) {
+      skipped++;
+      return;
+    }
+    last = t;
+    emit(skipped > 0 ? `${msg} (${skipped} more such lines left out)` : msg);
+    skipped = 0;
+  };
+}

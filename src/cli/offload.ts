@@ -42,8 +42,9 @@ export function offloadCommands(y: Argv) {
       .option('json', { type: 'boolean', default: false }),
     async (argv) => {
       if (argv.action === 'detach') {
-        const r = (await callControl(argv.control as string, 'offload.detach', { name: argv.name }).catch(fail)) as { detached: boolean };
+        const r = (await callControl(argv.control as string, 'offload.detach', { name: argv.name }).catch(fail)) as { detached: boolean; cancelledLoad: boolean };
         if (argv.json) return console.log(JSON.stringify(r));
+        if (r.cancelledLoad) console.log(`${argv.name}: a pending object load was cancelled (the guest's OBJ_LOAD answers CANCELLED)`);
         console.log(r.detached ? `${argv.name}: program detached (maps kept)` : `${argv.name}: no program was attached`);
         return;
       }

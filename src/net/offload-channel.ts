@@ -1,4 +1,4 @@
-import type { Logger } from '../log.js';
+import { rateLimited, type Logger } from '../log.js';
 import { OffloadBroker, type OffloadProgram, type OffloadProgramInfo, type OffloadShow } from '../offload/broker.js';
 import type { VerdictCounters } from '../offload/migration.js';
 import { validateQuotas, type Quotas, type QuotaUsage } from '../offload/quotas.js';
@@ -29,14 +29,16 @@ export interface OffloadChannelOptions {
  * back to it. Control messages are rare; a thread hop each costs microseconds, and the broker's
  * state (maps, program, pins) then lives in one place whatever worker the pair moves to.
  */
-/** Guest requests that may wait behind a pending one; a guest that sends more gets no answer to them. */
-const MAX_QUEUED_REQUESTS = 64;
+/** Guest requests that may wait behind a pending one; the guest's next ones are answered BUSY at once. */
+export const MAX_QUEUED_REQUESTS = 64;
 
 export class OffloadChannel {
   readonly broker: OffloadBroker;
   private busy = false;
   private closed = false;
   private readonly queue: Uint8Array[] = [];
+  /** A guest can send overflowing requests at will: one log line a second at most. */
+  private readonly overflowLog = rateLimited((m) => this.opts.log.warn(m), 1000);
 
   constructor(private readonly opts: OffloadChannelOptions, private readonly sink: OffloadSink) {
     const b = OffloadBroker.restore({ device: opts.device, pinDir: opts.pinDir, log: (l) => opts.log.info(l) });
@@ -60,7 +62,9 @@ export class OffloadChannel {
     if (this.closed) return;
     if (this.busy) {
       if (this.queue.length >= MAX_QUEUED_REQUESTS) {
-        this.opts.log.warn(`offload request dropped: ${MAX_QUEUED_REQUESTS} requests already wait behind a pending one`);
+        // Answered at once, ahead of the requests it could not join: every request gets an answer.
+        this.overflowLog(`device ${this.opts.device}: offload request answered BUSY: ${MAX_QUEUED_REQUESTS} requests already wait behind a pending OBJ_LOAD`);
+        this.reply(this.broker.busy(message, MAX_QUEUED_REQUESTS));
         return;
       }
       this.queue.push(message);
@@ -128,7 +132,7 @@ export class OffloadChannel {
   setQuotas(changes: Record<string, unknown>): { limits: Quotas; usage: QuotaUsage; warnings: string[] } {
     return this.broker.setQuotas(validateQuotas(changes));
   }
-  detach(): boolean { return this.broker.detach(); }
+  detach(): { detached: boolean; cancelledLoad: boolean } { return this.broker.detach(); }
   reset(reason: string): void {
     if (this.broker.claimed) this.broker.reset(reason);
   }

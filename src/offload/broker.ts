@@ -206,7 +206,19 @@ export class OffloadBroker {
 
   reset(reason: string): void { this.st.reset(reason); }
 
-  detach(): boolean { return this.st.unloadProgram('operator detach'); }
+  /**
+   * The operator's detach: cancels an OBJ_LOAD in flight (its child killed, the guest answered
+   * CANCELLED) and removes the program (an object's maps go with it, PROG_SET maps stay).
+   */
+  detach(): { detached: boolean; cancelledLoad: boolean } {
+    const cancelledLoad = this.st.cancelLoad('operator detach');
+    return { detached: this.st.unloadProgram('operator detach'), cancelledLoad };
+  }
+
+  /** The BUSY answer to a request that cannot wait behind a pending one (the channel's queue is full). */
+  busy(request: Uint8Array, waiting: number): Uint8Array {
+    return this.dispatcher.busy(request, waiting);
+  }
 
   /** Releases fds without unpinning: with a pin dir the kernel objects stay for restore(). */
   close(): void { this.st.close(); }

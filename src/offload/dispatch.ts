@@ -82,6 +82,18 @@ export class Dispatcher {
     }
   }
 
+  /**
+   * The answer to a request its channel could not queue behind a pending one: BUSY, with the
+   * request's command and seq when its header is readable (else 0, as for a short request),
+   * counted and observed like any refusal. Nothing of the request is judged or run.
+   */
+  busy(request: Uint8Array, waiting: number): Uint8Array {
+    const h = readHeader(request);
+    const command = h && (h.command & RESPONSE_FLAG) === 0 ? h.command : 0;
+    return this.fail(command, h?.seq ?? 0, new ProtocolError(Status.BUSY, 'queue-full',
+      `${waiting} requests already wait behind a pending OBJ_LOAD; retry once it is answered`, { a: waiting }));
+  }
+
   /** Every rule before a handler runs; throws the refusal. `at` gets the command and seq as soon as they are read. */
   private check(request: Uint8Array, at: { command: number; seq: number }): { spec: CommandSpec; payload: Uint8Array } {
     const st = this.st;

@@ -7,7 +7,10 @@
 // prefix: the device name when it is 1..6 characters of [A-Za-z0-9_] (vm1, dev0), otherwise
 //         its first 4 such characters and 2 hex digits of a hash of the whole name (tapd3f)
 // role:   the guest's own name for its program or map, or what the backend made the object for
-//         (xsk_guest, aborted, xskmap, xsk_redir, hostpass)
+//         (xsk_guest, aborted, xskmap, xsk_redir, hostpass; pinned blobs: src, obj_code, obj_elf).
+//         On the object path (OBJ_LOAD) too: every map and program of the object, its global
+//         data maps included (`vm1_flows`, `vm1_vx_obj.roda`, `vm1_xdp_filter`); the loader
+//         child gives libbpf these names before it loads (object-loader/child.ts)
 //
 // The mapping is shown by `offload show` (bpfPrefix, hostName) and the metrics
 // (vhost_xdp_offload_bpf_prefix_info). docs/metrics.md, "Host BPF object names".

@@ -351,7 +351,7 @@ export function loadObjectBytes(st: OffloadState, bytes: Uint8Array, name: strin
   const inspected = inspectAndJudge(st, bytes, progName);
   let got: LoadedObjectFds;
   try {
-    got = loadObjectInChild(bytes, name, { logBytes: 64 * 1024, ...objectLoaderOptions });
+    got = loadObjectInChild(bytes, name, { logBytes: 64 * 1024, namePrefix: st.bpfPrefix, ...objectLoaderOptions });
   } catch (e) {
     loaderFailed(st, name, e);
   }
@@ -359,22 +359,32 @@ export function loadObjectBytes(st: OffloadState, bytes: Uint8Array, name: strin
 }
 
 /**
- * loadObjectBytes with the child awaited. A device reset or closed while the child ran gets
- * nothing: the result is discarded, its fds closed, and the request refused.
+ * loadObjectBytes with the child awaited; st.pendingLoad cancels it meanwhile (the child is
+ * killed). A device reset or closed while the child ran gets nothing: the result is discarded,
+ * its fds closed, and the request refused as before (NOT_CLAIMED); a load the operator's detach
+ * cancelled is CANCELLED. Either way nothing of it stays in the kernel.
  */
 export async function loadObjectBytesAsync(st: OffloadState, bytes: Uint8Array, name: string, progName: string): Promise<LoadedProgram> {
   const inspected = inspectAndJudge(st, bytes, progName);
   const epoch = st.epoch;
-  let got: LoadedObjectFds;
+  const cancel = new AbortController();
+  st.pendingLoad = cancel;
+  let got: LoadedObjectFds | null = null;
   try {
-    got = await loadObjectInChildAsync(bytes, name, { logBytes: 64 * 1024, ...objectLoaderOptions });
+    got = await loadObjectInChildAsync(bytes, name, { logBytes: 64 * 1024, namePrefix: st.bpfPrefix, ...objectLoaderOptions }, cancel.signal);
   } catch (e) {
-    loaderFailed(st, name, e);
+    if (!cancel.signal.aborted) loaderFailed(st, name, e);
+  } finally {
+    if (st.pendingLoad === cancel) st.pendingLoad = null;
   }
-  if (st.closed || st.epoch !== epoch || !st.claim) {
-    for (const fd of [...got.maps.map((m) => m.fd), ...got.programs.map((x) => x.fd)]) closeBpfFd(fd);
-    st.log(`object '${name}' discarded: the device was ${st.closed ? 'closed' : 'reset'} while it loaded`);
-    refuse(Status.NOT_CLAIMED, 'broker-reset', `the device's offload was ${st.closed ? 'closed' : 'reset'} while the object loaded`);
+  if (st.closed || st.epoch !== epoch || !st.claim || cancel.signal.aborted || !got) {
+    for (const fd of got ? [...got.maps.map((m) => m.fd), ...got.programs.map((x) => x.fd)] : []) closeBpfFd(fd);
+    if (st.closed || st.epoch !== epoch || !st.claim) {
+      st.log(`object '${name}' discarded: the device was ${st.closed ? 'closed' : 'reset'} while it loaded`);
+      refuse(Status.NOT_CLAIMED, 'broker-reset', `the device's offload was ${st.closed ? 'closed' : 'reset'} while the object loaded`);
+    }
+    st.log(`object '${name}' not loaded: cancelled (${String(cancel.signal.reason)})`);
+    refuse(Status.CANCELLED, 'load-cancelled', `the load of object '${name}' was cancelled by the host (${String(cancel.signal.reason)}); nothing was loaded`);
   }
   return adoptLoaded(st, got, inspected, bytes, name, progName);
 }

@@ -30,6 +30,7 @@ import { lstatSync, mkdirSync, readdirSync, readlinkSync, renameSync, rmdirSync,
 import { join } from 'node:path';
 import { BpfMap, BpfMapType } from '../sys/bpf/maps.js';
 import { objGet, objPin } from '../sys/bpf/pins.js';
+import { bpfPrefix, hostObjectName } from './host-names.js';
 
 const BPF_FS_MAGIC = 0xcafe4a11;
 const MAX_DOC_BYTES = 4000;
@@ -223,7 +224,9 @@ export class DevicePins {
 
   private pinBlob(name: string, bytes: Uint8Array): void {
     const chunks = Math.max(1, Math.ceil(bytes.byteLength / SRC_CHUNK));
-    const map = BpfMap.create(BpfMapType.ARRAY, 4, SRC_CHUNK, chunks, { name: 'vx_prog_src' });
+    // Named for its device like every other host object of it (host-names.ts): `vm1_src`, `vm1_obj_code`, `vm1_obj_elf`.
+    const role = name.replace(/^obj\d+_/, 'obj_');
+    const map = BpfMap.create(BpfMapType.ARRAY, 4, SRC_CHUNK, chunks, { name: hostObjectName(bpfPrefix(this.device), role) });
     try {
       const key = new Uint8Array(4);
       const kv = new DataView(key.buffer);

@@ -80,6 +80,10 @@ export const Status = {
   MAP_FULL: 21,
   /** Object path: the ELF object is malformed, hostile or not loadable (reason says why). */
   OBJECT_REFUSED: 22,
+  /** More requests wait behind a pending one (an OBJ_LOAD's loader) than the host queues; retry once it is answered. */
+  BUSY: 23,
+  /** The pending OBJ_LOAD was cancelled by the operator (`offload detach`); nothing was loaded. */
+  CANCELLED: 24,
 } as const;
 type StatusName = keyof typeof Status;
 const statusNames = new Map<number, StatusName>(Object.entries(Status).map(([k, v]) => [v, k as StatusName]));

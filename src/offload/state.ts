@@ -46,6 +46,8 @@ export class OffloadState {
   closed = false;
   /** Bumped by reset() and close(): an OBJ_LOAD that awaited its child compares it before adopting the result. */
   epoch = 0;
+  /** The OBJ_LOAD waiting on its loader child (serving path); aborting it kills the child (cancelLoad). */
+  pendingLoad: AbortController | null = null;
   private readonly logFn: (line: string) => void;
   private readonly programListeners: ((p: OffloadProgram | null) => void)[] = [];
   private readonly claimListeners: ((claimed: boolean) => void)[] = [];
@@ -195,9 +197,24 @@ export class OffloadState {
     this.log(`object '${obj.name}' released: ${obj.programs.length} programs, maps [${obj.mapHandles.join(', ')}]`);
   }
 
+  /**
+   * Kills a pending OBJ_LOAD's loader child; the load then answers CANCELLED (or, after a reset
+   * or close, NOT_CLAIMED as before) and leaves nothing in the kernel. True when one was pending.
+   */
+  cancelLoad(why: string): boolean {
+    const p = this.pendingLoad;
+    if (!p) return false;
+    this.pendingLoad = null;
+    p.abort(why);
+    this.log(`pending object load cancelled (${why})`);
+    return true;
+  }
+
   /** Drops the claim, the program and every map, pins included. */
   reset(reason: string): void {
     this.epoch++;
+    // Its result would be discarded (epoch): no reason to let the child run on.
+    this.cancelLoad(reason);
     const wasClaimed = this.claim !== null;
     this.unloadProgram(reason);
     const n = this.maps.size;
@@ -216,6 +233,7 @@ export class OffloadState {
     if (this.closed) return;
     this.closed = true;
     this.epoch++;
+    this.cancelLoad('broker closed');
     const old: LoadedProgram | null = this.program.take();
     if (old) {
       this.emitProgram();

@@ -40,6 +40,7 @@ export const raw = {
   dup: lib.func('dup', 'int', ['int']),
   sched_yield: lib.func('sched_yield', 'int', []),
   memcpy: lib.func('memcpy', 'intptr_t', ['intptr_t', 'intptr_t', 'size_t']),
+  strdup: lib.func('strdup', 'intptr_t', ['str']),
   setsockopt: lib.func('setsockopt', 'int', ['int', 'int', 'int', 'intptr_t', 'uint32']),
   getsockopt: lib.func('getsockopt', 'int', ['int', 'int', 'int', 'intptr_t', 'intptr_t']),
 };

@@ -12,6 +12,7 @@ import { PacketSocket } from '../support/packet-socket.js';
 import { uniqueIfName, disableIpv6 } from '../support/netdev.js';
 import { waitUntil } from '../support/processes.js';
 import { Status, statusName, encodeObjUnload } from '../../src/offload/guest/codec.js';
+import { bpfPrefix, hostObjectName } from '../../src/offload/host-names.js';
 import { namedKernelObjects, ownBpfFds } from './helpers.js';
 
 const FUZZ_MS = Number(process.env.VX_FUZZ_MS ?? 10_000);
@@ -114,6 +115,6 @@ describe(`object path fuzz (seed ${seed}, ${FUZZ_MS} ms)`, () => {
     expect((await be.call('status')).devices.length).toBe(2);
     await waitUntil(async () => ownBpfFds(be.proc.pid) === bpf0, 3000, 'serve bpf fds back to the baseline');
     await waitUntil(async () => countFds(be.proc.pid) <= fds0, 3000, 'serve fds back to the baseline');
-    await waitUntil(async () => namedKernelObjects((x) => x.startsWith(`${OBJ}.`), () => false).maps.length === 0, 3000, 'no map of the fuzzed objects left in the kernel');
+    await waitUntil(async () => namedKernelObjects((x) => x.startsWith(hostObjectName(bpfPrefix('ofz'), `${OBJ}.`)), () => false).maps.length === 0, 3000, 'no map of the fuzzed objects left in the kernel');
   }, FUZZ_MS + 120_000);
 });

@@ -1,4 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
 
 /**
  * Child processes for tests and benches: output kept as lines (bounded), waits on a line
@@ -250,4 +251,25 @@ export async function waitUntil<T>(cond: () => T | Promise<T>, timeoutMs: number
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await sleep(intervalMs);
   }
+}
+
+/**
+ * The object loader children (node …/object-loader/child.js, under prlimit) among the
+ * descendants of `root`: whether an OBJ_LOAD is pending, and that none is left after one ends.
+ */
+export function objectLoadersBelow(root: number): number[] {
+  const parent = new Map<number, number>();
+  const loaders: number[] = [];
+  for (const d of readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const stat = readFileSync(`/proc/${d}/stat`, 'utf8');
+      parent.set(Number(d), Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]));
+      if (readFileSync(`/proc/${d}/cmdline`, 'utf8').includes('object-loader/child.js')) loaders.push(Number(d));
+    } catch { /* gone meanwhile */ }
+  }
+  return loaders.filter((pid) => {
+    for (let p = parent.get(pid), n = 0; p !== undefined && n < 64; p = parent.get(p), n++) if (p === root) return true;
+    return false;
+  });
 }

@@ -58,6 +58,8 @@ enum {
 	ST_RATE_LIMITED = 14,
 	ST_NO_SUCH_ELEMENT = 15,
 	ST_KERNEL_ERROR = 17,
+	ST_BUSY = 23,
+	ST_CANCELLED = 24,
 };
 
 /* Exit codes (also in --help). */
@@ -69,6 +71,7 @@ static const char *const status_names[] = {
 	"TAIL_CALL_REFUSED", "BAD_MAP_HANDLE", "MAP_TYPE_REFUSED", "VERIFIER_REJECTED",
 	"TOO_LARGE", "RATE_LIMITED", "NO_SUCH_ELEMENT", "ELEMENT_EXISTS", "KERNEL_ERROR",
 	"LICENSE_REFUSED", "INSN_REFUSED", "MAP_IN_USE", "MAP_FULL", "OBJECT_REFUSED",
+	"BUSY", "CANCELLED",
 };
 
 static const char *status_name(uint32_t s)
@@ -241,6 +244,9 @@ static int transact_once(uint16_t cmd, const void *payload, uint32_t len, struct
 		n = read(devfd, rbuf, sizeof(rbuf));
 	while (n < 0 && errno == EINTR);
 	if (n < 0) {
+		if (errno == ETIMEDOUT && cmd == CMD_OBJ_LOAD)
+			die(EX_SYSTEM, "%s: the host did not answer the object load in time "
+				       "(/sys/module/virtio_net/parameters/obj_load_timeout_ms)", devpath);
 		if (errno == ETIMEDOUT)
 			die(EX_SYSTEM, "%s: the host did not answer request 0x%04x in time", devpath, cmd);
 		if (errno == EBUSY && (cmd == CMD_OBJ_BEGIN || cmd == CMD_OBJ_LOAD))
@@ -313,6 +319,13 @@ static void __attribute__((noreturn)) refused(const char *what, const struct res
 		if (a || b || c)
 			fprintf(stderr, "detail: a=%u b=%u c=%llu\n", a, b, (unsigned long long)c);
 	}
+	/* BUSY: nothing was judged, the host only had no room to queue it; a retry can succeed. */
+	if (r->status == ST_BUSY) {
+		fprintf(stderr, "%s: the host is busy with an earlier request (an object load); try again when it is answered\n", prog);
+		exit(EX_SYSTEM);
+	}
+	if (r->status == ST_CANCELLED)
+		fprintf(stderr, "%s: the host's operator cancelled the load; nothing was loaded\n", prog);
 	exit(EX_REFUSED);
 }
 
@@ -1028,7 +1041,8 @@ static void help(void)
 "After a load the interface alias reads `vxdp: <prog> <tag>` (ip link show); unload clears it.\n"
 "Exit status: 0 success; 1 the host refused (status name and reason printed; a verifier\n"
 "refusal prints the verifier log) or the key/map/object is not there; 2 usage error;\n"
-"3 system or transport error (no device, busy, no answer in time, malformed answer).\n");
+"3 system or transport error (no device, busy, the host's BUSY, no answer in time, malformed\n"
+"answer). A load waits for the host up to the driver's obj_load_timeout_ms (default 30 s).\n");
 }
 
 int main(int argc, char **argv)

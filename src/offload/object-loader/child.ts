@@ -3,7 +3,7 @@
 // OBJ_LOAD by loader.ts with a timeout and resource limits; a crash or a hang costs only this
 // process, and the kernel objects it made die with its fds unless it handed them over.
 //
-//   argv:   <object name> <verifier log bytes>
+//   argv:   <object name> <verifier log bytes> <device name prefix>
 //   stdin:  the object (already bounded and pre-checked by the parent)
 //   fd 3:   a unix stream socket; the maps' fds, then the programs' fds, go back over it
 //           (SCM_RIGHTS, at most MAX_FDS_PER_MESSAGE per message, one data byte each)
@@ -16,6 +16,7 @@ import { BpfObject, readLogBuffer, silenceLibbpf } from '../../sys/bpf/object.js
 import { BpfError } from '../../sys/bpf/libbpf.js';
 import { NativeBuffer } from '../../sys/libc.js';
 import { UnixSocket, MAX_FDS_PER_MESSAGE } from '../../sys/unix-socket.js';
+import { hostObjectName } from '../host-names.js';
 import type { ChildReport } from './report.js';
 
 const BPF_PROG_TYPE_XDP = 6;
@@ -31,6 +32,7 @@ function report(r: ChildReport): never {
 function main(): void {
   const name = process.argv[2] ?? '';
   const logBytes = Math.min(Math.max(Number(process.argv[3]) || 65536, 4096), 1 << 24);
+  const prefix = /^[A-Za-z0-9_]{1,6}$/.test(process.argv[4] ?? '') ? process.argv[4]! : '';
   const bytes = readFileSync(0);
   // Tests only: a deterministically slow loader (the parent passes the variable through when set).
   const delay = Math.min(Number(process.env.VX_OBJECT_LOADER_DELAY_MS) || 0, 60_000);
@@ -54,6 +56,12 @@ function main(): void {
   }
   // A map definition's `pinning` would make libbpf reuse or create a pin under bpffs.
   for (const m of maps) obj.clearPinPath(m);
+  // The kernel objects carry the device's prefix as the kernel path's do (host-names.ts), so
+  // `bpftool prog/map show` tells whose they are; the report keeps libbpf's (the guest's) names.
+  const kernelNames = {
+    maps: maps.map((m) => (prefix && obj.setMapKernelName(m, hostObjectName(prefix, m.name)) ? hostObjectName(prefix, m.name) : m.name)),
+    programs: progs.map((p) => (prefix && obj.setKernelName(p, hostObjectName(prefix, p.name)) ? hostObjectName(prefix, p.name) : p.name)),
+  };
   const logs = progs.map(() => new NativeBuffer(logBytes));
   progs.forEach((p, i) => obj.setLogBuf(p, logs[i]!));
   try {
@@ -70,13 +78,19 @@ function main(): void {
     ok: true,
     maps: maps.map((m, i) => ({
       name: m.name, type: m.type, keySize: m.keySize, valueSize: m.valueSize, maxEntries: m.maxEntries, flags: m.flags,
-      internal: m.internal, childFd: mapFds[i]!,
+      internal: m.internal, childFd: mapFds[i]!, kernelName: kernelNames.maps[i]!,
     })),
-    programs: progs.map((p) => ({ name: p.name, section: p.section, insns: Buffer.from(obj.insns(p)).toString('base64') })),
+    programs: progs.map((p, i) => ({
+      name: p.name, section: p.section, insns: Buffer.from(obj.insns(p)).toString('base64'), kernelName: kernelNames.programs[i]!,
+    })),
   };
   const sock = new UnixSocket(FD_SOCKET);
   const fds = [...mapFds, ...progFds];
   for (let i = 0; i < fds.length; i += MAX_FDS_PER_MESSAGE) sock.send(new Uint8Array([0x46]), fds.slice(i, i + MAX_FDS_PER_MESSAGE));
+  // Tests only: the objects exist in the kernel and their fds are on the way, the report is not
+  // (a load cancelled now must still leave nothing behind).
+  const hold = Math.min(Number(process.env.VX_OBJECT_LOADER_HOLD_MS) || 0, 60_000);
+  if (hold > 0) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, hold);
   report(out);
 }
 

@@ -12,6 +12,7 @@ import { VxError } from '../../errors.js';
 import { UnixSocket } from '../../sys/unix-socket.js';
 import { closeBpfFd, BpfProgType } from '../../sys/bpf/programs.js';
 import { mapInfo, progInfo } from '../../sys/bpf/info.js';
+import { hostObjectName } from '../host-names.js';
 import type { ChildReport, ChildMapReport } from './report.js';
 
 export interface LoaderOptions {
@@ -23,15 +24,17 @@ export interface LoaderOptions {
   addressSpaceBytes?: number;
   /** RLIMIT_CPU of the child, seconds. */
   cpuSeconds?: number;
+  /** The device's host-name prefix (host-names.ts): the kernel names the object's maps and programs `<prefix>_<name>`. */
+  namePrefix?: string;
 }
 
 export const DEFAULT_LOADER_OPTIONS: Required<LoaderOptions> = {
-  timeoutMs: 10_000, logBytes: 64 * 1024, addressSpaceBytes: 2 * 1024 ** 3, cpuSeconds: 10,
+  timeoutMs: 10_000, logBytes: 64 * 1024, addressSpaceBytes: 2 * 1024 ** 3, cpuSeconds: 10, namePrefix: '',
 };
 
 export type LoaderErrorCode =
   | 'object-loader-crashed' | 'object-loader-timeout' | 'object-loader-report'
-  | 'object-open-failed' | 'object-program-type' | 'object-load-failed';
+  | 'object-open-failed' | 'object-program-type' | 'object-load-failed' | 'object-loader-cancelled';
 
 /** A load that did not produce an object; `log` is the failing program's verifier log, when there is one. */
 export class ObjectLoaderError extends VxError {
@@ -90,11 +93,11 @@ function decodeReport(text: string): ChildReport {
   for (const m of o.maps as unknown[]) {
     const x = m as Record<string, unknown>;
     if (!isStr(x.name, 256) || !isInt(x.type) || !isInt(x.keySize) || !isInt(x.valueSize) || !isInt(x.maxEntries) || !isInt(x.flags)
-      || typeof x.internal !== 'boolean' || !isInt(x.childFd, 0, 1 << 20)) bad('map');
+      || typeof x.internal !== 'boolean' || !isInt(x.childFd, 0, 1 << 20) || !isStr(x.kernelName, 256)) bad('map');
   }
   for (const p of o.programs as unknown[]) {
     const x = p as Record<string, unknown>;
-    if (!isStr(x.name, 256) || !isStr(x.section, 256) || !isStr(x.insns, MAX_REPORT_BYTES)) bad('program');
+    if (!isStr(x.name, 256) || !isStr(x.section, 256) || !isStr(x.insns, MAX_REPORT_BYTES) || !isStr(x.kernelName, 256)) bad('program');
   }
   return o as ChildReport;
 }
@@ -102,19 +105,40 @@ function decodeReport(text: string): ChildReport {
 /** prlimit's arguments around the child, and the child's environment (only PATH, and the tests' delay). */
 function childCommand(o: Required<LoaderOptions>, name: string): { args: string[]; env: NodeJS.ProcessEnv } {
   const env: NodeJS.ProcessEnv = { PATH: process.env.PATH ?? '/usr/bin:/bin' };
-  // Tests make the loader slow deterministically; the child honours it, nothing else reads it.
-  if (process.env.VX_OBJECT_LOADER_DELAY_MS) env.VX_OBJECT_LOADER_DELAY_MS = process.env.VX_OBJECT_LOADER_DELAY_MS;
+  // Tests make the loader slow deterministically (before libbpf, or holding the loaded objects
+  // before the report); the child honours them, nothing else reads them.
+  for (const k of ['VX_OBJECT_LOADER_DELAY_MS', 'VX_OBJECT_LOADER_HOLD_MS']) if (process.env[k]) env[k] = process.env[k];
   return {
     args: [
       `--as=${o.addressSpaceBytes}`, `--cpu=${o.cpuSeconds}`, '--core=0', '--nofile=256', '--fsize=0', '--nproc=4096',
-      '--', process.execPath, '--max-old-space-size=256', childScript(), name, String(o.logBytes),
+      '--', process.execPath, '--max-old-space-size=256', childScript(), name, String(o.logBytes), o.namePrefix,
     ],
     env,
   };
 }
 
 /** How the child ended, whichever way it was run. */
-interface ChildOutcome { timedOut: boolean; error: Error | null; status: number | null; signal: NodeJS.Signals | null; stdout: Buffer }
+interface ChildOutcome {
+  timedOut: boolean; error: Error | null; status: number | null; signal: NodeJS.Signals | null; stdout: Buffer;
+  /** Killed because the caller cancelled the load (loadObjectInChildAsync's signal). */
+  cancelled?: string;
+}
+
+const NAME_RE = /^[A-Za-z0-9_.]*$/;
+
+/**
+ * The guest's name of a map or program (libbpf's, cut as the kernel keeps it: 15 characters), once
+ * the kernel's own name is the one the child says it gave: the device's `<prefix>_<name>`, or
+ * libbpf's own where the child could not rename.
+ */
+function guestName(what: string, reported: { name: string; kernelName: string }, kernel: string, prefix: string): string {
+  const name = reported.name.slice(0, 15);
+  const expected = [name, ...(prefix ? [hostObjectName(prefix, reported.name)] : [])];
+  if (!NAME_RE.test(reported.name) || reported.kernelName.slice(0, 15) !== kernel || !expected.includes(kernel)) {
+    throw new ObjectLoaderError('object-loader-report', `${what} '${name}': the report does not match the kernel's name '${kernel}'`);
+  }
+  return name;
+}
 
 /**
  * The one judgement of a child's run: its exit, its report, the fds it sent against the
@@ -123,6 +147,7 @@ interface ChildOutcome { timedOut: boolean; error: Error | null; status: number 
 function judgeChild(r: ChildOutcome, fds: number[], o: Required<LoaderOptions>): LoadedObjectFds {
   let owned = fds;
   try {
+    if (r.cancelled) throw new ObjectLoaderError('object-loader-cancelled', `the object load was cancelled (${r.cancelled})`);
     if (r.timedOut) throw new ObjectLoaderError('object-loader-timeout', `the object loader did not finish within ${o.timeoutMs} ms`);
     if (r.error) throw new ObjectLoaderError('object-loader-crashed', `the object loader failed: ${r.error.message}`);
     if (r.status !== 0) {
@@ -143,12 +168,13 @@ function judgeChild(r: ChildOutcome, fds: number[], o: Required<LoaderOptions>):
       if (info.type !== m.type || info.keySize !== m.keySize || info.valueSize !== m.valueSize || info.maxEntries !== m.maxEntries) {
         throw new ObjectLoaderError('object-loader-report', `map '${m.name}': the report does not match the kernel's map`);
       }
-      return { ...m, name: info.name, flags: info.flags, fd, id: info.id };
+      return { ...m, name: guestName('map', m, info.name, o.namePrefix), kernelName: info.name, flags: info.flags, fd, id: info.id };
     });
     const programs: LoadedProgramFd[] = rep.programs.map((p, i) => {
       const fd = fds[rep.maps.length + i]!;
       const info = progInfo(fd);
       if (info.type !== BpfProgType.XDP) throw new ObjectLoaderError('object-loader-report', `program '${p.name}' is not an XDP program`);
+      guestName('program', p, info.name, o.namePrefix);
       const insns = new Uint8Array(Buffer.from(p.insns, 'base64'));
       if (insns.byteLength === 0 || insns.byteLength % 8 !== 0) throw new ObjectLoaderError('object-loader-report', `program '${p.name}': no instructions`);
       return { name: p.name, section: p.section, insns, fd, id: info.id, tag: info.tag };
@@ -191,10 +217,13 @@ export function loadObjectInChild(object: Uint8Array, name: string, options: Loa
 /**
  * loadObjectInChild without blocking the thread: the same child, limits, fd passing and
  * judgement, run with spawn; the promise settles when the child has ended (killed with SIGKILL
- * after the timeout). Rejects with ObjectLoaderError.
+ * after the timeout, or when `cancel` aborts: 'object-loader-cancelled'). Either way every fd
+ * the child sent is closed unless the load succeeded, and the kernel objects it made die with
+ * it. Rejects with ObjectLoaderError.
  */
-export function loadObjectInChildAsync(object: Uint8Array, name: string, options: LoaderOptions = {}): Promise<LoadedObjectFds> {
+export function loadObjectInChildAsync(object: Uint8Array, name: string, options: LoaderOptions = {}, cancel?: AbortSignal): Promise<LoadedObjectFds> {
   const o = { ...DEFAULT_LOADER_OPTIONS, ...options };
+  if (cancel?.aborted) return Promise.reject(new ObjectLoaderError('object-loader-cancelled', `the object load was cancelled (${String(cancel.reason)})`));
   const cmd = childCommand(o, name);
   const [mine, theirs] = UnixSocket.pair();
   return new Promise<LoadedObjectFds>((resolve, reject) => {
@@ -215,6 +244,9 @@ export function loadObjectInChildAsync(object: Uint8Array, name: string, options
     let outBytes = 0;
     const kill = () => { try { child.kill('SIGKILL'); } catch { /* already gone */ } };
     const timer = setTimeout(() => { timedOut = true; kill(); }, o.timeoutMs);
+    let cancelled: string | undefined;
+    const onCancel = () => { cancelled = String(cancel!.reason ?? 'cancelled'); kill(); };
+    cancel?.addEventListener('abort', onCancel, { once: true });
     child.stdout!.on('data', (b: Buffer) => {
       outBytes += b.byteLength;
       if (outBytes > MAX_REPORT_BYTES) {
@@ -228,9 +260,10 @@ export function loadObjectInChildAsync(object: Uint8Array, name: string, options
     child.on('error', (e) => { if (!error) error = e; });
     child.on('close', (status, signal) => {
       clearTimeout(timer);
+      cancel?.removeEventListener('abort', onCancel);
       try {
         const fds = drainFds(mine);
-        resolve(judgeChild({ timedOut, error, status, signal, stdout: Buffer.concat(chunks) }, fds, o));
+        resolve(judgeChild({ timedOut, error, status, signal, stdout: Buffer.concat(chunks), cancelled }, fds, o));
       } catch (e) {
         reject(e);
       } finally {

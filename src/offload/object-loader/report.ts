@@ -7,6 +7,8 @@ export interface ChildMapReport {
   internal: boolean;
   /** The fd number in the child: what the relocated instructions' map references hold. */
   childFd: number;
+  /** The name the kernel was given: `<device prefix>_<name>` (host-names.ts), or `name` where libbpf's could not be replaced. */
+  kernelName: string;
 }
 
 export interface ChildProgramReport {
@@ -14,6 +16,8 @@ export interface ChildProgramReport {
   section: string;
   /** The final instructions (bpf_program__insns after load), base64. */
   insns: string;
+  /** As ChildMapReport.kernelName. */
+  kernelName: string;
 }
 
 export type ChildReport =

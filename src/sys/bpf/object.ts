@@ -1,6 +1,6 @@
 import koffi from 'koffi';
 import { VxError } from '../../errors.js';
-import { NativeBuffer } from '../libc.js';
+import { NativeBuffer, raw } from '../libc.js';
 import { libbpf, BpfError, checkObjName } from './libbpf.js';
 import { BPF_INSN_SIZE } from './insns.js';
 
@@ -18,6 +18,7 @@ const fn = {
   object_btf: libbpf.func('bpf_object__btf', 'intptr_t', ['intptr_t']),
   btf_fd: libbpf.func('btf__fd', 'int', ['intptr_t']),
   prog_name: libbpf.func('bpf_program__name', 'str', ['intptr_t']),
+  prog_name_ptr: libbpf.func('bpf_program__name', 'intptr_t', ['intptr_t']),
   prog_section: libbpf.func('bpf_program__section_name', 'str', ['intptr_t']),
   prog_type: libbpf.func('bpf_program__type', 'int', ['intptr_t']),
   prog_attach_type: libbpf.func('bpf_program__expected_attach_type', 'int', ['intptr_t']),
@@ -28,6 +29,7 @@ const fn = {
   prog_insn_cnt: libbpf.func('bpf_program__insn_cnt', 'size_t', ['intptr_t']),
   prog_set_log_buf: libbpf.func('bpf_program__set_log_buf', 'int', ['intptr_t', 'intptr_t', 'size_t']),
   map_name: libbpf.func('bpf_map__name', 'str', ['intptr_t']),
+  map_name_ptr: libbpf.func('bpf_map__name', 'intptr_t', ['intptr_t']),
   map_type: libbpf.func('bpf_map__type', 'int', ['intptr_t']),
   map_key_size: libbpf.func('bpf_map__key_size', 'uint32', ['intptr_t']),
   map_value_size: libbpf.func('bpf_map__value_size', 'uint32', ['intptr_t']),
@@ -41,6 +43,33 @@ const fn = {
 
 export interface ObjectProgramHandle { ptr: number; name: string; section: string; type: number; attachType: number; flags: number; autoload: boolean }
 export interface ObjectMapHandle { ptr: number; name: string; type: number; keySize: number; valueSize: number; maxEntries: number; flags: number; internal: boolean }
+
+// libbpf 1.1 has no setter for the names it passes to the kernel (a program's is its C
+// function's, a map's its variable's or, for global data, `<object>.rodata`): the same in every
+// guest, so `bpftool` could not tell whose they are. Where libbpf keeps the name pointer:
+// `char *name` is the first field of struct bpf_program and the second (after
+// `struct bpf_object *obj`) of struct bpf_map, from libbpf 0.x through 1.x.
+const PROGRAM_NAME_OFFSET = 0;
+const MAP_NAME_OFFSET = 8;
+
+/**
+ * Points libbpf's name field at a copy of `name`, once the layout is proven: the pointer at
+ * `offset` must be the one libbpf's own accessor returns, else nothing is written (false). The
+ * copy is strdup()ed because libbpf free()s the name with the object; the old string is left
+ * alone (the loader child is short-lived, and nothing may still point at it).
+ */
+function replaceName(obj: number, offset: number, accessor: (x: number) => number, name: string): boolean {
+  checkObjName('bpf kernel name', name);
+  // SAFETY: reads and writes one pointer inside a struct libbpf allocated and still owns;
+  // the accessor check below proves the field is where we write before anything is written.
+  const field = new DataView(koffi.view(obj + offset, 8));
+  const current = Number(field.getBigUint64(0, true));
+  if (current === 0 || current !== accessor(obj)) return false;
+  const copy = raw.strdup(name) as number;
+  if (copy === 0) return false;
+  field.setBigUint64(0, BigInt(copy), true);
+  return true;
+}
 
 /** Silences libbpf's own printing (it writes warnings to stderr by default). */
 export function silenceLibbpf(): void {
@@ -104,6 +133,19 @@ export class BpfObject {
   /** No pinning: a map definition asking for it must not reach or create anything under bpffs. */
   clearPinPath(m: ObjectMapHandle): void {
     fn.map_set_pin_path(m.ptr, 0);
+  }
+
+  /**
+   * The name the kernel creates this program with at load() (what `bpftool prog show` prints).
+   * False when libbpf's layout is not the known one: the kernel then gets libbpf's own name.
+   */
+  setKernelName(p: ObjectProgramHandle, name: string): boolean {
+    return replaceName(p.ptr, PROGRAM_NAME_OFFSET, fn.prog_name_ptr as (x: number) => number, name);
+  }
+
+  /** setKernelName for a map (internal maps included). */
+  setMapKernelName(m: ObjectMapHandle, name: string): boolean {
+    return replaceName(m.ptr, MAP_NAME_OFFSET, fn.map_name_ptr as (x: number) => number, name);
   }
 
   /** The buffer must outlive load(); libbpf fills it only when that program fails to load. */
