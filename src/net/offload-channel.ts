@@ -2,6 +2,9 @@ import type { Logger } from '../log.js';
 import { OffloadBroker, type OffloadProgram, type OffloadProgramInfo, type OffloadShow } from '../offload/broker.js';
 import type { VerdictCounters } from '../offload/migration.js';
 import { validateQuotas, type Quotas, type QuotaUsage } from '../offload/quotas.js';
+import { MigrationStateError } from '../offload/errors.js';
+import { objectLoaderOptions } from '../offload/object-commands.js';
+import { DEFAULT_LOADER_OPTIONS } from '../offload/object-loader/loader.js';
 
 /** What the channel needs from its device: where replies, claims and programs go. */
 export interface OffloadSink {
@@ -31,10 +34,13 @@ export interface OffloadChannelOptions {
  */
 /** Guest requests that may wait behind a pending one; a guest that sends more gets no answer to them. */
 const MAX_QUEUED_REQUESTS = 64;
+/** What settled() allows past the loader's own timeout: the killed child's exit and its fds. */
+const SETTLE_MARGIN_MS = 2000;
 
 export class OffloadChannel {
   readonly broker: OffloadBroker;
-  private busy = false;
+  /** The pending request's answer, delivered (null: none pending). */
+  private inFlight: Promise<void> | null = null;
   private closed = false;
   private readonly queue: Uint8Array[] = [];
 
@@ -58,7 +64,7 @@ export class OffloadChannel {
    */
   handle(message: Uint8Array): void {
     if (this.closed) return;
-    if (this.busy) {
+    if (this.inFlight) {
       if (this.queue.length >= MAX_QUEUED_REQUESTS) {
         this.opts.log.warn(`offload request dropped: ${MAX_QUEUED_REQUESTS} requests already wait behind a pending one`);
         return;
@@ -75,9 +81,8 @@ export class OffloadChannel {
     while (message && !this.closed) {
       const out = this.broker.serve(message);
       if (out instanceof Promise) {
-        this.busy = true;
-        void out.then((reply) => {
-          this.busy = false;
+        this.inFlight = out.then((reply) => {
+          this.inFlight = null;
           if (this.closed) return;
           this.reply(reply);
           const next = this.queue.shift();
@@ -107,6 +112,31 @@ export class OffloadChannel {
       log.info(this.opts.attach!(this.broker.programSource, (m) => log.warn(m)));
     } catch (e) {
       log.error(`offloaded program not attached to the port: ${(e as Error).message}`);
+    }
+  }
+
+  /** Whether a guest request (an OBJ_LOAD waiting on its loader child) is still to be answered. */
+  get pending(): boolean { return this.inFlight !== null; }
+
+  /**
+   * Resolves once no request is pending, the ones queued behind it answered too: what the
+   * migration state must show (an object still loading would otherwise be left out, and its
+   * guest told it loaded on a host it is leaving). Bounded: a load ends within its loader's
+   * timeout (the default wait), but a guest could queue load after load; past `timeoutMs` this
+   * rejects with 'state-load-pending', which fails the migration while the source runs on.
+   */
+  async settled(timeoutMs = (objectLoaderOptions.timeoutMs ?? DEFAULT_LOADER_OPTIONS.timeoutMs) + SETTLE_MARGIN_MS): Promise<void> {
+    const until = Date.now() + timeoutMs;
+    while (this.inFlight && !this.closed) {
+      const left = until - Date.now();
+      let timer: NodeJS.Timeout | undefined;
+      const late = new Promise<boolean>((resolve) => { timer = setTimeout(() => resolve(true), Math.max(left, 0)); });
+      const timedOut = await Promise.race([this.inFlight.then(() => false), late]);
+      clearTimeout(timer);
+      if (timedOut) {
+        throw new MigrationStateError('state-load-pending',
+          `device ${this.opts.device}: a guest request (OBJ_LOAD) was still pending after ${timeoutMs} ms; the state cannot leave without it`);
+      }
     }
   }
 
