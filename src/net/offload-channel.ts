@@ -43,6 +43,8 @@ export class OffloadChannel {
   private inFlight: Promise<void> | null = null;
   private closed = false;
   private readonly queue: Uint8Array[] = [];
+  /** Bumped when the device resets: answers to the requests of the guest before it are dropped. */
+  private generation = 0;
 
   constructor(private readonly opts: OffloadChannelOptions, private readonly sink: OffloadSink) {
     const b = OffloadBroker.restore({ device: opts.device, pinDir: opts.pinDir, log: (l) => opts.log.info(l) });
@@ -81,10 +83,12 @@ export class OffloadChannel {
     while (message && !this.closed) {
       const out = this.broker.serve(message);
       if (out instanceof Promise) {
+        const generation = this.generation;
         this.inFlight = out.then((reply) => {
           this.inFlight = null;
           if (this.closed) return;
-          this.reply(reply);
+          if (generation === this.generation) this.reply(reply);
+          else this.opts.log.debug('offload answer dropped: its request came before the device was reset');
           const next = this.queue.shift();
           if (next) this.run(next);
         });
@@ -159,7 +163,14 @@ export class OffloadChannel {
     return this.broker.setQuotas(validateQuotas(changes));
   }
   detach(): boolean { return this.broker.detach(); }
+  /**
+   * The guest reset its device: what its old driver asked is void. Requests still queued go;
+   * a pending OBJ_LOAD's child is killed by the broker's reset (its result would be discarded)
+   * and its answer dropped, so the new driver's first requests wait milliseconds, not seconds.
+   */
   reset(reason: string): void {
+    this.generation++;
+    this.queue.length = 0;
     if (this.broker.claimed) this.broker.reset(reason);
   }
 

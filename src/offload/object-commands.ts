@@ -365,18 +365,28 @@ export function loadObjectBytes(st: OffloadState, bytes: Uint8Array, name: strin
 export async function loadObjectBytesAsync(st: OffloadState, bytes: Uint8Array, name: string, progName: string): Promise<LoadedProgram> {
   const inspected = inspectAndJudge(st, bytes, progName);
   const epoch = st.epoch;
+  const abort = new AbortController();
+  st.loading = abort;
   let got: LoadedObjectFds;
   try {
-    got = await loadObjectInChildAsync(bytes, name, { logBytes: 64 * 1024, ...objectLoaderOptions });
+    got = await loadObjectInChildAsync(bytes, name, { logBytes: 64 * 1024, ...objectLoaderOptions }, abort.signal);
   } catch (e) {
+    if (st.closed || st.epoch !== epoch) discarded(st, name);
     loaderFailed(st, name, e);
+  } finally {
+    if (st.loading === abort) st.loading = null;
   }
   if (st.closed || st.epoch !== epoch || !st.claim) {
     for (const fd of [...got.maps.map((m) => m.fd), ...got.programs.map((x) => x.fd)]) closeBpfFd(fd);
-    st.log(`object '${name}' discarded: the device was ${st.closed ? 'closed' : 'reset'} while it loaded`);
-    refuse(Status.NOT_CLAIMED, 'broker-reset', `the device's offload was ${st.closed ? 'closed' : 'reset'} while the object loaded`);
+    discarded(st, name);
   }
   return adoptLoaded(st, got, inspected, bytes, name, progName);
+}
+
+/** The refusal of a load whose device was reset or closed while its child ran. */
+function discarded(st: OffloadState, name: string): never {
+  st.log(`object '${name}' discarded: the device was ${st.closed ? 'closed' : 'reset'} while it loaded`);
+  refuse(Status.NOT_CLAIMED, 'broker-reset', `the device's offload was ${st.closed ? 'closed' : 'reset'} while the object loaded`);
 }
 
 /** recheck → handles → pins on what the child made; every fd it handed over is closed on a refusal. */

@@ -46,6 +46,12 @@ export class OffloadState {
   closed = false;
   /** Bumped by reset() and close(): an OBJ_LOAD that awaited its child compares it before adopting the result. */
   epoch = 0;
+  /**
+   * The loader child of the OBJ_LOAD in flight. A reset or close kills it: its result would be
+   * discarded, and the device's next requests (a new driver's CLAIM, with its 1 s timeout) wait
+   * behind it until it ends.
+   */
+  loading: AbortController | null = null;
   private readonly logFn: (line: string) => void;
   private readonly programListeners: ((p: OffloadProgram | null) => void)[] = [];
   private readonly claimListeners: ((claimed: boolean) => void)[] = [];
@@ -195,9 +201,15 @@ export class OffloadState {
     this.log(`object '${obj.name}' released: ${obj.programs.length} programs, maps [${obj.mapHandles.join(', ')}]`);
   }
 
+  private abandonLoad(): void {
+    this.loading?.abort();
+    this.loading = null;
+  }
+
   /** Drops the claim, the program and every map, pins included. */
   reset(reason: string): void {
     this.epoch++;
+    this.abandonLoad();
     const wasClaimed = this.claim !== null;
     this.unloadProgram(reason);
     const n = this.maps.size;
@@ -216,6 +228,7 @@ export class OffloadState {
     if (this.closed) return;
     this.closed = true;
     this.epoch++;
+    this.abandonLoad();
     const old: LoadedProgram | null = this.program.take();
     if (old) {
       this.emitProgram();

@@ -30,7 +30,7 @@ export const DEFAULT_LOADER_OPTIONS: Required<LoaderOptions> = {
 };
 
 export type LoaderErrorCode =
-  | 'object-loader-crashed' | 'object-loader-timeout' | 'object-loader-report'
+  | 'object-loader-crashed' | 'object-loader-timeout' | 'object-loader-report' | 'object-loader-aborted'
   | 'object-open-failed' | 'object-program-type' | 'object-load-failed';
 
 /** A load that did not produce an object; `log` is the failing program's verifier log, when there is one. */
@@ -191,10 +191,13 @@ export function loadObjectInChild(object: Uint8Array, name: string, options: Loa
 /**
  * loadObjectInChild without blocking the thread: the same child, limits, fd passing and
  * judgement, run with spawn; the promise settles when the child has ended (killed with SIGKILL
- * after the timeout). Rejects with ObjectLoaderError.
+ * after the timeout, or when `signal` aborts: whoever asked no longer wants the result).
+ * Rejects with ObjectLoaderError ('object-loader-aborted' after an abort, whatever the child made closed).
  */
-export function loadObjectInChildAsync(object: Uint8Array, name: string, options: LoaderOptions = {}): Promise<LoadedObjectFds> {
+export function loadObjectInChildAsync(object: Uint8Array, name: string, options: LoaderOptions = {}, signal?: AbortSignal): Promise<LoadedObjectFds> {
   const o = { ...DEFAULT_LOADER_OPTIONS, ...options };
+  const aborted = () => new ObjectLoaderError('object-loader-aborted', 'the object load was abandoned (the device was reset or closed)');
+  if (signal?.aborted) return Promise.reject(aborted());
   const cmd = childCommand(o, name);
   const [mine, theirs] = UnixSocket.pair();
   return new Promise<LoadedObjectFds>((resolve, reject) => {
@@ -215,6 +218,7 @@ export function loadObjectInChildAsync(object: Uint8Array, name: string, options
     let outBytes = 0;
     const kill = () => { try { child.kill('SIGKILL'); } catch { /* already gone */ } };
     const timer = setTimeout(() => { timedOut = true; kill(); }, o.timeoutMs);
+    signal?.addEventListener('abort', kill, { once: true });
     child.stdout!.on('data', (b: Buffer) => {
       outBytes += b.byteLength;
       if (outBytes > MAX_REPORT_BYTES) {
@@ -226,11 +230,17 @@ export function loadObjectInChildAsync(object: Uint8Array, name: string, options
     });
     child.stdin!.on('error', () => { /* a child that ends without reading its input: judged by its exit */ });
     child.on('error', (e) => { if (!error) error = e; });
-    child.on('close', (status, signal) => {
+    child.on('close', (status, exitSignal) => {
       clearTimeout(timer);
+      signal?.removeEventListener('abort', kill);
       try {
         const fds = drainFds(mine);
-        resolve(judgeChild({ timedOut, error, status, signal, stdout: Buffer.concat(chunks) }, fds, o));
+        if (signal?.aborted) {
+          // Whatever it made in the kernel dies with these fds.
+          for (const fd of fds) closeBpfFd(fd);
+          throw aborted();
+        }
+        resolve(judgeChild({ timedOut, error, status, signal: exitSignal, stdout: Buffer.concat(chunks) }, fds, o));
       } catch (e) {
         reject(e);
       } finally {
