@@ -192,7 +192,11 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     const cfg = pair === this.offloadPair && this.port.needsGuestMemory && this.port.reservedQueueConfig
       ? this.port.reservedQueueConfig(pair) : this.port.queueConfig(pair);
     this.request(w, { op: 'host', pair, cfg });
-    if (pair === this.offloadPair && this.broker?.claimed) this.releaseHeldReplies(w);
+    if (pair === this.offloadPair) {
+      // Unclaimed by now (RELEASE, a reset): nobody is waiting for them.
+      if (this.broker?.claimed) this.releaseHeldReplies(w);
+      else this.heldReplies.length = 0;
+    }
     return w;
   }
 
@@ -254,10 +258,10 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     this.offloadStopped.delete(cfg.index);
     const same = was && was.descGpa === cfg.descGpa && was.availGpa === cfg.availGpa && was.usedGpa === cfg.usedGpa
       && was.size === cfg.size && was.lastAvailIdx === cfg.lastAvailIdx;
+    // A new driver: answers to the old one's requests would only confuse it.
+    if (!same) this.heldReplies.length = 0;
     if (!same && this.broker?.claimed) {
       this.offloadStopped.clear();
-      // A new driver: answers to the old one's requests would only confuse it.
-      this.heldReplies.length = 0;
       this.broker.reset('the guest reset the device');
     }
   }
