@@ -7,7 +7,7 @@ import type { Port } from '../ports/port.js';
 import { OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, NetFeature as F, describeFeatures } from './features.js';
 import { vnetHeaderLength, txOffloads } from './vnet-header.js';
 import { DeviceStats, C, COUNTERS } from './stats.js';
-import { encodeDeviceState, decodeDeviceState } from './device-state.js';
+import { encodeDeviceState, decodeDeviceState, MAX_HELD_REPLIES } from './device-state.js';
 import { OffloadBroker } from '../offload/broker.js';
 import type { WorkerPool, PoolClient } from '../datapath/worker-pool.js';
 import type { DeviceRequest, WorkerEvent } from '../datapath/messages.js';
@@ -59,6 +59,12 @@ export class NetDevice implements VhostUserBackend, PoolClient {
   private readonly offloadStopped = new Map<number, VringConfig | null>();
   /** Rings of an AF_XDP port stopped while their partner ran: their socket still holds what they posted (see startVring). */
   private readonly stoppedAlone = new Set<number>();
+  /**
+   * Offload responses made while the reserved pair was not running (an OBJ_LOAD answered while
+   * the VM was stopped for the switch-over): delivered when the pair runs again, or carried in
+   * the migration state to the destination, which delivers them; dropped when the guest resets.
+   */
+  private readonly heldReplies: Uint8Array[] = [];
   /** Workers that know this device, and the pairs each serves. */
   private readonly onWorker = new Map<number, Set<number>>();
   connected = false;
@@ -116,9 +122,20 @@ export class NetDevice implements VhostUserBackend, PoolClient {
 
   private offloadReply(message: Uint8Array): void {
     const w = this.pool.workerOf(this.id, this.offloadPair);
-    // The guest stopped its ring in between: the reply has no buffers to go to.
-    if (w < 0) return this.log.debug('offload reply dropped: the reserved pair is not running');
-    this.request(w, { op: 'offload-reply', reply: message });
+    if (w >= 0) {
+      this.request(w, { op: 'offload-reply', reply: message });
+      return;
+    }
+    // The ring stopped in between (VM stopped, migration switch-over, a reset): held until the
+    // pair runs, or until we know the guest reset. Bounded like the worker's own queue.
+    if (this.heldReplies.length >= MAX_HELD_REPLIES) this.heldReplies.shift();
+    this.heldReplies.push(message);
+    this.log.debug(`offload reply held: the reserved pair is not running (${this.heldReplies.length} held)`);
+  }
+
+  /** Hands the held responses to the worker that now serves the reserved pair (it delivers them once the guest has buffers). */
+  private releaseHeldReplies(w: number): void {
+    for (const reply of this.heldReplies.splice(0)) this.request(w, { op: 'offload-reply', reply });
   }
 
   /** Tap ports run the program per frame on every worker of the device, each with its own fd. */
@@ -175,6 +192,11 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     const cfg = pair === this.offloadPair && this.port.needsGuestMemory && this.port.reservedQueueConfig
       ? this.port.reservedQueueConfig(pair) : this.port.queueConfig(pair);
     this.request(w, { op: 'host', pair, cfg });
+    if (pair === this.offloadPair) {
+      // Unclaimed by now (RELEASE, a reset): nobody is waiting for them.
+      if (this.broker?.claimed) this.releaseHeldReplies(w);
+      else this.heldReplies.length = 0;
+    }
     return w;
   }
 
@@ -236,6 +258,8 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     this.offloadStopped.delete(cfg.index);
     const same = was && was.descGpa === cfg.descGpa && was.availGpa === cfg.availGpa && was.usedGpa === cfg.usedGpa
       && was.size === cfg.size && was.lastAvailIdx === cfg.lastAvailIdx;
+    // A new driver: answers to the old one's requests would only confuse it.
+    if (!same) this.heldReplies.length = 0;
     if (!same && this.broker?.claimed) {
       this.offloadStopped.clear();
       this.broker.reset('the guest reset the device');
@@ -411,6 +435,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     this.lastResetReason = reason;
     this.offloadStopped.clear();
     this.stoppedAlone.clear();
+    this.heldReplies.length = 0;
     if (this.broker && !this.shuttingDown) this.broker.reset(reason);
     // Drop the workers' view of guest memory before the session unmaps it.
     this.regions = [];
@@ -436,12 +461,31 @@ export class NetDevice implements VhostUserBackend, PoolClient {
   /**
    * Migration out (SET_DEVICE_STATE_FD, save): the offload state, read-only, so a cancelled or
    * failed migration leaves this device as it was. A refusal fails the migration.
+   *
+   * A guest request still pending (an OBJ_LOAD whose loader child runs) is waited for: the state
+   * then holds its result, and its response, made while the rings are stopped, travels with it
+   * (held replies). The wait is bounded by the loader's own timeout; past it the save fails with
+   * 'state-load-pending' and the source runs on.
    */
-  saveState(): Uint8Array {
+  saveState(): Uint8Array | Promise<Uint8Array> {
+    const b = this.broker;
+    if (!b?.pending) return this.encodeState();
+    const t0 = performance.now();
+    this.log.info(`device ${this.name}: migration state waits for the guest's pending offload request`);
+    return b.settled().then(() => {
+      this.log.info(`device ${this.name}: pending offload request settled after ${Math.round(performance.now() - t0)} ms; saving`);
+      return this.encodeState();
+    }, (e: unknown) => {
+      this.log.warn(`device ${this.name}: migration state refused (${(e as { code?: string }).code ?? 'internal'}): ${(e as Error).message}`);
+      throw e;
+    });
+  }
+
+  private encodeState(): Uint8Array {
     if (!this.broker) return encodeDeviceState({ offload: null });
     const t = this.stats.total();
     const counters = { pass: t.xdpPass, drop: t.xdpDrop, tx: t.xdpTx, aborted: t.xdpAborted };
-    return encodeDeviceState({ offload: this.broker.exportState(counters) });
+    return encodeDeviceState({ offload: this.broker.exportState(counters), replies: this.heldReplies });
   }
 
   /**
@@ -449,7 +493,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
    * backend without --offload; an unclaimed one (a guest that never offloaded) can.
    */
   loadState(state: Uint8Array): void {
-    const { offload } = decodeDeviceState(state);
+    const { offload, replies } = decodeDeviceState(state);
     if (!offload) return;
     if (!this.broker) {
       const held = OffloadBroker.describeState(offload);
@@ -469,7 +513,9 @@ export class NetDevice implements VhostUserBackend, PoolClient {
       v[base + C.xdpTx]! += counters.tx;
       v[base + C.xdpAborted]! += counters.aborted;
     }
-    this.log.info(`offload state loaded: ${this.broker.claimed ? 'claimed' : 'unclaimed'}, program ${this.broker.program?.id ?? 'none'}`);
+    // Owed to the guest by the source: delivered once the reserved pair runs here.
+    if (this.broker.claimed && replies) this.heldReplies.push(...replies);
+    this.log.info(`offload state loaded: ${this.broker.claimed ? 'claimed' : 'unclaimed'}, program ${this.broker.program?.id ?? 'none'}${this.heldReplies.length ? `, ${this.heldReplies.length} response(s) for the guest` : ''}`);
   }
 
   get runningVrings(): number[] { return [...this.running.keys()].sort((a, b) => a - b); }

@@ -2,6 +2,9 @@ import { rateLimited, type Logger } from '../log.js';
 import { OffloadBroker, type OffloadProgram, type OffloadProgramInfo, type OffloadShow } from '../offload/broker.js';
 import type { VerdictCounters } from '../offload/migration.js';
 import { validateQuotas, type Quotas, type QuotaUsage } from '../offload/quotas.js';
+import { MigrationStateError } from '../offload/errors.js';
+import { objectLoaderOptions } from '../offload/object-commands.js';
+import { DEFAULT_LOADER_OPTIONS } from '../offload/object-loader/loader.js';
 
 /** What the channel needs from its device: where replies, claims and programs go. */
 export interface OffloadSink {
@@ -31,14 +34,19 @@ export interface OffloadChannelOptions {
  */
 /** Guest requests that may wait behind a pending one; the guest's next ones are answered BUSY at once. */
 export const MAX_QUEUED_REQUESTS = 64;
+/** What settled() allows past the loader's own timeout: the killed child's exit and its fds. */
+const SETTLE_MARGIN_MS = 2000;
 
 export class OffloadChannel {
   readonly broker: OffloadBroker;
-  private busy = false;
+  /** The pending request's answer, delivered (null: none pending). */
+  private inFlight: Promise<void> | null = null;
   private closed = false;
   private readonly queue: Uint8Array[] = [];
   /** A guest can send overflowing requests at will: one log line a second at most. */
   private readonly overflowLog = rateLimited((m) => this.opts.log.warn(m), 1000);
+  /** Bumped when the device resets: answers to the requests of the guest before it are dropped. */
+  private generation = 0;
 
   constructor(private readonly opts: OffloadChannelOptions, private readonly sink: OffloadSink) {
     const b = OffloadBroker.restore({ device: opts.device, pinDir: opts.pinDir, log: (l) => opts.log.info(l) });
@@ -60,7 +68,7 @@ export class OffloadChannel {
    */
   handle(message: Uint8Array): void {
     if (this.closed) return;
-    if (this.busy) {
+    if (this.inFlight) {
       if (this.queue.length >= MAX_QUEUED_REQUESTS) {
         // Answered at once, ahead of the requests it could not join: every request gets an answer.
         this.overflowLog(`device ${this.opts.device}: offload request answered BUSY: ${MAX_QUEUED_REQUESTS} requests already wait behind a pending OBJ_LOAD`);
@@ -79,11 +87,12 @@ export class OffloadChannel {
     while (message && !this.closed) {
       const out = this.broker.serve(message);
       if (out instanceof Promise) {
-        this.busy = true;
-        void out.then((reply) => {
-          this.busy = false;
+        const generation = this.generation;
+        this.inFlight = out.then((reply) => {
+          this.inFlight = null;
           if (this.closed) return;
-          this.reply(reply);
+          if (generation === this.generation) this.reply(reply);
+          else this.opts.log.debug('offload answer dropped: its request came before the device was reset');
           const next = this.queue.shift();
           if (next) this.run(next);
         });
@@ -114,6 +123,31 @@ export class OffloadChannel {
     }
   }
 
+  /** Whether a guest request (an OBJ_LOAD waiting on its loader child) is still to be answered. */
+  get pending(): boolean { return this.inFlight !== null; }
+
+  /**
+   * Resolves once no request is pending, the ones queued behind it answered too: what the
+   * migration state must show (an object still loading would otherwise be left out, and its
+   * guest told it loaded on a host it is leaving). Bounded: a load ends within its loader's
+   * timeout (the default wait), but a guest could queue load after load; past `timeoutMs` this
+   * rejects with 'state-load-pending', which fails the migration while the source runs on.
+   */
+  async settled(timeoutMs = (objectLoaderOptions.timeoutMs ?? DEFAULT_LOADER_OPTIONS.timeoutMs) + SETTLE_MARGIN_MS): Promise<void> {
+    const until = Date.now() + timeoutMs;
+    while (this.inFlight && !this.closed) {
+      const left = until - Date.now();
+      let timer: NodeJS.Timeout | undefined;
+      const late = new Promise<boolean>((resolve) => { timer = setTimeout(() => resolve(true), Math.max(left, 0)); });
+      const timedOut = await Promise.race([this.inFlight.then(() => false), late]);
+      clearTimeout(timer);
+      if (timedOut) {
+        throw new MigrationStateError('state-load-pending',
+          `device ${this.opts.device}: a guest request (OBJ_LOAD) was still pending after ${timeoutMs} ms; the state cannot leave without it`);
+      }
+    }
+  }
+
   /** The offload section of the device's migration state (read-only: the source keeps running). */
   exportState(counters: VerdictCounters): Uint8Array {
     return this.broker.exportState({ counters });
@@ -133,7 +167,14 @@ export class OffloadChannel {
     return this.broker.setQuotas(validateQuotas(changes));
   }
   detach(): { detached: boolean; cancelledLoad: boolean } { return this.broker.detach(); }
+  /**
+   * The guest reset its device: what its old driver asked is void. Requests still queued go;
+   * a pending OBJ_LOAD's child is killed by the broker's reset (its result would be discarded)
+   * and its answer dropped, so the new driver's first requests wait milliseconds, not seconds.
+   */
   reset(reason: string): void {
+    this.generation++;
+    this.queue.length = 0;
     if (this.broker.claimed) this.broker.reset(reason);
   }
 

@@ -42,7 +42,8 @@ export class OffloadConfigError extends VxError {
 export type MigrationStateCode =
   | 'bad-state-magic' | 'state-version' | 'state-truncated' | 'state-trailing' | 'state-checksum'
   | 'state-malformed' | 'state-map-type' | 'state-quota' | 'state-program-refused' | 'state-kernel'
-  | 'state-not-fresh' | 'state-program-unexportable' | 'state-too-large' | 'state-object-unsupported';
+  | 'state-not-fresh' | 'state-program-unexportable' | 'state-too-large' | 'state-object-unsupported'
+  | 'state-load-pending';
 
 /**
  * A migration state the destination refuses (or the source cannot write). The vhost-user side

@@ -17,9 +17,14 @@ import type { MapDef } from './map-table.js';
 
 /** 'V','X','M','S' in memory order (bytes 56 58 4D 53), read as a little-endian u32. */
 export const STATE_MAGIC = 0x534d5856;
-/** Version 1: PROG_SET programs and MAP_CREATE maps. Version 2 adds the OBJECT section (written only when an object is loaded). */
+/**
+ * Version 1: PROG_SET programs and MAP_CREATE maps. Version 2 adds the OBJECT section (written
+ * only when an object is loaded); version 3 the UPLOAD section (written only while the guest is
+ * uploading an object), so a state without either still reads on an older destination.
+ */
 export const STATE_VERSION = 1;
 export const STATE_VERSION_OBJECT = 2;
+export const STATE_VERSION_UPLOAD = 3;
 export const STATE_HEADER_BYTES = 16;
 const SECTION_HEADER_BYTES = 8;
 /** A section's length is a u32. */
@@ -29,7 +34,8 @@ const MAX_HANDLE = 0x7fffffff;
 /** The largest time a JavaScript Date holds (ms since the epoch). */
 const MAX_DATE_MS = 8.64e15;
 
-export const Section = { CLAIM: 1, QUOTAS: 2, MAP: 3, PROGRAM: 4, COUNTERS: 5, OBJECT: 6 } as const;
+export const Section = { CLAIM: 1, QUOTAS: 2, MAP: 3, PROGRAM: 4, COUNTERS: 5, OBJECT: 6, UPLOAD: 7 } as const;
+const UPLOAD_PREFIX_BYTES = 8 + OBJ_NAME_BYTES;
 const PROG_NAME_BYTES = 64;
 const OBJECT_PREFIX_BYTES = 16 + OBJ_NAME_BYTES + PROG_NAME_BYTES + 8;
 const MAP_HEADER_BYTES = 32 + OBJ_NAME_BYTES;
@@ -76,6 +82,15 @@ export interface StateObject {
   maps: StateObjectMap[];
 }
 
+/** An object upload in progress (OBJ_BEGIN, OBJ_CHUNK… before OBJ_LOAD): what the guest sent so far. */
+export interface StateUpload {
+  name: string;
+  /** OBJ_BEGIN's total_bytes. */
+  totalBytes: number;
+  /** The first `received` bytes of the object, received.byteLength ≤ totalBytes. */
+  received: Uint8Array;
+}
+
 export interface MigrationState {
   claim: { claimedAtMs: number; responseLimit: number; nextHandle: number } | null;
   /** The source's limits: informational, the destination's own configuration wins. */
@@ -83,8 +98,10 @@ export interface MigrationState {
   maps: StateMap[];
   program: StateProgram | null;
   counters: VerdictCounters | null;
-  /** Only in version 2 states; never with `program`. */
+  /** In version 2 states (and version 3 ones while an object is loaded); never with `program`. */
   object?: StateObject | null;
+  /** Only in version 3 states. */
+  upload?: StateUpload | null;
 }
 
 function refused(code: MigrationStateCode, message: string, rule?: string, cause?: unknown): never {
@@ -104,7 +121,8 @@ function section(out: Writer, type: number, body: Uint8Array): void {
 
 export function encodeState(s: MigrationState): Uint8Array {
   const out = new Writer(4096);
-  out.u32(STATE_MAGIC).u16(s.object ? STATE_VERSION_OBJECT : STATE_VERSION).u16(0).u32(0).u32(0); // length and crc patched below
+  const version = s.upload ? STATE_VERSION_UPLOAD : s.object ? STATE_VERSION_OBJECT : STATE_VERSION;
+  out.u32(STATE_MAGIC).u16(version).u16(0).u32(0).u32(0); // length and crc patched below
   const c = s.claim;
   section(out, Section.CLAIM, new Writer(CLAIM_BYTES).u32(c ? 1 : 0).u32(c?.responseLimit ?? 0).u32(c?.nextHandle ?? 0).u32(0)
     .u64(c?.claimedAtMs ?? 0).finish());
@@ -137,6 +155,11 @@ export function encodeState(s: MigrationState): Uint8Array {
         .bytes(encodeObjName(m.name)).bytes(m.keys).bytes(m.values);
     }
     section(out, Section.OBJECT, w.finish());
+  }
+  const u = s.upload;
+  if (u) {
+    section(out, Section.UPLOAD, new Writer(UPLOAD_PREFIX_BYTES + u.received.byteLength)
+      .u32(u.totalBytes).u32(u.received.byteLength).bytes(encodeObjName(u.name)).bytes(u.received).finish());
   }
   const bytes = out.finish();
   if (bytes.byteLength > 0xffffffff) refused('state-too-large', `migration state is ${bytes.byteLength} bytes, over the u32 total length`);
@@ -177,8 +200,8 @@ function decodeHeader(b: Uint8Array): void {
   }
   if (b.byteLength < STATE_HEADER_BYTES) refused('state-truncated', `migration state is ${b.byteLength} bytes, shorter than its ${STATE_HEADER_BYTES}-byte header`);
   const version = v.getUint16(4, true);
-  if (version !== STATE_VERSION && version !== STATE_VERSION_OBJECT) {
-    refused('state-version', `migration state version ${version} is not supported (this host reads ${STATE_VERSION} and ${STATE_VERSION_OBJECT})`);
+  if (version < STATE_VERSION || version > STATE_VERSION_UPLOAD) {
+    refused('state-version', `migration state version ${version} is not supported (this host reads ${STATE_VERSION}..${STATE_VERSION_UPLOAD})`);
   }
   if (v.getUint16(6, true) !== 0) malformed('migration state header flags are not 0');
   const total = v.getUint32(8, true);
@@ -215,8 +238,12 @@ function decode(b: Uint8Array): MigrationState {
       case Section.PROGRAM: s.program = decodeProgram(body); break;
       case Section.COUNTERS: s.counters = decodeCounters(body); break;
       case Section.OBJECT:
-        if (version !== STATE_VERSION_OBJECT) malformed('an OBJECT section in a version 1 state');
+        if (version === STATE_VERSION) malformed('an OBJECT section in a version 1 state');
         s.object = decodeObject(body);
+        break;
+      case Section.UPLOAD:
+        if (version !== STATE_VERSION_UPLOAD) malformed(`an UPLOAD section in a version ${version} state`);
+        s.upload = decodeUpload(body);
         break;
       default: malformed(`unknown section type ${type}`);
     }
@@ -225,6 +252,8 @@ function decode(b: Uint8Array): MigrationState {
   if (!s.quotas) refused('state-truncated', 'migration state ends before its CLAIM and QUOTAS sections');
   if (!claimed && (s.maps.length > 0 || s.program || s.object)) malformed('an unclaimed state carries maps or a program');
   if (version === STATE_VERSION_OBJECT && !s.object) malformed('a version 2 state without its OBJECT section');
+  if (version === STATE_VERSION_UPLOAD && !s.upload) malformed('a version 3 state without its UPLOAD section');
+  if (!claimed && s.upload) malformed('an unclaimed state carries an upload');
   if (s.object && s.program) malformed('a state carries both a PROGRAM and an OBJECT');
   if (s.object) {
     const plain = new Set(s.maps.map((m) => m.handle));
@@ -337,6 +366,15 @@ function decodeObject(r: Reader): StateObject {
     }));
   }
   return { attachFlags, tag, name, progName, elf, maps };
+}
+
+function decodeUpload(r: Reader): StateUpload {
+  const totalBytes = r.u32('total_bytes');
+  const n = r.u32('received_bytes');
+  const name = decodeObjName(r.take(OBJ_NAME_BYTES, 'name'), 'upload name');
+  if (totalBytes === 0) malformed('UPLOAD: total_bytes is 0');
+  if (n > totalBytes) malformed(`UPLOAD: ${n} bytes received of an object of ${totalBytes}`);
+  return { name, totalBytes, received: r.take(n, 'received bytes') };
 }
 
 function decodeCounters(r: Reader): VerdictCounters {

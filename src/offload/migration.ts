@@ -108,11 +108,15 @@ export function exportState(st: OffloadState, extras: ExportExtras = {}): Uint8A
     program = { name: p.name, license: p.license, mapHandles: p.source.mapHandles, insns: p.source.insns, tag: p.tag, attachFlags: extras.attachFlags ?? 0 };
   }
   const at = c ? Date.parse(c.at) : NaN;
+  // An upload the guest has not finished goes too: its next OBJ_CHUNK may reach the destination.
+  const u = c ? st.upload : null;
+  const upload = u ? { name: u.name, totalBytes: u.bytes.byteLength, received: u.bytes.subarray(0, u.received) } : null;
   const bytes = encodeState({
     claim: c ? { claimedAtMs: Number.isFinite(at) ? at : 0, responseLimit: c.responseLimit, nextHandle: st.maps.nextHandle } : null,
-    quotas: { ...st.limits }, maps, program, counters: extras.counters ?? null, object,
+    quotas: { ...st.limits }, maps, program, counters: extras.counters ?? null, object, upload,
   });
-  st.log(`migration state exported: ${bytes.byteLength} bytes, ${maps.length} maps, ${program ? `program ${p!.tag}` : object ? `object '${object.name}' ${object.tag}` : 'no program'}`);
+  st.log(`migration state exported: ${bytes.byteLength} bytes, ${maps.length} maps, ${program ? `program ${p!.tag}` : object ? `object '${object.name}' ${object.tag}` : 'no program'}` +
+    `${upload ? `, an upload at ${upload.received.byteLength} of ${upload.totalBytes} bytes` : ''}`);
   return bytes;
 }
 
@@ -215,6 +219,9 @@ function judge(st: OffloadState, s: MigrationState): void {
       checkKeys(m, what);
     }
   }
+  if (s.upload && s.upload.totalBytes > q.maxObjectBytes) {
+    throw new MigrationStateError('state-quota', `the upload in progress is of a ${s.upload.totalBytes}-byte object; this device's max-object-bytes quota is ${q.maxObjectBytes}`, 'quota-exceeded');
+  }
   if (bytes > q.maxMapMemory) {
     throw new MigrationStateError('state-quota', `state's maps need ${bytes} bytes; this device's max-map-memory quota is ${q.maxMapMemory}`, 'quota-exceeded');
   }
@@ -300,6 +307,11 @@ export function importState(st: OffloadState, bytes: Uint8Array): ImportExtras {
     throw err;
   }
   // Published: from here on nothing can fail.
+  if (s.upload) {
+    const whole = new Uint8Array(s.upload.totalBytes);
+    whole.set(s.upload.received);
+    st.upload = { name: s.upload.name, bytes: whole, received: s.upload.received.byteLength };
+  }
   if (s.claim) {
     st.log(`migration state imported: ${s.maps.length} maps, ${s.maps.reduce((n, m) => n + m.count, 0)} elements, response limit ${s.claim.responseLimit}`);
     st.emitClaim();

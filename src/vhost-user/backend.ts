@@ -78,8 +78,10 @@ export interface VhostUserBackend {
   /**
    * Device state for migration (SET_DEVICE_STATE_FD, save direction), called while every ring is
    * stopped. A backend with saveState and loadState is offered VHOST_USER_PROTOCOL_F_DEVICE_STATE.
+   * A promise: the state is not ready yet (the frontend waits for it on the pipe); its rejection
+   * fails the transfer with the error's code.
    */
-  saveState?(): Uint8Array;
+  saveState?(): Uint8Array | Promise<Uint8Array>;
   /** Takes the state saved by a source backend; throws a VxError with a code to refuse it (fails the migration). */
   loadState?(state: Uint8Array): void;
 }

@@ -8,6 +8,8 @@ import { raw, closeFd, fdInfo, setNonBlocking, lastErrno, Errno, NativeBuffer, O
 // reading end must read all of this data (until encountering the end of file) and process it."
 // Then CHECK_DEVICE_STATE asks whether that worked. The frontend reads (SAVE) or writes (LOAD)
 // the pipe only after our reply, so the transfer runs from the event loop, never blocking it.
+// A state that is not ready yet (SAVE while the backend finishes something the state must
+// include) is fine by the spec: the frontend reads until EOF, so the bytes may come later.
 
 export enum TransferDirection { SAVE = 0, LOAD = 1 }
 /** "0: Stopped ... the vhost-user device is suspended": the only phase the spec defines. */
@@ -57,18 +59,24 @@ export class StateTransfer {
   /** SAVE: bytes written so far. LOAD: chunks read so far. */
   private offset = 0;
   private readonly chunks: Uint8Array[] = [];
+  /** SAVE: the state is still being made; nothing is written (and no EOF given) before it is. */
+  private waiting = false;
 
-  private constructor(readonly direction: TransferDirection, fd: number, private readonly state: Uint8Array,
+  private constructor(readonly direction: TransferDirection, fd: number, private state: Uint8Array,
     private readonly apply: (bytes: Uint8Array) => void, private readonly onDone: (r: TransferRecord) => void) {
     this.fd = fd;
   }
 
   /**
    * Checks the request ("transfer direction", "migration phase", the fd) and starts the
-   * transfer. `state` is called for SAVE only. Takes ownership of fd, also when it throws.
+   * transfer. `state` is called for SAVE only; when it answers with a promise, writing starts
+   * once it resolves, and its rejection fails the transfer (the fd closes: the frontend sees
+   * EOF, then CHECK_DEVICE_STATE reports the rejection's code). Takes ownership of fd, also
+   * when it throws.
    */
-  static begin(direction: number, phase: number, fd: number, hooks: { state: () => Uint8Array; apply: (b: Uint8Array) => void; onDone: (r: TransferRecord) => void }): StateTransfer {
+  static begin(direction: number, phase: number, fd: number, hooks: { state: () => Uint8Array | Promise<Uint8Array>; apply: (b: Uint8Array) => void; onDone: (r: TransferRecord) => void }): StateTransfer {
     let t: StateTransfer;
+    let later: Promise<Uint8Array> | null = null;
     try {
       if (direction !== TransferDirection.SAVE && direction !== TransferDirection.LOAD) throw new DeviceStateError('bad-transfer-direction', `transfer direction ${direction} (0 save, 1 load)`);
       if (phase !== PHASE_STOPPED) throw new DeviceStateError('bad-transfer-phase', `migration phase ${phase} (only 0, stopped, is defined)`);
@@ -79,20 +87,39 @@ export class StateTransfer {
       if (info.access !== want && info.access !== O_RDWR) throw new DeviceStateError('bad-transfer-fd', `transfer fd is not open for ${direction === TransferDirection.SAVE ? 'writing' : 'reading'}`);
       setNonBlocking(fd);
       const state = direction === TransferDirection.SAVE ? hooks.state() : new Uint8Array(0);
-      t = new StateTransfer(direction, fd, state, hooks.apply, hooks.onDone);
+      if (state instanceof Promise) later = state;
+      t = new StateTransfer(direction, fd, later ? new Uint8Array(0) : state as Uint8Array, hooks.apply, hooks.onDone);
     } catch (e) {
       closeFd(fd);
       throw e;
     }
-    t.poll = koffi.node.poll(fd, direction === TransferDirection.SAVE ? { writable: true } : { readable: true, disconnect: true }, () => t.pump());
+    if (!later) {
+      t.startPolling();
+      return t;
+    }
+    t.waiting = true;
+    later.then((state) => {
+      // Cancelled or checked meanwhile: the fd is closed and the record written.
+      if (t.done) return;
+      t.waiting = false;
+      t.state = state;
+      t.startPolling();
+    }, (e: unknown) => {
+      t.waiting = false;
+      if (!t.done) t.complete(e);
+    });
     return t;
+  }
+
+  private startPolling(): void {
+    this.poll = koffi.node.poll(this.fd, this.direction === TransferDirection.SAVE ? { writable: true } : { readable: true, disconnect: true }, () => this.pump());
   }
 
   get finished(): boolean { return this.done !== null; }
 
   /** Moves as many bytes as the fd takes now; completes the transfer at the end. */
   private pump(): void {
-    if (this.done) return;
+    if (this.done || this.waiting) return;
     try {
       if (this.direction === TransferDirection.SAVE ? this.writeSome() : this.readSome()) this.complete(null);
     } catch (e) {
@@ -162,7 +189,11 @@ export class StateTransfer {
   finish(): TransferRecord {
     if (!this.done) {
       this.pump();
-      if (!this.done) this.complete(new DeviceStateError('transfer-incomplete', `${this.direction === TransferDirection.SAVE ? 'the frontend has not read' : 'the frontend has not closed'} the state pipe (${this.offset} bytes moved)`));
+      if (!this.done) {
+        const why = this.waiting ? 'the state was not ready yet'
+          : `${this.direction === TransferDirection.SAVE ? 'the frontend has not read' : 'the frontend has not closed'} the state pipe`;
+        this.complete(new DeviceStateError('transfer-incomplete', `${why} (${this.offset} bytes moved)`));
+      }
     }
     return this.done!;
   }

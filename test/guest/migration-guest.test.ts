@@ -6,7 +6,9 @@
 //    source runs on with its program); a throttled migration cancelled half-way leaves the source
 //    as it was; then a migration while the guest streams 16 MiB to the host and the host sends
 //    UDP the offloaded program drops and counts: the stream, the program and its map arrive on
-//    B, and A holds nothing once the source QEMU is gone.
+//    B, and A holds nothing once the source QEMU is gone; then the object path (`vxdp load` of
+//    the realistic sample) on B, and the guest moved back to A with it: drops, per-CPU counters
+//    and LRU flows carry over, `vxdp unload` on A leaves nothing, B holds nothing.
 //  - xsk ports: the same move with a stream, then an idle guest moved back, which must be
 //    reachable from the host at once (GUEST_ANNOUNCE / SEND_RARP).
 import { readdirSync } from 'node:fs';
@@ -81,7 +83,7 @@ class Bridged {
   }
 
   /** `serve ARGS` with its port (tap:IF or xsk:IF) in the bridge unless `bridged` is false. */
-  async backend(tag: string, kind: 'tap' | 'xsk', args: string[], bridged = true): Promise<{ be: Backend; socket: string; ifname: string }> {
+  async backend(tag: string, kind: 'tap' | 'xsk', args: string[], bridged = true): Promise<{ be: Backend; socket: string; ifname: string; name: string }> {
     const ifname = uniqueIfName(`vxm${tag}`);
     const socket = path.join(this.dir, `${tag}.sock`);
     const be = await startBackend(['--socket', socket, '--port', `${kind}:${ifname}`, '--name', tag, ...args], { dir: tempDir(`mig${tag}`), name: `vx-mig-${tag}` });
@@ -89,7 +91,7 @@ class Bridged {
     this.cleanup.link(ifname);
     this.cleanup.push(`stop backend ${tag}`, () => be.stop());
     if (bridged) addToBridge(ifname, this.bridge);
-    return { be, socket, ifname };
+    return { be, socket, ifname, name: tag };
   }
 }
 
@@ -137,6 +139,38 @@ async function guestHits(vm: GuestVm, addr: string): Promise<number> {
   return e ? e.value.reduce((acc, b, i) => acc + Number.parseInt(b, 16) * 256 ** i, 0) : -1;
 }
 
+/** The object-path sample (bpf/xdp_filter_obj.c, default config): drops UDP from source port 4003, passes the rest. */
+const SAMPLE = '/bpf/xdp_filter_obj.o';
+const DROP_SPORT = 4003;
+const PASS_SPORT = 4004;
+/** Counter indexes of the sample's PERCPU_ARRAY (enum C_* in xdp_filter_obj.c). */
+const C_PASSED = 1;
+const C_DROPPED = 2;
+
+interface VxdpShow { loaded: boolean; program: string; tag: string; maps: { name: string; type: string }[] }
+
+/** Little-endian bytes (bpftool's hex strings) as a number. */
+const le = (b: string[]): number => b.reduce((acc, x, i) => acc + Number.parseInt(x, 16) * 256 ** i, 0);
+
+/** `vxdp map dump counters`: each counter's per-CPU values, by index. */
+async function perCpuCounters(vm: GuestVm): Promise<Map<number, number[]>> {
+  const dump = JSON.parse(await sh(vm, 'vxdp map dump counters --json')) as { key: string[]; values: { cpu: number; value: string[] }[] }[];
+  return new Map(dump.map((e) => [le(e.key), e.values.map((v) => le(v.value))]));
+}
+
+/** `vxdp map dump flows`: packets per (source port, destination port) of the LRU's flows (struct flow_key: saddr, daddr, then ports in host order). */
+async function flowCounts(vm: GuestVm): Promise<Map<string, number>> {
+  const dump = JSON.parse(await sh(vm, 'vxdp map dump flows --json')) as { key: string[]; value: string[] }[];
+  return new Map(dump.map((e) => [`${le(e.key.slice(8, 10))}>${le(e.key.slice(10, 12))}`, le(e.value)]));
+}
+
+/** UDP datagrams the guest's stack took in (delivered, to no listener, or in error): /proc/net/snmp's Udp row. */
+async function guestUdpIn(vm: GuestVm): Promise<number> {
+  const rows = (await sh(vm, 'grep ^Udp: /proc/net/snmp')).trim().split('\n').map((l) => l.trim().split(/\s+/));
+  const [names, values] = [rows[0]!, rows[1]!];
+  return ['InDatagrams', 'NoPorts', 'InErrors'].reduce((n, k) => n + Number(values[names.indexOf(k)]), 0);
+}
+
 describe('live migration of an offloaded guest between two tap backends in one bridge (QEMU 10, TCG)', () => {
   const b = new Bridged('migoff');
   const MAC = '52:54:00:5a:17:21';
@@ -144,7 +178,9 @@ describe('live migration of an offloaded guest between two tap backends in one b
   let A: Awaited<ReturnType<Bridged['backend']>>;
   let B: Awaited<ReturnType<Bridged['backend']>>;
   let C: Awaited<ReturnType<Bridged['backend']>>;
+  /** The guest's QEMU now, and the backend that serves it (the busy case moves it from A to B). */
   let src: QmpGuest | undefined;
+  let at: Awaited<ReturnType<Bridged['backend']>>;
   /** Datagrams from udpFrom the program dropped so far (every case adds to it). */
   let dropped = 0;
   const timings = b.timings;
@@ -170,6 +206,7 @@ describe('live migration of an offloaded guest between two tap backends in one b
     B = await b.backend('migb', 'tap', ['--queues', '1', '--offload', '--pin-dir', pins]);
     // The same queue count as the guest's (1 data pair + the offload pair), no --offload.
     C = await b.backend('migc', 'tap', ['--queues', '2'], false);
+    at = A;
     b.cleanup.push('quit the source QEMU', () => src && quit(src));
     // The image's init loads the offload-aware driver, which claims pair 1 of a --offload backend.
     src = await bootWithQmp(opts('vx-migoff-a', A.socket), b.dir);
@@ -282,7 +319,8 @@ describe('live migration of an offloaded guest between two tap backends in one b
 
     // The source QEMU gone, A has no program, map or pin of the guest's left.
     await quit(g);
-    src = undefined;
+    src = dst;
+    at = B;
     await waitUntil(async () => !(await devStatus(A.be)).connected, 10_000, 'A disconnected');
     expect(await A.be.call('offload.show', { name: 'miga' })).toMatchObject({ claimed: false, program: null, maps: [] });
     expect(await gone(progGetFdById, aIds.prog)).toBe(true);
@@ -291,6 +329,102 @@ describe('live migration of an offloaded guest between two tap backends in one b
     expect(filesUnder(path.join(pins, 'migb')).length).toBeGreaterThan(0);
     expect(hostPing(b.net.guest, 3)).toBe(3);
   }, 180_000);
+  test('the object path (vxdp load of the sample) moves too: the drops go on at the destination, per-CPU counters and LRU flows carry over, unload there leaves nothing, the source holds nothing', async () => {
+    const g = guest();
+    // The guest is wherever the cases before left it (B after the busy case).
+    const from = at;
+    const to = from === A ? B : A;
+    const showOf = async (side: typeof A): Promise<any> => side.be.call('offload.show', { name: side.name });
+    const drops = async (side: typeof A): Promise<number> => (await showOf(side)).verdicts.drop as number;
+    // vxdp load is refused while the kernel path owns the device's program: that one goes first.
+    await sh(g.vm, 'ip link set dev eth0 xdpoffload off');
+    await waitUntil(async () => (await showOf(from)).program === null, 10_000, 'the kernel-path program gone');
+    // The host loads the object in a libbpf child: slower than the driver's 3 s default on this machine.
+    const timeout = (await sh(g.vm, 'cat /sys/module/virtio_net/parameters/offload_timeout_ms')).trim();
+    await sh(g.vm, 'echo 20000 > /sys/module/virtio_net/parameters/offload_timeout_ms');
+    const load = await sh(g.vm, `vxdp load ${SAMPLE}`, 60_000);
+    const tag = /tag ([0-9a-f]{16})/.exec(load)?.[1];
+    expect(tag).toBeDefined();
+    const shown = JSON.parse(await sh(g.vm, 'vxdp show --json')) as VxdpShow;
+    expect(shown).toMatchObject({ loaded: true, program: 'xdp_filter', tag });
+
+    /** The dropped flow dies on the host (its counter rises, the guest's stack sees none); the passed one arrives. */
+    async function flowsOn(vm: GuestVm, side: typeof A, n: number): Promise<void> {
+      const d0 = await drops(side);
+      const udp0 = await guestUdpIn(vm);
+      await sendUdp(b.udpFrom, b.net.guest, 9, n, { sport: DROP_SPORT, gapMs: 10 });
+      await waitUntil(async () => (await drops(side)) >= d0 + n, 10_000, `${n} drops on ${side.name}`);
+      expect(await guestUdpIn(vm)).toBe(udp0);
+      await sendUdp(b.udpFrom, b.net.guest, 10, n, { sport: PASS_SPORT, gapMs: 10 });
+      await waitUntil(async () => (await guestUdpIn(vm)) >= udp0 + n, 10_000, `${n} datagrams through to the guest`);
+    }
+    await flowsOn(g.vm, from, 20);
+    const c0 = await perCpuCounters(g.vm);
+    const sum = (v: number[] | undefined): number => (v ?? []).reduce((a, x) => a + x, 0);
+    expect(sum(c0.get(C_DROPPED))).toBeGreaterThanOrEqual(20);
+    expect(sum(c0.get(C_PASSED))).toBeGreaterThanOrEqual(20);
+    const f0 = await flowCounts(g.vm);
+    expect(f0.get(`${DROP_SPORT}>9`)).toBeGreaterThanOrEqual(20);
+    expect(f0.get(`${PASS_SPORT}>10`)).toBeGreaterThanOrEqual(20);
+    const onFrom = await showOf(from);
+    expect(onFrom.object).not.toBeNull();
+    const fromIds = { progs: (onFrom.object.programs as { id: number }[]).map((x) => x.id), maps: (onFrom.maps as { id: number }[]).map((x) => x.id) };
+
+    const dst = await startIncoming(opts('vx-migoff-obj', to.socket), b.dir);
+    b.cleanup.push('quit the object case\'s destination QEMU', () => quit(dst));
+    const t0 = Date.now();
+    const m = await migrate(g.qmp, dst.uri, { timeoutMs: 120_000 });
+    timings.push(report('object', m));
+    expect(m.status, JSON.stringify(m.info)).toBe('completed');
+    expect((await devStatus(from.be)).lastMigration).toMatchObject({ direction: 'save', ok: true });
+    expect((await devStatus(to.be)).lastMigration).toMatchObject({ direction: 'load', ok: true });
+    await waitRunning(dst);
+    await quit(g);
+    src = dst;
+    at = to;
+
+    // The source: nothing of the device's left once its QEMU is gone (kernel objects by id, pins).
+    await waitUntil(async () => !(await devStatus(from.be)).connected, 10_000, `${from.name} disconnected`);
+    expect(await showOf(from)).toMatchObject({ claimed: false, program: null, object: null, maps: [] });
+    for (const id of fromIds.progs) expect(await gone(progGetFdById, id)).toBe(true);
+    for (const id of fromIds.maps) expect(await gone(mapGetFdById, id)).toBe(true);
+    expect(filesUnder(path.join(pins, from.name))).toEqual([]);
+
+    // The destination: the same object, its maps' contents as they were, dropping on this host.
+    timings.push(`object case: host ping answered ${await msUntilPingable(b.net.guest, 10_000)} ms after completion (${Date.now() - t0} ms after migrate)`);
+    const moved = JSON.parse(await sh(dst.vm, 'vxdp show --json')) as VxdpShow;
+    expect(moved).toMatchObject({ loaded: true, program: 'xdp_filter', tag });
+    expect(moved.maps.map((x) => [x.name, x.type])).toEqual(shown.maps.map((x) => [x.name, x.type]));
+    const c1 = await perCpuCounters(dst.vm);
+    for (const [k, v] of c0) v.forEach((x, cpu) => expect(c1.get(k)?.[cpu], `counter ${k} CPU ${cpu}`).toBeGreaterThanOrEqual(x));
+    const f1 = await flowCounts(dst.vm);
+    for (const [k, n] of f0) expect(f1.get(k), `flow ${k}`).toBeGreaterThanOrEqual(n);
+    const onTo = await showOf(to);
+    expect(onTo).toMatchObject({ claimed: true, program: { tag: onFrom.program.tag, name: onFrom.program.name } });
+    expect(onTo.object.programs.map((x: { name: string; tag: string }) => [x.name, x.tag]))
+      .toEqual(onFrom.object.programs.map((x: { name: string; tag: string }) => [x.name, x.tag]));
+    await flowsOn(dst.vm, to, 15);
+    expect(sum((await perCpuCounters(dst.vm)).get(C_DROPPED))).toBeGreaterThanOrEqual(sum(c0.get(C_DROPPED)) + 15);
+
+    // vxdp unload on the destination: no program, map or pin of the object stays on that host.
+    const handles = new Set<number>(onTo.object.mapHandles);
+    // Only the object's maps: one the kernel path left may still be on its way out.
+    const toIds = {
+      progs: (onTo.object.programs as { id: number }[]).map((x) => x.id),
+      maps: (onTo.maps as { id: number; handle: number }[]).filter((x) => handles.has(x.handle)).map((x) => x.id),
+    };
+    expect(toIds.maps.length).toBe(shown.maps.length);
+    expect(await sh(dst.vm, 'vxdp unload')).toMatch(/eth0: object unloaded/);
+    await sh(dst.vm, `echo ${timeout} > /sys/module/virtio_net/parameters/offload_timeout_ms`);
+    const unloaded = await showOf(to);
+    expect(unloaded).toMatchObject({ claimed: true, program: null, object: null });
+    expect(unloaded.maps.filter((x: { handle: number }) => handles.has(x.handle))).toEqual([]);
+    for (const id of toIds.progs) expect(await gone(progGetFdById, id)).toBe(true);
+    for (const id of toIds.maps) expect(await gone(mapGetFdById, id)).toBe(true);
+    const left = filesUnder(path.join(pins, to.name)).map((f) => path.basename(f));
+    expect(left.filter((f) => /^(obj\d+_|meta_obj$|prog$)/.test(f) || [...handles].some((h) => f === `map_${h}` || f === `meta_${h}`))).toEqual([]);
+    expect(await sh(dst.vm, 'vxdp show')).toMatch(/eth0: no object offloaded/);
+  }, 240_000);
 });
 
 describe('live migration between two xsk backends in one bridge (QEMU 10, TCG)', () => {

@@ -288,9 +288,10 @@ describe('offload migration state', () => {
       [new Uint8Array(0), 'state-truncated'],
       [bytes.subarray(0, 10), 'state-truncated'],
       [patched(0, 0x12345678), 'bad-state-magic'],
-      [patched(4, 3, 16), 'state-version'],
-      // Version 2 is a state with an OBJECT section (docs §7); one without is malformed.
+      [patched(4, 4, 16), 'state-version'],
+      // Version 2 is a state with an OBJECT section, version 3 one with an UPLOAD section (docs §7); one without is malformed.
       [patched(4, 2, 16), 'state-malformed'],
+      [patched(4, 3, 16), 'state-malformed'],
       [bytes.subarray(0, bytes.byteLength - 1), 'state-truncated'],
       [Buffer.concat([bytes, new Uint8Array(1)]), 'state-trailing'],
       [(() => { const b = bytes.slice(); b[b.byteLength - 1]! ^= 1; return b; })(), 'state-checksum'],

@@ -205,6 +205,59 @@ describe('migrating a loaded object (docs §7, state version 2)', () => {
   });
 });
 
+describe('migrating an upload in progress (docs §7, state version 3)', () => {
+  /** A claimed broker that has had OBJ_BEGIN and the object's first `sent` bytes. */
+  function halfUploaded(object: Uint8Array, sent: number): Guest {
+    const g = claimed();
+    g.ok((s) => P.encodeObjBegin(s, object.byteLength, 'vx_half'));
+    g.ok((s) => P.encodeObjChunk(s, 0, object.subarray(0, sent)));
+    return g;
+  }
+
+  test('the guest\'s next OBJ_CHUNK lands on the destination, and OBJ_LOAD there loads the whole object', () => {
+    const object = sample('xdp_filter_obj');
+    const half = 4096;
+    halfUploaded(object, half);
+    const bytes = broker!.exportState();
+    const st = decodeState(bytes.slice());
+    expect(new DataView(bytes.buffer, bytes.byteOffset).getUint16(4, true)).toBe(3);
+    expect(st.upload).toMatchObject({ name: 'vx_half', totalBytes: object.byteLength });
+    expect(Buffer.compare(st.upload!.received, object.subarray(0, half))).toBe(0);
+    broker!.close();
+    broker = OffloadBroker.fromState(bytes, { device: 'objdst' }).broker;
+    const g = new Guest(broker);
+    // The guest's next request is the chunk after the last one the source answered.
+    expect(P.decodeU32Body(g.ok((s) => P.encodeObjChunk(s, half, object.subarray(half))).body)).toBe(object.byteLength);
+    const loaded = P.decodeObjLoadBody(g.ok((s) => P.encodeObjLoad(s, 'xdp_filter')).body);
+    const show = P.decodeObjShowBody(g.ok((s) => P.encodeObjShow(s)).body);
+    expect(show).toMatchObject({ objName: 'vx_half', tag: loaded.tag });
+    expect(loaded.progCount).toBe(2);
+  });
+
+  test('an upload of an object over the destination\'s max-object-bytes is refused (state-quota); a lying one is malformed; nothing stays', () => {
+    const object = sample('xdp_filter_obj');
+    halfUploaded(object, 100);
+    const bytes = broker!.exportState();
+    broker!.close();
+    broker = null;
+    const fds = ownBpfFds();
+    const refusedWith = (b: Uint8Array, quotas = {}): MigrationStateError => {
+      try { OffloadBroker.fromState(b, { device: 'objdst', quotas }); } catch (e) { return e as MigrationStateError; }
+      throw new Error('the state was accepted');
+    };
+    expect(refusedWith(bytes, { maxObjectBytes: object.byteLength - 1 })).toMatchObject({ code: 'state-quota', rule: 'quota-exceeded' });
+    const st = decodeState(bytes.slice());
+    st.upload!.totalBytes = 50; // fewer than the 100 received
+    expect(refusedWith(encodeState(st))).toMatchObject({ code: 'state-malformed' });
+    // Version 3 without its UPLOAD section.
+    const none = encodeState({ ...decodeState(bytes.slice()), upload: null });
+    const v3 = none.slice();
+    new DataView(v3.buffer).setUint16(4, 3, true);
+    expect(refusedWith(v3)).toBeInstanceOf(MigrationStateError);
+    expect(ownBpfFds()).toBe(fds);
+  });
+});
+
 describe('tail calls from a subprogram (what composition relies on)', () => {
   test('the tail-called program returns to the subprogram\'s caller, so a composed entry maps the target\'s verdict', () => {
     // main: r6 = ctx; call sub; r0 += 100; exit.  sub: tail_call(ctx, progs, 0); r0 = 7; exit.  target: r0 = 1.

@@ -14,7 +14,8 @@ import { waitUntil } from '../support/processes.js';
 import { ownBpfFds, namedKernelObjects, readU64 } from './helpers.js';
 import { bpfPrefix, hostObjectName } from '../../src/offload/host-names.js';
 import { ProtocolFeature, bit } from '../../src/vhost-user/protocol.js';
-import { decodeDeviceState, encodeDeviceState } from '../../src/net/device-state.js';
+import { decodeDeviceState, encodeDeviceState, MAX_HELD_REPLIES } from '../../src/net/device-state.js';
+import { HEADER_BYTES, RESPONSE_FLAG, writeHeader } from '../../src/offload/protocol.js';
 import { decodeState, STATE_HEADER_BYTES } from '../../src/offload/migration-format.js';
 import { BpfMap, mapGetFdById } from '../../src/sys/bpf/maps.js';
 import { listMapIds, listProgIds } from '../../src/sys/bpf/info.js';
@@ -206,6 +207,12 @@ describe('a claimed XDP offload moves with the guest through the device-state tr
     // last, which re-wraps a cut offload section in a well-formed device-state envelope so the
     // offload decoder, not the envelope's, is the one that refuses.
     const offloadBody = () => decodeDeviceState(state).offload!;
+    /** A well-formed empty OK response to seq (what a held reply looks like). */
+    const response = (seq: number): Uint8Array => {
+      const r = new Uint8Array(HEADER_BYTES + 4);
+      writeHeader(r, RESPONSE_FLAG | 0x0101, seq, 4);
+      return r;
+    };
     const flipped = (at: number) => {
       const s = state.slice();
       s[at] = s[at]! ^ 0x5a;
@@ -220,6 +227,14 @@ describe('a claimed XDP offload moves with the guest through the device-state tr
         return encodeDeviceState({ offload: body.slice(0, body.length - 24) });
       }],
       ['state-truncated', 'only the offload header left', () => encodeDeviceState({ offload: offloadBody().slice(0, STATE_HEADER_BYTES - 4) })],
+      // The replies section goes to the guest as it is: only offload responses, only as many as a device holds.
+      ['bad-device-state', 'a held reply that is not an offload response', () => encodeDeviceState({ offload: offloadBody(), replies: [new Uint8Array(HEADER_BYTES)] })],
+      ['bad-device-state', 'more held replies than a device keeps', () => encodeDeviceState({ offload: offloadBody(), replies: Array.from({ length: MAX_HELD_REPLIES + 1 }, (_, i) => response(i)) })],
+      ['bad-device-state', 'a held reply whose header claims more payload than it has', () => {
+        const r = response(1);
+        new DataView(r.buffer).setUint32(12, 5, true);
+        return encodeDeviceState({ offload: offloadBody(), replies: [r] });
+      }],
     ];
     for (const [code, what, make] of damaged) {
       test(`a damaged state is refused (${code}): ${what}`, async () => {

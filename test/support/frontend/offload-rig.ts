@@ -36,6 +36,8 @@ export interface OffloadRigOptions {
   runAs?: RunAs;
   /** More `serve` options (e.g. --metrics). */
   extraArgs?: string[];
+  /** serve's environment (default: this process's), e.g. VX_OBJECT_LOADER_DELAY_MS for a slow loader. */
+  env?: NodeJS.ProcessEnv;
 }
 
 export class OffloadRig {
@@ -75,7 +77,7 @@ export class OffloadRig {
   }
 
   private async up(): Promise<void> {
-    this.be = await startBackend(this.args, { dir: this.dir, runAs: this.o.runAs });
+    this.be = await startBackend(this.args, { dir: this.dir, runAs: this.o.runAs, env: this.o.env });
     this.o.afterStart?.();
     const start = this.o.start ?? true;
     const protocolFeatures = (this.o.frontend?.protocolFeatures ?? 0n) | (this.o.protocolFeatures ?? 0n);

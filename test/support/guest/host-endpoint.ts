@@ -166,13 +166,14 @@ function sendOnce(host: string, port: number, bytes: number, chunkBytes: number,
 }
 
 /**
- * Sends `count` UDP datagrams of `bytes` bytes from host address `from` to to:port, `gapMs`
- * apart (a burst would overflow the tap's queue and lose some), then closes the socket.
+ * Sends `count` UDP datagrams of `bytes` bytes from host address `from` (source port `sport`,
+ * any free one by default) to to:port, `gapMs` apart (a burst would overflow the tap's queue
+ * and lose some), then closes the socket.
  */
-export async function sendUdp(from: string, to: string, port: number, count: number, opts: { bytes?: number; gapMs?: number } = {}): Promise<void> {
+export async function sendUdp(from: string, to: string, port: number, count: number, opts: { bytes?: number; gapMs?: number; sport?: number } = {}): Promise<void> {
   const s = dgram.createSocket('udp4');
   try {
-    await new Promise<void>((resolve, reject) => { s.once('error', reject); s.bind({ address: from, port: 0 }, () => resolve()); });
+    await new Promise<void>((resolve, reject) => { s.once('error', reject); s.bind({ address: from, port: opts.sport ?? 0 }, () => resolve()); });
     const payload = Buffer.alloc(opts.bytes ?? 64, 0x5a);
     for (let i = 0; i < count; i++) {
       await new Promise<void>((resolve, reject) => s.send(payload, port, to, (e) => (e ? reject(e) : resolve())));
