@@ -119,8 +119,11 @@ async function measureXdpArrivals(ifname: string, seconds: number): Promise<{ pa
 export type BackendSeat = 'dpdk' | 'vhost-xdp';
 
 /** vhost-xdp serve pinned to core 1 (all its threads), the seat testpmd A has in the reference. */
-async function startVhostXdp(sock: string, port: string, cleanup: CleanupStack): Promise<ManagedProcess> {
-  const be = spawnManaged('taskset', ['-c', '1', process.execPath, CLI, 'serve', '--socket', sock, '--port', port, '--log-level', 'warn'], { name: 'vhost-xdp' });
+async function startVhostXdp(sock: string, port: string, cleanup: CleanupStack, extra: string[] = []): Promise<ManagedProcess> {
+  // Its own control socket: the default one may be held by another serve on this machine,
+  // which makes this one refuse to start.
+  const control = `${sock}.ctl`;
+  const be = spawnManaged('taskset', ['-c', '1', process.execPath, CLI, 'serve', '--socket', sock, '--port', port, '--control', control, '--log-level', 'warn', ...extra], { name: 'vhost-xdp' });
   cleanup.push('stop vhost-xdp', () => be.stop('SIGTERM', 5000));
   await be.waitForLine(/^vhost-xdp ready:/, 15_000);
   return be;
