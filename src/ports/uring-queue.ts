@@ -236,7 +236,10 @@ export class UringQueue extends TapQueue {
     const n = this.deliverDone(max, out);
     if (this.rxMode === 'uring') {
       this.submitReads();
-      out.hostEmpty = n < max;
+      // "Empty" means the kernel holds reads that will wake us. With none there (every posted
+      // buffer delivered) the datapath must look again: refill, or find the guest out of
+      // buffers and ask for its kick. Said empty, it would sleep on an eventfd nothing signals.
+      out.hostEmpty = n < max && this.doneSeq !== this.submittedSeq;
       return n;
     }
     if (n > 0) return n; // reads completed before the switch go first; readv resumes after them
