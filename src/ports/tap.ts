@@ -14,16 +14,21 @@ export type TapIoMode = TapIo | 'auto';
 
 let uringProbe: ReturnType<typeof probeIoUring> | null = null;
 
+/** One probe per process: the answer does not change while it runs. */
+function cachedProbe(): ReturnType<typeof probeIoUring> {
+  uringProbe ??= probeIoUring();
+  return uringProbe;
+}
+
 /**
  * Which I/O a tap's queues use. 'auto' takes io_uring when a ring can be set up here (it is
  * refused when io_uring_disabled says so, under a seccomp filter without io_uring_setup, on
  * kernels before 5.5, or without liburing 2.3) and says why not otherwise; asking for 'uring'
  * where it cannot be had is an error at start, not a silent fallback.
  */
-export function resolveTapIo(mode: TapIoMode, ifname: string): { io: TapIo; reason: string | null } {
+export function resolveTapIo(mode: TapIoMode, ifname: string, probe: () => ReturnType<typeof probeIoUring> = cachedProbe): { io: TapIo; reason: string | null } {
   if (mode === 'rw') return { io: 'rw', reason: 'asked for (--tap-io rw)' };
-  uringProbe ??= probeIoUring();
-  const p = uringProbe;
+  const p = probe();
   if (p.ok) return { io: 'uring', reason: null };
   if (mode === 'uring') throw new VxError('tap-io-unavailable', `${ifname}: --tap-io uring, but io_uring cannot be set up here: ${p.reason}`);
   logger(ifname).warn(`io_uring unavailable (${p.reason}): the tap's frames go through readv/writev, one system call each`);

@@ -238,6 +238,12 @@ describe('tap I/O selection (--tap-io)', () => {
     expect(resolveTapIo('auto', 'x').io).toBe('uring');
   });
 
+  it('where the host refuses io_uring, auto falls back to readv/writev and says why; uring is refused at start', () => {
+    const refused = () => ({ ok: false as const, code: 'EPERM', reason: 'io_uring_setup (8 entries): EPERM' });
+    expect(resolveTapIo('auto', 'x', refused)).toEqual({ io: 'rw', reason: 'io_uring_setup (8 entries): EPERM' });
+    expect(() => resolveTapIo('uring', 'x', refused)).toThrow(expect.objectContaining({ code: 'tap-io-unavailable' }));
+  });
+
   it('a queue opened for rw is the readv/writev queue; for uring, the ring queue', () => {
     const fd = tapFd();
     const rw = openHostQueue({ kind: 'tap', fd, ifname: port.ifname, io: 'rw' });
