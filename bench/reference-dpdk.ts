@@ -42,6 +42,8 @@ export interface ReferenceOptions {
   /** Ethernet frame length without FCS. Default 64. */
   frameLen?: number;
   warmupSeconds?: number;
+  /** More `serve` arguments for the vhost-xdp seat (e.g. --tap-io rw). */
+  serveArgs?: string[];
 }
 
 export interface DirectionDetails {
@@ -168,7 +170,7 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
     }
     cleanup.push('remove socket', () => rmSync(sock, { force: true }));
     if (seat === 'vhost-xdp') {
-      backend = await startVhostXdp(sock, `${kind === 'tap' ? 'tap' : 'xsk'}:${hostIf}`, cleanup);
+      backend = await startVhostXdp(sock, `${kind === 'tap' ? 'tap' : 'xsk'}:${hostIf}`, cleanup, opts.serveArgs);
     } else {
       a = await startTestpmd({
         name: `ref-${kind}-A`, vdevs: [`net_vhost0,iface=${sock},queues=1`, portVdev],
