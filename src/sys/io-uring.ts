@@ -151,6 +151,8 @@ export class IoUring {
     const sqeAb = koffi.view(sqesAddr, info.sqEntries * SQE_SIZE);
     this.sqes = new DataView(sqeAb);
     this.sqeBytes = new Uint8Array(sqeAb);
+    // Zero once: prep() writes only the fields our requests use (see there).
+    this.sqeBytes.fill(0);
     this.sqLocalTail = this.sqTail[0]!;
     this.cqLocalHead = this.cqHead[0]!;
   }
@@ -257,20 +259,16 @@ export class IoUring {
   prep(opcode: number, flags: number, fd: number, addr: number, len: number, userData: number, opFlags = 0): void {
     const o = (this.sqLocalTail & this.sqMask) * SQE_SIZE;
     const v = this.sqes;
-    // Every field a previous use of the slot may have set is written: 0..48, then addr3/pad.
+    // Only the fields some request of ours sets are written: off (0: a tap is a stream and takes
+    // no position), the high word of user_data, buf_index, personality, file_index and addr3 are
+    // zero in every SQE we make, the array was zeroed when the ring was made, and the kernel
+    // never writes SQEs. Half the stores of a full fill, per frame.
     v.setUint32(o, opcode | (flags << 8), true); // opcode, flags, ioprio = 0
     v.setInt32(o + 4, fd, true);
-    v.setUint32(o + 8, 0, true); // off: 0, streams (a tap) take no position
-    v.setUint32(o + 12, 0, true);
     writeU64(v, o + 16, addr);
     v.setUint32(o + 24, len, true);
     v.setUint32(o + 28, opFlags, true);
     v.setUint32(o + 32, userData, true);
-    v.setUint32(o + 36, 0, true);
-    v.setUint32(o + 40, 0, true); // buf_index, personality
-    v.setUint32(o + 44, 0, true); // splice_fd_in / file_index
-    v.setUint32(o + 48, 0, true);
-    v.setUint32(o + 52, 0, true);
     this.sqLocalTail = (this.sqLocalTail + 1) | 0;
   }
 
