@@ -53,6 +53,8 @@ export interface ReferenceOptions {
    * beside the backend on core 1 (details.hostToGuestFair); see FAIR_PLACEMENT.
    */
   fairHostToGuest?: boolean;
+  /** More `serve` arguments for the vhost-xdp seat (e.g. --tap-io rw). */
+  serveArgs?: string[];
 }
 
 export interface DirectionDetails {
@@ -148,8 +150,11 @@ async function measureXdpArrivals(ifname: string, seconds: number): Promise<{ pa
 export type BackendSeat = 'dpdk' | 'vhost-xdp';
 
 /** vhost-xdp serve pinned to core 1 (all its threads), the seat testpmd A has in the reference. */
-export async function startVhostXdp(sock: string, port: string, cleanup: CleanupStack): Promise<ManagedProcess> {
-  const be = spawnManaged('taskset', ['-c', '1', process.execPath, CLI, 'serve', '--socket', sock, '--port', port, '--log-level', 'warn'], { name: 'vhost-xdp' });
+export async function startVhostXdp(sock: string, port: string, cleanup: CleanupStack, extra: string[] = []): Promise<ManagedProcess> {
+  // Its own control socket: the default one may be held by another serve on this machine,
+  // which makes this one refuse to start.
+  const control = `${sock}.ctl`;
+  const be = spawnManaged('taskset', ['-c', '1', process.execPath, CLI, 'serve', '--socket', sock, '--port', port, '--control', control, '--log-level', 'warn', ...extra], { name: 'vhost-xdp' });
   cleanup.push('stop vhost-xdp', () => be.stop('SIGTERM', 5000));
   await be.waitForLine(/^vhost-xdp ready:/, 15_000);
   return be;
@@ -194,7 +199,7 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
     }
     cleanup.push('remove socket', () => rmSync(sock, { force: true }));
     if (seat === 'vhost-xdp') {
-      backend = await startVhostXdp(sock, `${kind === 'tap' ? 'tap' : 'xsk'}:${hostIf}`, cleanup);
+      backend = await startVhostXdp(sock, `${kind === 'tap' ? 'tap' : 'xsk'}:${hostIf}`, cleanup, opts.serveArgs);
     } else {
       a = await startTestpmd({
         name: `ref-${kind}-A`, vdevs: [`net_vhost0,iface=${sock},queues=1`, portVdev],

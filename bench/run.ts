@@ -34,10 +34,10 @@ import { runMigrationBench, type MigrationSample } from './migration-bench.js';
 import { runObjectBench } from './object-bench.js';
 
 const args = process.argv.slice(2);
-const VALUED = new Set(['--seconds', '--rounds', '--devices', '--workers', '--port']);
+const VALUED = new Set(['--seconds', '--rounds', '--devices', '--workers', '--port', '--tap-io', '--frame-len']);
 const unknownFlag = args.find((a) => a.startsWith('--') && !VALUED.has(a) && a !== '--json');
 if (unknownFlag) {
-  console.error(`unknown option ${unknownFlag}: --seconds N, --rounds N, --devices N,N,..., --workers N, --port tap|xsk, --json`);
+  console.error(`unknown option ${unknownFlag}: --seconds N, --rounds N, --devices N,N,..., --workers N, --port tap|xsk, --tap-io uring|rw|auto, --frame-len N, --json`);
   process.exit(2);
 }
 const which = args.find((a, i) => !a.startsWith('--') && !VALUED.has(args[i - 1] ?? '')) ?? 'all';
@@ -73,6 +73,17 @@ if (deviceCounts.some((n) => !Number.isInteger(n) || n < 1 || n > 256)) {
 const restartPort = valueOf('--port') ?? 'tap';
 if ((valueOf('--port') !== undefined && which !== 'restart') || (restartPort !== 'tap' && restartPort !== 'xsk')) {
   console.error('--port tap|xsk belongs to the restart bench');
+  process.exit(2);
+}
+// The tap bench's serve I/O (serve --tap-io; default: serve's own) and frame length (64..1514).
+const tapIo = valueOf('--tap-io');
+const frameLen = Number(valueOf('--frame-len') ?? 64);
+if ((tapIo !== undefined || valueOf('--frame-len') !== undefined) && which !== 'tap') {
+  console.error('--tap-io and --frame-len belong to the tap bench');
+  process.exit(2);
+}
+if ((tapIo !== undefined && !['uring', 'rw', 'auto'].includes(tapIo)) || !Number.isInteger(frameLen) || frameLen < 60 || frameLen > 1514) {
+  console.error('--tap-io takes uring, rw or auto; --frame-len an integer 60..1514');
   process.exit(2);
 }
 const workersText = valueOf('--workers');
@@ -171,12 +182,12 @@ function compare(label: string, refLabel: string, pick: (r: ReferenceResult) => 
 }
 
 if (which === 'tap' || which === 'all') {
-  if (!json) console.log(`tap port, DPDK virtio-user as the guest (Mpps${rounds > 1 ? `, median of ${rounds} interleaved rounds` : ''}); progress on stderr`);
-  const opts = { seconds, largeFrameLen: 1500, fairHostToGuest: true };
-  const runs = await interleaved(() => measureDpdkTapReference(opts), () => measureVhostXdpTap(opts), 'tap', detailWarnings);
+  if (!json) console.log(`tap port${tapIo ? ` (serve --tap-io ${tapIo})` : ''}, DPDK virtio-user as the guest (Mpps${rounds > 1 ? `, median of ${rounds} interleaved rounds` : ''}); progress on stderr`);
+  const opts = { seconds, frameLen, largeFrameLen: 1500, fairHostToGuest: true };
+  const runs = await interleaved(() => measureDpdkTapReference(opts), () => measureVhostXdpTap({ ...opts, serveArgs: tapIo ? ['--tap-io', tapIo] : [] }), 'tap', detailWarnings);
   results.dpdkTap = runs.refs;
   results.vhostXdpTap = runs.ours;
-  results.tapGuestToHost = compare('vhost-xdp serve --port tap, guest->host 64 B', 'DPDK vhost PMD <-> tap PMD, guest->host 64 B', (r) => r.guestToHostMpps, () => undefined, runs, '1.0x');
+  results.tapGuestToHost = compare(`vhost-xdp serve --port tap, guest->host ${frameLen} B`, `DPDK vhost PMD <-> tap PMD, guest->host ${frameLen} B`, (r) => r.guestToHostMpps, () => undefined, runs, '1.0x');
   results.tapGuestToHost1500 = compare('vhost-xdp serve --port tap, guest->host 1500 B', 'DPDK vhost PMD <-> tap PMD, guest->host 1500 B',
     (r) => r.details.guestToHostLarge?.mpps, () => undefined, runs, '1.2x', (r) => r.details.guestToHostLarge?.gbps);
   const gso: GsoResult[] = [];

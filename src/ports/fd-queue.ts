@@ -11,7 +11,7 @@ import {
 } from './host-queue.js';
 
 /** writev errors that mean "this frame is not going out": a drop, counted under its reason. */
-const DROP_REASON = new Map<number, number>([
+export const DROP_REASON: ReadonlyMap<number, number> = new Map<number, number>([
   [Errno.EAGAIN, PortCount.txDropHostBusy], [Errno.EINTR, PortCount.txDropHostBusy], [Errno.ENOBUFS, PortCount.txDropHostBusy],
   [Errno.EMSGSIZE, PortCount.txDropOversize],
   [Errno.ENETDOWN, PortCount.txDropLinkDown], [Errno.ENXIO, PortCount.txDropLinkDown],
@@ -31,36 +31,39 @@ export class FdQueue implements HostQueue {
   readonly carriesHeader: boolean = true;
   readonly cancelsAtOnce = true;
   readonly counts = new Float64Array(PORT_COUNTS.length);
-  readonly txInFlight = 0;
   protected mem: GuestMemory | null = null;
   protected headerLength = 12;
-  private mergeable = false;
-  private maxFrame = 1530;
+  protected mergeable = false;
+  protected maxFrame = 1530;
   protected reader: ChainReader | null = null;
-  private writer: ChainWriter | null = null;
+  protected writer: ChainWriter | null = null;
   // Allocated at the first bind: a queue of a device with no running guest holds none of it.
   private txIov!: NativeBuffer;
   // Stash of posted chains [cHead, cTail) and their segments [.., sTail) (linear, compacted).
-  private iov!: NativeBuffer;
+  protected iov!: NativeBuffer;
   private readonly cap = 256;
-  private readonly segCap = IOV_MAX * 2;
-  private cCookie!: Int32Array;
-  private cSegStart!: Uint32Array;
-  private cSegCount!: Uint32Array;
-  private cBytes!: Float64Array;
+  protected readonly segCap = IOV_MAX * 2;
+  protected cCookie!: Int32Array;
+  protected cSegStart!: Uint32Array;
+  protected cSegCount!: Uint32Array;
+  protected cBytes!: Float64Array;
   private sRegion!: Int32Array;
   private sOffset!: Float64Array;
   private sLength!: Uint32Array;
   private backIov!: NativeBuffer;
-  private cHead = 0;
-  private cTail = 0;
-  private sTail = 0;
+  protected cHead = 0;
+  protected cTail = 0;
+  protected sTail = 0;
   private stashBytes = 0;
   /** The offloaded XDP program, run on every host->guest frame before delivery (tap). */
-  private runner: TestRunner | null = null;
+  protected runner: TestRunner | null = null;
   private bounce: NativeBuffer | null = null;
 
-  constructor(readonly fd: number, private readonly what: string) {}
+  /**
+   * `io` is the fd frames are read from and written to; `fd`, what the datapath polls, is the
+   * same unless a subclass is woken another way (an io_uring's eventfd).
+   */
+  constructor(readonly fd: number, private readonly what: string, protected readonly io: number = fd) {}
 
   start(_side: 'rx' | 'tx', mem: GuestMemory, format: QueueFormat): void {
     this.mem = mem;
@@ -108,7 +111,7 @@ export class FdQueue implements HostQueue {
     return true;
   }
 
-  private compact(): void {
+  protected compact(): void {
     if (this.cHead === 0) return;
     const s0 = this.cHead < this.cTail ? this.cSegStart[this.cHead]! : this.sTail;
     const segs = this.sTail - s0;
@@ -146,7 +149,7 @@ export class FdQueue implements HostQueue {
   }
 
   /** Takes the oldest stashed buffer out (collected). */
-  private shift(): void {
+  protected shift(): void {
     this.stashBytes -= this.cBytes[this.cHead]!;
     this.cHead++;
   }
@@ -158,7 +161,7 @@ export class FdQueue implements HostQueue {
       const c = this.cHead;
       const s0 = this.cSegStart[c]!;
       const segs = this.mergeable ? Math.min(this.sTail - s0, IOV_MAX) : this.cSegCount[c]!;
-      let got = raw.readv(this.fd, this.iov.address + s0 * 16, segs);
+      let got = raw.readv(this.io, this.iov.address + s0 * 16, segs);
       if (got < 0) {
         const e = lastErrno();
         if (e !== Errno.EAGAIN && e !== Errno.EINTR) this.counts[PortCount.rxErrHost]! += 1;
@@ -216,7 +219,7 @@ export class FdQueue implements HostQueue {
    * the length (header included) to deliver, or -1 when the frame is not delivered. In place when
    * the frame sits in one buffer; otherwise through a bounce buffer (counted as JS copies).
    */
-  private runXdp(s0: number, n: number): number {
+  protected runXdp(s0: number, n: number): number {
     const hdr = this.headerLength;
     const len = n - hdr;
     const contiguous = this.sLength[s0]! >= n;
@@ -314,7 +317,7 @@ export class FdQueue implements HostQueue {
    * exception per frame costs more than the frame.
    */
   private writev(iovAddress: number, iovCount: number): number {
-    const n = raw.writev(this.fd, iovAddress, iovCount);
+    const n = raw.writev(this.io, iovAddress, iovCount);
     if (n >= 0) return n;
     const e = lastErrno();
     const reason = DROP_REASON.get(e);
@@ -327,11 +330,16 @@ export class FdQueue implements HostQueue {
 
   flushTx(): void {}
 
-  collectTx(): number {
+  /** Frames written here are done at once: nothing is ever in flight. */
+  get txInFlight(): number {
     return 0;
   }
 
-  cancelTx(): number {
+  collectTx(_max: number, _cookies: Int32Array): number {
+    return 0;
+  }
+
+  cancelTx(_out: Int32Array): number {
     return 0;
   }
 

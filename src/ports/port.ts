@@ -2,8 +2,11 @@ import type { XskQueueConfig } from './xsk-queue.js';
 import type { PacketQueueConfig } from './packet-queue.js';
 import type { RegionInfo } from '../memory/guest-memory.js';
 
+/** How a tap queue moves frames: io_uring (guest→host writes batched per burst) or one readv/writev per frame. */
+export type TapIo = 'uring' | 'rw';
+
 /** What a worker needs to open its side of a port queue (plain data: posted to workers; ports/open-queue.ts opens it as a HostQueue). */
-export type HostQueueConfig = { kind: 'tap'; fd: number; ifname: string } | XskQueueConfig | PacketQueueConfig;
+export type HostQueueConfig = { kind: 'tap'; fd: number; ifname: string; io: TapIo } | XskQueueConfig | PacketQueueConfig;
 
 /** The control-plane side of a port. */
 export interface Port {

@@ -2,9 +2,38 @@ import fs from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { ArgumentError } from '../errors.js';
 import { raw, NativeBuffer, check, closeFd, SysError, lastErrno, Errno, O_RDWR, O_NONBLOCK, O_CLOEXEC } from '../sys/libc.js';
-import type { HostQueueConfig, Port } from './port.js';
+import type { HostQueueConfig, Port, TapIo } from './port.js';
 import { FdQueue } from './fd-queue.js';
 import { linkStats } from './link-stats.js';
+import { probeIoUring } from '../sys/io-uring.js';
+import { VxError } from '../errors.js';
+import { logger } from '../log.js';
+
+/** `serve --tap-io`: io_uring, readv/writev, or io_uring where this host allows it. */
+export type TapIoMode = TapIo | 'auto';
+
+let uringProbe: ReturnType<typeof probeIoUring> | null = null;
+
+/** One probe per process: the answer does not change while it runs. */
+function cachedProbe(): ReturnType<typeof probeIoUring> {
+  uringProbe ??= probeIoUring();
+  return uringProbe;
+}
+
+/**
+ * Which I/O a tap's queues use. 'auto' takes io_uring when a ring can be set up here (it is
+ * refused when io_uring_disabled says so, under a seccomp filter without io_uring_setup, on
+ * kernels before 5.5, or without liburing 2.3) and says why not otherwise; asking for 'uring'
+ * where it cannot be had is an error at start, not a silent fallback.
+ */
+export function resolveTapIo(mode: TapIoMode, ifname: string, probe: () => ReturnType<typeof probeIoUring> = cachedProbe): { io: TapIo; reason: string | null } {
+  if (mode === 'rw') return { io: 'rw', reason: 'asked for (--tap-io rw)' };
+  const p = probe();
+  if (p.ok) return { io: 'uring', reason: null };
+  if (mode === 'uring') throw new VxError('tap-io-unavailable', `${ifname}: --tap-io uring, but io_uring cannot be set up here: ${p.reason}`);
+  logger(ifname).warn(`io_uring unavailable (${p.reason}): the tap's frames go through readv/writev, one system call each`);
+  return { io: 'rw', reason: p.reason };
+}
 
 const TUNSETIFF = 0x400454ca;
 const TUNSETPERSIST = 0x400454cb;
@@ -102,6 +131,9 @@ export class TapPort implements Port {
   /** It was ours and survived a previous backend: re-attached, configuration untouched. */
   readonly adopted: boolean;
   private fds: number[] = [];
+  /** The I/O its queues use, and why readv/writev when it is (null: io_uring). */
+  io: TapIo = 'rw';
+  ioReason: string | null = null;
 
   private constructor(readonly ifname: string, readonly queuePairs: number) {
     const exists = interfaceExists(ifname);
@@ -109,8 +141,12 @@ export class TapPort implements Port {
     this.created = !exists || this.adopted;
   }
 
-  static open(ifname: string, queuePairs: number): TapPort {
+  static open(ifname: string, queuePairs: number, opts: { io?: TapIoMode } = {}): TapPort {
+    // Decided before anything is created: a refused --tap-io uring leaves no tap behind.
+    const io = resolveTapIo(opts.io ?? 'auto', ifname);
     const port = new TapPort(ifname, queuePairs);
+    port.io = io.io;
+    port.ioReason = io.reason;
     const fresh = port.created && !port.adopted;
     try {
       for (let q = 0; q < queuePairs; q++) {
@@ -146,7 +182,7 @@ export class TapPort implements Port {
   queueConfig(pair: number): HostQueueConfig {
     const fd = this.fds[pair];
     if (fd === undefined) throw new Error(`${this.ifname}: no tap queue ${pair}`);
-    return { kind: 'tap', fd, ifname: this.ifname };
+    return { kind: 'tap', fd, ifname: this.ifname, io: this.io };
   }
 
   setMtu(mtu: number): void {
@@ -211,11 +247,12 @@ export function setTapQueueAttached(fd: number, attached: boolean): void {
  * tap hands over before the guest sees it (setProgram): a tap has no kernel hook there.
  */
 export class TapQueue extends FdQueue {
-  constructor(fd: number) {
-    super(fd, 'tap');
+  /** `pollFd`: what the datapath waits on, when not the tap fd itself (UringQueue's eventfd). */
+  constructor(fd: number, pollFd = fd) {
+    super(pollFd, 'tap', fd);
   }
 
   setAttached(attached: boolean): void {
-    setTapQueueAttached(this.fd, attached);
+    setTapQueueAttached(this.io, attached);
   }
 }

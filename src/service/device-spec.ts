@@ -25,13 +25,15 @@ export interface DeviceSpec {
    * accepted too and turned into bytes by validateSpec). Over it the port runs bounce-only.
    */
   pinLimit?: number;
+  /** tap ports: io_uring, readv/writev or whichever this host allows (default 'auto'; serve --tap-io). */
+  tapIo?: 'uring' | 'rw' | 'auto';
 }
 
 export type SpecErrorCode =
   | 'bad-port' | 'bad-device-name' | 'no-socket' | 'pin-dir-without-offload' | 'bad-queues' | 'process-wide-option'
   | 'bad-mtu' | 'pin-limit-not-xsk' | 'bad-pin-limit' | 'bad-device-option' | 'unknown-device-key'
   | 'socket-without-port' | 'nothing-to-serve' | 'bad-workers' | 'fd-with-socket' | 'fd-with-client'
-  | 'bad-socket-mode' | 'bad-socket-group';
+  | 'bad-socket-mode' | 'bad-socket-group' | 'bad-tap-io';
 
 /** The operator's device configuration is wrong: fixed by editing it, never by a reconnect. */
 export class SpecError extends VxError {
@@ -56,6 +58,7 @@ export function validateSpec(s: DeviceSpec): DeviceSpec {
   if (s.pinDir !== undefined && !s.offload) throw new SpecError('pin-dir-without-offload', `device ${s.name}: a pin directory only makes sense with offload`);
   if (!Number.isInteger(s.queues) || s.queues < 1 || s.queues > 16) throw new SpecError('bad-queues', `device ${s.name}: queues ${s.queues} outside 1..16`);
   if (s.mtu !== undefined && (!Number.isInteger(s.mtu) || s.mtu < 68 || s.mtu > 65535)) throw new SpecError('bad-mtu', `device ${s.name}: mtu ${s.mtu} outside 68..65535`);
+  if (s.tapIo !== undefined && !['uring', 'rw', 'auto'].includes(s.tapIo)) throw new SpecError('bad-tap-io', `device ${s.name}: tap I/O '${String(s.tapIo)}' is not uring, rw or auto`);
   if (s.pinLimit === undefined) return s;
   if (parsePort(s.port).kind !== 'xsk') throw new SpecError('pin-limit-not-xsk', `device ${s.name}: a pin limit only applies to xsk ports (a tap port pins no guest memory)`);
   // The lower bound depends on the queue count: XskPort checks it when the device is created.
@@ -105,6 +108,7 @@ export function parseDeviceOption(text: string, defaults: Omit<DeviceSpec, 'name
     mtu: num(kv.get('mtu'), defaults.mtu),
     offload: bool(kv.get('offload'), defaults.offload ?? false),
     pinDir: kv.get('pin-dir') ?? defaults.pinDir,
+    tapIo: defaults.tapIo,
     pinLimit: kv.has('pin-limit') ? parsePinLimit(kv.get('pin-limit'), `--device '${text}'`) : pinLimitDefault(kv.get('port') ?? '', defaults.pinLimit),
   });
 }

@@ -13,15 +13,19 @@ import { parsePort, type DeviceSpec } from './device-spec.js';
 import type { WorkerPool } from '../datapath/worker-pool.js';
 import { bpfPrefix } from '../offload/host-names.js';
 
+/** A tap port's I/O as status shows it: io_uring, or readv/writev and why. */
+export interface TapIoStatus { mode: 'uring' | 'rw'; reason: string | null }
+
 export interface DeviceStatus {
   name: string;
   socket: string;
   mode: 'server' | 'client';
   /**
    * pinnedBytes: guest RAM pinned for AF_XDP (xsk ports; 0 otherwise); pinLimitBytes: its quota
-   * (null: tap); umem: how the current memory table is served (null: none yet, or tap).
+   * (null: tap); umem: how the current memory table is served (null: none yet, or tap); io: how
+   * a tap's queues move frames (serve --tap-io) and why readv/writev when they do (null: xsk).
    */
-  port: { kind: string; ifname: string; created: boolean; adopted: boolean; pinnedBytes: number; pinLimitBytes: number | null; umem: 'zero-copy' | 'bounce' | null };
+  port: { kind: string; ifname: string; created: boolean; adopted: boolean; pinnedBytes: number; pinLimitBytes: number | null; umem: 'zero-copy' | 'bounce' | null; io: TapIoStatus | null };
   queuePairs: number;
   connected: boolean;
   connections: number;
@@ -113,7 +117,7 @@ export class Device {
     try {
       port = p.kind === 'xsk'
         ? XskPort.create(p.ifname, pairs, { mtu: spec.mtu ?? 1500, pinLimitBytes: spec.pinLimit, bpfPrefix: bpfPrefix(spec.name) })
-        : TapPort.open(p.ifname, pairs);
+        : TapPort.open(p.ifname, pairs, { io: spec.tapIo ?? 'auto' });
     } catch (e) {
       claim?.release();
       inherited?.close();
@@ -152,6 +156,7 @@ export class Device {
       port: {
         kind: this.port.kind, ifname: this.port.ifname, created, adopted: (this.port as { adopted?: boolean }).adopted ?? false, pinnedBytes: (this.port as { pinnedBytes?: number }).pinnedBytes ?? 0,
         pinLimitBytes: this.xsk?.pinLimitBytes ?? null, umem: this.xsk?.umemInfo?.mode ?? null,
+        io: this.port instanceof TapPort ? { mode: this.port.io, reason: this.port.ioReason } : null,
       },
       queuePairs: this.net.maxQueuePairs(),
       offload: this.broker ? { pair: this.net.offloadPair, claimed: this.broker.claimed, program: this.broker.program?.id ?? null, bpfPrefix: this.broker.bpfPrefix } : null,
