@@ -15,6 +15,10 @@ export function inspectCommands(y: Argv) {
           console.log(`${d.name}: ${d.connected ? 'connected' : 'waiting'} (${d.mode} ${d.socket}), port ${d.port.kind}:${d.port.ifname}, ${d.queuePairs} pair(s), mtu ${d.mtu}`);
           console.log(`  running vrings: ${d.runningVrings.join(' ') || '-'}; connections so far ${d.connections}; refused requests ${d.refusedRequests}`);
           if (d.features.length) console.log(`  features ${d.featureBits}: ${d.features.join(' ')}`);
+          if (d.offload) {
+            const o = d.offload;
+            console.log(`  offload: pair ${o.pair} ${o.claimed ? 'claimed' : 'not claimed'}; ${o.program === null ? 'no program' : `program ${o.program} runs ${o.runs ?? '?'}`}`);
+          }
           if (d.port.pinLimitBytes !== null) {
             console.log(`  umem: ${d.port.umem ?? 'none (no guest memory yet)'}; pinned ${formatBytes(d.port.pinnedBytes)} of ${formatBytes(d.port.pinLimitBytes)} allowed`);
           }

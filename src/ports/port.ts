@@ -33,6 +33,14 @@ export interface Port {
    * (HostQueue.setProgram).
    */
   attachProgram?(source: { code: Uint8Array; license: string } | null, warn: (message: string) => void): string;
+  /**
+   * A port that can run the program in the kernel for some programs only (tap: translated for
+   * its tc egress). inKernel false: it does not run it (the line says why, `code` names the
+   * rule); the datapath test-runs it instead. null removes what runs in the kernel.
+   */
+  attachInKernel?(source: { code: Uint8Array; license: string } | null): { line: string; inKernel: boolean; code?: string };
+  /** Verdicts counted in the kernel by the program attachInKernel runs (the datapath never sees those frames). */
+  kernelVerdicts?(): { pass: number; drop: number; tx: number; aborted: number };
   /** Checksum and segmentation offloads this port can honour (tap: all; AF_XDP: none). */
   readonly offloads?: boolean;
   setMtu(mtu: number): void;

@@ -5,6 +5,11 @@ import { raw, NativeBuffer, check, closeFd, SysError, lastErrno, Errno, O_RDWR, 
 import type { HostQueueConfig, Port } from './port.js';
 import { FdQueue } from './fd-queue.js';
 import { linkStats } from './link-stats.js';
+import { ifNameToIndex } from '../sys/libc.js';
+import { BpfError } from '../sys/bpf/libbpf.js';
+import { hostObjectName } from '../offload/host-names.js';
+import { TcTranslateError } from '../offload/tc-translate.js';
+import { TapTcAttachment, TcProgram, ZERO_VERDICTS, type TcVerdicts } from './tap-tc-program.js';
 
 const TUNSETIFF = 0x400454ca;
 const TUNSETPERSIST = 0x400454cb;
@@ -102,15 +107,20 @@ export class TapPort implements Port {
   /** It was ours and survived a previous backend: re-attached, configuration untouched. */
   readonly adopted: boolean;
   private fds: number[] = [];
+  /** The offloaded program at the tap's tc egress (null: none, or it runs on test-run). */
+  private tc: TapTcAttachment | null = null;
+  private readonly bpfPrefix: string;
 
-  private constructor(readonly ifname: string, readonly queuePairs: number) {
+  private constructor(readonly ifname: string, readonly queuePairs: number, bpfPrefix: string) {
     const exists = interfaceExists(ifname);
     this.adopted = exists && isOurs(ifname);
     this.created = !exists || this.adopted;
+    this.bpfPrefix = bpfPrefix;
   }
 
-  static open(ifname: string, queuePairs: number): TapPort {
-    const port = new TapPort(ifname, queuePairs);
+  /** bpfPrefix: the device's prefix for host BPF object names (offload/host-names.ts). */
+  static open(ifname: string, queuePairs: number, bpfPrefix = 'vx'): TapPort {
+    const port = new TapPort(ifname, queuePairs, bpfPrefix);
     const fresh = port.created && !port.adopted;
     try {
       for (let q = 0; q < queuePairs; q++) {
@@ -176,13 +186,63 @@ export class TapPort implements Port {
     return linkStats(this.ifname);
   }
 
+  /**
+   * Runs the offloaded program in the kernel at the tap's tc egress, where host→guest frames
+   * pass before tun_net_xmit queues them for our fd (Port.attachInKernel). Returns
+   * inKernel false, with the reason in the line, when the program cannot run there (an
+   * XDP-only helper, something the translation cannot prove, a verifier refusal of the
+   * translation): the caller then has the datapath test-run it, and calls again with null
+   * to take away what ran here before. null detaches.
+   */
+  attachInKernel(source: { code: Uint8Array; license: string } | null): { line: string; inKernel: boolean; code?: string } {
+    if (!source) {
+      const had = this.tc?.program ?? null;
+      this.tc?.clear();
+      return { line: had ? `tc egress program ${had.id} removed from ${this.ifname}` : 'no tc egress program', inKernel: false };
+    }
+    let next: TcProgram;
+    try {
+      next = TcProgram.load(source, { ifindex: ifNameToIndex(this.ifname), name: hostObjectName(this.bpfPrefix, 'tap_tc'), countersName: hostObjectName(this.bpfPrefix, 'tc_verdicts') });
+    } catch (e) {
+      if (e instanceof TcTranslateError) return { line: e.message, inKernel: false, code: e.code };
+      if (e instanceof BpfError && e.op === 'bpf_prog_load') {
+        const last = (e.verifierLog ?? '').trim().split('\n').filter((l) => l.trim()).slice(-2).join(' / ');
+        return { line: `the kernel verifier refused the tc translation (${e.code}): ${last}`, inKernel: false, code: 'tc-verifier-rejected' };
+      }
+      throw e;
+    }
+    try {
+      this.tc ??= new TapTcAttachment(ifNameToIndex(this.ifname), this.ifname);
+      this.tc.set(next);
+    } catch (e) {
+      next.close();
+      throw e;
+    }
+    return { line: `tc egress program ${next.id} '${next.name}' (guest program translated for tc, ${next.rewrites} context reads rewritten) attached to ${this.ifname} (tcx)`, inKernel: true };
+  }
+
+  /** The tc program running the offload, for status (null when none runs in the kernel). */
+  get tcProgram(): { id: number; name: string } | null {
+    const p = this.tc?.program;
+    return p ? { id: p.id, name: p.name } : null;
+  }
+
+  /** Verdicts counted in the kernel by the tc programs this port ran (the datapath never sees those frames). */
+  kernelVerdicts(): TcVerdicts {
+    return this.tc?.verdicts() ?? { ...ZERO_VERDICTS };
+  }
+
   abandon(): void {
     // Our fds keep it alive until the process ends; then it goes, even if close() never runs.
     if (this.created && this.fds.length > 0) raw.ioctl(this.fds[0]!, TUNSETPERSIST, 0);
+    // The tc program goes at once: a tap left behind carries no filter nobody reads behind.
+    this.tc?.clear();
   }
 
   /** Clean shutdown: a tap that is ours goes (not persistent any more, its last fd closed). */
   close(): void {
+    this.tc?.clear();
+    this.tc = null;
     if (this.created && this.fds.length > 0) {
       // Best effort: a tap whose persist flag cannot be cleared stays, which a restart re-adopts.
       raw.ioctl(this.fds[0]!, TUNSETPERSIST, 0);
