@@ -71,6 +71,7 @@ if (workers !== undefined && (!Number.isInteger(workers) || workers < 1)) {
   process.exit(2);
 }
 const results: Record<string, unknown> = { loadAvg1: loadavg()[0] };
+const fmtLoad = (l: number[]): string => l.map((x) => x.toFixed(2)).join(' ');
 
 function line(label: string, value: string, ref = ''): void {
   if (!json) console.log(`  ${label.padEnd(44)}${value.padStart(14)}${ref ? `   ${ref}` : ''}`);
@@ -176,7 +177,9 @@ const roundsNote = rounds > 1 ? ` (medians of ${rounds} rounds)` : '';
 
 if (which === 'offload' || which === 'all') {
   if (!json) console.log(`offload queue and XDP_DROP on the tap port (TS frontend as the guest)${roundsNote}`);
+  if (!json) console.log(`  1/5/15-min load average at start (2 cores): ${fmtLoad(loadavg())}`);
   const rs = await offloadRounds('tap');
+  if (!json) console.log(`  XDP_DROP ran: ${[...new Set(rs.map((r) => r.path))].join(', ')}; 1/5/15-min load average after the tap rounds: ${fmtLoad(loadavg())}`);
   results.offload = rounds > 1 ? rs : rs[0];
   const h = (r: OffloadRun) => r.hostToGuest;
   const m = (r: OffloadRun) => r.maps!;
@@ -262,7 +265,6 @@ if (which === 'restart') {
 }
 
 if (which === 'migration') {
-  const fmtLoad = (l: number[]): string => l.map((x) => x.toFixed(2)).join(' ');
   if (!json) {
     console.log(`live migration over a unix socket, QEMU 10 (query-migrate figures, ms), vhost-xdp serve --port tap vs DPDK testpmd vhost PMD <-io-> tap PMD, ${rounds} interleaved round(s)`);
     console.log(`  1/5/15-min load average at start (2 cores): ${fmtLoad(loadavg())}`);
@@ -303,7 +305,6 @@ if (which === 'migration') {
 }
 
 if (which === 'object') {
-  const fmtLoad = (l: number[]): string => l.map((x) => x.toFixed(2)).join(' ');
   if (!json) {
     console.log(`object path (issue 17): bpf/xdp_filter_obj.o (LRU_HASH, PERCPU_ARRAY, tail call; config patched to drop UDP sport 4005), TS frontend as the guest, ${rounds} round(s)`);
     console.log(`  1/5/15-min load average at start (2 cores): ${fmtLoad(loadavg())}`);
