@@ -9,8 +9,9 @@
 //     cannot prove — a base that may or may not be the context, a context pointer stored where
 //     the pass loses it, a helper without a tc counterpart of the same meaning — refuses the
 //     translation with a code, and the caller keeps the program on BPF_PROG_TEST_RUN.
-//  2. composeTc builds the tc program: a fixed entry that pulls the whole frame into the
-//     linear area (so the program sees all of it, as XDP does), calls the rewritten guest as a
+//  2. composeTc builds the tc program: a fixed entry that puts an out-of-band VLAN tag into
+//     the frame's bytes and pulls the whole frame into the linear area (so the program sees
+//     what XDP on the frame read from the tap saw), calls the rewritten guest as a
 //     bpf-to-bpf subprogram and maps its verdict, the same layout as the xsk composer
 //     (offload/compose.ts), whose guest-block check it reuses.
 // The kernel verifier checks the result: a wrong rewrite is refused at load, never run.
@@ -166,7 +167,9 @@ export function translateXdpToTc(guest: Uint8Array): TcTranslation {
   return { code: out, rewrites };
 }
 
-const R0 = 0, R1 = 1, R2 = 2, R6 = 6;
+const R0 = 0, R1 = 1, R2 = 2, R3 = 3, R4 = 4, R5 = 5, R6 = 6, R7 = 7, R8 = 8;
+const HELPER_SKB_VLAN_POP = 19;
+const HELPER_SKB_CHANGE_HEAD = 43;
 const HELPER_SKB_PULL_DATA = 39;
 const HELPER_REDIRECT = 23;
 
@@ -174,8 +177,14 @@ const HELPER_REDIRECT = 23;
 export const TcCounter = { pass: 0, drop: 8, tx: 16, aborted: 24 } as const;
 export const TC_COUNTERS_BYTES = 32;
 
-/** offsetof(struct __sk_buff, len) */
-const SKB_LEN = 0;
+/** struct __sk_buff offsets the entry reads (uapi linux/bpf.h). */
+const SKB = { len: 0, protocol: 16, vlanPresent: 20, vlanTci: 24, vlanProto: 28, data: 76, dataEnd: 80 } as const;
+/** ETH_P_8021Q / ETH_P_8021AD as a 16-bit load of the big-endian field reads them on x86-64 (little-endian). */
+const PROTO_8021Q_AS_READ = 0x0081;
+const PROTO_8021AD_AS_READ = 0xa888;
+const STX_W = 0x63, STX_H = 0x6b, JEQ_IMM = 0x15, JGT_REG = 0x2d, ADD64_IMM = 0x07;
+/** BPF_ALU | BPF_END | BPF_TO_BE, imm 16: htons. */
+const BE16 = 0xdc;
 
 function entryBlock(countersFd: number, ifindex: number): BpfInsn[] {
   const count = (field: number): BpfInsn[] => [
@@ -183,31 +192,66 @@ function entryBlock(countersFd: number, ifindex: number): BpfInsn[] {
     { code: Op.MOV64_IMM, dst: R2, imm: 1 },
     { code: Op.ATOMIC_DW, dst: R1, src: R2, off: 0, imm: 0 },
   ];
-  const ABORTED = 9, DROP = ABORTED + 6, PASS = DROP + 6, TX = PASS + 6;
-  const jeq = (at: number, value: number, target: number): BpfInsn => ({ code: Op.JEQ32_IMM, dst: R0, imm: value, off: target - at - 1 });
+  const PULL = 30, ABORTED = 39, DROP = ABORTED + 6, PASS = DROP + 6, TX = PASS + 6;
+  const to = (at: number, target: number) => target - at - 1;
+  const jeq = (at: number, value: number, target: number): BpfInsn => ({ code: Op.JEQ32_IMM, dst: R0, imm: value, off: to(at, target) });
   return [
     /* 0 */ { code: Op.MOV64_REG, dst: R6, src: R1 }, // the skb survives the calls in a callee-saved register
+    // A frame whose VLAN tag travels out of band (skb->vlan_present: a VLAN device or a bridge
+    // above the tap) has no tag in its bytes yet; tun_put_user inserts it when the frame is
+    // read, so XDP on the test-run path saw it. Put it in the bytes here so the program sees
+    // what it would have: pop the out-of-band tag, push 4 bytes at the front, move the MACs
+    // down and write proto and TCI after them. A frame that carries a tag in its bytes as well
+    // (QinQ) is left alone: skb_vlan_pop would move that inner tag out of band.
+    /* 1 */ { code: Op.LDX_W, dst: R2, src: R6, off: SKB.vlanPresent },
+    /* 2 */ { code: JEQ_IMM, dst: R2, imm: 0, off: to(2, PULL) },
+    /* 3 */ { code: Op.LDX_W, dst: R2, src: R6, off: SKB.protocol },
+    /* 4 */ { code: JEQ_IMM, dst: R2, imm: PROTO_8021Q_AS_READ, off: to(4, PULL) },
+    /* 5 */ { code: JEQ_IMM, dst: R2, imm: PROTO_8021AD_AS_READ, off: to(5, PULL) },
+    /* 6 */ { code: Op.LDX_W, dst: R7, src: R6, off: SKB.vlanTci },
+    /* 7 */ { code: Op.LDX_W, dst: R8, src: R6, off: SKB.vlanProto },
+    /* 8 */ { code: Op.MOV64_REG, dst: R1, src: R6 },
+    /* 9 */ { code: Op.CALL, imm: HELPER_SKB_VLAN_POP },
+    /* 10 */ { code: Op.JNE_IMM, dst: R0, imm: 0, off: to(10, ABORTED) },
+    /* 11 */ { code: Op.MOV64_REG, dst: R1, src: R6 },
+    /* 12 */ { code: Op.MOV64_IMM, dst: R2, imm: 4 },
+    /* 13 */ { code: Op.MOV64_IMM, dst: R3, imm: 0 },
+    /* 14 */ { code: Op.CALL, imm: HELPER_SKB_CHANGE_HEAD },
+    /* 15 */ { code: Op.JNE_IMM, dst: R0, imm: 0, off: to(15, ABORTED) },
+    /* 16 */ { code: Op.LDX_W, dst: R2, src: R6, off: SKB.data },
+    /* 17 */ { code: Op.LDX_W, dst: R3, src: R6, off: SKB.dataEnd },
+    /* 18 */ { code: Op.MOV64_REG, dst: R4, src: R2 },
+    /* 19 */ { code: ADD64_IMM, dst: R4, imm: 18 },
+    /* 20 */ { code: JGT_REG, dst: R4, src: R3, off: to(20, ABORTED) },
+    // Ascending 4-byte moves: each source lies ahead of its destination.
+    /* 21 */ { code: Op.LDX_W, dst: R5, src: R2, off: 4 }, { code: STX_W, dst: R2, src: R5, off: 0 },
+    /* 23 */ { code: Op.LDX_W, dst: R5, src: R2, off: 8 }, { code: STX_W, dst: R2, src: R5, off: 4 },
+    /* 25 */ { code: Op.LDX_W, dst: R5, src: R2, off: 12 }, { code: STX_W, dst: R2, src: R5, off: 8 },
+    /* 27 */ { code: STX_H, dst: R2, src: R8, off: 12 }, // vlan_proto is kept in network order
+    /* 28 */ { code: BE16, dst: R7, imm: 16 }, // vlan_tci in host order
+    /* 29 */ { code: STX_H, dst: R2, src: R7, off: 14 },
     // bpf_skb_pull_data(skb, skb->len): the whole frame into the linear area, where direct
     // packet access reaches (data_end is the end of the linear part at tc).
-    /* 1 */ { code: Op.LDX_W, dst: R2, src: R6, off: SKB_LEN },
-    /* 2 */ { code: Op.CALL, imm: HELPER_SKB_PULL_DATA },
-    /* 3 */ { code: Op.JNE_IMM, dst: R0, imm: 0, off: ABORTED - 3 - 1 },
-    /* 4 */ { code: Op.MOV64_REG, dst: R1, src: R6 },
-    /* 5 */ { code: Op.CALL, src: PseudoCall.CALL, imm: TC_ENTRY_INSNS - 6 },
+    /* 30 PULL */ { code: Op.MOV64_REG, dst: R1, src: R6 },
+    /* 31 */ { code: Op.LDX_W, dst: R2, src: R6, off: SKB.len },
+    /* 32 */ { code: Op.CALL, imm: HELPER_SKB_PULL_DATA },
+    /* 33 */ { code: Op.JNE_IMM, dst: R0, imm: 0, off: to(33, ABORTED) },
+    /* 34 */ { code: Op.MOV64_REG, dst: R1, src: R6 },
+    /* 35 */ { code: Op.CALL, src: PseudoCall.CALL, imm: TC_ENTRY_INSNS - 36 },
     // The kernel reads an XDP verdict as u32: compare the low 32 bits only.
-    /* 6 */ jeq(6, XDP_PASS, PASS),
-    /* 7 */ jeq(7, XDP_DROP, DROP),
-    /* 8 */ jeq(8, XDP_TX, TX),
+    /* 36 */ jeq(36, XDP_PASS, PASS),
+    /* 37 */ jeq(37, XDP_DROP, DROP),
+    /* 38 */ jeq(38, XDP_TX, TX),
     // XDP_ABORTED, XDP_REDIRECT (the guest cannot set a target), unknown values, a frame that
-    // could not be pulled: dropped and counted, as the test-run path does.
-    /* 9 */ ...count(TcCounter.aborted), { code: Op.MOV64_IMM, dst: R0, imm: TCX_DROP }, { code: Op.EXIT },
-    /* 15 */ ...count(TcCounter.drop), { code: Op.MOV64_IMM, dst: R0, imm: TCX_DROP }, { code: Op.EXIT },
+    // could not be pulled or tagged: dropped and counted, as the test-run path does.
+    /* 39 ABORTED */ ...count(TcCounter.aborted), { code: Op.MOV64_IMM, dst: R0, imm: TCX_DROP }, { code: Op.EXIT },
+    /* 45 */ ...count(TcCounter.drop), { code: Op.MOV64_IMM, dst: R0, imm: TCX_DROP }, { code: Op.EXIT },
     // PASS goes on as TCX_NEXT, not TC_ACT_OK: programs the host attached after ours, and its
     // own classic tc filters, still see the frame (the guest must not bypass host policy).
-    /* 21 */ ...count(TcCounter.pass), { code: Op.MOV64_IMM, dst: R0, imm: TCX_NEXT }, { code: Op.EXIT },
+    /* 51 */ ...count(TcCounter.pass), { code: Op.MOV64_IMM, dst: R0, imm: TCX_NEXT }, { code: Op.EXIT },
     // XDP_TX: back to the host as if the tap had received it, as writing it into the tap fd
     // does on the test-run path; bpf_redirect returns TC_ACT_REDIRECT.
-    /* 27 */ ...count(TcCounter.tx),
+    /* 57 */ ...count(TcCounter.tx),
     { code: Op.MOV64_IMM, dst: R1, imm: ifindex },
     { code: Op.MOV64_IMM, dst: R2, imm: BPF_F_INGRESS },
     { code: Op.CALL, imm: HELPER_REDIRECT },
@@ -216,7 +260,7 @@ function entryBlock(countersFd: number, ifindex: number): BpfInsn[] {
 }
 
 /** Where the guest's first instruction lands in the composed tc program. */
-export const TC_ENTRY_INSNS = 35;
+export const TC_ENTRY_INSNS = 65;
 
 /** The tc program: the entry above, then the translated guest (TcTranslation.code). */
 export function composeTc(translated: Uint8Array, opts: { countersFd: number; ifindex: number }): Uint8Array {

@@ -11,10 +11,11 @@ import { uniqueIfName, disableIpv6, readLinkStats } from '../support/netdev.js';
 import { waitUntil } from '../support/processes.js';
 import { udpFrame, seqOf, GUEST_MAC } from '../support/frames.js';
 import { encodeInsns, Op } from '../../src/sys/bpf/insns.js';
-import { tcxQuery } from '../../src/sys/bpf/tcx.js';
+import { tcxQuery, tcxAttach } from '../../src/sys/bpf/tcx.js';
+import { progLoad, closeBpfFd, BpfProgType } from '../../src/sys/bpf/programs.js';
 import { listProgIds } from '../../src/sys/bpf/info.js';
-import { ifNameToIndex } from '../../src/sys/libc.js';
-import { statusName, encodeProgSet, encodeProgUnset } from '../../src/offload/guest/codec.js';
+import { ifNameToIndex, closeFd } from '../../src/sys/libc.js';
+import { statusName, encodeProgSet, encodeProgUnset, encodeElemUpdate } from '../../src/offload/guest/codec.js';
 
 const HOST_MAC = '52:54:00:0e:0e:0e';
 
@@ -77,6 +78,47 @@ describe('tap offload fast path: the program at the tap\'s tc egress', () => {
     expect(Array.from(back[0]!.subarray(0, 6), (b) => b.toString(16).padStart(2, '0')).join(':')).toBe(HOST_MAC);
     expect(txOfTap() - tx0).toBe(0);
     expect((await show()).verdicts.tx).toBeGreaterThanOrEqual(1);
+  });
+
+  test('a frame with an out-of-band VLAN tag meets the program with the tag in its bytes, as XDP on the frame the tap hands over does', async () => {
+    // This kernel has no 8021q: a host tcx program ahead of ours tags every frame out of band
+    // (bpf_skb_vlan_push sets skb->vlan_tci, as a VLAN device above the tap would).
+    const block = async () => {
+      const [h] = (await offloadSample(rig.oc, 'xdp_blocklist')) as [number];
+      requireOk(await rig.oc.call(encodeElemUpdate(rig.oc.nextSeq(), h, Uint8Array.from([198, 18, 0, 1]), new Uint8Array(8))));
+    };
+    await block();
+    expect(await rig.hostToGuest(3)).toBe(0); // untagged IPv4 from the blocked source: dropped
+    requireOk(await rig.oc.call(encodeProgUnset(rig.oc.nextSeq())));
+    expect(egress()).toEqual([]);
+    const push = progLoad(encodeInsns([
+      { code: Op.MOV64_IMM, dst: 2, imm: 0x0081 }, // htons(ETH_P_8021Q)
+      { code: Op.MOV64_IMM, dst: 3, imm: 5 },
+      { code: Op.CALL, imm: 18 }, // bpf_skb_vlan_push
+      { code: Op.MOV64_IMM, dst: 0, imm: -1 }, // TCX_NEXT
+      { code: Op.EXIT },
+    ]), { license: 'GPL', type: BpfProgType.SCHED_CLS, name: 'vxt_vlan_push' });
+    const link = tcxAttach(ifNameToIndex(tap), push, 'egress');
+    try {
+      await block();
+      expect(egress().length).toBe(2);
+      expect((await show()).host.program.runs).toBe('tap-tc');
+      const s = rig.seq++;
+      const f = udpFrame(s, 80, 4000, HOST_MAC, GUEST_MAC);
+      rig.fe.receive(0);
+      expect(rig.ps.send(f, { dropOk: true })).toBe(true);
+      // Tagged, the program sees EtherType 0x8100 (not IPv4) and passes it.
+      const got = await rig.fe.waitForFrames(0, 1, 3000, (x) => x.length === f.length + 4);
+      expect(got.length).toBe(1);
+      const g = got[0]!;
+      expect(Array.from(g.subarray(12, 16))).toEqual([0x81, 0x00, 0x00, 0x05]);
+      expect(Buffer.from(g.subarray(0, 12)).equals(Buffer.from(f.subarray(0, 12)))).toBe(true);
+      expect(Buffer.from(g.subarray(16)).equals(Buffer.from(f.subarray(12)))).toBe(true);
+    } finally {
+      closeFd(link);
+      closeBpfFd(push);
+      requireOk(await rig.oc.call(encodeProgUnset(rig.oc.nextSeq())));
+    }
   });
 
   test('a program with an XDP-only helper stays on test-run: a log line names the tap, the reason and its code; status says tap-test-run', async () => {

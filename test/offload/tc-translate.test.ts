@@ -201,6 +201,6 @@ describe('translated samples load as SCHED_CLS and map verdicts for the tap egre
     expect(counter(r.counters, 24)).toBe(1);
   });
   test('the guest starts right after the entry block', () => {
-    expect(TC_ENTRY_INSNS).toBe(35);
+    expect(TC_ENTRY_INSNS).toBe(65);
   });
 });
