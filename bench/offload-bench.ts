@@ -29,6 +29,8 @@ export interface OffloadBenchResult {
   maps?: MapOpsResult;
   hostToGuest: {
     deliveredPps: number; offloadDropPps: number; ratio: number; offeredPps: { delivered: number; dropped: number };
+    /** The backend's CPU in each window, % of one core (utime + stime of the serve process): what a frame costs it. */
+    backendCpuPct: { delivered: number; dropped: number };
     /**
      * xsk only: the drop rate with a second generator on the backend's core, which idles while
      * every frame dies in the kernel: the drop path's capacity, as far as two cores can offer.
@@ -143,10 +145,16 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
     idleWait.add(fe.pairs[1]!.call[0], EPOLLIN, 1);
     let inKernel = false;
     let runsAt = 'none';
+    const cpuSeconds = (): number => {
+      // /proc/PID/stat fields 14 and 15 (utime, stime) in clock ticks, after the ')' of comm.
+      const f = fs.readFileSync(`/proc/${be!.pid}/stat`, 'utf8').split(')').pop()!.trim().split(' ');
+      return (Number(f[11]) + Number(f[12])) / 100;
+    };
     const window = async (field: string) => {
       const v0 = kind === 'xsk' && field === 'xdpDrop' ? vethXdp('drops') : 0;
       const o0 = kind === 'xsk' ? vethXdp('packets') : 0;
       const a = await counters();
+      const c0 = cpuSeconds();
       const t0 = Date.now();
       // The guest drains its RX queue meanwhile (that is what delivery costs it) and, like a
       // guest driver re-arming its interrupt, sleeps on the call eventfd when nothing came:
@@ -156,6 +164,7 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
         if (got === 0 && fe!.pairs[0]!.rx.enableInterrupts() && fe!.pairs[1]!.rx.enableInterrupts()) idleWait.wait(2, () => undefined);
         await new Promise((r) => setImmediate(r));
       }
+      const c1 = cpuSeconds();
       const b = await counters();
       const dt = (Date.now() - t0) / 1000;
       const n = kind === 'xsk' && field === 'xdpDrop' ? vethXdp('drops') - v0 : b.total[field]! - a.total[field]!;
@@ -164,7 +173,7 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
       const beforeTap = (c: typeof a) => c.total.xdpDrop! + c.total.xdpTx! + c.total.xdpAborted!;
       const offered = kind === 'xsk' ? vethXdp('packets') - o0
         : b.port.txPackets! + b.port.txDropped! - a.port.txPackets! - a.port.txDropped! + (inKernel ? beforeTap(b) - beforeTap(a) : 0);
-      return { pps: n / dt, offered: offered / dt };
+      return { pps: n / dt, offered: offered / dt, cpuPct: ((c1 - c0) / dt) * 100 };
     };
     await sleep(500);
     const delivered = await window('rxPackets');
@@ -174,7 +183,7 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
     inKernel = runsAt === 'tap-tc';
     await sleep(500);
     const dropped = await window('xdpDrop');
-    let capacity: { pps: number; offered: number } | null = null;
+    let capacity: { pps: number; offered: number; cpuPct: number } | null = null;
     if (kind === 'xsk') {
       flood2 = await XdpFlood.start(tap, frame, 1);
       await sleep(500);
@@ -189,6 +198,7 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
         deliveredPps: Math.round(delivered.pps), offloadDropPps: Math.round(dropped.pps),
         ratio: Math.round((dropped.pps / Math.max(1, delivered.pps)) * 100) / 100,
         offeredPps: { delivered: Math.round(delivered.offered), dropped: Math.round(dropped.offered) },
+        backendCpuPct: { delivered: Math.round(delivered.cpuPct), dropped: Math.round(dropped.cpuPct) },
         ...(capacity ? { dropCapacity: {
           pps: Math.round(capacity.pps), offeredPps: Math.round(capacity.offered),
           ratioToDelivered: Math.round((capacity.pps / Math.max(1, delivered.pps)) * 100) / 100,

@@ -189,6 +189,7 @@ if (which === 'offload' || which === 'all') {
   line('host->guest delivered without offload (pps)', count(med(rs, (r) => h(r).deliveredPps)), `(offered ${count(med(rs, (r) => h(r).offeredPps.delivered))})`);
   line('host->guest dropped on host by XDP_DROP (pps)', count(med(rs, (r) => h(r).offloadDropPps)), `(offered ${count(med(rs, (r) => h(r).offeredPps.dropped))})`);
   line('offload effect (drop rate / delivery rate)', `${med(rs, (r) => h(r).ratio).toFixed(2)}x`, `RFC measured 5.2x${generatorBound(rs)}${eachRound(rs.map((r) => h(r).ratio))}`);
+  line('backend CPU, delivering / dropping (% of a core)', `${count(med(rs, (r) => h(r).backendCpuPct.delivered))} / ${count(med(rs, (r) => h(r).backendCpuPct.dropped))}`, 'what a frame costs the backend; 0 when drops never reach it');
   if (!json) console.log(`offload effect on the xsk port (program native in the kernel)${roundsNote}`);
   const xs = await offloadRounds('xsk');
   results.offloadXsk = rounds > 1 ? xs : xs[0];

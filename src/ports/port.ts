@@ -29,8 +29,8 @@ export interface Port {
    * Attaching an offloaded program is a port method (DESIGN.md decision 7). A port that runs it
    * in the kernel (xsk: natively at the ingress of its veth end) attaches it here, or the plain
    * setup again for null; returns a line for the log and throws when it could not attach it
-   * (what was attached stays). A port without (tap) has its queues test-run it per frame
-   * (HostQueue.setProgram).
+   * (what was attached stays). A port without it (tap) tries attachInKernel, and has its queues
+   * test-run what that refuses per frame (HostQueue.setProgram).
    */
   attachProgram?(source: { code: Uint8Array; license: string } | null, warn: (message: string) => void): string;
   /**

@@ -267,8 +267,9 @@ export function setTapQueueAttached(fd: number, attached: boolean): void {
 
 /**
  * Worker side of one tap queue: readv/writev straight between the tap and guest buffers, vnet
- * header included (the tap reads and writes it). An offloaded program runs on each frame the
- * tap hands over before the guest sees it (setProgram): a tap has no kernel hook there.
+ * header included (the tap reads and writes it). An offloaded program the tap's tc egress cannot
+ * run (TapPort.attachInKernel refused it) runs here on each frame the tap hands over, before the
+ * guest sees it (setProgram).
  */
 export class TapQueue extends FdQueue {
   constructor(fd: number) {
