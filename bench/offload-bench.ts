@@ -29,12 +29,16 @@ export interface OffloadBenchResult {
   maps?: MapOpsResult;
   hostToGuest: {
     deliveredPps: number; offloadDropPps: number; ratio: number; offeredPps: { delivered: number; dropped: number };
+    /** The backend's CPU in each window, % of one core (utime + stime of the serve process): what a frame costs it. */
+    backendCpuPct: { delivered: number; dropped: number };
     /**
      * xsk only: the drop rate with a second generator on the backend's core, which idles while
      * every frame dies in the kernel: the drop path's capacity, as far as two cores can offer.
      */
     dropCapacity?: { pps: number; offeredPps: number; ratioToDelivered: number };
   };
+  /** Where XDP_DROP ran: tap-tc (the tap's tc egress), tap-test-run (per frame in the backend), xdp-native (xsk). */
+  path: string;
   pinning: string;
 }
 
@@ -126,11 +130,12 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
     const frame = buildUdpFrame({ srcMac: HOST_MAC, dstMac: GUEST_MAC, srcIp: '198.19.0.1', dstIp: '198.19.0.2', srcPort: 9, dstPort: 9, payload: new Uint8Array(22) });
     const cfg = path.join(dir, 'flood.trafgen');
     fs.writeFileSync(cfg, `{\n  ${Array.from(frame, (b) => `0x${b.toString(16).padStart(2, '0')}`).join(', ')}\n}\n`);
-    // The tap port floods through trafgen (its drops happen in the backend, which is the limit);
-    // the xsk port's drops happen in the kernel at the veth, faster than trafgen can offer, so it
-    // gets the live-frames XDP generator.
+    // The tap port floods through trafgen; the xsk port's drops happen in the kernel at the
+    // veth, faster than trafgen can offer, so it gets the live-frames XDP generator. trafgen
+    // takes the qdisc path (-q) as the host stack's own traffic does: by default it sets
+    // PACKET_QDISC_BYPASS, whose dev_direct_xmit skips tc egress, where the tap runs the program.
     if (kind === 'xsk') flood = await XdpFlood.start(tap, frame, 0);
-    else gen = spawnManaged('taskset', ['-c', '0', 'trafgen', '-o', tap, '-i', cfg, '-P', '1', '--no-sock-mem', '--notouch-irq', '-C'], { name: 'trafgen' });
+    else gen = spawnManaged('taskset', ['-c', '0', 'trafgen', '-o', tap, '-i', cfg, '-P', '1', '-q', '--no-sock-mem', '--notouch-irq', '-C'], { name: 'trafgen' });
     const counters = async () => (await callControl(ctl, 'stats', { name: 'bench' }) as Array<{ total: Record<string, number>; port: Record<string, number> }>)[0]!;
     // On the xsk port drops happen in the kernel (the veth's XDP counters), not in the backend.
     const vethXdp = (what: 'drops' | 'packets') => vethXdpCounters(defaultPeerName(tap))[`xdp_${what}`] ?? 0;
@@ -138,10 +143,18 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
     idle = idleWait;
     idleWait.add(fe.pairs[0]!.call[0], EPOLLIN, 0);
     idleWait.add(fe.pairs[1]!.call[0], EPOLLIN, 1);
+    let inKernel = false;
+    let runsAt = 'none';
+    const cpuSeconds = (): number => {
+      // /proc/PID/stat fields 14 and 15 (utime, stime) in clock ticks, after the ')' of comm.
+      const f = fs.readFileSync(`/proc/${be!.pid}/stat`, 'utf8').split(')').pop()!.trim().split(' ');
+      return (Number(f[11]) + Number(f[12])) / 100;
+    };
     const window = async (field: string) => {
       const v0 = kind === 'xsk' && field === 'xdpDrop' ? vethXdp('drops') : 0;
       const o0 = kind === 'xsk' ? vethXdp('packets') : 0;
       const a = await counters();
+      const c0 = cpuSeconds();
       const t0 = Date.now();
       // The guest drains its RX queue meanwhile (that is what delivery costs it) and, like a
       // guest driver re-arming its interrupt, sleeps on the call eventfd when nothing came:
@@ -151,19 +164,26 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
         if (got === 0 && fe!.pairs[0]!.rx.enableInterrupts() && fe!.pairs[1]!.rx.enableInterrupts()) idleWait.wait(2, () => undefined);
         await new Promise((r) => setImmediate(r));
       }
+      const c1 = cpuSeconds();
       const b = await counters();
       const dt = (Date.now() - t0) / 1000;
       const n = kind === 'xsk' && field === 'xdpDrop' ? vethXdp('drops') - v0 : b.total[field]! - a.total[field]!;
-      // Offered: what reached the host port (the tap's transmit side; the veth end's XDP).
-      const offered = kind === 'xsk' ? vethXdp('packets') - o0 : b.port.txPackets! + b.port.txDropped! - a.port.txPackets! - a.port.txDropped!;
-      return { pps: n / dt, offered: offered / dt };
+      // Offered: what reached the host port (the tap's transmit side; the veth end's XDP). At the
+      // tap's tc egress the program's drops and bounces never reach its transmit: add them.
+      const beforeTap = (c: typeof a) => c.total.xdpDrop! + c.total.xdpTx! + c.total.xdpAborted!;
+      const offered = kind === 'xsk' ? vethXdp('packets') - o0
+        : b.port.txPackets! + b.port.txDropped! - a.port.txPackets! - a.port.txDropped! + (inKernel ? beforeTap(b) - beforeTap(a) : 0);
+      return { pps: n / dt, offered: offered / dt, cpuPct: ((c1 - c0) / dt) * 100 };
     };
     await sleep(500);
     const delivered = await window('rxPackets');
     await offloadSample(oc, 'xdp_drop');
+    const host = (await callControl(ctl, 'offload.show', { name: 'bench' }) as { host: { program: { runs: string } | null } | null }).host;
+    runsAt = host?.program?.runs ?? 'none';
+    inKernel = runsAt === 'tap-tc';
     await sleep(500);
     const dropped = await window('xdpDrop');
-    let capacity: { pps: number; offered: number } | null = null;
+    let capacity: { pps: number; offered: number; cpuPct: number } | null = null;
     if (kind === 'xsk') {
       flood2 = await XdpFlood.start(tap, frame, 1);
       await sleep(500);
@@ -178,11 +198,13 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
         deliveredPps: Math.round(delivered.pps), offloadDropPps: Math.round(dropped.pps),
         ratio: Math.round((dropped.pps / Math.max(1, delivered.pps)) * 100) / 100,
         offeredPps: { delivered: Math.round(delivered.offered), dropped: Math.round(dropped.offered) },
+        backendCpuPct: { delivered: Math.round(delivered.cpuPct), dropped: Math.round(dropped.cpuPct) },
         ...(capacity ? { dropCapacity: {
           pps: Math.round(capacity.pps), offeredPps: Math.round(capacity.offered),
           ratioToDelivered: Math.round((capacity.pps / Math.max(1, delivered.pps)) * 100) / 100,
         } } : {}),
       },
+      path: runsAt,
       pinning: PINNING,
     };
   } finally {

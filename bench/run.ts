@@ -93,6 +93,7 @@ if (workers !== undefined && (!Number.isInteger(workers) || workers < 1)) {
   process.exit(2);
 }
 const results: Record<string, unknown> = { loadAvg1: loadavg()[0] };
+const fmtLoad = (l: number[]): string => l.map((x) => x.toFixed(2)).join(' ');
 
 const eachRound = (xs: number[]): string => (rounds > 1 ? `; rounds ${xs.map((x) => x.toFixed(2)).join(' ')}` : '');
 
@@ -280,8 +281,9 @@ const roundsNote = rounds > 1 ? ` (medians of ${rounds} rounds)` : '';
 if (which === 'offload' || which === 'all') {
   if (!json) console.log(`offload queue and XDP_DROP on the tap port (TS frontend as the guest)${roundsNote}`);
   progress('offload: tap port');
-  const offloadLoad = loadavg()[0]!;
+  if (!json) console.log(`  1/5/15-min load average at start (2 cores): ${fmtLoad(loadavg())}`);
   const rs = await offloadRounds('tap');
+  if (!json) console.log(`  XDP_DROP ran: ${[...new Set(rs.map((r) => r.path))].join(', ')}; 1/5/15-min load average after the tap rounds: ${fmtLoad(loadavg())}`);
   results.offload = rounds > 1 ? rs : rs[0];
   const h = (r: OffloadRun) => r.hostToGuest;
   const m = (r: OffloadRun) => r.maps!;
@@ -293,7 +295,7 @@ if (which === 'offload' || which === 'all') {
   const tapEffect = med(rs, (r) => h(r).ratio);
   line('tap offload effect (drop rate / delivery rate)', `${tapEffect.toFixed(2)}x`,
     `goal >= 1.5x (issue 18: ${tapEffect >= 1.5 ? 'met' : 'MISSED'}); RFC measured 5.2x${generatorBound(rs)}${eachRound(rs.map((r) => h(r).ratio))}`);
-  line('1-min load average at start (2 cores)', offloadLoad.toFixed(2));
+  line('backend CPU, delivering / dropping (% of a core)', `${count(med(rs, (r) => h(r).backendCpuPct.delivered))} / ${count(med(rs, (r) => h(r).backendCpuPct.dropped))}`, 'what a frame costs the backend; 0 when drops never reach it');
   if (!json) console.log(`offload effect on the xsk port (program native in the kernel)${roundsNote}`);
   progress('offload: xsk port');
   const xs = await offloadRounds('xsk');
@@ -371,7 +373,6 @@ if (which === 'restart') {
 }
 
 if (which === 'migration') {
-  const fmtLoad = (l: number[]): string => l.map((x) => x.toFixed(2)).join(' ');
   if (!json) {
     console.log(`live migration over a unix socket, QEMU 10 (query-migrate figures, ms), vhost-xdp serve --port tap vs DPDK testpmd vhost PMD <-io-> tap PMD, ${rounds} interleaved round(s)`);
     console.log(`  1/5/15-min load average at start (2 cores): ${fmtLoad(loadavg())}`);
@@ -412,7 +413,6 @@ if (which === 'migration') {
 }
 
 if (which === 'object') {
-  const fmtLoad = (l: number[]): string => l.map((x) => x.toFixed(2)).join(' ');
   if (!json) {
     console.log(`object path (issue 17): bpf/xdp_filter_obj.o (LRU_HASH, PERCPU_ARRAY, tail call; config patched to drop UDP sport 4005), TS frontend as the guest, ${rounds} round(s)`);
     console.log(`  1/5/15-min load average at start (2 cores): ${fmtLoad(loadavg())}`);

@@ -18,6 +18,10 @@ export function inspectCommands(y: Argv) {
           if (d.port.io) {
             console.log(`  tap I/O: ${d.port.io.mode === 'uring' ? 'io_uring (guest->host writes batched per burst)' : `readv/writev (${d.port.io.reason ?? 'asked for'})`}`);
           }
+          if (d.offload) {
+            const o = d.offload;
+            console.log(`  offload: pair ${o.pair} ${o.claimed ? 'claimed' : 'not claimed'}; ${o.program === null ? 'no program' : `program ${o.program} runs ${o.runs ?? '?'}`}`);
+          }
           if (d.port.pinLimitBytes !== null) {
             console.log(`  umem: ${d.port.umem ?? 'none (no guest memory yet)'}; pinned ${formatBytes(d.port.pinnedBytes)} of ${formatBytes(d.port.pinLimitBytes)} allowed`);
           }

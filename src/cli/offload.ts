@@ -54,8 +54,9 @@ export function offloadCommands(y: Argv) {
       if (r.program) {
         console.log(`  program '${r.program.name}' (guest) tag ${r.program.tag}, ${r.program.insns} insns, loaded ${r.program.loadedAt}, maps ${r.program.mapHandles.join(' ') || '-'}`);
         const h = r.host?.program;
-        const runs = !h ? '' : h.runs === 'test-run' ? ', run on each frame by the backend (BPF_PROG_TEST_RUN)'
-          : h.hostId !== null ? `; runs as host program id ${h.hostId} '${h.hostProgramName}' attached natively at the veth` : '; not attached';
+        const runs = !h ? '' : h.runs === 'tap-test-run' ? `, run on each frame by the backend (tap-test-run: BPF_PROG_TEST_RUN${h.fallback ? `; not at the tap's tc egress: ${h.fallback.reason} [${h.fallback.code}]; the xsk port is the fast path for offload` : ''})`
+          : h.runs === 'tap-tc' ? `; runs as host program id ${h.hostId} '${h.hostProgramName}' at the tap's tc egress (tap-tc: dropped frames never reach the backend)`
+          : h.hostId !== null ? `; runs as host program id ${h.hostId} '${h.hostProgramName}' attached natively at the veth (xdp-native)` : '; not attached';
         console.log(`  host program id ${r.program.id} '${r.program.hostName}'${runs}`);
       } else {
         console.log('  no program');

@@ -84,6 +84,15 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     this.log = logger(opts.name);
     this.mtu = opts.mtu ?? 1500;
     this.stats = new DeviceStats(opts.queuePairs);
+    const kport = opts.port;
+    if (opts.offload && kport.kernelVerdicts) {
+      // A tap running the program at its tc egress: those verdicts are counted in the kernel.
+      // They go to the reserved pair's row, as imported ones do (no worker counts verdicts there).
+      this.stats.setExternal(opts.queuePairs - 1, () => {
+        const v = kport.kernelVerdicts!();
+        return { xdpPass: v.pass, xdpDrop: v.drop, xdpTx: v.tx, xdpAborted: v.aborted };
+      });
+    }
     this.offloadPair = opts.offload ? opts.queuePairs - 1 : -1;
     this.id = this.pool.register(this);
     if (opts.offload && opts.port.needsGuestMemory) {
@@ -94,8 +103,9 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     if (opts.offload) {
       const port = this.port;
       const attach = port.attachProgram ? port.attachProgram.bind(port) : undefined;
+      const attachInKernel = !attach && port.attachInKernel ? port.attachInKernel.bind(port) : undefined;
       try {
-        broker = new OffloadChannel({ ...opts.offload, attach, log: this.log }, {
+        broker = new OffloadChannel({ ...opts.offload, attach, attachInKernel, ifname: port.ifname, log: this.log }, {
           reply: (m) => this.offloadReply(m),
           claimChanged: (claimed) => this.eachWorker({ op: 'offload', pair: this.offloadPair, claimed }),
           programChanged: (p) => this.programChanged(p),
@@ -173,7 +183,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     if (this.dirtyLog) this.request(w, { op: 'log', log: this.dirtyLog });
     if (this.broker) {
       this.request(w, { op: 'offload', pair: this.offloadPair, claimed: this.broker.claimed });
-      if (this.broker.program) this.sendProgram(w, this.broker.program);
+      if (this.broker.datapathProgram) this.sendProgram(w, this.broker.datapathProgram);
     }
   }
 

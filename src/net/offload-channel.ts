@@ -23,8 +23,18 @@ export interface OffloadChannelOptions {
    * veth end); without one, programs go to the datapath to test-run per frame (sink.programChanged).
    */
   attach?: (source: { code: Uint8Array; license: string } | null, warn: (message: string) => void) => string;
+  /**
+   * Tap ports (Port.attachInKernel): the program runs in the kernel at the tap's tc egress
+   * when it can be translated, else the datapath test-runs it (sink.programChanged).
+   */
+  attachInKernel?: (source: { code: Uint8Array; license: string } | null) => { line: string; inKernel: boolean; code?: string };
+  /** The host interface, for log lines. */
+  ifname?: string;
   log: Logger;
 }
+
+/** Where the offloaded program runs: natively at the xsk port's veth, at a tap's tc egress, or per frame through BPF_PROG_TEST_RUN. */
+export type OffloadPath = 'xdp-native' | 'tap-tc' | 'tap-test-run';
 
 /**
  * The reserved pair's broker, on the main thread with the rest of the control plane: requests
@@ -47,6 +57,9 @@ export class OffloadChannel {
   private readonly overflowLog = rateLimited((m) => this.opts.log.warn(m), 1000);
   /** Bumped when the device resets: answers to the requests of the guest before it are dropped. */
   private generation = 0;
+  private inKernel = false;
+  /** Why the tap's program is on test-run (a rule code), null when it is not. */
+  private fallback: { code: string; reason: string } | null = null;
 
   constructor(private readonly opts: OffloadChannelOptions, private readonly sink: OffloadSink) {
     const b = OffloadBroker.restore({ device: opts.device, pinDir: opts.pinDir, log: (l) => opts.log.info(l) });
@@ -55,10 +68,26 @@ export class OffloadChannel {
     b.onClaimChange((claimed) => sink.claimChanged(claimed));
     b.onProgramChange((p) => this.programChanged(p));
     if (opts.attach) this.attachInPort();
+    else if (opts.attachInKernel && b.program) this.tryKernel(b.program, false);
   }
 
   get claimed(): boolean { return this.broker.claimed; }
   get program(): OffloadProgram | null { return this.broker.program; }
+
+  /** The program the datapath must run per frame: none when the port runs it in the kernel. */
+  get datapathProgram(): OffloadProgram | null {
+    return this.opts.attach || this.inKernel ? null : this.broker.program;
+  }
+
+  /** Where the current program runs (null: no program). */
+  get path(): OffloadPath | null {
+    if (!this.broker.program) return null;
+    if (this.opts.attach) return 'xdp-native';
+    return this.inKernel ? 'tap-tc' : 'tap-test-run';
+  }
+
+  /** Why a tap's program runs on test-run rather than at tc egress. */
+  get fallbackReason(): { code: string; reason: string } | null { return this.path === 'tap-test-run' ? this.fallback : null; }
 
   /**
    * One request from the guest; the broker copies nothing it has not checked. Answered on the
@@ -109,8 +138,48 @@ export class OffloadChannel {
 
   private programChanged(p: OffloadProgram | null): void {
     if (this.opts.attach) this.attachInPort();
+    else if (this.opts.attachInKernel) this.tryKernel(p, true);
     else this.sink.programChanged(p);
     this.opts.log.info(p ? `offloaded program ${p.id} (tag ${p.tag}, ${p.insns} insns) runs on host->guest frames` : 'no offloaded program');
+  }
+
+  /**
+   * Tap: the kernel first. Whichever way the program goes, the new one is in place before the
+   * old one is taken away (a frame may meet both for an instant, never neither): in the kernel
+   * the link swaps programs atomically and the datapath is told after; on test-run the datapath
+   * gets the new program before the tc program goes.
+   */
+  private tryKernel(p: OffloadProgram | null, tellDatapath: boolean): void {
+    const log = this.opts.log;
+    const attach = this.opts.attachInKernel!;
+    let inKernel = false;
+    this.fallback = null;
+    if (p) {
+      const source = this.broker.programSource;
+      let r: { line: string; inKernel: boolean; code?: string };
+      if (!source) {
+        r = { line: 'the program was re-adopted from pins without a source that passes the checks again', inKernel: false, code: 'tc-no-source' };
+      } else {
+        try {
+          r = attach(source);
+        } catch (e) {
+          r = { line: (e as Error).message, inKernel: false, code: (e as { code?: string }).code ?? 'tc-attach-failed' };
+        }
+      }
+      inKernel = r.inKernel;
+      if (inKernel) {
+        log.info(r.line);
+      } else {
+        this.fallback = { code: r.code ?? 'tc-refused', reason: r.line };
+        log.warn(`tap ${this.opts.ifname ?? '?'}: offloaded program ${p.id} stays on per-frame BPF_PROG_TEST_RUN (tap-test-run), not at the tap's tc egress: ${r.line} [${this.fallback.code}]. `
+          + 'Every host->guest frame then costs a read and a test-run syscall, dropped or not: the xsk port is the fast path for offload');
+      }
+    }
+    this.inKernel = inKernel;
+    if (tellDatapath) this.sink.programChanged(inKernel ? null : p);
+    if (!inKernel) {
+      try { attach(null); } catch (e) { log.error(`tc egress program not removed: ${(e as Error).message}`); }
+    }
   }
 
   /** The port runs the program itself (in the kernel): it attaches it, the datapath never sees it. */
@@ -184,3 +253,4 @@ export class OffloadChannel {
     this.broker.close();
   }
 }
+

@@ -57,9 +57,25 @@ export type PairCounters = Record<Counter | Aggregate, number>;
 export class DeviceStats {
   readonly shared: SharedArrayBuffer;
   readonly values: Float64Array;
+  /**
+   * Counters kept outside shared memory (the verdicts of a program the port runs in the
+   * kernel, which no worker sees), added to one pair's row when read.
+   */
+  private external: { pair: number; read: () => Partial<Record<Counter, number>> } | null = null;
   constructor(readonly pairs: number, shared?: SharedArrayBuffer) {
     this.shared = shared ?? new SharedArrayBuffer(pairs * COUNTERS.length * 8);
     this.values = new Float64Array(this.shared);
+  }
+
+  /** Main thread only: a source of counters read on every pair()/total() and added to `pair`'s row. */
+  setExternal(pair: number, read: () => Partial<Record<Counter, number>>): void {
+    this.external = { pair, read };
+  }
+
+  private addExternal(out: PairCounters, pair: number | null): void {
+    const x = this.external;
+    if (!x || (pair !== null && pair !== x.pair)) return;
+    for (const [k, v] of Object.entries(x.read()) as [Counter, number][]) out[k] += v;
   }
 
   /** Index of a counter of a pair in `values`. */
@@ -71,6 +87,7 @@ export class DeviceStats {
   pair(p: number): PairCounters {
     const out = {} as PairCounters;
     COUNTERS.forEach((n, i) => { out[n] = this.values[p * COUNTERS.length + i]!; });
+    this.addExternal(out, p);
     return withAggregates(out);
   }
 
@@ -81,6 +98,7 @@ export class DeviceStats {
       for (let p = 0; p < this.pairs; p++) s += this.values[p * COUNTERS.length + i]!;
       out[n] = s;
     });
+    this.addExternal(out, null);
     return withAggregates(out);
   }
 }

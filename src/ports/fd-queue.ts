@@ -86,8 +86,9 @@ export class FdQueue implements HostQueue {
   }
 
   /**
-   * A tap has no kernel hook on its host→guest path, so the offloaded program runs here, on each
-   * frame right after readv and before it is collected (DESIGN.md decision 7). Here rather than
+   * An offloaded program the tap's tc egress cannot run (TapPort.attachInKernel: XDP-only
+   * helpers, tail calls, what the translation cannot prove) runs here, on each frame right
+   * after readv and before it is collected (DESIGN.md decision 7). Here rather than
    * in net/: the frame is run in the buffers this queue read it into (the stash's iovecs, no
    * copy when it sits in one), and XDP_TX goes back out through this queue's fd.
    */

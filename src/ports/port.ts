@@ -32,10 +32,18 @@ export interface Port {
    * Attaching an offloaded program is a port method (DESIGN.md decision 7). A port that runs it
    * in the kernel (xsk: natively at the ingress of its veth end) attaches it here, or the plain
    * setup again for null; returns a line for the log and throws when it could not attach it
-   * (what was attached stays). A port without (tap) has its queues test-run it per frame
-   * (HostQueue.setProgram).
+   * (what was attached stays). A port without it (tap) tries attachInKernel, and has its queues
+   * test-run what that refuses per frame (HostQueue.setProgram).
    */
   attachProgram?(source: { code: Uint8Array; license: string } | null, warn: (message: string) => void): string;
+  /**
+   * A port that can run the program in the kernel for some programs only (tap: translated for
+   * its tc egress). inKernel false: it does not run it (the line says why, `code` names the
+   * rule); the datapath test-runs it instead. null removes what runs in the kernel.
+   */
+  attachInKernel?(source: { code: Uint8Array; license: string } | null): { line: string; inKernel: boolean; code?: string };
+  /** Verdicts counted in the kernel by the program attachInKernel runs (the datapath never sees those frames). */
+  kernelVerdicts?(): { pass: number; drop: number; tx: number; aborted: number };
   /** Checksum and segmentation offloads this port can honour (tap: all; AF_XDP: none). */
   readonly offloads?: boolean;
   setMtu(mtu: number): void;

@@ -34,6 +34,11 @@ export function resolveTapIo(mode: TapIoMode, ifname: string, probe: () => Retur
   logger(ifname).warn(`io_uring unavailable (${p.reason}): the tap's frames go through readv/writev, one system call each`);
   return { io: 'rw', reason: p.reason };
 }
+import { ifNameToIndex } from '../sys/libc.js';
+import { BpfError } from '../sys/bpf/libbpf.js';
+import { hostObjectName } from '../offload/host-names.js';
+import { TcTranslateError } from '../offload/tc-translate.js';
+import { TapTcAttachment, TcProgram, ZERO_VERDICTS, type TcVerdicts } from './tap-tc-program.js';
 
 const TUNSETIFF = 0x400454ca;
 const TUNSETPERSIST = 0x400454cb;
@@ -134,17 +139,22 @@ export class TapPort implements Port {
   /** The I/O its queues use, and why readv/writev when it is (null: io_uring). */
   io: TapIo = 'rw';
   ioReason: string | null = null;
+  /** The offloaded program at the tap's tc egress (null: none, or it runs on test-run). */
+  private tc: TapTcAttachment | null = null;
+  private readonly bpfPrefix: string;
 
-  private constructor(readonly ifname: string, readonly queuePairs: number) {
+  private constructor(readonly ifname: string, readonly queuePairs: number, bpfPrefix: string) {
     const exists = interfaceExists(ifname);
     this.adopted = exists && isOurs(ifname);
     this.created = !exists || this.adopted;
+    this.bpfPrefix = bpfPrefix;
   }
 
-  static open(ifname: string, queuePairs: number, opts: { io?: TapIoMode } = {}): TapPort {
+  /** bpfPrefix: the device's prefix for host BPF object names (offload/host-names.ts). */
+  static open(ifname: string, queuePairs: number, opts: { io?: TapIoMode; bpfPrefix?: string } = {}): TapPort {
     // Decided before anything is created: a refused --tap-io uring leaves no tap behind.
     const io = resolveTapIo(opts.io ?? 'auto', ifname);
-    const port = new TapPort(ifname, queuePairs);
+    const port = new TapPort(ifname, queuePairs, opts.bpfPrefix ?? 'vx');
     port.io = io.io;
     port.ioReason = io.reason;
     const fresh = port.created && !port.adopted;
@@ -212,13 +222,63 @@ export class TapPort implements Port {
     return linkStats(this.ifname);
   }
 
+  /**
+   * Runs the offloaded program in the kernel at the tap's tc egress, where host→guest frames
+   * pass before tun_net_xmit queues them for our fd (Port.attachInKernel). Returns
+   * inKernel false, with the reason in the line, when the program cannot run there (an
+   * XDP-only helper, something the translation cannot prove, a verifier refusal of the
+   * translation): the caller then has the datapath test-run it, and calls again with null
+   * to take away what ran here before. null detaches.
+   */
+  attachInKernel(source: { code: Uint8Array; license: string } | null): { line: string; inKernel: boolean; code?: string } {
+    if (!source) {
+      const had = this.tc?.program ?? null;
+      this.tc?.clear();
+      return { line: had ? `tc egress program ${had.id} removed from ${this.ifname}` : 'no tc egress program', inKernel: false };
+    }
+    let next: TcProgram;
+    try {
+      next = TcProgram.load(source, { ifindex: ifNameToIndex(this.ifname), name: hostObjectName(this.bpfPrefix, 'tap_tc'), countersName: hostObjectName(this.bpfPrefix, 'tc_verdicts') });
+    } catch (e) {
+      if (e instanceof TcTranslateError) return { line: e.message, inKernel: false, code: e.code };
+      if (e instanceof BpfError && e.op === 'bpf_prog_load') {
+        const last = (e.verifierLog ?? '').trim().split('\n').filter((l) => l.trim()).slice(-2).join(' / ');
+        return { line: `the kernel verifier refused the tc translation (${e.code}): ${last}`, inKernel: false, code: 'tc-verifier-rejected' };
+      }
+      throw e;
+    }
+    try {
+      this.tc ??= new TapTcAttachment(ifNameToIndex(this.ifname), this.ifname);
+      this.tc.set(next);
+    } catch (e) {
+      next.close();
+      throw e;
+    }
+    return { line: `tc egress program ${next.id} '${next.name}' (guest program translated for tc, ${next.rewrites} context reads rewritten) attached to ${this.ifname} (tcx)`, inKernel: true };
+  }
+
+  /** The tc program running the offload, for status (null when none runs in the kernel). */
+  get tcProgram(): { id: number; name: string } | null {
+    const p = this.tc?.program;
+    return p ? { id: p.id, name: p.name } : null;
+  }
+
+  /** Verdicts counted in the kernel by the tc programs this port ran (the datapath never sees those frames). */
+  kernelVerdicts(): TcVerdicts {
+    return this.tc?.verdicts() ?? { ...ZERO_VERDICTS };
+  }
+
   abandon(): void {
     // Our fds keep it alive until the process ends; then it goes, even if close() never runs.
     if (this.created && this.fds.length > 0) raw.ioctl(this.fds[0]!, TUNSETPERSIST, 0);
+    // The tc program goes at once: a tap left behind carries no filter nobody reads behind.
+    this.tc?.clear();
   }
 
   /** Clean shutdown: a tap that is ours goes (not persistent any more, its last fd closed). */
   close(): void {
+    this.tc?.clear();
+    this.tc = null;
     if (this.created && this.fds.length > 0) {
       // Best effort: a tap whose persist flag cannot be cleared stays, which a restart re-adopts.
       raw.ioctl(this.fds[0]!, TUNSETPERSIST, 0);
@@ -243,8 +303,9 @@ export function setTapQueueAttached(fd: number, attached: boolean): void {
 
 /**
  * Worker side of one tap queue: readv/writev straight between the tap and guest buffers, vnet
- * header included (the tap reads and writes it). An offloaded program runs on each frame the
- * tap hands over before the guest sees it (setProgram): a tap has no kernel hook there.
+ * header included (the tap reads and writes it). An offloaded program the tap's tc egress cannot
+ * run (TapPort.attachInKernel refused it) runs here on each frame the tap hands over, before the
+ * guest sees it (setProgram).
  */
 export class TapQueue extends FdQueue {
   /** `pollFd`: what the datapath waits on, when not the tap fd itself (UringQueue's eventfd). */

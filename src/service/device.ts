@@ -12,6 +12,7 @@ import type { TransferRecord } from '../vhost-user/device-state.js';
 import { parsePort, type DeviceSpec } from './device-spec.js';
 import type { WorkerPool } from '../datapath/worker-pool.js';
 import { bpfPrefix } from '../offload/host-names.js';
+import type { OffloadPath } from '../net/offload-channel.js';
 
 /** A tap port's I/O as status shows it: io_uring, or readv/writev and why. */
 export interface TapIoStatus { mode: 'uring' | 'rw'; reason: string | null }
@@ -38,7 +39,8 @@ export interface DeviceStatus {
   refusals: Record<string, number>;
   lastDisconnect: string;
   /** bpfPrefix: how this device's host BPF objects are named (`<bpfPrefix>_<role>`, offload/host-names.ts). */
-  offload: { pair: number; claimed: boolean; program: number | null; bpfPrefix: string } | null;
+  /** runs: where the program runs (absent without one): `tap-tc`, `tap-test-run` or `xdp-native`. */
+  offload: { pair: number; claimed: boolean; program: number | null; bpfPrefix: string; runs?: OffloadPath } | null;
   /** Which pool worker serves each running pair. */
   workers: { pair: number; worker: number }[];
   /** Dirty logging for live migration is on (LOG_ALL acked and a log mapped). */
@@ -57,13 +59,15 @@ export interface SocketFiles {
  * Where the guest's offloaded program runs on the host. name/id/tag: the program as the guest
  * sent it (the broker's load of it); hostName: its kernel name, which names the device
  * (offload/host-names.ts); hostId: the host program that runs it on frames, as `bpftool prog
- * show` lists it: on a tap port the broker's program itself (test-run on each frame), on an
- * xsk port the composed program attached at the veth (guest program + AF_XDP redirect; null
- * while none is attached).
+ * show` lists it: on a tap port the tc program at the tap's egress (`tap-tc`: the guest program
+ * translated for tc) or, when it could not be translated, the broker's program itself
+ * (`tap-test-run`: BPF_PROG_TEST_RUN on each frame, `fallback` says why); on an xsk port the
+ * composed program attached at the veth (guest program + AF_XDP redirect; null while none is
+ * attached).
  */
 export interface OffloadHost {
   bpfPrefix: string;
-  program: { id: number; tag: string; name: string; hostName: string; hostId: number | null; hostProgramName: string | null; runs: 'test-run' | 'xdp-native' } | null;
+  program: { id: number; tag: string; name: string; hostName: string; hostId: number | null; hostProgramName: string | null; runs: OffloadPath; fallback?: { code: string; reason: string } } | null;
 }
 
 /** The pinned-memory quota of an xsk device as the control API shows it. */
@@ -117,7 +121,7 @@ export class Device {
     try {
       port = p.kind === 'xsk'
         ? XskPort.create(p.ifname, pairs, { mtu: spec.mtu ?? 1500, pinLimitBytes: spec.pinLimit, bpfPrefix: bpfPrefix(spec.name) })
-        : TapPort.open(p.ifname, pairs, { io: spec.tapIo ?? 'auto' });
+        : TapPort.open(p.ifname, pairs, { io: spec.tapIo ?? 'auto', bpfPrefix: bpfPrefix(spec.name) });
     } catch (e) {
       claim?.release();
       inherited?.close();
@@ -159,7 +163,7 @@ export class Device {
         io: this.port instanceof TapPort ? { mode: this.port.io, reason: this.port.ioReason } : null,
       },
       queuePairs: this.net.maxQueuePairs(),
-      offload: this.broker ? { pair: this.net.offloadPair, claimed: this.broker.claimed, program: this.broker.program?.id ?? null, bpfPrefix: this.broker.bpfPrefix } : null,
+      offload: this.broker ? { pair: this.net.offloadPair, claimed: this.broker.claimed, program: this.broker.program?.id ?? null, bpfPrefix: this.broker.bpfPrefix, ...(this.broker.path ? { runs: this.broker.path } : {}) } : null,
       connected: s !== null,
       connections: this.endpoint.connections,
       features: describeFeatures(this.net.negotiated),
@@ -194,7 +198,12 @@ export class Device {
     const p = b.programInfo();
     if (!p) return { bpfPrefix: b.bpfPrefix, program: null };
     const x = this.xsk;
-    if (!x) return { bpfPrefix: b.bpfPrefix, program: { ...p, hostId: p.id, hostProgramName: p.hostName, runs: 'test-run' } };
+    if (!x) {
+      const tc = this.port instanceof TapPort ? this.port.tcProgram : null;
+      if (b.path === 'tap-tc' && tc) return { bpfPrefix: b.bpfPrefix, program: { ...p, hostId: tc.id, hostProgramName: tc.name, runs: 'tap-tc' } };
+      const fallback = b.fallbackReason;
+      return { bpfPrefix: b.bpfPrefix, program: { ...p, hostId: p.id, hostProgramName: p.hostName, runs: 'tap-test-run', ...(fallback ? { fallback } : {}) } };
+    }
     const a = x.attachedProgram;
     return { bpfPrefix: b.bpfPrefix, program: { ...p, hostId: a.composed ? a.id : null, hostProgramName: a.composed ? a.name : null, runs: 'xdp-native' } };
   }

@@ -66,6 +66,15 @@ for (const port of ['tap', 'xsk'] as const) {
       expect(show.maps.map((m) => [m.name, m.type]).sort()).toEqual([
         ['counters', 6], ['flows', 9], ['jump', 3], [`vo_${port}.bss`, 2], [`vo_${port}.rodata`, 2],
       ]);
+      // Its tail calls keep a tap on test-run (issue 18): the PROG_ARRAY holds XDP programs,
+      // which a tc program cannot tail-call; serve says so in its log and offload show.
+      const host = (await rig.be.call('offload.show', { name: dev })).host.program;
+      if (port === 'tap') {
+        expect(host).toMatchObject({ runs: 'tap-test-run', fallback: { code: 'tc-tail-call' } });
+        expect(rig.be.proc.tail(400)).toMatch(/stays on per-frame BPF_PROG_TEST_RUN .*bpf_tail_call.*\[tc-tail-call\].*the xsk port is the fast path/);
+      } else {
+        expect(host.runs).toBe('xdp-native');
+      }
     }, 30_000);
 
     test('host frames are dropped or passed as the config says; host counters, the PERCPU counters and the LRU flows agree', async () => {

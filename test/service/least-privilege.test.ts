@@ -93,6 +93,8 @@ describe.each(['tap', 'xsk'] as const)('serve --port %s as an unprivileged user 
     await waitUntil(async () => (await rig!.be.call('status')).devices[0].offload.claimed, 3000, 'claim visible');
     expect(await rig.hostToGuest(10)).toBe(10);
     const [h] = (await offloadSample(rig.oc, 'xdp_drop')) as [number];
+    // With CAP_NET_ADMIN and CAP_BPF a tap runs it at tc egress (SCHED_CLS load, tcx link).
+    expect((await rig.be.call('offload.show', { name: 'lpoff' })).host.program.runs).toBe(kind === 'tap' ? 'tap-tc' : 'xdp-native');
     await sleep(100);
     const peer = defaultPeerName(ifname);
     const drops0 = kind === 'xsk' ? vethXdpCounters(peer).xdp_drops ?? 0 : 0;

@@ -241,17 +241,20 @@ describe('metrics and host names of an offloaded program (tap port)', () => {
     expect(show.bpfPrefix).toBe(NAME);
     expect(show.program.name).toBe(PROG); // the guest's name stays the guest's
     expect(show.program.hostName).toBe(hostName);
-    expect(show.host.program).toMatchObject({ id: show.program.id, hostId: show.program.id, hostName, runs: 'test-run' });
+    // On a tap the program runs translated at the tap's tc egress (issue 18): that host program is named for the device too.
+    expect(show.host.program).toMatchObject({ id: show.program.id, hostName, runs: 'tap-tc', hostProgramName: hostObjectName(NAME, 'tap_tc') });
     expect(show.maps[0].hostName).toBe(hostObjectName(NAME, show.maps[0].name));
     const progs = JSON.parse(execFileSync('bpftool', ['-j', 'prog', 'show'], { encoding: 'utf8' })) as { id: number; name?: string }[];
-    expect(progs.find((p) => p.id === show.host.program.hostId)?.name).toBe(hostName);
+    expect(progs.find((p) => p.id === show.program.id)?.name).toBe(hostName);
+    expect(progs.find((p) => p.id === show.host.program.hostId)?.name).toBe(show.host.program.hostProgramName);
     const maps = JSON.parse(execFileSync('bpftool', ['-j', 'map', 'show'], { encoding: 'utf8' })) as { id: number; name?: string }[];
     expect(maps.find((m) => m.id === show.maps[0].id)?.name).toBe(show.maps[0].hostName);
     // Status names the prefix too; the metrics carry the same ids.
     const st = await rig.be.call('status');
     expect(st.devices[0].offload.bpfPrefix).toBe(NAME);
     const s = await scrape(port);
-    expect(sum(s, 'vhost_xdp_offload_program_id', { device: NAME })).toBe(show.program.id);
+    // The host program that runs the offload: on a tap the tc egress program.
+    expect(sum(s, 'vhost_xdp_offload_program_id', { device: NAME })).toBe(show.host.program.hostId);
     expect(s.find((x) => x.name === 'vhost_xdp_offload_program_info')?.labels).toMatchObject({ device: NAME, host_name: hostName, name: PROG, tag: show.program.tag, id: String(show.program.id) });
   });
 });

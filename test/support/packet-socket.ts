@@ -86,15 +86,22 @@ export class PacketSocket {
     });
   }
 
-  send(frame: Uint8Array): void {
+  /**
+   * Sends one frame; true when the kernel took it. ENOBUFS is the kernel's NET_XMIT_DROP: the
+   * frame was dropped on its way out (a full tap queue, or a tc egress program: the tap port's
+   * offload fast path drops there). By default it is retried like EAGAIN; with dropOk the drop
+   * is the expected outcome and send returns false (a retry would send a second copy).
+   */
+  send(frame: Uint8Array, opts: { dropOk?: boolean } = {}): boolean {
     if (frame.length > FRAME_MAX) throw new RangeError(`frame of ${frame.length} bytes exceeds ${FRAME_MAX}`);
     const buf = this.mem.bytes.subarray(4096, 4096 + frame.length);
     buf.set(frame);
     // The socket is non-blocking; a full device queue shows as EAGAIN/ENOBUFS: wait a little.
     for (let attempt = 0; ; attempt++) {
       const n = raw.write(this.fd, this.mem.address + 4096, frame.length);
-      if (n === frame.length) return;
+      if (n === frame.length) return true;
       const e = lastErrno();
+      if (n < 0 && e === Errno.ENOBUFS && opts.dropOk) return false;
       if (n < 0 && (e === Errno.EAGAIN || e === Errno.ENOBUFS) && attempt < 100) {
         this.epoll.wait(1, () => undefined);
         continue;

@@ -20,6 +20,10 @@ export const Op = {
   MOV64_REG: 0xbf,
   /** BPF_JMP32 | BPF_JEQ | BPF_K */
   JEQ32_IMM: 0x16,
+  /** BPF_JMP | BPF_JNE | BPF_K */
+  JNE_IMM: 0x55,
+  /** BPF_JMP | BPF_JA */
+  JA: 0x05,
   /** BPF_STX | BPF_ATOMIC | BPF_DW (imm = BPF_ADD: fetch-less add) */
   ATOMIC_DW: 0xdb,
   /** BPF_JMP | BPF_CALL */
@@ -36,6 +40,40 @@ export const BPF_CLASS_JMP32 = 0x06;
 export const BPF_OP_JA = 0x00;
 export const BPF_OP_CALL = 0x80;
 export const BPF_OP_EXIT = 0x90;
+/** may_goto (BPF_JMP | BPF_JCOND): a conditional jump the verifier bounds. */
+export const BPF_OP_JCOND = 0xe0;
+
+/** The other classes, and the fields of load/store (size, mode) and ALU (op, source) opcodes. */
+export const BPF_CLASS_LD = 0x00;
+export const BPF_CLASS_LDX = 0x01;
+export const BPF_CLASS_ST = 0x02;
+export const BPF_CLASS_STX = 0x03;
+export const BPF_CLASS_ALU = 0x04;
+export const BPF_CLASS_ALU64 = 0x07;
+export const BPF_SIZE_MASK = 0x18;
+export const BPF_SIZE_W = 0x00;
+export const BPF_SIZE_DW = 0x18;
+export const BPF_MODE_MASK = 0xe0;
+export const BPF_MODE_IMM = 0x00;
+export const BPF_MODE_MEM = 0x60;
+export const BPF_MODE_ATOMIC = 0xc0;
+/** ALU source bit: register (BPF_X) rather than immediate (BPF_K). */
+export const BPF_SRC_X = 0x08;
+export const BPF_ALU_ADD = 0x00;
+export const BPF_ALU_SUB = 0x10;
+export const BPF_ALU_MOV = 0xb0;
+export const BPF_ALU_NEG = 0x80;
+export const BPF_ALU_END = 0xd0;
+/** BPF_ATOMIC imm: fetch variants write the old value to src (cmpxchg: to r0); load-acquire / store-release (6.15+). */
+export const BPF_ATOMIC_FETCH = 0x01;
+export const BPF_ATOMIC_CMPXCHG = 0xf1;
+export const BPF_ATOMIC_LOAD_ACQ = 0x100;
+export const BPF_ATOMIC_STORE_REL = 0x110;
+
+/** Bytes a load/store of this opcode moves. */
+export function accessBytes(code: number): number {
+  return [4, 2, 1, 8][(code & BPF_SIZE_MASK) >> 3]!;
+}
 
 /** ld_imm64 src_reg values (uapi linux/bpf.h, BPF_PSEUDO_*). */
 export const Pseudo = {

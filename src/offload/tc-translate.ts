@@ -1,0 +1,275 @@
+// The guest's XDP program made into a tc program for a tap's egress (issue 18): host→guest
+// frames leave the host stack through the tap's transmit (tun_net_xmit), and tcx egress runs
+// before it with direct packet access, so a frame the program drops never reaches the tap's
+// fd, and costs no syscall at all.
+//
+// Two steps:
+//  1. translateXdpToTc rewrites the guest's context accesses from struct xdp_md to struct
+//     __sk_buff. Which registers hold the context comes from offload/ctx-flow.ts; anything it
+//     cannot prove — a base that may or may not be the context, a context pointer stored where
+//     the pass loses it, a helper without a tc counterpart of the same meaning — refuses the
+//     translation with a code, and the caller keeps the program on BPF_PROG_TEST_RUN.
+//  2. composeTc builds the tc program: a fixed entry that puts an out-of-band VLAN tag into
+//     the frame's bytes and pulls the whole frame into the linear area (so the program sees
+//     what XDP on the frame read from the tap saw), calls the rewritten guest as a
+//     bpf-to-bpf subprogram and maps its verdict, the same layout as the xsk composer
+//     (offload/compose.ts), whose guest-block check it reuses.
+// The kernel verifier checks the result: a wrong rewrite is refused at load, never run.
+
+import {
+  decodeInsn, encodeInsns, ldImm64, BPF_INSN_SIZE, Op, Pseudo, PseudoCall, Helper, BPF_CLASS_MASK, BPF_OP_MASK,
+  BPF_CLASS_JMP, BPF_CLASS_LD, BPF_CLASS_LDX, BPF_CLASS_ST, BPF_CLASS_STX, BPF_OP_CALL, BPF_SIZE_MASK, BPF_SIZE_W,
+  BPF_MODE_MASK, BPF_MODE_MEM, BPF_MODE_ATOMIC, BPF_ATOMIC_LOAD_ACQ, BPF_ATOMIC_STORE_REL, type BpfInsn,
+} from '../sys/bpf/insns.js';
+import { XDP_DROP, XDP_PASS, XDP_TX } from '../sys/bpf/xdp.js';
+import { TCX_NEXT, TCX_DROP, BPF_F_INGRESS } from '../sys/bpf/tcx.js';
+import { VxError } from '../errors.js';
+import { analyzeCtxFlow, CtxFlowError, CTX } from './ctx-flow.js';
+import { checkGuestBlock, ComposeError } from './compose.js';
+
+export type TcRefusal =
+  | 'tc-xdp-helper' | 'tc-helper-unknown' | 'tc-tail-call' | 'tc-kfunc' | 'tc-callback' | 'tc-legacy-packet-access'
+  | 'tc-ctx-field' | 'tc-ctx-access-size' | 'tc-ctx-write' | 'tc-ctx-ambiguous' | 'tc-ctx-escape' | 'tc-ctx-flow'
+  | 'tc-bad-program';
+
+/** A program this translation will not make into a tc program; `insn` is the guest-relative instruction (-1: the whole program). */
+export class TcTranslateError extends VxError {
+  constructor(code: TcRefusal, message: string, readonly insn: number) {
+    super(code, message);
+  }
+}
+
+/**
+ * struct xdp_md field → struct __sk_buff field (uapi linux/bpf.h). XDP allows only 4-byte reads
+ * of these (xdp_is_valid_access: "size != sizeof(__u32)" refused, no writes), so a context
+ * access is one LDX_W whose offset is rewritten; tc reads the same pointers and values as u32
+ * too (the verifier widens data/data_end/data_meta to pointers in both).
+ * - data, data_end, data_meta: the frame (skb->data is the Ethernet header at tc egress).
+ * - ingress_ifindex → ifindex: the host device the program runs at, the tap (on the xsk port
+ *   it is the veth end's; on BPF_PROG_TEST_RUN it was loopback's, an artifact of test-run).
+ * - rx_queue_index → queue_mapping: the tap queue the frame is going to = the guest's pair, as
+ *   the xsk port's rx_queue_index is.
+ * egress_ifindex is readable only by devmap programs (the verifier refused it already).
+ */
+const CTX_FIELD = new Map<number, { name: string; skbOffset: number }>([
+  [0, { name: 'data', skbOffset: 76 }],
+  [4, { name: 'data_end', skbOffset: 80 }],
+  [8, { name: 'data_meta', skbOffset: 140 }],
+  [12, { name: 'ingress_ifindex', skbOffset: 40 }],
+  [16, { name: 'rx_queue_index', skbOffset: 12 }],
+]);
+
+/** Helpers with the same meaning and signature for XDP and tc programs, with their argument counts. */
+const TC_HELPERS = new Map<number, { name: string; args: number }>([
+  [1, { name: 'map_lookup_elem', args: 2 }], [2, { name: 'map_update_elem', args: 4 }],
+  [3, { name: 'map_delete_elem', args: 2 }], [5, { name: 'ktime_get_ns', args: 0 }],
+  [7, { name: 'get_prandom_u32', args: 0 }], [8, { name: 'get_smp_processor_id', args: 0 }],
+  [28, { name: 'csum_diff', args: 5 }], [125, { name: 'ktime_get_boot_ns', args: 0 }],
+  [195, { name: 'map_lookup_percpu_elem', args: 3 }],
+]);
+
+/** Helpers that exist for XDP only (their context is an xdp_buff): such a program stays on test-run. */
+const XDP_ONLY_HELPERS = new Map<number, string>([
+  [44, 'xdp_adjust_head'], [54, 'xdp_adjust_meta'], [65, 'xdp_adjust_tail'], [121, 'xdp_output'],
+  [188, 'xdp_get_buff_len'], [189, 'xdp_load_bytes'], [190, 'xdp_store_bytes'],
+]);
+
+export interface TcTranslation {
+  /** The guest's instructions with context accesses rewritten (host map fds untouched). */
+  code: Uint8Array;
+  /** Context reads rewritten, for logs and tests. */
+  rewrites: { insn: number; field: string }[];
+}
+
+/**
+ * Rewrites a checked guest XDP program (host map fds in its ld_imm64s) for the tc hook, or
+ * throws TcTranslateError naming the first thing it cannot prove.
+ */
+export function translateXdpToTc(guest: Uint8Array): TcTranslation {
+  let n: number;
+  try {
+    n = checkGuestBlock(guest);
+  } catch (e) {
+    if (e instanceof ComposeError) throw new TcTranslateError('tc-bad-program', e.message, e.insn);
+    throw e;
+  }
+  // Policy first (cheap, and names the helper an operator will recognise).
+  for (let i = 0; i < n; i++) {
+    const { code, src, imm } = decodeInsn(guest, i);
+    if (code === Op.LD_IMM64) {
+      if (src === Pseudo.FUNC) throw new TcTranslateError('tc-callback', `instruction ${i}: a callback function reference (bpf_loop and friends): the translation does not follow the context into callbacks`, i);
+      i++;
+      continue;
+    }
+    if ((code & BPF_CLASS_MASK) === BPF_CLASS_LD) {
+      throw new TcTranslateError('tc-legacy-packet-access', `instruction ${i}: legacy packet load (LD_ABS/LD_IND) reads r6 as an skb`, i);
+    }
+    if (code !== Op.CALL) continue;
+    if (src === PseudoCall.KFUNC_CALL) throw new TcTranslateError('tc-kfunc', `instruction ${i}: kfunc call`, i);
+    if (src !== PseudoCall.HELPER) continue;
+    if (imm === Helper.TAIL_CALL) {
+      throw new TcTranslateError('tc-tail-call', `instruction ${i}: bpf_tail_call: the PROG_ARRAY holds XDP programs, and a tc program may only tail-call programs of its own type (the verifier checks the array's owner type)`, i);
+    }
+    const xdp = XDP_ONLY_HELPERS.get(imm);
+    if (xdp) throw new TcTranslateError('tc-xdp-helper', `instruction ${i}: helper bpf_${xdp} (${imm}) exists for XDP only`, i);
+    if (!TC_HELPERS.has(imm)) throw new TcTranslateError('tc-helper-unknown', `instruction ${i}: helper ${imm} has no tc counterpart this translation knows to mean the same`, i);
+  }
+
+  let flow;
+  try {
+    flow = analyzeCtxFlow(guest, (id) => TC_HELPERS.get(id)?.args ?? 5);
+  } catch (e) {
+    if (e instanceof CtxFlowError) throw new TcTranslateError('tc-ctx-flow', e.message, -1);
+    throw e;
+  }
+  if (flow.ctxEscapes) {
+    const i = flow.ctxEscapes.insn;
+    throw new TcTranslateError('tc-ctx-escape', `instruction ${i}: the context pointer is stored where the data-flow pass cannot follow it (not an aligned 8-byte slot of its own frame)`, i);
+  }
+
+  const out = guest.slice();
+  const view = new DataView(out.buffer, out.byteOffset, out.byteLength);
+  const rewrites: { insn: number; field: string }[] = [];
+  for (let i = 0; i < n; i++) {
+    const { code, dst, src, off, imm } = decodeInsn(guest, i);
+    if (code === Op.LD_IMM64) { i++; continue; }
+    const regs = flow.regsAt(i);
+    if (!regs) continue; // unreached: the verifier refuses unreachable instructions itself
+    const cls = code & BPF_CLASS_MASK;
+    const mode = code & BPF_MODE_MASK;
+    const loadBase = cls === BPF_CLASS_LDX || (cls === BPF_CLASS_STX && mode === BPF_MODE_ATOMIC && imm === BPF_ATOMIC_LOAD_ACQ) ? src : -1;
+    const storeBase = cls === BPF_CLASS_ST || (cls === BPF_CLASS_STX && !(mode === BPF_MODE_ATOMIC && imm === BPF_ATOMIC_LOAD_ACQ)) ? dst : -1;
+    if (loadBase >= 0) {
+      const b = regs[loadBase]!;
+      if (!(b.m & CTX)) continue;
+      if (b.m !== CTX) throw new TcTranslateError('tc-ctx-ambiguous', `instruction ${i}: r${loadBase} may be the context pointer on one path and something else on another (or a modified one)`, i);
+      if (cls !== BPF_CLASS_LDX || mode !== BPF_MODE_MEM || (code & BPF_SIZE_MASK) !== BPF_SIZE_W) {
+        throw new TcTranslateError('tc-ctx-access-size', `instruction ${i}: context read that is not a plain 4-byte load`, i);
+      }
+      const field = CTX_FIELD.get(off);
+      if (!field) throw new TcTranslateError('tc-ctx-field', `instruction ${i}: xdp_md offset ${off} has no __sk_buff counterpart`, i);
+      view.setInt16(i * BPF_INSN_SIZE + 2, field.skbOffset, true);
+      rewrites.push({ insn: i, field: field.name });
+      continue;
+    }
+    if (storeBase >= 0) {
+      if (regs[storeBase]!.m & CTX) throw new TcTranslateError('tc-ctx-write', `instruction ${i}: store through a register that may be the context pointer`, i);
+      // Spills of the context were followed by the pass (ctxEscapes covers the rest).
+      continue;
+    }
+    if (cls === BPF_CLASS_JMP && (code & BPF_OP_MASK) === BPF_OP_CALL && src === PseudoCall.HELPER) {
+      const args = TC_HELPERS.get(imm)!.args;
+      for (let k = 1; k <= args; k++) {
+        if (regs[k]!.m & CTX) throw new TcTranslateError('tc-ctx-escape', `instruction ${i}: the context pointer may be argument ${k} of helper ${TC_HELPERS.get(imm)!.name}`, i);
+      }
+    }
+  }
+  return { code: out, rewrites };
+}
+
+const R0 = 0, R1 = 1, R2 = 2, R3 = 3, R4 = 4, R5 = 5, R6 = 6, R7 = 7, R8 = 8;
+const HELPER_SKB_VLAN_POP = 19;
+const HELPER_SKB_CHANGE_HEAD = 43;
+const HELPER_SKB_PULL_DATA = 39;
+const HELPER_REDIRECT = 23;
+
+/** Byte offsets of the verdict counters in the one-element ARRAY the entry counts into (u64 each). */
+export const TcCounter = { pass: 0, drop: 8, tx: 16, aborted: 24 } as const;
+export const TC_COUNTERS_BYTES = 32;
+
+/** struct __sk_buff offsets the entry reads (uapi linux/bpf.h). */
+const SKB = { len: 0, protocol: 16, vlanPresent: 20, vlanTci: 24, vlanProto: 28, data: 76, dataEnd: 80 } as const;
+/** ETH_P_8021Q / ETH_P_8021AD as a 16-bit load of the big-endian field reads them on x86-64 (little-endian). */
+const PROTO_8021Q_AS_READ = 0x0081;
+const PROTO_8021AD_AS_READ = 0xa888;
+const STX_W = 0x63, STX_H = 0x6b, JEQ_IMM = 0x15, JGT_REG = 0x2d, ADD64_IMM = 0x07;
+/** BPF_ALU | BPF_END | BPF_TO_BE, imm 16: htons. */
+const BE16 = 0xdc;
+
+function entryBlock(countersFd: number, ifindex: number): BpfInsn[] {
+  const count = (field: number): BpfInsn[] => [
+    ...ldImm64(R1, Pseudo.MAP_VALUE, countersFd, field),
+    { code: Op.MOV64_IMM, dst: R2, imm: 1 },
+    { code: Op.ATOMIC_DW, dst: R1, src: R2, off: 0, imm: 0 },
+  ];
+  const PULL = 30, ABORTED = 39, DROP = ABORTED + 6, PASS = DROP + 6, TX = PASS + 6;
+  const to = (at: number, target: number) => target - at - 1;
+  const jeq = (at: number, value: number, target: number): BpfInsn => ({ code: Op.JEQ32_IMM, dst: R0, imm: value, off: to(at, target) });
+  return [
+    /* 0 */ { code: Op.MOV64_REG, dst: R6, src: R1 }, // the skb survives the calls in a callee-saved register
+    // A frame whose VLAN tag travels out of band (skb->vlan_present: a VLAN device or a bridge
+    // above the tap) has no tag in its bytes yet; tun_put_user inserts it when the frame is
+    // read, so XDP on the test-run path saw it. Put it in the bytes here so the program sees
+    // what it would have: pop the out-of-band tag, push 4 bytes at the front, move the MACs
+    // down and write proto and TCI after them. A frame that carries a tag in its bytes as well
+    // (QinQ) is left alone: skb_vlan_pop would move that inner tag out of band.
+    /* 1 */ { code: Op.LDX_W, dst: R2, src: R6, off: SKB.vlanPresent },
+    /* 2 */ { code: JEQ_IMM, dst: R2, imm: 0, off: to(2, PULL) },
+    /* 3 */ { code: Op.LDX_W, dst: R2, src: R6, off: SKB.protocol },
+    /* 4 */ { code: JEQ_IMM, dst: R2, imm: PROTO_8021Q_AS_READ, off: to(4, PULL) },
+    /* 5 */ { code: JEQ_IMM, dst: R2, imm: PROTO_8021AD_AS_READ, off: to(5, PULL) },
+    /* 6 */ { code: Op.LDX_W, dst: R7, src: R6, off: SKB.vlanTci },
+    /* 7 */ { code: Op.LDX_W, dst: R8, src: R6, off: SKB.vlanProto },
+    /* 8 */ { code: Op.MOV64_REG, dst: R1, src: R6 },
+    /* 9 */ { code: Op.CALL, imm: HELPER_SKB_VLAN_POP },
+    /* 10 */ { code: Op.JNE_IMM, dst: R0, imm: 0, off: to(10, ABORTED) },
+    /* 11 */ { code: Op.MOV64_REG, dst: R1, src: R6 },
+    /* 12 */ { code: Op.MOV64_IMM, dst: R2, imm: 4 },
+    /* 13 */ { code: Op.MOV64_IMM, dst: R3, imm: 0 },
+    /* 14 */ { code: Op.CALL, imm: HELPER_SKB_CHANGE_HEAD },
+    /* 15 */ { code: Op.JNE_IMM, dst: R0, imm: 0, off: to(15, ABORTED) },
+    /* 16 */ { code: Op.LDX_W, dst: R2, src: R6, off: SKB.data },
+    /* 17 */ { code: Op.LDX_W, dst: R3, src: R6, off: SKB.dataEnd },
+    /* 18 */ { code: Op.MOV64_REG, dst: R4, src: R2 },
+    /* 19 */ { code: ADD64_IMM, dst: R4, imm: 18 },
+    /* 20 */ { code: JGT_REG, dst: R4, src: R3, off: to(20, ABORTED) },
+    // Ascending 4-byte moves: each source lies ahead of its destination.
+    /* 21 */ { code: Op.LDX_W, dst: R5, src: R2, off: 4 }, { code: STX_W, dst: R2, src: R5, off: 0 },
+    /* 23 */ { code: Op.LDX_W, dst: R5, src: R2, off: 8 }, { code: STX_W, dst: R2, src: R5, off: 4 },
+    /* 25 */ { code: Op.LDX_W, dst: R5, src: R2, off: 12 }, { code: STX_W, dst: R2, src: R5, off: 8 },
+    /* 27 */ { code: STX_H, dst: R2, src: R8, off: 12 }, // vlan_proto is kept in network order
+    /* 28 */ { code: BE16, dst: R7, imm: 16 }, // vlan_tci in host order
+    /* 29 */ { code: STX_H, dst: R2, src: R7, off: 14 },
+    // bpf_skb_pull_data(skb, skb->len): the whole frame into the linear area, where direct
+    // packet access reaches (data_end is the end of the linear part at tc).
+    /* 30 PULL */ { code: Op.MOV64_REG, dst: R1, src: R6 },
+    /* 31 */ { code: Op.LDX_W, dst: R2, src: R6, off: SKB.len },
+    /* 32 */ { code: Op.CALL, imm: HELPER_SKB_PULL_DATA },
+    /* 33 */ { code: Op.JNE_IMM, dst: R0, imm: 0, off: to(33, ABORTED) },
+    /* 34 */ { code: Op.MOV64_REG, dst: R1, src: R6 },
+    /* 35 */ { code: Op.CALL, src: PseudoCall.CALL, imm: TC_ENTRY_INSNS - 36 },
+    // The kernel reads an XDP verdict as u32: compare the low 32 bits only.
+    /* 36 */ jeq(36, XDP_PASS, PASS),
+    /* 37 */ jeq(37, XDP_DROP, DROP),
+    /* 38 */ jeq(38, XDP_TX, TX),
+    // XDP_ABORTED, XDP_REDIRECT (the guest cannot set a target), unknown values, a frame that
+    // could not be pulled or tagged: dropped and counted, as the test-run path does.
+    /* 39 ABORTED */ ...count(TcCounter.aborted), { code: Op.MOV64_IMM, dst: R0, imm: TCX_DROP }, { code: Op.EXIT },
+    /* 45 */ ...count(TcCounter.drop), { code: Op.MOV64_IMM, dst: R0, imm: TCX_DROP }, { code: Op.EXIT },
+    // PASS goes on as TCX_NEXT, not TC_ACT_OK: programs the host attached after ours, and its
+    // own classic tc filters, still see the frame (the guest must not bypass host policy).
+    /* 51 */ ...count(TcCounter.pass), { code: Op.MOV64_IMM, dst: R0, imm: TCX_NEXT }, { code: Op.EXIT },
+    // XDP_TX: back to the host as if the tap had received it, as writing it into the tap fd
+    // does on the test-run path; bpf_redirect returns TC_ACT_REDIRECT.
+    /* 57 */ ...count(TcCounter.tx),
+    { code: Op.MOV64_IMM, dst: R1, imm: ifindex },
+    { code: Op.MOV64_IMM, dst: R2, imm: BPF_F_INGRESS },
+    { code: Op.CALL, imm: HELPER_REDIRECT },
+    { code: Op.EXIT },
+  ];
+}
+
+/** Where the guest's first instruction lands in the composed tc program. */
+export const TC_ENTRY_INSNS = 65;
+
+/** The tc program: the entry above, then the translated guest (TcTranslation.code). */
+export function composeTc(translated: Uint8Array, opts: { countersFd: number; ifindex: number }): Uint8Array {
+  if (!Number.isInteger(opts.ifindex) || opts.ifindex <= 0 || opts.ifindex > 0x7fffffff) throw new RangeError(`ifindex ${opts.ifindex}`);
+  if (!Number.isInteger(opts.countersFd) || opts.countersFd < 0) throw new RangeError(`counters fd ${opts.countersFd}`);
+  const entry = encodeInsns(entryBlock(opts.countersFd, opts.ifindex));
+  if (entry.byteLength !== TC_ENTRY_INSNS * BPF_INSN_SIZE) throw new Error('composeTc: entry block length drifted from TC_ENTRY_INSNS');
+  const out = new Uint8Array(entry.byteLength + translated.byteLength);
+  out.set(entry, 0);
+  out.set(translated, entry.byteLength);
+  return out;
+}
