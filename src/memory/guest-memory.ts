@@ -57,11 +57,14 @@ export class GuestMemory {
 
   /** Index of the region that holds all of [gpa, gpa+len), or -1. len 0 is treated as 1. */
   find(gpa: number, len: number): number {
-    if (!(gpa >= 0) || !(len >= 0) || gpa + len > MAX_GUEST_ADDRESS) return -1;
+    // 2^52 (MAX_GUEST_ADDRESS) as a literal: this runs for every descriptor.
+    if (!(gpa >= 0) || !(len >= 0) || gpa + len > 0x10000000000000) return -1;
     const end = gpa + (len === 0 ? 1 : len);
     const regs = this.regions;
     const hint = regs[this.last];
-    if (hint && gpa >= hint.gpa && end <= hint.gpa + hint.size) return this.last;
+    // `!== undefined`, not truthiness: testing an object for truthiness costs V8 a dozen
+    // checks (false, '', HeapNumber, BigInt...) on every descriptor.
+    if (hint !== undefined && gpa >= hint.gpa && end <= hint.gpa + hint.size) return this.last;
     for (let i = 0; i < regs.length; i++) {
       const r = regs[i]!;
       if (gpa >= r.gpa && end <= r.gpa + r.size) {
@@ -108,6 +111,7 @@ export class GuestMemory {
 export function readAddress(view: DataView, off: number): number {
   const lo = view.getUint32(off, true);
   const hi = view.getUint32(off + 4, true);
-  if (hi >= MAX_GUEST_ADDRESS / 2 ** 32) return -1;
+  // MAX_GUEST_ADDRESS / 2^32 as a literal: a module constant is a cell load and a TDZ check per call.
+  if (hi >= 0x100000) return -1;
   return hi * 2 ** 32 + lo;
 }

@@ -15,6 +15,10 @@ describe('header requests against negotiated features', () => {
     }
   });
 
+  it('a zero header asks for nothing under any feature set (TxPath skips the rules for it)', () => {
+    for (let allowed = 0; allowed <= ALL; allowed++) expect(unnegotiatedRequest(0, allowed)).toBe(false);
+  });
+
   it('NEEDS_CSUM needs CSUM', () => {
     expect(unnegotiatedRequest(req(1, 0), 0)).toBe(true);
     expect(unnegotiatedRequest(req(1, 0), TX_TSO4)).toBe(true);
