@@ -47,12 +47,11 @@ export class UringError extends VxError {
   }
 }
 
-/** liburing's -errno, or -1 with errno set (a libc wrapper), as a positive errno. */
+/** liburing's -errno as a positive errno: -1 is -EPERM (io_uring_disabled, seccomp), not a libc "see errno". */
 function errnoOf(ret: number): number {
-  return ret === -1 ? koffi.errno() || 1 : -ret;
+  return -ret;
 }
 
-export const IORING_OP_NOP = 0;
 export const IORING_OP_READV = 1;
 export const IORING_OP_WRITEV = 2;
 export const IORING_OP_POLL_ADD = 6;
@@ -69,7 +68,6 @@ export const POLLIN = 1;
 /** async cancel: every request on the fd (sqe.fd), fixed-file index given. */
 export const IORING_ASYNC_CANCEL_ALL = 1 << 0;
 export const IORING_ASYNC_CANCEL_FD = 1 << 1;
-export const IORING_ASYNC_CANCEL_ANY = 1 << 2;
 export const IORING_ASYNC_CANCEL_FD_FIXED = 1 << 3;
 
 const IORING_SETUP_SUBMIT_ALL = 1 << 7;
@@ -293,15 +291,6 @@ export class IoUring {
     const e = errnoOf(r);
     if (e === 4 /* EINTR */ || e === 11 /* EAGAIN */ || e === 16 /* EBUSY */) return 0;
     throw new UringError('io_uring_enter', e);
-  }
-
-  /** Enters the kernel only to run pending completion work (COOP_TASKRUN) and flush overflow. */
-  getEvents(): void {
-    const r = load()!.enter(this.fd, 0, 0, IORING_ENTER_GETEVENTS, 0);
-    if (r < 0) {
-      const e = errnoOf(r);
-      if (e !== 4 && e !== 11 && e !== 16) throw new UringError('io_uring_enter', e);
-    }
   }
 
   // ---------------------------------------------------------------------------------------
