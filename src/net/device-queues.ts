@@ -8,6 +8,7 @@ import type { HostQueue } from '../ports/host-queue.js';
 import type { VringConfig } from '../vhost-user/backend.js';
 import { logger, type Logger } from '../log.js';
 import { TestRunner } from '../sys/bpf/test-run.js';
+import { MAX_HELD_REPLIES } from './device-state.js';
 import { closeBpfFd } from '../sys/bpf/programs.js';
 import { BURST, type PathContext } from './queue-path.js';
 import { RxPath } from './rx-path.js';
@@ -19,8 +20,8 @@ import type { DeviceRequest, WorkerEvent } from '../datapath/messages.js';
 
 interface Running { cfg: VringConfig; queue: SplitQueue; rx?: RxPath; tx?: TxPath; }
 
-/** Responses held for a guest that has not posted receive buffers: bounded, oldest dropped. */
-const MAX_PENDING_REPLIES = 64;
+/** Responses held for a guest that has not posted receive buffers: bounded, oldest dropped (the bound migration carries too). */
+const MAX_PENDING_REPLIES = MAX_HELD_REPLIES;
 
 /**
  * One device's queues on one datapath worker: the pairs the pool assigned here, the device's

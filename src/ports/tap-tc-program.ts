@@ -12,18 +12,17 @@
 import { BpfMap, BpfMapType } from '../sys/bpf/maps.js';
 import { BpfProgType, closeBpfFd, progLoadWithLog } from '../sys/bpf/programs.js';
 import { progInfo } from '../sys/bpf/info.js';
-import { tcxAttach } from '../sys/bpf/tcx.js';
-import { libbpf, fail } from '../sys/bpf/libbpf.js';
+import { tcxAttach, tcxReplace } from '../sys/bpf/tcx.js';
 import { closeFd } from '../sys/libc.js';
 import { translateXdpToTc, composeTc, TcCounter, TC_COUNTERS_BYTES } from '../offload/tc-translate.js';
-
-const fn = {
-  link_update: libbpf.func('bpf_link_update', 'int', ['int', 'int', 'intptr_t']),
-};
 
 export interface TcVerdicts { pass: number; drop: number; tx: number; aborted: number }
 
 export const ZERO_VERDICTS: Readonly<TcVerdicts> = Object.freeze({ pass: 0, drop: 0, tx: 0, aborted: 0 });
+
+function addVerdicts(a: Readonly<TcVerdicts>, b: Readonly<TcVerdicts>): TcVerdicts {
+  return { pass: a.pass + b.pass, drop: a.drop + b.drop, tx: a.tx + b.tx, aborted: a.aborted + b.aborted };
+}
 
 /** A loaded (not yet attached) tc program and the verdict counters its entry block adds to. */
 export class TcProgram {
@@ -100,8 +99,7 @@ export class TapTcAttachment {
     if (this.link < 0) {
       this.link = tcxAttach(this.ifindex, next.fd, 'egress');
     } else {
-      const r = fn.link_update(this.link, next.fd, 0) as number;
-      if (r < 0) fail('bpf_link_update(tcx)', r, this.what);
+      tcxReplace(this.link, next.fd, this.what);
     }
     this.retire();
     this.current = next;
@@ -118,16 +116,13 @@ export class TapTcAttachment {
 
   /** Verdicts of every program this attachment has run, the current one included. */
   verdicts(): TcVerdicts {
-    const c = this.current?.verdicts() ?? ZERO_VERDICTS;
-    const r = this.retired;
-    return { pass: r.pass + c.pass, drop: r.drop + c.drop, tx: r.tx + c.tx, aborted: r.aborted + c.aborted };
+    return addVerdicts(this.retired, this.current?.verdicts() ?? ZERO_VERDICTS);
   }
 
   private retire(): void {
     const old = this.current;
     if (!old) return;
-    const v = old.verdicts();
-    this.retired = { pass: this.retired.pass + v.pass, drop: this.retired.drop + v.drop, tx: this.retired.tx + v.tx, aborted: this.retired.aborted + v.aborted };
+    this.retired = addVerdicts(this.retired, old.verdicts());
     old.close();
     this.current = null;
   }

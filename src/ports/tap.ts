@@ -1,13 +1,16 @@
 import fs from 'node:fs';
 import { spawnSync } from 'node:child_process';
-import { ArgumentError } from '../errors.js';
-import { raw, NativeBuffer, check, closeFd, SysError, lastErrno, Errno, O_RDWR, O_NONBLOCK, O_CLOEXEC } from '../sys/libc.js';
+import { ArgumentError, VxError } from '../errors.js';
+import { raw, NativeBuffer, check, closeFd, SysError, lastErrno, Errno, O_RDWR, O_NONBLOCK, O_CLOEXEC, ifNameToIndex } from '../sys/libc.js';
 import type { HostQueueConfig, Port, TapIo } from './port.js';
 import { FdQueue } from './fd-queue.js';
 import { linkStats } from './link-stats.js';
 import { probeIoUring } from '../sys/io-uring.js';
-import { VxError } from '../errors.js';
 import { logger } from '../log.js';
+import { BpfError } from '../sys/bpf/libbpf.js';
+import { hostObjectName } from '../offload/host-names.js';
+import { TcTranslateError } from '../offload/tc-translate.js';
+import { TapTcAttachment, TcProgram, ZERO_VERDICTS, type TcVerdicts } from './tap-tc-program.js';
 
 /** `serve --tap-io`: io_uring, readv/writev, or io_uring where this host allows it. */
 export type TapIoMode = TapIo | 'auto';
@@ -34,11 +37,6 @@ export function resolveTapIo(mode: TapIoMode, ifname: string, probe: () => Retur
   logger(ifname).warn(`io_uring unavailable (${p.reason}): the tap's frames go through readv/writev, one system call each`);
   return { io: 'rw', reason: p.reason };
 }
-import { ifNameToIndex } from '../sys/libc.js';
-import { BpfError } from '../sys/bpf/libbpf.js';
-import { hostObjectName } from '../offload/host-names.js';
-import { TcTranslateError } from '../offload/tc-translate.js';
-import { TapTcAttachment, TcProgram, ZERO_VERDICTS, type TcVerdicts } from './tap-tc-program.js';
 
 const TUNSETIFF = 0x400454ca;
 const TUNSETPERSIST = 0x400454cb;
@@ -236,9 +234,10 @@ export class TapPort implements Port {
       this.tc?.clear();
       return { line: had ? `tc egress program ${had.id} removed from ${this.ifname}` : 'no tc egress program', inKernel: false };
     }
+    const ifindex = ifNameToIndex(this.ifname);
     let next: TcProgram;
     try {
-      next = TcProgram.load(source, { ifindex: ifNameToIndex(this.ifname), name: hostObjectName(this.bpfPrefix, 'tap_tc'), countersName: hostObjectName(this.bpfPrefix, 'tc_verdicts') });
+      next = TcProgram.load(source, { ifindex, name: hostObjectName(this.bpfPrefix, 'tap_tc'), countersName: hostObjectName(this.bpfPrefix, 'tc_verdicts') });
     } catch (e) {
       if (e instanceof TcTranslateError) return { line: e.message, inKernel: false, code: e.code };
       if (e instanceof BpfError && e.op === 'bpf_prog_load') {
@@ -248,7 +247,7 @@ export class TapPort implements Port {
       throw e;
     }
     try {
-      this.tc ??= new TapTcAttachment(ifNameToIndex(this.ifname), this.ifname);
+      this.tc ??= new TapTcAttachment(ifindex, this.ifname);
       this.tc.set(next);
     } catch (e) {
       next.close();

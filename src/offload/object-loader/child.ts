@@ -58,9 +58,15 @@ function main(): void {
   for (const m of maps) obj.clearPinPath(m);
   // The kernel objects carry the device's prefix as the kernel path's do (host-names.ts), so
   // `bpftool prog/map show` tells whose they are; the report keeps libbpf's (the guest's) names.
+  // Where libbpf's name cannot be replaced safely it stays (the host checks against the kernel's).
+  const named = <T extends { name: string }>(x: T, set: (x: T, name: string) => boolean): string => {
+    if (!prefix) return x.name;
+    const k = hostObjectName(prefix, x.name);
+    return set(x, k) ? k : x.name;
+  };
   const kernelNames = {
-    maps: maps.map((m) => (prefix && obj.setMapKernelName(m, hostObjectName(prefix, m.name)) ? hostObjectName(prefix, m.name) : m.name)),
-    programs: progs.map((p) => (prefix && obj.setKernelName(p, hostObjectName(prefix, p.name)) ? hostObjectName(prefix, p.name) : p.name)),
+    maps: maps.map((m) => named(m, (x, k) => obj.setMapKernelName(x, k))),
+    programs: progs.map((p) => named(p, (x, k) => obj.setKernelName(x, k))),
   };
   const logs = progs.map(() => new NativeBuffer(logBytes));
   progs.forEach((p, i) => obj.setLogBuf(p, logs[i]!));

@@ -8,6 +8,7 @@ import { libbpf, fail, scratch, optsStruct, SCRATCH_IDS } from './libbpf.js';
 
 const fn = {
   link_create: libbpf.func('bpf_link_create', 'int', ['int', 'int', 'uint32', 'intptr_t']),
+  link_update: libbpf.func('bpf_link_update', 'int', ['int', 'int', 'intptr_t']),
   prog_query_opts: libbpf.func('bpf_prog_query_opts', 'int', ['int', 'uint32', 'intptr_t']),
 };
 
@@ -40,6 +41,12 @@ export function tcxAttach(ifindex: number, progFd: number, direction: 'ingress' 
   const fd = fn.link_create(progFd, ifindex, direction === 'egress' ? BPF_TCX_EGRESS : BPF_TCX_INGRESS, 0) as number;
   if (fd < 0) fail('bpf_link_create(tcx)', fd, `ifindex ${ifindex} ${direction}`);
   return fd;
+}
+
+/** Puts progFd in the link's place at once: no frame meets neither program (NULL opts: no expected old program). */
+export function tcxReplace(linkFd: number, progFd: number, what = ''): void {
+  const r = fn.link_update(linkFd, progFd, 0) as number;
+  if (r < 0) fail('bpf_link_update(tcx)', r, what);
 }
 
 /** Ids of the programs attached through tcx at ifindex's egress (or ingress), in run order. */
