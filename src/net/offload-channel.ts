@@ -3,8 +3,7 @@ import { OffloadBroker, type OffloadProgram, type OffloadProgramInfo, type Offlo
 import type { VerdictCounters } from '../offload/migration.js';
 import { validateQuotas, type Quotas, type QuotaUsage } from '../offload/quotas.js';
 import { MigrationStateError } from '../offload/errors.js';
-import { objectLoaderOptions } from '../offload/object-commands.js';
-import { DEFAULT_LOADER_OPTIONS } from '../offload/object-loader/loader.js';
+import { objectLoadTimeoutMs } from '../offload/object-commands.js';
 
 /** What the channel needs from its device: where replies, claims and programs go. */
 export interface OffloadSink {
@@ -202,7 +201,7 @@ export class OffloadChannel {
    * timeout (the default wait), but a guest could queue load after load; past `timeoutMs` this
    * rejects with 'state-load-pending', which fails the migration while the source runs on.
    */
-  async settled(timeoutMs = (objectLoaderOptions.timeoutMs ?? DEFAULT_LOADER_OPTIONS.timeoutMs) + SETTLE_MARGIN_MS): Promise<void> {
+  async settled(timeoutMs = objectLoadTimeoutMs() + SETTLE_MARGIN_MS): Promise<void> {
     const until = Date.now() + timeoutMs;
     while (this.inFlight && !this.closed) {
       const left = until - Date.now();

@@ -32,7 +32,7 @@ import { decodeProgram, instructionChecks, isGplCompatible, runInOrder, rewriteM
 import { OBJECT_MAP_TYPES, checkMapGeometry, mapTypeName, type MapEntry } from './map-table.js';
 import { estimateMapBytes, readMemlock } from './quotas.js';
 import { publishLoaded } from './program-commands.js';
-import { loadObjectInChild, loadObjectInChildAsync, ObjectLoaderError, type LoadedObjectFds, type LoaderOptions } from './object-loader/loader.js';
+import { loadObjectInChild, loadObjectInChildAsync, ObjectLoaderError, DEFAULT_LOADER_OPTIONS, type LoadedObjectFds, type LoaderOptions } from './object-loader/loader.js';
 import type { LoadedObject, LoadedProgram } from './program-state.js';
 import type { OffloadState } from './state.js';
 
@@ -42,6 +42,16 @@ const DEFAULT_OBJECT_NAME = 'vx_obj';
 
 /** Child-process limits for OBJ_LOAD; tests may shorten the timeout. */
 export const objectLoaderOptions: LoaderOptions = {};
+
+/** How long an OBJ_LOAD's child may run before it is killed: what a wait for a pending load is bounded by. */
+export function objectLoadTimeoutMs(): number {
+  return objectLoaderOptions.timeoutMs ?? DEFAULT_LOADER_OPTIONS.timeoutMs;
+}
+
+/** One device's loader options: a 64 KiB verifier log, kernel names under its prefix, then the limits. */
+function loaderOptions(st: OffloadState): LoaderOptions {
+  return { logBytes: 64 * 1024, namePrefix: st.bpfPrefix, ...objectLoaderOptions };
+}
 
 function objectRefused(code: string, reason: string, detail: { a?: number; b?: number } = {}): never {
   return refuse(Status.OBJECT_REFUSED, code, reason, detail);
@@ -351,7 +361,7 @@ export function loadObjectBytes(st: OffloadState, bytes: Uint8Array, name: strin
   const inspected = inspectAndJudge(st, bytes, progName);
   let got: LoadedObjectFds;
   try {
-    got = loadObjectInChild(bytes, name, { logBytes: 64 * 1024, namePrefix: st.bpfPrefix, ...objectLoaderOptions });
+    got = loadObjectInChild(bytes, name, loaderOptions(st));
   } catch (e) {
     loaderFailed(st, name, e);
   }
@@ -371,7 +381,7 @@ export async function loadObjectBytesAsync(st: OffloadState, bytes: Uint8Array, 
   st.pendingLoad = cancel;
   let got: LoadedObjectFds | null = null;
   try {
-    got = await loadObjectInChildAsync(bytes, name, { logBytes: 64 * 1024, namePrefix: st.bpfPrefix, ...objectLoaderOptions }, cancel.signal);
+    got = await loadObjectInChildAsync(bytes, name, loaderOptions(st), cancel.signal);
   } catch (e) {
     if (!cancel.signal.aborted) loaderFailed(st, name, e);
   } finally {
