@@ -326,7 +326,7 @@ export class UringQueue extends TapQueue {
    */
   private cancelReads(): void {
     for (let round = 0; this.doneSeq !== this.submittedSeq; round++) {
-      if (round >= MAX_CANCEL_ROUNDS) throw new Error(`tap ${this.fd}: reads still in the kernel after ${round} cancellations`);
+      if (round >= MAX_CANCEL_ROUNDS) throw new Error(`tap fd ${this.io}: reads still in the kernel after ${round} cancellations`);
       this.rx.prepCancelFixed(TAP_INDEX, CANCEL_TAG);
       this.rx.submit(1);
       this.reapRx();
