@@ -24,7 +24,16 @@ export type DeviceRequest =
   /** The device's reserved offload pair and whether the guest has claimed it. */
   | { op: 'offload'; pair: number; claimed: boolean }
   /** A broker response to deliver on the reserved pair's receive ring. */
-  | { op: 'offload-reply'; reply: Uint8Array };
+  | { op: 'offload-reply'; reply: Uint8Array }
+  /**
+   * The responses the worker still holds for the reserved pair, oldest first, handed back (and
+   * forgotten here): its receive ring stopped, and they must reach the migration state or the
+   * worker that serves the pair next. Answered with data (WorkerHandle.requestData).
+   */
+  | { op: 'take-replies' };
+
+/** What a request that answers with more than a number yields on the worker side; `data` is posted as { seq, data }. */
+export interface DataAnswer { data: unknown }
 
 export type WorkerRequest =
   /** The worker starts serving queues of a device: its name (logs) and shared counters. */

@@ -73,6 +73,18 @@ export class WorkerHandle {
     return Atomics.load(this.ctl, CTL_VALUE);
   }
 
+  /** A request the worker answers with data (DataAnswer); undefined when it posted none. */
+  requestData(req: WorkerRequest): unknown {
+    this.request(req);
+    const seq = this.seq;
+    let data: unknown;
+    for (let m = receiveMessageOnPort(this.port); m; m = receiveMessageOnPort(this.port)) {
+      const msg = m.message as { seq: number; data?: unknown };
+      if (msg.seq === seq && 'data' in msg) data = msg.data;
+    }
+    return data;
+  }
+
   async terminate(): Promise<void> {
     if (!this.dead) {
       try { this.request({ op: 'exit' }); } catch { /* already gone */ }

@@ -7,7 +7,7 @@ import { Epoll, EPOLLIN, eventfdDrain } from '../sys/libc.js';
 import { logger } from '../log.js';
 import { DeviceQueues } from '../net/device-queues.js';
 import type { Watcher } from './watcher.js';
-import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type WorkerData, type WorkerRequest } from './messages.js';
+import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type DataAnswer, type WorkerData, type WorkerRequest } from './messages.js';
 
 const data = workerData as WorkerData & { port: MessagePort };
 const log = logger(data.name);
@@ -62,7 +62,7 @@ function device(id: number): DeviceQueues {
   return d;
 }
 
-function handle(req: WorkerRequest): number {
+function handle(req: WorkerRequest): number | DataAnswer {
   switch (req.op) {
     case 'attach': {
       if (devices.has(req.device)) return 0;
@@ -100,7 +100,10 @@ function drainControl(): void {
     let status = 0;
     let value = 0;
     try {
-      value = handle(req);
+      const out = handle(req);
+      // Posted before the answer is signalled: the caller reads it once it sees its seq answered.
+      if (typeof out === 'number') value = out;
+      else data.port.postMessage({ seq, data: out.data });
     } catch (e) {
       status = 1;
       data.port.postMessage({ seq, error: (e as Error).message });

@@ -16,7 +16,7 @@ import { TxPath, type OffloadLink } from './tx-path.js';
 import { C, COUNTERS } from './stats.js';
 import { DEFAULT_FORMAT, type FrameFormat } from './frame-format.js';
 import type { Watcher } from '../datapath/watcher.js';
-import type { DeviceRequest, WorkerEvent } from '../datapath/messages.js';
+import type { DataAnswer, DeviceRequest, WorkerEvent } from '../datapath/messages.js';
 
 interface Running { cfg: VringConfig; queue: SplitQueue; rx?: RxPath; tx?: TxPath; }
 
@@ -50,7 +50,7 @@ export class DeviceQueues {
     this.stats = new Float64Array(stats);
   }
 
-  handle(req: DeviceRequest): number {
+  handle(req: DeviceRequest): number | DataAnswer {
     switch (req.op) {
       case 'memory':
         this.setMemory(req.regions.length > 0 ? new GuestMemory(req.regions) : null);
@@ -110,6 +110,8 @@ export class DeviceQueues {
       case 'offload-reply':
         this.queueReply(req.reply);
         return 0;
+      case 'take-replies':
+        return { data: this.link?.pending.splice(0) ?? [] };
     }
   }
 
@@ -163,9 +165,6 @@ export class DeviceQueues {
     if (!link || !rx) return;
     while (link.pending.length > 0 && rx.deliverMessage(link.pending[0]!)) link.pending.shift();
   }
-
-  /** Replies not yet delivered (a pair holding some must not move to another worker). */
-  get heldReplies(): number { return this.link?.pending.length ?? 0; }
 
   private isClaimed(pair: number): boolean {
     return pair === this.offloadPair && this.link !== null && this.link.claimed;

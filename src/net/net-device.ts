@@ -60,9 +60,11 @@ export class NetDevice implements VhostUserBackend, PoolClient {
   /** Rings of an AF_XDP port stopped while their partner ran: their socket still holds what they posted (see startVring). */
   private readonly stoppedAlone = new Set<number>();
   /**
-   * Offload responses made while the reserved pair was not running (an OBJ_LOAD answered while
-   * the VM was stopped for the switch-over): delivered when the pair runs again, or carried in
-   * the migration state to the destination, which delivers them; dropped when the guest resets.
+   * Offload responses while the reserved pair's receive ring is not running: made then (an
+   * OBJ_LOAD answered while the VM was stopped for the switch-over), or taken back from the
+   * worker when the ring stopped (a guest that had posted no buffers for them). Delivered when
+   * the ring runs again, or carried in the migration state to the destination, which delivers
+   * them; dropped when the guest resets.
    */
   private readonly heldReplies: Uint8Array[] = [];
   /** Workers that know this device, and the pairs each serves. */
@@ -132,18 +134,51 @@ export class NetDevice implements VhostUserBackend, PoolClient {
 
   private offloadReply(message: Uint8Array): void {
     const w = this.pool.workerOf(this.id, this.offloadPair);
-    if (w >= 0) {
+    // Only a running receive ring can deliver: a worker holding responses for a stopped one
+    // would take them along when the pair leaves it (SAVE would not see them).
+    if (w >= 0 && this.running.has(2 * this.offloadPair)) {
       this.request(w, { op: 'offload-reply', reply: message });
       return;
     }
     // The ring stopped in between (VM stopped, migration switch-over, a reset): held until the
     // pair runs, or until we know the guest reset. Bounded like the worker's own queue.
-    if (this.heldReplies.length >= MAX_HELD_REPLIES) this.heldReplies.shift();
-    this.heldReplies.push(message);
-    this.log.debug(`offload reply held: the reserved pair is not running (${this.heldReplies.length} held)`);
+    this.holdReplies([message], 'the reserved pair is not running');
   }
 
-  /** Hands the held responses to the worker that now serves the reserved pair (it delivers them once the guest has buffers). */
+  /**
+   * Keeps responses for the guest, after those already held (newest last); past the bound the
+   * oldest go, as on the worker, so the state never carries more than a destination accepts.
+   */
+  private holdReplies(replies: readonly Uint8Array[], why: string, older = false): void {
+    if (replies.length === 0) return;
+    if (older) this.heldReplies.unshift(...replies);
+    else this.heldReplies.push(...replies);
+    const over = this.heldReplies.length - MAX_HELD_REPLIES;
+    if (over > 0) {
+      this.heldReplies.splice(0, over);
+      this.log.warn(`${over} offload response(s) dropped: more than ${MAX_HELD_REPLIES} held for a guest without receive buffers`);
+    }
+    this.log.debug(`offload reply held: ${why} (${this.heldReplies.length} held)`);
+  }
+
+  /**
+   * The reserved receive ring stopped on worker w: what the worker still held for it (the guest
+   * had posted no buffers) comes back here, ahead of anything held since, so it travels in the
+   * migration state or goes to whichever worker serves the ring next.
+   */
+  private takeWorkerReplies(w: number): void {
+    let got: unknown;
+    try {
+      got = this.pool.worker(w).requestData({ op: 'device', device: this.id, req: { op: 'take-replies' } });
+    } catch (e) {
+      this.log.error(`offload responses held by worker ${w} lost: ${(e as Error).message}`);
+      return;
+    }
+    const replies = Array.isArray(got) ? got.filter((r): r is Uint8Array => r instanceof Uint8Array) : [];
+    this.holdReplies(replies, 'the worker held them for a guest without receive buffers', true);
+  }
+
+  /** Hands the held responses to the worker whose reserved receive ring now runs (it delivers them once the guest has buffers). */
   private releaseHeldReplies(w: number): void {
     for (const reply of this.heldReplies.splice(0)) this.request(w, { op: 'offload-reply', reply });
   }
@@ -202,11 +237,6 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     const cfg = pair === this.offloadPair && this.port.needsGuestMemory && this.port.reservedQueueConfig
       ? this.port.reservedQueueConfig(pair) : this.port.queueConfig(pair);
     this.request(w, { op: 'host', pair, cfg });
-    if (pair === this.offloadPair) {
-      // Unclaimed by now (RELEASE, a reset): nobody is waiting for them.
-      if (this.broker?.claimed) this.releaseHeldReplies(w);
-      else this.heldReplies.length = 0;
-    }
     return w;
   }
 
@@ -243,10 +273,23 @@ export class NetDevice implements VhostUserBackend, PoolClient {
   private replacePair(pair: number, from: number, to: number): void {
     const cfgs = [2 * pair, 2 * pair + 1].map((i) => this.running.get(i)).filter((c): c is VringConfig => c !== undefined);
     for (const cfg of cfgs) cfg.lastAvailIdx = this.request(from, { op: 'stop', index: cfg.index });
+    // The worker forgets the device once its last pair leaves: what it held goes with the ring.
+    const offloadRx = pair === this.offloadPair && this.running.has(2 * pair);
+    if (offloadRx) this.takeWorkerReplies(from);
     this.unplacePair(pair);
     if (to !== from) this.pool.reassign(this.id, pair, to);
     this.placePair(pair, to);
     for (const cfg of cfgs) this.request(to, { op: 'start', vring: cfg });
+    if (offloadRx) this.offloadRxRuns(to);
+  }
+
+  /**
+   * The reserved receive ring runs on worker w: the responses held meanwhile go there. Unclaimed
+   * by now (RELEASE, a reset), nobody is waiting for them.
+   */
+  private offloadRxRuns(w: number): void {
+    if (this.broker?.claimed) this.releaseHeldReplies(w);
+    else this.heldReplies.length = 0;
   }
 
   vringStopRequested(index: number): void {
@@ -379,6 +422,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
       throw e;
     }
     this.running.set(cfg.index, { ...cfg });
+    if (cfg.index === 2 * this.offloadPair) this.offloadRxRuns(w);
     this.connected = true;
     this.log.debug(`vring ${cfg.index} started on worker ${w} (size ${cfg.size}, base ${cfg.lastAvailIdx})`);
   }
@@ -400,6 +444,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
       if (w < 0 || !this.running.has(index)) throw new BackendRefusal(`vring ${index} is not running`, 'vring-not-running');
       const last = this.request(w, { op: 'stop', index });
       this.log.debug(`vring ${index} stopped at ${last}`);
+      if (index === 2 * this.offloadPair) this.takeWorkerReplies(w);
       if (this.offloadStopped.has(index)) this.offloadStopped.set(index, { ...this.running.get(index)!, lastAvailIdx: last });
       return last;
     } finally {
