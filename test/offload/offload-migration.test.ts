@@ -14,7 +14,7 @@ import { waitUntil } from '../support/processes.js';
 import { ownBpfFds, namedKernelObjects, readU64 } from './helpers.js';
 import { bpfPrefix, hostObjectName } from '../../src/offload/host-names.js';
 import { ProtocolFeature, bit } from '../../src/vhost-user/protocol.js';
-import { decodeDeviceState, encodeDeviceState, MAX_HELD_REPLIES } from '../../src/net/device-state.js';
+import { decodeDeviceState, encodeDeviceState, MAX_HELD_REPLIES, SECTION_OFFLOAD, SECTION_REPLIES } from '../../src/net/device-state.js';
 import { HEADER_BYTES, RESPONSE_FLAG, writeHeader } from '../../src/offload/protocol.js';
 import { decodeState, STATE_HEADER_BYTES } from '../../src/offload/migration-format.js';
 import { BpfMap, mapGetFdById } from '../../src/sys/bpf/maps.js';
@@ -213,6 +213,29 @@ describe('a claimed XDP offload moves with the guest through the device-state tr
       writeHeader(r, RESPONSE_FLAG | 0x0101, seq, 4);
       return r;
     };
+    /** u16/u32 fields, little-endian, as the replies section spells them. */
+    const le = (...fields: [2 | 4, number][]): Uint8Array => {
+      const out = new Uint8Array(fields.reduce((n, [w]) => n + w, 0));
+      const v = new DataView(out.buffer);
+      let at = 0;
+      for (const [w, x] of fields) {
+        if (w === 2) v.setUint16(at, x, true);
+        else v.setUint32(at, x, true);
+        at += w;
+      }
+      return out;
+    };
+    const cat = (...parts: Uint8Array[]): Uint8Array => Uint8Array.from(parts.flatMap((p) => [...p]));
+    /**
+     * A's offload section, then raw sections after it (the encoder writes only well-formed
+     * ones): [type, flags, body], each with its length, the header's count raised to match.
+     */
+    const withSections = (...extra: [number, number, Uint8Array][]): Uint8Array => {
+      const head = encodeDeviceState({ offload: offloadBody() });
+      new DataView(head.buffer, head.byteOffset).setUint16(6, 1 + extra.length, true);
+      return cat(head, ...extra.flatMap(([type, flags, body]) => [le([2, type], [2, flags], [4, body.length]), body]));
+    };
+    const rawReplies = (body: Uint8Array) => withSections([SECTION_REPLIES, 0, body]);
     const flipped = (at: number) => {
       const s = state.slice();
       s[at] = s[at]! ^ 0x5a;
@@ -234,6 +257,26 @@ describe('a claimed XDP offload moves with the guest through the device-state tr
         const r = response(1);
         new DataView(r.buffer).setUint32(12, 5, true);
         return encodeDeviceState({ offload: offloadBody(), replies: [r] });
+      }],
+      // Raw replies sections: every count and length is checked against the bytes present.
+      ['bad-device-state', 'a replies section too short for its count', () => rawReplies(new Uint8Array(1))],
+      ['bad-device-state', 'a replies count over the bound, with no responses behind it', () => rawReplies(le([2, 0xffff]))],
+      ['bad-device-state', 'a replies count past the responses present', () => rawReplies(cat(le([2, 3], [4, HEADER_BYTES + 4]), response(1)))],
+      ['bad-device-state', 'a held reply length past the section end', () => rawReplies(cat(le([2, 1], [4, 0x1000]), response(1)))],
+      ['bad-device-state', 'a held reply length near 2^32', () => rawReplies(cat(le([2, 1], [4, 0xfffffff0]), response(1)))],
+      ['bad-device-state', 'a held reply shorter than an offload header', () => rawReplies(cat(le([2, 1], [4, 4]), new Uint8Array(4)))],
+      ['bad-device-state', 'bytes after the last held reply', () => rawReplies(cat(le([2, 1], [4, HEADER_BYTES + 4]), response(1), new Uint8Array(1)))],
+      // The envelope's own rules.
+      ['bad-device-state', 'an unknown section type', () => withSections([9, 0, new Uint8Array(4)])],
+      ['bad-device-state', 'the offload section twice', () => withSections([SECTION_OFFLOAD, 0, offloadBody()])],
+      ['bad-device-state', 'section flags that are not 0', () => withSections([SECTION_REPLIES, 1, cat(le([2, 1], [4, HEADER_BYTES + 4]), response(1))])],
+      ['bad-device-state', 'a section header cut short', () => cat(withSections(), le([2, SECTION_REPLIES]))],
+      ['bad-device-state', 'bytes after the last section', () => cat(encodeDeviceState({ offload: offloadBody() }), new Uint8Array(3))],
+      ['bad-device-state', 'a header shorter than 8 bytes', () => state.slice(0, 6)],
+      ['bad-device-state-version', 'a device state of version 2', () => {
+        const s = state.slice();
+        new DataView(s.buffer).setUint16(4, 2, true);
+        return s;
       }],
     ];
     for (const [code, what, make] of damaged) {
