@@ -19,7 +19,7 @@ import { BpfProgType, closeBpfFd, progLoadWithLog } from '../sys/bpf/programs.js
 import { progInfo } from '../sys/bpf/info.js';
 import { XDP_DROP, XDP_PASS, XDP_TX } from '../sys/bpf/xdp.js';
 import {
-  encodeInsns, decodeInsn, ldImm64, redirectToQueueSocket, Op, Pseudo, PseudoCall, Helper, BPF_INSN_SIZE,
+  encodeInsns, decodeInsns, countInto, redirectToQueueSocket, Op, Pseudo, PseudoCall, Helper, BPF_INSN_SIZE,
   BPF_CLASS_MASK, BPF_OP_MASK, BPF_CLASS_JMP, BPF_CLASS_JMP32, BPF_OP_JA, BPF_OP_CALL, BPF_OP_EXIT, type BpfInsn,
 } from '../sys/bpf/insns.js';
 import { VxError } from '../errors.js';
@@ -47,7 +47,7 @@ export class ComposeError extends VxError {
 /** The kernel's cap on a program's length (BPF_COMPLEXITY_LIMIT_INSNS). */
 const MAX_PROG_INSNS = 1_000_000;
 
-const R0 = 0, R1 = 1, R2 = 2, R6 = 6;
+const R0 = 0, R1 = 1, R6 = 6;
 /** enum bpf_attach_type BPF_XDP */
 const BPF_XDP_ATTACH = 37;
 
@@ -64,9 +64,7 @@ function entryBlock(xskMapFd: number, abortedMapFd: number): BpfInsn[] {
     /* 3 */ jeq(3, XDP_DROP, LABEL_DROP),
     /* 4 */ jeq(4, XDP_TX, LABEL_TX),
     // XDP_ABORTED, XDP_REDIRECT (the guest cannot set a target) and unknown values.
-    /* 5 */ ...ldImm64(R1, Pseudo.MAP_VALUE, abortedMapFd, 0),
-    /* 7 */ { code: Op.MOV64_IMM, dst: R2, imm: 1 },
-    /* 8 */ { code: Op.ATOMIC_DW, dst: R1, src: R2, off: 0, imm: 0 },
+    /* 5 */ ...countInto(abortedMapFd),
     /* 9 */ { code: Op.MOV64_IMM, dst: R0, imm: XDP_DROP },
     /* 10 */ { code: Op.EXIT },
     /* 11 */ { code: Op.MOV64_IMM, dst: R0, imm: XDP_TX },
@@ -89,6 +87,11 @@ function checkFd(what: string, fd: number): void {
  * to judge; this only guarantees the guest cannot reach into the entry.
  */
 export function checkGuestBlock(guest: Uint8Array): number {
+  return decodeGuestBlock(guest).length;
+}
+
+/** checkGuestBlock, handing back the decoded instructions for callers that walk the program again. */
+export function decodeGuestBlock(guest: Uint8Array): Required<BpfInsn>[] {
   if (guest.byteLength === 0 || guest.byteLength % BPF_INSN_SIZE !== 0) {
     throw new ComposeError('compose-bad-length', `guest program is ${guest.byteLength} bytes, not a non-zero multiple of 8`, 0);
   }
@@ -96,10 +99,11 @@ export function checkGuestBlock(guest: Uint8Array): number {
   if (n + ENTRY_INSNS > MAX_PROG_INSNS) {
     throw new ComposeError('compose-too-long', `guest program has ${n} instructions; composed it would exceed ${MAX_PROG_INSNS}`, 0);
   }
+  const insns = decodeInsns(guest);
   const secondHalf = new Uint8Array(n);
   const targets: { from: number; to: number; kind: Transfer }[] = [];
   for (let i = 0; i < n; i++) {
-    const { code, src, off, imm } = decodeInsn(guest, i);
+    const { code, src, off, imm } = insns[i]!;
     if (code === Op.LD_IMM64) {
       if (i + 1 >= n) throw new ComposeError('compose-truncated-ld-imm64', `instruction ${i}: ld_imm64 has no second half`, i);
       if (src === Pseudo.FUNC) targets.push({ from: i, to: i + imm + 1, kind: 'callback' });
@@ -128,7 +132,7 @@ export function checkGuestBlock(guest: Uint8Array): number {
       throw new ComposeError('compose-target-mid-ld-imm64', `instruction ${t.from}: ${what} lands in the middle of the ld_imm64 at ${t.to - 1}`, t.from, t.to);
     }
   }
-  return n;
+  return insns;
 }
 
 /**
@@ -154,12 +158,12 @@ export function composeXdp(guestInsns: Uint8Array, opts: ComposeOptions & { abor
  * Where each subprogram of a program starts (the kernel's own split: instruction 0 and every
  * bpf-to-bpf call or callback target), and whether any calls bpf_tail_call.
  */
-export function subprogLayout(insns: Uint8Array): { starts: number[]; tailCall: boolean } {
-  const n = insns.byteLength / BPF_INSN_SIZE;
+export function subprogLayout(insns: readonly Required<BpfInsn>[]): { starts: number[]; tailCall: boolean } {
+  const n = insns.length;
   const starts = new Set<number>([0]);
   let tailCall = false;
   for (let i = 0; i < n; i++) {
-    const { code, src, imm } = decodeInsn(insns, i);
+    const { code, src, imm } = insns[i]!;
     if (code === Op.CALL && src === PseudoCall.CALL) starts.add(i + imm + 1);
     if (code === Op.CALL && src === PseudoCall.HELPER && imm === Helper.TAIL_CALL) tailCall = true;
     if (code === Op.LD_IMM64) {
@@ -178,7 +182,7 @@ export function subprogLayout(insns: Uint8Array): { starts: number[]; tailCall: 
  * the program needs none; the caller closes btfFd after the load.
  */
 function tailCallFuncInfo(insns: Uint8Array): { btfFd: number; records: Uint8Array } | null {
-  const { starts, tailCall } = subprogLayout(insns);
+  const { starts, tailCall } = subprogLayout(decodeInsns(insns));
   if (!tailCall) return null;
   const records = new Uint8Array(8 * starts.length);
   const v = new DataView(records.buffer);

@@ -18,11 +18,11 @@
 // Pure: instructions in, facts out. No kernel call.
 
 import {
-  decodeInsn, BPF_INSN_SIZE, Op, PseudoCall, BPF_CLASS_MASK, BPF_OP_MASK, BPF_CLASS_JMP, BPF_CLASS_JMP32,
+  Op, PseudoCall, BPF_CLASS_MASK, BPF_OP_MASK, BPF_CLASS_JMP, BPF_CLASS_JMP32,
   BPF_CLASS_LD, BPF_CLASS_LDX, BPF_CLASS_ST, BPF_CLASS_STX, BPF_CLASS_ALU64, BPF_OP_JA, BPF_OP_CALL,
   BPF_OP_EXIT, BPF_SIZE_MASK, BPF_SIZE_DW, BPF_MODE_MASK, BPF_MODE_MEM, BPF_MODE_ATOMIC, BPF_SRC_X,
   BPF_ALU_ADD, BPF_ALU_SUB, BPF_ALU_MOV, BPF_ALU_NEG, BPF_ALU_END, BPF_ATOMIC_FETCH, BPF_ATOMIC_CMPXCHG, BPF_ATOMIC_LOAD_ACQ,
-  BPF_ATOMIC_STORE_REL, accessBytes,
+  BPF_ATOMIC_STORE_REL, accessBytes, type BpfInsn,
 } from '../sys/bpf/insns.js';
 import { subprogLayout } from './compose.js';
 
@@ -109,19 +109,18 @@ function entryState(args: readonly Val[]): State {
 }
 
 /**
- * Runs the pass; `ctxRegAtEntry` is the register holding the context when the program starts
- * (r1). Throws CtxFlowError when the states do not settle within a bound (they always should:
+ * Runs the pass over a program decoded once by the caller (decodeGuestBlock), which walks it
+ * again; the context is in r1 when the program starts. Throws CtxFlowError when the states do not settle within a bound (they always should:
  * the value sets are finite and widen monotonically; the bound guards against a bug, not input).
  */
-export function analyzeCtxFlow(insns: Uint8Array, helperArgs: HelperArgs): CtxFlow {
-  const n = insns.byteLength / BPF_INSN_SIZE;
-  const { starts } = subprogLayout(insns);
+export function analyzeCtxFlow(decoded: readonly Required<BpfInsn>[], helperArgs: HelperArgs): CtxFlow {
+  const n = decoded.length;
+  const { starts } = subprogLayout(decoded);
   const funcOf = new Int32Array(n);
   for (let f = 0, i = 0; i < n; i++) {
     while (f + 1 < starts.length && starts[f + 1]! <= i) f++;
     funcOf[i] = f;
   }
-  const decoded = Array.from({ length: n }, (_, i) => decodeInsn(insns, i));
 
   let spillsAnywhere = false;
   let escape: { insn: number } | null = null;

@@ -43,6 +43,13 @@ const HELPER_NAMES = (
   'tcp_raw_check_syncookie_ipv6 ktime_get_tai_ns user_ringbuf_drain cgrp_storage_get cgrp_storage_delete'
 ).split(' ');
 
+/** A helper's id by its name (without bpf_): other tables of helpers are keyed through this list, not by numbers of their own. */
+export function helperId(name: string): number {
+  const id = HELPER_NAMES.indexOf(name);
+  if (id <= 0) throw new Error(`no BPF helper named ${name}`);
+  return id;
+}
+
 export function helperName(id: number): string {
   const n = id > 0 ? HELPER_NAMES[id] : undefined;
   return n ? `bpf_${n}` : `helper #${id}`;

@@ -17,7 +17,7 @@
 // The kernel verifier checks the result: a wrong rewrite is refused at load, never run.
 
 import {
-  decodeInsn, encodeInsns, ldImm64, BPF_INSN_SIZE, Op, Pseudo, PseudoCall, Helper, BPF_CLASS_MASK, BPF_OP_MASK,
+  encodeInsns, countInto, BPF_INSN_SIZE, Op, Pseudo, PseudoCall, Helper, BPF_CLASS_MASK, BPF_OP_MASK,
   BPF_CLASS_JMP, BPF_CLASS_LD, BPF_CLASS_LDX, BPF_CLASS_ST, BPF_CLASS_STX, BPF_OP_CALL, BPF_SIZE_MASK, BPF_SIZE_W,
   BPF_MODE_MASK, BPF_MODE_MEM, BPF_MODE_ATOMIC, BPF_ATOMIC_LOAD_ACQ, BPF_ATOMIC_STORE_REL, type BpfInsn,
 } from '../sys/bpf/insns.js';
@@ -25,7 +25,8 @@ import { XDP_DROP, XDP_PASS, XDP_TX } from '../sys/bpf/xdp.js';
 import { TCX_NEXT, TCX_DROP, BPF_F_INGRESS } from '../sys/bpf/tcx.js';
 import { VxError } from '../errors.js';
 import { analyzeCtxFlow, CtxFlowError, CTX } from './ctx-flow.js';
-import { checkGuestBlock, ComposeError } from './compose.js';
+import { decodeGuestBlock, ComposeError } from './compose.js';
+import { helperId, helperName } from './program-check.js';
 
 export type TcRefusal =
   | 'tc-xdp-helper' | 'tc-helper-unknown' | 'tc-tail-call' | 'tc-kfunc' | 'tc-callback' | 'tc-legacy-packet-access'
@@ -59,20 +60,17 @@ const CTX_FIELD = new Map<number, { name: string; skbOffset: number }>([
   [16, { name: 'rx_queue_index', skbOffset: 12 }],
 ]);
 
-/** Helpers with the same meaning and signature for XDP and tc programs, with their argument counts. */
-const TC_HELPERS = new Map<number, { name: string; args: number }>([
-  [1, { name: 'map_lookup_elem', args: 2 }], [2, { name: 'map_update_elem', args: 4 }],
-  [3, { name: 'map_delete_elem', args: 2 }], [5, { name: 'ktime_get_ns', args: 0 }],
-  [7, { name: 'get_prandom_u32', args: 0 }], [8, { name: 'get_smp_processor_id', args: 0 }],
-  [28, { name: 'csum_diff', args: 5 }], [125, { name: 'ktime_get_boot_ns', args: 0 }],
-  [195, { name: 'map_lookup_percpu_elem', args: 3 }],
-]);
+/** Helpers with the same meaning and signature for XDP and tc programs: id → argument count. */
+const TC_HELPER_ARGS = new Map<number, number>(([
+  ['map_lookup_elem', 2], ['map_update_elem', 4], ['map_delete_elem', 2], ['ktime_get_ns', 0],
+  ['get_prandom_u32', 0], ['get_smp_processor_id', 0], ['csum_diff', 5], ['ktime_get_boot_ns', 0],
+  ['map_lookup_percpu_elem', 3],
+] as const).map(([name, args]) => [helperId(name), args]));
 
 /** Helpers that exist for XDP only (their context is an xdp_buff): such a program stays on test-run. */
-const XDP_ONLY_HELPERS = new Map<number, string>([
-  [44, 'xdp_adjust_head'], [54, 'xdp_adjust_meta'], [65, 'xdp_adjust_tail'], [121, 'xdp_output'],
-  [188, 'xdp_get_buff_len'], [189, 'xdp_load_bytes'], [190, 'xdp_store_bytes'],
-]);
+const XDP_ONLY_HELPERS = new Set<number>([
+  'xdp_adjust_head', 'xdp_adjust_meta', 'xdp_adjust_tail', 'xdp_output', 'xdp_get_buff_len', 'xdp_load_bytes', 'xdp_store_bytes',
+].map(helperId));
 
 export interface TcTranslation {
   /** The guest's instructions with context accesses rewritten (host map fds untouched). */
@@ -86,16 +84,18 @@ export interface TcTranslation {
  * throws TcTranslateError naming the first thing it cannot prove.
  */
 export function translateXdpToTc(guest: Uint8Array): TcTranslation {
-  let n: number;
+  // Decoded once here; the policy walk, the data-flow pass and the rewrite all read this.
+  let insns: Required<BpfInsn>[];
   try {
-    n = checkGuestBlock(guest);
+    insns = decodeGuestBlock(guest);
   } catch (e) {
     if (e instanceof ComposeError) throw new TcTranslateError('tc-bad-program', e.message, e.insn);
     throw e;
   }
+  const n = insns.length;
   // Policy first (cheap, and names the helper an operator will recognise).
   for (let i = 0; i < n; i++) {
-    const { code, src, imm } = decodeInsn(guest, i);
+    const { code, src, imm } = insns[i]!;
     if (code === Op.LD_IMM64) {
       if (src === Pseudo.FUNC) throw new TcTranslateError('tc-callback', `instruction ${i}: a callback function reference (bpf_loop and friends): the translation does not follow the context into callbacks`, i);
       i++;
@@ -110,14 +110,13 @@ export function translateXdpToTc(guest: Uint8Array): TcTranslation {
     if (imm === Helper.TAIL_CALL) {
       throw new TcTranslateError('tc-tail-call', `instruction ${i}: bpf_tail_call: the PROG_ARRAY holds XDP programs, and a tc program may only tail-call programs of its own type (the verifier checks the array's owner type)`, i);
     }
-    const xdp = XDP_ONLY_HELPERS.get(imm);
-    if (xdp) throw new TcTranslateError('tc-xdp-helper', `instruction ${i}: helper bpf_${xdp} (${imm}) exists for XDP only`, i);
-    if (!TC_HELPERS.has(imm)) throw new TcTranslateError('tc-helper-unknown', `instruction ${i}: helper ${imm} has no tc counterpart this translation knows to mean the same`, i);
+    if (XDP_ONLY_HELPERS.has(imm)) throw new TcTranslateError('tc-xdp-helper', `instruction ${i}: helper ${helperName(imm)} (${imm}) exists for XDP only`, i);
+    if (!TC_HELPER_ARGS.has(imm)) throw new TcTranslateError('tc-helper-unknown', `instruction ${i}: helper ${imm} has no tc counterpart this translation knows to mean the same`, i);
   }
 
   let flow;
   try {
-    flow = analyzeCtxFlow(guest, (id) => TC_HELPERS.get(id)?.args ?? 5);
+    flow = analyzeCtxFlow(insns, (id) => TC_HELPER_ARGS.get(id) ?? 5);
   } catch (e) {
     if (e instanceof CtxFlowError) throw new TcTranslateError('tc-ctx-flow', e.message, -1);
     throw e;
@@ -131,7 +130,7 @@ export function translateXdpToTc(guest: Uint8Array): TcTranslation {
   const view = new DataView(out.buffer, out.byteOffset, out.byteLength);
   const rewrites: { insn: number; field: string }[] = [];
   for (let i = 0; i < n; i++) {
-    const { code, dst, src, off, imm } = decodeInsn(guest, i);
+    const { code, dst, src, off, imm } = insns[i]!;
     if (code === Op.LD_IMM64) { i++; continue; }
     const regs = flow.regsAt(i);
     if (!regs) continue; // unreached: the verifier refuses unreachable instructions itself
@@ -158,9 +157,9 @@ export function translateXdpToTc(guest: Uint8Array): TcTranslation {
       continue;
     }
     if (cls === BPF_CLASS_JMP && (code & BPF_OP_MASK) === BPF_OP_CALL && src === PseudoCall.HELPER) {
-      const args = TC_HELPERS.get(imm)!.args;
+      const args = TC_HELPER_ARGS.get(imm)!;
       for (let k = 1; k <= args; k++) {
-        if (regs[k]!.m & CTX) throw new TcTranslateError('tc-ctx-escape', `instruction ${i}: the context pointer may be argument ${k} of helper ${TC_HELPERS.get(imm)!.name}`, i);
+        if (regs[k]!.m & CTX) throw new TcTranslateError('tc-ctx-escape', `instruction ${i}: the context pointer may be argument ${k} of helper ${helperName(imm)}`, i);
       }
     }
   }
@@ -168,10 +167,10 @@ export function translateXdpToTc(guest: Uint8Array): TcTranslation {
 }
 
 const R0 = 0, R1 = 1, R2 = 2, R3 = 3, R4 = 4, R5 = 5, R6 = 6, R7 = 7, R8 = 8;
-const HELPER_SKB_VLAN_POP = 19;
-const HELPER_SKB_CHANGE_HEAD = 43;
-const HELPER_SKB_PULL_DATA = 39;
-const HELPER_REDIRECT = 23;
+const HELPER_SKB_VLAN_POP = helperId('skb_vlan_pop');
+const HELPER_SKB_CHANGE_HEAD = helperId('skb_change_head');
+const HELPER_SKB_PULL_DATA = helperId('skb_pull_data');
+const HELPER_REDIRECT = helperId('redirect');
 
 /** Byte offsets of the verdict counters in the one-element ARRAY the entry counts into (u64 each). */
 export const TcCounter = { pass: 0, drop: 8, tx: 16, aborted: 24 } as const;
@@ -187,11 +186,6 @@ const STX_W = 0x63, STX_H = 0x6b, JEQ_IMM = 0x15, JGT_REG = 0x2d, ADD64_IMM = 0x
 const BE16 = 0xdc;
 
 function entryBlock(countersFd: number, ifindex: number): BpfInsn[] {
-  const count = (field: number): BpfInsn[] => [
-    ...ldImm64(R1, Pseudo.MAP_VALUE, countersFd, field),
-    { code: Op.MOV64_IMM, dst: R2, imm: 1 },
-    { code: Op.ATOMIC_DW, dst: R1, src: R2, off: 0, imm: 0 },
-  ];
   const PULL = 30, ABORTED = 39, DROP = ABORTED + 6, PASS = DROP + 6, TX = PASS + 6;
   const to = (at: number, target: number) => target - at - 1;
   const jeq = (at: number, value: number, target: number): BpfInsn => ({ code: Op.JEQ32_IMM, dst: R0, imm: value, off: to(at, target) });
@@ -244,14 +238,14 @@ function entryBlock(countersFd: number, ifindex: number): BpfInsn[] {
     /* 38 */ jeq(38, XDP_TX, TX),
     // XDP_ABORTED, XDP_REDIRECT (the guest cannot set a target), unknown values, a frame that
     // could not be pulled or tagged: dropped and counted, as the test-run path does.
-    /* 39 ABORTED */ ...count(TcCounter.aborted), { code: Op.MOV64_IMM, dst: R0, imm: TCX_DROP }, { code: Op.EXIT },
-    /* 45 */ ...count(TcCounter.drop), { code: Op.MOV64_IMM, dst: R0, imm: TCX_DROP }, { code: Op.EXIT },
+    /* 39 ABORTED */ ...countInto(countersFd, TcCounter.aborted), { code: Op.MOV64_IMM, dst: R0, imm: TCX_DROP }, { code: Op.EXIT },
+    /* 45 */ ...countInto(countersFd, TcCounter.drop), { code: Op.MOV64_IMM, dst: R0, imm: TCX_DROP }, { code: Op.EXIT },
     // PASS goes on as TCX_NEXT, not TC_ACT_OK: programs the host attached after ours, and its
     // own classic tc filters, still see the frame (the guest must not bypass host policy).
-    /* 51 */ ...count(TcCounter.pass), { code: Op.MOV64_IMM, dst: R0, imm: TCX_NEXT }, { code: Op.EXIT },
+    /* 51 */ ...countInto(countersFd, TcCounter.pass), { code: Op.MOV64_IMM, dst: R0, imm: TCX_NEXT }, { code: Op.EXIT },
     // XDP_TX: back to the host as if the tap had received it, as writing it into the tap fd
     // does on the test-run path; bpf_redirect returns TC_ACT_REDIRECT.
-    /* 57 */ ...count(TcCounter.tx),
+    /* 57 */ ...countInto(countersFd, TcCounter.tx),
     { code: Op.MOV64_IMM, dst: R1, imm: ifindex },
     { code: Op.MOV64_IMM, dst: R2, imm: BPF_F_INGRESS },
     { code: Op.CALL, imm: HELPER_REDIRECT },

@@ -119,6 +119,11 @@ export function decodeInsn(insns: Uint8Array, n: number): Required<BpfInsn> {
   return { code: v.getUint8(0), dst: regs & 0xf, src: regs >> 4, off: v.getInt16(2, true), imm: v.getInt32(4, true) };
 }
 
+/** Every instruction of a raw program whose length is a multiple of 8: one decode, for passes that walk it more than once. */
+export function decodeInsns(insns: Uint8Array): Required<BpfInsn>[] {
+  return Array.from({ length: Math.floor(insns.byteLength / BPF_INSN_SIZE) }, (_, i) => decodeInsn(insns, i));
+}
+
 /** Instructions in a raw program, or null when its length is not a non-zero multiple of 8. */
 export function insnCount(insns: Uint8Array): number | null {
   return insns.byteLength === 0 || insns.byteLength % BPF_INSN_SIZE !== 0 ? null : insns.byteLength / BPF_INSN_SIZE;
@@ -158,6 +163,19 @@ export function redirectToQueueSocket(ctxReg: number, xskMapFd: number, fallback
     { code: Op.MOV64_IMM, dst: 3, imm: fallback },
     { code: Op.CALL, imm: Helper.REDIRECT_MAP },
     { code: Op.EXIT },
+  ];
+}
+
+/**
+ * The u64 at `offset` in the value of a one-element ARRAY += 1, atomically. The value is reached
+ * by a direct map-value load (BPF_PSEUDO_MAP_VALUE), not bpf_map_lookup_elem, so the counting
+ * needs no stack and no helper; it clobbers r1 and r2. The composers' verdict counters.
+ */
+export function countInto(mapFd: number, offset = 0): BpfInsn[] {
+  return [
+    ...ldImm64(1, Pseudo.MAP_VALUE, mapFd, offset),
+    { code: Op.MOV64_IMM, dst: 2, imm: 1 },
+    { code: Op.ATOMIC_DW, dst: 1, src: 2, off: 0, imm: 0 },
   ];
 }
 
