@@ -1,6 +1,6 @@
 import type { Argv } from 'yargs';
 import { callControl } from '../control/control-client.js';
-import type { OffloadShow } from '../offload/broker.js';
+import type { OffloadDetach, OffloadShow } from '../offload/broker.js';
 import type { Quotas, QuotaUsage } from '../offload/quotas.js';
 import type { OffloadHost, PinQuota } from '../service/device.js';
 import { PIN_QUOTA_KEY } from '../service/service.js';
@@ -42,10 +42,12 @@ export function offloadCommands(y: Argv) {
       .option('json', { type: 'boolean', default: false }),
     async (argv) => {
       if (argv.action === 'detach') {
-        const r = (await callControl(argv.control as string, 'offload.detach', { name: argv.name }).catch(fail)) as { detached: boolean; cancelledLoad: boolean };
+        const r = (await callControl(argv.control as string, 'offload.detach', { name: argv.name }).catch(fail)) as OffloadDetach;
         if (argv.json) return console.log(JSON.stringify(r));
         if (r.cancelledLoad) console.log(`${argv.name}: a pending object load was cancelled (the guest's OBJ_LOAD answers CANCELLED)`);
-        console.log(r.detached ? `${argv.name}: program detached (maps kept)` : `${argv.name}: no program was attached`);
+        const what = !r.detached ? 'no program was attached'
+          : r.kind === 'object' ? 'object detached (its programs and maps went with it)' : 'program detached (maps kept)';
+        console.log(`${argv.name}: ${what}`);
         return;
       }
       const r = (await callControl(argv.control as string, 'offload.show', { name: argv.name }).catch(fail)) as OffloadShow & { host: OffloadHost | null; verdicts: Record<string, number> };

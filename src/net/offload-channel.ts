@@ -1,5 +1,5 @@
 import { rateLimited, type Logger } from '../log.js';
-import { OffloadBroker, type OffloadProgram, type OffloadProgramInfo, type OffloadShow } from '../offload/broker.js';
+import { OffloadBroker, type OffloadDetach, type OffloadProgram, type OffloadProgramInfo, type OffloadShow } from '../offload/broker.js';
 import type { VerdictCounters } from '../offload/migration.js';
 import { validateQuotas, type Quotas, type QuotaUsage } from '../offload/quotas.js';
 import { MigrationStateError } from '../offload/errors.js';
@@ -234,7 +234,7 @@ export class OffloadChannel {
   setQuotas(changes: Record<string, unknown>): { limits: Quotas; usage: QuotaUsage; warnings: string[] } {
     return this.broker.setQuotas(validateQuotas(changes));
   }
-  detach(): { detached: boolean; cancelledLoad: boolean } { return this.broker.detach(); }
+  detach(): OffloadDetach { return this.broker.detach(); }
   /**
    * The guest reset its device: what its old driver asked is void. Requests still queued go;
    * a pending OBJ_LOAD's child is killed by the broker's reset (its result would be discarded)

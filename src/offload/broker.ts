@@ -77,6 +77,18 @@ function kernelProgName(fd: number): string {
   try { return progInfo(fd).name; } catch { return ''; }
 }
 
+/** What an operator detach did (control API offload.detach, CLI `offload detach`). */
+export interface OffloadDetach {
+  detached: boolean;
+  /**
+   * What was detached: a PROG_SET 'program' (its maps stay, the guest's to reuse or free) or an
+   * 'object' (its programs and maps went with it); null when nothing was attached.
+   */
+  kind: 'program' | 'object' | null;
+  /** A pending OBJ_LOAD was cancelled (the guest's OBJ_LOAD answers CANCELLED). */
+  cancelledLoad: boolean;
+}
+
 export class OffloadBroker {
   readonly device: string;
   private readonly st: OffloadState;
@@ -210,9 +222,12 @@ export class OffloadBroker {
    * The operator's detach: cancels an OBJ_LOAD in flight (its child killed, the guest answered
    * CANCELLED) and removes the program (an object's maps go with it, PROG_SET maps stay).
    */
-  detach(): { detached: boolean; cancelledLoad: boolean } {
+  detach(): OffloadDetach {
     const cancelledLoad = this.st.cancelLoad('operator detach');
-    return { detached: this.st.unloadProgram('operator detach'), cancelledLoad };
+    // Read before the unload: an object's maps go with its programs, a PROG_SET program's stay the guest's.
+    const kind = this.st.program.current?.object ? 'object' : 'program';
+    const detached = this.st.unloadProgram('operator detach');
+    return { detached, kind: detached ? kind : null, cancelledLoad };
   }
 
   /** The BUSY answer to a request that cannot wait behind a pending one (the channel's queue is full). */

@@ -61,7 +61,7 @@ export class Service {
         const t = d.net.stats.total();
         return { ...this.broker(d).show(), host: d.offloadHost(), verdicts: { pass: t.xdpPass, drop: t.xdpDrop, tx: t.xdpTx, aborted: t.xdpAborted } };
       },
-      // { detached, cancelledLoad }: the program removed, an OBJ_LOAD in flight cancelled.
+      // OffloadDetach: the program or object removed (kind), an OBJ_LOAD in flight cancelled.
       'offload.detach': (p) => this.broker(this.device(p.name)).detach(),
       // The offload broker's quotas (limits/usage, with --offload) and, on xsk ports, the
       // pinned-memory quota (pinnedMemory); a device needs at least one of them.

@@ -272,16 +272,16 @@ for (const port of ['tap', 'xsk'] as const) describe(`vxdp and /dev/vxdp-<ifname
     expect(objSupport()).toBe(true);
     // The host's loader child lives for a second or so: catch it, then detach. Should the load
     // win the race, it is unloaded and tried again.
-    let detach: { detached: boolean; cancelledLoad: boolean } | undefined;
+    let detach: { detached: boolean; kind: string | null; cancelledLoad: boolean } | undefined;
     for (let attempt = 0; attempt < 3 && !detach?.cancelledLoad; attempt++) {
       await sh(vm, `rm -f /tmp/load.out /tmp/load.rc; (vxdp load ${SAMPLE} >/tmp/load.out 2>&1; echo $? >/tmp/load.rc) &`);
       const end = Date.now() + 30_000;
       while (objectLoadersBelow(be!.proc.pid).length === 0 && Date.now() < end) await new Promise((r) => setTimeout(r, 5));
-      detach = (await be!.call('offload.detach', { name })) as { detached: boolean; cancelledLoad: boolean };
+      detach = (await be!.call('offload.detach', { name })) as { detached: boolean; kind: string | null; cancelledLoad: boolean };
       await sh(vm, 'while [ ! -s /tmp/load.rc ]; do sleep 0.2; done', 60_000);
       if (!detach.cancelledLoad) await sh(vm, 'vxdp unload || true');
     }
-    expect(detach).toEqual({ detached: false, cancelledLoad: true });
+    expect(detach).toEqual({ detached: false, kind: null, cancelledLoad: true });
     expect(await sh(vm, 'cat /tmp/load.rc')).toBe('1');
     const out = await sh(vm, 'cat /tmp/load.out');
     expect(out).toMatch(/host refused: CANCELLED \(24\)/);

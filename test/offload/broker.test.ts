@@ -370,12 +370,12 @@ describe('offload broker against the kernel', () => {
     const [h] = g.offload(obj('xdp_drop'));
     remember(b);
     const ids = { prog: b.program!.id, map: b.show().maps[0]!.id };
-    expect(b.detach()).toEqual({ detached: true, cancelledLoad: false });
+    expect(b.detach()).toEqual({ detached: true, kind: 'program', cancelledLoad: false });
     expect(b.program).toBeNull();
     expect(gone(progGetFdById, ids.prog)).toBe(true);
     expect(existsNow(mapGetFdById, ids.map)).toBe(true);
     g.ok((s) => P.encodeElemLookup(s, h!, u32(0)));
-    expect(b.detach()).toEqual({ detached: false, cancelledLoad: false });
+    expect(b.detach()).toEqual({ detached: false, kind: null, cancelledLoad: false });
     g.offload(obj('xdp_pass'));
     remember(b);
     g.ok(P.encodeRelease);

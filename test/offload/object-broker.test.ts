@@ -130,6 +130,16 @@ describe('a loaded object', () => {
     expect(g.send((s) => P.encodeObjShow(s)).status).toBe(Status.NO_SUCH_ELEMENT);
   });
 
+  test('an operator detach of an object reports kind object: its maps go with it (a PROG_SET program\'s stay)', () => {
+    const g = claimed();
+    upload(g, sample('xdp_filter_obj'));
+    g.ok((s) => P.encodeObjLoad(s, 'udp_filter'));
+    expect(broker!.show().maps.length).toBeGreaterThan(0);
+    expect(broker!.detach()).toEqual({ detached: true, kind: 'object', cancelledLoad: false });
+    expect(broker!.show()).toMatchObject({ program: null, object: null, maps: [] });
+    expect(broker!.detach()).toEqual({ detached: false, kind: null, cancelledLoad: false });
+  });
+
   test('per-CPU values are possible_cpus × round_up(value_size, 8) bytes in ELEM_LOOKUP and ELEM_UPDATE', () => {
     const g = claimed();
     upload(g, sample('xdp_filter_obj'));

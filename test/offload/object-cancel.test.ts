@@ -72,6 +72,6 @@ describe('offload detach during a pending OBJ_LOAD', () => {
     }, 5_000, 'the kernel objects to go');
     // The next detach has nothing to cancel (--json: the control API's answer as is).
     const again = JSON.parse(execFileSync(process.execPath, [CLI, 'offload', 'detach', NAME, '--json', '--control', be.control], { encoding: 'utf8' }));
-    expect(again).toEqual({ detached: false, cancelledLoad: false });
+    expect(again).toEqual({ detached: false, kind: null, cancelledLoad: false });
   }, 90_000);
 });

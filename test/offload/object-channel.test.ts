@@ -136,7 +136,7 @@ describe('cancelling a pending OBJ_LOAD', () => {
     const children = objectLoadersBelow(process.pid);
     expect(children.length).toBe(1);
 
-    expect(r.ch.detach()).toEqual({ detached: false, cancelledLoad: true });
+    expect(r.ch.detach()).toEqual({ detached: false, kind: null, cancelledLoad: true });
     await waitUntil(() => r.replies.length === 2, 10_000, 'the answers', 20);
     expect(r.replies.map((x) => [x.seq, x.status])).toEqual([[loadSeq, Status.CANCELLED], [showSeq, Status.NO_SUCH_ELEMENT]]);
     expect(r.ch.show().program).toBeNull();
@@ -146,7 +146,7 @@ describe('cancelling a pending OBJ_LOAD', () => {
     expect(await stillAlive(made)).toEqual({ maps: [], progs: [] });
     expect(ownBpfFds()).toBe(fds);
     // Nothing pending any more: a second detach has nothing to cancel.
-    expect(r.ch.detach()).toEqual({ detached: false, cancelledLoad: false });
+    expect(r.ch.detach()).toEqual({ detached: false, kind: null, cancelledLoad: false });
 
     delete process.env.VX_OBJECT_LOADER_HOLD_MS;
     r.replies.length = 0;

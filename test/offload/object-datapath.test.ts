@@ -20,6 +20,9 @@ import { progGetFdById } from '../../src/sys/bpf/programs.js';
 import { mapGetFdById } from '../../src/sys/bpf/maps.js';
 import { waitUntil } from '../support/processes.js';
 import { gone, readU64 } from './helpers.js';
+import { CLI } from '../support/backend.js';
+import { listMapIds } from '../../src/sys/bpf/info.js';
+import { execFileSync } from 'node:child_process';
 
 const C_SEEN = 0, C_PASSED = 1, C_DROPPED = 2;
 const DROP_SPORT = 4005; // the sample's compiled config says 4003: the patched .rodata wins
@@ -167,6 +170,19 @@ for (const port of ['tap', 'xsk'] as const) {
       expect(pinNames().filter((n) => n !== 'state')).toEqual([]);
       expect((await rig.oc.call(encodeObjShow(rig.oc.nextSeq()))).status).toBe(Status.NO_SUCH_ELEMENT);
       expect(decodeU32Body(requireOk(await rig.oc.call(encodeObjUnload(rig.oc.nextSeq()))).body)).toBe(0);
+    }, 30_000);
+
+    test('the operator\'s CLI detach of an object says so (kind object, not a program whose maps stay): its programs and maps are gone', async () => {
+      await loadObject(rig.oc, filterObjectWithConfig(DROP_SPORT), { name: `vo_${port}_d`, chunk: 1500 });
+      const s = await rig.be.call('offload.show', { name: dev });
+      const mapIds: number[] = s.maps.map((m: { id: number }) => m.id);
+      expect(mapIds.length).toBe(5);
+      const out = JSON.parse(execFileSync(process.execPath, [CLI, 'offload', 'detach', dev, '--json', '--control', rig.be.control], { encoding: 'utf8' }));
+      expect(out).toEqual({ detached: true, kind: 'object', cancelledLoad: false });
+      // Ids only: opening a PROG_ARRAY by id while its deferred clear runs would keep it alive.
+      await waitUntil(() => { const live = new Set(listMapIds()); return !mapIds.some((id) => live.has(id)); }, 5000, 'the object\'s maps to go');
+      expect(await rig.be.call('offload.show', { name: dev })).toMatchObject({ program: null, object: null, maps: [] });
+      expect(await rig.hostToGuest(10)).toBe(10);
     }, 30_000);
   });
 }

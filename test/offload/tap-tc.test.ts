@@ -146,7 +146,7 @@ describe('tap offload fast path: the program at the tap\'s tc egress', () => {
     const id = (await show()).host.program.hostId;
     expect(egress()).toEqual([id]);
     const r = await rig.be.call('offload.detach', { name: 'tc' });
-    expect(r.detached).toBe(true);
+    expect(r).toMatchObject({ detached: true, kind: 'program' });
     expect(egress()).toEqual([]);
     await waitUntil(() => !listProgIds().includes(id), 3000, 'tc program gone from the kernel');
     expect(await rig.hostToGuest(10)).toBe(10);
