@@ -59,8 +59,6 @@ export class StateTransfer {
   /** SAVE: bytes written so far. LOAD: chunks read so far. */
   private offset = 0;
   private readonly chunks: Uint8Array[] = [];
-  /** SAVE: the state is still being made; nothing is written (and no EOF given) before it is. */
-  private waiting = false;
 
   private constructor(readonly direction: TransferDirection, fd: number, private state: Uint8Array,
     private readonly apply: (bytes: Uint8Array) => void, private readonly onDone: (r: TransferRecord) => void) {
@@ -97,15 +95,12 @@ export class StateTransfer {
       t.startPolling();
       return t;
     }
-    t.waiting = true;
     later.then((state) => {
       // Cancelled or checked meanwhile: the fd is closed and the record written.
       if (t.done) return;
-      t.waiting = false;
       t.state = state;
       t.startPolling();
     }, (e: unknown) => {
-      t.waiting = false;
       if (!t.done) t.complete(e);
     });
     return t;
@@ -116,6 +111,12 @@ export class StateTransfer {
   }
 
   get finished(): boolean { return this.done !== null; }
+
+  /**
+   * SAVE whose state is still being made: nothing is written (and no EOF given) before it is.
+   * Polling starts only with the state in hand, and stops only once done.
+   */
+  private get waiting(): boolean { return this.done === null && this.poll === null; }
 
   /** Moves as many bytes as the fd takes now; completes the transfer at the end. */
   private pump(): void {
