@@ -205,8 +205,8 @@ export class OffloadState {
     const p = this.pendingLoad;
     if (!p) return false;
     this.pendingLoad = null;
+    // Logged once, by the load itself (object-commands), once its child is gone: with the object's name.
     p.abort(why);
-    this.log(`pending object load cancelled (${why})`);
     return true;
   }
 
