@@ -8,8 +8,14 @@ import {
   PacketSocket, PacketType, buildUdpFrame, checkPatternPayload, ipv4HeaderChecksum, parseUdpFrame, patternPayload,
 } from './packet-socket.js';
 import { dpdkLeftovers, isTxonlyFrame, pcapVdev, readPcap, startTestpmd } from './dpdk.js';
-import { spawnManaged } from './processes.js';
+import { spawnManaged, sleep, waitUntil } from './processes.js';
 import { Pinger, percentile } from './pinger.js';
+import { TcEgressFlood } from './xdp-flood.js';
+import { TapPort } from '../../src/ports/tap.js';
+import { TcProgram, TapTcAttachment } from '../../src/ports/tap-tc-program.js';
+import { encodeInsns, returnImm } from '../../src/sys/bpf/insns.js';
+import { XDP_DROP, XDP_PASS } from '../../src/sys/bpf/xdp.js';
+import { ifNameToIndex } from '../../src/sys/libc.js';
 
 // The helpers other tests stand on, exercised against real kernel objects.
 
@@ -292,5 +298,65 @@ describe('pinger on a veth pair', () => {
     expect(r.received).toBe(0);
     expect(r.lost).toBe(50);
     expect(r.p99Us).toBe(0);
+  });
+});
+
+describe('TcEgressFlood into a tap', () => {
+  const cleanup = new CleanupStack();
+  const tap = uniqueIfName('vxfl');
+  let ifindex = 0;
+  let att: TapTcAttachment;
+  // The offload's own translated programs and verdict counters stand at the tap's tc egress.
+  const tcProgram = (verdict: number, name: string) =>
+    TcProgram.load({ code: encodeInsns(returnImm(verdict)), license: 'GPL' }, { ifindex, name, countersName: `${name}_c` });
+  const reachedTap = () => {
+    const s = readLinkStats(tap);
+    return s.txPackets + s.txDropped;
+  };
+
+  beforeAll(() => {
+    // Our fd keeps the tap's carrier up, so what passes tc egress reaches the tap's queue.
+    const port = TapPort.open(tap, 1);
+    cleanup.push('close tap', () => port.close());
+    disableIpv6(tap);
+    ifindex = ifNameToIndex(tap);
+    att = new TapTcAttachment(ifindex, tap);
+    cleanup.push('detach tc program', () => att.clear());
+  });
+
+  afterAll(async () => {
+    await cleanup.run();
+  });
+
+  test('its frames pass the tap\'s tc egress program and reach the tap byte for byte; dropped there, they never reach it', async () => {
+    const frame = buildUdpFrame({
+      srcMac: '02:00:00:00:0c:01', dstMac: '02:00:00:00:0c:02', srcIp: '10.77.1.1', dstIp: '10.77.1.2',
+      srcPort: 9, dstPort: 6003, payload: patternPayload(7, 40),
+    });
+    att.set(tcProgram(XDP_PASS, 'vxt_fl_pass'));
+    const watch = PacketSocket.open(tap, { includeOutgoing: true });
+    cleanup.push('close watcher', () => watch.close());
+    const flood = await TcEgressFlood.start(tap, frame, 0);
+    cleanup.push('stop flood', () => flood.stop());
+    const seen = watch.recvAll(1, 3000, (f) => parseUdpFrame(f)?.dstPort === 6003);
+    expect(seen.length).toBe(1);
+    expect(Array.from(seen[0]!)).toEqual(Array.from(frame));
+    watch.close();
+    const passed0 = att.verdicts().pass;
+    const tap0 = reachedTap();
+    await waitUntil(() => att.verdicts().pass > passed0 + 1000 && reachedTap() > tap0 + 1000, 5000, 'frames passed at tc egress reaching the tap');
+
+    att.set(tcProgram(XDP_DROP, 'vxt_fl_drop'));
+    // Frames past tc egress before the swap may still be on their way to the tap's queue.
+    await sleep(100);
+    const dropped0 = att.verdicts().drop;
+    const tap1 = reachedTap();
+    await waitUntil(() => att.verdicts().drop > dropped0 + 1000, 5000, 'drops at tc egress');
+    expect(reachedTap()).toBe(tap1);
+
+    await flood.stop();
+    const after = att.verdicts().drop;
+    await sleep(100);
+    expect(att.verdicts().drop).toBe(after);
   });
 });

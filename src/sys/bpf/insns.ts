@@ -89,7 +89,7 @@ export const BPF_PSEUDO_CALL = PseudoCall.CALL;
 export const BPF_PSEUDO_KFUNC_CALL = PseudoCall.KFUNC_CALL;
 
 /** Helper ids (enum bpf_func_id) the project's own programs call or policy names. */
-export const Helper = { TAIL_CALL: 12, REDIRECT_MAP: 51 } as const;
+export const Helper = { TAIL_CALL: 12, CLONE_REDIRECT: 13, REDIRECT_MAP: 51 } as const;
 
 /** offsetof(struct xdp_md, rx_queue_index) */
 export const XDP_MD_RX_QUEUE_INDEX = 16;
