@@ -29,7 +29,7 @@ const HOST_MAC = '02:00:00:00:0a:01';
 /** The sample's config is patched to drop this UDP source port (its compiled default is 4003). */
 const DROP_SPORT = 4005;
 const C_DROPPED = 2;
-const PINNING = 'backend (all threads): taskset -c 1; generator (XdpFlood or trafgen, the same for both sides) on core 0; the veth peer\'s NAPI runs where the generator transmits';
+const PINNING = 'backend (all threads): taskset -c 1; generator (XdpFlood, or its tc-egress fallback where live frames are refused; the same for both sides) on core 0; the veth peer\'s NAPI runs where the generator transmits';
 
 export interface LoadLatency {
   /** OBJ_BEGIN sent to the last OBJ_CHUNK answered. */
@@ -51,7 +51,7 @@ export interface ObjectBenchResult {
   latency: { tap: LoadLatency[]; xsk: LoadLatency[] };
   /** Per round: [object on the xsk port, ceiling (native on a plain veth)]. */
   /** What flooded the veths (the same for both sides). */
-  generator: 'xdp-flood' | 'trafgen';
+  generator: string;
   drops: { xsk: DropWindow; ceiling: DropWindow; ratio: number; ceilingFirst: boolean }[];
   pinning: string;
 }
@@ -133,36 +133,14 @@ async function unload(d: Device): Promise<void> {
   d.fe.receive(0);
 }
 
-type GeneratorKind = 'xdp-flood' | 'trafgen';
-
-/** Starts the generator on core 0 flooding `ifname` with `frame`; returns its stop. */
-async function startGenerator(kind: GeneratorKind, ifname: string, frame: Uint8Array, cfg: string): Promise<() => Promise<void>> {
-  if (kind === 'xdp-flood') {
-    const flood = await XdpFlood.start(ifname, frame, 0);
-    return () => flood.stop().catch(() => undefined);
-  }
-  const gen = spawnManaged('taskset', ['-c', '0', 'trafgen', '-o', ifname, '-i', cfg, '-P', '1', '--no-sock-mem', '--notouch-irq', '-C'], { name: 'trafgen' });
-  return async () => { await gen.stop('SIGINT', 3000); };
-}
-
 /**
- * The live-frames XDP generator where the kernel lets it run (it reaches rates trafgen cannot);
- * trafgen otherwise (this kernel answers the live-frames test run with EPERM on some builds).
+ * Floods `ifname` with `frame` from core 0 for `seconds`: the live-frames XDP flood, or where the
+ * kernel refuses live frames, its tc-egress fallback (the same for both sides of a round).
  */
-async function pickGenerator(ifname: string, peer: string, frame: Uint8Array, cfg: string): Promise<GeneratorKind> {
-  const stop = await startGenerator('xdp-flood', ifname, frame, cfg);
-  try {
-    const a = vethXdpCounters(peer).xdp_packets ?? 0;
-    await sleep(500);
-    return (vethXdpCounters(peer).xdp_packets ?? 0) - a > 10_000 ? 'xdp-flood' : 'trafgen';
-  } finally {
-    await stop();
-  }
-}
-
 /** XDP drops/s at `peer` while the generator (core 0) floods `ifname`, over `seconds`. */
-async function dropWindow(gen: GeneratorKind, ifname: string, peer: string, frame: Uint8Array, cfg: string, seconds: number): Promise<DropWindow> {
-  const stop = await startGenerator(gen, ifname, frame, cfg);
+async function dropWindow(ifname: string, peer: string, frame: Uint8Array, seconds: number, said: (generator: string) => void): Promise<DropWindow> {
+  const flood = await XdpFlood.start(ifname, frame, 0);
+  said(flood.describe());
   try {
     await sleep(500);
     const a = vethXdpCounters(peer);
@@ -175,7 +153,7 @@ async function dropWindow(gen: GeneratorKind, ifname: string, peer: string, fram
       offeredPps: Math.round(((b.xdp_packets ?? 0) - (a.xdp_packets ?? 0)) / dt),
     };
   } finally {
-    await stop();
+    await flood.stop().catch(() => undefined);
   }
 }
 
@@ -184,7 +162,11 @@ export async function runObjectBench(o: { rounds: number; seconds: number; log?:
   const latency: ObjectBenchResult['latency'] = { tap: [], xsk: [] };
   const drops: ObjectBenchResult['drops'] = [];
   let dev: Device | null = null;
-  let generator: GeneratorKind = 'xdp-flood';
+  const generators = new Set<string>();
+  const said = (g: string): void => {
+    if (!generators.has(g)) o.log?.(`  generator: ${g}`);
+    generators.add(g);
+  };
   const dir = tempDir('objbceil');
   const pins = `/sys/fs/bpf/vxobj-${process.pid}`;
   const ceilA = uniqueIfName('vxca');
@@ -222,29 +204,24 @@ export async function runObjectBench(o: { rounds: number; seconds: number; log?:
 
     const frame = buildUdpFrame({ srcMac: HOST_MAC, dstMac: GUEST_MAC, srcIp: '198.18.0.1', dstIp: '198.18.0.2', srcPort: DROP_SPORT, dstPort: 9, payload: new Uint8Array(22) });
     const xskPeer = defaultPeerName(xsk.ifname);
-    const cfg = path.join(dir, 'flood.trafgen');
-    fs.writeFileSync(cfg, `{\n  ${Array.from(frame, (b) => `0x${b.toString(16).padStart(2, '0')}`).join(', ')}\n}\n`);
-    const gen = await pickGenerator(ceilA, ceilB, frame, cfg);
-    generator = gen;
-    o.log?.(`  generator: ${gen}${gen === 'trafgen' ? ' (the live-frames XDP flood offered nothing here: its test run fails)' : ''}`);
     for (let r = 0; r < o.rounds; r++) {
       // Who goes first alternates, so a bias for either seat cancels out over rounds.
       const ceilingFirst = r % 2 === 0;
       let ceiling: DropWindow;
       let ours: DropWindow;
       if (ceilingFirst) {
-        ceiling = await dropWindow(gen, ceilA, ceilB, frame, cfg, o.seconds);
-        ours = await dropWindow(gen, xsk.ifname, xskPeer, frame, cfg, o.seconds);
+        ceiling = await dropWindow(ceilA, ceilB, frame, o.seconds, said);
+        ours = await dropWindow(xsk.ifname, xskPeer, frame, o.seconds, said);
       } else {
-        ours = await dropWindow(gen, xsk.ifname, xskPeer, frame, cfg, o.seconds);
-        ceiling = await dropWindow(gen, ceilA, ceilB, frame, cfg, o.seconds);
+        ours = await dropWindow(xsk.ifname, xskPeer, frame, o.seconds, said);
+        ceiling = await dropWindow(ceilA, ceilB, frame, o.seconds, said);
       }
       const ratio = Math.round((ours.pps / Math.max(1, ceiling.pps)) * 1000) / 1000;
       drops.push({ xsk: ours, ceiling, ratio, ceilingFirst });
       o.log?.(`  drop round ${r + 1}: ceiling ${ceiling.pps} pps (offered ${ceiling.offeredPps}), xsk port ${ours.pps} pps (offered ${ours.offeredPps}): ${ratio.toFixed(2)}x`);
     }
     await unload(xsk);
-    return { objectBytes: object.byteLength, latency, drops, generator, pinning: PINNING };
+    return { objectBytes: object.byteLength, latency, drops, generator: [...generators].join(' / '), pinning: PINNING };
   } finally {
     await stopDevice(dev);
     deleteLink(ceilA);

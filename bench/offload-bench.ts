@@ -42,6 +42,8 @@ export interface OffloadBenchResult {
   /** Where XDP_DROP ran: tap-tc (the tap's tc egress), tap-test-run (per frame in the backend), xdp-native (xsk). */
   path: string;
   pinning: string;
+  /** What flooded the host port in this run (XdpFlood falls back where the kernel refuses live frames). */
+  generator: string;
   /** 1-minute load average when the round started (2 cores: above ~2 other tenants competed). */
   loadAvg1: number;
 }
@@ -213,6 +215,8 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
       },
       path: runsAt,
       pinning: PINNING,
+      // An xsk run whose kernel refused live frames flooded through tc egress, far slower.
+      generator: flood.describe(),
       loadAvg1,
     };
   } finally {

@@ -10,7 +10,7 @@ import {
 import { dpdkLeftovers, isTxonlyFrame, pcapVdev, readPcap, startTestpmd } from './dpdk.js';
 import { spawnManaged, sleep, waitUntil } from './processes.js';
 import { Pinger, percentile } from './pinger.js';
-import { TcEgressFlood } from './xdp-flood.js';
+import { TcEgressFlood, XdpFlood } from './xdp-flood.js';
 import { TapPort } from '../../src/ports/tap.js';
 import { TcProgram, TapTcAttachment } from '../../src/ports/tap-tc-program.js';
 import { encodeInsns, returnImm } from '../../src/sys/bpf/insns.js';
@@ -358,5 +358,35 @@ describe('TcEgressFlood into a tap', () => {
     const after = att.verdicts().drop;
     await sleep(100);
     expect(att.verdicts().drop).toBe(after);
+  });
+});
+
+describe('XdpFlood into a veth', () => {
+  test('its frames reach the peer on the path it names: live frames, or tc egress where the kernel refuses them', async () => {
+    const cleanup = new CleanupStack();
+    const a = uniqueIfName('vxxa');
+    const b = uniqueIfName('vxxb');
+    try {
+      createVethPair(a, b);
+      cleanup.push('delete veth', () => deleteLink(a));
+      const frame = buildUdpFrame({
+        srcMac: '02:00:00:00:0d:01', dstMac: '02:00:00:00:0d:02', srcIp: '10.77.2.1', dstIp: '10.77.2.2',
+        srcPort: 9, dstPort: 6004, payload: patternPayload(3, 40),
+      });
+      const watch = PacketSocket.open(b);
+      cleanup.push('close watcher', () => watch.close());
+      const flood = await XdpFlood.start(a, frame, 0);
+      cleanup.push('stop flood', () => flood.stop());
+      expect(['xdp', 'tc-egress']).toContain(flood.path);
+      // A fallback always says why; the path asked for never does.
+      expect(flood.fallback === null).toBe(flood.path === 'xdp');
+      const seen = watch.recvAll(1, 3000, (f) => parseUdpFrame(f)?.dstPort === 6004);
+      expect(Array.from(seen[0]!)).toEqual(Array.from(frame));
+      const rx0 = readLinkStats(b).rxPackets;
+      await waitUntil(() => readLinkStats(b).rxPackets > rx0 + 10_000, 5000, 'the flood arriving at the peer');
+      await flood.stop();
+    } finally {
+      await cleanup.run();
+    }
   });
 });

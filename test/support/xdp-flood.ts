@@ -48,11 +48,14 @@ const TC_REPEAT = 2 ** 18;
 export type FloodPath = 'xdp' | 'tc-egress';
 const PATHS: readonly FloodPath[] = ['xdp', 'tc-egress'];
 
-async function spawnFlood(path: FloodPath, ifname: string, frame: Uint8Array, cpu: number): Promise<ManagedProcess> {
+/** What a flood child says once it floods: the path it took and, for a fallback, why. */
+const READY = /^flooding \S+ \(ifindex \d+, (xdp|tc-egress)(?:; ([^)]*))?\)/;
+
+async function spawnFlood(path: FloodPath, ifname: string, frame: Uint8Array, cpu: number): Promise<{ proc: ManagedProcess; path: FloodPath; fallback: string | null }> {
   const hex = Buffer.from(frame).toString('hex');
   const proc = spawnManaged('taskset', ['-c', String(cpu), process.execPath, SELF, path, ifname, hex], { name: `${path}-flood` });
-  await proc.waitForLine(/^flooding /, 10_000);
-  return proc;
+  const m = await proc.waitForLine(READY, 10_000);
+  return { proc, path: m[1] as FloodPath, fallback: m[2] ?? null };
 }
 
 /**
@@ -60,7 +63,23 @@ async function spawnFlood(path: FloodPath, ifname: string, frame: Uint8Array, cp
  * kernel says nothing about an interrupted call's frames; count where the frames arrive.
  */
 class KernelFlood {
-  protected constructor(private readonly proc: ManagedProcess) {}
+  /** The path the frames take: an XdpFlood whose live frames the kernel refused floods through tc egress. */
+  readonly path: FloodPath;
+  /** Why the flood is not on the path asked for (the kernel's answer), or null. */
+  readonly fallback: string | null;
+  private readonly proc: ManagedProcess;
+
+  protected constructor(started: { proc: ManagedProcess; path: FloodPath; fallback: string | null }) {
+    this.proc = started.proc;
+    this.path = started.path;
+    this.fallback = started.fallback;
+  }
+
+  /** For bench output: which generator ran, and why when it is not the one asked for. */
+  describe(): string {
+    const what = this.path === 'xdp' ? 'live-frames XDP flood' : 'test-run bpf_clone_redirect through tc egress';
+    return this.fallback ? `${what} (${this.fallback})` : what;
+  }
 
   async stop(): Promise<void> {
     await this.proc.stop('SIGINT', 5000);
@@ -71,6 +90,10 @@ export class XdpFlood extends KernelFlood {
   /**
    * Floods `ifname` with `frame` from a process pinned to `cpu`. The receiving side of the
    * veth must have NAPI (an XDP program or GRO on), or the kernel drops the frames at xmit.
+   * Where the kernel refuses live frames (EPERM on some builds here, as it refuses freplace:
+   * both swap program text in place), the flood transmits skb clones through the interface's
+   * dev_queue_xmit instead: the frames still arrive at the veth's peer and its XDP, each at the
+   * cost of an skb; `path` and `fallback` say so, for the bench to print.
    */
   static async start(ifname: string, frame: Uint8Array, cpu: number): Promise<XdpFlood> {
     return new XdpFlood(await spawnFlood('xdp', ifname, frame, cpu));
@@ -106,10 +129,25 @@ function floodMain(path: FloodPath, ifname: string, hex: string): void {
   const frame = Buffer.from(hex, 'hex');
   if (frame.length < 14 || frame.length > 3000) throw new RangeError(`frame of ${frame.length} bytes`);
   const ifindex = ifNameToIndex(ifname);
-  const prog = loadGenerator(path, ifindex);
-  const runner = new TestRunner(prog);
+  let prog = loadGenerator(path, ifindex);
+  let runner = new TestRunner(prog);
   const buf = new NativeBuffer(4096);
   buf.bytes.set(frame, 0);
+  let fallback = '';
+  if (path === 'xdp') {
+    // One live frame first: a refusal shows now, not as a child that died after saying it floods.
+    try {
+      runner.runLive(buf.address, frame.length, ifindex, 1);
+    } catch (e) {
+      if (!(e instanceof BpfError) || ![Errno.EPERM, Errno.EOPNOTSUPP, Errno.EINVAL].includes(e.errno)) throw e;
+      fallback = `; live frames refused: ${e.code}`;
+      runner.dispose();
+      closeBpfFd(prog);
+      path = 'tc-egress';
+      prog = loadGenerator(path, ifindex);
+      runner = new TestRunner(prog);
+    }
+  }
   if (path === 'tc-egress') {
     // One frame first: a refused redirect (no such device, device down) shows as the helper's
     // negative return, which the flood itself would hide behind 2^30 silent failures.
@@ -119,7 +157,7 @@ function floodMain(path: FloodPath, ifname: string, hex: string): void {
   let stopping = false;
   process.on('SIGINT', () => { stopping = true; });
   process.on('SIGTERM', () => { stopping = true; });
-  process.stdout.write(`flooding ${ifname} (ifindex ${ifindex}, ${path}) with ${frame.length}-byte frames\n`);
+  process.stdout.write(`flooding ${ifname} (ifindex ${ifindex}, ${path}${fallback}) with ${frame.length}-byte frames\n`);
   // Each call blocks for REPEAT frames; yield to the event loop between calls so signals land.
   const step = (): void => {
     if (stopping) {
