@@ -106,8 +106,17 @@ export class StateTransfer {
     return t;
   }
 
+  /**
+   * A poll that cannot start (the fd refused by the event loop) fails the transfer like any other
+   * error: the fd is closed and CHECK_DEVICE_STATE reports it. Thrown instead, it would leak the
+   * fd from begin() and, after an asynchronous SAVE, reject a promise nobody awaits.
+   */
   private startPolling(): void {
-    this.poll = koffi.node.poll(this.fd, this.direction === TransferDirection.SAVE ? { writable: true } : { readable: true, disconnect: true }, () => this.pump());
+    try {
+      this.poll = koffi.node.poll(this.fd, this.direction === TransferDirection.SAVE ? { writable: true } : { readable: true, disconnect: true }, () => this.pump());
+    } catch (e) {
+      this.complete(e);
+    }
   }
 
   get finished(): boolean { return this.done !== null; }
