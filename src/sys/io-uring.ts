@@ -1,6 +1,6 @@
 import koffi from 'koffi';
 import { VxError } from '../errors.js';
-import { raw, NativeBuffer, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, closeFd } from './libc.js';
+import { NativeBuffer, SharedMapping, closeFd } from './libc.js';
 import { errnoName } from './errors.js';
 import { writeU64 } from './u64.js';
 
@@ -86,7 +86,6 @@ const IORING_SQ_CQ_OVERFLOW = 1 << 1;
 
 const SQE_SIZE = 64;
 const CQE_SIZE = 16;
-const MAP_POPULATE = 0x8000;
 
 /** Where io_uring_setup reports what it can do and how to map the rings. */
 export interface UringInfo {
@@ -115,26 +114,25 @@ export class IoUring {
   private readonly sqes: DataView;
   private readonly sqeBytes: Uint8Array;
   private readonly cqes: DataView;
-  private readonly maps: { address: number; length: number }[];
+  /** Two or three: SQ and CQ rings share one where the kernel has IORING_FEAT_SINGLE_MMAP. */
+  private readonly maps: SharedMapping[];
   /** Our producer index: SQEs written past the tail the kernel sees, published by submit(). */
   private sqLocalTail: number;
   private cqLocalHead: number;
   private closed = false;
   private filesRegistered = false;
 
-  private constructor(fd: number, info: UringInfo, maps: { address: number; length: number }[],
-                      params: DataView, sqRing: number, cqRing: number, sqesAddr: number) {
+  private constructor(fd: number, info: UringInfo, maps: SharedMapping[],
+                      params: DataView, sqRing: SharedMapping, cqRing: SharedMapping, sqesMap: SharedMapping) {
     this.fd = fd;
     this.info = info;
     this.maps = maps;
     const so = 40;
     const co = 80;
-    // SAFETY: the three mappings are owned by this object and unmapped only by close(); the
-    // views below are dropped with it (owners close the ring after their last use).
-    const sqLen = params.getUint32(so + 24, true) + info.sqEntries * 4;
-    const cqLen = params.getUint32(co + 20, true) + info.cqEntries * CQE_SIZE;
-    const sq = koffi.view(sqRing, sqLen);
-    const cq = koffi.view(cqRing, cqLen);
+    // SAFETY: the mappings are owned by this object and unmapped only by close(); the views
+    // below are dropped with it (owners close the ring after their last use).
+    const sq = sqRing.buffer;
+    const cq = cqRing.buffer;
     this.sqHead = new Int32Array(sq, params.getUint32(so, true), 1);
     this.sqTail = new Int32Array(sq, params.getUint32(so + 4, true), 1);
     this.sqMask = new Uint32Array(sq, params.getUint32(so + 8, true), 1)[0]!;
@@ -146,7 +144,7 @@ export class IoUring {
     this.cqTail = new Int32Array(cq, params.getUint32(co + 4, true), 1);
     this.cqMask = new Uint32Array(cq, params.getUint32(co + 8, true), 1)[0]!;
     this.cqes = new DataView(cq, params.getUint32(co + 20, true), info.cqEntries * CQE_SIZE);
-    const sqeAb = koffi.view(sqesAddr, info.sqEntries * SQE_SIZE);
+    const sqeAb = sqesMap.buffer;
     this.sqes = new DataView(sqeAb);
     this.sqeBytes = new Uint8Array(sqeAb);
     // Zero once: prep() writes only the fields our requests use (see there).
@@ -159,7 +157,8 @@ export class IoUring {
    * Sets up a ring of `entries` submission slots (the kernel gives twice as many completion
    * slots). Throws UringError: ENOSYS (no io_uring in this kernel, or seccomp's default
    * answer), EPERM (io_uring_disabled = 2, or = 1 and not in io_uring_group; some seccomp
-   * filters), ENOMEM, 'no-liburing'.
+   * filters), ENOMEM, 'no-liburing'; SysError (code: the errno name) when the rings cannot be
+   * mapped.
    */
   static create(entries: number): IoUring {
     const l = load();
@@ -183,29 +182,28 @@ export class IoUring {
       }
       const v = p.view;
       const info: UringInfo = { sqEntries: v.getUint32(0, true), cqEntries: v.getUint32(4, true), features: v.getUint32(20, true), flags };
-      const maps: { address: number; length: number }[] = [];
-      const map = (length: number, off: number): number => {
-        const a = raw.mmap(0, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, off);
-        if (a === MAP_FAILED) throw new UringError('mmap(io_uring)', koffi.errno(), `offset 0x${off.toString(16)}`);
-        maps.push({ address: a, length });
-        return a;
+      const maps: SharedMapping[] = [];
+      const map = (length: number, off: number, what: string): SharedMapping => {
+        const m = new SharedMapping(fd, length, off, { populate: true, what });
+        maps.push(m);
+        return m;
       };
       try {
         if ((info.features & IORING_FEAT_NODROP) === 0) throw new UringError('io_uring_setup', 95 /* EOPNOTSUPP */, 'kernel without IORING_FEAT_NODROP (before 5.5)');
         const sqLen = v.getUint32(40 + 24, true) + info.sqEntries * 4;
         const cqLen = v.getUint32(80 + 20, true) + info.cqEntries * CQE_SIZE;
-        let sqRing: number;
-        let cqRing: number;
+        let sqRing: SharedMapping;
+        let cqRing: SharedMapping;
         if (info.features & IORING_FEAT_SINGLE_MMAP) {
-          sqRing = cqRing = map(Math.max(sqLen, cqLen), IORING_OFF_SQ_RING);
+          sqRing = cqRing = map(Math.max(sqLen, cqLen), IORING_OFF_SQ_RING, 'io_uring SQ/CQ rings');
         } else {
-          sqRing = map(sqLen, IORING_OFF_SQ_RING);
-          cqRing = map(cqLen, IORING_OFF_CQ_RING);
+          sqRing = map(sqLen, IORING_OFF_SQ_RING, 'io_uring SQ ring');
+          cqRing = map(cqLen, IORING_OFF_CQ_RING, 'io_uring CQ ring');
         }
-        const sqes = map(info.sqEntries * SQE_SIZE, IORING_OFF_SQES);
+        const sqes = map(info.sqEntries * SQE_SIZE, IORING_OFF_SQES, 'io_uring SQEs');
         return new IoUring(fd, info, maps, v, sqRing, cqRing, sqes);
       } catch (e) {
-        for (const m of maps) raw.munmap(m.address, m.length);
+        for (const m of maps) m.unmap();
         closeFd(fd);
         throw e;
       }
@@ -337,7 +335,7 @@ export class IoUring {
     if (this.closed) return;
     this.closed = true;
     if (this.filesRegistered) load()!.register(this.fd, IORING_UNREGISTER_FILES, 0, 0);
-    for (const m of this.maps) raw.munmap(m.address, m.length);
+    for (const m of this.maps) m.unmap();
     closeFd(this.fd);
   }
 }

@@ -122,6 +122,19 @@ export function setNonBlocking(fd: number): void {
   check(raw.fcntl(fd, F_SETFL, flags | O_NONBLOCK), 'fcntl(F_SETFL)');
 }
 
+/** Faults the pages in at mmap time. */
+export const MAP_POPULATE = 0x8000;
+
+export interface MappingOptions {
+  /**
+   * MAP_POPULATE: for rings the kernel and a datapath thread share, so the first frames do not
+   * pay page faults (and a mapping that cannot be backed fails here, not mid-burst).
+   */
+  populate?: boolean;
+  /** What is mapped, for the error message ('io_uring SQ ring'). */
+  what?: string;
+}
+
 /** A MAP_SHARED mapping of an fd; the view lets JS read and write the shared memory in place. */
 export class SharedMapping {
   readonly address: number;
@@ -129,9 +142,12 @@ export class SharedMapping {
   readonly buffer: ArrayBuffer;
   private unmapped = false;
 
-  constructor(fd: number, size: number, offset: number) {
-    const addr = raw.mmap(0, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset);
-    if (addr === MAP_FAILED) throw new SysError('mmap', lastErrno(), `fd ${fd} size ${size} offset ${offset}`);
+  /** Throws SysError (code: the errno name) when the kernel refuses the mapping. */
+  constructor(fd: number, size: number, offset: number, opts: MappingOptions = {}) {
+    const addr = raw.mmap(0, size, PROT_READ | PROT_WRITE, MAP_SHARED | (opts.populate ? MAP_POPULATE : 0), fd, offset);
+    if (addr === MAP_FAILED) {
+      throw new SysError(opts.what ? `mmap(${opts.what})` : 'mmap', lastErrno(), `fd ${fd} size ${size} offset ${offset}`);
+    }
     this.address = addr;
     this.size = size;
     // SAFETY: the mapping covers [addr, addr+size) and lives until unmap(); views made from

@@ -258,12 +258,16 @@ describe('tap I/O selection (--tap-io)', () => {
     }
   });
 
-  it('closing the queue closes its ring: the io_uring fd is gone', () => {
+  it('closing the queue closes its ring: the io_uring fd and the ring mappings are gone', () => {
+    const ringMaps = (): number => fs.readFileSync('/proc/self/maps', 'utf8').split('\n').filter((l) => l.includes('[io_uring]')).length;
+    const before = ringMaps();
     const uq = UringQueue.open(tapFd());
     const ringFd = (uq as unknown as { rx: { fd: number } }).rx.fd;
     expect(fs.readlinkSync(`/proc/self/fd/${ringFd}`)).toBe('anon_inode:[io_uring]');
+    expect(ringMaps()).toBeGreaterThan(before);
     uq.close();
     expect(fs.existsSync(`/proc/self/fd/${ringFd}`)).toBe(false);
+    expect(ringMaps()).toBe(before);
   });
 
   it('serve --tap-io rw uses readv/writev and status says so; the default is io_uring', async () => {
