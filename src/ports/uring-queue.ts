@@ -1,4 +1,4 @@
-import { NativeBuffer, eventfdCreate, eventfdDrain, closeFd, IOV_MAX } from '../sys/libc.js';
+import { NativeBuffer, eventfdCreate, eventfdDrain, closeFd, IOV_MAX, Errno } from '../sys/libc.js';
 import { readU64 } from '../sys/u64.js';
 import {
   IoUring, IORING_OP_POLL_ADD, IORING_OP_READ, IORING_OP_READV, IORING_OP_WRITE, IORING_OP_WRITEV,
@@ -30,7 +30,8 @@ const POLL_TAG = 0xfffffffe;
 const CANCEL_TAG = 0xffffffff;
 /** The tap fd's index among each ring's registered files. */
 const TAP_INDEX = 0;
-const ECANCELED = 125;
+/** A read taken back by a cancellation (compared per completion: a constant, not a lookup). */
+const ECANCELED = Errno.ECANCELED;
 /** Read results kept: at most RX_DEPTH reads are between the stash head and the kernel. */
 const RES_MASK = 255;
 /**

@@ -15,7 +15,7 @@ export const Errno = koffi.os.errno as Readonly<Record<string, number>> & {
   EPERM: number; EBUSY: number; ENOSPC: number; E2BIG: number; ENOMEM: number; EFAULT: number;
   ECONNREFUSED: number; EPIPE: number; ECONNRESET: number; ENOTCONN: number; ENODEV: number;
   EOPNOTSUPP: number; EACCES: number; ERANGE: number; ENOTSUP: number; ENXIO: number;
-  ENOBUFS: number; ENOPROTOOPT: number; EMSGSIZE: number; ENETDOWN: number;
+  ENOBUFS: number; ENOPROTOOPT: number; EMSGSIZE: number; ENETDOWN: number; ECANCELED: number;
 };
 
 // The peer went away: the same call on a fresh connection may well succeed.

@@ -1,7 +1,7 @@
 import koffi from 'koffi';
 import { VxError } from '../errors.js';
 import { NativeBuffer, SharedMapping, closeFd } from './libc.js';
-import { errnoName } from './errors.js';
+import { errnoName, Errno } from './errors.js';
 import { writeU64 } from './u64.js';
 
 // io_uring through Debian's liburing2 (2.3): only its exported system-call wrappers
@@ -178,7 +178,7 @@ export class IoUring {
         const r = l.setup(entries, p.address);
         if (r >= 0) { fd = r; flags = f; break; }
         const e = errnoOf(r);
-        if (e !== 22 /* EINVAL */ || f === 0) throw new UringError('io_uring_setup', e, `${entries} entries`);
+        if (e !== Errno.EINVAL || f === 0) throw new UringError('io_uring_setup', e, `${entries} entries`);
       }
       const v = p.view;
       const info: UringInfo = { sqEntries: v.getUint32(0, true), cqEntries: v.getUint32(4, true), features: v.getUint32(20, true), flags };
@@ -189,7 +189,7 @@ export class IoUring {
         return m;
       };
       try {
-        if ((info.features & IORING_FEAT_NODROP) === 0) throw new UringError('io_uring_setup', 95 /* EOPNOTSUPP */, 'kernel without IORING_FEAT_NODROP (before 5.5)');
+        if ((info.features & IORING_FEAT_NODROP) === 0) throw new UringError('io_uring_setup', Errno.EOPNOTSUPP, 'kernel without IORING_FEAT_NODROP (before 5.5)');
         const sqLen = v.getUint32(40 + 24, true) + info.sqEntries * 4;
         const cqLen = v.getUint32(80 + 20, true) + info.cqEntries * CQE_SIZE;
         let sqRing: SharedMapping;
@@ -287,7 +287,7 @@ export class IoUring {
     const r = load()!.enter(this.fd, n, waitFor, waitFor > 0 || n === 0 ? IORING_ENTER_GETEVENTS : 0, 0);
     if (r >= 0) return r;
     const e = errnoOf(r);
-    if (e === 4 /* EINTR */ || e === 11 /* EAGAIN */ || e === 16 /* EBUSY */) return 0;
+    if (e === Errno.EINTR || e === Errno.EAGAIN || e === Errno.EBUSY) return 0;
     throw new UringError('io_uring_enter', e);
   }
 
