@@ -87,6 +87,21 @@ const IORING_SQ_CQ_OVERFLOW = 1 << 1;
 const SQE_SIZE = 64;
 const CQE_SIZE = 16;
 
+/**
+ * Setup flags, best first. SUBMIT_ALL: a bad SQE must not stop the rest of a burst (5.18);
+ * COOP_TASKRUN: completions run when we enter the kernel anyway, no IPI to interrupt the worker
+ * (5.19); SINGLE_ISSUER (6.0): this thread alone submits. An older kernel refuses unknown flags
+ * with EINVAL: the next set drops them.
+ */
+const SETUP_TRIES = [IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SINGLE_ISSUER,
+  IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN, 0];
+/**
+ * The set the kernel took the first time: it does not change while we run, so later rings skip
+ * the refused ones (one or two failed io_uring_setup calls per ring before 6.0). Module state, so
+ * one per thread (each worker has its own); undefined until a ring was made.
+ */
+let acceptedFlags: number | undefined;
+
 /** Where io_uring_setup reports what it can do and how to map the rings. */
 export interface UringInfo {
   sqEntries: number;
@@ -165,14 +180,9 @@ export class IoUring {
     if (!l) throw new UringError('dlopen(liburing.so.2)', 0, libError);
     const p = new NativeBuffer(4096);
     try {
-      // SUBMIT_ALL: a bad SQE must not stop the rest of a burst (5.18); COOP_TASKRUN: completions
-      // run when we enter the kernel anyway, no IPI to interrupt the worker (5.19); SINGLE_ISSUER
-      // (6.0): this thread alone submits. An older kernel refuses unknown flags: drop them.
-      const tries = [IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SINGLE_ISSUER,
-        IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN, 0];
       let fd = -1;
       let flags = 0;
-      for (const f of tries) {
+      for (const f of acceptedFlags === undefined ? SETUP_TRIES : [acceptedFlags]) {
         p.bytes.fill(0, 0, 120);
         p.view.setUint32(8, f, true);
         const r = l.setup(entries, p.address);
@@ -180,6 +190,7 @@ export class IoUring {
         const e = errnoOf(r);
         if (e !== Errno.EINVAL || f === 0) throw new UringError('io_uring_setup', e, `${entries} entries`);
       }
+      acceptedFlags = flags;
       const v = p.view;
       const info: UringInfo = { sqEntries: v.getUint32(0, true), cqEntries: v.getUint32(4, true), features: v.getUint32(20, true), flags };
       const maps: SharedMapping[] = [];
