@@ -231,8 +231,14 @@ export class UringQueue extends TapQueue {
   }
 
   override collectRx(max: number, out: RxFrames): number {
-    // Cleared before the completions are read: one posted after this wakes the loop again.
-    eventfdDrain(this.fd);
+    // The eventfd is what the worker sleeps on, so it must be cleared before the last look at
+    // the ring ahead of a sleep: a completion posted after that look signals it again. A sleep
+    // can follow only a call that returns fewer than `max` frames, so it is cleared only when
+    // the completions in sight cannot fill the burst (a read per burst saved under load, where
+    // they can). Left set, it costs at most one wake-up with nothing to do, never a lost one:
+    // only this read clears it and a look at the ring follows each, so a completion the ring
+    // still holds here was signalled after the last clear.
+    if (this.rx.cqReady() + (this.doneSeq - this.headSeq) < max) eventfdDrain(this.fd);
     this.reapRx();
     const n = this.deliverDone(max, out);
     if (this.rxMode === 'uring') {
