@@ -71,19 +71,19 @@ export class UringQueue extends TapQueue {
   private readonly txCookie = new Int32Array(TX_SLOTS);
   /** Per slot: 1 while its write is in the kernel (a completion for any other slot is ignored). */
   private readonly txBusy = new Uint8Array(TX_SLOTS);
+  /** Slots not in the kernel; the rest are in flight (no separate count to keep in step). */
   private readonly freeSlots: number[] = [];
-  private inFlight = 0;
 
   private readonly rx: IoUring;
   /** Standing reads (one per posted chain), or readv into the stash woken by a poll. */
   private rxMode: 'uring' | 'rw' = 'uring';
   // Posted chains counted in posting order (free-running): [headSeq, doneSeq) have completed
   // reads (results in rxRes), [doneSeq, submittedSeq) are in the kernel, [submittedSeq,
-  // postedSeq) wait for the running chain to end. headSeq is the stash's cHead.
+  // postedSeq) wait for the running chain to end. headSeq is the stash's cHead; postedSeq is
+  // derived from the stash (see there).
   private headSeq = 0;
   private doneSeq = 0;
   private submittedSeq = 0;
-  private postedSeq = 0;
   private readonly rxRes = new Int32Array(RES_MASK + 1);
   private pollArmed = false;
 
@@ -120,7 +120,7 @@ export class UringQueue extends TapQueue {
   // Transmit
 
   override get txInFlight(): number {
-    return this.inFlight;
+    return TX_SLOTS - this.freeSlots.length;
   }
 
   override postTx(cookie: number, ch: DescriptorChain): number {
@@ -143,7 +143,6 @@ export class UringQueue extends TapQueue {
     else this.tx.prep(IORING_OP_WRITEV, IOSQE_FIXED_FILE, TAP_INDEX, this.slotIov.address + at, cnt, slot);
     this.txCookie[slot] = cookie;
     this.txBusy[slot] = 1;
-    this.inFlight++;
     return TX_POSTED;
   }
 
@@ -152,7 +151,7 @@ export class UringQueue extends TapQueue {
   }
 
   override collectTx(max: number, cookies: Int32Array): number {
-    if (this.inFlight === 0) return 0;
+    if (this.freeSlots.length === TX_SLOTS) return 0;
     const r = this.tx;
     const ready = r.cqReady();
     let n = 0;
@@ -165,7 +164,6 @@ export class UringQueue extends TapQueue {
       if (res < 0) this.counts[DROP_REASON.get(-res) ?? PortCount.txErrHost]! += 1;
       this.txBusy[slot] = 0;
       this.freeSlots.push(slot);
-      this.inFlight--;
       cookies[n++] = this.txCookie[slot]!;
     }
     if (seen > 0) r.cqAdvance(seen);
@@ -178,7 +176,7 @@ export class UringQueue extends TapQueue {
    */
   override cancelTx(out: Int32Array): number {
     let n = 0;
-    if (this.inFlight > 0) {
+    if (this.txInFlight > 0) {
       this.tx.prepCancelFixed(TAP_INDEX, CANCEL_TAG);
       this.tx.submit(1);
       n = this.collectTx(out.length, out);
@@ -190,7 +188,6 @@ export class UringQueue extends TapQueue {
     }
     this.freeSlots.length = 0;
     for (let i = TX_SLOTS - 1; i >= 0; i--) this.freeSlots.push(i);
-    this.inFlight = 0;
     this.tx.cqAdvance(this.tx.cqReady());
     return n;
   }
@@ -215,7 +212,7 @@ export class UringQueue extends TapQueue {
 
   override wantsRx(): boolean {
     if (this.rxMode === 'rw') return super.wantsRx();
-    if (this.postedSeq - this.headSeq >= RX_DEPTH) return false;
+    if (this.cTail - this.cHead >= RX_DEPTH) return false;
     const room = () => this.cTail < this.cCookie.length && this.sTail + IOV_MAX <= this.segCap;
     if (!room()) this.compact();
     return room();
@@ -226,8 +223,16 @@ export class UringQueue extends TapQueue {
     // the largest frame need readv over the stash.
     if (this.rxMode === 'uring' && this.mergeable && ch.writableBytes < this.maxFrame) this.toReadv();
     super.postRx(cookie, ch);
-    this.postedSeq++;
     return true;
+  }
+
+  /**
+   * One past the last posted chain. Every chain posted is stashed and leaves the stash only as
+   * headSeq moves on (delivered, or readv's collect), so the stash's length is what lies
+   * between; compaction moves cHead and cTail together.
+   */
+  private get postedSeq(): number {
+    return this.headSeq + (this.cTail - this.cHead);
   }
 
   override collectRx(max: number, out: RxFrames): number {
@@ -305,11 +310,12 @@ export class UringQueue extends TapQueue {
 
   /** Submits the waiting buffers as one hard-linked chain of reads once the previous chain is done. */
   private submitReads(): void {
-    if (this.doneSeq !== this.submittedSeq || this.submittedSeq === this.postedSeq) return;
+    const posted = this.postedSeq;
+    if (this.doneSeq !== this.submittedSeq || this.submittedSeq === posted) return;
     const r = this.rx;
     const v = this.iov.view;
     let c = this.cHead + (this.submittedSeq - this.headSeq);
-    for (; this.submittedSeq !== this.postedSeq && r.sqFree() > 1; c++) {
+    for (; this.submittedSeq !== posted && r.sqFree() > 1; c++) {
       const s0 = this.cSegStart[c]!;
       const tag = this.submittedSeq & SEQ_MASK;
       if (this.cSegCount[c] === 1) r.prep(IORING_OP_READ, IOSQE_FIXED_FILE | IOSQE_IO_HARDLINK, TAP_INDEX, readU64(v, s0 * 16), v.getUint32(s0 * 16 + 8, true), tag);
@@ -364,7 +370,6 @@ export class UringQueue extends TapQueue {
       this.headSeq -= REBASE;
       this.doneSeq -= REBASE;
       this.submittedSeq -= REBASE;
-      this.postedSeq -= REBASE;
     }
   }
 
@@ -372,7 +377,7 @@ export class UringQueue extends TapQueue {
     this.cancelReads();
     eventfdDrain(this.fd); // the cancellations' own completions: nothing to wake for
     super.cancelRx();
-    this.headSeq = this.doneSeq = this.submittedSeq = this.postedSeq = 0;
+    this.headSeq = this.doneSeq = this.submittedSeq = 0;
     this.rxMode = this.runner ? 'rw' : 'uring';
   }
 
