@@ -10,8 +10,10 @@ import * as P from '../../src/offload/guest/codec.js';
 import { Status } from '../../src/offload/guest/codec.js';
 import { readBpfObject, type BpfObjectProgram } from '../../src/offload/bpf-object.js';
 import { closeBpfFd, progGetFdById } from '../../src/sys/bpf/programs.js';
-import { mapGetFdById } from '../../src/sys/bpf/maps.js';
-import { listMapIds, listProgIds, mapInfo, progInfo } from '../../src/sys/bpf/info.js';
+import { listProgIds, progInfo } from '../../src/sys/bpf/info.js';
+import { libbpf, BpfError } from '../../src/sys/bpf/libbpf.js';
+import { BpfObject } from '../../src/sys/bpf/object.js';
+import { NativeBuffer, raw, closeFd, lastErrno, SysError } from '../../src/sys/libc.js';
 
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const obj = (name: string): BpfObjectProgram =>
@@ -36,14 +38,65 @@ export function existsNow(open: (id: number) => number, id: number): boolean {
     return false;
   }
 }
-/** Kernel maps and programs alive now whose names pass the tests, whoever holds them (other runs load objects too). */
+const iter = {
+  attach: libbpf.func('bpf_program__attach_iter', 'intptr_t', ['intptr_t', 'intptr_t']),
+  linkFd: libbpf.func('bpf_link__fd', 'int', ['intptr_t']),
+  destroy: libbpf.func('bpf_link__destroy', 'int', ['intptr_t']),
+  create: libbpf.func('bpf_iter_create', 'int', ['int']),
+};
+const MAP_RECORD = 20; // test/support/bpf/map_names.c: { u32 id; char name[16] }
+
+/**
+ * [id, name] of every map in the kernel, read through a bpf_map iterator (see map_names.c for
+ * why not by id). Everything it makes (object, link, iterator fd, buffer) goes before it returns.
+ */
+export function kernelMapNames(): [number, string][] {
+  const o = BpfObject.openMem(new Uint8Array(readFileSync(join(ROOT, 'bpf/out/map_names.o'))), 'map_names');
+  let link = 0;
+  let fd = -1;
+  const buf = new NativeBuffer(1 << 16);
+  try {
+    o.load();
+    link = iter.attach(o.programs()[0]!.ptr, 0) as number;
+    if (link === 0) throw new BpfError('bpf_program__attach_iter', lastErrno(), 'map_names');
+    fd = iter.create(iter.linkFd(link) as number) as number;
+    if (fd < 0) throw new BpfError('bpf_iter_create', -fd, 'map_names');
+    const chunks: Buffer[] = [];
+    for (;;) {
+      const n = raw.read(fd, buf.address, buf.size) as number;
+      if (n < 0) throw new SysError('read(bpf_map iterator)', lastErrno());
+      if (n === 0) break;
+      chunks.push(Buffer.from(buf.bytes.subarray(0, n)));
+    }
+    const all = Buffer.concat(chunks);
+    const out: [number, string][] = [];
+    for (let at = 0; at + MAP_RECORD <= all.length; at += MAP_RECORD) {
+      const name = all.subarray(at + 4, at + MAP_RECORD);
+      const end = name.indexOf(0);
+      out.push([all.readUInt32LE(at), name.subarray(0, end < 0 ? name.length : end).toString('latin1')]);
+    }
+    return out;
+  } finally {
+    closeFd(fd);
+    if (link !== 0) iter.destroy(link);
+    o.close();
+    buf.free();
+  }
+}
+
+/**
+ * Kernel maps and programs alive now whose names pass the tests, whoever holds them (other runs
+ * load objects too). Maps come from the iterator; programs are opened by id, which is only a
+ * reference (no user reference, nothing runs when it goes), one at a time and closed at once.
+ */
 export function namedKernelObjects(mapName: (n: string) => boolean, progName: (n: string) => boolean): { maps: number[]; progs: number[] } {
-  const named = (ids: number[], open: (id: number) => number, name: (fd: number) => string, want: (n: string) => boolean) => ids.filter((id) => {
+  const maps = kernelMapNames().filter(([, n]) => mapName(n)).map(([id]) => id);
+  const progs = listProgIds().filter((id) => {
     let fd: number;
-    try { fd = open(id); } catch { return false; }
-    try { return want(name(fd)); } finally { closeBpfFd(fd); }
+    try { fd = progGetFdById(id); } catch { return false; }
+    try { return progName(progInfo(fd).name); } finally { closeBpfFd(fd); }
   });
-  return { maps: named(listMapIds(), mapGetFdById, (fd) => mapInfo(fd).name, mapName), progs: named(listProgIds(), progGetFdById, (fd) => progInfo(fd).name, progName) };
+  return { maps, progs };
 }
 export const sleepMs = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 /**
