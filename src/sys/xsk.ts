@@ -1,6 +1,6 @@
 import koffi from 'koffi';
 import { readU64, writeU64 } from './u64.js';
-import { SOCK_RAW, SOCK_CLOEXEC, raw, NativeBuffer, SysError, lastErrno, Errno, MAP_FAILED, PROT_READ, PROT_WRITE, MAP_SHARED } from './libc.js';
+import { SOCK_RAW, SOCK_CLOEXEC, raw, NativeBuffer, SharedMapping, SysError, lastErrno, Errno, MAP_FAILED, PROT_READ, PROT_WRITE, MAP_SHARED } from './libc.js';
 
 // AF_XDP sockets (linux/if_xdp.h) through koffi: socket setup, the UMEM, the four mmap'd rings.
 // Pointers travel as numbers, as in libc.ts. Loaded per module instance, so worker threads can
@@ -58,7 +58,6 @@ const MSG_DONTWAIT = 0x40;
 const MREMAP_MAYMOVE = 1;
 const MREMAP_FIXED = 2;
 const POLLIN = 1;
-const MAP_POPULATE = 0x8000;
 
 // Full fence: Atomics on a SharedArrayBuffer are a locked instruction on x86 (see split-queue.ts).
 const fenceCell = new Int32Array(new SharedArrayBuffer(4));
@@ -277,7 +276,7 @@ export interface XskStatistics {
  */
 export class XskSocket {
   readonly fd: number;
-  private maps: { address: number; length: number }[] = [];
+  private maps: SharedMapping[] = [];
   private closed = false;
   layouts: Partial<SocketRingLayouts> = {};
 
@@ -353,10 +352,9 @@ export class XskSocket {
     const map = (entries: number | undefined, o: RingOffsets, entrySize: number, pgoff: number): RingLayout | undefined => {
       if (!entries) return undefined;
       const length = o.desc + entries * entrySize;
-      const address = raw.mmap(0, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, this.fd, pgoff);
-      if (address === MAP_FAILED) sysFail('mmap(xsk ring)', `pgoff 0x${pgoff.toString(16)}`);
-      this.maps.push({ address, length });
-      return { address, mapLength: length, entries, offsets: o };
+      const m = new SharedMapping(this.fd, length, pgoff, { populate: true, what: 'xsk ring' });
+      this.maps.push(m);
+      return { address: m.address, mapLength: length, entries, offsets: o };
     };
     const l = this.layouts;
     l.fill = map(sizes.fill, off.fill, 8, XDP_UMEM_PGOFF_FILL_RING) ?? l.fill;
@@ -397,7 +395,7 @@ export class XskSocket {
   close(): void {
     if (this.closed) return;
     this.closed = true;
-    for (const m of this.maps) raw.munmap(m.address, m.length);
+    for (const m of this.maps) m.unmap();
     this.maps = [];
     raw.close(this.fd);
   }
