@@ -51,7 +51,7 @@ const MAP_RECORD = 20; // test/support/bpf/map_names.c: { u32 id; char name[16] 
  * why not by id). Everything it makes (object, link, iterator fd, buffer) goes before it returns.
  */
 export function kernelMapNames(): [number, string][] {
-  const o = BpfObject.openMem(new Uint8Array(readFileSync(join(ROOT, 'bpf/out/map_names.o'))), 'map_names');
+  const o = BpfObject.openMem(new Uint8Array(readFileSync(join(ROOT, 'bpf/out/support/map_names.o'))), 'map_names');
   let link = 0;
   let fd = -1;
   const buf = new NativeBuffer(1 << 16);
