@@ -241,9 +241,7 @@ export class SplitQueue {
     const regions = mem.regions;
     const maxSegments = chain.maxSegments;
     const gpas = chain.gpa;
-    const hosts = chain.hostAddress;
     const lengths = chain.length;
-    const writables = chain.writable;
     const regionIdx = chain.region;
     const offsets = chain.offset;
 
@@ -264,9 +262,7 @@ export class SplitQueue {
       const reg = regions[r]!;
       const o = addr - reg.gpa;
       gpas[0] = addr;
-      hosts[0] = reg.hostAddress + o;
       lengths[0] = len;
-      writables[0] = writable ? 1 : 0;
       regionIdx[0] = r;
       offsets[0] = o;
       chain.count = 1;
@@ -342,9 +338,7 @@ export class SplitQueue {
         const reg = regions[r]!;
         const o = addr - reg.gpa;
         gpas[count] = addr;
-        hosts[count] = reg.hostAddress + o;
         lengths[count] = len;
-        writables[count] = writable ? 1 : 0;
         regionIdx[count] = r;
         offsets[count] = o;
         count++;
