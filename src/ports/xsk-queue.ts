@@ -163,9 +163,12 @@ export class XskQueue implements HostQueue {
   private writer: ChainWriter | null = null;
   private headerLength = 12;
   private txPosted = 0;
+  /** umem.chunkSize, read per frame (a field, not a walk through cfg.umem). */
+  private readonly chunkSize: number;
 
   constructor(readonly cfg: XskQueueConfig) {
     this.fd = cfg.fd;
+    this.chunkSize = cfg.umem.chunkSize;
     this.fill = new FillRing(cfg.rings.fill);
     this.completion = new CompletionRing(cfg.rings.completion);
     this.rx = new RxRing(cfg.rings.rx);
@@ -325,29 +328,33 @@ export class XskQueue implements HostQueue {
   // Transmit
 
   postTx(cookie: number, ch: DescriptorChain): number {
-    const t = this.txTable;
-    const u = this.cfg.umem;
     const hdr = this.headerLength;
     const frameLen = ch.readableBytes - hdr;
-    if (frameLen > u.chunkSize) {
+    if (frameLen > this.chunkSize) {
       this.counts[PortCount.txDropOversize]! += 1;
       return TX_ERROR;
     }
-    if (t.tail - t.head >= t.cap || this.tx.free(1) < 1) return TX_BUSY;
-    let seg = -1;
-    let at = 0;
-    if (ch.length[0]! > hdr && ch.readableCount === 1) { seg = 0; at = hdr; }
-    else if (ch.length[0]! === hdr && ch.readableCount === 2) { seg = 1; at = 0; }
-    const uo = seg >= 0 ? this.regionUmem[ch.region[seg]!]! : -1;
-    let addr: number;
+    const t = this.txTable;
+    const tail = t.tail;
+    if (tail - t.head >= t.cap || this.tx.free(1) < 1) return TX_BUSY;
+    // Zero-copy when the frame is one buffer in the UMEM: header and frame in one segment, or a
+    // header-only segment followed by the frame.
+    let addr = -1;
+    const readable = ch.readableCount;
+    const len0 = ch.length[0]!;
+    if (readable === 1 && len0 > hdr) {
+      const uo = this.regionUmem[ch.region[0]!]!;
+      if (uo >= 0) addr = uo + ch.offset[0]! + hdr;
+    } else if (readable === 2 && len0 === hdr) {
+      const uo = this.regionUmem[ch.region[1]!]!;
+      if (uo >= 0) addr = uo + ch.offset[1]!;
+    }
     let k = -1;
-    if (uo >= 0) {
-      addr = uo + ch.offset[seg]! + at;
-    } else {
+    if (addr < 0) {
       const b = t.freeBounce.pop();
       if (b === undefined) return TX_BUSY; // retried when a chunk completes
       k = b;
-      addr = this.cfg.txBounce.offset + k * u.chunkSize;
+      addr = this.cfg.txBounce.offset + k * this.chunkSize;
       // The frame past the header into the chunk (checked above to fit one).
       const r = this.reader!.overReadable(ch);
       r.skip(hdr);
@@ -355,12 +362,12 @@ export class XskQueue implements HostQueue {
       this.counts[PortCount.txCopies]! += 1;
       this.counts[PortCount.txCopyBytes]! += frameLen;
     }
-    const slot = t.tail & t.mask;
+    const slot = tail & t.mask;
     t.cookie[slot] = cookie;
     t.addr[slot] = addr;
     t.bounce[slot] = k;
     this.oDone[slot] = 0;
-    t.tail++;
+    t.tail = tail + 1;
     this.tx.push(addr, frameLen);
     this.txPosted++;
     return TX_POSTED;

@@ -150,10 +150,11 @@ abstract class ProducerRing extends Ring {
 
   /** Free slots; reads the kernel's consumer only when the cached view says fewer than `want`. */
   free(want = 1): number {
-    let n = this.entries - ((this.cachedProd - this.cachedCons) >>> 0);
+    // `| 0`, not `>>> 0`: the difference is at most `entries`, and an int32 keeps V8 in integer arithmetic.
+    let n = this.entries - ((this.cachedProd - this.cachedCons) | 0);
     if (n >= want) return n;
     this.cachedCons = this.cons[0]!;
-    n = this.entries - ((this.cachedProd - this.cachedCons) >>> 0);
+    n = this.entries - ((this.cachedProd - this.cachedCons) | 0);
     return n;
   }
 
