@@ -373,6 +373,30 @@ export class SplitQueue {
   }
 
   /**
+   * pushUsed(heads[i], 0) for i < n: the transmit side's return of chains the host is done with
+   * (nothing written into them). The heads are the device's own cookies, popped here, yet each
+   * is checked like pushUsed's, with one check per element instead of a call.
+   */
+  pushUsedHeads(heads: Int32Array, n: number): void {
+    const v = this.usedView;
+    const size = this.size;
+    const mask = this.mask;
+    let used = this.used;
+    for (let i = 0; i < n; i++) {
+      const head = heads[i]!;
+      if (!(head >= 0 && head < size)) {
+        this.used = used;
+        throw new VirtqueueError('bad-argument', this.name, `pushUsed(${head}, 0): head must be < ${size}`);
+      }
+      const off = 4 + 8 * (used & mask);
+      v.setUint32(off, head, true);
+      v.setUint32(off + 4, 0, true);
+      used = (used + 1) & 0xffff;
+    }
+    this.used = used;
+  }
+
+  /**
    * Publishes pushed elements by writing used->idx. An atomic store: the element stores above
    * may not be moved after it, by the JIT (which takes guest memory for unshared and owes plain
    * stores no order) or by a weakly ordered CPU. On x86 it costs one locked instruction per burst.
