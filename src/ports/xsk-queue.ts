@@ -388,36 +388,45 @@ export class XskQueue implements HostQueue {
 
   collectTx(max: number, cookies: Int32Array): number {
     const cq = this.completion;
-    const n = cq.peek(Math.min(max, this.txTable.cap));
+    const t = this.txTable;
+    const n = cq.peek(Math.min(max, t.cap));
     if (n === 0) return 0;
     const first = cq.nextIndex;
+    const mask = t.mask;
+    const done = this.oDone;
     let got = 0;
     for (let i = 0; i < n; i++) {
-      const c = this.complete(cq.addr((first + i) | 0));
+      const addr = cq.addr((first + i) | 0);
+      // In order almost always: the oldest outstanding frame, from the guest's own buffer, with
+      // no frame behind it completed early. It leaves the table at once.
+      const head = t.head;
+      const h = head & mask;
+      if (head !== t.tail && t.addr[h] === addr && t.bounce[h] === -1 && done[(head + 1) & mask] === 0) {
+        t.head = head + 1;
+        cookies[got++] = t.cookie[h]!;
+        continue;
+      }
+      const c = this.complete(addr);
       if (c >= 0) cookies[got++] = c;
     }
     cq.release(n);
     return got;
   }
 
-  /** The cookie of the frame sent from `addr`, or -1 for an address we never posted (counted). */
+  /**
+   * The cookie of the frame sent from `addr` wherever it sits in the table, or -1 for an address
+   * we never posted (counted): a frame freed early (e.g. dropped by the host stack) can overtake,
+   * and a bounce frame gives its chunk back here.
+   */
   private complete(addr: number): number {
     const t = this.txTable;
     const mask = t.mask;
-    // In order almost always: the oldest outstanding frame (never marked done: the head moves
-    // past done slots), from the guest's own buffer. It leaves the table at once.
-    const h = t.head & mask;
-    if (t.head !== t.tail && t.addr[h] === addr && t.bounce[h] === -1) {
-      t.head++;
-      while (t.head !== t.tail && this.oDone[t.head & mask] === 1) t.head++;
-      return t.cookie[h]!;
-    }
-    // Otherwise search: a frame freed early (e.g. dropped by the host stack) can overtake.
     for (let s = t.head; s !== t.tail; s++) {
       const slot = s & mask;
       if (this.oDone[slot] === 0 && t.addr[slot] === addr) {
         this.oDone[slot] = 1;
         if (t.bounce[slot]! >= 0) t.freeBounce.push(t.bounce[slot]!);
+        // The head stops only at an outstanding slot: move it past every completed one.
         while (t.head !== t.tail && this.oDone[t.head & mask] === 1) t.head++;
         return t.cookie[slot]!;
       }
