@@ -138,9 +138,9 @@ export class ChainReader extends ChainCursor {
   }
 
   /**
-   * The little-endian u16 at the start of a popped chain's readable part (0 past its end), and
-   * aims the reader there. One load without moving the cursor when the first readable segment
-   * holds both bytes, as it does for nearly every TX header.
+   * The little-endian u16 at the start of a popped chain's readable part (0 past its end). One
+   * load, the cursor left alone, when the first readable segment holds both bytes, as it does
+   * for nearly every TX header; otherwise the reader is aimed at the chain and peeks.
    */
   firstU16(ch: DescriptorChain): number {
     if (ch.readableCount > 0 && ch.length[0]! >= 2) return this.mem.regions[ch.region[0]!]!.view.getUint16(ch.offset[0]!, true);
