@@ -51,9 +51,7 @@ function oneSegment(head: number, at: number, len: number, writable: boolean): D
   chain.region[0] = 0;
   chain.offset[0] = at;
   chain.gpa[0] = at;
-  chain.hostAddress[0] = mem.address + at;
   chain.length[0] = len;
-  chain.writable[0] = writable ? 1 : 0;
   chain.head = head;
   chain.count = 1;
   chain.readableCount = writable ? 0 : 1;

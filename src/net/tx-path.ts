@@ -79,7 +79,7 @@ export class TxPath extends QueuePath {
   /** Returns chains the port is done with to the guest; true when any were. */
   private reap(): boolean {
     const n = this.host.collectTx(this.cookies.length, this.cookies);
-    for (let i = 0; i < n; i++) this.queue.pushUsed(this.cookies[i]!, 0);
+    if (n > 0) this.queue.pushUsedHeads(this.cookies, n);
     return n > 0;
   }
 
@@ -111,7 +111,7 @@ export class TxPath extends QueuePath {
           if (ch.readableBytes < minReadable) {
             // No room for an Ethernet header after the vnet header: not a frame.
             this.count(C.txErrFrame);
-          } else if ((req = headerRequests(this.reader.overReadable(ch), hdr)) !== 0 && unnegotiatedRequest(req, this.offloads)) {
+          } else if ((req = headerRequests(this.reader, ch, hdr)) !== 0 && unnegotiatedRequest(req, this.offloads)) {
             // Most frames ask for nothing (flags and gso_type 0): the rules are consulted only
             // when there is something to judge (unnegotiatedRequest(0, x) is false for every x).
             this.count(C.txErrFrame);

@@ -1,6 +1,7 @@
 import { bit, hasBit } from '../vhost-user/protocol.js';
 import { NetFeature as F } from './features.js';
 import type { ChainReader, ChainWriter } from '../virtio/chain-io.js';
+import type { DescriptorChain } from '../virtio/descriptor-chain.js';
 
 /**
  * struct virtio_net_hdr (virtio 1.3, 5.1.6): the header in front of every frame, and every rule
@@ -43,11 +44,11 @@ export function txOffloads(f: bigint): number {
 }
 
 /**
- * The header's flags (low byte) and gso_type (high byte), read at the reader's position (the
- * start of a TX chain); 0 without a header. flags and gso_type are adjacent: one 16-bit load.
+ * The header's flags (low byte) and gso_type (high byte) at the start of a TX chain; 0 without
+ * a header. flags and gso_type are adjacent: one 16-bit load.
  */
-export function headerRequests(r: ChainReader, headerLength: number): number {
-  return headerLength < 2 ? 0 : r.peekU16();
+export function headerRequests(r: ChainReader, ch: DescriptorChain, headerLength: number): number {
+  return headerLength < 2 ? 0 : r.firstU16(ch);
 }
 
 /**

@@ -163,9 +163,12 @@ export class XskQueue implements HostQueue {
   private writer: ChainWriter | null = null;
   private headerLength = 12;
   private txPosted = 0;
+  /** umem.chunkSize, read per frame (a field, not a walk through cfg.umem). */
+  private readonly chunkSize: number;
 
   constructor(readonly cfg: XskQueueConfig) {
     this.fd = cfg.fd;
+    this.chunkSize = cfg.umem.chunkSize;
     this.fill = new FillRing(cfg.rings.fill);
     this.completion = new CompletionRing(cfg.rings.completion);
     this.rx = new RxRing(cfg.rings.rx);
@@ -325,29 +328,33 @@ export class XskQueue implements HostQueue {
   // Transmit
 
   postTx(cookie: number, ch: DescriptorChain): number {
-    const t = this.txTable;
-    const u = this.cfg.umem;
     const hdr = this.headerLength;
     const frameLen = ch.readableBytes - hdr;
-    if (frameLen > u.chunkSize) {
+    if (frameLen > this.chunkSize) {
       this.counts[PortCount.txDropOversize]! += 1;
       return TX_ERROR;
     }
-    if (t.tail - t.head >= t.cap || this.tx.free(1) < 1) return TX_BUSY;
-    let seg = -1;
-    let at = 0;
-    if (ch.length[0]! > hdr && ch.readableCount === 1) { seg = 0; at = hdr; }
-    else if (ch.length[0]! === hdr && ch.readableCount === 2) { seg = 1; at = 0; }
-    const uo = seg >= 0 ? this.regionUmem[ch.region[seg]!]! : -1;
-    let addr: number;
+    const t = this.txTable;
+    const tail = t.tail;
+    if (tail - t.head >= t.cap || this.tx.free(1) < 1) return TX_BUSY;
+    // Zero-copy when the frame is one buffer in the UMEM: header and frame in one segment, or a
+    // header-only segment followed by the frame.
+    let addr = -1;
+    const readable = ch.readableCount;
+    const len0 = ch.length[0]!;
+    if (readable === 1 && len0 > hdr) {
+      const uo = this.regionUmem[ch.region[0]!]!;
+      if (uo >= 0) addr = uo + ch.offset[0]! + hdr;
+    } else if (readable === 2 && len0 === hdr) {
+      const uo = this.regionUmem[ch.region[1]!]!;
+      if (uo >= 0) addr = uo + ch.offset[1]!;
+    }
     let k = -1;
-    if (uo >= 0) {
-      addr = uo + ch.offset[seg]! + at;
-    } else {
+    if (addr < 0) {
       const b = t.freeBounce.pop();
       if (b === undefined) return TX_BUSY; // retried when a chunk completes
       k = b;
-      addr = this.cfg.txBounce.offset + k * u.chunkSize;
+      addr = this.cfg.txBounce.offset + k * this.chunkSize;
       // The frame past the header into the chunk (checked above to fit one).
       const r = this.reader!.overReadable(ch);
       r.skip(hdr);
@@ -355,12 +362,12 @@ export class XskQueue implements HostQueue {
       this.counts[PortCount.txCopies]! += 1;
       this.counts[PortCount.txCopyBytes]! += frameLen;
     }
-    const slot = t.tail & t.mask;
+    const slot = tail & t.mask;
     t.cookie[slot] = cookie;
     t.addr[slot] = addr;
     t.bounce[slot] = k;
     this.oDone[slot] = 0;
-    t.tail++;
+    t.tail = tail + 1;
     this.tx.push(addr, frameLen);
     this.txPosted++;
     return TX_POSTED;
@@ -381,36 +388,45 @@ export class XskQueue implements HostQueue {
 
   collectTx(max: number, cookies: Int32Array): number {
     const cq = this.completion;
-    const n = cq.peek(Math.min(max, this.txTable.cap));
+    const t = this.txTable;
+    const n = cq.peek(Math.min(max, t.cap));
     if (n === 0) return 0;
     const first = cq.nextIndex;
+    const mask = t.mask;
+    const done = this.oDone;
     let got = 0;
     for (let i = 0; i < n; i++) {
-      const c = this.complete(cq.addr((first + i) | 0));
+      const addr = cq.addr((first + i) | 0);
+      // In order almost always: the oldest outstanding frame, from the guest's own buffer, with
+      // no frame behind it completed early. It leaves the table at once.
+      const head = t.head;
+      const h = head & mask;
+      if (head !== t.tail && t.addr[h] === addr && t.bounce[h] === -1 && done[(head + 1) & mask] === 0) {
+        t.head = head + 1;
+        cookies[got++] = t.cookie[h]!;
+        continue;
+      }
+      const c = this.complete(addr);
       if (c >= 0) cookies[got++] = c;
     }
     cq.release(n);
     return got;
   }
 
-  /** The cookie of the frame sent from `addr`, or -1 for an address we never posted (counted). */
+  /**
+   * The cookie of the frame sent from `addr` wherever it sits in the table, or -1 for an address
+   * we never posted (counted): a frame freed early (e.g. dropped by the host stack) can overtake,
+   * and a bounce frame gives its chunk back here.
+   */
   private complete(addr: number): number {
     const t = this.txTable;
     const mask = t.mask;
-    // In order almost always: the oldest outstanding frame (never marked done: the head moves
-    // past done slots), from the guest's own buffer. It leaves the table at once.
-    const h = t.head & mask;
-    if (t.head !== t.tail && t.addr[h] === addr && t.bounce[h] === -1) {
-      t.head++;
-      while (t.head !== t.tail && this.oDone[t.head & mask] === 1) t.head++;
-      return t.cookie[h]!;
-    }
-    // Otherwise search: a frame freed early (e.g. dropped by the host stack) can overtake.
     for (let s = t.head; s !== t.tail; s++) {
       const slot = s & mask;
       if (this.oDone[slot] === 0 && t.addr[slot] === addr) {
         this.oDone[slot] = 1;
         if (t.bounce[slot]! >= 0) t.freeBounce.push(t.bounce[slot]!);
+        // The head stops only at an outstanding slot: move it past every completed one.
         while (t.head !== t.tail && this.oDone[t.head & mask] === 1) t.head++;
         return t.cookie[slot]!;
       }

@@ -108,6 +108,12 @@ abstract class Ring {
   protected readonly flagsWord: Uint32Array;
   protected readonly view: DataView;
   protected readonly descOffset: number;
+  /**
+   * The entries as u32 words (the kernel places them 64-byte aligned). Per-frame ring stores
+   * and loads go through this typed array, not the DataView: a DataView access re-checks its
+   * buffer on every call, and the u64 fields split into two words anyway.
+   */
+  protected readonly words: Uint32Array;
   /** Our view of the two indexes; the other side's is re-read only when the view runs out. */
   protected cachedProd: number;
   protected cachedCons: number;
@@ -124,6 +130,7 @@ abstract class Ring {
     this.flagsWord = new Uint32Array(ab, offsets.flags, 1);
     this.view = new DataView(ab);
     this.descOffset = offsets.desc;
+    this.words = new Uint32Array(ab, offsets.desc, (entries * entrySize) >>> 2);
     this.entries = entries;
     this.mask = entries - 1;
     this.cachedProd = this.prod[0]!;
@@ -142,10 +149,11 @@ abstract class ProducerRing extends Ring {
 
   /** Free slots; reads the kernel's consumer only when the cached view says fewer than `want`. */
   free(want = 1): number {
-    let n = this.entries - ((this.cachedProd - this.cachedCons) >>> 0);
+    // `| 0`, not `>>> 0`: the difference is at most `entries`, and an int32 keeps V8 in integer arithmetic.
+    let n = this.entries - ((this.cachedProd - this.cachedCons) | 0);
     if (n >= want) return n;
     this.cachedCons = this.cons[0]!;
-    n = this.entries - ((this.cachedProd - this.cachedCons) >>> 0);
+    n = this.entries - ((this.cachedProd - this.cachedCons) | 0);
     return n;
   }
 
@@ -213,7 +221,8 @@ export class FillRing extends ProducerRing {
 export class CompletionRing extends ConsumerRing {
   constructor(layout: RingLayout) { super(layout, 8); }
   addr(index: number): number {
-    return readU64(this.view, this.descOffset + 8 * (index & this.mask));
+    const i = (index & this.mask) << 1;
+    return this.words[i]! + this.words[i + 1]! * 4294967296;
   }
 }
 
@@ -243,14 +252,15 @@ export class TxRing extends ProducerRing {
   constructor(layout: RingLayout) { super(layout, 16); }
   /** Writes the next slot and reserves it; the caller checked free() first. */
   push(addr: number, len: number): void {
-    this.set(this.cachedProd, addr, len);
+    const w = this.words;
+    const i = (this.cachedProd & this.mask) << 2;
+    // The low word by truncation (`>>> 0`), the high one exactly (addr < 2^53): see writeU64.
+    const lo = addr >>> 0;
+    w[i] = lo;
+    w[i + 1] = (addr - lo) / 4294967296;
+    w[i + 2] = len;
+    w[i + 3] = 0;
     this.cachedProd = (this.cachedProd + 1) | 0;
-  }
-  set(index: number, addr: number, len: number): void {
-    const o = this.descOffset + 16 * (index & this.mask);
-    writeU64(this.view, o, addr);
-    this.view.setUint32(o + 8, len, true);
-    this.view.setUint32(o + 12, 0, true);
   }
 }
 

@@ -137,6 +137,16 @@ export class ChainReader extends ChainCursor {
     return this.overSegments(ch.region, ch.offset, ch.length, 0, ch.readableCount);
   }
 
+  /**
+   * The little-endian u16 at the start of a popped chain's readable part (0 past its end). One
+   * load, the cursor left alone, when the first readable segment holds both bytes, as it does
+   * for nearly every TX header; otherwise the reader is aimed at the chain and peeks.
+   */
+  firstU16(ch: DescriptorChain): number {
+    if (ch.readableCount > 0 && ch.length[0]! >= 2) return this.mem.regions[ch.region[0]!]!.view.getUint16(ch.offset[0]!, true);
+    return this.overReadable(ch).peekU16();
+  }
+
   /** Copies up to len bytes into `into` from index `at`; returns the count copied (less at the end of the run). */
   read(into: Uint8Array, at: number, len: number): number {
     return this.copy(into, at, len, false);

@@ -5,6 +5,8 @@
  *
  * Segments are in chain order: the first `readableCount` are device-readable (driver → device),
  * the rest device-writable. Zero-length descriptors are skipped and never appear here.
+ * A segment's host address is its region's plus its offset (ChainCursor.hostAddress): pop()
+ * fills only what the datapath reads, once per descriptor of every frame.
  */
 export class DescriptorChain {
   readonly maxSegments: number;
@@ -14,13 +16,9 @@ export class DescriptorChain {
   readableCount = 0;
   readableBytes = 0;
   writableBytes = 0;
-  /** Guest-physical address of each segment. */
+  /** Guest-physical address of each segment (the dirty log marks by it). */
   readonly gpa: Float64Array;
-  /** Our virtual address of each segment (for iovecs handed to the kernel). */
-  readonly hostAddress: Float64Array;
   readonly length: Uint32Array;
-  /** 1 when the device may write the segment. */
-  readonly writable: Uint8Array;
   /** Index into GuestMemory.regions, and the segment's offset inside that region's bytes/view. */
   readonly region: Int32Array;
   readonly offset: Float64Array;
@@ -31,9 +29,7 @@ export class DescriptorChain {
     }
     this.maxSegments = maxSegments;
     this.gpa = new Float64Array(maxSegments);
-    this.hostAddress = new Float64Array(maxSegments);
     this.length = new Uint32Array(maxSegments);
-    this.writable = new Uint8Array(maxSegments);
     this.region = new Int32Array(maxSegments);
     this.offset = new Float64Array(maxSegments);
   }

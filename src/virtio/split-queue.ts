@@ -241,9 +241,7 @@ export class SplitQueue {
     const regions = mem.regions;
     const maxSegments = chain.maxSegments;
     const gpas = chain.gpa;
-    const hosts = chain.hostAddress;
     const lengths = chain.length;
-    const writables = chain.writable;
     const regionIdx = chain.region;
     const offsets = chain.offset;
 
@@ -264,9 +262,7 @@ export class SplitQueue {
       const reg = regions[r]!;
       const o = addr - reg.gpa;
       gpas[0] = addr;
-      hosts[0] = reg.hostAddress + o;
       lengths[0] = len;
-      writables[0] = writable ? 1 : 0;
       regionIdx[0] = r;
       offsets[0] = o;
       chain.count = 1;
@@ -342,9 +338,7 @@ export class SplitQueue {
         const reg = regions[r]!;
         const o = addr - reg.gpa;
         gpas[count] = addr;
-        hosts[count] = reg.hostAddress + o;
         lengths[count] = len;
-        writables[count] = writable ? 1 : 0;
         regionIdx[count] = r;
         offsets[count] = o;
         count++;
@@ -376,6 +370,30 @@ export class SplitQueue {
     this.usedView.setUint32(off, head, true);
     this.usedView.setUint32(off + 4, len, true);
     this.used = (this.used + 1) & 0xffff;
+  }
+
+  /**
+   * pushUsed(heads[i], 0) for i < n: the transmit side's return of chains the host is done with
+   * (nothing written into them). The heads are the device's own cookies, popped here, yet each
+   * is checked like pushUsed's, with one check per element instead of a call.
+   */
+  pushUsedHeads(heads: Int32Array, n: number): void {
+    const v = this.usedView;
+    const size = this.size;
+    const mask = this.mask;
+    let used = this.used;
+    for (let i = 0; i < n; i++) {
+      const head = heads[i]!;
+      if (!(head >= 0 && head < size)) {
+        this.used = used;
+        throw new VirtqueueError('bad-argument', this.name, `pushUsed(${head}, 0): head must be < ${size}`);
+      }
+      const off = 4 + 8 * (used & mask);
+      v.setUint32(off, head, true);
+      v.setUint32(off + 4, 0, true);
+      used = (used + 1) & 0xffff;
+    }
+    this.used = used;
   }
 
   /**

@@ -44,9 +44,7 @@ function chainOver(total: number, cuts: number[]): DescriptorChain {
     chain.region[i] = 0;
     chain.offset[i] = edges[i]!;
     chain.gpa[i] = edges[i]!;
-    chain.hostAddress[i] = mem.address + edges[i]!;
     chain.length[i] = edges[i + 1]! - edges[i]!;
-    chain.writable[i] = 0;
   }
   chain.head = 0;
   chain.count = chain.readableCount = edges.length - 1;
@@ -85,7 +83,6 @@ describe('packet queue (reserved pair on an xsk port)', () => {
     rxChain.readableCount = 0;
     rxChain.readableBytes = 0;
     rxChain.writableBytes = 2048;
-    rxChain.writable[0] = 1;
     q.start('rx', guest, { headerLength: HDR, mergeable: false, maxFrame: HDR + 1518 });
     expect(q.postRx(7, rxChain)).toBe(true);
     const frames = new RxFrames(4);

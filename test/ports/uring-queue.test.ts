@@ -58,9 +58,7 @@ function chainOver(at: number, total: number, cuts: number[], writable = false):
     chain.region[i] = 0;
     chain.offset[i] = at + edges[i]!;
     chain.gpa[i] = at + edges[i]!;
-    chain.hostAddress[i] = mem.address + at + edges[i]!;
     chain.length[i] = edges[i + 1]! - edges[i]!;
-    chain.writable[i] = writable ? 1 : 0;
   }
   chain.head = 0;
   chain.count = edges.length - 1;
