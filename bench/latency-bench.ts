@@ -23,9 +23,9 @@ export interface LatencySample extends PingResult {
   backendWarnings: string[];
 }
 
-export async function measureLatency(seat: BackendSeat, seconds: number): Promise<LatencySample> {
+export async function measureLatency(seat: BackendSeat, seconds: number, serveArgs: string[] = []): Promise<LatencySample> {
   const loadAvg1 = Math.round(loadavg()[0]! * 100) / 100;
-  const s = await startTapSeat(seat, 'lt');
+  const s = await startTapSeat(seat, 'lt', serveArgs);
   let guest: Testpmd | undefined;
   try {
     guest = await startTestpmd({

@@ -78,8 +78,8 @@ if ((valueOf('--port') !== undefined && which !== 'restart') || (restartPort !==
 // The tap bench's serve I/O (serve --tap-io; default: serve's own) and frame length (64..1514).
 const tapIo = valueOf('--tap-io');
 const frameLen = Number(valueOf('--frame-len') ?? 64);
-if ((tapIo !== undefined || valueOf('--frame-len') !== undefined) && which !== 'tap') {
-  console.error('--tap-io and --frame-len belong to the tap bench');
+if ((tapIo !== undefined && which !== 'tap' && which !== 'latency') || (valueOf('--frame-len') !== undefined && which !== 'tap')) {
+  console.error('--tap-io belongs to the tap and latency benches, --frame-len to the tap bench');
   process.exit(2);
 }
 if ((tapIo !== undefined && !['uring', 'rw', 'auto'].includes(tapIo)) || !Number.isInteger(frameLen) || frameLen < 60 || frameLen > 1514) {
@@ -222,10 +222,10 @@ if (which === 'xsk' || which === 'all') {
 
 if (which === 'latency' || which === 'all') {
   if (!json) {
-    console.log(`round-trip latency, host -> tap -> guest (testpmd virtio-user macswap) -> tap -> host, ${PING_RATE} pings/s for ${seconds} s (us, kernel receive stamps${rounds > 1 ? `, medians of ${rounds} interleaved rounds` : ''})`);
+    console.log(`round-trip latency${tapIo ? ` (serve --tap-io ${tapIo})` : ''}, host -> tap -> guest (testpmd virtio-user macswap) -> tap -> host, ${PING_RATE} pings/s for ${seconds} s (us, kernel receive stamps${rounds > 1 ? `, medians of ${rounds} interleaved rounds` : ''})`);
     console.log(`  pinning: ${LATENCY_PINNING}`);
   }
-  const runs = await interleaved(() => measureLatency('dpdk', seconds), () => measureLatency('vhost-xdp', seconds), 'latency', (o) => o.backendWarnings);
+  const runs = await interleaved(() => measureLatency('dpdk', seconds), () => measureLatency('vhost-xdp', seconds, tapIo ? ['--tap-io', tapIo] : []), 'latency', (o) => o.backendWarnings);
   const pick = (xs: LatencySample[], f: (x: LatencySample) => number): number => median(xs.map(f));
   const counts = (xs: LatencySample[]): string => `received ${pick(xs, (x) => x.received)} of ${pick(xs, (x) => x.sent)}, lost ${pick(xs, (x) => x.lost)}; max ${pick(xs, (x) => x.maxUs).toFixed(0)}`;
   line('DPDK vhost PMD <-> tap PMD, p50 / p99 (us)', `${pick(runs.refs, (x) => x.p50Us).toFixed(1)} / ${pick(runs.refs, (x) => x.p99Us).toFixed(1)}`, counts(runs.refs));

@@ -20,7 +20,8 @@ export interface TapSeat {
   stop(): Promise<void>;
 }
 
-export async function startTapSeat(seat: BackendSeat, tag: string): Promise<TapSeat> {
+/** `serveArgs`: extra `serve` options for the vhost-xdp seat (e.g. --tap-io rw). */
+export async function startTapSeat(seat: BackendSeat, tag: string, serveArgs: string[] = []): Promise<TapSeat> {
   const cleanup = new CleanupStack();
   const sock = `/tmp/vx${tag}-${process.pid}-${seat}.sock`;
   const hostIf = uniqueIfName(`vx${tag}`);
@@ -31,7 +32,7 @@ export async function startTapSeat(seat: BackendSeat, tag: string): Promise<TapS
     let pid: number;
     let warnings = (): string[] => [];
     if (seat === 'vhost-xdp') {
-      const be = await startVhostXdp(sock, `tap:${hostIf}`, cleanup);
+      const be = await startVhostXdp(sock, `tap:${hostIf}`, cleanup, serveArgs);
       pid = be.pid;
       warnings = () => be.tail(200).split('\n').filter((l) => / (warn|error) /.test(l));
     } else {
