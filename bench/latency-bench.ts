@@ -2,7 +2,6 @@ import { loadavg } from 'node:os';
 import { startTestpmd, type Testpmd } from '../test/support/dpdk.js';
 import { getMac } from '../test/support/netdev.js';
 import { Pinger, type PingResult } from '../test/support/pinger.js';
-import { sleep } from '../test/support/processes.js';
 import { GUEST_MAC, type BackendSeat } from './reference-dpdk.js';
 import { startTapSeat } from './tap-seat.js';
 
@@ -16,6 +15,15 @@ import { startTapSeat } from './tap-seat.js';
 export const LATENCY_PINNING = 'backend seat: core 1 (testpmd A forwarding lcore / every serve thread); guest (virtio-user macswap): forwarding lcore 0, main 1; pinger: core 0 beside the guest, sleeping between pings';
 /** Pings per second: far below either backend's capacity, so queueing is not what is measured. */
 export const PING_RATE = 1000;
+/**
+ * Seconds of uncounted pings first. Not just first touch of rings and mbufs: at 1000 pings/s
+ * serve's datapath functions reach TurboFan over seconds, and V8 compiles them on its platform
+ * threads, which share core 1 with the datapath worker; a worker woken while one compiles
+ * waits its turn (perf sched, 2026-12-07: the worker's slow round trips in the first seconds
+ * sat behind 0.3-0.5 ms compile jobs of its own process). With 0.5 s of warm-up they were in
+ * the counted window and made most of its p99.
+ */
+export const LATENCY_WARMUP_S = 5;
 
 export interface LatencySample extends PingResult {
   seat: BackendSeat;
@@ -33,10 +41,9 @@ export async function measureLatency(seat: BackendSeat, seconds: number, serveAr
       vdevs: [`net_virtio_user0,path=${s.sock},queues=1,queue_size=256,mac=${GUEST_MAC}`],
       forwardMode: 'macswap', cores: '0,1', mainLcore: 1, portTopology: 'loop',
     });
-    // The first frames also pay for first-touch of rings and mbufs: a short run not counted.
-    await Pinger.run({ ifname: s.hostIf, srcMac: getMac(s.hostIf), dstMac: GUEST_MAC, rate: PING_RATE, seconds: 0.5 }, 0);
-    await sleep(200);
-    const r = await Pinger.run({ ifname: s.hostIf, srcMac: getMac(s.hostIf), dstMac: GUEST_MAC, rate: PING_RATE, seconds }, 0);
+    // Warm-up pings, not counted, from the same pinger process (its JIT and first GCs on core 0
+    // too) and long enough for serve's: see LATENCY_WARMUP_S.
+    const r = await Pinger.run({ ifname: s.hostIf, srcMac: getMac(s.hostIf), dstMac: GUEST_MAC, rate: PING_RATE, seconds, warmupSeconds: LATENCY_WARMUP_S }, 0);
     return { ...r, seat, loadAvg1, backendWarnings: s.warnings() };
   } finally {
     await guest?.stop();

@@ -4,9 +4,10 @@
 // stamps a frame as it arrives, so how soon the pinger itself gets the CPU back (it shares a
 // core with a busy-polling guest in the benches) stays out of the figure.
 //
-// Run as a script (`node pinger.js IFNAME SRC_MAC DST_MAC RATE SECONDS`) it prints one JSON line
+// Run as a script (`node pinger.js IFNAME SRC_MAC DST_MAC RATE SECONDS [WARMUP_SECONDS]`) it prints one JSON line
 // with the result; Pinger.run() spawns it pinned to one CPU.
 import koffi from 'koffi';
+import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { raw, NativeBuffer, Epoll, EPOLLIN, Errno, SysError, lastErrno, check } from '../../src/sys/libc.js';
@@ -39,6 +40,12 @@ export interface PingOptions {
   /** Pings per second (one at a time on a fixed schedule, whether or not the last came back). */
   rate: number;
   seconds: number;
+  /**
+   * Pings sent first, at the same rate, and not counted (default 0). In the same process on
+   * purpose: the pinger's own JIT compiles and first GCs then happen before the counted pings,
+   * on its core, where the busy-polling guest runs.
+   */
+  warmupSeconds?: number;
 }
 
 export interface PingResult {
@@ -62,9 +69,10 @@ export function percentile(sorted: readonly number[], p: number): number {
 export class Pinger {
   /** Pings from a process pinned to `cpu`; resolves with the result when the run is over. */
   static async run(opts: PingOptions, cpu: number): Promise<PingResult> {
-    const proc = spawnManaged('taskset', ['-c', String(cpu), process.execPath, SELF, opts.ifname, opts.srcMac, opts.dstMac, String(opts.rate), String(opts.seconds)], { name: 'pinger' });
+    const warm = opts.warmupSeconds ?? 0;
+    const proc = spawnManaged('taskset', ['-c', String(cpu), process.execPath, SELF, opts.ifname, opts.srcMac, opts.dstMac, String(opts.rate), String(opts.seconds), String(warm)], { name: 'pinger' });
     try {
-      const m = await proc.waitForLine(/^\{.*"sent".*\}$/, (opts.seconds + 10) * 1000);
+      const m = await proc.waitForLine(/^\{.*"sent".*\}$/, (warm + opts.seconds + 10) * 1000);
       return JSON.parse(m[0]) as PingResult;
     } finally {
       await proc.stop('SIGTERM', 2000);
@@ -93,7 +101,9 @@ function pingMain(o: PingOptions): PingResult {
     clockGettime(CLOCK_REALTIME, m.address + 1024);
     return Number(v.getBigInt64(1024, true)) * 1e9 + Number(v.getBigInt64(1032, true));
   };
-  const total = Math.max(1, Math.round(o.rate * o.seconds));
+  // Warm-up pings come first; only those from `counted` on are results.
+  const counted = Math.max(0, Math.round(o.rate * (o.warmupSeconds ?? 0)));
+  const total = counted + Math.max(1, Math.round(o.rate * o.seconds));
   const sentAt = new Float64Array(total);
   const rtt = new Float64Array(total).fill(-1);
   const send = (seq: number): void => {
@@ -164,8 +174,11 @@ function pingMain(o: PingOptions): PingResult {
   epoll.close();
   raw.close(fd);
   m.free();
-  const us = Array.from(rtt).filter((x) => x >= 0).map((x) => x / 1000).sort((a, b) => a - b);
-  const sent = Array.from(sentAt).filter((x) => x > 0).length;
+  // PINGER_DUMP=file: every ping's round trip in us, in sending order (-1: lost or not sent), for histograms.
+  const dump = process.env.PINGER_DUMP;
+  if (dump) writeFileSync(dump, JSON.stringify({ t0Ns: t0, counted, sentAtNs: Array.from(sentAt, (x) => x - t0), rttUs: Array.from(rtt, (x) => (x >= 0 ? Math.round(x / 10) / 100 : -1)) }));
+  const us = Array.from(rtt.subarray(counted)).filter((x) => x >= 0).map((x) => x / 1000).sort((a, b) => a - b);
+  const sent = Array.from(sentAt.subarray(counted)).filter((x) => x > 0).length;
   const r2 = (x: number): number => Math.round(x * 100) / 100;
   return {
     sent, received: us.length, lost: sent - us.length,
@@ -175,10 +188,10 @@ function pingMain(o: PingOptions): PingResult {
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
-  const [ifname, srcMac, dstMac, rate, seconds] = process.argv.slice(2);
-  if (!ifname || !srcMac || !dstMac || !(Number(rate) > 0) || !(Number(seconds) > 0)) {
-    process.stderr.write('usage: pinger IFNAME SRC_MAC DST_MAC RATE SECONDS\n');
+  const [ifname, srcMac, dstMac, rate, seconds, warm = '0'] = process.argv.slice(2);
+  if (!ifname || !srcMac || !dstMac || !(Number(rate) > 0) || !(Number(seconds) > 0) || !(Number(warm) >= 0)) {
+    process.stderr.write('usage: pinger IFNAME SRC_MAC DST_MAC RATE SECONDS [WARMUP_SECONDS]\n');
     process.exit(2);
   }
-  process.stdout.write(`${JSON.stringify(pingMain({ ifname, srcMac, dstMac, rate: Number(rate), seconds: Number(seconds) }))}\n`);
+  process.stdout.write(`${JSON.stringify(pingMain({ ifname, srcMac, dstMac, rate: Number(rate), seconds: Number(seconds), warmupSeconds: Number(warm) }))}\n`);
 }
