@@ -75,7 +75,7 @@ if ((valueOf('--port') !== undefined && which !== 'restart') || (restartPort !==
   console.error('--port tap|xsk belongs to the restart bench');
   process.exit(2);
 }
-// The tap bench's serve I/O (serve --tap-io; default: serve's own) and frame length (64..1514).
+// The tap and latency benches' serve I/O (serve --tap-io; default: serve's own) and the tap bench's frame length (64..1514).
 const tapIo = valueOf('--tap-io');
 const frameLen = Number(valueOf('--frame-len') ?? 64);
 if ((tapIo !== undefined && which !== 'tap' && which !== 'latency') || (valueOf('--frame-len') !== undefined && which !== 'tap')) {
