@@ -104,12 +104,22 @@ export class FdQueue implements HostQueue {
   }
 
   wantsRx(): boolean {
-    if (this.rxReady) return false;
-    if (this.cTail >= this.cap || this.sTail + IOV_MAX > this.segCap) {
-      this.compact();
-      if (this.cTail >= this.cap || this.sTail + IOV_MAX > this.segCap) return false;
-    }
-    return true;
+    return !this.rxReady && this.stashHasRoom();
+  }
+
+  /** Room in the stash for one more chain (a cookie and IOV_MAX segments), compacting once if not. */
+  protected stashHasRoom(): boolean {
+    if (this.cTail < this.cap && this.sTail + IOV_MAX <= this.segCap) return true;
+    this.compact();
+    return this.cTail < this.cap && this.sTail + IOV_MAX <= this.segCap;
+  }
+
+  /**
+   * A frame that filled the whole of chain c's buffers, smaller than the largest frame: it may
+   * have been cut short, so it is not delivered.
+   */
+  protected mayBeCut(c: number, got: number): boolean {
+    return got >= this.cBytes[c]! && this.cBytes[c]! < this.maxFrame;
   }
 
   protected compact(): void {
@@ -176,7 +186,7 @@ export class FdQueue implements HostQueue {
         out.status[n++] = RX_ERROR; // nothing usable was written; the buffers stay posted
         continue;
       }
-      if (!this.mergeable && got >= this.cBytes[c]! && this.cBytes[c]! < this.maxFrame) {
+      if (!this.mergeable && this.mayBeCut(c, got)) {
         // The frame filled the whole buffer, which is smaller than the largest frame: it may be
         // cut short. Hand the buffer back empty rather than deliver a truncated frame.
         this.shift();

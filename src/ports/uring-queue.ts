@@ -71,7 +71,7 @@ export class UringQueue extends TapQueue {
   private readonly txCookie = new Int32Array(TX_SLOTS);
   /** Per slot: 1 while its write is in the kernel (a completion for any other slot is ignored). */
   private readonly txBusy = new Uint8Array(TX_SLOTS);
-  /** Slots not in the kernel; the rest are in flight (no separate count to keep in step). */
+  /** Slots not in the kernel; the rest are in flight (txInFlight counts them; txBusy guards completions). */
   private readonly freeSlots: number[] = [];
 
   private readonly rx: IoUring;
@@ -92,6 +92,13 @@ export class UringQueue extends TapQueue {
     this.tx = tx;
     this.rx = rx;
     this.slotIov = new NativeBuffer(TX_SLOTS * SLOT_IOVS * 16);
+    this.resetSlots();
+  }
+
+  /** Every slot free and none busy: at the start, and once the kernel holds no write of ours. */
+  private resetSlots(): void {
+    this.txBusy.fill(0);
+    this.freeSlots.length = 0;
     for (let i = TX_SLOTS - 1; i >= 0; i--) this.freeSlots.push(i);
   }
 
@@ -182,12 +189,8 @@ export class UringQueue extends TapQueue {
       n = this.collectTx(out.length, out);
     }
     // Whatever did not answer (none expected) is forgotten: its buffers were only being read.
-    for (let s = 0; s < TX_SLOTS; s++) {
-      if (this.txBusy[s] === 1 && n < out.length) out[n++] = this.txCookie[s]!;
-      this.txBusy[s] = 0;
-    }
-    this.freeSlots.length = 0;
-    for (let i = TX_SLOTS - 1; i >= 0; i--) this.freeSlots.push(i);
+    for (let s = 0; s < TX_SLOTS; s++) if (this.txBusy[s] === 1 && n < out.length) out[n++] = this.txCookie[s]!;
+    this.resetSlots();
     this.tx.cqAdvance(this.tx.cqReady());
     return n;
   }
@@ -212,10 +215,7 @@ export class UringQueue extends TapQueue {
 
   override wantsRx(): boolean {
     if (this.rxMode === 'rw') return super.wantsRx();
-    if (this.cTail - this.cHead >= RX_DEPTH) return false;
-    const room = () => this.cTail < this.cCookie.length && this.sTail + IOV_MAX <= this.segCap;
-    if (!room()) this.compact();
-    return room();
+    return this.cTail - this.cHead < RX_DEPTH && this.stashHasRoom();
   }
 
   override postRx(cookie: number, ch: DescriptorChain): boolean {
@@ -295,7 +295,7 @@ export class UringQueue extends TapQueue {
         // nothing past the header: the buffer goes back empty.
         if (res < 0 && res !== -ECANCELED) this.counts[PortCount.rxErrHost]! += 1;
         out.status[n] = RX_ERROR;
-      } else if (res >= this.cBytes[c]! && this.cBytes[c]! < this.maxFrame) {
+      } else if (this.mayBeCut(c, res)) {
         out.status[n] = RX_DROPPED; // filled a buffer smaller than the largest frame: maybe cut short
       } else {
         out.length[n] = res;
@@ -384,7 +384,7 @@ export class UringQueue extends TapQueue {
   /** The rings go (the kernel cancels what is left), the eventfd, then the readv side's buffers. */
   override close(): void {
     try {
-      if (this.doneSeq !== this.submittedSeq) this.cancelReads();
+      this.cancelReads();
     } finally {
       this.tx.close();
       this.rx.close();
