@@ -148,7 +148,7 @@ export class DevicePins {
     this.unlinkQuiet('prog_new');
     this.unlinkQuiet('src_new');
     try {
-      if (source) this.pinBlob('src_new', source);
+      if (source) this.pinBlob('src_new', 'src', source);
       objPin(fd, this.path('prog_new'));
       this.writeDoc('meta_prog', meta);
       if (source) renameSync(this.path('src_new'), this.path('src'));
@@ -177,9 +177,9 @@ export class DevicePins {
     try {
       progFds.forEach((fd, i) => { this.unlinkQuiet(`${g}_p${i}`); objPin(fd, this.path(`${g}_p${i}`)); });
       this.unlinkQuiet(`${g}_code`);
-      if (code && code.byteLength > 0) this.pinBlob(`${g}_code`, code);
+      if (code && code.byteLength > 0) this.pinBlob(`${g}_code`, 'obj_code', code);
       this.unlinkQuiet(`${g}_elf`);
-      if (elf && elf.byteLength > 0) this.pinBlob(`${g}_elf`, elf);
+      if (elf && elf.byteLength > 0) this.pinBlob(`${g}_elf`, 'obj_elf', elf);
       this.writeDoc('meta_obj', meta);
     } catch (e) {
       this.unpinObjectGen(meta.gen);
@@ -222,10 +222,13 @@ export class DevicePins {
     for (const n of names) if (/^obj\d+_(p\d+|code|elf)$/.test(n)) this.unlinkQuiet(n);
   }
 
-  private pinBlob(name: string, bytes: Uint8Array): void {
+  /**
+   * Pins `bytes` as an array map at `name`, the map named for its device and `role` like every
+   * other host object of it (host-names.ts): `vm1_src`, `vm1_obj_code`, `vm1_obj_elf`. The
+   * caller says the role: the pin name is temporary or carries a generation.
+   */
+  private pinBlob(name: string, role: 'src' | 'obj_code' | 'obj_elf', bytes: Uint8Array): void {
     const chunks = Math.max(1, Math.ceil(bytes.byteLength / SRC_CHUNK));
-    // Named for its device like every other host object of it (host-names.ts): `vm1_src`, `vm1_obj_code`, `vm1_obj_elf`.
-    const role = name.replace(/^obj\d+_/, 'obj_');
     const map = BpfMap.create(BpfMapType.ARRAY, 4, SRC_CHUNK, chunks, { name: hostObjectName(bpfPrefix(this.device), role) });
     try {
       const key = new Uint8Array(4);

@@ -13,7 +13,9 @@ import { progGetFdById, closeBpfFd, progLoad, BpfProgType } from '../../src/sys/
 import { encodeInsns } from '../../src/sys/bpf/insns.js';
 import { TestRunner } from '../../src/sys/bpf/test-run.js';
 import { XDP_DROP, XDP_PASS, XDP_TX } from '../../src/sys/bpf/xdp.js';
-import { countKernelObjects, progInfo } from '../../src/sys/bpf/info.js';
+import { countKernelObjects, progInfo, mapInfo } from '../../src/sys/bpf/info.js';
+import { objGet } from '../../src/sys/bpf/pins.js';
+import { bpfPrefix, hostObjectName } from '../../src/offload/host-names.js';
 
 const seenMapIds = new Set<number>();
 const seenProgIds = new Set<number>();
@@ -427,6 +429,13 @@ describe('offload broker against the kernel', () => {
       r.dispose();
       const before = b.show();
       expect(readdirSync(join(dir, 'pinned0')).sort()).toEqual(['map_1', 'map_2', 'meta_1', 'meta_2', 'meta_prog', 'prog', 'src', 'state']);
+      // The source blob's map is named for its role, not for the temporary pin it was made under.
+      const srcFd = objGet(join(dir, 'pinned0', 'src'));
+      try {
+        expect(mapInfo(srcFd).name).toBe(hostObjectName(bpfPrefix('pinned0'), 'src'));
+      } finally {
+        closeBpfFd(srcFd);
+      }
       b.close(); // process exit: fds closed, pins kept
       expect(ownBpfFds()).toBe(fdsBefore);
       expect(existsNow(progGetFdById, before.program!.id)).toBe(true);
