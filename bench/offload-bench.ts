@@ -11,6 +11,7 @@ import { buildUdpFrame } from '../test/support/packet-socket.js';
 import { XdpFlood, TcEgressFlood } from '../test/support/xdp-flood.js';
 import { Epoll, EPOLLIN } from '../src/sys/libc.js';
 import { callControl } from '../src/control/control-client.js';
+import { clockTick, cpuTicks } from './proc-cpu.js';
 import { encodeMapCreate, encodeProgUnset, encodeElemUpdate, encodeElemLookup, encodeUpdateBatch, decodeMapCreateBody } from '../src/offload/guest/codec.js';
 
 const GUEST_MAC = '02:00:00:00:0b:01';
@@ -150,13 +151,9 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
     idle = idleWait;
     idleWait.add(fe.pairs[0]!.call[0], EPOLLIN, 0);
     idleWait.add(fe.pairs[1]!.call[0], EPOLLIN, 1);
-    let inKernel = false;
     let runsAt = 'none';
-    const cpuSeconds = (): number => {
-      // /proc/PID/stat fields 14 and 15 (utime, stime) in clock ticks, after the ')' of comm.
-      const f = fs.readFileSync(`/proc/${be!.pid}/stat`, 'utf8').split(')').pop()!.trim().split(' ');
-      return (Number(f[11]) + Number(f[12])) / 100;
-    };
+    const tick = clockTick();
+    const cpuSeconds = (): number => cpuTicks(be!.pid) / tick;
     const window = async (field: string) => {
       const v0 = kind === 'xsk' && field === 'xdpDrop' ? vethXdp('drops') : 0;
       const o0 = kind === 'xsk' ? vethXdp('packets') : 0;
@@ -179,7 +176,7 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
       // tap's tc egress the program's drops and bounces never reach its transmit: add them.
       const beforeTap = (c: typeof a) => c.total.xdpDrop! + c.total.xdpTx! + c.total.xdpAborted!;
       const offered = kind === 'xsk' ? vethXdp('packets') - o0
-        : b.port.txPackets! + b.port.txDropped! - a.port.txPackets! - a.port.txDropped! + (inKernel ? beforeTap(b) - beforeTap(a) : 0);
+        : b.port.txPackets! + b.port.txDropped! - a.port.txPackets! - a.port.txDropped! + (runsAt === 'tap-tc' ? beforeTap(b) - beforeTap(a) : 0);
       return { pps: n / dt, offered: offered / dt, cpuPct: ((c1 - c0) / dt) * 100 };
     };
     await sleep(500);
@@ -187,13 +184,12 @@ export async function runOffloadBench(seconds = 3, kind: 'tap' | 'xsk' = 'tap'):
     await offloadSample(oc, 'xdp_drop');
     const host = (await callControl(ctl, 'offload.show', { name: 'bench' }) as { host: { program: { runs: string } | null } | null }).host;
     runsAt = host?.program?.runs ?? 'none';
-    inKernel = runsAt === 'tap-tc';
     await sleep(500);
     const dropped = await window('xdpDrop');
     let capacity: { pps: number; offered: number; cpuPct: number } | null = null;
     // Where frames die in the kernel (xsk; a tap whose program runs at tc egress) the backend's
     // core idles while dropping: a second generator there shows the drop path's capacity.
-    if (kind === 'xsk' || inKernel) {
+    if (kind === 'xsk' || runsAt === 'tap-tc') {
       flood2 = await startFlood(1);
       await sleep(500);
       capacity = await window('xdpDrop');
