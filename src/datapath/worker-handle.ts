@@ -62,11 +62,7 @@ export class WorkerHandle {
       Atomics.wait(this.ctl, CTL_SEQ, answered, Math.min(left, 100));
     }
     if (Atomics.load(this.ctl, CTL_STATUS) !== 0) {
-      let message = 'request failed';
-      for (let m = receiveMessageOnPort(this.port); m; m = receiveMessageOnPort(this.port)) {
-        const msg = m.message as { seq: number; error: string };
-        if (msg.seq === seq) message = msg.error;
-      }
+      const message = (this.answer(seq, 'error') as string | undefined) ?? 'request failed';
       const what = req.op === 'device' ? req.req.op : req.op;
       throw new DatapathError(`${this.name}: ${what}: ${message}`);
     }
@@ -76,13 +72,17 @@ export class WorkerHandle {
   /** A request the worker answers with data (DataAnswer); undefined when it posted none. */
   requestData(req: WorkerRequest): unknown {
     this.request(req);
-    const seq = this.seq;
-    let data: unknown;
+    return this.answer(this.seq, 'data');
+  }
+
+  /** Drains what the worker posted on the request port; `key` of the message for `seq`, if any. */
+  private answer(seq: number, key: 'error' | 'data'): unknown {
+    let found: unknown;
     for (let m = receiveMessageOnPort(this.port); m; m = receiveMessageOnPort(this.port)) {
-      const msg = m.message as { seq: number; data?: unknown };
-      if (msg.seq === seq && 'data' in msg) data = msg.data;
+      const msg = m.message as { seq: number; error?: string; data?: unknown };
+      if (msg.seq === seq && key in msg) found = msg[key];
     }
-    return data;
+    return found;
   }
 
   async terminate(): Promise<void> {

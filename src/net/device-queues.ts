@@ -20,9 +20,6 @@ import type { DataAnswer, DeviceRequest, WorkerEvent } from '../datapath/message
 
 interface Running { cfg: VringConfig; queue: SplitQueue; rx?: RxPath; tx?: TxPath; }
 
-/** Responses held for a guest that has not posted receive buffers: bounded, oldest dropped (the bound migration carries too). */
-const MAX_PENDING_REPLIES = MAX_HELD_REPLIES;
-
 /**
  * One device's queues on one datapath worker: the pairs the pool assigned here, the device's
  * view of guest memory, its frame format and its offloaded program. Everything per device that
@@ -152,8 +149,8 @@ export class DeviceQueues {
   private queueReply(reply: Uint8Array): void {
     const link = this.link;
     if (!link) throw new Error('no offload pair on this worker');
-    // Bounded: a guest that never posts receive buffers cannot make us hoard responses.
-    if (link.pending.length >= MAX_PENDING_REPLIES) link.pending.shift();
+    // Bounded, oldest dropped: a guest that never posts receive buffers cannot make us hoard responses (the bound migration carries too).
+    if (link.pending.length >= MAX_HELD_REPLIES) link.pending.shift();
     link.pending.push(reply);
     this.flushReplies();
   }

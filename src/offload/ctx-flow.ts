@@ -49,7 +49,6 @@ export interface CtxFlow {
   regsAt(insn: number): readonly Val[] | null;
   /** True when some path stores a value that may be the context outside a known stack slot of its own frame. */
   readonly ctxEscapes: { insn: number } | null;
-  readonly count: number;
 }
 
 export class CtxFlowError extends Error {
@@ -268,7 +267,6 @@ export function analyzeCtxFlow(decoded: readonly Required<BpfInsn>[], helperArgs
       return {
         regsAt: (i) => (i >= 0 && i < n ? inState[i]?.regs ?? null : null),
         ctxEscapes: escape,
-        count: n,
       };
     }
     // A context pointer is spilled somewhere: loads through stack pointers the pass cannot
