@@ -19,7 +19,7 @@ import { BpfProgType, closeBpfFd, progLoadWithLog } from '../sys/bpf/programs.js
 import { progInfo } from '../sys/bpf/info.js';
 import { XDP_DROP, XDP_PASS, XDP_TX } from '../sys/bpf/xdp.js';
 import {
-  encodeInsns, decodeInsns, countInto, redirectToQueueSocket, Op, Pseudo, PseudoCall, Helper, BPF_INSN_SIZE,
+  encodeInsns, decodeInsn, decodeInsns, countInto, redirectToQueueSocket, Op, Pseudo, PseudoCall, Helper, BPF_INSN_SIZE,
   BPF_CLASS_MASK, BPF_OP_MASK, BPF_CLASS_JMP, BPF_CLASS_JMP32, BPF_OP_JA, BPF_OP_CALL, BPF_OP_EXIT, type BpfInsn,
 } from '../sys/bpf/insns.js';
 import { VxError } from '../errors.js';
@@ -87,11 +87,6 @@ function checkFd(what: string, fd: number): void {
  * to judge; this only guarantees the guest cannot reach into the entry.
  */
 export function checkGuestBlock(guest: Uint8Array): number {
-  return decodeGuestBlock(guest).length;
-}
-
-/** checkGuestBlock, handing back the decoded instructions for callers that walk the program again. */
-export function decodeGuestBlock(guest: Uint8Array): Required<BpfInsn>[] {
   if (guest.byteLength === 0 || guest.byteLength % BPF_INSN_SIZE !== 0) {
     throw new ComposeError('compose-bad-length', `guest program is ${guest.byteLength} bytes, not a non-zero multiple of 8`, 0);
   }
@@ -99,11 +94,11 @@ export function decodeGuestBlock(guest: Uint8Array): Required<BpfInsn>[] {
   if (n + ENTRY_INSNS > MAX_PROG_INSNS) {
     throw new ComposeError('compose-too-long', `guest program has ${n} instructions; composed it would exceed ${MAX_PROG_INSNS}`, 0);
   }
-  const insns = decodeInsns(guest);
+  // One instruction at a time: the compose path checks and copies, and keeps no decoded program.
   const secondHalf = new Uint8Array(n);
   const targets: { from: number; to: number; kind: Transfer }[] = [];
   for (let i = 0; i < n; i++) {
-    const { code, src, off, imm } = insns[i]!;
+    const { code, src, off, imm } = decodeInsn(guest, i);
     if (code === Op.LD_IMM64) {
       if (i + 1 >= n) throw new ComposeError('compose-truncated-ld-imm64', `instruction ${i}: ld_imm64 has no second half`, i);
       if (src === Pseudo.FUNC) targets.push({ from: i, to: i + imm + 1, kind: 'callback' });
@@ -132,7 +127,13 @@ export function decodeGuestBlock(guest: Uint8Array): Required<BpfInsn>[] {
       throw new ComposeError('compose-target-mid-ld-imm64', `instruction ${t.from}: ${what} lands in the middle of the ld_imm64 at ${t.to - 1}`, t.from, t.to);
     }
   }
-  return insns;
+  return n;
+}
+
+/** checkGuestBlock, then the decoded instructions, for callers that walk the program again (tc-translate). */
+export function decodeGuestBlock(guest: Uint8Array): Required<BpfInsn>[] {
+  checkGuestBlock(guest);
+  return decodeInsns(guest);
 }
 
 /**
@@ -158,12 +159,15 @@ export function composeXdp(guestInsns: Uint8Array, opts: ComposeOptions & { abor
  * Where each subprogram of a program starts (the kernel's own split: instruction 0 and every
  * bpf-to-bpf call or callback target), and whether any calls bpf_tail_call.
  */
-export function subprogLayout(insns: readonly Required<BpfInsn>[]): { starts: number[]; tailCall: boolean } {
-  const n = insns.length;
+export function subprogLayout(insns: Uint8Array | readonly Required<BpfInsn>[]): { starts: number[]; tailCall: boolean } {
+  // Encoded (the compose path: decoded one at a time) or already decoded (tc-translate's).
+  const bytes = insns instanceof Uint8Array ? insns : null;
+  const decoded = bytes ? null : insns as readonly Required<BpfInsn>[];
+  const n = bytes ? bytes.byteLength / BPF_INSN_SIZE : decoded!.length;
   const starts = new Set<number>([0]);
   let tailCall = false;
   for (let i = 0; i < n; i++) {
-    const { code, src, imm } = insns[i]!;
+    const { code, src, imm } = bytes ? decodeInsn(bytes, i) : decoded![i]!;
     if (code === Op.CALL && src === PseudoCall.CALL) starts.add(i + imm + 1);
     if (code === Op.CALL && src === PseudoCall.HELPER && imm === Helper.TAIL_CALL) tailCall = true;
     if (code === Op.LD_IMM64) {
@@ -182,7 +186,7 @@ export function subprogLayout(insns: readonly Required<BpfInsn>[]): { starts: nu
  * the program needs none; the caller closes btfFd after the load.
  */
 function tailCallFuncInfo(insns: Uint8Array): { btfFd: number; records: Uint8Array } | null {
-  const { starts, tailCall } = subprogLayout(decodeInsns(insns));
+  const { starts, tailCall } = subprogLayout(insns);
   if (!tailCall) return null;
   const records = new Uint8Array(8 * starts.length);
   const v = new DataView(records.buffer);
