@@ -19,7 +19,7 @@ import { BpfProgType, closeBpfFd, progLoadWithLog } from '../sys/bpf/programs.js
 import { progInfo } from '../sys/bpf/info.js';
 import { XDP_DROP, XDP_PASS, XDP_TX } from '../sys/bpf/xdp.js';
 import {
-  encodeInsns, decodeInsn, decodeInsns, countInto, redirectToQueueSocket, Op, Pseudo, PseudoCall, Helper, BPF_INSN_SIZE,
+  encodeInsns, decodeInsn, decodeInsns, countInto, jeqR0, redirectToQueueSocket, Op, Pseudo, PseudoCall, Helper, BPF_INSN_SIZE,
   BPF_CLASS_MASK, BPF_OP_MASK, BPF_CLASS_JMP, BPF_CLASS_JMP32, BPF_OP_JA, BPF_OP_CALL, BPF_OP_EXIT, type BpfInsn,
 } from '../sys/bpf/insns.js';
 import { VxError } from '../errors.js';
@@ -54,15 +54,13 @@ const BPF_XDP_ATTACH = 37;
 function entryBlock(xskMapFd: number, abortedMapFd: number): BpfInsn[] {
   // Indices are fixed; the assertion in composeXdp keeps them honest.
   const LABEL_DROP = 9, LABEL_TX = 11, LABEL_REDIRECT = 13;
-  const jeq = (at: number, value: number, target: number): BpfInsn =>
-    ({ code: Op.JEQ32_IMM, dst: R0, imm: value, off: target - at - 1 });
   return [
     /* 0 */ { code: Op.MOV64_REG, dst: R6, src: R1 },   // ctx survives the call in a callee-saved register
     /* 1 */ { code: Op.CALL, src: PseudoCall.CALL, imm: ENTRY_INSNS - 2 },
     // The kernel reads an XDP verdict as u32, so compare the low 32 bits only.
-    /* 2 */ jeq(2, XDP_PASS, LABEL_REDIRECT),
-    /* 3 */ jeq(3, XDP_DROP, LABEL_DROP),
-    /* 4 */ jeq(4, XDP_TX, LABEL_TX),
+    /* 2 */ jeqR0(2, XDP_PASS, LABEL_REDIRECT),
+    /* 3 */ jeqR0(3, XDP_DROP, LABEL_DROP),
+    /* 4 */ jeqR0(4, XDP_TX, LABEL_TX),
     // XDP_ABORTED, XDP_REDIRECT (the guest cannot set a target) and unknown values.
     /* 5 */ ...countInto(abortedMapFd),
     /* 9 */ { code: Op.MOV64_IMM, dst: R0, imm: XDP_DROP },

@@ -17,7 +17,7 @@
 // The kernel verifier checks the result: a wrong rewrite is refused at load, never run.
 
 import {
-  encodeInsns, countInto, BPF_INSN_SIZE, Op, Pseudo, PseudoCall, Helper, BPF_CLASS_MASK, BPF_OP_MASK,
+  encodeInsns, countInto, jeqR0, BPF_INSN_SIZE, Op, Pseudo, PseudoCall, Helper, BPF_CLASS_MASK, BPF_OP_MASK,
   BPF_CLASS_JMP, BPF_CLASS_LD, BPF_CLASS_LDX, BPF_CLASS_ST, BPF_CLASS_STX, BPF_OP_CALL, BPF_SIZE_MASK, BPF_SIZE_W,
   BPF_MODE_MASK, BPF_MODE_MEM, BPF_MODE_ATOMIC, BPF_ATOMIC_LOAD_ACQ, BPF_ATOMIC_STORE_REL, type BpfInsn,
 } from '../sys/bpf/insns.js';
@@ -181,14 +181,10 @@ const SKB = { len: 0, protocol: 16, vlanPresent: 20, vlanTci: 24, vlanProto: 28,
 /** ETH_P_8021Q / ETH_P_8021AD as a 16-bit load of the big-endian field reads them on x86-64 (little-endian). */
 const PROTO_8021Q_AS_READ = 0x0081;
 const PROTO_8021AD_AS_READ = 0xa888;
-const STX_W = 0x63, STX_H = 0x6b, JEQ_IMM = 0x15, JGT_REG = 0x2d, ADD64_IMM = 0x07;
-/** BPF_ALU | BPF_END | BPF_TO_BE, imm 16: htons. */
-const BE16 = 0xdc;
 
 function entryBlock(countersFd: number, ifindex: number): BpfInsn[] {
   const PULL = 30, ABORTED = 39, DROP = ABORTED + 6, PASS = DROP + 6, TX = PASS + 6;
   const to = (at: number, target: number) => target - at - 1;
-  const jeq = (at: number, value: number, target: number): BpfInsn => ({ code: Op.JEQ32_IMM, dst: R0, imm: value, off: to(at, target) });
   return [
     /* 0 */ { code: Op.MOV64_REG, dst: R6, src: R1 }, // the skb survives the calls in a callee-saved register
     // A frame whose VLAN tag travels out of band (skb->vlan_present: a VLAN device or a bridge
@@ -198,10 +194,10 @@ function entryBlock(countersFd: number, ifindex: number): BpfInsn[] {
     // down and write proto and TCI after them. A frame that carries a tag in its bytes as well
     // (QinQ) is left alone: skb_vlan_pop would move that inner tag out of band.
     /* 1 */ { code: Op.LDX_W, dst: R2, src: R6, off: SKB.vlanPresent },
-    /* 2 */ { code: JEQ_IMM, dst: R2, imm: 0, off: to(2, PULL) },
+    /* 2 */ { code: Op.JEQ_IMM, dst: R2, imm: 0, off: to(2, PULL) },
     /* 3 */ { code: Op.LDX_W, dst: R2, src: R6, off: SKB.protocol },
-    /* 4 */ { code: JEQ_IMM, dst: R2, imm: PROTO_8021Q_AS_READ, off: to(4, PULL) },
-    /* 5 */ { code: JEQ_IMM, dst: R2, imm: PROTO_8021AD_AS_READ, off: to(5, PULL) },
+    /* 4 */ { code: Op.JEQ_IMM, dst: R2, imm: PROTO_8021Q_AS_READ, off: to(4, PULL) },
+    /* 5 */ { code: Op.JEQ_IMM, dst: R2, imm: PROTO_8021AD_AS_READ, off: to(5, PULL) },
     /* 6 */ { code: Op.LDX_W, dst: R7, src: R6, off: SKB.vlanTci },
     /* 7 */ { code: Op.LDX_W, dst: R8, src: R6, off: SKB.vlanProto },
     /* 8 */ { code: Op.MOV64_REG, dst: R1, src: R6 },
@@ -215,15 +211,15 @@ function entryBlock(countersFd: number, ifindex: number): BpfInsn[] {
     /* 16 */ { code: Op.LDX_W, dst: R2, src: R6, off: SKB.data },
     /* 17 */ { code: Op.LDX_W, dst: R3, src: R6, off: SKB.dataEnd },
     /* 18 */ { code: Op.MOV64_REG, dst: R4, src: R2 },
-    /* 19 */ { code: ADD64_IMM, dst: R4, imm: 18 },
-    /* 20 */ { code: JGT_REG, dst: R4, src: R3, off: to(20, ABORTED) },
+    /* 19 */ { code: Op.ADD64_IMM, dst: R4, imm: 18 },
+    /* 20 */ { code: Op.JGT_REG, dst: R4, src: R3, off: to(20, ABORTED) },
     // Ascending 4-byte moves: each source lies ahead of its destination.
-    /* 21 */ { code: Op.LDX_W, dst: R5, src: R2, off: 4 }, { code: STX_W, dst: R2, src: R5, off: 0 },
-    /* 23 */ { code: Op.LDX_W, dst: R5, src: R2, off: 8 }, { code: STX_W, dst: R2, src: R5, off: 4 },
-    /* 25 */ { code: Op.LDX_W, dst: R5, src: R2, off: 12 }, { code: STX_W, dst: R2, src: R5, off: 8 },
-    /* 27 */ { code: STX_H, dst: R2, src: R8, off: 12 }, // vlan_proto is kept in network order
-    /* 28 */ { code: BE16, dst: R7, imm: 16 }, // vlan_tci in host order
-    /* 29 */ { code: STX_H, dst: R2, src: R7, off: 14 },
+    /* 21 */ { code: Op.LDX_W, dst: R5, src: R2, off: 4 }, { code: Op.STX_W, dst: R2, src: R5, off: 0 },
+    /* 23 */ { code: Op.LDX_W, dst: R5, src: R2, off: 8 }, { code: Op.STX_W, dst: R2, src: R5, off: 4 },
+    /* 25 */ { code: Op.LDX_W, dst: R5, src: R2, off: 12 }, { code: Op.STX_W, dst: R2, src: R5, off: 8 },
+    /* 27 */ { code: Op.STX_H, dst: R2, src: R8, off: 12 }, // vlan_proto is kept in network order
+    /* 28 */ { code: Op.BE16, dst: R7, imm: 16 }, // vlan_tci in host order
+    /* 29 */ { code: Op.STX_H, dst: R2, src: R7, off: 14 },
     // bpf_skb_pull_data(skb, skb->len): the whole frame into the linear area, where direct
     // packet access reaches (data_end is the end of the linear part at tc).
     /* 30 PULL */ { code: Op.MOV64_REG, dst: R1, src: R6 },
@@ -233,9 +229,9 @@ function entryBlock(countersFd: number, ifindex: number): BpfInsn[] {
     /* 34 */ { code: Op.MOV64_REG, dst: R1, src: R6 },
     /* 35 */ { code: Op.CALL, src: PseudoCall.CALL, imm: TC_ENTRY_INSNS - 36 },
     // The kernel reads an XDP verdict as u32: compare the low 32 bits only.
-    /* 36 */ jeq(36, XDP_PASS, PASS),
-    /* 37 */ jeq(37, XDP_DROP, DROP),
-    /* 38 */ jeq(38, XDP_TX, TX),
+    /* 36 */ jeqR0(36, XDP_PASS, PASS),
+    /* 37 */ jeqR0(37, XDP_DROP, DROP),
+    /* 38 */ jeqR0(38, XDP_TX, TX),
     // XDP_ABORTED, XDP_REDIRECT (the guest cannot set a target), unknown values, a frame that
     // could not be pulled or tagged: dropped and counted, as the test-run path does.
     /* 39 ABORTED */ ...countInto(countersFd, TcCounter.aborted), { code: Op.MOV64_IMM, dst: R0, imm: TCX_DROP }, { code: Op.EXIT },

@@ -22,8 +22,17 @@ export const Op = {
   JEQ32_IMM: 0x16,
   /** BPF_JMP | BPF_JNE | BPF_K */
   JNE_IMM: 0x55,
-  /** BPF_JMP | BPF_JA */
-  JA: 0x05,
+  /** BPF_JMP | BPF_JEQ | BPF_K */
+  JEQ_IMM: 0x15,
+  /** BPF_JMP | BPF_JGT | BPF_X */
+  JGT_REG: 0x2d,
+  /** BPF_ALU64 | BPF_ADD | BPF_K */
+  ADD64_IMM: 0x07,
+  /** BPF_STX | BPF_MEM | BPF_W, and BPF_H */
+  STX_W: 0x63,
+  STX_H: 0x6b,
+  /** BPF_ALU | BPF_END | BPF_TO_BE (imm 16: htons) */
+  BE16: 0xdc,
   /** BPF_STX | BPF_ATOMIC | BPF_DW (imm = BPF_ADD: fetch-less add) */
   ATOMIC_DW: 0xdb,
   /** BPF_JMP | BPF_CALL */
@@ -40,21 +49,17 @@ export const BPF_CLASS_JMP32 = 0x06;
 export const BPF_OP_JA = 0x00;
 export const BPF_OP_CALL = 0x80;
 export const BPF_OP_EXIT = 0x90;
-/** may_goto (BPF_JMP | BPF_JCOND): a conditional jump the verifier bounds. */
-export const BPF_OP_JCOND = 0xe0;
 
 /** The other classes, and the fields of load/store (size, mode) and ALU (op, source) opcodes. */
 export const BPF_CLASS_LD = 0x00;
 export const BPF_CLASS_LDX = 0x01;
 export const BPF_CLASS_ST = 0x02;
 export const BPF_CLASS_STX = 0x03;
-export const BPF_CLASS_ALU = 0x04;
 export const BPF_CLASS_ALU64 = 0x07;
 export const BPF_SIZE_MASK = 0x18;
 export const BPF_SIZE_W = 0x00;
 export const BPF_SIZE_DW = 0x18;
 export const BPF_MODE_MASK = 0xe0;
-export const BPF_MODE_IMM = 0x00;
 export const BPF_MODE_MEM = 0x60;
 export const BPF_MODE_ATOMIC = 0xc0;
 /** ALU source bit: register (BPF_X) rather than immediate (BPF_K). */
@@ -164,6 +169,15 @@ export function redirectToQueueSocket(ctxReg: number, xskMapFd: number, fallback
     { code: Op.CALL, imm: Helper.REDIRECT_MAP },
     { code: Op.EXIT },
   ];
+}
+
+/**
+ * The instruction at index `at` of a block jumping to index `target` when r0's low 32 bits are
+ * `value`: how the composers' entries read the verdict the guest's program returned (the
+ * kernel takes an XDP verdict as u32).
+ */
+export function jeqR0(at: number, value: number, target: number): BpfInsn {
+  return { code: Op.JEQ32_IMM, dst: 0, imm: value, off: target - at - 1 };
 }
 
 /**
