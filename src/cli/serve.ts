@@ -1,5 +1,6 @@
 import fs from 'node:fs';
 import type { Argv } from 'yargs';
+import { TAP_IO_MODES, type TapIoMode } from '../ports/port.js';
 import { logger, setLogLevel, type LogLevel } from '../log.js';
 import { Service } from '../service/service.js';
 import type { MetricsServer } from '../service/metrics.js';
@@ -30,7 +31,7 @@ export function serveCommand(y: Argv) {
       .option('client', { type: 'boolean', default: false, describe: 'connect to the socket (QEMU listens with server=on) and reconnect with backoff' })
       .option('workers', { type: 'number', describe: `datapath threads shared by every device (default: the cores this process may run on, ${defaultWorkers()} here); each queue pair runs on one, the least busy when it starts` })
       .option('busy-poll', { type: 'boolean', default: false, describe: 'datapath workers spin on their rings instead of sleeping in epoll (burns a core each, lowers latency)' })
-      .option('tap-io', { type: 'string', choices: ['auto', 'uring', 'rw'], default: 'auto', describe: 'how tap ports move frames: uring (io_uring, one system call per burst of guest frames), rw (readv/writev, one per frame) or auto (io_uring unless the host refuses it: io_uring_disabled, seccomp, old kernel; then rw, logged). status shows which' })
+      .option('tap-io', { type: 'string', choices: TAP_IO_MODES, default: 'auto', describe: 'how tap ports move frames: uring (io_uring, one system call per burst of guest frames), rw (readv/writev, one per frame) or auto (io_uring unless the host refuses it: io_uring_disabled, seccomp, old kernel; then rw, logged). status shows which' })
       .option('mtu', { type: 'number', describe: 'MTU applied to the port until the frontend sends NET_SET_MTU' })
       .option('device', { type: 'string', array: true, describe: 'more devices: name=N,socket=PATH,port=tap:IF[,queues=N,client=1,mtu=N,offload=1,pin-dir=DIR,pin-limit=SIZE] (repeatable)' })
       .option('config', { type: 'string', describe: 'JSON file: {"devices":[{name,socket,port,queues,...}], "control": PATH}' })
@@ -54,7 +55,7 @@ export function serveCommand(y: Argv) {
       let control = argv.control ?? null;
       try {
         const pinLimit = argv['pin-limit'] === undefined ? undefined : parsePinLimit(argv['pin-limit'], '--pin-limit');
-        const defaults = { queues: argv.queues, client: argv.client, mtu: argv.mtu, offload: argv.offload, pinDir: argv['pin-dir'], pinLimit, tapIo: argv['tap-io'] as 'auto' | 'uring' | 'rw' };
+        const defaults = { queues: argv.queues, client: argv.client, mtu: argv.mtu, offload: argv.offload, pinDir: argv['pin-dir'], pinLimit, tapIo: argv['tap-io'] as TapIoMode };
         if (argv.workers !== undefined && (!Number.isInteger(argv.workers) || argv.workers < 1 || argv.workers > 256)) {
           throw new SpecError('bad-workers', `--workers ${argv.workers} outside 1..256`);
         }

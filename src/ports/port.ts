@@ -4,6 +4,9 @@ import type { RegionInfo } from '../memory/guest-memory.js';
 
 /** How a tap queue moves frames: io_uring (guest→host writes batched per burst) or one readv/writev per frame. */
 export type TapIo = 'uring' | 'rw';
+/** `serve --tap-io` and a device spec's tapIo: io_uring, readv/writev, or io_uring where this host allows it. */
+export type TapIoMode = TapIo | 'auto';
+export const TAP_IO_MODES: readonly TapIoMode[] = ['auto', 'uring', 'rw'];
 
 /** What a worker needs to open its side of a port queue (plain data: posted to workers; ports/open-queue.ts opens it as a HostQueue). */
 export type HostQueueConfig = { kind: 'tap'; fd: number; ifname: string; io: TapIo } | XskQueueConfig | PacketQueueConfig;

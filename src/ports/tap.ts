@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { ArgumentError, VxError } from '../errors.js';
 import { raw, NativeBuffer, check, closeFd, SysError, lastErrno, Errno, O_RDWR, O_NONBLOCK, O_CLOEXEC, ifNameToIndex } from '../sys/libc.js';
-import type { HostQueueConfig, Port, TapIo } from './port.js';
+import type { HostQueueConfig, Port, TapIo, TapIoMode } from './port.js';
 import { FdQueue } from './fd-queue.js';
 import { linkStats } from './link-stats.js';
 import { probeIoUring } from '../sys/io-uring.js';
@@ -12,8 +12,6 @@ import { hostObjectName } from '../offload/host-names.js';
 import { TcTranslateError } from '../offload/tc-translate.js';
 import { TapTcAttachment, TcProgram, ZERO_VERDICTS, type TcVerdicts } from './tap-tc-program.js';
 
-/** `serve --tap-io`: io_uring, readv/writev, or io_uring where this host allows it. */
-export type TapIoMode = TapIo | 'auto';
 
 let uringProbe: ReturnType<typeof probeIoUring> | null = null;
 

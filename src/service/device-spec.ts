@@ -1,5 +1,6 @@
 import { VxError } from '../errors.js';
 import { parseSize } from '../offload/quotas.js';
+import { TAP_IO_MODES, type TapIoMode } from '../ports/port.js';
 
 /** How a device is described on the command line, in a config file, or over the control API. */
 export interface DeviceSpec {
@@ -26,7 +27,7 @@ export interface DeviceSpec {
    */
   pinLimit?: number;
   /** tap ports: io_uring, readv/writev or whichever this host allows (default 'auto'; serve --tap-io). */
-  tapIo?: 'uring' | 'rw' | 'auto';
+  tapIo?: TapIoMode;
 }
 
 export type SpecErrorCode =
@@ -58,7 +59,7 @@ export function validateSpec(s: DeviceSpec): DeviceSpec {
   if (s.pinDir !== undefined && !s.offload) throw new SpecError('pin-dir-without-offload', `device ${s.name}: a pin directory only makes sense with offload`);
   if (!Number.isInteger(s.queues) || s.queues < 1 || s.queues > 16) throw new SpecError('bad-queues', `device ${s.name}: queues ${s.queues} outside 1..16`);
   if (s.mtu !== undefined && (!Number.isInteger(s.mtu) || s.mtu < 68 || s.mtu > 65535)) throw new SpecError('bad-mtu', `device ${s.name}: mtu ${s.mtu} outside 68..65535`);
-  if (s.tapIo !== undefined && !['uring', 'rw', 'auto'].includes(s.tapIo)) throw new SpecError('bad-tap-io', `device ${s.name}: tap I/O '${String(s.tapIo)}' is not uring, rw or auto`);
+  if (s.tapIo !== undefined && !TAP_IO_MODES.includes(s.tapIo)) throw new SpecError('bad-tap-io', `device ${s.name}: tap I/O '${String(s.tapIo)}' is not uring, rw or auto`);
   if (s.pinLimit === undefined) return s;
   if (parsePort(s.port).kind !== 'xsk') throw new SpecError('pin-limit-not-xsk', `device ${s.name}: a pin limit only applies to xsk ports (a tap port pins no guest memory)`);
   // The lower bound depends on the queue count: XskPort checks it when the device is created.

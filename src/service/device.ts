@@ -4,7 +4,7 @@ import { describeFeatures } from '../net/features.js';
 import { TapPort } from '../ports/tap.js';
 import { XskPort } from '../ports/xsk.js';
 import type { PinLimitChange } from '../ports/xsk-umem.js';
-import type { Port } from '../ports/port.js';
+import type { Port, TapIo } from '../ports/port.js';
 import { VhostUserEndpoint } from '../vhost-user/endpoint.js';
 import { claimSocketPath, type SocketClaim } from '../sys/socket-claim.js';
 import { UnixSocket } from '../sys/unix-socket.js';
@@ -15,7 +15,7 @@ import { bpfPrefix } from '../offload/host-names.js';
 import type { OffloadPath } from '../net/offload-channel.js';
 
 /** A tap port's I/O as status shows it: io_uring, or readv/writev and why. */
-export interface TapIoStatus { mode: 'uring' | 'rw'; reason: string | null }
+export interface TapIoStatus { mode: TapIo; reason: string | null }
 
 export interface DeviceStatus {
   name: string;
