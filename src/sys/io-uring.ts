@@ -248,7 +248,7 @@ export class IoUring {
   // ---------------------------------------------------------------------------------------
   // Submission
 
-  /** Free submission slots (reads the kernel's head when the cached view is short). */
+  /** Free submission slots: the ring's size less what the kernel has not consumed yet (its head, read each call). */
   sqFree(): number {
     return this.info.sqEntries - ((this.sqLocalTail - this.sqHead[0]!) >>> 0);
   }
@@ -352,8 +352,9 @@ export class IoUring {
 }
 
 /**
- * Whether io_uring can be set up here, and why not: probes once per thread with an 8-entry ring
- * (io_uring_disabled, seccomp, an old kernel or no liburing all show as a refusal here).
+ * Whether io_uring can be set up here, and why not, by making and closing an 8-entry ring
+ * (io_uring_disabled, seccomp, an old kernel or no liburing all show as a refusal here). It
+ * caches nothing: TapPort keeps the answer per process.
  */
 export function probeIoUring(): { ok: true } | { ok: false; code: string; reason: string } {
   try {
