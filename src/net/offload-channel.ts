@@ -4,6 +4,7 @@ import type { VerdictCounters } from '../offload/migration.js';
 import { validateQuotas, type Quotas, type QuotaUsage } from '../offload/quotas.js';
 import { MigrationStateError } from '../offload/errors.js';
 import { objectLoadTimeoutMs } from '../offload/object-commands.js';
+import type { KernelAttach, ProgramSource } from '../ports/port.js';
 
 /** What the channel needs from its device: where replies, claims and programs go. */
 export interface OffloadSink {
@@ -21,12 +22,12 @@ export interface OffloadChannelOptions {
    * The port's own way to attach a program (Port.attachProgram: xsk runs it natively at its
    * veth end); without one, programs go to the datapath to test-run per frame (sink.programChanged).
    */
-  attach?: (source: { code: Uint8Array; license: string } | null, warn: (message: string) => void) => string;
+  attach?: (source: ProgramSource | null, warn: (message: string) => void) => string;
   /**
    * Tap ports (Port.attachInKernel): the program runs in the kernel at the tap's tc egress
    * when it can be translated, else the datapath test-runs it (sink.programChanged).
    */
-  attachInKernel?: (source: { code: Uint8Array; license: string } | null) => { line: string; inKernel: boolean; code?: string };
+  attachInKernel?: (source: ProgramSource | null) => KernelAttach;
   /** The host interface, for log lines. */
   ifname?: string;
   log: Logger;
@@ -34,6 +35,8 @@ export interface OffloadChannelOptions {
 
 /** Where the offloaded program runs: natively at the xsk port's veth, at a tap's tc egress, or per frame through BPF_PROG_TEST_RUN. */
 export type OffloadPath = 'xdp-native' | 'tap-tc' | 'tap-test-run';
+/** Why a tap's program is test-run per frame rather than run at its tc egress: the refusing rule's code and the line. */
+export type OffloadFallback = { code: string; reason: string };
 
 /**
  * The reserved pair's broker, on the main thread with the rest of the control plane: requests
@@ -58,7 +61,7 @@ export class OffloadChannel {
   private generation = 0;
   private inKernel = false;
   /** Why the tap's program is on test-run (a rule code), null when it is not. */
-  private fallback: { code: string; reason: string } | null = null;
+  private fallback: OffloadFallback | null = null;
 
   constructor(private readonly opts: OffloadChannelOptions, private readonly sink: OffloadSink) {
     const b = OffloadBroker.restore({ device: opts.device, pinDir: opts.pinDir, log: (l) => opts.log.info(l) });
@@ -86,7 +89,7 @@ export class OffloadChannel {
   }
 
   /** Why a tap's program runs on test-run rather than at tc egress. */
-  get fallbackReason(): { code: string; reason: string } | null { return this.path === 'tap-test-run' ? this.fallback : null; }
+  get fallbackReason(): OffloadFallback | null { return this.path === 'tap-test-run' ? this.fallback : null; }
 
   /**
    * One request from the guest; the broker copies nothing it has not checked. Answered on the

@@ -8,6 +8,11 @@ export type TapIo = 'uring' | 'rw';
 export type TapIoMode = TapIo | 'auto';
 export const TAP_IO_MODES: readonly TapIoMode[] = ['auto', 'uring', 'rw'];
 
+/** An offloaded program as a port attaches it: its instructions and the license the kernel checks helpers against. */
+export type ProgramSource = { code: Uint8Array; license: string };
+/** What Port.attachInKernel did: the log line, whether the kernel runs it, and the rule that refused it (when not). */
+export type KernelAttach = { line: string; inKernel: boolean; code?: string };
+
 /** What a worker needs to open its side of a port queue (plain data: posted to workers; ports/open-queue.ts opens it as a HostQueue). */
 export type HostQueueConfig = { kind: 'tap'; fd: number; ifname: string; io: TapIo } | XskQueueConfig | PacketQueueConfig;
 
@@ -38,13 +43,13 @@ export interface Port {
    * (what was attached stays). A port without it (tap) tries attachInKernel, and has its queues
    * test-run what that refuses per frame (HostQueue.setProgram).
    */
-  attachProgram?(source: { code: Uint8Array; license: string } | null, warn: (message: string) => void): string;
+  attachProgram?(source: ProgramSource | null, warn: (message: string) => void): string;
   /**
    * A port that can run the program in the kernel for some programs only (tap: translated for
    * its tc egress). inKernel false: it does not run it (the line says why, `code` names the
    * rule); the datapath test-runs it instead. null removes what runs in the kernel.
    */
-  attachInKernel?(source: { code: Uint8Array; license: string } | null): { line: string; inKernel: boolean; code?: string };
+  attachInKernel?(source: ProgramSource | null): KernelAttach;
   /** Verdicts counted in the kernel by the program attachInKernel runs (the datapath never sees those frames). */
   kernelVerdicts?(): { pass: number; drop: number; tx: number; aborted: number };
   /** Checksum and segmentation offloads this port can honour (tap: all; AF_XDP: none). */

@@ -14,6 +14,7 @@ import { BpfProgType, closeBpfFd, progLoadWithLog } from '../sys/bpf/programs.js
 import { progInfo } from '../sys/bpf/info.js';
 import { tcxAttach, tcxReplace } from '../sys/bpf/tcx.js';
 import { closeFd } from '../sys/libc.js';
+import type { ProgramSource } from './port.js';
 import { translateXdpToTc, composeTc, TcCounter, TC_COUNTERS_BYTES } from '../offload/tc-translate.js';
 
 export interface TcVerdicts { pass: number; drop: number; tx: number; aborted: number }
@@ -46,7 +47,7 @@ export class TcProgram {
    * Translates, composes and loads. Throws TcTranslateError (the translation refused, with its
    * code) or BpfError (the verifier refused the result: a rewrite it cannot accept is never run).
    */
-  static load(source: { code: Uint8Array; license: string }, opts: { ifindex: number; name: string; countersName: string }): TcProgram {
+  static load(source: ProgramSource, opts: { ifindex: number; name: string; countersName: string }): TcProgram {
     const t = translateXdpToTc(source.code);
     const counters = BpfMap.create(BpfMapType.ARRAY, 4, TC_COUNTERS_BYTES, 1, { name: opts.countersName });
     let fd = -1;

@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { ArgumentError, VxError } from '../errors.js';
 import { raw, NativeBuffer, check, closeFd, SysError, lastErrno, Errno, O_RDWR, O_NONBLOCK, O_CLOEXEC, ifNameToIndex } from '../sys/libc.js';
-import type { HostQueueConfig, Port, TapIo, TapIoMode } from './port.js';
+import type { HostQueueConfig, KernelAttach, Port, ProgramSource, TapIo, TapIoMode } from './port.js';
 import { FdQueue } from './fd-queue.js';
 import { linkStats } from './link-stats.js';
 import { probeIoUring } from '../sys/io-uring.js';
@@ -226,7 +226,7 @@ export class TapPort implements Port {
    * translation): the caller then has the datapath test-run it, and calls again with null
    * to take away what ran here before. null detaches.
    */
-  attachInKernel(source: { code: Uint8Array; license: string } | null): { line: string; inKernel: boolean; code?: string } {
+  attachInKernel(source: ProgramSource | null): KernelAttach {
     if (!source) {
       const had = this.tc?.program ?? null;
       this.tc?.clear();

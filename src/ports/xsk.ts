@@ -17,7 +17,7 @@ import { linkStats } from './link-stats.js';
 import { ComposedProgram } from '../offload/compose.js';
 import { hostObjectName } from '../offload/host-names.js';
 import { progInfo } from '../sys/bpf/info.js';
-import type { Port } from './port.js';
+import type { Port, ProgramSource } from './port.js';
 import { GuestUmem, PAGE, DEFAULT_PIN_LIMIT, umemChunkSize, minPinLimit, checkPinLimit, type PinLimitChange } from './xsk-umem.js';
 import type { PacketQueueConfig } from './packet-queue.js';
 
@@ -255,7 +255,7 @@ export class XskPort implements Port {
    * this device's sockets (one XDP program: offload/compose.ts); nothing runs per frame in
    * JavaScript. Null puts the plain redirect back.
    */
-  attachProgram(source: { code: Uint8Array; license: string } | null, warn: (message: string) => void): string {
+  attachProgram(source: ProgramSource | null, warn: (message: string) => void): string {
     const t = this.offloadTarget;
     let next: ComposedProgram | null = null;
     try {

@@ -12,7 +12,7 @@ import type { TransferRecord } from '../vhost-user/device-state.js';
 import { parsePort, type DeviceSpec } from './device-spec.js';
 import type { WorkerPool } from '../datapath/worker-pool.js';
 import { bpfPrefix } from '../offload/host-names.js';
-import type { OffloadPath } from '../net/offload-channel.js';
+import type { OffloadFallback, OffloadPath } from '../net/offload-channel.js';
 
 /** A tap port's I/O as status shows it: io_uring, or readv/writev and why. */
 export interface TapIoStatus { mode: TapIo; reason: string | null }
@@ -67,7 +67,7 @@ export interface SocketFiles {
  */
 export interface OffloadHost {
   bpfPrefix: string;
-  program: { id: number; tag: string; name: string; hostName: string; hostId: number | null; hostProgramName: string | null; runs: OffloadPath; fallback?: { code: string; reason: string } } | null;
+  program: { id: number; tag: string; name: string; hostName: string; hostId: number | null; hostProgramName: string | null; runs: OffloadPath; fallback?: OffloadFallback } | null;
 }
 
 /** The pinned-memory quota of an xsk device as the control API shows it. */
