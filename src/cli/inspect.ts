@@ -16,7 +16,7 @@ export function inspectCommands(y: Argv) {
           console.log(`  running vrings: ${d.runningVrings.join(' ') || '-'}; connections so far ${d.connections}; refused requests ${d.refusedRequests}`);
           if (d.features.length) console.log(`  features ${d.featureBits}: ${d.features.join(' ')}`);
           if (d.port.io) {
-            console.log(`  tap I/O: ${d.port.io.mode === 'uring' ? 'io_uring (guest->host writes batched per burst)' : `readv/writev (${d.port.io.reason ?? 'asked for'})`}`);
+            console.log(`  tap I/O: ${d.port.io.mode === 'uring' ? 'io_uring (guest->host writes batched per burst)' : `readv/writev (${d.port.io.reason})`}`);
           }
           if (d.offload) {
             const o = d.offload;

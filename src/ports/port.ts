@@ -7,6 +7,8 @@ export type TapIo = 'uring' | 'rw';
 /** `serve --tap-io` and a device spec's tapIo: io_uring, readv/writev, or io_uring where this host allows it. */
 export type TapIoMode = TapIo | 'auto';
 export const TAP_IO_MODES: readonly TapIoMode[] = ['auto', 'uring', 'rw'];
+/** The I/O a tap's queues use, and why readv/writev when they do (asked for, or why io_uring could not be had). */
+export type TapIoStatus = { mode: 'uring'; reason: null } | { mode: 'rw'; reason: string };
 
 /** An offloaded program as a port attaches it: its instructions and the license the kernel checks helpers against. */
 export type ProgramSource = { code: Uint8Array; license: string };

@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { ArgumentError, VxError } from '../errors.js';
 import { raw, NativeBuffer, check, closeFd, SysError, lastErrno, Errno, O_RDWR, O_NONBLOCK, O_CLOEXEC, ifNameToIndex } from '../sys/libc.js';
-import type { HostQueueConfig, KernelAttach, Port, ProgramSource, TapIo, TapIoMode } from './port.js';
+import type { HostQueueConfig, KernelAttach, Port, ProgramSource, TapIo, TapIoMode, TapIoStatus } from './port.js';
 import { FdQueue } from './fd-queue.js';
 import { linkStats } from './link-stats.js';
 import { probeIoUring } from '../sys/io-uring.js';
@@ -27,13 +27,13 @@ function cachedProbe(): ReturnType<typeof probeIoUring> {
  * kernels before 5.5, or without liburing 2.3) and says why not otherwise; asking for 'uring'
  * where it cannot be had is an error at start, not a silent fallback.
  */
-export function resolveTapIo(mode: TapIoMode, ifname: string, probe: () => ReturnType<typeof probeIoUring> = cachedProbe): { io: TapIo; reason: string | null } {
-  if (mode === 'rw') return { io: 'rw', reason: 'asked for (--tap-io rw)' };
+export function resolveTapIo(mode: TapIoMode, ifname: string, probe: () => ReturnType<typeof probeIoUring> = cachedProbe): TapIoStatus {
+  if (mode === 'rw') return { mode: 'rw', reason: 'asked for (--tap-io rw)' };
   const p = probe();
-  if (p.ok) return { io: 'uring', reason: null };
+  if (p.ok) return { mode: 'uring', reason: null };
   if (mode === 'uring') throw new VxError('tap-io-unavailable', `${ifname}: --tap-io uring, but io_uring cannot be set up here: ${p.reason}`);
   logger(ifname).warn(`io_uring unavailable (${p.reason}): the tap's frames go through readv/writev, one system call each`);
-  return { io: 'rw', reason: p.reason };
+  return { mode: 'rw', reason: p.reason };
 }
 
 const TUNSETIFF = 0x400454ca;
@@ -132,14 +132,14 @@ export class TapPort implements Port {
   /** It was ours and survived a previous backend: re-attached, configuration untouched. */
   readonly adopted: boolean;
   private fds: number[] = [];
-  /** The I/O its queues use, and why readv/writev when it is (null: io_uring). */
-  io: TapIo = 'rw';
-  ioReason: string | null = null;
+  /** The I/O its queues use, and why readv/writev when they do. */
+  readonly ioStatus: TapIoStatus;
   /** The offloaded program at the tap's tc egress (null: none, or it runs on test-run). */
   private tc: TapTcAttachment | null = null;
   private readonly bpfPrefix: string;
 
-  private constructor(readonly ifname: string, readonly queuePairs: number, bpfPrefix: string) {
+  private constructor(readonly ifname: string, readonly queuePairs: number, bpfPrefix: string, io: TapIoStatus) {
+    this.ioStatus = io;
     const exists = interfaceExists(ifname);
     this.adopted = exists && isOurs(ifname);
     this.created = !exists || this.adopted;
@@ -150,9 +150,7 @@ export class TapPort implements Port {
   static open(ifname: string, queuePairs: number, opts: { io?: TapIoMode; bpfPrefix?: string } = {}): TapPort {
     // Decided before anything is created: a refused --tap-io uring leaves no tap behind.
     const io = resolveTapIo(opts.io ?? 'auto', ifname);
-    const port = new TapPort(ifname, queuePairs, opts.bpfPrefix ?? 'vx');
-    port.io = io.io;
-    port.ioReason = io.reason;
+    const port = new TapPort(ifname, queuePairs, opts.bpfPrefix ?? 'vx', io);
     const fresh = port.created && !port.adopted;
     try {
       for (let q = 0; q < queuePairs; q++) {
@@ -188,7 +186,7 @@ export class TapPort implements Port {
   queueConfig(pair: number): HostQueueConfig {
     const fd = this.fds[pair];
     if (fd === undefined) throw new Error(`${this.ifname}: no tap queue ${pair}`);
-    return { kind: 'tap', fd, ifname: this.ifname, io: this.io };
+    return { kind: 'tap', fd, ifname: this.ifname, io: this.ioStatus.mode };
   }
 
   setMtu(mtu: number): void {

@@ -4,7 +4,7 @@ import { describeFeatures } from '../net/features.js';
 import { TapPort } from '../ports/tap.js';
 import { XskPort } from '../ports/xsk.js';
 import type { PinLimitChange } from '../ports/xsk-umem.js';
-import type { Port, TapIo } from '../ports/port.js';
+import type { Port, TapIoStatus } from '../ports/port.js';
 import { VhostUserEndpoint } from '../vhost-user/endpoint.js';
 import { claimSocketPath, type SocketClaim } from '../sys/socket-claim.js';
 import { UnixSocket } from '../sys/unix-socket.js';
@@ -15,7 +15,6 @@ import { bpfPrefix } from '../offload/host-names.js';
 import type { OffloadFallback, OffloadPath } from '../net/offload-channel.js';
 
 /** A tap port's I/O as status shows it: io_uring, or readv/writev and why. */
-export interface TapIoStatus { mode: TapIo; reason: string | null }
 
 export interface DeviceStatus {
   name: string;
@@ -160,7 +159,7 @@ export class Device {
       port: {
         kind: this.port.kind, ifname: this.port.ifname, created, adopted: (this.port as { adopted?: boolean }).adopted ?? false, pinnedBytes: (this.port as { pinnedBytes?: number }).pinnedBytes ?? 0,
         pinLimitBytes: this.xsk?.pinLimitBytes ?? null, umem: this.xsk?.umemInfo?.mode ?? null,
-        io: this.port instanceof TapPort ? { mode: this.port.io, reason: this.port.ioReason } : null,
+        io: this.port instanceof TapPort ? this.port.ioStatus : null,
       },
       queuePairs: this.net.maxQueuePairs(),
       offload: this.broker ? { pair: this.net.offloadPair, claimed: this.broker.claimed, program: this.broker.program?.id ?? null, bpfPrefix: this.broker.bpfPrefix, ...(this.broker.path ? { runs: this.broker.path } : {}) } : null,

@@ -282,14 +282,14 @@ describe('tap queue over io_uring', () => {
 
 describe('tap I/O selection (--tap-io)', () => {
   it('rw is readv/writev; uring and auto take io_uring on this host', () => {
-    expect(resolveTapIo('rw', 'x').io).toBe('rw');
-    expect(resolveTapIo('uring', 'x').io).toBe('uring');
-    expect(resolveTapIo('auto', 'x').io).toBe('uring');
+    expect(resolveTapIo('rw', 'x').mode).toBe('rw');
+    expect(resolveTapIo('uring', 'x').mode).toBe('uring');
+    expect(resolveTapIo('auto', 'x').mode).toBe('uring');
   });
 
   it('where the host refuses io_uring, auto falls back to readv/writev and says why; uring is refused at start', () => {
     const refused = () => ({ ok: false as const, code: 'EPERM', reason: 'io_uring_setup (8 entries): EPERM' });
-    expect(resolveTapIo('auto', 'x', refused)).toEqual({ io: 'rw', reason: 'io_uring_setup (8 entries): EPERM' });
+    expect(resolveTapIo('auto', 'x', refused)).toEqual({ mode: 'rw', reason: 'io_uring_setup (8 entries): EPERM' });
     expect(() => resolveTapIo('uring', 'x', refused)).toThrow(expect.objectContaining({ code: 'tap-io-unavailable' }));
   });
 
