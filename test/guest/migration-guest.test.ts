@@ -20,8 +20,7 @@ import { waitUntil } from '../support/processes.js';
 import type { GuestVm, GuestVmOptions } from '../support/guest/guest-vm.js';
 import { sendUdp, TcpSink } from '../support/guest/host-endpoint.js';
 import { bootWithQmp, migrate, quit, startIncoming, waitRunning, type MigrationOutcome, type QmpGuest } from '../support/guest/migration.js';
-import { progGetFdById, closeBpfFd } from '../../src/sys/bpf/programs.js';
-import { mapGetFdById } from '../../src/sys/bpf/maps.js';
+import { existsNow, type KernelObjectKind } from '../offload/helpers.js';
 
 const MIB16 = 16 * 2 ** 20;
 const CHUNK = 256 * 1024;
@@ -120,9 +119,8 @@ function report(tag: string, m: MigrationOutcome): string {
 }
 
 /** No kernel object has this id any more (a freed program drops its maps after an RCU grace period). */
-async function gone(open: (id: number) => number, id: number): Promise<boolean> {
-  const exists = (): boolean => { try { closeBpfFd(open(id)); return true; } catch { return false; } };
-  return waitUntil(() => !exists(), 3000, `kernel object ${id} freed`).then(() => true, () => false);
+function gone(kind: KernelObjectKind, id: number): Promise<boolean> {
+  return waitUntil(() => !existsNow(kind, id), 3000, `kernel ${kind} ${id} freed`).then(() => true, () => false);
 }
 
 function filesUnder(dir: string): string[] {
@@ -323,8 +321,8 @@ describe('live migration of an offloaded guest between two tap backends in one b
     at = B;
     await waitUntil(async () => !(await devStatus(A.be)).connected, 10_000, 'A disconnected');
     expect(await A.be.call('offload.show', { name: 'miga' })).toMatchObject({ claimed: false, program: null, maps: [] });
-    expect(await gone(progGetFdById, aIds.prog)).toBe(true);
-    for (const id of aIds.maps) expect(await gone(mapGetFdById, id)).toBe(true);
+    expect(await gone('prog', aIds.prog)).toBe(true);
+    for (const id of aIds.maps) expect(await gone('map', id)).toBe(true);
     expect(filesUnder(path.join(pins, 'miga'))).toEqual([]);
     expect(filesUnder(path.join(pins, 'migb')).length).toBeGreaterThan(0);
     expect(hostPing(b.net.guest, 3)).toBe(3);
@@ -386,8 +384,8 @@ describe('live migration of an offloaded guest between two tap backends in one b
     // The source: nothing of the device's left once its QEMU is gone (kernel objects by id, pins).
     await waitUntil(async () => !(await devStatus(from.be)).connected, 10_000, `${from.name} disconnected`);
     expect(await showOf(from)).toMatchObject({ claimed: false, program: null, object: null, maps: [] });
-    for (const id of fromIds.progs) expect(await gone(progGetFdById, id)).toBe(true);
-    for (const id of fromIds.maps) expect(await gone(mapGetFdById, id)).toBe(true);
+    for (const id of fromIds.progs) expect(await gone('prog', id)).toBe(true);
+    for (const id of fromIds.maps) expect(await gone('map', id)).toBe(true);
     expect(filesUnder(path.join(pins, from.name))).toEqual([]);
 
     // The destination: the same object, its maps' contents as they were, dropping on this host.
@@ -419,8 +417,8 @@ describe('live migration of an offloaded guest between two tap backends in one b
     const unloaded = await showOf(to);
     expect(unloaded).toMatchObject({ claimed: true, program: null, object: null });
     expect(unloaded.maps.filter((x: { handle: number }) => handles.has(x.handle))).toEqual([]);
-    for (const id of toIds.progs) expect(await gone(progGetFdById, id)).toBe(true);
-    for (const id of toIds.maps) expect(await gone(mapGetFdById, id)).toBe(true);
+    for (const id of toIds.progs) expect(await gone('prog', id)).toBe(true);
+    for (const id of toIds.maps) expect(await gone('map', id)).toBe(true);
     const left = filesUnder(path.join(pins, to.name)).map((f) => path.basename(f));
     expect(left.filter((f) => /^(obj\d+_|meta_obj$|prog$)/.test(f) || [...handles].some((h) => f === `map_${h}` || f === `meta_${h}`))).toEqual([]);
     expect(await sh(dst.vm, 'vxdp show')).toMatch(/eth0: no object offloaded/);

@@ -1,39 +1,13 @@
 import { describe, it, expect, afterAll } from 'vitest';
-import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
-import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { OffloadBroker } from '../../src/offload/broker.js';
 import * as P from '../../src/offload/guest/codec.js';
 import { Cmd, Status } from '../../src/offload/guest/codec.js';
-import { readBpfObject } from '../../src/offload/bpf-object.js';
-import { BpfMapType, mapGetFdById } from '../../src/sys/bpf/maps.js';
-import { progGetFdById, closeBpfFd } from '../../src/sys/bpf/programs.js';
+import { BpfMapType } from '../../src/sys/bpf/maps.js';
+import { gone, obj, ownBpfFds } from './helpers.js';
 import { TestRunner } from '../../src/sys/bpf/test-run.js';
 import { XDP_DROP } from '../../src/sys/bpf/xdp.js';
 
-const ROOT = fileURLToPath(new URL('../..', import.meta.url));
-const obj = (name: string) => readBpfObject(new Uint8Array(readFileSync(join(ROOT, 'bpf/out', `${name}.o`))));
 const FUZZ_MS = Number(process.env.VX_FUZZ_MS ?? 5000);
-
-function ownBpfFds(): number {
-  let n = 0;
-  for (const fd of readdirSync('/proc/self/fd')) {
-    try { if (readlinkSync(`/proc/self/fd/${fd}`).startsWith('anon_inode:bpf-')) n++; } catch { /* raced */ }
-  }
-  return n;
-}
-const sleepMs = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
-function exists(open: (id: number) => number, id: number): boolean {
-  try { closeBpfFd(open(id)); return true; } catch { return false; }
-}
-/** Waits out the RCU grace period after which a freed program drops its maps. */
-function goneEventually(open: (id: number) => number, id: number): boolean {
-  for (let i = 0; i < 200; i++) {
-    if (!exists(open, id)) return true;
-    sleepMs(10);
-  }
-  return false;
-}
 
 // xorshift32: reproducible from the printed seed.
 function rng(seed: number) {
@@ -180,8 +154,8 @@ describe('offload broker fuzz', () => {
 
     // Nothing of the target survives its reset.
     a.reset('fuzz done');
-    for (const id of seenProgs) expect(goneEventually(progGetFdById, id), `prog ${id}`).toBe(true);
-    for (const id of seenMaps) expect(goneEventually(mapGetFdById, id), `map ${id}`).toBe(true);
+    for (const id of seenProgs) expect(gone('prog', id), `prog ${id}`).toBe(true);
+    for (const id of seenMaps) expect(gone('map', id), `map ${id}`).toBe(true);
     other.reset('fuzz done');
     expect(ownBpfFds()).toBe(fds0);
   });

@@ -30,14 +30,6 @@ export function ownBpfFds(pid: number | 'self' = 'self'): number {
   }
   return n;
 }
-export function existsNow(open: (id: number) => number, id: number): boolean {
-  try {
-    closeBpfFd(open(id));
-    return true;
-  } catch {
-    return false;
-  }
-}
 const iter = {
   attach: libbpf.func('bpf_program__attach_iter', 'intptr_t', ['intptr_t', 'intptr_t']),
   linkFd: libbpf.func('bpf_link__fd', 'int', ['intptr_t']),
@@ -98,14 +90,27 @@ export function namedKernelObjects(mapName: (n: string) => boolean, progName: (n
   });
   return { maps, progs };
 }
+export type KernelObjectKind = 'map' | 'prog';
+/**
+ * Whether a kernel object with this id is alive now. Maps are looked for through the iterator,
+ * never opened by id: the fd would be a user reference, and closing the last one of a
+ * PROG_ARRAY empties it under a program still tail-calling through it.
+ */
+export function existsNow(kind: KernelObjectKind, id: number): boolean {
+  if (kind === 'map') return kernelMapNames().some(([m]) => m === id);
+  let fd: number;
+  try { fd = progGetFdById(id); } catch { return false; }
+  closeBpfFd(fd);
+  return true;
+}
 export const sleepMs = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 /**
  * True once no object has this id. A program drops its map references only after an RCU
  * grace period, so a map a freed program used may outlive the program by a few ms.
  */
-export function gone(open: (id: number) => number, id: number, waitMs = 2000): boolean {
+export function gone(kind: KernelObjectKind, id: number, waitMs = 2000): boolean {
   for (let waited = 0; ; waited += 10) {
-    if (!existsNow(open, id)) return true;
+    if (!existsNow(kind, id)) return true;
     if (waited >= waitMs) return false;
     sleepMs(10);
   }

@@ -13,11 +13,10 @@ import { MigrationStateError } from '../../src/offload/errors.js';
 import { decodeState, encodeState, type MigrationState } from '../../src/offload/migration-format.js';
 import * as P from '../../src/offload/guest/codec.js';
 import { Status } from '../../src/offload/guest/codec.js';
-import { BpfMapType, mapGetFdById } from '../../src/sys/bpf/maps.js';
-import { progGetFdById, closeBpfFd } from '../../src/sys/bpf/programs.js';
+import { BpfMapType } from '../../src/sys/bpf/maps.js';
 import { TestRunner } from '../../src/sys/bpf/test-run.js';
 import { XDP_DROP, XDP_PASS } from '../../src/sys/bpf/xdp.js';
-import { obj, ownBpfFds, namedKernelObjects, Guest, u32, u64, readU64, frame } from './helpers.js';
+import { obj, ownBpfFds, namedKernelObjects, gone, sleepMs, Guest, u32, u64, readU64, frame } from './helpers.js';
 import { roleOf } from '../../src/offload/host-names.js';
 
 // Names every map and program of this file carries, so the leak check can tell them from
@@ -41,7 +40,6 @@ function ourObjects(): { maps: number[]; progs: number[] } {
   return namedKernelObjects((n) => /^mig[A-Za-z0-9]*_/.test(n) && roleOf(n.slice(0, n.indexOf('_')), n).startsWith(MAP_PREFIX),
     (n) => /^mig[A-Za-z0-9]*_/.test(n) && roleOf(n.slice(0, n.indexOf('_')), n) === PROG_NAME);
 }
-const sleepMs = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 /** No object of this file remains (a freed program drops its maps after an RCU grace period). */
 function expectNoKernelObjects(): void {
   let o = ourObjects();
@@ -184,8 +182,8 @@ describe('offload migration state', () => {
       expect(a.program).toBeNull();
       expect(a.show().maps).toEqual([]);
       expect(existsSync(join(dir, 'migsrc'))).toBe(false);
-      for (const m of ids.maps) expect(goneSoon(mapGetFdById, m.id)).toBe(true);
-      expect(goneSoon(progGetFdById, ids.program!.id)).toBe(true);
+      for (const m of ids.maps) expect(gone('map', m.id)).toBe(true);
+      expect(gone('prog', ids.program!.id)).toBe(true);
     });
   });
 
@@ -367,14 +365,6 @@ describe('offload migration state', () => {
 
 function u64Hex(n: number): string {
   return Buffer.from(u64(n)).toString('hex');
-}
-
-function goneSoon(open: (id: number) => number, id: number): boolean {
-  for (let i = 0; i < 200; i++) {
-    try { closeBpfFd(open(id)); } catch { return true; }
-    sleepMs(10);
-  }
-  return false;
 }
 
 function withBpffs(f: (dir: string) => void): void {

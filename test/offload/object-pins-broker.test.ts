@@ -8,8 +8,7 @@ import { join } from 'node:path';
 import { OffloadBroker } from '../../src/offload/broker.js';
 import * as P from '../../src/offload/guest/codec.js';
 import { Status } from '../../src/offload/guest/codec.js';
-import { BpfMap, BpfMapType, mapGetFdById } from '../../src/sys/bpf/maps.js';
-import { progGetFdById } from '../../src/sys/bpf/programs.js';
+import { BpfMap, BpfMapType } from '../../src/sys/bpf/maps.js';
 import { objPin } from '../../src/sys/bpf/pins.js';
 import { tempDir, mountPinDir, unmountPinDir } from '../support/backend.js';
 import { filterObjectWithConfig } from '../support/frontend/offload-client.js';
@@ -47,8 +46,8 @@ function restore(device: string): { b: OffloadBroker; log: string[] } {
 }
 
 function expectObjectGone(show: ReturnType<OffloadBroker['show']>, dir: string): void {
-  for (const p of show.object!.programs) expect(gone(progGetFdById, p.id)).toBe(true);
-  for (const h of show.object!.mapHandles) expect(gone(mapGetFdById, show.maps.find((m) => m.handle === h)!.id)).toBe(true);
+  for (const p of show.object!.programs) expect(gone('prog', p.id)).toBe(true);
+  for (const h of show.object!.mapHandles) expect(gone('map', show.maps.find((m) => m.handle === h)!.id)).toBe(true);
   const names = readdirSync(dir);
   expect(names.filter((x) => x === 'meta_obj' || /^obj\d+_/.test(x))).toEqual([]);
   for (const h of show.object!.mapHandles) expect(names).not.toContain(`map_${h}`);
