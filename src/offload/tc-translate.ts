@@ -40,6 +40,11 @@ export class TcTranslateError extends VxError {
   }
 }
 
+/** struct __sk_buff offsets the translation and the entry read (uapi linux/bpf.h). */
+const SKB = {
+  len: 0, queueMapping: 12, protocol: 16, vlanPresent: 20, vlanTci: 24, vlanProto: 28, ifindex: 40, data: 76, dataEnd: 80, dataMeta: 140,
+} as const;
+
 /**
  * struct xdp_md field → struct __sk_buff field (uapi linux/bpf.h). XDP allows only 4-byte reads
  * of these (xdp_is_valid_access: "size != sizeof(__u32)" refused, no writes), so a context
@@ -53,11 +58,11 @@ export class TcTranslateError extends VxError {
  * egress_ifindex is readable only by devmap programs (the verifier refused it already).
  */
 const CTX_FIELD = new Map<number, { name: string; skbOffset: number }>([
-  [0, { name: 'data', skbOffset: 76 }],
-  [4, { name: 'data_end', skbOffset: 80 }],
-  [8, { name: 'data_meta', skbOffset: 140 }],
-  [12, { name: 'ingress_ifindex', skbOffset: 40 }],
-  [16, { name: 'rx_queue_index', skbOffset: 12 }],
+  [0, { name: 'data', skbOffset: SKB.data }],
+  [4, { name: 'data_end', skbOffset: SKB.dataEnd }],
+  [8, { name: 'data_meta', skbOffset: SKB.dataMeta }],
+  [12, { name: 'ingress_ifindex', skbOffset: SKB.ifindex }],
+  [16, { name: 'rx_queue_index', skbOffset: SKB.queueMapping }],
 ]);
 
 /** Helpers with the same meaning and signature for XDP and tc programs: id → argument count. */
@@ -176,8 +181,6 @@ const HELPER_REDIRECT = helperId('redirect');
 export const TcCounter = { pass: 0, drop: 8, tx: 16, aborted: 24 } as const;
 export const TC_COUNTERS_BYTES = 32;
 
-/** struct __sk_buff offsets the entry reads (uapi linux/bpf.h). */
-const SKB = { len: 0, protocol: 16, vlanPresent: 20, vlanTci: 24, vlanProto: 28, data: 76, dataEnd: 80 } as const;
 /** ETH_P_8021Q / ETH_P_8021AD as a 16-bit load of the big-endian field reads them on x86-64 (little-endian). */
 const PROTO_8021Q_AS_READ = 0x0081;
 const PROTO_8021AD_AS_READ = 0xa888;
