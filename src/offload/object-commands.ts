@@ -387,9 +387,10 @@ export async function loadObjectBytesAsync(st: OffloadState, bytes: Uint8Array, 
   } finally {
     if (st.pendingLoad === cancel) st.pendingLoad = null;
   }
-  if (st.closed || st.epoch !== epoch || !st.claim || cancel.signal.aborted || !got) {
+  const stale = st.closed || st.epoch !== epoch || !st.claim;
+  if (stale || cancel.signal.aborted || !got) {
     for (const fd of got ? [...got.maps.map((m) => m.fd), ...got.programs.map((x) => x.fd)] : []) closeBpfFd(fd);
-    if (st.closed || st.epoch !== epoch || !st.claim) {
+    if (stale) {
       st.log(`object '${name}' discarded: the device was ${st.closed ? 'closed' : 'reset'} while it loaded`);
       refuse(Status.NOT_CLAIMED, 'broker-reset', `the device's offload was ${st.closed ? 'closed' : 'reset'} while the object loaded`);
     }
