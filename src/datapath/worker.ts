@@ -7,11 +7,15 @@ import { Epoll, EPOLLIN, eventfdDrain } from '../sys/libc.js';
 import { logger } from '../log.js';
 import { DeviceQueues } from '../net/device-queues.js';
 import type { Watcher } from './watcher.js';
-import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type DataAnswer, type WorkerData, type WorkerRequest } from './messages.js';
+import { applyWorkerPlacement } from './placement.js';
+import { CTL_SEQ, CTL_STATUS, CTL_TID, CTL_VALUE, type DataAnswer, type WorkerData, type WorkerRequest } from './messages.js';
 
 const data = workerData as WorkerData & { port: MessagePort };
 const log = logger(data.name);
 const ctl = new Int32Array(data.control);
+// Before the first request: a worker that cannot take its CPU or priority fails here, and the
+// request that needed it reports why (WorkerHandle), instead of serving from the wrong seat.
+Atomics.store(ctl, CTL_TID, applyWorkerPlacement(data.index, data.placement));
 const epoll = new Epoll(256);
 const TOKEN_CONTROL = 0;
 
