@@ -1,5 +1,6 @@
-// Where the datapath workers run and at what priority (serve --worker-cpus, --worker-nice), the
-// way OVS-DPDK's pmd-cpu-mask and DPDK's -l give each polling thread a core of its own.
+// Where the datapath workers run and at what priority (serve --worker-cpus, --worker-fifo,
+// --worker-nice), the way OVS-DPDK's pmd-cpu-mask and DPDK's -l give each polling thread a core
+// of its own.
 // Checked once at startup, before any device exists: a placement the kernel would refuse must
 // stop serve there, not fail the first queue a guest starts.
 import { readdirSync } from 'node:fs';
@@ -124,11 +125,9 @@ export function moveOtherThreads(workerCpus: readonly number[]): number[] | null
   return rest;
 }
 
-/** Run by a worker on its own thread before it serves anything; returns its kernel thread id. */
-export function applyWorkerPlacement(index: number, p: WorkerPlacement): number {
-  const tid = gettid();
+/** Run by worker `index` on its own thread `tid` before it serves anything. */
+export function applyWorkerPlacement(tid: number, index: number, p: WorkerPlacement): void {
   if (p.cpus && p.cpus.length > 0) setAffinity(tid, [p.cpus[index % p.cpus.length]!]);
   if (p.nice !== undefined) setNice(tid, p.nice);
   if (p.fifo !== undefined) setScheduler(tid, { policy: SCHED_FIFO, priority: p.fifo });
-  return tid;
 }

@@ -3,6 +3,7 @@
 // here names a kernel thread id (gettid), never a process.
 import koffi from 'koffi';
 import { check, raw, NativeBuffer } from './libc.js';
+import { ArgumentError } from '../errors.js';
 
 /** Bytes of the cpu_set_t handed to the kernel: 1024 CPUs, glibc's CPU_SETSIZE. */
 const CPU_SET_BYTES = 128;
@@ -35,7 +36,10 @@ export function getAffinity(tid = 0): number[] {
 /** Pins thread `tid` (0: the caller) to `cpus`; EINVAL when none of them is usable (offline, outside the cpuset). */
 export function setAffinity(tid: number, cpus: readonly number[]): void {
   mask.bytes.fill(0, 0, CPU_SET_BYTES);
-  for (const c of cpus) mask.bytes[c >> 3]! |= 1 << (c & 7);
+  for (const c of cpus) {
+    if (!Number.isInteger(c) || c < 0 || c >= CPU_SET_BYTES * 8) throw new ArgumentError(`CPU ${c} outside 0..${CPU_SET_BYTES * 8 - 1}`);
+    mask.bytes[c >> 3]! |= 1 << (c & 7);
+  }
   check(raw.sched_setaffinity(tid, CPU_SET_BYTES, mask.address), 'sched_setaffinity', `thread ${tid} to CPUs ${formatCpuList(cpus)}`);
 }
 

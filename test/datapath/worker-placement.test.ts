@@ -107,6 +107,21 @@ describe('serve --worker-cpus / --worker-nice / --worker-fifo', () => {
     expect(spin.stderr).toContain('[bad-worker-fifo]');
   });
 
+  test('a worker that cannot take its CPU (the cpuset changed since serve checked) answers every request with why, not a timeout', async () => {
+    // The built pool: its worker thread runs dist/src/datapath/worker.js, as serve's does.
+    const { WorkerPool } = await import(new URL('../../dist/src/datapath/worker-pool.js', import.meta.url).href) as typeof import('../../src/datapath/worker-pool.js');
+    // An online-looking CPU number no test machine has: sched_setaffinity answers EINVAL.
+    const pool = new WorkerPool({ workers: 1, busyPoll: false, placement: { cpus: [1023] } });
+    try {
+      const t0 = Date.now();
+      expect(() => pool.worker(0).request({ op: 'attach', device: 1, name: 'x', stats: new SharedArrayBuffer(4096) }))
+        .toThrow(/attach: cannot take its CPU or priority: sched_setaffinity .*EINVAL/);
+      expect(Date.now() - t0).toBeLessThan(4000);
+    } finally {
+      await pool.close();
+    }
+  });
+
   test('unprivileged: a higher priority without CAP_SYS_NICE is refused with worker-priority-denied (status 1) before any port exists; with it, the worker gets it', async () => {
     const dir = tempDir('wunpriv');
     handOver({ user: TEST_USER, caps: [] }, dir);
