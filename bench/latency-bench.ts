@@ -13,6 +13,14 @@ import { startTapSeat } from './tap-seat.js';
  * its kernel receive stamp.
  */
 export const LATENCY_PINNING = 'backend seat: core 1 (testpmd A forwarding lcore / every serve thread); guest (virtio-user macswap): forwarding lcore 0, main 1; pinger: core 0 beside the guest, sleeping between pings';
+/**
+ * The second serve line: the same seat (every serve thread on core 1), the datapath worker under
+ * SCHED_FIFO. Woken by a frame, it preempts whatever normal thread holds core 1 (a kernel thread
+ * such as kdamond, a compile job of its own process, another tenant) instead of waiting for
+ * its turn; testpmd A's forwarding lcore never sleeps, so it has no wake-up to lose.
+ */
+export const LATENCY_FIFO_ARGS = ['--worker-fifo', '1'];
+export const LATENCY_FIFO_PINNING = `serve ${LATENCY_FIFO_ARGS.join(' ')}: the same seats, serve's datapath worker under SCHED_FIFO priority 1 (its other threads normal)`;
 /** Pings per second: far below either backend's capacity, so queueing is not what is measured. */
 export const PING_RATE = 1000;
 /**

@@ -3,7 +3,8 @@
 // latency, cpu, offload: issue 18's "Must show" table (`--rounds 3` for its medians of three).
 // `tap`: guest->host 64 B and 1500 B, 64 KiB GSO frames from the TS frontend (no DPDK row), host->guest 64 B with the
 // generator on the guest's core and again placed so no busy-poller starves another (FAIR_PLACEMENT).
-// `latency`: round-trip p50/p99 through a macswap guest, serve vs DPDK vhost PMD <-> tap PMD.
+// `latency`: round-trip p50/p99 through a macswap guest, serve (as launched by default, and with
+// --worker-fifo 1) vs DPDK vhost PMD <-> tap PMD.
 // `cpu`: the backend's CPU at a fixed 100 kpps guest->host (paced TS-frontend guest), serve vs DPDK.
 // `micro` (not part of `all`): in-process costs of the split ring and of the composed XDP entry.
 // `npm run bench -- logging [--seconds N] [--rounds N]`: throughput on the tap port with migration dirty logging on
@@ -21,7 +22,7 @@ import { loadavg } from 'node:os';
 import { FAIR_PLACEMENT, measureDpdkTapReference, measureVhostXdpTap, measureDpdkAfXdpReference, measureVhostXdpXsk, type ReferenceResult } from './reference-dpdk.js';
 import { runOffloadBench } from './offload-bench.js';
 import { runGsoBench, type GsoResult } from './gso-bench.js';
-import { measureLatency, LATENCY_PINNING, PING_RATE, type LatencySample } from './latency-bench.js';
+import { measureLatency, LATENCY_PINNING, LATENCY_FIFO_ARGS, LATENCY_FIFO_PINNING, PING_RATE, type LatencySample } from './latency-bench.js';
 import { measureBackendCpu, CPU_PINNING, type CpuSample } from './cpu-bench.js';
 
 /** The fixed guest->host rate of the CPU row (issue 18). */
@@ -114,29 +115,35 @@ function median(xs: number[]): number {
 }
 
 /**
- * Runs the DPDK reference and vhost-xdp alternately, `rounds` times: throughput here drifts
- * with the other tenants of the machine, so each ratio compares two runs that sat side by side,
- * and the median of several such ratios is what to read. Who goes first alternates by round
- * (DPDK in odd rounds), so a bias for the first or second seat of a pair cancels out.
- * `warnings` picks what vhost-xdp logged in a round, printed so a broken round does not pass as a slow one.
+ * Runs each of `runs` once per round, `rounds` times, the order rotated by one seat each round
+ * (round r starts with run r mod n): throughput here drifts with the other tenants of the
+ * machine, so each ratio compares runs that sat side by side, and the median of several such
+ * ratios is what to read; a bias for going first or last cancels out. Results by run, then round.
  */
-async function interleaved<T>(refRun: () => Promise<T>, oursRun: () => Promise<T>, what: string,
-                               warnings: (t: T) => string[]): Promise<{ refs: T[]; ours: T[] }> {
-  const refs: T[] = [];
-  const ours: T[] = [];
+async function rotated<T>(runs: (() => Promise<T>)[], what: string): Promise<T[][]> {
+  const out = runs.map((): T[] => []);
   for (let r = 0; r < rounds; r++) {
     progress(`${what}: round ${r + 1} of ${rounds}`);
-    if (r % 2 === 0) {
-      refs.push(await refRun());
-      ours.push(await oursRun());
-    } else {
-      ours.push(await oursRun());
-      refs.push(await refRun());
+    for (let k = 0; k < runs.length; k++) {
+      const i = (r + k) % runs.length;
+      out[i]!.push(await runs[i]!());
     }
   }
+  return out;
+}
+
+/** What vhost-xdp logged in each round, printed so a broken round does not pass as a slow one. */
+function printWarnings<T>(ours: T[], warnings: (t: T) => string[], label = 'vhost-xdp'): void {
   ours.forEach((o, r) => {
-    for (const w of warnings(o)) console.error(`  round ${r + 1}: vhost-xdp logged: ${w}`);
+    for (const w of warnings(o)) console.error(`  round ${r + 1}: ${label} logged: ${w}`);
   });
+}
+
+/** The DPDK reference and vhost-xdp, alternately (DPDK first in odd rounds): see rotated. */
+async function interleaved<T>(refRun: () => Promise<T>, oursRun: () => Promise<T>, what: string,
+                               warnings: (t: T) => string[]): Promise<{ refs: T[]; ours: T[] }> {
+  const [refs, ours] = await rotated([refRun, oursRun], what) as [T[], T[]];
+  printWarnings(ours, warnings);
   return { refs, ours };
 }
 
@@ -224,17 +231,33 @@ if (which === 'latency' || which === 'all') {
   if (!json) {
     console.log(`round-trip latency${tapIo ? ` (serve --tap-io ${tapIo})` : ''}, host -> tap -> guest (testpmd virtio-user macswap) -> tap -> host, ${PING_RATE} pings/s for ${seconds} s (us, kernel receive stamps${rounds > 1 ? `, medians of ${rounds} interleaved rounds` : ''})`);
     console.log(`  pinning: ${LATENCY_PINNING}`);
+    console.log(`  pinning of the ${LATENCY_FIFO_ARGS[0]} line: ${LATENCY_FIFO_PINNING}`);
   }
-  const runs = await interleaved(() => measureLatency('dpdk', seconds), () => measureLatency('vhost-xdp', seconds, tapIo ? ['--tap-io', tapIo] : []), 'latency', (o) => o.backendWarnings);
+  const io = tapIo ? ['--tap-io', tapIo] : [];
+  // serve as launched by default, and with its worker's priority raised: one rotation, so all three sat side by side.
+  const [refs, ours, fifo] = await rotated([
+    () => measureLatency('dpdk', seconds),
+    () => measureLatency('vhost-xdp', seconds, io),
+    () => measureLatency('vhost-xdp', seconds, [...io, ...LATENCY_FIFO_ARGS]),
+  ], 'latency') as [LatencySample[], LatencySample[], LatencySample[]];
+  printWarnings(ours, (o) => o.backendWarnings);
+  printWarnings(fifo, (o) => o.backendWarnings, `vhost-xdp ${LATENCY_FIFO_ARGS.join(' ')}`);
   const pick = (xs: LatencySample[], f: (x: LatencySample) => number): number => median(xs.map(f));
   const counts = (xs: LatencySample[]): string => `received ${pick(xs, (x) => x.received)} of ${pick(xs, (x) => x.sent)}, lost ${pick(xs, (x) => x.lost)}; max ${pick(xs, (x) => x.maxUs).toFixed(0)}`;
-  line('DPDK vhost PMD <-> tap PMD, p50 / p99 (us)', `${pick(runs.refs, (x) => x.p50Us).toFixed(1)} / ${pick(runs.refs, (x) => x.p99Us).toFixed(1)}`, counts(runs.refs));
-  const ratios = runs.ours.map((o, i) => (runs.refs[i]!.p99Us > 0 && o.received > 0 ? o.p99Us / runs.refs[i]!.p99Us : NaN)).filter((x) => Number.isFinite(x));
-  const ratio = ratios.length ? median(ratios) : NaN;
-  line('vhost-xdp serve --port tap, p50 / p99 (us)', `${pick(runs.ours, (x) => x.p50Us).toFixed(1)} / ${pick(runs.ours, (x) => x.p99Us).toFixed(1)}`,
-    `${Number.isFinite(ratio) ? `p99 ${ratio.toFixed(2)}x DPDK's (goal <= 1.5x: ${ratio <= 1.5 ? 'met' : 'MISSED'})` : 'no p99 to compare'}; ${counts(runs.ours)}${eachRound(ratios)}`);
-  results.latency = { ...runs, p99Ratios: ratios, medianP99Ratio: Number.isFinite(ratio) ? ratio : null, goalMet: Number.isFinite(ratio) ? ratio <= 1.5 : null };
-  line('1-min load average at start of each round (2 cores)', runs.refs.map((r) => r.loadAvg1.toFixed(2)).join(' '));
+  line('DPDK vhost PMD <-> tap PMD, p50 / p99 (us)', `${pick(refs, (x) => x.p50Us).toFixed(1)} / ${pick(refs, (x) => x.p99Us).toFixed(1)}`, counts(refs));
+  const against = (label: string, xs: LatencySample[]) => {
+    const ratios = xs.map((o, i) => (refs[i]!.p99Us > 0 && o.received > 0 ? o.p99Us / refs[i]!.p99Us : NaN)).filter((x) => Number.isFinite(x));
+    const ratio = ratios.length ? median(ratios) : NaN;
+    line(label, `${pick(xs, (x) => x.p50Us).toFixed(1)} / ${pick(xs, (x) => x.p99Us).toFixed(1)}`,
+      `${Number.isFinite(ratio) ? `p99 ${ratio.toFixed(2)}x DPDK's (goal <= 1.5x: ${ratio <= 1.5 ? 'met' : 'MISSED'})` : 'no p99 to compare'}; ${counts(xs)}${eachRound(ratios)}`);
+    return { ours: xs, p99Ratios: ratios, medianP99Ratio: Number.isFinite(ratio) ? ratio : null, goalMet: Number.isFinite(ratio) ? ratio <= 1.5 : null };
+  };
+  results.latency = {
+    refs,
+    ...against('vhost-xdp serve --port tap, p50 / p99 (us)', ours),
+    fifo: { args: LATENCY_FIFO_ARGS, ...against(`  same, serve ${LATENCY_FIFO_ARGS.join(' ')}`, fifo) },
+  };
+  line('1-min load average at start of each round (2 cores)', refs.map((r) => r.loadAvg1.toFixed(2)).join(' '));
 }
 
 if (which === 'cpu' || which === 'all') {

@@ -6,6 +6,8 @@ import { Service } from '../service/service.js';
 import type { MetricsServer } from '../service/metrics.js';
 import { VxError } from '../errors.js';
 import { defaultWorkers } from '../datapath/worker-pool.js';
+import { parseCpuList, checkWorkerCpus, checkNiceRange, checkFifo, checkPriorityPermitted, moveOtherThreads, type WorkerPlacement } from '../datapath/placement.js';
+import { formatCpuList } from '../sys/sched.js';
 import { parseDeviceOption, validateSpec, parsePinLimit, pinLimitDefault, SpecError, type DeviceSpec } from '../service/device-spec.js';
 import { socketFromSystemd, parseSocketMode, resolveGroup, backendCapabilities } from './conventions.js';
 import type { SocketFiles } from '../service/device.js';
@@ -31,6 +33,9 @@ export function serveCommand(y: Argv) {
       .option('client', { type: 'boolean', default: false, describe: 'connect to the socket (QEMU listens with server=on) and reconnect with backoff' })
       .option('workers', { type: 'number', describe: `datapath threads shared by every device (default: the cores this process may run on, ${defaultWorkers()} here); each queue pair runs on one, the least busy when it starts` })
       .option('busy-poll', { type: 'boolean', default: false, describe: 'datapath workers spin on their rings instead of sleeping in epoll (burns a core each, lowers latency)' })
+      .option('worker-cpus', { type: 'string', describe: 'pin datapath worker i to the i-th CPU of LIST (taskset -c syntax: 1, 2-3,6; default --workers: one per CPU), like DPDK\'s -l or OVS\'s pmd-cpu-mask. serve\'s other threads (main loop, V8 compiler and GC) then run on the remaining CPUs serve may use, if any. Every CPU must be one serve may run on' })
+      .option('worker-nice', { type: 'number', describe: 'nice value of each datapath worker thread (-20..19). Below serve\'s own it needs CAP_SYS_NICE or RLIMIT_NICE (systemd LimitNICE=); serve refuses to start without it [worker-priority-denied]' })
+      .option('worker-fifo', { type: 'number', describe: 'run each datapath worker under SCHED_FIFO at this priority (1..99): woken, it preempts every normal thread on its CPU (kernel threads, compile jobs). Needs CAP_SYS_NICE or RLIMIT_RTPRIO (systemd LimitRTPRIO=); serve refuses to start without it [worker-priority-denied]. Not with --busy-poll or --worker-nice' })
       .option('tap-io', { type: 'string', choices: TAP_IO_MODES, default: 'auto', describe: 'how tap ports move frames: uring (io_uring, one system call per burst of guest frames), rw (readv/writev, one per frame) or auto (io_uring unless the host refuses it: io_uring_disabled, seccomp, old kernel; then rw, logged). status shows which' })
       .option('mtu', { type: 'number', describe: 'MTU applied to the port until the frontend sends NET_SET_MTU' })
       .option('device', { type: 'string', array: true, describe: 'more devices: name=N,socket=PATH,port=tap:IF[,queues=N,client=1,mtu=N,offload=1,pin-dir=DIR,pin-limit=SIZE] (repeatable)' })
@@ -53,11 +58,24 @@ export function serveCommand(y: Argv) {
       let specs: DeviceSpec[];
       let files: SocketFiles = {};
       let control = argv.control ?? null;
+      const placement: WorkerPlacement = {};
       try {
         const pinLimit = argv['pin-limit'] === undefined ? undefined : parsePinLimit(argv['pin-limit'], '--pin-limit');
         const defaults = { queues: argv.queues, client: argv.client, mtu: argv.mtu, offload: argv.offload, pinDir: argv['pin-dir'], pinLimit, tapIo: argv['tap-io'] as TapIoMode };
         if (argv.workers !== undefined && (!Number.isInteger(argv.workers) || argv.workers < 1 || argv.workers > 256)) {
           throw new SpecError('bad-workers', `--workers ${argv.workers} outside 1..256`);
+        }
+        if (argv['worker-cpus'] !== undefined) {
+          placement.cpus = parseCpuList(argv['worker-cpus']);
+          checkWorkerCpus(placement.cpus);
+        }
+        if (argv['worker-nice'] !== undefined) {
+          checkNiceRange(argv['worker-nice']);
+          placement.nice = argv['worker-nice'];
+        }
+        if (argv['worker-fifo'] !== undefined) {
+          checkFifo(argv['worker-fifo'], argv['busy-poll'], placement.nice);
+          placement.fifo = argv['worker-fifo'];
         }
         specs = [];
         if (argv.config) {
@@ -82,7 +100,8 @@ export function serveCommand(y: Argv) {
         for (const d of argv.device ?? []) specs.push(parseDeviceOption(d, defaults));
         if (specs.length === 0) throw new SpecError('nothing-to-serve', 'nothing to serve: give --socket and --port, --device, or --config');
       } catch (e) {
-        console.error(`vhost-xdp serve: ${(e as Error).message}`);
+        const code = e instanceof VxError ? `[${e.code}] ` : '';
+        console.error(`vhost-xdp serve: ${code}${(e as Error).message}`);
         process.exit(2);
       }
       let svc: Service;
@@ -91,7 +110,12 @@ export function serveCommand(y: Argv) {
         // prom-client is loaded only when metrics are asked for: it costs every process megabytes.
         const m = argv.metrics === undefined ? null : await import('../service/metrics.js');
         const metricsAt = m ? m.parseMetricsAddress(argv.metrics!) : null;
-        svc = await Service.start(specs, control, { workers: argv.workers, busyPoll: argv['busy-poll'] }, files);
+        checkPriorityPermitted(placement);
+        if (placement.cpus) {
+          const rest = moveOtherThreads(placement.cpus);
+          log.info(`datapath workers on CPU ${formatCpuList(placement.cpus)}; other threads ${rest ? `on ${formatCpuList(rest)}` : 'share them (no other CPU allowed)'}`);
+        }
+        svc = await Service.start(specs, control, { workers: argv.workers, busyPoll: argv['busy-poll'], placement }, files);
         if (m && metricsAt) {
           const s = svc;
           metrics = await m.MetricsServer.listen(metricsAt, () => s.devices.values()).catch(async (e) => { await s.stop(); throw e; });

@@ -3,6 +3,7 @@ import type { VringConfig } from '../vhost-user/backend.js';
 import type { HostQueueConfig } from '../ports/port.js';
 import type { FrameFormat } from '../net/frame-format.js';
 import type { LogInfo, UsedRingLog } from '../memory/dirty-log.js';
+import type { WorkerPlacement } from './placement.js';
 
 /**
  * What the main thread asks of one device's queues on a worker. Plain data: posted between
@@ -51,11 +52,15 @@ export type WorkerEvent =
 export interface WorkerData {
   name: string;
   controlFd: number;
-  /** Int32Array over it: [0] = sequence number answered, [1] = status (0 ok), [2] = value. */
+  /** Int32Array over it: [0] = sequence number answered, [1] = status (0 ok), [2] = value, [3] = the worker's kernel thread id. */
   control: SharedArrayBuffer;
   busyPoll: boolean;
+  /** The worker's index in the pool: which of placement.cpus is its own. */
+  index: number;
+  placement: WorkerPlacement;
 }
 
 export const CTL_SEQ = 0;
 export const CTL_STATUS = 1;
 export const CTL_VALUE = 2;
+export const CTL_TID = 3;

@@ -1,7 +1,8 @@
 import { Worker, MessageChannel, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import { BackendRefusal } from '../vhost-user/backend.js';
 import { eventfdCreate, eventfdSignal, closeFd } from '../sys/libc.js';
-import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type WorkerEvent, type WorkerRequest, type WorkerData } from './messages.js';
+import type { WorkerPlacement } from './placement.js';
+import { CTL_SEQ, CTL_STATUS, CTL_TID, CTL_VALUE, type WorkerEvent, type WorkerRequest, type WorkerData } from './messages.js';
 
 const workerUrl = new URL('./worker.js', import.meta.url);
 const REQUEST_TIMEOUT_MS = 5000;
@@ -23,16 +24,16 @@ export class WorkerHandle {
   private readonly worker: Worker;
   private readonly port: MessagePort;
   private readonly controlFd: number;
-  private readonly control = new SharedArrayBuffer(12);
+  private readonly control = new SharedArrayBuffer(16);
   private readonly ctl = new Int32Array(this.control);
   private seq = 0;
   private dead: string | null = null;
 
-  constructor(readonly name: string, readonly index: number, busyPoll: boolean, onEvent: (e: WorkerEvent) => void) {
+  constructor(readonly name: string, readonly index: number, busyPoll: boolean, placement: WorkerPlacement, onEvent: (e: WorkerEvent) => void) {
     this.controlFd = eventfdCreate(true);
     const { port1, port2 } = new MessageChannel();
     this.port = port1;
-    const wd: WorkerData & { port: MessagePort } = { name, controlFd: this.controlFd, control: this.control, busyPoll, port: port2 };
+    const wd: WorkerData & { port: MessagePort } = { name, controlFd: this.controlFd, control: this.control, busyPoll, index, placement, port: port2 };
     // The datapath allocates nothing per frame: a small young generation is plenty, and every
     // worker's semi-spaces are resident memory the process pays whatever it serves.
     this.worker = new Worker(workerUrl, { workerData: wd, transferList: [port2], resourceLimits: { maxYoungGenerationSizeMb: YOUNG_GENERATION_MB } });
@@ -42,8 +43,8 @@ export class WorkerHandle {
     this.worker.unref();
   }
 
-  /** The worker's kernel thread id, for pinning and for `status` (0 before it reported it). */
-  get threadId(): number { return this.worker.threadId; }
+  /** The kernel thread id the worker reported (/proc/PID/task/TID), for `status`; 0 before it started. */
+  get threadId(): number { return Atomics.load(this.ctl, CTL_TID); }
 
   request(req: WorkerRequest): number {
     if (this.dead) throw new DatapathError(`${this.name}: ${this.dead}`);

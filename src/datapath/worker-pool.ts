@@ -2,6 +2,7 @@ import os from 'node:os';
 import { logger } from '../log.js';
 import { WorkerHandle } from './worker-handle.js';
 import type { WorkerEvent } from './messages.js';
+import type { WorkerPlacement } from './placement.js';
 
 const log = logger('datapath');
 
@@ -20,12 +21,21 @@ export interface PoolOptions {
   /** Worker threads at most; they start as queues need them. */
   workers: number;
   busyPoll: boolean;
+  /** CPUs and nice value the workers give themselves (serve --worker-cpus, --worker-nice). */
+  placement?: WorkerPlacement;
 }
 
 /** Where each running queue pair is served, for `status` and tests. */
 export interface Placement {
   worker: number;
+  /** Kernel thread id (/proc/PID/task/TID); 0 until the worker has started. */
   threadId: number;
+  /** The CPU it is pinned to, or null (it runs where the process may). */
+  cpu: number | null;
+  /** The nice value it set itself to, or null (inherited). */
+  nice: number | null;
+  /** Its SCHED_FIFO priority, or null (the policy it inherited). */
+  fifo: number | null;
   queues: { device: string; pair: number }[];
 }
 
@@ -75,7 +85,7 @@ export class WorkerPool {
     let h = this.handles[index];
     if (!h) {
       if (this.closed) throw new Error('the worker pool is closed');
-      h = new WorkerHandle(`datapath/w${index}`, index, this.opts.busyPoll, (e) => this.clients.get(e.device)?.onWorkerEvent(e));
+      h = new WorkerHandle(`datapath/w${index}`, index, this.opts.busyPoll, this.opts.placement ?? {}, (e) => this.clients.get(e.device)?.onWorkerEvent(e));
       this.handles[index] = h;
       log.debug(`worker ${index} started`);
     }
@@ -160,9 +170,13 @@ export class WorkerPool {
   }
 
   placement(): Placement[] {
+    const { cpus, nice, fifo } = this.opts.placement ?? {};
     return this.handles.map((h, i) => ({
       worker: i,
       threadId: h?.threadId ?? 0,
+      cpu: cpus && cpus.length > 0 ? cpus[i % cpus.length]! : null,
+      nice: nice ?? null,
+      fifo: fifo ?? null,
       queues: [...this.assigned].filter(([, w]) => w === i).map(([key]) => {
         const [device, pair] = key.split(':').map(Number) as [number, number];
         return { device: this.clients.get(device)?.name ?? String(device), pair };

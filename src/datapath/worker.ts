@@ -7,11 +7,27 @@ import { Epoll, EPOLLIN, eventfdDrain } from '../sys/libc.js';
 import { logger } from '../log.js';
 import { DeviceQueues } from '../net/device-queues.js';
 import type { Watcher } from './watcher.js';
-import { CTL_SEQ, CTL_STATUS, CTL_VALUE, type DataAnswer, type WorkerData, type WorkerRequest } from './messages.js';
+import { applyWorkerPlacement } from './placement.js';
+import { gettid } from '../sys/sched.js';
+import { CTL_SEQ, CTL_STATUS, CTL_TID, CTL_VALUE, type DataAnswer, type WorkerData, type WorkerRequest } from './messages.js';
 
 const data = workerData as WorkerData & { port: MessagePort };
 const log = logger(data.name);
 const ctl = new Int32Array(data.control);
+const tid = gettid();
+Atomics.store(ctl, CTL_TID, tid);
+/**
+ * Why this worker serves nothing: it could not take its CPU or priority (serve checked both at
+ * start, but a cpuset or rlimit can change since). Every request but exit is answered with it,
+ * so the queue start that needed the worker fails with the reason; a worker that threw here
+ * instead would leave the main thread, blocked in its synchronous request, to time out.
+ */
+let refusal: string | null = null;
+try {
+  applyWorkerPlacement(tid, data.index, data.placement);
+} catch (e) {
+  refusal = `cannot take its CPU or priority: ${(e as Error).message}`;
+}
 const epoll = new Epoll(256);
 const TOKEN_CONTROL = 0;
 
@@ -63,6 +79,7 @@ function device(id: number): DeviceQueues {
 }
 
 function handle(req: WorkerRequest): number | DataAnswer {
+  if (refusal !== null && req.op !== 'exit') throw new Error(refusal);
   switch (req.op) {
     case 'attach': {
       if (devices.has(req.device)) return 0;

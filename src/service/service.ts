@@ -20,9 +20,13 @@ export class Service {
 
   private constructor(readonly pool: WorkerPool) {}
 
-  /** Datapath options default to one worker per core this process may run on, sleeping in epoll. */
+  /**
+   * Datapath options default to one worker per core this process may run on (one per listed
+   * CPU with placement.cpus), sleeping in epoll.
+   */
   static async start(specs: DeviceSpec[], controlPath: string | null, datapath: Partial<PoolOptions> = {}, files: SocketFiles = {}): Promise<Service> {
-    const svc = new Service(new WorkerPool({ workers: datapath.workers ?? defaultWorkers(), busyPoll: datapath.busyPoll ?? false }));
+    const workers = datapath.workers ?? (datapath.placement?.cpus?.length || defaultWorkers());
+    const svc = new Service(new WorkerPool({ workers, busyPoll: datapath.busyPoll ?? false, placement: datapath.placement }));
     const names = new Set<string>();
     for (const s of specs) {
       if (names.has(s.name)) throw new Error(`two devices are named '${s.name}'`);
