@@ -138,16 +138,23 @@ export class UringQueue extends TapQueue {
     }
     if (this.freeSlots.length === 0 || this.tx.sqFree() === 0) return TX_BUSY;
     const slot = this.freeSlots.pop()!;
-    const at = slot * SLOT_IOVS * 16;
-    const v = this.slotIov.view;
-    const cnt = this.reader!.overReadable(ch).iovecs(v, at, SLOT_IOVS);
-    if (cnt === 0) {
-      this.freeSlots.push(slot);
-      this.counts[PortCount.txDropRefused]! += 1; // nothing to send: not a frame
-      return TX_DROPPED;
+    if (ch.readableCount === 1 && ch.length[0]! > 0) {
+      // The usual layout (the vnet header in front of the frame, one buffer): the SQE takes its
+      // address directly. Going through the slot's iovec stored it to native memory only to read
+      // it back, the largest part of our own per-frame time at 1500 B (the rest is the kernel's).
+      this.tx.prep(IORING_OP_WRITE, IOSQE_FIXED_FILE, TAP_INDEX, this.reader!.overReadable(ch).hostAddress, ch.length[0]!, slot);
+    } else {
+      const at = slot * SLOT_IOVS * 16;
+      const v = this.slotIov.view;
+      const cnt = this.reader!.overReadable(ch).iovecs(v, at, SLOT_IOVS);
+      if (cnt === 0) {
+        this.freeSlots.push(slot);
+        this.counts[PortCount.txDropRefused]! += 1; // nothing to send: not a frame
+        return TX_DROPPED;
+      }
+      if (cnt === 1) this.tx.prep(IORING_OP_WRITE, IOSQE_FIXED_FILE, TAP_INDEX, readU64(v, at), v.getUint32(at + 8, true), slot);
+      else this.tx.prep(IORING_OP_WRITEV, IOSQE_FIXED_FILE, TAP_INDEX, this.slotIov.address + at, cnt, slot);
     }
-    if (cnt === 1) this.tx.prep(IORING_OP_WRITE, IOSQE_FIXED_FILE, TAP_INDEX, readU64(v, at), v.getUint32(at + 8, true), slot);
-    else this.tx.prep(IORING_OP_WRITEV, IOSQE_FIXED_FILE, TAP_INDEX, this.slotIov.address + at, cnt, slot);
     this.txCookie[slot] = cookie;
     this.txBusy[slot] = 1;
     return TX_POSTED;
