@@ -97,7 +97,8 @@ export function checkPriorityPermitted(p: WorkerPlacement): void {
     try {
       setScheduler(tid, { policy: SCHED_FIFO, priority: p.fifo });
     } catch (e) {
-      if (isPermission(e)) throw denied('--worker-fifo', `run a thread under SCHED_FIFO at priority ${p.fifo}`, e, `RLIMIT_RTPRIO (systemd: LimitRTPRIO=${p.fifo})`);
+      // EPERM also comes from a cgroup that grants no real-time runtime (cgroup v1 cpu.rt_runtime_us 0), whatever the capability.
+      if (isPermission(e)) throw denied('--worker-fifo', `run a thread under SCHED_FIFO at priority ${p.fifo}`, e, `RLIMIT_RTPRIO (systemd: LimitRTPRIO=${p.fifo}); under cgroup v1 the cgroup also needs real-time runtime (cpu.rt_runtime_us > 0)`);
       throw e;
     }
     setScheduler(tid, policy);
