@@ -12,7 +12,7 @@ export interface PoolClient {
   onWorkerEvent(e: WorkerEvent): void;
   /**
    * Moves a running pair to another worker (stop, reassign, start again at the same ring
-   * position). False when the pair cannot move now (the claimed offload pair holds replies).
+   * position). False when it did not move (not placed, or already on `to`): the pool tries another.
    */
   relocate(pair: number, to: number): boolean;
 }

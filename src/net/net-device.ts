@@ -257,8 +257,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
   }
 
   relocate(pair: number, to: number): boolean {
-    // Replies waiting for the guest's buffers live with the pair's worker: keep that pair put.
-    if (pair === this.offloadPair && this.broker?.claimed) return false;
+    // The claimed offload pair moves too: replacePair carries the responses its worker holds.
     const from = this.pool.workerOf(this.id, pair);
     if (from < 0 || from === to) return false;
     this.replacePair(pair, from, to);
