@@ -155,12 +155,25 @@ export class DeviceQueues {
     this.flushReplies();
   }
 
-  /** Sends queued offload responses while the guest has buffers for them. */
+  /**
+   * Sends queued offload responses while the guest has buffers for them. Out of buffers with
+   * some still held, it asks for a kick past every buffer taken: with EVENT_IDX (virtio 1.x,
+   * split virtqueue notification suppression) the driver notifies only when its avail index
+   * passes the device's avail_event, and each buffer popped here left avail_event behind, so a
+   * refill would otherwise never wake us. Buffers may race that request: look once more.
+   */
   private flushReplies(): void {
     const link = this.link;
     const rx = this.vrings.get(this.offloadPair * 2)?.rx;
     if (!link || !rx) return;
-    while (link.pending.length > 0 && rx.deliverMessage(link.pending[0]!)) link.pending.shift();
+    for (;;) {
+      const held = link.pending.length;
+      while (link.pending.length > 0 && rx.deliverMessage(link.pending[0]!)) link.pending.shift();
+      if (link.pending.length === 0) return;
+      rx.queue.setKickNotification(true);
+      // Nothing delivered with buffers there (a broken ring): the next kick or restart retries.
+      if (rx.queue.availableCount() === 0 || link.pending.length === held) return;
+    }
   }
 
   private isClaimed(pair: number): boolean {
