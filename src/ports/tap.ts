@@ -12,7 +12,6 @@ import { hostObjectName } from '../offload/host-names.js';
 import { TcTranslateError } from '../offload/tc-translate.js';
 import { TapTcAttachment, TcProgram, ZERO_VERDICTS, type TcVerdicts } from './tap-tc-program.js';
 
-
 let uringProbe: ReturnType<typeof probeIoUring> | null = null;
 
 /** One probe per process: the answer does not change while it runs. */
