@@ -464,8 +464,7 @@ export class Session {
         v.logGuestAddr = logGuestAddr;
         return;
       }
-      v.base = this.backend.stopVring(index);
-      v.running = false;
+      this.stopRunning(index);
     }
     v.descUser = desc;
     v.usedUser = used;
@@ -486,10 +485,7 @@ export class Session {
   getVringBase(index: number): Uint8Array {
     const v = this.vring(index);
     this.backend.vringStopRequested?.(index);
-    if (v.running) {
-      v.base = this.backend.stopVring(index);
-      v.running = false;
-    }
+    this.stopRunning(index);
     v.started = false;
     // The spec: after GET_VRING_BASE the ring is stopped; its kick fd is no longer ours to use.
     closeFd(v.kickFd);
@@ -507,10 +503,7 @@ export class Session {
     // Taken out of m.fds only here: from now on the vring owns it.
     const fd = m.fds.pop() ?? -1;
     if (kind === 'kick') {
-      if (v.running) {
-        v.base = this.backend.stopVring(index);
-        v.running = false;
-      }
+      this.stopRunning(index);
       closeFd(v.kickFd);
       v.kickFd = fd;
       if (v.kickFd < 0) throw new RequestError('no-kick-fd', `vring ${index}: polling without a kick fd is not supported`);
@@ -542,11 +535,16 @@ export class Session {
     }
     if (enable > 1) throw new RequestError('bad-enable-value', `enable value ${enable}`);
     v.enabled = enable === 1;
-    if (!v.enabled && v.running) {
-      v.base = this.backend.stopVring(index);
-      v.running = false;
-    }
+    if (!v.enabled) this.stopRunning(index);
     this.maybeStart(index);
+  }
+
+  /** Stops the ring if it runs, keeping where it stopped: the next start resumes there. */
+  private stopRunning(index: number): void {
+    const v = this.vrings[index]!;
+    if (!v.running) return;
+    v.base = this.backend.stopVring(index);
+    v.running = false;
   }
 
   private maybeStart(index: number): void {
@@ -593,8 +591,11 @@ export class Session {
 
   private stopAll(): void {
     this.vrings.forEach((v, i) => {
-      if (v.running) {
-        try { v.base = this.backend.stopVring(i); } catch (e) { this.log.warn(`stopping vring ${i}: ${(e as Error).message}`); }
+      try {
+        this.stopRunning(i);
+      } catch (e) {
+        // Stopped all the same: the ring's worker state goes with the reset or the close.
+        this.log.warn(`stopping vring ${i}: ${(e as Error).message}`);
         v.running = false;
       }
     });
