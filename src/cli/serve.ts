@@ -6,7 +6,7 @@ import { Service } from '../service/service.js';
 import type { MetricsServer } from '../service/metrics.js';
 import { VxError } from '../errors.js';
 import { defaultWorkers } from '../datapath/worker-pool.js';
-import { parseCpuList, checkWorkerCpus, checkNiceRange, checkFifo, checkPriorityPermitted, moveOtherThreads, type WorkerPlacement } from '../datapath/placement.js';
+import { parseCpuList, checkWorkerCpus, checkNiceRange, checkFifo, checkSlice, kernelKeepsSlice, DEFAULT_WORKER_SLICE_US, checkPriorityPermitted, moveOtherThreads, type WorkerPlacement } from '../datapath/placement.js';
 import { formatCpuList } from '../sys/sched.js';
 import { parseDeviceOption, validateSpec, parsePinLimit, pinLimitDefault, SpecError, type DeviceSpec } from '../service/device-spec.js';
 import { socketFromSystemd, parseSocketMode, resolveGroup, backendCapabilities } from './conventions.js';
@@ -16,6 +16,23 @@ import type { SocketFiles } from '../service/device.js';
 const SHUTDOWN_DEADLINE_MS = 3000;
 
 const log = logger('vhost-xdp');
+
+/**
+ * Whether the kernel keeps a worker slice, so status reports what the workers really run with.
+ * Warned about only when asked for: the default is a hint that a kernel before 6.12 ignores, and
+ * a kernel refusing the call (seccomp, an architecture without the syscall number) must not
+ * stop serve for a default.
+ */
+function sliceHonoured(us: number, asked: boolean): boolean {
+  try {
+    if (kernelKeepsSlice(us)) return true;
+    if (asked) log.warn(`--worker-slice ${us}: this kernel ignores a thread's own slice (Linux 6.12 on); workers run with the base slice`);
+  } catch (e) {
+    if (asked) throw e;
+    log.debug(`no worker slice: ${(e as Error).message}`);
+  }
+  return false;
+}
 
 export function serveCommand(y: Argv) {
   return y.command(
@@ -35,6 +52,7 @@ export function serveCommand(y: Argv) {
       .option('busy-poll', { type: 'boolean', default: false, describe: 'datapath workers spin on their rings instead of sleeping in epoll (burns a core each, lowers latency)' })
       .option('worker-cpus', { type: 'string', describe: 'pin datapath worker i to the i-th CPU of LIST (taskset -c syntax: 1, 2-3,6; default --workers: one per CPU), like DPDK\'s -l or OVS\'s pmd-cpu-mask. serve\'s other threads (main loop, V8 compiler and GC) then run on the remaining CPUs serve may use, if any. Every CPU must be one serve may run on' })
       .option('worker-nice', { type: 'number', describe: 'nice value of each datapath worker thread (-20..19). Below serve\'s own it needs CAP_SYS_NICE or RLIMIT_NICE (systemd LimitNICE=); serve refuses to start without it [worker-priority-denied]' })
+      .option('worker-slice', { type: 'number', describe: 'EEVDF slice of each datapath worker thread in µs (100..100000; 0: the kernel\'s base slice). A worker with a shorter slice than the thread running on its CPU preempts it when a frame wakes it, with no privilege (Linux 6.12 on; older kernels ignore it, and serve says so when it was asked for). Not with --worker-fifo', defaultDescription: `${DEFAULT_WORKER_SLICE_US} (none with --worker-fifo)` })
       .option('worker-fifo', { type: 'number', describe: 'run each datapath worker under SCHED_FIFO at this priority (1..99): woken, it preempts every normal thread on its CPU (kernel threads, compile jobs). Needs CAP_SYS_NICE or RLIMIT_RTPRIO (systemd LimitRTPRIO=); serve refuses to start without it [worker-priority-denied]. Not with --busy-poll or --worker-nice' })
       .option('tap-io', { type: 'string', choices: TAP_IO_MODES, default: 'auto', describe: 'how tap ports move frames: uring (io_uring, one system call per burst of guest frames), rw (readv/writev, one per frame) or auto (io_uring unless the host refuses it: io_uring_disabled, seccomp, old kernel; then rw, logged). status shows which' })
       .option('mtu', { type: 'number', describe: 'MTU applied to the port until the frontend sends NET_SET_MTU' })
@@ -77,6 +95,12 @@ export function serveCommand(y: Argv) {
           checkFifo(argv['worker-fifo'], argv['busy-poll'], placement.nice);
           placement.fifo = argv['worker-fifo'];
         }
+        if (argv['worker-slice'] !== undefined) {
+          checkSlice(argv['worker-slice'], placement.fifo);
+          placement.slice = argv['worker-slice'];
+        } else if (placement.fifo === undefined) {
+          placement.slice = DEFAULT_WORKER_SLICE_US;
+        }
         specs = [];
         if (argv.config) {
           const cfg = JSON.parse(fs.readFileSync(argv.config, 'utf8')) as { devices?: Partial<DeviceSpec>[]; control?: string };
@@ -111,6 +135,7 @@ export function serveCommand(y: Argv) {
         const m = argv.metrics === undefined ? null : await import('../service/metrics.js');
         const metricsAt = m ? m.parseMetricsAddress(argv.metrics!) : null;
         checkPriorityPermitted(placement);
+        if (placement.slice && !sliceHonoured(placement.slice, argv['worker-slice'] !== undefined)) placement.slice = undefined;
         const rest = placement.cpus ? moveOtherThreads(placement.cpus) : null;
         if (placement.cpus) log.info(`datapath workers on CPU ${formatCpuList(placement.cpus)}; other threads ${rest ? `on ${formatCpuList(rest)}` : 'share them (no other CPU allowed)'}`);
         // Not refused: on a quiet host the shared CPU is what gave the bench its tail. But a

@@ -36,6 +36,8 @@ export interface Placement {
   nice: number | null;
   /** Its SCHED_FIFO priority, or null (the policy it inherited). */
   fifo: number | null;
+  /** The EEVDF slice in µs it asked for, or null (the kernel's base slice). */
+  slice: number | null;
   queues: { device: string; pair: number }[];
 }
 
@@ -170,13 +172,14 @@ export class WorkerPool {
   }
 
   placement(): Placement[] {
-    const { cpus, nice, fifo } = this.opts.placement ?? {};
+    const { cpus, nice, fifo, slice } = this.opts.placement ?? {};
     return this.handles.map((h, i) => ({
       worker: i,
       threadId: h?.threadId ?? 0,
       cpu: cpus && cpus.length > 0 ? cpus[i % cpus.length]! : null,
       nice: nice ?? null,
       fifo: fifo ?? null,
+      slice: fifo === undefined && slice ? slice : null,
       queues: [...this.assigned].filter(([, w]) => w === i).map(([key]) => {
         const [device, pair] = key.split(':').map(Number) as [number, number];
         return { device: this.clients.get(device)?.name ?? String(device), pair };

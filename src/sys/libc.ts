@@ -47,6 +47,8 @@ export const raw = {
   sched_getscheduler: lib.func('sched_getscheduler', 'int', ['int']),
   sched_getparam: lib.func('sched_getparam', 'int', ['int', 'intptr_t']),
   sched_setscheduler: lib.func('sched_setscheduler', 'int', ['int', 'int', 'intptr_t']),
+  // glibc 2.36 (bookworm) has no sched_setattr/sched_getattr wrappers: the raw syscall, variadic.
+  syscall: lib.func('long syscall(long number, ...)'),
   memcpy: lib.func('memcpy', 'intptr_t', ['intptr_t', 'intptr_t', 'size_t']),
   strdup: lib.func('strdup', 'intptr_t', ['str']),
   setsockopt: lib.func('setsockopt', 'int', ['int', 'int', 'int', 'intptr_t', 'uint32']),

@@ -1,8 +1,8 @@
 // Where and at what priority a thread runs: the datapath workers' placement (serve
-// --worker-cpus, --worker-nice). Linux applies affinity and nice per thread, so every call
-// here names a kernel thread id (gettid), never a process.
+// --worker-cpus, --worker-nice, --worker-fifo, --worker-slice). Linux applies affinity, nice,
+// policy and slice per thread, so every call here names a kernel thread id (gettid), never a process.
 import koffi from 'koffi';
-import { check, raw, NativeBuffer } from './libc.js';
+import { check, raw, NativeBuffer, SysError, Errno } from './libc.js';
 import { ArgumentError } from '../errors.js';
 
 /** Bytes of the cpu_set_t handed to the kernel: 1024 CPUs, glibc's CPU_SETSIZE. */
@@ -80,6 +80,50 @@ export function setScheduler(tid: number, s: SchedPolicy): void {
   mask.view.setInt32(0, s.priority, true);
   const policy = s.policy === SCHED_OTHER ? s.policy : s.policy | SCHED_RESET_ON_FORK;
   check(raw.sched_setscheduler(tid, policy, mask.address), 'sched_setscheduler', `thread ${tid} to policy ${s.policy} priority ${s.priority}`);
+}
+
+/** sched_setattr(2) / sched_getattr(2): glibc before 2.41 wraps neither, so they go through syscall(2). */
+const SYS_SCHED_ATTR: Partial<Record<string, [set: number, get: number]>> = { x64: [314, 315], arm64: [274, 275] };
+/** struct sched_attr up to sched_period (SCHED_ATTR_SIZE_VER0): the fields a fair-class slice needs. */
+const SCHED_ATTR_SIZE = 48;
+/** The kernel clamps a custom slice to 0.1..100 ms (kernel/sched/syscalls.c, __setparam_fair). */
+export const SLICE_MIN_US = 100;
+export const SLICE_MAX_US = 100_000;
+
+function schedAttrCall(which: 0 | 1, tid: number, what: string): void {
+  const nr = SYS_SCHED_ATTR[process.arch];
+  if (!nr) throw new SysError(which === 0 ? 'sched_setattr' : 'sched_getattr', Errno.ENOSYS!, `${what}: no syscall number for ${process.arch}`);
+  const r = which === 0
+    ? raw.syscall(nr[0], 'int', tid, 'intptr_t', mask.address, 'uint', 0)
+    : raw.syscall(nr[1], 'int', tid, 'intptr_t', mask.address, 'uint', SCHED_ATTR_SIZE, 'uint', 0);
+  check(Number(r), which === 0 ? 'sched_setattr' : 'sched_getattr', what);
+}
+
+/**
+ * Thread `tid`'s EEVDF request size in microseconds (sched_getattr's sched_runtime for a fair
+ * task, Linux 6.12 on); 0 from a kernel that does not report it.
+ */
+export function getSlice(tid = 0): number {
+  mask.bytes.fill(0, 0, SCHED_ATTR_SIZE);
+  schedAttrCall(1, tid, `thread ${tid}`);
+  return Math.round(Number(mask.view.getBigUint64(24, true)) / 1000);
+}
+
+/**
+ * Gives SCHED_OTHER thread `tid` an EEVDF request size of `us` microseconds (0: the kernel's
+ * base slice), keeping its nice value. A shorter slice than the running task's earns wake-up
+ * preemption (Linux 6.12, "sched/eevdf: Allow shorter slices to wakeup-preempt") without a
+ * real-time policy and without a privilege: only a lower nice or a real-time policy needs one.
+ * Kernels before 6.12 accept and ignore it; getSlice then reads 0.
+ */
+export function setSlice(tid: number, us: number): void {
+  const nice = getNice(tid);
+  mask.bytes.fill(0, 0, SCHED_ATTR_SIZE);
+  mask.view.setUint32(0, SCHED_ATTR_SIZE, true);
+  mask.view.setUint32(4, SCHED_OTHER, true);
+  mask.view.setInt32(16, nice, true);
+  mask.view.setBigUint64(24, BigInt(us) * 1000n, true);
+  schedAttrCall(0, tid, `thread ${tid} to a ${us} µs slice`);
 }
 
 /** `0-2,5`: the kernel's list format (Cpus_allowed_list, cpuset.cpus), which taskset -c reads. */

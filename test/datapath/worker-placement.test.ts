@@ -11,8 +11,9 @@ import { expectTraffic } from '../support/frontend/traffic.js';
 import { PacketSocket } from '../support/packet-socket.js';
 import { uniqueIfName, disableIpv6, linkExists } from '../support/netdev.js';
 import { TEST_USER, capsFor, setprivArgs, handOver } from '../support/unprivileged.js';
-import { getAffinity } from '../../src/sys/sched.js';
+import { getAffinity, getSlice } from '../../src/sys/sched.js';
 import type { Placement } from '../../src/datapath/worker-pool.js';
+import { DEFAULT_WORKER_SLICE_US } from '../../src/datapath/placement.js';
 
 function cpusAllowed(pid: number, tid: number): string {
   return /^Cpus_allowed_list:\s*(\S+)/m.exec(fs.readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8'))![1]!;
@@ -32,7 +33,7 @@ const allowed = getAffinity(0);
 const workerCpu = allowed[allowed.length - 1]!;
 const others = allowed.filter((c) => c !== workerCpu);
 
-describe('serve --worker-cpus / --worker-nice / --worker-fifo', () => {
+describe('serve --worker-cpus / --worker-nice / --worker-fifo / --worker-slice', () => {
   let be: Backend | undefined;
   let fe: TestFrontend | undefined;
   let ps: PacketSocket | undefined;
@@ -67,6 +68,8 @@ describe('serve --worker-cpus / --worker-nice / --worker-fifo', () => {
     const pid = be!.proc.pid;
     expect(w.cpu).toBe(workerCpu);
     expect(w.fifo).toBe(1);
+    // A real-time thread has no slice: the default is not applied beside --worker-fifo.
+    expect(w.slice).toBeNull();
     expect(fs.existsSync(`/proc/${pid}/task/${w.threadId}`)).toBe(true);
     expect(cpusAllowed(pid, w.threadId)).toBe(String(workerCpu));
     expect(fifoOf(pid, w.threadId)).toEqual([1, 1]);
@@ -80,11 +83,13 @@ describe('serve --worker-cpus / --worker-nice / --worker-fifo', () => {
     }
   });
 
-  test('without the options the worker inherits the process\'s CPUs and priority, and status says so', async () => {
+  test('without the options the worker inherits the process\'s CPUs and priority but takes the default slice, and status says so', async () => {
     const w = await serveWith([], 'wq');
     expect(w.cpu).toBeNull();
     expect(w.nice).toBeNull();
     expect(w.fifo).toBeNull();
+    expect(w.slice).toBe(DEFAULT_WORKER_SLICE_US);
+    expect(getSlice(w.threadId)).toBe(DEFAULT_WORKER_SLICE_US);
     expect(niceOf(be!.proc.pid, w.threadId)).toBe(niceOf(be!.proc.pid, be!.proc.pid));
     expect(fifoOf(be!.proc.pid, w.threadId)).toEqual([0, 0]);
   });
@@ -102,6 +107,11 @@ describe('serve --worker-cpus / --worker-nice / --worker-fifo', () => {
     const nice = spawnSync(process.execPath, [CLI, 'serve', '--socket', path.join(dir, 's'), '--port', 'tap:vxwn', '--worker-nice', '-21'], { encoding: 'utf8', timeout: 15_000 });
     expect(nice.status).toBe(2);
     expect(nice.stderr).toContain('[bad-worker-nice]');
+    for (const slice of [['50'], ['100001'], ['1.5'], ['100', '--worker-fifo', '1']]) {
+      const r = spawnSync(process.execPath, [CLI, 'serve', '--socket', path.join(dir, 's'), '--port', 'tap:vxwn', '--worker-slice', ...slice], { encoding: 'utf8', timeout: 15_000 });
+      expect(r.status, slice.join(' ')).toBe(2);
+      expect(r.stderr).toContain('[bad-worker-slice]');
+    }
     const spin = spawnSync(process.execPath, [CLI, 'serve', '--socket', path.join(dir, 's'), '--port', 'tap:vxwn', '--worker-fifo', '1', '--busy-poll'], { encoding: 'utf8', timeout: 15_000 });
     expect(spin.status).toBe(2);
     expect(spin.stderr).toContain('[bad-worker-fifo]');
@@ -138,5 +148,28 @@ describe('serve --worker-cpus / --worker-nice / --worker-fifo', () => {
     const w = await serveWith(['--worker-nice', '-5'], 'wv', [...capsFor('tap'), 'sys_nice']);
     expect(w.nice).toBe(-5);
     expect(niceOf(be!.proc.pid, w.threadId)).toBe(-5);
+  });
+
+  test('unprivileged, --worker-slice gives the worker its EEVDF slice and leaves every other thread\'s as it was', async () => {
+    // Read before serve starts: this runner's own (base) slice, what serve's other threads keep.
+    const base = getSlice(0);
+    const w = await serveWith(['--worker-slice', '150'], 'ws', capsFor('tap'));
+    const pid = be!.proc.pid;
+    expect(w.slice).toBe(150);
+    expect(w.fifo).toBeNull();
+    // The kernel's own record (Linux 6.12 on; ENV-FACTS: 6.18 here), not serve's word.
+    expect(getSlice(w.threadId)).toBe(150);
+    // The probe (set on the main thread, read back, reset) left the main thread at the base slice.
+    expect(getSlice(pid)).toBe(base);
+    expect(niceOf(pid, w.threadId)).toBe(niceOf(pid, pid));
+    ps?.close();
+    fe?.close();
+    await be!.stop();
+    [ps, fe, be] = [undefined, undefined, undefined];
+
+    // 0: the kernel's base slice, as before the default existed.
+    const w0 = await serveWith(['--worker-slice', '0'], 'ws0');
+    expect(w0.slice).toBeNull();
+    expect(getSlice(w0.threadId)).toBe(base);
   });
 });
