@@ -2,8 +2,9 @@ import { VxError } from '../errors.js';
 import { closeFd, SysError } from '../sys/libc.js';
 import type { UnixSocket } from '../sys/unix-socket.js';
 import { logger, type Logger } from '../log.js';
-import { GuestMemory, GuestMemoryError, MAX_GUEST_ADDRESS, type RegionInfo } from '../memory/guest-memory.js';
+import { GuestMemory, GuestMemoryError, type RegionInfo } from '../memory/guest-memory.js';
 import { MemoryTable, MemoryTableError } from './memory-table.js';
+import { VringTable, VringError } from './vring-table.js';
 import { LogMapping, LogBaseError } from './log-base.js';
 import { StateTransfer, DeviceStateError, STATE_NOFD, type TransferRecord } from './device-state.js';
 import { logBytesFor, type LogInfo } from '../memory/dirty-log.js';
@@ -12,15 +13,13 @@ import { BackendRefusal, type VhostUserBackend } from './backend.js';
 import {
   Request, ProtocolFeature, requestName, encodeMessage, u64Payload, vringStatePayload, hasBit,
   F_PROTOCOL_FEATURES, FLAG_VERSION, FLAG_VERSION_MASK, FLAG_REPLY, FLAG_NEED_REPLY, VRING_INDEX_MASK,
-  VRING_NOFD_MASK, MAX_MEM_REGIONS, MEMORY_REGION_SIZE, VRING_ADDR_SIZE, F_LOG_ALL, VRING_F_LOG, LOG_DESC_SIZE,
-  DEVICE_STATE_PARAMS_SIZE, bit, type MemoryRegionDesc,
+  VRING_NOFD_MASK, MAX_MEM_REGIONS, MEMORY_REGION_SIZE, VRING_ADDR_SIZE, F_LOG_ALL, LOG_DESC_SIZE,
+  DEVICE_STATE_PARAMS_SIZE, bit, type MemoryRegionDesc, type VringAddr,
 } from './protocol.js';
 
 export type RequestErrorCode =
   | 'bad-version' | 'unsupported-request' | 'bad-payload-size' | 'bad-fd-count' | 'feature-not-negotiated'
-  | 'unoffered-features' | 'bad-vring-index' | 'bad-region-count' | 'no-free-mem-slot' | 'no-such-region'
-  | 'vring-running' | 'bad-vring-size' | 'bad-vring-base' | 'bad-fd-word' | 'no-kick-fd' | 'bad-enable-value'
-  | 'vring-outside-memory' | 'bad-vring-flags' | 'vring-addr-changed';
+  | 'unoffered-features' | 'bad-region-count' | 'no-free-mem-slot' | 'no-such-region' | 'bad-fd-word';
 
 /**
  * A request the session refuses; the code names the rule, the message the values (logged with
@@ -30,28 +29,6 @@ export class RequestError extends VxError {
   constructor(code: RequestErrorCode, message: string, opts: { cause?: unknown } = {}) {
     super(code, message, opts);
   }
-}
-
-interface VringState {
-  num: number;
-  descUser: number;
-  availUser: number;
-  usedUser: number;
-  addrSet: boolean;
-  /** VHOST_VRING_F_LOG and log_guest_addr of the last SET_VRING_ADDR. */
-  logUsed: boolean;
-  logGuestAddr: number;
-  base: number;
-  kickFd: number;
-  callFd: number;
-  errFd: number;
-  enabled: boolean;
-  started: boolean;
-  running: boolean;
-}
-
-function freshVring(enabled: boolean): VringState {
-  return { num: 0, descUser: 0, availUser: 0, usedUser: 0, addrSet: false, logUsed: false, logGuestAddr: 0, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled, started: false, running: false };
 }
 
 type Range = readonly [number, number];
@@ -84,9 +61,13 @@ function readRegion(v: DataView, off: number): MemoryRegionDesc {
   return { gpa: u64(v, off), size: u64(v, off + 8), uva: u64(v, off + 16), mmapOffset: u64(v, off + 24) };
 }
 
+function readVringAddr(v: DataView): VringAddr {
+  return { index: v.getUint32(0, true), flags: v.getUint32(4, true), descUser: u64(v, 8), usedUser: u64(v, 16), availUser: u64(v, 24), logGuest: u64(v, 32) };
+}
+
 /**
  * One table for every request: size, fd count and feature gate are checked here, before any
- * handler runs (the rust-vmm dispatcher shape). Index checks live in `vring()`, once.
+ * handler runs (the rust-vmm dispatcher shape). Vring index checks live in the VringTable, once.
  */
 const handlers: Partial<Record<Request, HandlerSpec>> = {
   [Request.GET_FEATURES]: { size: [0, 0], fds: [0, 0], replies: true, run: (s) => u64Payload(s.offeredFeatures()) },
@@ -101,10 +82,10 @@ const handlers: Partial<Record<Request, HandlerSpec>> = {
   [Request.GET_MAX_MEM_SLOTS]: { size: [0, 0], fds: [0, 0], replies: true, protocolFeature: ProtocolFeature.CONFIGURE_MEM_SLOTS, run: () => u64Payload(MAX_MEM_REGIONS) },
   [Request.ADD_MEM_REG]: { size: [8 + MEMORY_REGION_SIZE, 8 + MEMORY_REGION_SIZE], fds: [1, 1], protocolFeature: ProtocolFeature.CONFIGURE_MEM_SLOTS, run: (s, m, v) => s.addMemRegion(readRegion(v, 8), m.fds.shift()!) },
   [Request.REM_MEM_REG]: { size: [8 + MEMORY_REGION_SIZE, 8 + MEMORY_REGION_SIZE], fds: [0, 1], protocolFeature: ProtocolFeature.CONFIGURE_MEM_SLOTS, run: (s, _m, v) => s.remMemRegion(readRegion(v, 8)) },
-  [Request.SET_VRING_NUM]: { size: [8, 8], fds: [0, 0], run: (s, _m, v) => s.setVringNum(v.getUint32(0, true), v.getUint32(4, true)) },
-  [Request.SET_VRING_ADDR]: { size: [VRING_ADDR_SIZE, VRING_ADDR_SIZE], fds: [0, 0], run: (s, _m, v) => s.setVringAddr(v) },
-  [Request.SET_VRING_BASE]: { size: [8, 8], fds: [0, 0], run: (s, _m, v) => s.setVringBase(v.getUint32(0, true), v.getUint32(4, true)) },
-  [Request.GET_VRING_BASE]: { size: [8, 8], fds: [0, 0], replies: true, run: (s, _m, v) => s.getVringBase(v.getUint32(0, true)) },
+  [Request.SET_VRING_NUM]: { size: [8, 8], fds: [0, 0], run: (s, _m, v) => s.vrings.setNum(v.getUint32(0, true), v.getUint32(4, true)) },
+  [Request.SET_VRING_ADDR]: { size: [VRING_ADDR_SIZE, VRING_ADDR_SIZE], fds: [0, 0], run: (s, _m, v) => s.vrings.setAddr(readVringAddr(v)) },
+  [Request.SET_VRING_BASE]: { size: [8, 8], fds: [0, 0], run: (s, _m, v) => s.vrings.setBase(v.getUint32(0, true), v.getUint32(4, true)) },
+  [Request.GET_VRING_BASE]: { size: [8, 8], fds: [0, 0], replies: true, run: (s, _m, v) => { const i = v.getUint32(0, true); return vringStatePayload(i, s.vrings.getBase(i)); } },
   [Request.SET_VRING_KICK]: { size: [8, 8], fds: [0, 1], run: (s, m, v) => s.setVringFd('kick', v, m) },
   [Request.SET_VRING_CALL]: { size: [8, 8], fds: [0, 1], run: (s, m, v) => s.setVringFd('call', v, m) },
   [Request.SET_VRING_ERR]: { size: [8, 8], fds: [0, 1], run: (s, m, v) => s.setVringFd('err', v, m) },
@@ -149,7 +130,7 @@ export class Session {
   private logMap: LogMapping | null = null;
   private logGiven: LogInfo | null = null;
   private transfer: StateTransfer | null = null;
-  private vrings: VringState[];
+  readonly vrings: VringTable;
   private readonly reader: MessageReader;
   private closed = false;
   /** Requests refused so far (for tests and stats). */
@@ -164,7 +145,7 @@ export class Session {
     this.backend = backend;
     this.log = logger(backend.name);
     this.reader = new MessageReader(socket);
-    this.vrings = Array.from({ length: backend.maxQueuePairs() * 2 }, () => freshVring(true));
+    this.vrings = new VringTable(backend, this.log, () => this.memory);
   }
 
   /** Drains every whole message the socket has; call when it is readable. */
@@ -209,7 +190,7 @@ export class Session {
       error = (e as Error).message;
       code = e instanceof VxError ? e.code : 'internal';
       if (!(e instanceof RequestError || e instanceof GuestMemoryError || e instanceof MemoryTableError || e instanceof SysError || e instanceof BackendRefusal
-        || e instanceof LogBaseError || e instanceof DeviceStateError)) {
+        || e instanceof LogBaseError || e instanceof DeviceStateError || e instanceof VringError)) {
         this.log.error(`${name}: unexpected ${(e as Error).stack ?? e}`);
       }
     } finally {
@@ -282,13 +263,6 @@ export class Session {
     this.protoNegotiated = true;
   }
 
-  /** The vring at `index`, or a refusal. The one place an index from the frontend is checked. */
-  private vring(index: number): VringState {
-    const v = this.vrings[index];
-    if (index >= this.vrings.length || v === undefined) throw new RequestError('bad-vring-index', `vring index ${index} out of range (device has ${this.vrings.length})`);
-    return v;
-  }
-
   setMemTable(m: Message, v: DataView): void {
     const n = v.getUint32(0, true);
     if (n < 1 || n > MAX_MEM_REGIONS) throw new RequestError('bad-region-count', `${n} memory regions (1..${MAX_MEM_REGIONS})`);
@@ -314,7 +288,7 @@ export class Session {
    * ring that no longer fits stays stopped and says why).
    */
   private swapMemory(infos: RegionInfo[], release: () => void): void {
-    this.stopAll();
+    this.vrings.stopAll();
     this.memory = infos.length > 0 ? new GuestMemory(infos) : null;
     this.backend.memoryChanged(infos);
     release();
@@ -322,13 +296,7 @@ export class Session {
     const end = regionsEnd(infos);
     // QEMU grows the log before it adds memory; marks beyond a log that did not grow are refused and counted.
     if (this.logMap && this.logMap.info.size < logBytesFor(end)) this.log.warn(`dirty log of ${this.logMap.info.size} bytes does not cover guest memory up to 0x${end.toString(16)}`);
-    this.vrings.forEach((_v, i) => {
-      try {
-        this.maybeStart(i);
-      } catch (e) {
-        this.log.warn(`vring ${i} not restarted after the memory change: ${(e as Error).message}`);
-      }
-    });
+    this.vrings.restartAll();
   }
 
   private replaceMemory(next: MemoryTable): void {
@@ -401,7 +369,7 @@ export class Session {
    * any ring runs. A new transfer replaces one still under way.
    */
   setDeviceStateFd(direction: number, phase: number, fd: number): Uint8Array {
-    const running = this.vrings.findIndex((v) => v.running);
+    const running = this.vrings.firstRunning();
     if (running >= 0) {
       closeFd(fd);
       throw new DeviceStateError('device-not-suspended', `vring ${running} is running; state moves only while the device is suspended`);
@@ -431,141 +399,19 @@ export class Session {
     return u64Payload(0);
   }
 
-  setVringNum(index: number, num: number): void {
-    const v = this.vring(index);
-    if (v.running) throw new RequestError('vring-running', `vring ${index} is running`);
-    if (num < 1 || num > 32768 || (num & (num - 1)) !== 0) throw new RequestError('bad-vring-size', `vring ${index} size ${num} is not a power of two in 1..32768`);
-    v.num = num;
-  }
-
-  /**
-   * SET_VRING_ADDR. On a running ring only the logging fields may change ("To start/stop logging
-   * of data/used ring writes, the front-end may send ... VHOST_USER_SET_VRING_ADDR with
-   * VHOST_VRING_F_LOG in ring's flags set to 1/0"): the backend applies them between two
-   * bursts (vringLogChanged), or, without that hook, the ring restarts from where it stopped.
-   */
-  setVringAddr(dv: DataView): void {
-    const index = dv.getUint32(0, true);
-    const flags = dv.getUint32(4, true);
-    const v = this.vring(index);
-    if ((flags & ~(1 << VRING_F_LOG)) !== 0) throw new RequestError('bad-vring-flags', `vring ${index} flags 0x${flags.toString(16)} (only VHOST_VRING_F_LOG is defined)`);
-    const desc = u64(dv, 8), used = u64(dv, 16), avail = u64(dv, 24);
-    const logUsed = (flags & (1 << VRING_F_LOG)) !== 0;
-    const logGuestAddr = logUsed ? u64(dv, 32) : 0;
-    if (logUsed && !(logGuestAddr >= 0 && logGuestAddr + 6 + 8 * 32768 <= MAX_GUEST_ADDRESS)) {
-      throw new RequestError('bad-vring-flags', `vring ${index} log_guest_addr 0x${logGuestAddr.toString(16)} out of range`);
-    }
-    if (v.running) {
-      if (desc !== v.descUser || used !== v.usedUser || avail !== v.availUser) throw new RequestError('vring-addr-changed', `vring ${index} is running; only its logging may change`);
-      if (logUsed === v.logUsed && logGuestAddr === v.logGuestAddr) return;
-      if (this.backend.vringLogChanged) {
-        this.backend.vringLogChanged(index, { logUsed, logGuestAddr });
-        v.logUsed = logUsed;
-        v.logGuestAddr = logGuestAddr;
-        return;
-      }
-      this.stopRunning(index);
-    }
-    v.descUser = desc;
-    v.usedUser = used;
-    v.availUser = avail;
-    v.logUsed = logUsed;
-    v.logGuestAddr = logGuestAddr;
-    v.addrSet = true;
-    this.maybeStart(index);
-  }
-
-  setVringBase(index: number, num: number): void {
-    const v = this.vring(index);
-    if (v.running) throw new RequestError('vring-running', `vring ${index} is running`);
-    if (num > 0xffff) throw new RequestError('bad-vring-base', `vring ${index} base ${num} exceeds 16 bits`);
-    v.base = num;
-  }
-
-  getVringBase(index: number): Uint8Array {
-    const v = this.vring(index);
-    this.backend.vringStopRequested?.(index);
-    this.stopRunning(index);
-    v.started = false;
-    // The spec: after GET_VRING_BASE the ring is stopped; its kick fd is no longer ours to use.
-    closeFd(v.kickFd);
-    v.kickFd = -1;
-    return vringStatePayload(index, v.base);
-  }
-
   setVringFd(kind: 'kick' | 'call' | 'err', dv: DataView, m: Message): void {
     const word = u64(dv);
     const index = word & VRING_INDEX_MASK;
     const noFd = (word & VRING_NOFD_MASK) !== 0;
     if (word & ~(VRING_INDEX_MASK | VRING_NOFD_MASK)) throw new RequestError('bad-fd-word', `${kind} fd word 0x${word.toString(16)} has unknown bits`);
     if (noFd !== (m.fds.length === 0)) throw new RequestError('bad-fd-word', noFd ? 'invalid-fd flag set but an fd is attached' : 'no fd attached and invalid-fd flag clear');
-    const v = this.vring(index);
-    // Taken out of m.fds only here: from now on the vring owns it.
-    const fd = m.fds.pop() ?? -1;
-    if (kind === 'kick') {
-      this.stopRunning(index);
-      closeFd(v.kickFd);
-      v.kickFd = fd;
-      if (v.kickFd < 0) throw new RequestError('no-kick-fd', `vring ${index}: polling without a kick fd is not supported`);
-      v.started = true;
-      // Without protocol features a ring is enabled as soon as it starts (spec: "Ring states").
-      if (!this.protoNegotiated || !hasBit(this.features, F_PROTOCOL_FEATURES)) v.enabled = true;
-      this.maybeStart(index);
-    } else if (kind === 'call') {
-      // A worker serving the ring may signal the old fd until it has the new one: hand it over
-      // first, close the old one after (closed first, a signal in between hits EBADF and kills
-      // the worker, or an fd number already reused by something else).
-      const old = v.callFd;
-      v.callFd = fd;
-      try {
-        if (v.running) this.backend.updateCallFd(index, fd);
-      } finally {
-        closeFd(old);
-      }
-    } else {
-      closeFd(v.errFd);
-      v.errFd = fd;
-    }
+    if (kind === 'kick') this.vrings.setKick(index, m.fds, this.protoNegotiated && hasBit(this.features, F_PROTOCOL_FEATURES));
+    else if (kind === 'call') this.vrings.setCall(index, m.fds);
+    else this.vrings.setErr(index, m.fds);
   }
 
   setVringEnable(index: number, enable: number): void {
-    const v = this.vring(index);
-    if (!hasBit(this.features, F_PROTOCOL_FEATURES) && !this.protoNegotiated) {
-      throw new RequestError('feature-not-negotiated', 'SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES');
-    }
-    if (enable > 1) throw new RequestError('bad-enable-value', `enable value ${enable}`);
-    v.enabled = enable === 1;
-    if (!v.enabled) this.stopRunning(index);
-    this.maybeStart(index);
-  }
-
-  /** Stops the ring if it runs, keeping where it stopped: the next start resumes there. */
-  private stopRunning(index: number): void {
-    const v = this.vrings[index]!;
-    if (!v.running) return;
-    v.base = this.backend.stopVring(index);
-    v.running = false;
-  }
-
-  private maybeStart(index: number): void {
-    const v = this.vrings[index]!;
-    if (v.running || !v.started || !v.enabled || !v.addrSet || v.num === 0 || !this.memory) return;
-    let cfg;
-    try {
-      const size = v.num;
-      cfg = {
-        index, size,
-        descGpa: this.memory.uvaToGpa(v.descUser, 16 * size),
-        availGpa: this.memory.uvaToGpa(v.availUser, 6 + 2 * size),
-        usedGpa: this.memory.uvaToGpa(v.usedUser, 6 + 8 * size),
-        lastAvailIdx: v.base, kickFd: v.kickFd, callFd: v.callFd, errFd: v.errFd,
-        logUsed: v.logUsed, logGuestAddr: v.logGuestAddr,
-      };
-    } catch (e) {
-      throw new RequestError('vring-outside-memory', `vring ${index}: ${(e as Error).message}`, { cause: e });
-    }
-    this.backend.startVring(cfg);
-    v.running = true;
+    this.vrings.setEnable(index, enable, hasBit(this.features, F_PROTOCOL_FEATURES) || this.protoNegotiated);
   }
 
   /**
@@ -575,11 +421,7 @@ export class Session {
    * connection: dropping them would leave the next start with no memory and no error channel.
    */
   resetDevice(reason: string): void {
-    this.stopAll();
-    this.vrings = this.vrings.map((v) => {
-      closeFd(v.kickFd);
-      return { ...freshVring(true), callFd: v.callFd, errFd: v.errFd };
-    });
+    this.vrings.reset();
     this.features = 0n;
     // Logging starts again with a new SET_LOG_BASE; a state transfer is not device state and goes on.
     this.dropLog();
@@ -589,31 +431,12 @@ export class Session {
     this.log.info(`device reset (${reason})`);
   }
 
-  private stopAll(): void {
-    this.vrings.forEach((v, i) => {
-      try {
-        this.stopRunning(i);
-      } catch (e) {
-        // Stopped all the same: the ring's worker state goes with the reset or the close.
-        this.log.warn(`stopping vring ${i}: ${(e as Error).message}`);
-        v.running = false;
-      }
-    });
-  }
-
-  private closeVringFds(v: VringState): void {
-    closeFd(v.kickFd);
-    closeFd(v.callFd);
-    closeFd(v.errFd);
-    v.kickFd = v.callFd = v.errFd = -1;
-  }
-
   /** Ends the session: stops rings, releases memory and fds, tells the owner. Idempotent. */
   close(reason: string): void {
     if (this.closed) return;
     this.closed = true;
     try {
-      this.stopAll();
+      this.vrings.stopAll();
       this.features = 0n;
       this.dropLog();
       this.backend.sessionReset(reason);
@@ -624,7 +447,7 @@ export class Session {
     this.logMap = null;
     this.transfer?.cancel(`frontend gone: ${reason}`);
     this.transfer = null;
-    for (const v of this.vrings) this.closeVringFds(v);
+    this.vrings.closeFds();
     this.memory = null;
     this.table.clear();
     this.reader.dropFds();
