@@ -221,9 +221,13 @@ export class VringTable {
       try {
         this.stopRunning(i);
       } catch (e) {
-        // Stopped all the same: the ring's worker state goes with the reset or the close.
-        this.log.warn(`stopping vring ${i}: ${(e as Error).message}`);
+        // Forgotten all the same (the backend forgets it too), but not restartable: where the
+        // backend stopped is unknown, and restarting from the last known base would put
+        // descriptors the guest already got back on the used ring again. It waits for the
+        // frontend's next start (SET_VRING_BASE then SET_VRING_KICK) or a reset.
+        this.log.warn(`stopping vring ${i}: ${(e as Error).message}; held stopped until the frontend starts it again`);
         v.running = false;
+        v.started = false;
       }
     });
   }
