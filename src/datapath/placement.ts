@@ -87,8 +87,9 @@ export function checkSlice(us: number, fifo: number | undefined): void {
 }
 
 /**
- * Whether the kernel keeps a custom slice (Linux 6.12 on): the calling thread takes `us` and
- * reads it back, then goes back to what it had. An older kernel accepts the call and ignores it.
+ * Whether the kernel keeps a custom slice (Linux 6.12 on): the calling thread takes `us`, reads
+ * it back, and goes back to the base slice (what a thread has until it asks). An older kernel
+ * accepts the call and ignores it; a real-time main thread (serve under `chrt -f`) is refused.
  */
 export function kernelKeepsSlice(us: number): boolean {
   const tid = gettid();

@@ -109,18 +109,24 @@ export function getSlice(tid = 0): number {
   return Math.round(Number(mask.view.getBigUint64(24, true)) / 1000);
 }
 
+/** The fair-class policies a slice applies to: SCHED_OTHER, SCHED_BATCH, SCHED_IDLE. */
+const FAIR_POLICIES: readonly number[] = [SCHED_OTHER, 3, 5];
+
 /**
- * Gives SCHED_OTHER thread `tid` an EEVDF request size of `us` microseconds (0: the kernel's
- * base slice), keeping its nice value. A shorter slice than the running task's earns wake-up
- * preemption (Linux 6.12, "sched/eevdf: Allow shorter slices to wakeup-preempt") without a
- * real-time policy and without a privilege: only a lower nice or a real-time policy needs one.
- * Kernels before 6.12 accept and ignore it; getSlice then reads 0.
+ * Gives thread `tid` an EEVDF request size of `us` microseconds (0: the kernel's base slice),
+ * keeping its policy and nice value (serve started under `chrt -b` or `-i` stays there). A
+ * shorter slice than the running task's earns wake-up preemption (Linux 6.12, "sched/eevdf:
+ * Allow shorter slices to wakeup-preempt") without a real-time policy and without a privilege:
+ * only a lower nice or a real-time policy needs one. Kernels before 6.12 accept and ignore it;
+ * getSlice then reads 0. A real-time thread has no slice: refused here, not sent.
  */
 export function setSlice(tid: number, us: number): void {
+  const { policy } = getScheduler(tid);
+  if (!FAIR_POLICIES.includes(policy)) throw new ArgumentError(`thread ${tid} runs under real-time policy ${policy}: a slice applies to normal threads only`);
   const nice = getNice(tid);
   mask.bytes.fill(0, 0, SCHED_ATTR_SIZE);
   mask.view.setUint32(0, SCHED_ATTR_SIZE, true);
-  mask.view.setUint32(4, SCHED_OTHER, true);
+  mask.view.setUint32(4, policy, true);
   mask.view.setInt32(16, nice, true);
   mask.view.setBigUint64(24, BigInt(us) * 1000n, true);
   schedAttrCall(0, tid, `thread ${tid} to a ${us} µs slice`);

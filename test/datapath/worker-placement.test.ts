@@ -11,7 +11,8 @@ import { expectTraffic } from '../support/frontend/traffic.js';
 import { PacketSocket } from '../support/packet-socket.js';
 import { uniqueIfName, disableIpv6, linkExists } from '../support/netdev.js';
 import { TEST_USER, capsFor, setprivArgs, handOver } from '../support/unprivileged.js';
-import { getAffinity, getSlice } from '../../src/sys/sched.js';
+import { getAffinity, getSlice, setSlice, getScheduler, setScheduler, SCHED_OTHER, SCHED_FIFO } from '../../src/sys/sched.js';
+import { ArgumentError } from '../../src/errors.js';
 import type { Placement } from '../../src/datapath/worker-pool.js';
 import { DEFAULT_WORKER_SLICE_US } from '../../src/datapath/placement.js';
 
@@ -148,6 +149,22 @@ describe('serve --worker-cpus / --worker-nice / --worker-fifo / --worker-slice',
     const w = await serveWith(['--worker-nice', '-5'], 'wv', [...capsFor('tap'), 'sys_nice']);
     expect(w.nice).toBe(-5);
     expect(niceOf(be!.proc.pid, w.threadId)).toBe(-5);
+  });
+
+  test('a slice keeps the thread\'s own fair policy (serve under chrt -b stays SCHED_BATCH) and is refused on a real-time thread', () => {
+    const SCHED_BATCH = 3;
+    try {
+      setScheduler(0, { policy: SCHED_BATCH, priority: 0 });
+      setSlice(0, 200);
+      expect(getScheduler(0)).toEqual({ policy: SCHED_BATCH, priority: 0 });
+      expect(getSlice(0)).toBe(200);
+      setScheduler(0, { policy: SCHED_FIFO, priority: 1 });
+      expect(() => setSlice(0, 200)).toThrow(ArgumentError);
+      expect(getScheduler(0)).toEqual({ policy: SCHED_FIFO, priority: 1 });
+    } finally {
+      setScheduler(0, { policy: SCHED_OTHER, priority: 0 });
+      setSlice(0, 0);
+    }
   });
 
   test('unprivileged, --worker-slice gives the worker its EEVDF slice and leaves every other thread\'s as it was', async () => {
