@@ -4,6 +4,7 @@ import { getMac } from '../test/support/netdev.js';
 import { Pinger, type PingResult } from '../test/support/pinger.js';
 import { GUEST_MAC, type BackendSeat } from './reference-dpdk.js';
 import { startTapSeat } from './tap-seat.js';
+import { pinSelf } from './pin-self.js';
 
 /**
  * Round-trip latency (issue 18): host -> tap -> guest -> tap -> host. The guest is DPDK
@@ -12,7 +13,7 @@ import { startTapSeat } from './tap-seat.js';
  * the pinger (test/support/pinger.ts) on the tap, at a modest fixed rate, timing each echo by
  * its kernel receive stamp.
  */
-export const LATENCY_PINNING = 'backend seat: core 1 (testpmd A forwarding lcore / every serve thread); guest (virtio-user macswap): forwarding lcore 0, main 1; pinger: core 0 beside the guest, sleeping between pings';
+export const LATENCY_PINNING = 'backend seat: core 1 (testpmd A forwarding lcore / every serve thread); guest (virtio-user macswap): forwarding lcore 0, main 1; pinger: core 0 beside the guest, sleeping between pings; the bench process: core 0 while the pings run';
 /**
  * The second serve line: the same seat (every serve thread on core 1), the datapath worker under
  * SCHED_FIFO. Woken by a frame, it preempts whatever normal thread holds core 1 (a kernel thread
@@ -53,7 +54,16 @@ export async function measureLatency(seat: BackendSeat, seconds: number, serveAr
     });
     // Warm-up pings, not counted, from the same pinger process (its JIT and first GCs on core 0
     // too) and long enough for serve's: see LATENCY_WARMUP_S.
-    const r = await Pinger.run({ ifname: s.hostIf, srcMac: getMac(s.hostIf), dstMac: GUEST_MAC, rate: PING_RATE, seconds, warmupSeconds: LATENCY_WARMUP_S }, 0);
+    // This process waits out the window on core 0 too: left unpinned, its own threads (V8's
+    // compile and GC, testpmd's output) ran on the backend's core 1 for 1-3 ms at a time
+    // (perf sched, 2026-12-07), in front of whichever backend sat there.
+    const unpin = pinSelf('0');
+    let r: PingResult;
+    try {
+      r = await Pinger.run({ ifname: s.hostIf, srcMac: getMac(s.hostIf), dstMac: GUEST_MAC, rate: PING_RATE, seconds, warmupSeconds: LATENCY_WARMUP_S }, 0);
+    } finally {
+      unpin();
+    }
     return { ...r, seat, loadAvg1, backendWarnings: s.warnings() };
   } finally {
     await guest?.stop();
