@@ -21,8 +21,12 @@ export const LATENCY_PINNING = 'backend seat: core 1 (testpmd A forwarding lcore
  * its turn; testpmd A's forwarding lcore never sleeps, so it has no wake-up to lose.
  */
 export const LATENCY_FIFO_ARGS = ['--worker-fifo', '1'];
-/** serve's worker on the kernel's base slice (before DEFAULT_WORKER_SLICE_US): what the default's slice buys. */
-export const LATENCY_BASE_SLICE_ARGS = ['--worker-slice', '0'];
+/**
+ * serve without its reply window (the default before DEFAULT_REPLY_POLL_US): what the window
+ * buys. (What the worker's EEVDF slice bought, measured the same way with --worker-slice 0, is
+ * in docs/benchmarks.md.)
+ */
+export const LATENCY_NO_REPLY_POLL_ARGS = ['--reply-poll', '0'];
 export const LATENCY_FIFO_PINNING = `serve ${LATENCY_FIFO_ARGS.join(' ')}: the same seats, serve's datapath worker under SCHED_FIFO priority 1 (its other threads normal)`;
 /** Pings per second: far below either backend's capacity, so queueing is not what is measured. */
 export const PING_RATE = 1000;

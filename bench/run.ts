@@ -4,7 +4,7 @@
 // `tap`: guest->host 64 B and 1500 B, 64 KiB GSO frames from the TS frontend (no DPDK row), host->guest 64 B with the
 // generator on the guest's core and again placed so no busy-poller starves another (FAIR_PLACEMENT).
 // `latency`: round-trip p50/p99 through a macswap guest, serve (as launched by default, with
-// --worker-slice 0 and with --worker-fifo 1) vs DPDK vhost PMD <-> tap PMD.
+// --reply-poll 0 and with --worker-fifo 1) vs DPDK vhost PMD <-> tap PMD.
 // `cpu`: the backend's CPU at a fixed 100 kpps guest->host (paced TS-frontend guest), serve vs DPDK.
 // `micro` (not part of `all`): in-process costs of the split ring and of the composed XDP entry.
 // `npm run bench -- logging [--seconds N] [--rounds N]`: throughput on the tap port with migration dirty logging on
@@ -23,7 +23,8 @@ import { FAIR_PLACEMENT, measureDpdkTapReference, measureVhostXdpTap, measureDpd
 import { runOffloadBench } from './offload-bench.js';
 import { runGsoBench, type GsoResult } from './gso-bench.js';
 import { DEFAULT_WORKER_SLICE_US } from '../src/datapath/placement.js';
-import { measureLatency, LATENCY_PINNING, LATENCY_BASE_SLICE_ARGS, LATENCY_FIFO_ARGS, LATENCY_FIFO_PINNING, PING_RATE, type LatencySample } from './latency-bench.js';
+import { DEFAULT_REPLY_POLL_US } from '../src/net/reply-poll.js';
+import { measureLatency, LATENCY_PINNING, LATENCY_NO_REPLY_POLL_ARGS, LATENCY_FIFO_ARGS, LATENCY_FIFO_PINNING, PING_RATE, type LatencySample } from './latency-bench.js';
 import { measureBackendCpu, CPU_PINNING, type CpuSample } from './cpu-bench.js';
 
 /** The fixed guest->host rate of the CPU row (issue 18). */
@@ -232,16 +233,16 @@ if (which === 'latency' || which === 'all') {
   if (!json) {
     console.log(`round-trip latency${tapIo ? ` (serve --tap-io ${tapIo})` : ''}, host -> tap -> guest (testpmd virtio-user macswap) -> tap -> host, ${PING_RATE} pings/s for ${seconds} s (us, kernel receive stamps${rounds > 1 ? `, medians of ${rounds} interleaved rounds` : ''})`);
     console.log(`  pinning: ${LATENCY_PINNING}`);
-    console.log(`  serve as launched by default: its datapath worker asks for a ${DEFAULT_WORKER_SLICE_US} us EEVDF slice; ${LATENCY_BASE_SLICE_ARGS.join(' ')}: the kernel's base slice`);
+    console.log(`  serve as launched by default: its datapath worker asks for a ${DEFAULT_WORKER_SLICE_US} us EEVDF slice and polls for the guest's answer up to ${DEFAULT_REPLY_POLL_US} us after a delivery; ${LATENCY_NO_REPLY_POLL_ARGS.join(' ')}: it sleeps until the guest's kick`);
     console.log(`  pinning of the ${LATENCY_FIFO_ARGS[0]} line: ${LATENCY_FIFO_PINNING}`);
   }
   const io = tapIo ? ['--tap-io', tapIo] : [];
-  // serve as launched by default (its worker on a short EEVDF slice), with the kernel's base slice
-  // instead, and with its worker real-time: one rotation, so all four sat side by side.
-  const [refs, ours, baseSlice, fifo] = await rotated([
+  // serve as launched by default (its worker on a short EEVDF slice, with a reply window), without
+  // the reply window, and with its worker real-time: one rotation, so all four sat side by side.
+  const [refs, ours, noReplyPoll, fifo] = await rotated([
     () => measureLatency('dpdk', seconds),
     () => measureLatency('vhost-xdp', seconds, io),
-    () => measureLatency('vhost-xdp', seconds, [...io, ...LATENCY_BASE_SLICE_ARGS]),
+    () => measureLatency('vhost-xdp', seconds, [...io, ...LATENCY_NO_REPLY_POLL_ARGS]),
     () => measureLatency('vhost-xdp', seconds, [...io, ...LATENCY_FIFO_ARGS]),
   ], 'latency') as [LatencySample[], LatencySample[], LatencySample[], LatencySample[]];
   printWarnings(ours, (o) => o.backendWarnings);
@@ -260,7 +261,7 @@ if (which === 'latency' || which === 'all') {
   results.latency = {
     refs,
     ...against('vhost-xdp serve --port tap, p50 / p99 (us)', ours),
-    baseSlice: { args: LATENCY_BASE_SLICE_ARGS, ...against(`  same, serve ${LATENCY_BASE_SLICE_ARGS.join(' ')}`, baseSlice) },
+    noReplyPoll: { args: LATENCY_NO_REPLY_POLL_ARGS, ...against(`  same, serve ${LATENCY_NO_REPLY_POLL_ARGS.join(' ')}`, noReplyPoll) },
     fifo: { args: LATENCY_FIFO_ARGS, ...against(`  same, serve ${LATENCY_FIFO_ARGS.join(' ')}`, fifo) },
   };
   line('1-min load average at start of each round (2 cores)', refs.map((r) => r.loadAvg1.toFixed(2)).join(' '));

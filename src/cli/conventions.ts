@@ -10,7 +10,7 @@ import { SpecError } from '../service/device-spec.js';
  */
 export const BACKEND_FEATURES = [
   'port', 'queues', 'mtu', 'offload', 'pin-dir', 'pin-limit', 'client', 'control',
-  'socket-group', 'socket-mode', 'workers', 'busy-poll', 'worker-cpus', 'worker-nice', 'worker-fifo', 'worker-slice', 'systemd-socket-activation',
+  'socket-group', 'socket-mode', 'workers', 'busy-poll', 'worker-cpus', 'worker-nice', 'worker-fifo', 'worker-slice', 'reply-poll', 'systemd-socket-activation',
 ] as const;
 
 /** `{"type":"net","features":[...]}` (the vhost-user.json schema's VHostUserBackendCapabilities). */

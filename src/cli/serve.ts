@@ -8,6 +8,7 @@ import { VxError } from '../errors.js';
 import { defaultWorkers } from '../datapath/worker-pool.js';
 import { parseCpuList, checkWorkerCpus, checkNiceRange, checkFifo, checkSlice, kernelKeepsSlice, DEFAULT_WORKER_SLICE_US, checkPriorityPermitted, moveOtherThreads, type WorkerPlacement } from '../datapath/placement.js';
 import { formatCpuList } from '../sys/sched.js';
+import { checkReplyPoll, DEFAULT_REPLY_POLL_US, REPLY_POLL_MAX_US } from '../net/reply-poll.js';
 import { parseDeviceOption, validateSpec, parsePinLimit, pinLimitDefault, SpecError, type DeviceSpec } from '../service/device-spec.js';
 import { socketFromSystemd, parseSocketMode, resolveGroup, backendCapabilities } from './conventions.js';
 import type { SocketFiles } from '../service/device.js';
@@ -50,6 +51,7 @@ export function serveCommand(y: Argv) {
       .option('client', { type: 'boolean', default: false, describe: 'connect to the socket (QEMU listens with server=on) and reconnect with backoff' })
       .option('workers', { type: 'number', describe: `datapath threads shared by every device (default: the cores this process may run on, ${defaultWorkers()} here); each queue pair runs on one, the least busy when it starts` })
       .option('busy-poll', { type: 'boolean', default: false, describe: 'datapath workers spin on their rings instead of sleeping in epoll (burns a core each, lowers latency)' })
+      .option('reply-poll', { type: 'number', defaultDescription: `${DEFAULT_REPLY_POLL_US} (none with --busy-poll)`, describe: `after delivering frames to a guest, a worker looks at that queue pair's transmit ring for up to this many µs (0..${REPLY_POLL_MAX_US}; 0: off) before it sleeps, so an answer (a ping reply, an RPC response, an ACK) is taken without waiting for the guest's kick and a wake-up. The window adapts per queue pair: it grows while answers come just after it, and shrinks to nothing on traffic that does not answer. Not with --busy-poll, which polls anyway` })
       .option('worker-cpus', { type: 'string', describe: 'pin datapath worker i to the i-th CPU of LIST (taskset -c syntax: 1, 2-3,6; default --workers: one per CPU), like DPDK\'s -l or OVS\'s pmd-cpu-mask. serve\'s other threads (main loop, V8 compiler and GC) then run on the remaining CPUs serve may use, if any. Every CPU must be one serve may run on' })
       .option('worker-nice', { type: 'number', describe: 'nice value of each datapath worker thread (-20..19). Below serve\'s own it needs CAP_SYS_NICE or RLIMIT_NICE (systemd LimitNICE=); serve refuses to start without it [worker-priority-denied]' })
       .option('worker-slice', { type: 'number', describe: 'EEVDF slice of each datapath worker thread in µs (100..100000; 0: the kernel\'s base slice). A worker with a shorter slice than the thread running on its CPU preempts it when a frame wakes it, with no privilege (Linux 6.12 on; older kernels ignore it, and serve says so when it was asked for). Not with --worker-fifo', defaultDescription: `${DEFAULT_WORKER_SLICE_US} (none with --worker-fifo)` })
@@ -77,6 +79,7 @@ export function serveCommand(y: Argv) {
       let files: SocketFiles = {};
       let control = argv.control ?? null;
       const placement: WorkerPlacement = {};
+      const replyPoll = argv['reply-poll'];
       try {
         const pinLimit = argv['pin-limit'] === undefined ? undefined : parsePinLimit(argv['pin-limit'], '--pin-limit');
         const defaults = { queues: argv.queues, client: argv.client, mtu: argv.mtu, offload: argv.offload, pinDir: argv['pin-dir'], pinLimit, tapIo: argv['tap-io'] as TapIoMode };
@@ -86,6 +89,10 @@ export function serveCommand(y: Argv) {
         if (argv['worker-cpus'] !== undefined) {
           placement.cpus = parseCpuList(argv['worker-cpus']);
           checkWorkerCpus(placement.cpus);
+        }
+        if (replyPoll !== undefined) {
+          checkReplyPoll(replyPoll);
+          if (argv['busy-poll'] && replyPoll > 0) throw new SpecError('bad-reply-poll', '--reply-poll with --busy-poll: a busy-polling worker looks at its rings all the time; choose one');
         }
         if (argv['worker-nice'] !== undefined) {
           checkNiceRange(argv['worker-nice']);
@@ -142,7 +149,7 @@ export function serveCommand(y: Argv) {
         // flood keeps a real-time worker running, and normal threads beside it then get only
         // what RT throttling leaves (5 % of each second by default), vhost-user replies included.
         if (placement.fifo !== undefined && !rest) log.warn(`--worker-fifo ${placement.fifo} without a CPU of the workers' own (--worker-cpus with another CPU left): under sustained load serve's main loop gets only what real-time throttling leaves`);
-        svc = await Service.start(specs, control, { workers: argv.workers, busyPoll: argv['busy-poll'], placement }, files);
+        svc = await Service.start(specs, control, { workers: argv.workers, busyPoll: argv['busy-poll'], replyPollUs: replyPoll, placement }, files);
         if (m && metricsAt) {
           const s = svc;
           metrics = await m.MetricsServer.listen(metricsAt, () => s.devices.values()).catch(async (e) => { await s.stop(); throw e; });

@@ -29,11 +29,11 @@ export class WorkerHandle {
   private seq = 0;
   private dead: string | null = null;
 
-  constructor(readonly name: string, readonly index: number, busyPoll: boolean, placement: WorkerPlacement, onEvent: (e: WorkerEvent) => void) {
+  constructor(readonly name: string, readonly index: number, busyPoll: boolean, replyPollUs: number, placement: WorkerPlacement, onEvent: (e: WorkerEvent) => void) {
     this.controlFd = eventfdCreate(true);
     const { port1, port2 } = new MessageChannel();
     this.port = port1;
-    const wd: WorkerData & { port: MessagePort } = { name, controlFd: this.controlFd, control: this.control, busyPoll, index, placement, port: port2 };
+    const wd: WorkerData & { port: MessagePort } = { name, controlFd: this.controlFd, control: this.control, busyPoll, replyPollUs, index, placement, port: port2 };
     // The datapath allocates nothing per frame: a small young generation is plenty, and every
     // worker's semi-spaces are resident memory the process pays whatever it serves.
     this.worker = new Worker(workerUrl, { workerData: wd, transferList: [port2], resourceLimits: { maxYoungGenerationSizeMb: YOUNG_GENERATION_MB } });

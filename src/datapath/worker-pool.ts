@@ -21,6 +21,8 @@ export interface PoolOptions {
   /** Worker threads at most; they start as queues need them. */
   workers: number;
   busyPoll: boolean;
+  /** Bound of each queue pair's reply window in µs (serve --reply-poll); 0 or absent: none. */
+  replyPollUs?: number;
   /** CPUs and nice value the workers give themselves (serve --worker-cpus, --worker-nice). */
   placement?: WorkerPlacement;
 }
@@ -38,6 +40,8 @@ export interface Placement {
   fifo: number | null;
   /** The EEVDF slice in µs it asked for, or null (the kernel's base slice). */
   slice: number | null;
+  /** The bound of its reply windows in µs, or null (none, or busy-polling). */
+  replyPoll: number | null;
   queues: { device: string; pair: number }[];
 }
 
@@ -87,7 +91,7 @@ export class WorkerPool {
     let h = this.handles[index];
     if (!h) {
       if (this.closed) throw new Error('the worker pool is closed');
-      h = new WorkerHandle(`datapath/w${index}`, index, this.opts.busyPoll, this.opts.placement ?? {}, (e) => this.clients.get(e.device)?.onWorkerEvent(e));
+      h = new WorkerHandle(`datapath/w${index}`, index, this.opts.busyPoll, this.opts.replyPollUs ?? 0, this.opts.placement ?? {}, (e) => this.clients.get(e.device)?.onWorkerEvent(e));
       this.handles[index] = h;
       log.debug(`worker ${index} started`);
     }
@@ -180,6 +184,7 @@ export class WorkerPool {
       nice: nice ?? null,
       fifo: fifo ?? null,
       slice: fifo === undefined && slice ? slice : null,
+      replyPoll: !this.opts.busyPoll && this.opts.replyPollUs ? this.opts.replyPollUs : null,
       queues: [...this.assigned].filter(([, w]) => w === i).map(([key]) => {
         const [device, pair] = key.split(':').map(Number) as [number, number];
         return { device: this.clients.get(device)?.name ?? String(device), pair };

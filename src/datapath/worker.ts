@@ -85,7 +85,7 @@ function handle(req: WorkerRequest): number | DataAnswer {
       if (devices.has(req.device)) return 0;
       let dq: DeviceQueues | null = null;
       // Events go to the worker's parent port (its 'message' handler); data.port carries only request answers.
-      dq = new DeviceQueues(req.device, req.name, req.stats, data.busyPoll, watcherFor(() => dq!), parentPort!);
+      dq = new DeviceQueues(req.device, req.name, req.stats, data.busyPoll, data.busyPoll ? 0 : data.replyPollUs, watcherFor(() => dq!), parentPort!);
       devices.set(req.device, dq);
       return 0;
     }
@@ -139,13 +139,15 @@ function onEvent(token: number): void {
 
 epoll.add(data.controlFd, EPOLLIN, TOKEN_CONTROL);
 
+/** Some pair's reply window is open: look again instead of sleeping (DeviceQueues.pollReplies). */
+let replyPolling = false;
 try {
   while (!exiting) {
     // Busy-poll spins on every running queue; otherwise sleep in epoll until something is ready.
     // AF_XDP completions arrive without a wakeup of ours: poll them every millisecond meanwhile.
     let inFlight = false;
     for (const d of devices.values()) if (d.inFlight()) inFlight = true;
-    const timeout = data.busyPoll || active.size > 0 ? 0 : inFlight ? 1 : 1000;
+    const timeout = data.busyPoll || active.size > 0 || replyPolling ? 0 : inFlight ? 1 : 1000;
     epoll.wait(timeout, onEvent);
     if (inFlight) for (const d of devices.values()) d.pollInFlight();
     if (data.busyPoll) {
@@ -154,6 +156,11 @@ try {
       const again = [...active];
       active.clear();
       for (const d of again) d.servePending();
+    }
+    if (data.replyPollUs > 0 && !data.busyPoll) {
+      const now = performance.now();
+      replyPolling = false;
+      for (const d of devices.values()) if (d.pollReplies(now)) replyPolling = true;
     }
   }
 } catch (e) {

@@ -14,6 +14,7 @@ import { BURST, type PathContext } from './queue-path.js';
 import { RxPath } from './rx-path.js';
 import { TxPath, type OffloadLink } from './tx-path.js';
 import { C, COUNTERS } from './stats.js';
+import { ReplyPoll } from './reply-poll.js';
 import { DEFAULT_FORMAT, type FrameFormat } from './frame-format.js';
 import type { Watcher } from '../datapath/watcher.js';
 import type { DataAnswer, DeviceRequest, WorkerEvent } from '../datapath/messages.js';
@@ -40,9 +41,14 @@ export class DeviceQueues {
   /** The reserved pair's link to the broker (main thread), when that pair is served here. */
   private offloadPair = -1;
   private link: (OffloadLink & { pending: Uint8Array[] }) | null = null;
+  /** Each pair's reply window (serve --reply-poll), kept across ring restarts: what it learnt still holds. */
+  private readonly replies = new Map<number, ReplyPoll>();
+  /** The pairs whose window is open now. */
+  private readonly replyPolling = new Set<number>();
 
+  /** `replyPollUs`: the bound of each pair's reply window, 0 for none (busy-polling workers need none). */
   constructor(readonly id: number, readonly name: string, stats: SharedArrayBuffer, private readonly busyPoll: boolean,
-              private readonly watcher: Watcher, private readonly port: MessagePort) {
+              private readonly replyPollUs: number, private readonly watcher: Watcher, private readonly port: MessagePort) {
     this.log = logger(`${name}/datapath`);
     this.stats = new Float64Array(stats);
   }
@@ -252,6 +258,7 @@ export class DeviceQueues {
     this.watcher.remove(run.cfg.kickFd);
     this.vrings.delete(index);
     this.pendingVrings.delete(index);
+    this.replyPolling.delete(index >> 1);
     if (run.rx) this.hostArmed(index >> 1, false);
     const last = run.rx ? run.rx.stop() : run.tx!.stop();
     run.rx?.free();
@@ -300,7 +307,14 @@ export class DeviceQueues {
   private serve(index: number): boolean {
     const run = this.vrings.get(index);
     if (!run) return false;
-    if (run.tx) return run.tx.process(BURST, !this.busyPoll);
+    if (run.tx) {
+      const more = run.tx.process(BURST, !this.busyPoll);
+      const rp = this.replies.get(index >> 1);
+      if (rp?.awaiting && run.tx.lastTaken > 0 && rp.answered(performance.now())) {
+        this.stats[(index >> 1) * COUNTERS.length + C.replyPollHits]! += 1;
+      }
+      return more;
+    }
     const rx = run.rx!;
     if (this.isClaimed(index >> 1)) {
       // The offload channel: only responses go to the guest, and its buffer refills wake us.
@@ -309,6 +323,7 @@ export class DeviceQueues {
       return false;
     }
     const r = rx.process(BURST);
+    if (rx.lastDelivered && this.replyPollUs > 0) this.delivered(index >> 1);
     if (r === 'starved' && !rx.starving) {
       rx.starving = true;
       this.hostArmed(index >> 1, false);
@@ -353,6 +368,36 @@ export class DeviceQueues {
     for (const [i, v] of this.vrings) {
       if (v.tx && v.tx.inFlight > 0 && v.tx.process(BURST, !this.busyPoll)) this.markPending(i);
     }
+  }
+
+  /** Frames went into the guest on `pair`: open its reply window, if it has one. */
+  private delivered(pair: number): void {
+    let rp = this.replies.get(pair);
+    if (!rp) this.replies.set(pair, rp = new ReplyPoll(this.replyPollUs));
+    rp.delivered(performance.now());
+    if (rp.windowUs > 0) {
+      this.replyPolling.add(pair);
+      this.stats[pair * COUNTERS.length + C.replyPolls]! += 1;
+    }
+  }
+
+  /**
+   * Looks at the transmit ring of every pair inside its reply window (the worker calls this
+   * instead of sleeping). True while a window is still open.
+   */
+  pollReplies(now: number): boolean {
+    if (this.replyPolling.size === 0) return false;
+    for (const pair of this.replyPolling) {
+      if (!this.replies.get(pair)?.polling(now)) {
+        this.replyPolling.delete(pair);
+        continue;
+      }
+      const i = pair * 2 + 1;
+      if (!this.vrings.has(i)) continue;
+      if (this.serve(i)) this.markPending(i);
+      if (!this.replies.get(pair)!.awaiting) this.replyPolling.delete(pair);
+    }
+    return this.replyPolling.size > 0;
   }
 
   servePending(): void {

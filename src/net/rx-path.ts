@@ -143,6 +143,9 @@ export class RxPath extends QueuePath {
     if (this.head === this.tail) this.interleaved = 0;
   }
 
+  /** Whether the last process() put frames (or empty chains) on the used ring. */
+  lastDelivered = false;
+
   /**
    * Moves up to `budget` frames from the host into the guest. Returns 'more' when the budget
    * ran out, 'idle' when the host had nothing, 'starved' when the guest has no buffers the port
@@ -178,7 +181,8 @@ export class RxPath extends QueuePath {
       this.fail(e);
       return 'idle';
     }
-    if (this.queue.unflushed > 0) this.publish();
+    this.lastDelivered = this.queue.unflushed > 0;
+    if (this.lastDelivered) this.publish();
     this.foldPortCounts();
     if (result === 'starved') this.count(C.rxNoBuffers);
     return result;

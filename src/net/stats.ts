@@ -38,6 +38,8 @@ export const COUNTERS = [
   /** Payload copies in JavaScript (bounce copies) and their bytes, by direction. */
   'rxCopies', 'rxCopyBytes', 'txCopies', 'txCopyBytes',
   'xdpPass', 'xdpDrop', 'xdpTx', 'xdpAborted',
+  /** Reply windows opened after a delivery (serve --reply-poll), and those that caught the guest's answer without its kick. */
+  'replyPolls', 'replyPollHits',
 ] as const;
 export type Counter = (typeof COUNTERS)[number];
 export const C = Object.fromEntries(COUNTERS.map((n, i) => [n, i])) as Record<Counter, number>;

@@ -83,6 +83,9 @@ export class TxPath extends QueuePath {
     return n > 0;
   }
 
+  /** Chains the last process() took from the ring (whether the guest had sent anything). */
+  lastTaken = 0;
+
   /**
    * Posts up to `budget` guest frames to the port, flushes them to the host and returns the
    * chains it is done with. Returns true when frames are left (call again).
@@ -159,6 +162,7 @@ export class TxPath extends QueuePath {
       this.fail(e);
       return false;
     } finally {
+      this.lastTaken = done;
       this.count(C.txPackets, packets);
       this.count(C.txBytes, bytes);
       this.foldPortCounts();

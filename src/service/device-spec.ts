@@ -34,7 +34,8 @@ export type SpecErrorCode =
   | 'bad-port' | 'bad-device-name' | 'no-socket' | 'pin-dir-without-offload' | 'bad-queues' | 'process-wide-option'
   | 'bad-mtu' | 'pin-limit-not-xsk' | 'bad-pin-limit' | 'bad-device-option' | 'unknown-device-key'
   | 'socket-without-port' | 'nothing-to-serve' | 'bad-workers' | 'fd-with-socket' | 'fd-with-client'
-  | 'bad-socket-mode' | 'bad-socket-group' | 'bad-tap-io' | 'bad-worker-cpus' | 'bad-worker-nice' | 'bad-worker-fifo' | 'bad-worker-slice';
+  | 'bad-socket-mode' | 'bad-socket-group' | 'bad-tap-io' | 'bad-worker-cpus' | 'bad-worker-nice' | 'bad-worker-fifo' | 'bad-worker-slice'
+  | 'bad-reply-poll';
 
 /** The operator's device configuration is wrong: fixed by editing it, never by a reconnect. */
 export class SpecError extends VxError {

@@ -115,6 +115,8 @@ function families(reg: Registry, current: () => DeviceSample[]): void {
   counter('vhost_xdp_rx_no_buffer_total', 'Bursts that found the guest without a usable receive buffer while the host had frames (they wait in the host queue)', Q, perQueue('rxNoBuffers'));
   counter('vhost_xdp_kicks_total', 'Guest kicks (TX ring notifications) handled', Q, perQueue('kicks'));
   counter('vhost_xdp_calls_total', 'Interrupts signalled to the guest (call eventfd writes)', Q, perQueue('calls'));
+  counter('vhost_xdp_reply_polls_total', 'Reply windows a worker polled the transmit ring for after a delivery (serve --reply-poll)', Q, perQueue('replyPolls'));
+  counter('vhost_xdp_reply_poll_hits_total', 'Reply windows that took the guest\'s answer without its kick', Q, perQueue('replyPollHits'));
   counter('vhost_xdp_copies_total', 'Payload copies made in JavaScript (bounce copies), by direction', [...Q, 'direction'], (s, emit) => {
     s.pairs.forEach((p, q) => {
       emit({ device: s.name, queue: q, direction: 'rx' }, p.rxCopies);

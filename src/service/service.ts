@@ -6,6 +6,7 @@ import { Device, type SocketFiles } from './device.js';
 import { pinLimitBytes, type DeviceSpec } from './device-spec.js';
 import { validateQuotas } from '../offload/quotas.js';
 import { WorkerPool, defaultWorkers, type PoolOptions } from '../datapath/worker-pool.js';
+import { DEFAULT_REPLY_POLL_US } from '../net/reply-poll.js';
 
 /** The quota.set key of the pinned-memory quota (bytes, or a size string like "1GiB"). */
 export const PIN_QUOTA_KEY = 'maxPinnedMemory';
@@ -22,11 +23,12 @@ export class Service {
 
   /**
    * Datapath options default to one worker per core this process may run on (one per listed
-   * CPU with placement.cpus), sleeping in epoll.
+   * CPU with placement.cpus), sleeping in epoll after a reply window (DEFAULT_REPLY_POLL_US).
    */
   static async start(specs: DeviceSpec[], controlPath: string | null, datapath: Partial<PoolOptions> = {}, files: SocketFiles = {}): Promise<Service> {
     const workers = datapath.workers ?? (datapath.placement?.cpus?.length || defaultWorkers());
-    const svc = new Service(new WorkerPool({ workers, busyPoll: datapath.busyPoll ?? false, placement: datapath.placement }));
+    const busyPoll = datapath.busyPoll ?? false;
+    const svc = new Service(new WorkerPool({ workers, busyPoll, replyPollUs: busyPoll ? 0 : datapath.replyPollUs ?? DEFAULT_REPLY_POLL_US, placement: datapath.placement }));
     const names = new Set<string>();
     for (const s of specs) {
       if (names.has(s.name)) throw new Error(`two devices are named '${s.name}'`);
