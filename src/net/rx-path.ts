@@ -152,6 +152,7 @@ export class RxPath extends QueuePath {
    * could take a frame with.
    */
   process(budget: number): 'more' | 'idle' | 'starved' {
+    this.lastDelivered = false;
     if (this.broken) return 'idle';
     const host = this.host;
     const f = this.frames;

@@ -91,6 +91,7 @@ export class TxPath extends QueuePath {
    * chains it is done with. Returns true when frames are left (call again).
    */
   process(budget: number, suppressKicks: boolean): boolean {
+    this.lastTaken = 0;
     if (this.broken) return false;
     const q = this.queue;
     const ch = this.chain;
