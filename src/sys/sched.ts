@@ -13,6 +13,8 @@ export const NICE_MIN = -20;
 export const NICE_MAX = 19;
 export const SCHED_OTHER = 0;
 export const SCHED_FIFO = 1;
+export const SCHED_BATCH = 3;
+export const SCHED_IDLE = 5;
 /** Threads and processes the thread makes start back at SCHED_OTHER, never inherit its real-time policy. */
 const SCHED_RESET_ON_FORK = 0x40000000;
 export const FIFO_MIN = 1;
@@ -110,7 +112,7 @@ export function getSlice(tid = 0): number {
 }
 
 /** The fair-class policies a slice applies to: SCHED_OTHER, SCHED_BATCH, SCHED_IDLE. */
-const FAIR_POLICIES: readonly number[] = [SCHED_OTHER, 3, 5];
+const FAIR_POLICIES: readonly number[] = [SCHED_OTHER, SCHED_BATCH, SCHED_IDLE];
 
 /**
  * Gives thread `tid` an EEVDF request size of `us` microseconds (0: the kernel's base slice),

@@ -11,7 +11,7 @@ import { expectTraffic } from '../support/frontend/traffic.js';
 import { PacketSocket } from '../support/packet-socket.js';
 import { uniqueIfName, disableIpv6, linkExists } from '../support/netdev.js';
 import { TEST_USER, capsFor, setprivArgs, handOver } from '../support/unprivileged.js';
-import { getAffinity, getSlice, setSlice, getScheduler, setScheduler, SCHED_OTHER, SCHED_FIFO } from '../../src/sys/sched.js';
+import { getAffinity, getSlice, setSlice, getScheduler, setScheduler, SCHED_OTHER, SCHED_FIFO, SCHED_BATCH } from '../../src/sys/sched.js';
 import { ArgumentError } from '../../src/errors.js';
 import type { Placement } from '../../src/datapath/worker-pool.js';
 import { DEFAULT_WORKER_SLICE_US } from '../../src/datapath/placement.js';
@@ -152,7 +152,6 @@ describe('serve --worker-cpus / --worker-nice / --worker-fifo / --worker-slice',
   });
 
   test('a slice keeps the thread\'s own fair policy (serve under chrt -b stays SCHED_BATCH) and is refused on a real-time thread', () => {
-    const SCHED_BATCH = 3;
     try {
       setScheduler(0, { policy: SCHED_BATCH, priority: 0 });
       setSlice(0, 200);
