@@ -55,7 +55,7 @@ export interface WorkerData {
   /** Int32Array over it: [0] = sequence number answered, [1] = status (0 ok), [2] = value, [3] = the worker's kernel thread id. */
   control: SharedArrayBuffer;
   busyPoll: boolean;
-  /** The bound of each queue pair's reply window in µs, 0 for none (serve --reply-poll; src/net/reply-poll.ts). */
+  /** The bound of each queue pair's reply window in µs, 0 for none (always 0 with busyPoll: WorkerPool; src/net/reply-poll.ts). */
   replyPollUs: number;
   /** The worker's index in the pool: which of placement.cpus is its own. */
   index: number;

@@ -21,7 +21,7 @@ export interface PoolOptions {
   /** Worker threads at most; they start as queues need them. */
   workers: number;
   busyPoll: boolean;
-  /** Bound of each queue pair's reply window in µs (serve --reply-poll); 0 or absent: none. */
+  /** Bound of each queue pair's reply window in µs (serve --reply-poll); 0 or absent: none, and none with busyPoll. */
   replyPollUs?: number;
   /** CPUs and nice value the workers give themselves (serve --worker-cpus, --worker-nice). */
   placement?: WorkerPlacement;
@@ -65,6 +65,8 @@ export class WorkerPool {
   private nextDevice = 1;
   private rebalancing = false;
   private closed = false;
+  /** What each worker's reply windows are bounded by: none beside busy-poll, which polls anyway. */
+  private readonly replyPollUs: number;
 
   constructor(readonly opts: PoolOptions) {
     if (!Number.isInteger(opts.workers) || opts.workers < 1 || opts.workers > 256) {
@@ -72,6 +74,7 @@ export class WorkerPool {
     }
     this.handles = new Array<WorkerHandle | null>(opts.workers).fill(null);
     this.load = new Array<number>(opts.workers).fill(0);
+    this.replyPollUs = opts.busyPoll ? 0 : opts.replyPollUs ?? 0;
   }
 
   get size(): number { return this.handles.length; }
@@ -91,7 +94,7 @@ export class WorkerPool {
     let h = this.handles[index];
     if (!h) {
       if (this.closed) throw new Error('the worker pool is closed');
-      h = new WorkerHandle(`datapath/w${index}`, index, this.opts.busyPoll, this.opts.replyPollUs ?? 0, this.opts.placement ?? {}, (e) => this.clients.get(e.device)?.onWorkerEvent(e));
+      h = new WorkerHandle(`datapath/w${index}`, index, this.opts.busyPoll, this.replyPollUs, this.opts.placement ?? {}, (e) => this.clients.get(e.device)?.onWorkerEvent(e));
       this.handles[index] = h;
       log.debug(`worker ${index} started`);
     }
@@ -184,7 +187,7 @@ export class WorkerPool {
       nice: nice ?? null,
       fifo: fifo ?? null,
       slice: fifo === undefined && slice ? slice : null,
-      replyPoll: !this.opts.busyPoll && this.opts.replyPollUs ? this.opts.replyPollUs : null,
+      replyPoll: this.replyPollUs || null,
       queues: [...this.assigned].filter(([, w]) => w === i).map(([key]) => {
         const [device, pair] = key.split(':').map(Number) as [number, number];
         return { device: this.clients.get(device)?.name ?? String(device), pair };

@@ -85,7 +85,7 @@ function handle(req: WorkerRequest): number | DataAnswer {
       if (devices.has(req.device)) return 0;
       let dq: DeviceQueues | null = null;
       // Events go to the worker's parent port (its 'message' handler); data.port carries only request answers.
-      dq = new DeviceQueues(req.device, req.name, req.stats, data.busyPoll, data.busyPoll ? 0 : data.replyPollUs, watcherFor(() => dq!), parentPort!);
+      dq = new DeviceQueues(req.device, req.name, req.stats, data.busyPoll, data.replyPollUs, watcherFor(() => dq!), parentPort!);
       devices.set(req.device, dq);
       return 0;
     }
@@ -157,10 +157,9 @@ try {
       active.clear();
       for (const d of again) d.servePending();
     }
-    if (data.replyPollUs > 0 && !data.busyPoll) {
-      const now = performance.now();
+    if (data.replyPollUs > 0) {
       replyPolling = false;
-      for (const d of devices.values()) if (d.pollReplies(now)) replyPolling = true;
+      for (const d of devices.values()) if (d.pollReplies()) replyPolling = true;
     }
   }
 } catch (e) {

@@ -383,19 +383,21 @@ export class DeviceQueues {
 
   /**
    * Looks at the transmit ring of every pair inside its reply window (the worker calls this
-   * instead of sleeping). True while a window is still open.
+   * instead of sleeping). True while a window is still open. The clock is read only when one is.
    */
-  pollReplies(now: number): boolean {
+  pollReplies(): boolean {
     if (this.replyPolling.size === 0) return false;
+    const now = performance.now();
     for (const pair of this.replyPolling) {
-      if (!this.replies.get(pair)?.polling(now)) {
+      const rp = this.replies.get(pair)!;
+      if (!rp.polling(now)) {
         this.replyPolling.delete(pair);
         continue;
       }
       const i = pair * 2 + 1;
       if (!this.vrings.has(i)) continue;
       if (this.serve(i)) this.markPending(i);
-      if (!this.replies.get(pair)!.awaiting) this.replyPolling.delete(pair);
+      if (!rp.awaiting) this.replyPolling.delete(pair);
     }
     return this.replyPolling.size > 0;
   }

@@ -27,8 +27,7 @@ export class Service {
    */
   static async start(specs: DeviceSpec[], controlPath: string | null, datapath: Partial<PoolOptions> = {}, files: SocketFiles = {}): Promise<Service> {
     const workers = datapath.workers ?? (datapath.placement?.cpus?.length || defaultWorkers());
-    const busyPoll = datapath.busyPoll ?? false;
-    const svc = new Service(new WorkerPool({ workers, busyPoll, replyPollUs: busyPoll ? 0 : datapath.replyPollUs ?? DEFAULT_REPLY_POLL_US, placement: datapath.placement }));
+    const svc = new Service(new WorkerPool({ workers, busyPoll: datapath.busyPoll ?? false, replyPollUs: datapath.replyPollUs ?? DEFAULT_REPLY_POLL_US, placement: datapath.placement }));
     const names = new Set<string>();
     for (const s of specs) {
       if (names.has(s.name)) throw new Error(`two devices are named '${s.name}'`);
