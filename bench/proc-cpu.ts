@@ -26,3 +26,40 @@ export async function cpuPct(pid: number, seconds: number, tick: number): Promis
   const used = (cpuTicks(pid) - c0) / tick;
   return Math.round((10000 * used) / (Number(process.hrtime.bigint() - t0) / 1e9)) / 100;
 }
+
+/** One core's time from /proc/stat, in clock ticks since boot. */
+export interface CoreTicks {
+  /** user + nice (guest time is inside user). */
+  user: number;
+  /** system + irq + softirq: the kernel's work, wherever the scheduler accounted it. */
+  kernel: number;
+  /** idle + iowait. */
+  idle: number;
+  /** Taken by the hypervisor from this (virtual) core. */
+  steal: number;
+}
+
+export function coreTicks(cpu: number): CoreTicks {
+  const row = fs.readFileSync('/proc/stat', 'utf8').split('\n').find((l) => l.startsWith(`cpu${cpu} `));
+  if (!row) throw new Error(`/proc/stat has no cpu${cpu} line`);
+  const [user, nice, system, idle, iowait, irq, softirq, steal] = row.trim().split(/\s+/).slice(1, 9).map(Number) as number[];
+  return { user: user! + nice!, kernel: system! + irq! + softirq!, idle: idle! + iowait!, steal: steal ?? 0 };
+}
+
+/** A core's time per frame over a window, split between user space and the kernel. */
+export interface CoreCost {
+  userNsPerFrame: number;
+  kernelNsPerFrame: number;
+  /** Shares of the window the core was idle and stolen, in %. */
+  idlePct: number;
+  stealPct: number;
+}
+
+/** What a core spent per frame between two readings, `frames` frames apart. */
+export function coreCost(before: CoreTicks, after: CoreTicks, frames: number, tick: number): CoreCost {
+  const d = (k: keyof CoreTicks): number => after[k] - before[k];
+  const total = d('user') + d('kernel') + d('idle') + d('steal');
+  const ns = (ticks: number): number => (frames > 0 ? Math.round(((ticks / tick) * 1e9) / frames) : 0);
+  const pct = (ticks: number): number => (total > 0 ? Math.round((1000 * ticks) / total) / 10 : 0);
+  return { userNsPerFrame: ns(d('user')), kernelNsPerFrame: ns(d('kernel')), idlePct: pct(d('idle')), stealPct: pct(d('steal')) };
+}

@@ -10,6 +10,7 @@ import { XdpFlood } from '../test/support/xdp-flood.js';
 import { defaultPeerName } from '../src/ports/xsk.js';
 import { buildUdpFrame } from '../test/support/packet-socket.js';
 import { CLI } from '../test/support/backend.js';
+import { clockTick, coreCost, coreTicks, type CoreCost } from './proc-cpu.js';
 
 /**
  * DPDK's own numbers for the paths vhost-xdp implements, measured in the same run as the
@@ -68,6 +69,12 @@ export interface DirectionDetails {
   /** Guest->host with largeFrameLen: frame length and the bit rate the host received (Ethernet frames without FCS). */
   frameLen?: number;
   gbps?: number;
+  /**
+   * Guest->host only: what the backend's core (BACKEND_CORE) spent per frame the host received,
+   * user space apart from the kernel. Both seats pay the same kernel path (tun write, AF_XDP
+   * copy-mode transmit into a veth), so this shows how much of a ratio is left to user space.
+   */
+  backendCore?: CoreCost;
 }
 
 export interface ReferenceResult {
@@ -104,6 +111,8 @@ const PINNING = 'A(vhost PMD <-io-> host PMD): main lcore 0, forwarding lcore 1;
  * takes it when it has work; that difference is the thing measured. The mains only wake to print stats.
  */
 export const FAIR_PLACEMENT = 'generator alone on core 0; guest (virtio-user forwarding lcore) and backend share core 1; mains on core 0';
+/** The backend seat's core: testpmd A's forwarding lcore, or every thread of serve. */
+export const BACKEND_CORE = 1;
 export const GUEST_MAC = '02:00:00:00:0b:01';
 export const HOST_MAC = '02:00:00:00:0a:01';
 
@@ -137,6 +146,16 @@ export async function measureKernelRate(ifname: string, seconds: number, counter
     : { packets: s1.txPackets - s0.txPackets, seconds: dt, dropped: s1.txDropped - s0.txDropped };
 }
 
+let tick: number | undefined;
+
+/** Guest->host: what the host port received in the window, and what the backend's core spent per frame meanwhile. */
+async function measureGuestToHost(hostIf: string, seconds: number): Promise<{ packets: number; seconds: number; dropped: number; core: CoreCost }> {
+  tick ??= clockTick();
+  const before = coreTicks(BACKEND_CORE);
+  const r = await measureKernelRate(hostIf, seconds, 'rx');
+  return { ...r, core: coreCost(before, coreTicks(BACKEND_CORE), r.packets, tick) };
+}
+
 /** Frames the XDP program on a veth end saw in the window (all reached the backend's end). */
 async function measureXdpArrivals(ifname: string, seconds: number): Promise<{ packets: number; seconds: number; dropped: number }> {
   const c0 = vethXdpCounters(ifname).xdp_packets ?? 0;
@@ -149,12 +168,12 @@ async function measureXdpArrivals(ifname: string, seconds: number): Promise<{ pa
 /** Who sits in the backend seat (core 1): DPDK's testpmd, or vhost-xdp serve. */
 export type BackendSeat = 'dpdk' | 'vhost-xdp';
 
-/** vhost-xdp serve pinned to core 1 (all its threads), the seat testpmd A has in the reference. */
+/** vhost-xdp serve pinned to BACKEND_CORE (all its threads), the seat testpmd A has in the reference. */
 export async function startVhostXdp(sock: string, port: string, cleanup: CleanupStack, extra: string[] = []): Promise<ManagedProcess> {
   // Its own control socket: the default one may be held by another serve on this machine,
   // which makes this one refuse to start.
   const control = `${sock}.ctl`;
-  const be = spawnManaged('taskset', ['-c', '1', process.execPath, CLI, 'serve', '--socket', sock, '--port', port, '--control', control, '--log-level', 'warn', ...extra], { name: 'vhost-xdp' });
+  const be = spawnManaged('taskset', ['-c', String(BACKEND_CORE), process.execPath, CLI, 'serve', '--socket', sock, '--port', port, '--control', control, '--log-level', 'warn', ...extra], { name: 'vhost-xdp' });
   cleanup.push('stop vhost-xdp', () => be.stop('SIGTERM', 5000));
   await be.waitForLine(/^vhost-xdp ready:/, 15_000);
   return be;
@@ -216,7 +235,7 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
       forwardMode: 'txonly', txpkts: frameLen, cores: '0,1', mainLcore: 1, ethPeers: [HOST_MAC],
     });
     await sleep(warmup * 1000);
-    const g2h = await measureKernelRate(hostIf, seconds, 'rx');
+    const g2h = await measureGuestToHost(hostIf, seconds);
     await b.stop();
     b = undefined;
     const g2hLarge = opts.largeFrameLen === undefined ? null : await (async () => {
@@ -226,7 +245,7 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
         forwardMode: 'txonly', txpkts: opts.largeFrameLen, cores: '0,1', mainLcore: 1, ethPeers: [HOST_MAC],
       });
       await sleep(warmup * 1000);
-      const r = await measureKernelRate(hostIf, seconds, 'rx');
+      const r = await measureGuestToHost(hostIf, seconds);
       await b.stop();
       b = undefined;
       return r;
@@ -297,11 +316,12 @@ async function measure(kind: 'tap' | 'af_xdp', opts: ReferenceOptions, seat: Bac
         frameLen,
         pinning: PINNING,
         loadAvg1,
-        guestToHost: { mpps: mpps(g2h.packets, g2h.seconds), packets: g2h.packets, seconds: g2h.seconds, hostPortDropped: g2h.dropped },
+        guestToHost: { mpps: mpps(g2h.packets, g2h.seconds), packets: g2h.packets, seconds: g2h.seconds, hostPortDropped: g2h.dropped, backendCore: g2h.core },
         ...(g2hLarge ? {
           guestToHostLarge: {
             mpps: mpps(g2hLarge.packets, g2hLarge.seconds), packets: g2hLarge.packets, seconds: g2hLarge.seconds, hostPortDropped: g2hLarge.dropped,
             frameLen: opts.largeFrameLen, gbps: Math.round((g2hLarge.packets * opts.largeFrameLen! * 8) / g2hLarge.seconds / 1e6) / 1000,
+            backendCore: g2hLarge.core,
           },
         } : {}),
         ...(fair ? {
