@@ -71,8 +71,8 @@ export interface DirectionDetails {
   gbps?: number;
   /**
    * Guest->host only: what the backend's core (BACKEND_CORE) spent per frame the host received,
-   * user space apart from the kernel. Both seats pay the same kernel path (tun write, AF_XDP
-   * copy-mode transmit into a veth), so this shows how much of a ratio is left to user space.
+   * user space apart from the kernel. The frame takes the same kernel path in both seats (tun
+   * write, AF_XDP copy-mode transmit into a veth): this shows how much of a ratio user space can move.
    */
   backendCore?: CoreCost;
 }

@@ -195,9 +195,9 @@ function compare(label: string, refLabel: string, pick: (r: ReferenceResult) => 
 
 /**
  * Beside a guest->host row: the backend core's time per frame, user space and kernel, each
- * side's median. Both seats pay the same kernel path, so (DPDK's user + kernel) / our kernel
- * is the ratio vhost-xdp would read with no user time at all: what a goal above it asks of
- * the kernel, not of us. A core with idle time was not the limit, and the figures say less.
+ * side's median. (DPDK's user + kernel) / our kernel is the ratio vhost-xdp would read with no
+ * user time at all and its kernel time as measured: a goal above it asks the kernel for less,
+ * not our code. A core with idle time was not the limit, and the figures then say less.
  */
 function coreRow(runs: { refs: ReferenceResult[]; ours: ReferenceResult[] }, pick: (r: ReferenceResult) => CoreCost | undefined): Record<string, unknown> | null {
   const kept = runs.refs.map((r, i) => [pick(r), pick(runs.ours[i]!)] as const)
