@@ -1,5 +1,6 @@
 import koffi from 'koffi';
 import { readU64, writeU64 } from './u64.js';
+import { fullFence } from './fence.js';
 import { SOCK_RAW, SOCK_CLOEXEC, raw, NativeBuffer, SharedMapping, SysError, lastErrno, Errno, MAP_FAILED, PROT_READ, PROT_WRITE, MAP_SHARED } from './libc.js';
 
 // AF_XDP sockets (linux/if_xdp.h) through koffi: socket setup, the UMEM, the four mmap'd rings.
@@ -59,11 +60,6 @@ const MREMAP_MAYMOVE = 1;
 const MREMAP_FIXED = 2;
 const POLLIN = 1;
 
-// Full fence: Atomics on a SharedArrayBuffer are a locked instruction on x86 (see split-queue.ts).
-const fenceCell = new Int32Array(new SharedArrayBuffer(4));
-export function fullFence(): void {
-  Atomics.add(fenceCell, 0, 0);
-}
 
 // Scratch for control-path structs (sockaddr_xdp, xdp_umem_reg, offsets, stats, pollfd).
 const scratch = new NativeBuffer(4096);

@@ -1,4 +1,5 @@
 import { GuestMemory, readAddress } from '../memory/guest-memory.js';
+import { fullFence } from '../sys/fence.js';
 import type { DirtyLog, UsedRingLog } from '../memory/dirty-log.js';
 import { DescriptorChain } from './descriptor-chain.js';
 import { VirtqueueError } from './errors.js';
@@ -60,14 +61,6 @@ export function splitRingBytes(size: number): { desc: number; avail: number; use
  */
 export function vringNeedEvent(eventIdx: number, newIdx: number, oldIdx: number): boolean {
   return ((newIdx - eventIdx - 1) & 0xffff) < ((newIdx - oldIdx) & 0xffff);
-}
-
-// A locked read-modify-write is a full barrier on x86 (and Atomics are seq-cst everywhere).
-// Plain stores are not ordered against later loads (store buffer), which is exactly the
-// "publish index, then read the other side's event/flags" pattern of notification suppression.
-const fenceCell = new Int32Array(new SharedArrayBuffer(4));
-function fullFence(): void {
-  Atomics.add(fenceCell, 0, 0);
 }
 
 // Ring fields are little-endian. DataView accesses say so; the Atomics on avail->idx and
