@@ -60,7 +60,6 @@ const MREMAP_MAYMOVE = 1;
 const MREMAP_FIXED = 2;
 const POLLIN = 1;
 
-
 // Scratch for control-path structs (sockaddr_xdp, xdp_umem_reg, offsets, stats, pollfd).
 const scratch = new NativeBuffer(4096);
 
