@@ -109,6 +109,9 @@ export class TxPath extends QueuePath {
       for (;;) {
         let posted = 0;
         let postedBytes = 0;
+        // The kernel copies each frame out of guest memory: bring the burst's lines here first,
+        // all at once (SplitQueue.prefetchFrames says why).
+        q.prefetchFrames(budget - done, hdr);
         while (done < budget && q.pop(ch)) {
           done++;
           let req: number;

@@ -127,6 +127,8 @@ export class SplitQueue {
   private logChain: DescriptorChain | null = null;
   /** Used entries whose chain could not be walked again for logging (a guest that broke it). */
   logMisses = 0;
+  /** Where prefetchFrames leaves the bytes it read. */
+  private prefetchSink = 0;
 
   constructor(mem: GuestMemory, layout: SplitQueueLayout, opts: SplitQueueOptions) {
     const { size, descGpa, availGpa, usedGpa } = layout;
@@ -202,6 +204,62 @@ export class SplitQueue {
   /** Cheaper than availableCount() when chains are already known to be pending. */
   hasAvailable(): boolean {
     return this.lastAvail !== this.shadowAvail || this.availableCount() > 0;
+  }
+
+  /**
+   * Reads one byte at the frame start (`skip` bytes past the vnet header) of up to `max` chains
+   * the driver has made available, without taking them. The guest's core has just written those
+   * lines; read one frame at a time they move to this core one miss after another, most of them
+   * inside the kernel's copy (skb_store_bits for AF_XDP, copy_from_iter for a tap), which cannot
+   * overlap them. Loads issued back to back here are independent, so the core has many misses in
+   * flight at once and the walk and the kernel's copy then find the lines here. Measured on an
+   * AMD EPYC VM: 1.80 -> 2.2 Mpps on the xsk port, 1.9 -> 2.46 on the tap (docs/benchmarks.md).
+   *
+   * Nothing here is trusted or kept: an entry that pop() would refuse is skipped (pop() reports
+   * it), and every byte read lies inside a guest memory region. It never throws.
+   */
+  prefetchFrames(max: number, skip: number): void {
+    const last = this.lastAvail;
+    let n = (this.shadowAvail - last) & 0xffff;
+    if (n < max) {
+      const idx = Atomics.load(this.availHeader, 1);
+      const fresh = (idx - last) & 0xffff;
+      if (fresh > this.size) return; // pop() reports the jump
+      this.shadowAvail = idx;
+      n = fresh;
+    }
+    if (n > max) n = max;
+    const a = this.availView;
+    const d = this.descView;
+    const mask = this.mask;
+    const size = this.size;
+    const mem = this.mem;
+    const regions = mem.regions;
+    let sink = 0;
+    for (let i = 0; i < n; i++) {
+      const head = a.getUint16(4 + 2 * ((last + i) & mask), true);
+      if (head >= size) return;
+      const off = head * 16;
+      let addr = readAddress(d, off);
+      const len = d.getUint32(off + 8, true);
+      const flagsNext = d.getUint32(off + 12, true);
+      if ((flagsNext & Desc.INDIRECT) !== 0) continue;
+      let at = skip;
+      if (len <= skip) {
+        // The vnet header alone in its descriptor: the frame starts in the next one.
+        const next = flagsNext >>> 16;
+        if ((flagsNext & Desc.NEXT) === 0 || next >= size) continue;
+        addr = readAddress(d, next * 16);
+        at = 0;
+      }
+      if (addr < 0) continue;
+      const r = mem.find(addr + at, 1);
+      if (r < 0) continue;
+      const reg = regions[r]!;
+      sink ^= reg.bytes[addr + at - reg.gpa]!;
+    }
+    // Kept, so the JIT cannot drop the loads as unused.
+    this.prefetchSink = sink;
   }
 
   /**

@@ -280,6 +280,13 @@ describe('split-queue fuzz', () => {
       }
 
       for (let p = 0; p < size + 2; p++) {
+        if (r.chance(0.3)) {
+          // The TX path's look-ahead reads the same hostile entries: it must neither throw nor take any.
+          const at = dev.lastAvailIdx;
+          dev.prefetchFrames(1 + r.below(size + 4), r.below(24));
+          expect(dev.lastAvailIdx).toBe(at);
+          note('prefetched');
+        }
         const ref = refPop(fx.driverMem, { descGpa: drv.layout.descGpa, availGpa: drv.layout.availGpa, size, last: dev.lastAvailIdx, indirect }, MAX_SEGMENTS);
         const before = dev.lastAvailIdx;
         let got: boolean;

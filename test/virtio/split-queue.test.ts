@@ -272,6 +272,60 @@ describe('SplitQueue pop: valid chains', () => {
   });
 });
 
+describe('SplitQueue prefetchFrames (the TX look-ahead)', () => {
+  let drv: DriverQueue;
+  let dev: SplitQueue;
+  const chain = new DescriptorChain();
+  beforeEach(() => ({ drv, dev } = newPair({ indirectDesc: true })));
+
+  it('takes nothing: the chains it read pop afterwards, in order, unchanged', () => {
+    const heads = [
+      drv.add([{ gpa: BUF_A, len: 76, writable: false }])!, // header and frame in one buffer
+      drv.add([{ gpa: BUF_A + 0x1000, len: 12, writable: false }, { gpa: BUF_B, len: 64, writable: false }])!, // header alone
+      drv.addIndirect([{ gpa: BUF_A + 0x2000, len: 76, writable: false }], TABLES)!,
+    ];
+    drv.publish();
+    dev.prefetchFrames(64, 12);
+    expect(dev.lastAvailIdx).toBe(0);
+    for (const h of heads) {
+      expect(dev.pop(chain)).toBe(true);
+      expect(chain.head).toBe(h);
+    }
+    expect(dev.pop(chain)).toBe(false);
+  });
+
+  it('reads at most `max` entries and nothing on an empty ring', () => {
+    dev.prefetchFrames(64, 12);
+    drv.add([{ gpa: BUF_A, len: 76, writable: false }]);
+    drv.add([{ gpa: BUF_A + 0x800, len: 76, writable: false }]);
+    drv.publish();
+    dev.prefetchFrames(1, 12);
+    dev.prefetchFrames(0, 12);
+    expect(dev.availableCount()).toBe(2);
+  });
+
+  it('skips what pop() refuses without throwing; pop() then refuses it with the same code', () => {
+    drv.writeDescriptor(0, { addr: 0xfff0_0000_0000, len: 76, flags: 0, next: 0 }); // outside guest memory
+    drv.writeDescriptor(1, { addr: 2 ** 60, len: 76, flags: 0, next: 0 }); // beyond 2^52
+    drv.writeDescriptor(2, { addr: BUF_A, len: 12, flags: DESC_F_NEXT, next: QSIZE + 3 }); // header alone, next out of range
+    const slots = [QSIZE + 1, 0, 1, 2]; // the first is a head out of range
+    slots.forEach((h, i) => drv.writeAvailRing(i, h));
+    drv.setAvailIdx(slots.length);
+    dev.prefetchFrames(64, 12);
+    expect(dev.lastAvailIdx).toBe(0);
+    for (const code of ['head-out-of-range', 'addr-outside-memory', 'addr-too-large', 'desc-out-of-range'] as const) {
+      expectCode(() => dev.pop(chain), code);
+    }
+  });
+
+  it('leaves an avail->idx jump for pop() to report', () => {
+    drv.setAvailIdx(QSIZE + 5);
+    dev.prefetchFrames(64, 12);
+    expect(dev.lastAvailIdx).toBe(0);
+    expectCode(() => dev.pop(chain), 'avail-idx-jump');
+  });
+});
+
 describe('SplitQueue used ring', () => {
   it('pushUsed is invisible to the driver until flushUsed', () => {
     const { drv, dev } = newPair();
