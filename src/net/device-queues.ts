@@ -35,7 +35,9 @@ export class DeviceQueues {
   private format: FrameFormat = DEFAULT_FORMAT;
   private readonly hosts = new Map<number, HostQueue>();
   private readonly vrings = new Map<number, Running>();
-  private readonly pendingVrings = new Set<number>();
+  private pendingVrings = new Set<number>();
+  /** Swapped with pendingVrings each turn (servePending), so a turn allocates nothing. */
+  private servingVrings = new Set<number>();
   /** The offloaded program for per-frame test runs (tap ports), shared by this device's RX paths. */
   private runner: { fd: number; runner: TestRunner } | null = null;
   /** The reserved pair's link to the broker (main thread), when that pair is served here. */
@@ -403,9 +405,11 @@ export class DeviceQueues {
   }
 
   servePending(): void {
-    const again = [...this.pendingVrings];
-    this.pendingVrings.clear();
+    const again = this.pendingVrings;
+    this.pendingVrings = this.servingVrings;
+    this.servingVrings = again;
     for (const i of again) if (this.serve(i)) this.markPending(i);
+    again.clear();
   }
 
   serveAll(): void {
