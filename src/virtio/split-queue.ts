@@ -229,12 +229,7 @@ export class SplitQueue {
       n = fresh;
     }
     if (n > max) n = max;
-    const a = this.availView;
-    const d = this.descView;
-    const mask = this.mask;
-    const size = this.size;
-    const mem = this.mem;
-    const regions = mem.regions;
+    const { availView: a, descView: d, mask, size, mem } = this;
     let sink = 0;
     for (let i = 0; i < n; i++) {
       const head = a.getUint16(4 + 2 * ((last + i) & mask), true);
@@ -255,7 +250,7 @@ export class SplitQueue {
       if (addr < 0) continue;
       const r = mem.find(addr + at, 1);
       if (r < 0) continue;
-      const reg = regions[r]!;
+      const reg = mem.regions[r]!;
       sink ^= reg.bytes[addr + at - reg.gpa]!;
     }
     // Kept, so the JIT cannot drop the loads as unused.
