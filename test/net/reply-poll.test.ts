@@ -124,11 +124,17 @@ describe('serve --reply-poll on a tap, DPDK testpmd as the guest', () => {
     const tap = await serveWithGuest([], 'macswap');
     const st = await be!.call('status');
     expect(st.workers.map((w: { replyPoll: number | null }) => w.replyPoll)).toEqual([DEFAULT_REPLY_POLL_US]);
-    const r = await Pinger.run({ ifname: tap, srcMac: getMac(tap), dstMac: GUEST_MAC, rate: 500, seconds: 1, warmupSeconds: 0.5 }, 0);
+    const ping = () => Pinger.run({ ifname: tap, srcMac: getMac(tap), dstMac: GUEST_MAC, rate: 500, seconds: 1, warmupSeconds: 0.5 }, 0);
+    const r = await ping();
     expect(r.received).toBe(r.sent);
-    const c = await counters();
+    let c = await counters();
     // Most answers come within microseconds of a polling guest; a loaded runner may push some
-    // past the window, never all of 750.
+    // past the window. Once, in a full run on a 2-core AMD EPYC VM, it pushed all 750 past the
+    // bound, so the window never opened: a second of pings, up to twice more, before judging.
+    for (let more = 0; c.replyPollHits === 0 && more < 2; more++) {
+      expect((await ping()).received).toBeGreaterThan(0);
+      c = await counters();
+    }
     expect(c.replyPollHits).toBeGreaterThan(0);
     expect(c.replyPollHits).toBeLessThanOrEqual(c.replyPolls);
   });

@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { existsSync, rmSync } from 'node:fs';
 import {
   CleanupStack, createNetns, createVethPair, deleteLink, diffLinkStats, disableIpv6, getMac, linkExists, listLinks,
-  netnsExists, readLinkStats, uniqueIfName, uniqueNetnsName,
+  netnsExists, readLinkStats, run, uniqueIfName, uniqueNetnsName,
 } from './netdev.js';
 import {
   PacketSocket, PacketType, buildUdpFrame, checkPatternPayload, ipv4HeaderChecksum, parseUdpFrame, patternPayload,
@@ -374,6 +374,9 @@ describe('XdpFlood into a veth', () => {
         srcMac: '02:00:00:00:0d:01', dstMac: '02:00:00:00:0d:02', srcIp: '10.77.2.1', dstIp: '10.77.2.2',
         srcPort: 9, dstPort: 6004, payload: patternPayload(3, 40),
       });
+      // XdpFlood's contract: the receiving end has NAPI (an XDP program or GRO), or the live
+      // frames die at a's xmit. Kernels that refuse live frames send through tc, which needs none.
+      run(['ethtool', '-K', b, 'gro', 'on']);
       const watch = PacketSocket.open(b);
       cleanup.push('close watcher', () => watch.close());
       const flood = await XdpFlood.start(a, frame, 0);
