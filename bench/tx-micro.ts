@@ -7,7 +7,7 @@
 //
 // The "guest" keeps its TX ring full of one-descriptor chains (vnet header + 64-byte frame in
 // one buffer, as Linux and DPDK's virtio-user lay out small frames), EVENT_IDX negotiated, and
-// the path is called as the worker calls it under a flood: process(BURST, true) until the ring
+// the path is called as the worker calls it under a flood: process(TX_BURST, true) until the ring
 // has been drained FRAMES times over. Descriptors and avail entries are written once (slot s
 // always holds head s), so the driver's own work per frame is one index store.
 import { pathToFileURL } from 'node:url';
@@ -15,7 +15,7 @@ import { GuestMemory } from '../src/memory/guest-memory.js';
 import { SharedMapping, closeFd, memfdCreate } from '../src/sys/libc.js';
 import { SplitQueue } from '../src/virtio/split-queue.js';
 import { TxPath } from '../src/net/tx-path.js';
-import { BURST, type PathContext } from '../src/net/queue-path.js';
+import { TX_BURST, type PathContext } from '../src/net/queue-path.js';
 import { C, COUNTERS } from '../src/net/stats.js';
 import type { FrameFormat } from '../src/net/frame-format.js';
 import type { HostQueue } from '../src/ports/host-queue.js';
@@ -83,7 +83,7 @@ export function runTxMicro(kind: 'tap' | 'xsk', frames: number, warmup = 200_000
           avail = (avail + add) & 0xffff;
           drv.setAvailIdx(avail);
         }
-        tx.process(BURST, true);
+        tx.process(TX_BURST, true);
         const u = drv.readUsedIdx();
         total += (u - used) & 0xffff;
         used = u;

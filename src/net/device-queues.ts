@@ -10,7 +10,7 @@ import { logger, type Logger } from '../log.js';
 import { TestRunner } from '../sys/bpf/test-run.js';
 import { MAX_HELD_REPLIES } from './device-state.js';
 import { closeBpfFd } from '../sys/bpf/programs.js';
-import { BURST, type PathContext } from './queue-path.js';
+import { BURST, TX_BURST, type PathContext } from './queue-path.js';
 import { RxPath } from './rx-path.js';
 import { TxPath, type OffloadLink } from './tx-path.js';
 import { C, COUNTERS } from './stats.js';
@@ -310,7 +310,7 @@ export class DeviceQueues {
     const run = this.vrings.get(index);
     if (!run) return false;
     if (run.tx) {
-      const more = run.tx.process(BURST, !this.busyPoll);
+      const more = run.tx.process(TX_BURST, !this.busyPoll);
       const rp = this.replies.get(index >> 1);
       if (rp?.awaiting && run.tx.lastTaken > 0 && rp.answered(performance.now())) {
         this.stats[(index >> 1) * COUNTERS.length + C.replyPollHits]! += 1;
@@ -368,7 +368,7 @@ export class DeviceQueues {
 
   pollInFlight(): void {
     for (const [i, v] of this.vrings) {
-      if (v.tx && v.tx.inFlight > 0 && v.tx.process(BURST, !this.busyPoll)) this.markPending(i);
+      if (v.tx && v.tx.inFlight > 0 && v.tx.process(TX_BURST, !this.busyPoll)) this.markPending(i);
     }
   }
 
