@@ -207,7 +207,7 @@ export class SplitQueue {
   }
 
   /**
-   * Reads one byte at the frame start (`skip` bytes past the vnet header) of up to `max` chains
+   * Reads one byte at the frame start (`skip` bytes in: past the vnet header) of up to `max` chains
    * the driver has made available, without taking them. The guest's core has just written those
    * lines; read one frame at a time they move to this core one miss after another, most of them
    * inside the kernel's copy (skb_store_bits for AF_XDP, copy_from_iter for a tap), which cannot
