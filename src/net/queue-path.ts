@@ -20,7 +20,7 @@ export const BURST = 64;
  * 128 against 64 gave 11-15 % more guest->host frames on both ports and 12-43 ns less user time
  * per frame (docs/benchmarks.md). The price is a busy TX ring holding its worker twice as long
  * per turn (about 58 us instead of 29 us on that machine) before other rings are looked at.
- * Receive stays at BURST: its turn ends at the guest's buffers, not at a system call.
+ * Receive stays at BURST: 128 was not measured there.
  */
 export const TX_BURST = 2 * BURST;
 

@@ -222,11 +222,12 @@ export class SplitQueue {
     const last = this.lastAvail;
     let n = (this.shadowAvail - last) & 0xffff;
     if (n < max) {
-      const idx = Atomics.load(this.availHeader, 1);
-      const fresh = (idx - last) & 0xffff;
-      if (fresh > this.size) return; // pop() reports the jump
-      this.shadowAvail = idx;
-      n = fresh;
+      try {
+        n = this.availableCount();
+      } catch (e) {
+        if (e instanceof VirtqueueError) return; // avail-idx-jump: pop() reports it
+        throw e;
+      }
     }
     if (n > max) n = max;
     const { availView: a, descView: d, mask, size, mem } = this;
