@@ -14,6 +14,7 @@ export function inspectCommands(y: Argv) {
         for (const d of r.devices) {
           console.log(`${d.name}: ${d.connected ? 'connected' : 'waiting'} (${d.mode} ${d.socket}), port ${d.port.kind}:${d.port.ifname}, ${d.queuePairs} pair(s), mtu ${d.mtu}`);
           console.log(`  running vrings: ${d.runningVrings.join(' ') || '-'}; connections so far ${d.connections}; refused requests ${d.refusedRequests}`);
+          if (d.queuePairs > 1) console.log(`  host traffic to pair(s) ${d.hostPairs.join(' ')} (the others are not enabled by the guest, or reserved)`);
           if (d.features.length) console.log(`  features ${d.featureBits}: ${d.features.join(' ')}`);
           if (d.port.io) {
             console.log(`  tap I/O: ${d.port.io.mode === 'uring' ? 'io_uring (guest->host writes batched per burst)' : `readv/writev (${d.port.io.reason})`}`);

@@ -141,15 +141,13 @@ export class DeviceQueues {
     this.flushReplies();
   }
 
-  /** A claimed pair carries only offload messages, and the host stops feeding it (idempotent). */
+  /**
+   * A claimed pair carries only offload messages: nothing here reads its host queue (idempotent).
+   * The host stops sending to it too (the device's HostSteering holds the queue out of use).
+   */
   private applyClaim(pair: number): void {
     if (pair !== this.offloadPair) return;
     const claimed = this.isClaimed(pair);
-    try {
-      this.hosts.get(pair)?.setAttached?.(!claimed);
-    } catch (e) {
-      this.log.warn(`pair ${pair}: ${(e as Error).message}`);
-    }
     this.applyProgram(pair);
     if (this.vrings.has(pair * 2)) this.hostArmed(pair, !claimed);
   }

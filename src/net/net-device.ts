@@ -15,6 +15,7 @@ import type { OffloadProgram } from '../offload/broker.js';
 import { ETH_HLEN, type FrameFormat } from './frame-format.js';
 import { dupCloexec } from '../sys/libc.js';
 import { OffloadChannel } from './offload-channel.js';
+import { HostSteering } from './host-steering.js';
 
 export interface NetDeviceOptions {
   name: string;
@@ -78,6 +79,8 @@ export class NetDevice implements VhostUserBackend, PoolClient {
   lastResetReason = '';
   /** Where guest writes are marked during migration (null: logging off); posted to every worker serving a pair. */
   dirtyLog: LogInfo | null = null;
+  /** Which pairs the host sends to (those whose receive ring the frontend enabled). */
+  private readonly steering: HostSteering;
 
   constructor(private readonly opts: NetDeviceOptions) {
     this.name = opts.name;
@@ -97,10 +100,9 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     }
     this.offloadPair = opts.offload ? opts.queuePairs - 1 : -1;
     this.id = this.pool.register(this);
-    if (opts.offload && opts.port.needsGuestMemory) {
-      // The xsk port's offload pair is never a data pair: keep host traffic on the others.
-      try { opts.port.setQueueEnabled(this.offloadPair, false); } catch (e) { this.log.warn(`offload pair steering: ${(e as Error).message}`); }
-    }
+    this.steering = new HostSteering(opts.port, opts.queuePairs, this.log);
+    // The xsk port's offload pair is never a data pair: host traffic stays on the others.
+    if (opts.offload && opts.port.needsGuestMemory) this.steering.hold(this.offloadPair, true, 'is the reserved offload pair');
     let broker: OffloadChannel | null = null;
     if (opts.offload) {
       const port = this.port;
@@ -109,7 +111,10 @@ export class NetDevice implements VhostUserBackend, PoolClient {
       try {
         broker = new OffloadChannel({ ...opts.offload, attach, attachInKernel, ifname: port.ifname, log: this.log }, {
           reply: (m) => this.offloadReply(m),
-          claimChanged: (claimed) => this.eachWorker({ op: 'offload', pair: this.offloadPair, claimed }),
+          claimChanged: (claimed) => {
+            this.eachWorker({ op: 'offload', pair: this.offloadPair, claimed });
+            this.holdClaimedPair(claimed);
+          },
           programChanged: (p) => this.programChanged(p),
         });
       } catch (e) {
@@ -118,7 +123,21 @@ export class NetDevice implements VhostUserBackend, PoolClient {
       }
     }
     this.broker = broker;
+    if (broker?.claimed) this.holdClaimedPair(true);
   }
+
+  /** A tap's reserved pair carries only offload messages while claimed: host frames stay off its queue. */
+  private holdClaimedPair(claimed: boolean): void {
+    if (this.port.needsGuestMemory) return; // held for good (constructor)
+    this.steering.hold(this.offloadPair, claimed, claimed ? 'is claimed by the guest\'s offload' : 'is released by the guest\'s offload');
+  }
+
+  vringEnabled(index: number, enabled: boolean): void {
+    this.steering.ringEnabled(index, enabled);
+  }
+
+  /** The pairs the host sends frames to. */
+  get hostPairs(): number[] { return this.steering.pairs; }
 
   /** Events from the workers that serve this device's pairs. */
   onWorkerEvent(e: WorkerEvent): void {
@@ -487,6 +506,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     this.features = 0n;
     this.connected = false;
     this.lastResetReason = reason;
+    this.steering.reset();
     this.offloadStopped.clear();
     this.stoppedAlone.clear();
     this.heldReplies.length = 0;

@@ -132,8 +132,6 @@ export interface HostQueue {
    * control side and do not implement this.
    */
   setProgram?(runner: TestRunner | null): void;
-  /** Takes the queue out of (false) or back into (true) the host's use. */
-  setAttached?(attached: boolean): void;
   /** Releases what the queue itself owns (the port owns the fds of tap and AF_XDP queues). */
   close?(): void;
 }

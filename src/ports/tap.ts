@@ -306,8 +306,4 @@ export class TapQueue extends FdQueue {
   constructor(fd: number, pollFd = fd) {
     super(pollFd, 'tap', fd);
   }
-
-  setAttached(attached: boolean): void {
-    setTapQueueAttached(this.io, attached);
-  }
 }

@@ -470,7 +470,8 @@ export class XskPort implements Port {
     }
     if (this.queuePairs > 1) {
       const active = Math.max(1, this.queuePairs - this.disabled.size);
-      spawnSync('ethtool', ['-L', this.ifname, 'tx', String(active)], { timeout: 10_000 });
+      const r = spawnSync('ethtool', ['-L', this.ifname, 'tx', String(active)], { encoding: 'utf8', timeout: 10_000 });
+      if (r.status !== 0) throw new Error(`ethtool -L ${this.ifname} tx ${active}: ${(r.stderr || r.error?.message || `exit ${r.status}`).trim()}`);
     }
   }
 

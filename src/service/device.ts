@@ -33,6 +33,8 @@ export interface DeviceStatus {
   featureBits: string;
   mtu: number;
   runningVrings: number[];
+  /** The queue pairs the host sends frames to: pair 0, and each other pair whose receive ring the frontend enabled. */
+  hostPairs: number[];
   refusedRequests: number;
   /** Requests refused since the device started, by error code (every connection counted). */
   refusals: Record<string, number>;
@@ -169,6 +171,7 @@ export class Device {
       featureBits: '0x' + this.net.negotiated.toString(16),
       mtu: this.net.currentMtu,
       runningVrings: this.net.runningVrings,
+      hostPairs: this.net.hostPairs,
       refusedRequests: (s?.refused ?? 0),
       refusals: Object.fromEntries(this.endpoint.refusals),
       lastDisconnect: this.lastDisconnect,

@@ -55,6 +55,12 @@ export interface VhostUserBackend {
   vringStopRequested?(index: number): void;
   /** Stops a vring; returns the index of the next available descriptor to process. */
   stopVring(index: number): number;
+  /**
+   * The frontend enabled or disabled a ring (SET_VRING_ENABLE, or the start of a ring when
+   * protocol features are not negotiated). Called after a disabled ring stopped and before an
+   * enabled one starts; after a reset (sessionReset) every ring counts as disabled again.
+   */
+  vringEnabled?(index: number, enabled: boolean): void;
   /** A new call fd for a running vring (-1: no notifications). */
   updateCallFd(index: number, fd: number): void;
   setMtu(mtu: number): void;

@@ -34,8 +34,14 @@ interface VringState {
   running: boolean;
 }
 
-function freshVring(enabled: boolean): VringState {
-  return { num: 0, descUser: 0, availUser: 0, usedUser: 0, addrSet: false, logUsed: false, logGuestAddr: 0, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled, started: false, running: false };
+/**
+ * A ring as the spec's "Ring states" begin it: stopped, and disabled. "If
+ * VHOST_USER_F_PROTOCOL_FEATURES has been negotiated, the ring is initialized in a disabled state
+ * and is enabled by VHOST_USER_SET_VRING_ENABLE with parameter 1"; without them it is enabled
+ * when it starts (setKick).
+ */
+function freshVring(): VringState {
+  return { num: 0, descUser: 0, availUser: 0, usedUser: 0, addrSet: false, logUsed: false, logGuestAddr: 0, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false, running: false };
 }
 
 /**
@@ -47,7 +53,7 @@ export class VringTable {
   private vrings: VringState[];
 
   constructor(private readonly backend: VhostUserBackend, private readonly log: Logger, private readonly memory: () => GuestMemory | null) {
-    this.vrings = Array.from({ length: backend.maxQueuePairs() * 2 }, () => freshVring(true));
+    this.vrings = Array.from({ length: backend.maxQueuePairs() * 2 }, () => freshVring());
   }
 
   /** The vring at `index`, or a refusal. The one place an index from the frontend is checked. */
@@ -140,8 +146,8 @@ export class VringTable {
     v.kickFd = fd;
     if (v.kickFd < 0) throw new VringError('no-kick-fd', `vring ${index}: polling without a kick fd is not supported`);
     v.started = true;
-    // Without protocol features a ring is enabled as soon as it starts (spec: "Ring states").
-    if (!protocolFeatures) v.enabled = true;
+    // "If VHOST_USER_F_PROTOCOL_FEATURES has not been negotiated, the ring starts directly in the enabled state."
+    if (!protocolFeatures) this.setEnabled(index, true);
     this.maybeStart(index);
   }
 
@@ -167,12 +173,22 @@ export class VringTable {
 
   /** SET_VRING_ENABLE. `protocolFeatures`: VHOST_USER_F_PROTOCOL_FEATURES is negotiated. */
   setEnable(index: number, enable: number, protocolFeatures: boolean): void {
-    const v = this.vring(index);
+    this.vring(index); // the index check
     if (!protocolFeatures) throw new VringError('feature-not-negotiated', 'SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES');
     if (enable > 1) throw new VringError('bad-enable-value', `enable value ${enable}`);
-    v.enabled = enable === 1;
-    if (!v.enabled) this.stopRunning(index);
+    // A started but disabled ring is held stopped: nothing is supplied to the guest, and its
+    // transmit buffers wait (the spec would have them taken and discarded).
+    if (enable === 0) this.stopRunning(index);
+    this.setEnabled(index, enable === 1);
     this.maybeStart(index);
+  }
+
+  /** Records whether the frontend has the ring enabled, and tells the backend when that changes. */
+  private setEnabled(index: number, enabled: boolean): void {
+    const v = this.vrings[index]!;
+    if (v.enabled === enabled) return;
+    v.enabled = enabled;
+    this.backend.vringEnabled?.(index, enabled);
   }
 
   /** Stops the ring if it runs, keeping where it stopped: the next start resumes there. */
@@ -237,7 +253,7 @@ export class VringTable {
     this.stopAll();
     this.vrings = this.vrings.map((v) => {
       closeFd(v.kickFd);
-      return { ...freshVring(true), callFd: v.callFd, errFd: v.errFd };
+      return { ...freshVring(), callFd: v.callFd, errFd: v.errFd };
     });
   }
 

@@ -1,7 +1,7 @@
 import { describe, test, expect, beforeAll, afterAll } from 'vitest';
 import fs from 'node:fs';
 import path from 'node:path';
-import { Request, u64Payload } from '../../src/vhost-user/protocol.js';
+import { Request, u64Payload, vringStatePayload } from '../../src/vhost-user/protocol.js';
 import { startBackend, tempDir, type Backend } from '../support/backend.js';
 import { TestFrontend } from '../support/frontend/test-frontend.js';
 import { PacketSocket, buildUdpFrame, patternPayload } from '../support/packet-socket.js';
@@ -85,6 +85,37 @@ describe('tap port datapath, TypeScript frontend, 2 queue pairs', () => {
     expect(d.connected).toBe(true);
     expect(d.runningVrings).toEqual([0, 1, 2, 3]);
     expect(d.features).toEqual(expect.arrayContaining(['VERSION_1', 'MRG_RXBUF', 'RING_EVENT_IDX', 'MQ']));
+  });
+
+  /** Sends `n` host frames over 32 flows (UDP source ports) and returns how many each pair received. */
+  async function hostFramesPerPair(first: number, n: number): Promise<number[]> {
+    for (const p of [0, 1]) fe.receive(p);
+    for (let i = 0; i < n; i++) ps.send(udpFrame(first + i, 64, 3000 + (i % 32), HOST_MAC, GUEST_MAC));
+    const per = [0, 0];
+    const deadline = Date.now() + 3000;
+    while (per[0]! + per[1]! < n && Date.now() < deadline) {
+      for (const p of [0, 1]) per[p]! += fe.receive(p).filter((f) => (seqOf(f) ?? -1) >= first && seqOf(f)! < first + n).length;
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    return per;
+  }
+
+  test('a pair whose rings the frontend disables is taken out of the host\'s use (no flow hashed to its tap queue is lost) and given back when they are enabled again', async () => {
+    expect((await be.call('status')).devices[0].hostPairs).toEqual([0, 1]);
+    const spread = await hostFramesPerPair(5000, 64);
+    expect(spread[0]! + spread[1]!).toBe(64);
+    expect(spread[1]).toBeGreaterThan(0);
+    // As QEMU does when a 1-vCPU guest uses one of two pairs.
+    for (const index of [2, 3]) await fe.request(Request.SET_VRING_ENABLE, vringStatePayload(index, 0));
+    const d = (await be.call('status')).devices[0];
+    expect(d.hostPairs).toEqual([0]);
+    expect(d.runningVrings).toEqual([0, 1]);
+    expect(await hostFramesPerPair(6000, 64)).toEqual([64, 0]);
+    for (const index of [2, 3]) await fe.request(Request.SET_VRING_ENABLE, vringStatePayload(index, 1));
+    expect((await be.call('status')).devices[0].hostPairs).toEqual([0, 1]);
+    const again = await hostFramesPerPair(7000, 64);
+    expect(again[0]! + again[1]!).toBe(64);
+    expect(again[1]).toBeGreaterThan(0);
   });
 
   test('SIGTERM removes the tap and the socket the backend created', async () => {
