@@ -19,7 +19,7 @@
 // `npm run bench -- object [--rounds N] [--seconds N] [--json]`: the object path (issue 17): OBJ_BEGIN to the first host
 // frame dropped on tap and xsk ports, and the sample's drop rate on the xsk port vs the same object attached natively by
 // root to a plain veth (the ceiling), interleaved rounds (not part of `all`).
-import { loadavg } from 'node:os';
+import { arch, cpus, loadavg, release } from 'node:os';
 import { FAIR_PLACEMENT, measureDpdkTapReference, measureVhostXdpTap, measureDpdkAfXdpReference, measureVhostXdpXsk, type ReferenceResult } from './reference-dpdk.js';
 import type { CoreCost } from './proc-cpu.js';
 import { runOffloadBench } from './offload-bench.js';
@@ -97,7 +97,14 @@ if (workers !== undefined && (!Number.isInteger(workers) || workers < 1)) {
   console.error('--workers takes a positive integer');
   process.exit(2);
 }
-const results: Record<string, unknown> = { loadAvg1: loadavg()[0] };
+/**
+ * What the figures were measured on: ratios to DPDK moved by 4x between two machine kinds of
+ * this workplace (its tap PMD ran at 1.09 Mpps on one, 0.4-0.5 on the other), so a run is
+ * read beside the runs made on the same kind.
+ */
+const machine = { cpu: cpus()[0]?.model ?? 'unknown', arch: arch(), cores: cpus().length, kernel: release() };
+const results: Record<string, unknown> = { loadAvg1: loadavg()[0], machine };
+if (!json) console.log(`machine: ${machine.cpu}, ${machine.arch}, ${machine.cores} cores, kernel ${machine.kernel}`);
 const fmtLoad = (l: number[]): string => l.map((x) => x.toFixed(2)).join(' ');
 
 const eachRound = (xs: number[]): string => (rounds > 1 ? `; rounds ${xs.map((x) => x.toFixed(2)).join(' ')}` : '');

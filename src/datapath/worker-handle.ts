@@ -70,6 +70,17 @@ export class WorkerHandle {
     return Atomics.load(this.ctl, CTL_VALUE);
   }
 
+  /**
+   * A request the caller need not wait for: the worker takes it between bursts, in order with
+   * every other request (a later request() is answered only after it), and logs its failure
+   * itself. For work the main thread hands over, not for changes a vhost-user reply depends on.
+   */
+  post(req: WorkerRequest): void {
+    if (this.dead) throw new DatapathError(`${this.name}: ${this.dead}`);
+    this.port.postMessage({ seq: ++this.seq, req, posted: true });
+    eventfdSignal(this.controlFd);
+  }
+
   /** A request the worker answers with data (DataAnswer); undefined when it posted none. */
   requestData(req: WorkerRequest): unknown {
     this.request(req);

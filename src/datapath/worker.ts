@@ -118,17 +118,19 @@ function drainControl(): void {
   for (;;) {
     const m = receiveMessageOnPort(data.port);
     if (!m) return;
-    const { seq, req } = m.message as { seq: number; req: WorkerRequest };
+    const { seq, req, posted } = m.message as { seq: number; req: WorkerRequest; posted?: boolean };
     let status = 0;
     let value = 0;
     try {
       const out = handle(req);
       // Posted before the answer is signalled: the caller reads it once it sees its seq answered.
       if (typeof out === 'number') value = out;
-      else data.port.postMessage({ seq, data: out.data });
+      else if (!posted) data.port.postMessage({ seq, data: out.data });
     } catch (e) {
       status = 1;
-      data.port.postMessage({ seq, error: (e as Error).message });
+      // Nobody waits for a posted request's answer: its failure is said here.
+      if (posted) log.warn(`${req.op === 'device' ? req.req.op : req.op}: ${(e as Error).message}`);
+      else data.port.postMessage({ seq, error: (e as Error).message });
     }
     Atomics.store(ctl, CTL_STATUS, status);
     Atomics.store(ctl, CTL_VALUE, value);

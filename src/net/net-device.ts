@@ -156,7 +156,8 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     // Only a running receive ring can deliver: a worker holding responses for a stopped one
     // would take them along when the pair leaves it (SAVE would not see them).
     if (w >= 0 && this.running.has(2 * this.offloadPair)) {
-      this.request(w, { op: 'offload-reply', reply: message });
+      // Not waited for: a stop or move of the pair is a later request, answered only after this one.
+      this.pool.worker(w).post({ op: 'device', device: this.id, req: { op: 'offload-reply', reply: message } });
       return;
     }
     // The ring stopped in between (VM stopped, migration switch-over, a reset): held until the
