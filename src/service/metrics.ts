@@ -144,6 +144,7 @@ function families(reg: Registry, current: () => DeviceSample[]): void {
   counter('vhost_xdp_connections_total', 'vhost-user connections accepted or made', ['device'], (s, emit) => emit({ device: s.name }, s.status.connections));
   gauge('vhost_xdp_running_vrings', 'Rings the frontend has started', ['device'], (s, emit) => emit({ device: s.name }, s.status.runningVrings.length));
   gauge('vhost_xdp_queue_pairs', 'Queue pairs the guest sees (the offload channel included)', ['device'], (s, emit) => emit({ device: s.name }, s.status.queuePairs));
+  gauge('vhost_xdp_host_queue_pairs', 'Queue pairs the host sends frames to (pair 0, and those whose receive ring the guest enabled)', ['device'], (s, emit) => emit({ device: s.name }, s.status.hostPairs.length));
   gauge('vhost_xdp_migration_logging', '1 while dirty logging for live migration is on', ['device'], (s, emit) => emit({ device: s.name }, s.status.logging ? 1 : 0));
   counter('vhost_xdp_vhost_user_refusals_total', 'vhost-user requests refused, by error code (every connection of the device)', ['device', 'code'], (s, emit) => {
     for (const [code, n] of Object.entries(s.status.refusals)) emit({ device: s.name, code }, n);

@@ -101,6 +101,8 @@ describe('metrics of a tap device, TypeScript frontend, 2 queue pairs', () => {
       expect(Number.isFinite(x.value)).toBe(true);
     }
     expect(sum(s, 'vhost_xdp_connected', { device: NAME })).toBe(1);
+    // The frontend enabled both pairs' rings.
+    expect(sum(s, 'vhost_xdp_host_queue_pairs', { device: NAME })).toBe(2);
     expect(new Set(ours.filter((x) => x.name === 'vhost_xdp_rx_packets_total').map((x) => x.labels.queue))).toEqual(new Set(['0', '1']));
     const doc = fs.readFileSync(path.join(repoRoot(), 'docs/metrics.md'), 'utf8');
     for (const n of new Set(ours.map((x) => x.name))) expect(doc.includes(`\`${n}\``), n).toBe(true);
