@@ -1,5 +1,5 @@
 import fs from 'node:fs';
-import { spawnSync } from 'node:child_process';
+import { linkCommand } from './link-command.js';
 import { ArgumentError, VxError } from '../errors.js';
 import { raw, NativeBuffer, check, closeFd, SysError, lastErrno, Errno, O_RDWR, O_NONBLOCK, O_CLOEXEC, ifNameToIndex } from '../sys/libc.js';
 import type { HostQueueConfig, KernelAttach, Port, ProgramSource, TapIo, TapIoMode, TapIoStatus } from './port.js';
@@ -105,8 +105,7 @@ function ownerMark(ifname: string): string {
  * is root's 0644, so an unprivileged serve would need CAP_DAC_OVERRIDE to open it.
  */
 function setAlias(ifname: string, alias: string): void {
-  const r = spawnSync('ip', ['link', 'set', 'dev', ifname, 'alias', alias], { encoding: 'utf8', timeout: 10_000 });
-  if (r.status !== 0) throw new Error(`ip link set dev ${ifname} alias: ${(r.stderr || r.error?.message || '').trim()}`);
+  linkCommand('ip', ['link', 'set', 'dev', ifname, 'alias', alias]);
 }
 
 function isOurs(ifname: string): boolean {

@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import { ArgumentError, VxError } from '../errors.js';
 import { spawnSync } from 'node:child_process';
+import { linkCommand } from './link-command.js';
 import { SysError, Errno, ifNameToIndex } from '../sys/libc.js';
 import {
   XskSocket, XDP_UMEM_UNALIGNED_CHUNK_FLAG, XDP_COPY, XDP_USE_NEED_WAKEUP, XDP_SHARED_UMEM,
@@ -57,8 +58,7 @@ export function redirectProgramInsns(xskMapFd: number): Uint8Array {
 // Link setup (control path: iproute2 is clearer than rtnetlink by hand)
 
 function ip(args: string[]): void {
-  const r = spawnSync('ip', args, { encoding: 'utf8', timeout: 10_000 });
-  if (r.status !== 0) throw new Error(`ip ${args.join(' ')}: ${(r.stderr || r.error?.message || '').trim()}`);
+  linkCommand('ip', args);
 }
 
 function linkExists(name: string): boolean {
@@ -470,8 +470,7 @@ export class XskPort implements Port {
     }
     if (this.queuePairs > 1) {
       const active = Math.max(1, this.queuePairs - this.disabled.size);
-      const r = spawnSync('ethtool', ['-L', this.ifname, 'tx', String(active)], { encoding: 'utf8', timeout: 10_000 });
-      if (r.status !== 0) throw new Error(`ethtool -L ${this.ifname} tx ${active}: ${(r.stderr || r.error?.message || `exit ${r.status}`).trim()}`);
+      linkCommand('ethtool', ['-L', this.ifname, 'tx', String(active)]);
     }
   }
 
