@@ -156,8 +156,7 @@ export class NetDevice implements VhostUserBackend, PoolClient {
     // Only a running receive ring can deliver: a worker holding responses for a stopped one
     // would take them along when the pair leaves it (SAVE would not see them).
     if (w >= 0 && this.running.has(2 * this.offloadPair)) {
-      // Not waited for: a stop or move of the pair is a later request, answered only after this one.
-      this.pool.worker(w).post({ op: 'device', device: this.id, req: { op: 'offload-reply', reply: message } });
+      this.sendReply(w, message);
       return;
     }
     // The ring stopped in between (VM stopped, migration switch-over, a reset): held until the
@@ -200,7 +199,12 @@ export class NetDevice implements VhostUserBackend, PoolClient {
 
   /** Hands the held responses to the worker whose reserved receive ring now runs (it delivers them once the guest has buffers). */
   private releaseHeldReplies(w: number): void {
-    for (const reply of this.heldReplies.splice(0)) this.request(w, { op: 'offload-reply', reply });
+    for (const reply of this.heldReplies.splice(0)) this.sendReply(w, reply);
+  }
+
+  /** A response to worker w, not waited for: a stop or move of the pair is a later request, answered only after it. */
+  private sendReply(w: number, reply: Uint8Array): void {
+    this.pool.worker(w).post({ op: 'device', device: this.id, req: { op: 'offload-reply', reply } });
   }
 
   /** Tap ports run the program per frame on every worker of the device, each with its own fd. */
