@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { countFds, countGuestMappings, startBackend, tempDir, type Backend } from '../support/backend.js';
 import { addAddress, freeTestSubnet, CleanupStack, disableIpv6, getMtu, linkIdentity, run as runHost, setLinkUp, uniqueIfName } from '../support/netdev.js';
 import { waitUntil } from '../support/processes.js';
-import { GuestVm } from '../support/guest/guest-vm.js';
+import { GuestVm, guestSh } from '../support/guest/guest-vm.js';
 import { mibPerSec, sendRandom, TcpSink, type TransferResult } from '../support/guest/host-endpoint.js';
 import { formatTimings, killAndRestart, streamAcross } from '../support/guest/restart.js';
 
@@ -40,15 +40,8 @@ const note = (key: string, value: string): void => {
 };
 const rate = (r: TransferResult): string => `${r.bytes} B in ${r.ms} ms = ${mibPerSec(r).toFixed(1)} MiB/s`;
 
-/** Runs cmd in the guest and fails with its output on a non-zero status. */
-async function sh(vm: GuestVm, cmd: string, timeoutMs = 30_000): Promise<string> {
-  const r = await vm.run(cmd, timeoutMs);
-  if (r.status !== 0) throw new Error(`guest command failed (status ${r.status}): ${cmd}\n${r.output}`);
-  return r.output;
-}
-
 async function configureGuest(vm: GuestVm, net: Subnet): Promise<void> {
-  await sh(vm, `ip addr flush dev eth0 && ip addr add ${net.guest}/24 dev eth0 && ip link set eth0 up`);
+  await guestSh(vm, `ip addr flush dev eth0 && ip addr add ${net.guest}/24 dev eth0 && ip link set eth0 up`);
 }
 
 function configureHostTap(ifname: string, net: Subnet): void {
@@ -63,26 +56,26 @@ function configureHostTap(ifname: string, net: Subnet): void {
  */
 async function pingBothWays(vm: GuestVm, net: Subnet, count = 3): Promise<void> {
   // Without a deadline (-w) both pings exit 0 when at least one reply came back.
-  await sh(vm, `ping -c ${count} -W 5 ${net.host}`, 60_000);
+  await guestSh(vm, `ping -c ${count} -W 5 ${net.host}`, 60_000);
   runHost(['ping', '-c', String(count), '-i', '0.5', '-W', '5', net.guest], { timeoutMs: 30_000 });
 }
 
 async function makeGuestFile(vm: GuestVm, file: string, bytes: number): Promise<string> {
   const t0 = Date.now();
-  await sh(vm, `dd if=/dev/urandom of=${file} bs=1M count=${bytes / 2 ** 20} 2>/dev/null`, 120_000);
+  await guestSh(vm, `dd if=/dev/urandom of=${file} bs=1M count=${bytes / 2 ** 20} 2>/dev/null`, 120_000);
   note(`guest dd ${bytes / 2 ** 20} MiB of urandom`, `${Date.now() - t0} ms`);
   return file;
 }
 
 async function guestSha(vm: GuestVm, file: string): Promise<string> {
-  return (await sh(vm, `sha256sum ${file}`, 60_000)).split(/\s+/)[0]!;
+  return (await guestSh(vm, `sha256sum ${file}`, 60_000)).split(/\s+/)[0]!;
 }
 
 /** The guest sends `file` to the sink; checksums compared at both ends. */
 async function guestToHost(vm: GuestVm, net: Subnet, sink: TcpSink, file: string): Promise<TransferResult> {
   const sum = await guestSha(vm, file);
   const got = sink.next(180_000);
-  await sh(vm, `nc ${net.host} ${sink.port} < ${file}`, 180_000);
+  await guestSh(vm, `nc ${net.host} ${sink.port} < ${file}`, 180_000);
   const r = await got;
   expect(r.sha256).toBe(sum);
   return r;
@@ -203,9 +196,9 @@ describe('a stock virtio_net guest on vhost-xdp serve (2 vCPUs, 2 queue pairs)',
 
   test('virtio_net binds with the MAC and host_mtu from the QEMU command line; the MTU reaches the tap; ping works both ways', async () => {
     const vm = guest();
-    expect(await sh(vm, 'basename $(readlink /sys/class/net/eth0/device/driver)')).toBe('virtio_net');
-    expect(await sh(vm, 'cat /sys/class/net/eth0/address')).toBe(MAC);
-    expect(await sh(vm, 'cat /sys/class/net/eth0/mtu')).toBe(String(MTU));
+    expect(await guestSh(vm, 'basename $(readlink /sys/class/net/eth0/device/driver)')).toBe('virtio_net');
+    expect(await guestSh(vm, 'cat /sys/class/net/eth0/address')).toBe(MAC);
+    expect(await guestSh(vm, 'cat /sys/class/net/eth0/mtu')).toBe(String(MTU));
     await waitUntil(() => backend().proc.tail(500).includes(`MTU ${MTU} applied to ${tap}`), 5000, 'the NET_SET_MTU log line');
     expect(getMtu(tap)).toBe(MTU);
     expect((await deviceStatus(backend())).mtu).toBe(MTU);
@@ -221,7 +214,7 @@ describe('a stock virtio_net guest on vhost-xdp serve (2 vCPUs, 2 queue pairs)',
       expect(st.features).toContain(f);
     }
     // The guest's side of the same negotiation: one character per feature bit.
-    const bits = await sh(vm, 'cat /sys/class/net/eth0/device/features');
+    const bits = await guestSh(vm, 'cat /sys/class/net/eth0/device/features');
     console.log(`[guest-net] guest's virtio feature bits: ${bits}`);
     for (const b of [0, 1, 7, 8, 11, 12, 15, 22, 32]) expect(bits[b], `guest feature bit ${b}`).toBe('1');
     await makeGuestFile(vm, '/tmp/g2h', MIB20);
@@ -234,15 +227,15 @@ describe('a stock virtio_net guest on vhost-xdp serve (2 vCPUs, 2 queue pairs)',
   test('with 2 vCPUs the guest uses both queue pairs in both directions', async () => {
     const vm = guest();
     await configureGuest(vm, net);
-    console.log(`[guest-net] guest queues: ${(await sh(vm, 'ls /sys/class/net/eth0/queues | tr "\\n" " "'))}`);
-    console.log(`[guest-net] guest XPS: ${(await sh(vm, 'for q in /sys/class/net/eth0/queues/tx-*; do echo -n "${q##*/}=$(cat $q/xps_cpus) "; done'))}`);
+    console.log(`[guest-net] guest queues: ${(await guestSh(vm, 'ls /sys/class/net/eth0/queues | tr "\\n" " "'))}`);
+    console.log(`[guest-net] guest XPS: ${(await guestSh(vm, 'for q in /sys/class/net/eth0/queues/tx-*; do echo -n "${q##*/}=$(cat $q/xps_cpus) "; done'))}`);
     const before = await pairStats(backend());
     const sum = await guestSha(vm, '/tmp/g2h');
     // One flow sent from each vCPU: XPS maps CPU n to tx queue n. The tap answers each flow
     // on the queue it came from (tun's flow table), so ACKs exercise both rx queues too.
     const a = sink!.next(180_000);
     const b = sink!.next(180_000);
-    await sh(vm, `taskset 1 nc ${net.host} ${sink!.port} < /tmp/g2h & taskset 2 nc ${net.host} ${sink!.port} < /tmp/g2h & wait`, 180_000);
+    await guestSh(vm, `taskset 1 nc ${net.host} ${sink!.port} < /tmp/g2h & taskset 2 nc ${net.host} ${sink!.port} < /tmp/g2h & wait`, 180_000);
     for (const r of await Promise.all([a, b])) expect(r.sha256).toBe(sum);
     const after = await pairStats(backend());
     const delta = after.map((p, i) => ({
@@ -263,10 +256,10 @@ describe('a stock virtio_net guest on vhost-xdp serve (2 vCPUs, 2 queue pairs)',
     await pingBothWays(vm, net, 1);
     const before = await holdings(backend());
     expect(before.runningVrings).toEqual([0, 1, 2, 3]);
-    const dev = await sh(vm, 'basename $(readlink /sys/class/net/eth0/device)');
-    await sh(vm, `echo ${dev} > /sys/bus/virtio/drivers/virtio_net/unbind`);
+    const dev = await guestSh(vm, 'basename $(readlink /sys/class/net/eth0/device)');
+    await guestSh(vm, `echo ${dev} > /sys/bus/virtio/drivers/virtio_net/unbind`);
     await waitUntil(async () => (await deviceStatus(backend())).runningVrings.length === 0, 10_000, 'the backend to stop its vrings');
-    await sh(vm, `echo ${dev} > /sys/bus/virtio/drivers/virtio_net/bind`);
+    await guestSh(vm, `echo ${dev} > /sys/bus/virtio/drivers/virtio_net/bind`);
     await waitAllRunning('the vrings to run again', 15_000);
     await configureGuest(vm, net);
     await pingBothWays(vm, net);

@@ -5,7 +5,7 @@ import type { DeviceStatus } from '../../src/service/device.js';
 import { waitUntil } from '../support/processes.js';
 import { repoRoot, startBackend, tempDir, type Backend } from '../support/backend.js';
 import { addAddress, CleanupStack, disableIpv6, freeTestSubnet, run as runHost, setLinkUp, uniqueIfName } from '../support/netdev.js';
-import { GuestVm, IMAGES } from '../support/guest/guest-vm.js';
+import { GuestVm, IMAGES, guestSh } from '../support/guest/guest-vm.js';
 import {
   assertTraversable, chownToQemuGroup, createDomain, DomainConsole, domainLogPath, ensureLibvirtDaemons, missingLibvirtBinaries,
   removeDomain, virsh, type LibvirtDaemons,
@@ -58,12 +58,6 @@ const note = (key: string, value: string): void => {
   timings.push(`${key}: ${value}`);
   console.log(`[libvirt] ${key}: ${value}`);
 };
-
-async function sh(vm: GuestVm, cmd: string, timeoutMs = 30_000): Promise<string> {
-  const r = await vm.run(cmd, timeoutMs);
-  if (r.status !== 0) throw new Error(`guest command failed (status ${r.status}): ${cmd}\n${r.output}`);
-  return r.output;
-}
 
 const title = 'a libvirt domain (virsh create) with the README\'s vhostuser interface on serve, TCG, direct kernel boot';
 describe.skipIf(missing.length > 0)(missing.length > 0 ? `${title} — SKIPPED: libvirt is not installed (${missing.join(', ')} missing; scripts/bootstrap.sh installs it)` : title, () => {
@@ -168,9 +162,9 @@ ${xml.iface.replace(`path='${README_SOCKET}'`, `path='${socket}'`).replace(/^/gm
     expect(cmdline).toMatch(/"type":"vhost-user"/);
     expect(cmdline).toMatch(/memory-backend-memfd[^\n]*"share":true/);
     const g = vm!;
-    expect(await sh(g, 'basename $(readlink /sys/class/net/eth0/device/driver)')).toBe('virtio_net');
-    expect(await sh(g, 'cat /sys/class/net/eth0/address')).toBe(mac);
-    expect(await sh(g, 'ls -d /sys/class/net/eth0/queues/rx-* | wc -l')).toBe(String(queues));
+    expect(await guestSh(g, 'basename $(readlink /sys/class/net/eth0/device/driver)')).toBe('virtio_net');
+    expect(await guestSh(g, 'cat /sys/class/net/eth0/address')).toBe(mac);
+    expect(await guestSh(g, 'ls -d /sys/class/net/eth0/queues/rx-* | wc -l')).toBe(String(queues));
     // virtio_net uses min(queue pairs, vCPUs) pairs; with one vCPU per pair, all of them.
     await waitUntil(async () => (await status()).runningVrings.length === 2 * queues, 10_000, `${2 * queues} running vrings in serve`);
     const st = await status();
@@ -181,10 +175,10 @@ ${xml.iface.replace(`path='${README_SOCKET}'`, `path='${socket}'`).replace(/^/gm
 
   test('ping through it: the host pings the guest and the guest pings the host', async () => {
     const g = vm!;
-    await sh(g, `ip addr flush dev eth0 && ip addr add ${net.guest}/24 dev eth0 && ip link set eth0 up`);
+    await guestSh(g, `ip addr flush dev eth0 && ip addr add ${net.guest}/24 dev eth0 && ip link set eth0 up`);
     // Without a deadline (-w) ping exits 0 when at least one reply came back; the first echo
     // may wait for neighbour resolution.
-    await sh(g, `ping -c 3 -W 5 ${net.host}`, 60_000);
+    await guestSh(g, `ping -c 3 -W 5 ${net.host}`, 60_000);
     runHost(['ping', '-c', '3', '-i', '0.5', '-W', '5', net.guest], { timeoutMs: 30_000 });
   }, 90_000);
 });

@@ -17,19 +17,13 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { countGuestMappings, mountPinDir, startBackend, tempDir, unmountPinDir, type Backend } from '../support/backend.js';
 import { addAddress, addToBridge, CleanupStack, createBridge, fdbPort, freeTestSubnet, run as runHost, uniqueIfName } from '../support/netdev.js';
 import { waitUntil } from '../support/processes.js';
-import type { GuestVm, GuestVmOptions } from '../support/guest/guest-vm.js';
+import { guestSh, type GuestVm, type GuestVmOptions } from '../support/guest/guest-vm.js';
 import { sendUdp, TcpSink } from '../support/guest/host-endpoint.js';
 import { bootWithQmp, migrate, quit, startIncoming, waitRunning, type MigrationOutcome, type QmpGuest } from '../support/guest/migration.js';
 import { existsNow, type KernelObjectKind } from '../offload/helpers.js';
 
 const MIB16 = 16 * 2 ** 20;
 const CHUNK = 256 * 1024;
-
-async function sh(vm: GuestVm, cmd: string, timeoutMs = 30_000): Promise<string> {
-  const r = await vm.run(cmd, timeoutMs);
-  if (r.status !== 0) throw new Error(`guest command failed (status ${r.status}): ${cmd}\n${r.output}`);
-  return r.output;
-}
 
 /** Host pings the guest; returns how many replies came back. */
 function hostPing(addr: string, count: number): number {
@@ -70,8 +64,8 @@ class Bridged {
 
   /** Addresses the guest on the bridge's subnet and checks it reaches the host. */
   async guestUp(vm: GuestVm): Promise<void> {
-    await sh(vm, `ip addr add ${this.net.guest}/24 dev eth0 && ip link set eth0 up`);
-    await sh(vm, `ping -c 2 -w 15 ${this.net.host}`, 30_000);
+    await guestSh(vm, `ip addr add ${this.net.guest}/24 dev eth0 && ip link set eth0 up`);
+    await guestSh(vm, `ping -c 2 -w 15 ${this.net.host}`, 30_000);
     this.timings.push(`boot ${vm.bootMs} ms`);
   }
 
@@ -104,11 +98,11 @@ async function devStatus(be: Backend): Promise<any> {
  * the stream started (the host has bytes).
  */
 async function startStream(vm: GuestVm, b: Bridged): Promise<{ sum: string; done: Promise<{ bytes: number; sha256: string; ms: number }> }> {
-  await sh(vm, `dd if=/dev/urandom of=/tmp/up bs=1M count=${MIB16 / 2 ** 20} 2>/dev/null`, 60_000);
-  const sum = (await sh(vm, 'sha256sum /tmp/up', 60_000)).split(/\s+/)[0]!;
+  await guestSh(vm, `dd if=/dev/urandom of=/tmp/up bs=1M count=${MIB16 / 2 ** 20} 2>/dev/null`, 60_000);
+  const sum = (await guestSh(vm, 'sha256sum /tmp/up', 60_000)).split(/\s+/)[0]!;
   const done = b.sink.next(180_000);
   const received0 = b.sink.received;
-  await sh(vm, `(i=0; while [ $i -lt ${MIB16 / CHUNK} ]; do dd if=/tmp/up bs=${CHUNK} skip=$i count=1 2>/dev/null; usleep 30000; i=$((i+1)); done) ` +
+  await guestSh(vm, `(i=0; while [ $i -lt ${MIB16 / CHUNK} ]; do dd if=/tmp/up bs=${CHUNK} skip=$i count=1 2>/dev/null; usleep 30000; i=$((i+1)); done) ` +
     `| nc ${b.net.host} ${b.sink.port} >/dev/null 2>&1 &`);
   await waitUntil(() => b.sink.received - received0 > 1 << 20, 30_000, 'the stream under way');
   return { sum, done };
@@ -131,7 +125,7 @@ function filesUnder(dir: string): string[] {
 
 /** The blocklist hits the guest's bpftool reads (the map lives on the host) for `addr`. */
 async function guestHits(vm: GuestVm, addr: string): Promise<number> {
-  const dump = JSON.parse(await sh(vm, 'bpftool -j map dump name blocklist')) as { key: string[]; value: string[] }[];
+  const dump = JSON.parse(await guestSh(vm, 'bpftool -j map dump name blocklist')) as { key: string[]; value: string[] }[];
   const want = addr.split('.').map(Number);
   const e = dump.find((d) => d.key.every((k, i) => Number.parseInt(k, 16) === want[i]));
   return e ? e.value.reduce((acc, b, i) => acc + Number.parseInt(b, 16) * 256 ** i, 0) : -1;
@@ -152,19 +146,19 @@ const le = (b: string[]): number => b.reduce((acc, x, i) => acc + Number.parseIn
 
 /** `vxdp map dump counters`: each counter's per-CPU values, by index. */
 async function perCpuCounters(vm: GuestVm): Promise<Map<number, number[]>> {
-  const dump = JSON.parse(await sh(vm, 'vxdp map dump counters --json')) as { key: string[]; values: { cpu: number; value: string[] }[] }[];
+  const dump = JSON.parse(await guestSh(vm, 'vxdp map dump counters --json')) as { key: string[]; values: { cpu: number; value: string[] }[] }[];
   return new Map(dump.map((e) => [le(e.key), e.values.map((v) => le(v.value))]));
 }
 
 /** `vxdp map dump flows`: packets per (source port, destination port) of the LRU's flows (struct flow_key: saddr, daddr, then ports in host order). */
 async function flowCounts(vm: GuestVm): Promise<Map<string, number>> {
-  const dump = JSON.parse(await sh(vm, 'vxdp map dump flows --json')) as { key: string[]; value: string[] }[];
+  const dump = JSON.parse(await guestSh(vm, 'vxdp map dump flows --json')) as { key: string[]; value: string[] }[];
   return new Map(dump.map((e) => [`${le(e.key.slice(8, 10))}>${le(e.key.slice(10, 12))}`, le(e.value)]));
 }
 
 /** UDP datagrams the guest's stack took in (delivered, to no listener, or in error): /proc/net/snmp's Udp row. */
 async function guestUdpIn(vm: GuestVm): Promise<number> {
-  const rows = (await sh(vm, 'grep ^Udp: /proc/net/snmp')).trim().split('\n').map((l) => l.trim().split(/\s+/));
+  const rows = (await guestSh(vm, 'grep ^Udp: /proc/net/snmp')).trim().split('\n').map((l) => l.trim().split(/\s+/));
   const [names, values] = [rows[0]!, rows[1]!];
   return ['InDatagrams', 'NoPorts', 'InErrors'].reduce((n, k) => n + Number(values[names.indexOf(k)]), 0);
 }
@@ -187,13 +181,13 @@ describe('live migration of an offloaded guest between two tap backends in one b
 
   /** Sends n datagrams from the blocked address; the guest's map must count every one. */
   async function dropMore(vm: GuestVm, n: number): Promise<void> {
-    const rx0 = Number(await sh(vm, 'cat /sys/class/net/eth0/statistics/rx_packets'));
+    const rx0 = Number(await guestSh(vm, 'cat /sys/class/net/eth0/statistics/rx_packets'));
     await sendUdp(b.udpFrom, b.net.guest, 9, n);
     dropped += n;
     await waitUntil(async () => (await guestHits(vm, b.udpFrom)) >= dropped, 10_000, `${dropped} drops counted`).catch(() => undefined);
     expect(await guestHits(vm, b.udpFrom)).toBe(dropped);
     // Dropped on the host: none of them reached the guest (a stray frame may: ARP, TCP).
-    expect(Number(await sh(vm, 'cat /sys/class/net/eth0/statistics/rx_packets')) - rx0).toBeLessThan(n);
+    expect(Number(await guestSh(vm, 'cat /sys/class/net/eth0/statistics/rx_packets')) - rx0).toBeLessThan(n);
   }
 
   beforeAll(async () => {
@@ -209,8 +203,8 @@ describe('live migration of an offloaded guest between two tap backends in one b
     // The image's init loads the offload-aware driver, which claims pair 1 of a --offload backend.
     src = await bootWithQmp(opts('vx-migoff-a', A.socket), b.dir);
     await b.guestUp(src.vm);
-    await sh(src.vm, 'ip link set dev eth0 xdpoffload obj /bpf/xdp_blocklist.o sec xdp 2>&1', 30_000);
-    await sh(src.vm, `bpftool map update name blocklist key ${b.udpFrom.split('.').join(' ')} value 0 0 0 0 0 0 0 0`);
+    await guestSh(src.vm, 'ip link set dev eth0 xdpoffload obj /bpf/xdp_blocklist.o sec xdp 2>&1', 30_000);
+    await guestSh(src.vm, `bpftool map update name blocklist key ${b.udpFrom.split('.').join(' ')} value 0 0 0 0 0 0 0 0`);
     await dropMore(src.vm, 20);
   }, 180_000);
 
@@ -235,7 +229,7 @@ describe('live migration of an offloaded guest between two tap backends in one b
     // The source as it was: the same kernel program, attached; traffic both ways; drops counted.
     const after = await A.be.call('offload.show', { name: 'miga' });
     expect(after).toMatchObject({ claimed: true, program: { id: before.id, name: 'xdp_blocklist_p' } });
-    expect(await sh(g.vm, 'ip link show dev eth0')).toMatch(/xdpoffload/);
+    expect(await guestSh(g.vm, 'ip link show dev eth0')).toMatch(/xdpoffload/);
     expect(hostPing(b.net.guest, 3)).toBe(3);
     await dropMore(g.vm, 10);
     expect((await devStatus(A.be)).logging).toBe(false);
@@ -275,7 +269,7 @@ describe('live migration of an offloaded guest between two tap backends in one b
     expect(countGuestMappings(A.be.proc.pid)).toBe(mappings0);
     await waitRunning(g);
     expect(hostPing(b.net.guest, 3)).toBe(3);
-    expect(await sh(g.vm, 'ip link show dev eth0')).toMatch(/xdpoffload/);
+    expect(await guestSh(g.vm, 'ip link show dev eth0')).toMatch(/xdpoffload/);
     await dropMore(g.vm, 10);
     // Nothing was saved: the cancel came before the switch-over.
     expect((await devStatus(A.be)).lastMigration?.direction ?? 'save').toBe('save');
@@ -302,7 +296,7 @@ describe('live migration of an offloaded guest between two tap backends in one b
     expect(fdbPort(b.bridge, MAC)).toBe(B.ifname);
 
     // On B: the program attached, the map with the count from A, counting on.
-    expect(await sh(dst.vm, 'ip link show dev eth0')).toMatch(/xdpoffload[\s\S]*prog\/xdp id \d+ name xdp_blocklist/);
+    expect(await guestSh(dst.vm, 'ip link show dev eth0')).toMatch(/xdpoffload[\s\S]*prog\/xdp id \d+ name xdp_blocklist/);
     expect(await guestHits(dst.vm, b.udpFrom)).toBe(dropped);
     await dropMore(dst.vm, 25);
     const onB = await B.be.call('offload.show', { name: 'migb' });
@@ -335,15 +329,15 @@ describe('live migration of an offloaded guest between two tap backends in one b
     const showOf = async (side: typeof A): Promise<any> => side.be.call('offload.show', { name: side.name });
     const drops = async (side: typeof A): Promise<number> => (await showOf(side)).verdicts.drop as number;
     // vxdp load is refused while the kernel path owns the device's program: that one goes first.
-    await sh(g.vm, 'ip link set dev eth0 xdpoffload off');
+    await guestSh(g.vm, 'ip link set dev eth0 xdpoffload off');
     await waitUntil(async () => (await showOf(from)).program === null, 10_000, 'the kernel-path program gone');
     // The host loads the object in a libbpf child: slower than the driver's 3 s default on this machine.
-    const timeout = (await sh(g.vm, 'cat /sys/module/virtio_net/parameters/offload_timeout_ms')).trim();
-    await sh(g.vm, 'echo 20000 > /sys/module/virtio_net/parameters/offload_timeout_ms');
-    const load = await sh(g.vm, `vxdp load ${SAMPLE}`, 60_000);
+    const timeout = (await guestSh(g.vm, 'cat /sys/module/virtio_net/parameters/offload_timeout_ms')).trim();
+    await guestSh(g.vm, 'echo 20000 > /sys/module/virtio_net/parameters/offload_timeout_ms');
+    const load = await guestSh(g.vm, `vxdp load ${SAMPLE}`, 60_000);
     const tag = /tag ([0-9a-f]{16})/.exec(load)?.[1];
     expect(tag).toBeDefined();
-    const shown = JSON.parse(await sh(g.vm, 'vxdp show --json')) as VxdpShow;
+    const shown = JSON.parse(await guestSh(g.vm, 'vxdp show --json')) as VxdpShow;
     expect(shown).toMatchObject({ loaded: true, program: 'xdp_filter', tag });
 
     /** The dropped flow dies on the host (its counter rises, the guest's stack sees none); the passed one arrives. */
@@ -390,7 +384,7 @@ describe('live migration of an offloaded guest between two tap backends in one b
 
     // The destination: the same object, its maps' contents as they were, dropping on this host.
     timings.push(`object case: host ping answered ${await msUntilPingable(b.net.guest, 10_000)} ms after completion (${Date.now() - t0} ms after migrate)`);
-    const moved = JSON.parse(await sh(dst.vm, 'vxdp show --json')) as VxdpShow;
+    const moved = JSON.parse(await guestSh(dst.vm, 'vxdp show --json')) as VxdpShow;
     expect(moved).toMatchObject({ loaded: true, program: 'xdp_filter', tag });
     expect(moved.maps.map((x) => [x.name, x.type])).toEqual(shown.maps.map((x) => [x.name, x.type]));
     const c1 = await perCpuCounters(dst.vm);
@@ -412,8 +406,8 @@ describe('live migration of an offloaded guest between two tap backends in one b
       maps: (onTo.maps as { id: number; handle: number }[]).filter((x) => handles.has(x.handle)).map((x) => x.id),
     };
     expect(toIds.maps.length).toBe(shown.maps.length);
-    expect(await sh(dst.vm, 'vxdp unload')).toMatch(/eth0: object unloaded/);
-    await sh(dst.vm, `echo ${timeout} > /sys/module/virtio_net/parameters/offload_timeout_ms`);
+    expect(await guestSh(dst.vm, 'vxdp unload')).toMatch(/eth0: object unloaded/);
+    await guestSh(dst.vm, `echo ${timeout} > /sys/module/virtio_net/parameters/offload_timeout_ms`);
     const unloaded = await showOf(to);
     expect(unloaded).toMatchObject({ claimed: true, program: null, object: null });
     expect(unloaded.maps.filter((x: { handle: number }) => handles.has(x.handle))).toEqual([]);
@@ -421,7 +415,7 @@ describe('live migration of an offloaded guest between two tap backends in one b
     for (const id of toIds.maps) expect(await gone('map', id)).toBe(true);
     const left = filesUnder(path.join(pins, to.name)).map((f) => path.basename(f));
     expect(left.filter((f) => /^(obj\d+_|meta_obj$|prog$)/.test(f) || [...handles].some((h) => f === `map_${h}` || f === `meta_${h}`))).toEqual([]);
-    expect(await sh(dst.vm, 'vxdp show')).toMatch(/eth0: no object offloaded/);
+    expect(await guestSh(dst.vm, 'vxdp show')).toMatch(/eth0: no object offloaded/);
   }, 240_000);
 });
 
@@ -481,6 +475,6 @@ describe('live migration between two xsk backends in one bridge (QEMU 10, TCG)',
     await waitUntil(() => fdbPort(b.bridge, MAC) === X.ifname, 5_000, 'the bridge learning the guest on X');
     timings.push(`bridge learned the guest on X ${Date.now() - t0} ms after running; features ${(await devStatus(X.be)).features.includes('GUEST_ANNOUNCE') ? 'with' : 'without'} GUEST_ANNOUNCE`);
     timings.push(`host ping answered ${await msUntilPingable(b.net.guest, 3_000)} ms later`);
-    expect(await sh(dst.vm, `ping -c 1 -w 5 ${b.net.host}`)).toMatch(/1 packets received/);
+    expect(await guestSh(dst.vm, `ping -c 1 -w 5 ${b.net.host}`)).toMatch(/1 packets received/);
   }, 120_000);
 });

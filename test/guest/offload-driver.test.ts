@@ -8,7 +8,7 @@ import { addAddress, freeTestSubnet, CleanupStack, disableIpv6, linkIdentity, ru
 import { waitUntil } from '../support/processes.js';
 import { PacketSocket, bytesToMac } from '../support/packet-socket.js';
 import { udpFrame, seqOf } from '../support/frames.js';
-import { GuestVm } from '../support/guest/guest-vm.js';
+import { GuestVm, guestSh } from '../support/guest/guest-vm.js';
 import { sendRandom, TcpSink } from '../support/guest/host-endpoint.js';
 import { formatTimings, killAndRestart } from '../support/guest/restart.js';
 
@@ -66,16 +66,10 @@ function hostPing(addr: string, count: number): number {
 
 /** Id of the newest map called `name` (a detached program's maps may linger a moment). */
 async function mapId(vm: GuestVm, name: string): Promise<number> {
-  const maps = JSON.parse(await sh(vm, 'bpftool -j map show')) as { id: number; name: string }[];
+  const maps = JSON.parse(await guestSh(vm, 'bpftool -j map show')) as { id: number; name: string }[];
   const ids = maps.filter((m) => m.name === name).map((m) => m.id);
   if (ids.length === 0) throw new Error(`no map named ${name} in the guest`);
   return Math.max(...ids);
-}
-
-async function sh(vm: GuestVm, cmd: string, timeoutMs = 30_000): Promise<string> {
-  const r = await vm.run(cmd, timeoutMs);
-  if (r.status !== 0) throw new Error(`guest command failed (status ${r.status}): ${cmd}\n${r.output}`);
-  return r.output;
 }
 
 describe('offload-aware virtio_net against a backend without --offload (2 vCPUs, 2 queue pairs)', () => {
@@ -121,40 +115,40 @@ describe('offload-aware virtio_net against a backend without --offload (2 vCPUs,
   test('the patched module loads in place of the stock one, binds the device, and gives up the claim within about a second', async () => {
     const vm = guest();
     expect((await vm.run('test -d /sys/class/net/eth0')).status).not.toBe(0);
-    await sh(vm, 'modprobe net_failover');
+    await guestSh(vm, 'modprobe net_failover');
     const t0 = Date.now();
-    await sh(vm, `insmod ${GUEST_KO}`, 20_000);
+    await guestSh(vm, `insmod ${GUEST_KO}`, 20_000);
     const loadMs = Date.now() - t0;
-    expect(await sh(vm, 'basename $(readlink /sys/class/net/eth0/device/driver)')).toBe('virtio_net');
+    expect(await guestSh(vm, 'basename $(readlink /sys/class/net/eth0/device/driver)')).toBe('virtio_net');
     // Only the patched module has these parameters.
-    expect(await sh(vm, 'cat /sys/module/virtio_net/parameters/offload')).toBe('Y');
-    const dmesg = await sh(vm, 'dmesg | grep -i "offload"');
+    expect(await guestSh(vm, 'cat /sys/module/virtio_net/parameters/offload')).toBe('Y');
+    const dmesg = await guestSh(vm, 'dmesg | grep -i "offload"');
     console.log(`[offload-driver] insmod took ${loadMs} ms; dmesg:\n${dmesg}`);
     expect(dmesg).toMatch(/did not answer the offload claim.*queue pair 1 stays a data pair/);
     expect(loadMs).toBeLessThan(15_000);
-    expect(await sh(vm, 'cat /sys/class/net/eth0/address')).toBe(MAC);
+    expect(await guestSh(vm, 'cat /sys/class/net/eth0/address')).toBe(MAC);
   }, 60_000);
 
   test('with the claim unanswered the last pair is a data pair: both pairs carry traffic, ping and TCP both ways work', async () => {
     const vm = guest();
-    expect((await sh(vm, 'ls /sys/class/net/eth0/queues')).split(/\s+/).sort()).toEqual(['rx-0', 'rx-1', 'tx-0', 'tx-1']);
+    expect((await guestSh(vm, 'ls /sys/class/net/eth0/queues')).split(/\s+/).sort()).toEqual(['rx-0', 'rx-1', 'tx-0', 'tx-1']);
     expect(await runningVrings(be!)).toEqual([0, 1, 2, 3]);
     const before = await pairStats(be!);
-    await sh(vm, `ip addr add ${net.guest}/24 dev eth0 && ip link set eth0 up`);
+    await guestSh(vm, `ip addr add ${net.guest}/24 dev eth0 && ip link set eth0 up`);
     const first = await vm.run(`ping -c 3 -w 20 ${net.host}`, 30_000);
     if (first.status !== 0) {
-      console.log(`[offload-driver] DEBUG ping failed:\n${first.output}\n${await sh(vm, 'ip -s link show eth0; ip neigh; dmesg | tail -5')}\n` +
+      console.log(`[offload-driver] DEBUG ping failed:\n${first.output}\n${await guestSh(vm, 'ip -s link show eth0; ip neigh; dmesg | tail -5')}\n` +
         `${JSON.stringify(await pairStats(be!))}\n${runHost(['ip', '-s', 'link', 'show', tap])}`);
     }
     expect(first.status).toBe(0);
     runHost(['ping', '-c', '3', '-w', '15', '-i', '0.3', net.guest], { timeoutMs: 20_000 });
     // One flow from each vCPU: XPS sends CPU n's traffic on tx queue n, so pair 1 — where the
     // claim frame and the offload buffers were left — carries a flow in both directions.
-    await sh(vm, 'dd if=/dev/urandom of=/tmp/up bs=64k count=32 2>/dev/null');
-    const sum = (await sh(vm, 'sha256sum /tmp/up')).split(/\s+/)[0];
+    await guestSh(vm, 'dd if=/dev/urandom of=/tmp/up bs=64k count=32 2>/dev/null');
+    const sum = (await guestSh(vm, 'sha256sum /tmp/up')).split(/\s+/)[0];
     const a = sink!.next(60_000);
     const b = sink!.next(60_000);
-    await sh(vm, `taskset 1 nc ${net.host} ${sink!.port} </tmp/up & taskset 2 nc ${net.host} ${sink!.port} </tmp/up & wait`, 60_000);
+    await guestSh(vm, `taskset 1 nc ${net.host} ${sink!.port} </tmp/up & taskset 2 nc ${net.host} ${sink!.port} </tmp/up & wait`, 60_000);
     for (const r of await Promise.all([a, b])) expect(r.sha256).toBe(sum);
     const port = 5301;
     const down = vm.run(`nc -l -p ${port} </dev/null | sha256sum`, 60_000);
@@ -183,21 +177,21 @@ describe('offload-aware virtio_net against a backend without --offload (2 vCPUs,
     console.log(`[offload-driver] xdpoffload without a claimed pair (${ms} ms, status ${r.status}):\n${r.output}`);
     expect(r.status).not.toBe(0);
     expect(ms).toBeLessThan(10_000);
-    const why = `${r.output}\n${await sh(vm, 'dmesg | tail -n 20')}`;
+    const why = `${r.output}\n${await guestSh(vm, 'dmesg | tail -n 20')}`;
     expect(why).toMatch(/offload is not available/i);
-    expect(await sh(vm, 'ip link show dev eth0')).not.toMatch(/xdpoffload|prog\/xdp/);
+    expect(await guestSh(vm, 'ip link show dev eth0')).not.toMatch(/xdpoffload|prog\/xdp/);
     // The device still passes traffic.
-    await sh(vm, `ping -c 2 -w 10 ${net.host}`, 20_000);
+    await guestSh(vm, `ping -c 2 -w 10 ${net.host}`, 20_000);
   }, 60_000);
 
   test('unloading the module with offload buffers still in a data ring frees them cleanly; loading it again binds the device', async () => {
     const vm = guest();
-    await sh(vm, 'rmmod virtio_net', 20_000);
+    await guestSh(vm, 'rmmod virtio_net', 20_000);
     expect((await vm.run('test -d /sys/class/net/eth0')).status).not.toBe(0);
     // The reset reached the backend: it stopped every ring.
     await waitUntil(async () => (await runningVrings(be!)).length === 0, 10_000, 'the backend to stop the vrings');
-    await sh(vm, `insmod ${GUEST_KO}`, 20_000);
-    expect(await sh(vm, 'basename $(readlink /sys/class/net/eth0/device/driver)')).toBe('virtio_net');
+    await guestSh(vm, `insmod ${GUEST_KO}`, 20_000);
+    expect(await guestSh(vm, 'basename $(readlink /sys/class/net/eth0/device/driver)')).toBe('virtio_net');
     const bad = await vm.run('dmesg | grep -E "BUG|WARNING|Oops|general protection|refcount|list_del"');
     expect(bad.output).toBe('');
   }, 60_000);
@@ -217,7 +211,7 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
     if (!vm) throw new Error('guest did not boot');
     return vm;
   };
-  const rxPackets = async (): Promise<number> => Number(await sh(guest(), 'cat /sys/class/net/eth0/statistics/rx_packets'));
+  const rxPackets = async (): Promise<number> => Number(await guestSh(guest(), 'cat /sys/class/net/eth0/statistics/rx_packets'));
 
   beforeAll(async () => {
     cleanup.push(`remove ${dir}`, () => rmSync(dir, { recursive: true, force: true }));
@@ -247,19 +241,19 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
 
   test('the driver claims the last pair at probe and keeps the other one for data', async () => {
     const vm = guest();
-    await sh(vm, `modprobe net_failover && insmod ${GUEST_KO}`, 20_000);
-    expect(await sh(vm, 'dmesg | grep "XDP offload"')).toMatch(/claimed queue pair 1 .*1 data queue pairs/);
-    expect((await sh(vm, 'ls /sys/class/net/eth0/queues')).split(/\s+/).sort()).toEqual(['rx-0', 'tx-0']);
+    await guestSh(vm, `modprobe net_failover && insmod ${GUEST_KO}`, 20_000);
+    expect(await guestSh(vm, 'dmesg | grep "XDP offload"')).toMatch(/claimed queue pair 1 .*1 data queue pairs/);
+    expect((await guestSh(vm, 'ls /sys/class/net/eth0/queues')).split(/\s+/).sort()).toEqual(['rx-0', 'tx-0']);
     expect((await offloadShow(be!, name)).claimed).toBe(true);
-    await sh(vm, `ip addr add ${e2e.guest}/24 dev eth0 && ip link set eth0 up`);
-    await sh(vm, `ping -c 2 -w 15 ${e2e.host}`, 30_000);
+    await guestSh(vm, `ip addr add ${e2e.guest}/24 dev eth0 && ip link set eth0 up`);
+    await guestSh(vm, `ping -c 2 -w 15 ${e2e.host}`, 30_000);
     expect(hostPing(e2e.guest, 3)).toBe(3);
   }, 60_000);
 
   test('xdpoffload of xdp_drop.o runs on the host: host→guest frames are dropped there, the guest sees none, bpftool reads and writes the host map', async () => {
     const vm = guest();
-    await sh(vm, 'ip link set dev eth0 xdpoffload obj /bpf/xdp_drop.o sec xdp 2>&1', 30_000);
-    expect(await sh(vm, 'ip link show dev eth0')).toMatch(/xdpoffload[\s\S]*prog\/xdp id \d+ name xdp_drop/);
+    await guestSh(vm, 'ip link set dev eth0 xdpoffload obj /bpf/xdp_drop.o sec xdp 2>&1', 30_000);
+    expect(await guestSh(vm, 'ip link show dev eth0')).toMatch(/xdpoffload[\s\S]*prog\/xdp id \d+ name xdp_drop/);
     const show = await offloadShow(be!, name);
     expect(show.program?.name).toBe('xdp_drop_prog');
     expect(show.maps.map((m) => m.type)).toEqual(['ARRAY']);
@@ -270,7 +264,7 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
     expect(drops).toBeGreaterThanOrEqual(5);
     expect(await rxPackets()).toBe(rx0);
     // The guest's map is the host's: its counter matches the host's verdict counter.
-    const dump = await sh(vm, 'bpftool -j map dump name drop_count');
+    const dump = await guestSh(vm, 'bpftool -j map dump name drop_count');
     const value = (JSON.parse(dump) as { value: string[] }[])[0]!.value;
     // A stray host frame (ARP) may be dropped between reading the verdicts and the dump.
     const mapped = Number.parseInt(value[0]!, 16) + 256 * Number.parseInt(value[1]!, 16);
@@ -278,10 +272,10 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
     expect(mapped).toBeLessThanOrEqual(drop0 + drops + 5);
     // Written from the guest, counted on by the host program (stray host frames may add a few).
     const counter = async (): Promise<number> => {
-      const v = (JSON.parse(await sh(vm, 'bpftool -j map lookup name drop_count key 0 0 0 0')) as { value: string[] }).value;
+      const v = (JSON.parse(await guestSh(vm, 'bpftool -j map lookup name drop_count key 0 0 0 0')) as { value: string[] }).value;
       return v.reduce((acc, b, i) => acc + Number.parseInt(b, 16) * 256 ** i, 0);
     };
-    await sh(vm, 'bpftool map update name drop_count key 0 0 0 0 value 0 0 0 0 1 0 0 0');
+    await guestSh(vm, 'bpftool map update name drop_count key 0 0 0 0 value 0 0 0 0 1 0 0 0');
     const written = await counter();
     expect(written).toBeGreaterThanOrEqual(2 ** 32);
     expect(written).toBeLessThan(2 ** 32 + 5);
@@ -299,7 +293,7 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
 
   test('with --pin-dir, SIGKILL and a restart with the same command line keep the offload: host UDP still dies on the host and is counted, the guest\'s bpftool map dump still works', async () => {
     const vm = guest();
-    await sh(vm, 'ip -force link set dev eth0 xdpoffload obj /bpf/xdp_drop.o sec xdp 2>&1', 30_000);
+    await guestSh(vm, 'ip -force link set dev eth0 xdpoffload obj /bpf/xdp_drop.o sec xdp 2>&1', 30_000);
     const hostSide = linkIdentity(tap);
     const before = (await be!.call('offload.show', { name })) as OffloadShow & { program: { id: number } };
     expect(before.program?.name).toBe('xdp_drop_prog');
@@ -320,7 +314,7 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
     };
     /** drop_count[0] as the guest reads it: `bpftool map dump` goes through the driver to the host's map. */
     const guestCount = async (): Promise<number> => {
-      const dump = JSON.parse(await sh(vm, `bpftool -j map dump id ${await mapId(vm, 'drop_count')}`)) as { value: string[] }[];
+      const dump = JSON.parse(await guestSh(vm, `bpftool -j map dump id ${await mapId(vm, 'drop_count')}`)) as { value: string[] }[];
       return dump[0]!.value.reduce((acc, b, i) => acc + Number.parseInt(b, 16) * 256 ** i, 0);
     };
     await allDropped(10);
@@ -338,13 +332,13 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
     const recounted = await guestCount();
     expect(recounted).toBeGreaterThanOrEqual(counted + 10);
     expect(recounted).toBeLessThanOrEqual(counted + 15);
-    expect(await sh(vm, 'ip link show dev eth0')).toMatch(/xdpoffload[\s\S]*prog\/xdp id \d+ name xdp_drop/);
+    expect(await guestSh(vm, 'ip link show dev eth0')).toMatch(/xdpoffload[\s\S]*prog\/xdp id \d+ name xdp_drop/);
     expect(linkIdentity(tap)).toEqual(hostSide);
   }, 120_000);
 
   test('a program with a forbidden helper is refused with the host\'s reason; xdpoffload off restores delivery', async () => {
     const vm = guest();
-    await sh(vm, 'ip link set dev eth0 xdpoffload off');
+    await guestSh(vm, 'ip link set dev eth0 xdpoffload off');
     const r = await vm.run('ip link set dev eth0 xdpoffload obj /bpf/bad_trace_printk.o sec xdp 2>&1', 30_000);
     expect(r.status).not.toBe(0);
     expect(r.output).toMatch(/host refused the program: helper bpf_trace_printk \(6\) is not allowed/);
@@ -356,7 +350,7 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
 
   test('xdp_tx.o offloaded bounces host frames back to the host with swapped MACs', async () => {
     const vm = guest();
-    await sh(vm, 'ip -force link set dev eth0 xdpoffload obj /bpf/xdp_tx.o sec xdp 2>&1', 30_000);
+    await guestSh(vm, 'ip -force link set dev eth0 xdpoffload obj /bpf/xdp_tx.o sec xdp 2>&1', 30_000);
     const tx0 = (await offloadShow(be!, name)).verdicts.tx;
     const ps = PacketSocket.open(tap);
     try {
@@ -372,12 +366,12 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
       ps.close();
     }
     expect((await offloadShow(be!, name)).verdicts.tx).toBeGreaterThan(tx0);
-    await sh(vm, 'ip link set dev eth0 xdpoffload off');
+    await guestSh(vm, 'ip link set dev eth0 xdpoffload off');
   }, 60_000);
 
   test('a silent host costs a bounded wait and -ETIMEDOUT; its late answer is told apart by seq once it is back', async () => {
     const vm = guest();
-    await sh(vm, 'ip -force link set dev eth0 xdpoffload obj /bpf/xdp_drop.o sec xdp 2>&1', 30_000);
+    await guestSh(vm, 'ip -force link set dev eth0 xdpoffload obj /bpf/xdp_drop.o sec xdp 2>&1', 30_000);
     const pid = be!.proc.pid;
     process.kill(pid, 'SIGSTOP');
     let r;
@@ -394,17 +388,17 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
     expect(r.output).toMatch(/timed out/i);
     expect(ms).toBeLessThan(15_000);
     // The stale answer to the timed-out request arrives first and is skipped.
-    expect(await sh(vm, `bpftool map lookup id ${id} key 0 0 0 0`)).toMatch(/value:/);
-    await sh(vm, 'ip link set dev eth0 xdpoffload off');
+    expect(await guestSh(vm, `bpftool map lookup id ${id} key 0 0 0 0`)).toMatch(/value:/);
+    await guestSh(vm, 'ip link set dev eth0 xdpoffload off');
   }, 60_000);
 
   test('unloading the driver with a program and a map offloaded leaves nothing on the host', async () => {
     const vm = guest();
-    await sh(vm, 'ip -force link set dev eth0 xdpoffload obj /bpf/xdp_blocklist.o sec xdp 2>&1', 30_000);
+    await guestSh(vm, 'ip -force link set dev eth0 xdpoffload obj /bpf/xdp_blocklist.o sec xdp 2>&1', 30_000);
     const before = await offloadShow(be!, name);
     expect(before.program?.name).toBe('xdp_blocklist_p');
     expect(before.maps.map((m) => m.type)).toContain('HASH');
-    await sh(vm, 'rmmod virtio_net', 20_000);
+    await guestSh(vm, 'rmmod virtio_net', 20_000);
     const after = await offloadShow(be!, name);
     expect(after).toMatchObject({ claimed: false, program: null, maps: [] });
     const bad = await vm.run('dmesg | grep -E "BUG|WARNING|Oops|general protection|refcount|list_del"');
@@ -414,21 +408,21 @@ describe('offload-aware virtio_net against serve --offload (1 data pair + the of
   test('a stock virtio_net against the --offload backend uses the reserved pair for data', async () => {
     const vm = guest();
     // The offload-aware driver was unloaded above; the stock one takes the same device.
-    await sh(vm, 'modprobe virtio_net', 20_000);
+    await guestSh(vm, 'modprobe virtio_net', 20_000);
     await waitUntil(async () => (await be!.call('status')).devices[0].runningVrings.length === 4, 20_000, 'all four vrings running');
     expect((await be!.call('status')).devices[0].offload).toMatchObject({ claimed: false });
-    expect((await sh(vm, 'ls /sys/class/net/eth0/queues')).split(/\s+/).sort()).toEqual(['rx-0', 'rx-1', 'tx-0', 'tx-1']);
-    await sh(vm, `ip addr add ${e2e.guest}/24 dev eth0 && ip link set eth0 up`);
-    await sh(vm, `ping -c 2 -w 15 ${e2e.host}`, 30_000);
+    expect((await guestSh(vm, 'ls /sys/class/net/eth0/queues')).split(/\s+/).sort()).toEqual(['rx-0', 'rx-1', 'tx-0', 'tx-1']);
+    await guestSh(vm, `ip addr add ${e2e.guest}/24 dev eth0 && ip link set eth0 up`);
+    await guestSh(vm, `ping -c 2 -w 15 ${e2e.host}`, 30_000);
     const sink = await TcpSink.listen(e2e.host);
     try {
       const before = (await be!.call('stats', { name }))[0].pairs as { txBytes: number; rxPackets: number }[];
-      await sh(vm, 'dd if=/dev/urandom of=/tmp/up bs=64k count=32 2>/dev/null');
-      const sum = (await sh(vm, 'sha256sum /tmp/up')).split(/\s+/)[0];
+      await guestSh(vm, 'dd if=/dev/urandom of=/tmp/up bs=64k count=32 2>/dev/null');
+      const sum = (await guestSh(vm, 'sha256sum /tmp/up')).split(/\s+/)[0];
       const a = sink.next(60_000);
       const b = sink.next(60_000);
       // One flow per vCPU: XPS puts CPU n's flow on tx queue n, so pair 1 carries one.
-      await sh(vm, `taskset 1 nc ${e2e.host} ${sink.port} </tmp/up & taskset 2 nc ${e2e.host} ${sink.port} </tmp/up & wait`, 60_000);
+      await guestSh(vm, `taskset 1 nc ${e2e.host} ${sink.port} </tmp/up & taskset 2 nc ${e2e.host} ${sink.port} </tmp/up & wait`, 60_000);
       for (const r of await Promise.all([a, b])) expect(r.sha256).toBe(sum);
       const after = (await be!.call('stats', { name }))[0].pairs as { txBytes: number; rxPackets: number }[];
       const delta = after.map((p, i) => ({ txBytes: p.txBytes - before[i]!.txBytes, rxPackets: p.rxPackets - before[i]!.rxPackets }));

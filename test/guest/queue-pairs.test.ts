@@ -7,17 +7,11 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { startBackend, tempDir, type Backend } from '../support/backend.js';
 import { addAddress, CleanupStack, disableIpv6, freeTestSubnet, setLinkUp, uniqueIfName } from '../support/netdev.js';
-import { GuestVm } from '../support/guest/guest-vm.js';
+import { GuestVm, guestSh } from '../support/guest/guest-vm.js';
 import { sendUdp } from '../support/guest/host-endpoint.js';
 
 const FLOWS = 32;
 const PER_FLOW = 5;
-
-async function sh(vm: GuestVm, cmd: string, timeoutMs = 30_000): Promise<string> {
-  const r = await vm.run(cmd, timeoutMs);
-  if (r.status !== 0) throw new Error(`guest command failed (status ${r.status}): ${cmd}\n${r.output}`);
-  return r.output.trim();
-}
 
 describe.each(['tap', 'xsk'] as const)('a 1-vCPU QEMU guest on 2 queue pairs, %s port', (kind) => {
   const net = freeTestSubnet(18);
@@ -38,7 +32,7 @@ describe.each(['tap', 'xsk'] as const)('a 1-vCPU QEMU guest on 2 queue pairs, %s
     setLinkUp(ifname);
     cleanup.push('shut the guest down', () => vm?.shutdown());
     vm = await GuestVm.boot({ name: `vx-qp-${kind}`, smp: 1, append: 'vxdp.stock=1', net: { kind: 'vhost-user', socket, queues: 2, mac, reconnectMs: 1000 } });
-    await sh(vm, `ip addr add ${net.guest}/24 dev eth0 && ip link set eth0 up`);
+    await guestSh(vm, `ip addr add ${net.guest}/24 dev eth0 && ip link set eth0 up`);
   }, 150_000);
 
   afterAll(async () => {
@@ -48,12 +42,12 @@ describe.each(['tap', 'xsk'] as const)('a 1-vCPU QEMU guest on 2 queue pairs, %s
   test(`the guest uses pair 0 alone; every one of ${FLOWS} host flows reaches it`, async () => {
     const guest = vm!;
     // The driver set up one pair of queues (one per vCPU).
-    expect((await sh(guest, 'ls /sys/class/net/eth0/queues')).split(/\s+/).sort()).toEqual(['rx-0', 'tx-0']);
-    await sh(guest, `ping -c 2 -w 20 ${net.host}`, 40_000);
+    expect((await guestSh(guest, 'ls /sys/class/net/eth0/queues')).trim().split(/\s+/).sort()).toEqual(['rx-0', 'tx-0']);
+    await guestSh(guest, `ping -c 2 -w 20 ${net.host}`, 40_000);
     const d = (await be!.call('status')).devices[0];
     expect(d.runningVrings).toEqual([0, 1]);
     expect(d.hostPairs).toEqual([0]);
-    const rx = async (): Promise<number> => Number(await sh(guest, 'cat /sys/class/net/eth0/statistics/rx_packets'));
+    const rx = async (): Promise<number> => Number(await guestSh(guest, 'cat /sys/class/net/eth0/statistics/rx_packets'));
     const before = await rx();
     for (let f = 0; f < FLOWS; f++) await sendUdp(net.host, net.guest, 9999, PER_FLOW, { sport: 41000 + f, gapMs: 2 });
     let got = 0;

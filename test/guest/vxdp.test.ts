@@ -5,7 +5,7 @@ import { startBackend, tempDir, type Backend } from '../support/backend.js';
 import { addAddress, freeTestSubnet, CleanupStack, disableIpv6, setLinkUp, uniqueIfName, vethXdpCounters } from '../support/netdev.js';
 import { PacketSocket } from '../support/packet-socket.js';
 import { udpFrame } from '../support/frames.js';
-import { GuestVm } from '../support/guest/guest-vm.js';
+import { GuestVm, guestSh } from '../support/guest/guest-vm.js';
 import { objectLoadersBelow } from '../support/processes.js';
 import { defaultPeerName } from '../../src/ports/xsk.js';
 
@@ -33,12 +33,6 @@ const DEV = '/dev/vxdp-eth0';
 const SAMPLE = '/bpf/xdp_filter_obj.o';
 const DROP_SPORT = 4003;
 const net = freeTestSubnet(18);
-
-async function sh(vm: GuestVm, cmd: string, timeoutMs = 30_000): Promise<string> {
-  const r = await vm.run(cmd, timeoutMs);
-  if (r.status !== 0) throw new Error(`guest command failed (status ${r.status}): ${cmd}\n${r.output}`);
-  return r.output;
-}
 
 interface OffloadShow {
   claimed: boolean;
@@ -98,10 +92,10 @@ for (const port of ['tap', 'xsk'] as const) describe(`vxdp and /dev/vxdp-<ifname
 
   test('the claim makes /dev/vxdp-eth0 (a misc device, root only); vxdp show and vxdp load round-trip to the host and print its status', async () => {
     const vm = guest();
-    expect(await sh(vm, 'dmesg | grep "XDP offload"')).toMatch(/claimed queue pair 1[\s\S]*\/dev\/vxdp-eth0 carries offload requests/);
-    expect(await sh(vm, `ls -l ${DEV}`)).toMatch(/^crw------- .* 10,\s*\d+ .*\/dev\/vxdp-eth0$/);
+    expect(await guestSh(vm, 'dmesg | grep "XDP offload"')).toMatch(/claimed queue pair 1[\s\S]*\/dev\/vxdp-eth0 carries offload requests/);
+    expect(await guestSh(vm, `ls -l ${DEV}`)).toMatch(/^crw------- .* 10,\s*\d+ .*\/dev\/vxdp-eth0$/);
     expect((await offloadShow()).claimed).toBe(true);
-    expect(await sh(vm, 'vxdp --help')).toMatch(/vxdp load OBJ\.o \[--prog NAME\]/);
+    expect(await guestSh(vm, 'vxdp --help')).toMatch(/vxdp load OBJ\.o \[--prog NAME\]/);
 
     const show = await vm.run('vxdp show 2>&1');
     console.log(`[vxdp] vxdp show (status ${show.status}): ${show.output}`);
@@ -121,10 +115,10 @@ for (const port of ['tap', 'xsk'] as const) describe(`vxdp and /dev/vxdp-<ifname
       expect(show.output).toMatch(/eth0: no object offloaded|eth0: object /);
       expect(load.status).toBe(0);
       expect(load.output).toMatch(/loaded \/bpf\/xdp_pass\.o on eth0: program \S+ tag [0-9a-f]{16}/);
-      expect(await sh(vm, 'vxdp unload')).toMatch(/eth0: object unloaded/);
+      expect(await guestSh(vm, 'vxdp unload')).toMatch(/eth0: object unloaded/);
     }
     // The channel is free again and the kernel's own requests still work after ours.
-    expect(await sh(vm, 'ls /sys/class/net/eth0/queues').then((s) => s.split(/\s+/).sort())).toEqual(['rx-0', 'tx-0']);
+    expect(await guestSh(vm, 'ls /sys/class/net/eth0/queues').then((s) => s.split(/\s+/).sort())).toEqual(['rx-0', 'tx-0']);
   }, 60_000);
 
   test('one open at a time: a second opener gets EBUSY, the first keeps the channel; bad writes and reads are refused by the driver', async () => {
@@ -177,17 +171,17 @@ for (const port of ['tap', 'xsk'] as const) describe(`vxdp and /dev/vxdp-<ifname
 
   test('the kernel path is unchanged beside the channel: xdpoffload works, and vxdp load is refused while it owns the program', async () => {
     const vm = guest();
-    await sh(vm, 'ip link set dev eth0 xdpoffload obj /bpf/xdp_drop.o sec xdp 2>&1', 30_000);
-    expect(await sh(vm, 'ip link show dev eth0')).toMatch(/xdpoffload[\s\S]*prog\/xdp id \d+ name xdp_drop/);
+    await guestSh(vm, 'ip link set dev eth0 xdpoffload obj /bpf/xdp_drop.o sec xdp 2>&1', 30_000);
+    expect(await guestSh(vm, 'ip link show dev eth0')).toMatch(/xdpoffload[\s\S]*prog\/xdp id \d+ name xdp_drop/);
     // The kernel path's map requests and the channel's requests interleave on one seq space.
-    await sh(vm, 'bpftool map update name drop_count key 0 0 0 0 value 7 0 0 0 0 0 0 0');
+    await guestSh(vm, 'bpftool map update name drop_count key 0 0 0 0 value 7 0 0 0 0 0 0 0');
     const r = await vm.run('vxdp load /bpf/xdp_pass.o 2>&1', 30_000);
     expect(r.status).toBe(3);
     expect(r.output).toMatch(/offloaded through the kernel \(ip link \.\.\. xdpoffload\); detach it first/);
-    const v = (JSON.parse(await sh(vm, 'bpftool -j map lookup name drop_count key 0 0 0 0')) as { value: string[] }).value;
+    const v = (JSON.parse(await guestSh(vm, 'bpftool -j map lookup name drop_count key 0 0 0 0')) as { value: string[] }).value;
     expect(Number.parseInt(v[0]!, 16)).toBeGreaterThanOrEqual(7);
     expect((await offloadShow()).program?.name).toBe('xdp_drop_prog');
-    await sh(vm, 'ip link set dev eth0 xdpoffload off');
+    await guestSh(vm, 'ip link set dev eth0 xdpoffload off');
     expect((await offloadShow()).program).toBeNull();
   }, 60_000);
 
@@ -201,21 +195,21 @@ for (const port of ['tap', 'xsk'] as const) describe(`vxdp and /dev/vxdp-<ifname
         expect(r.status, cmd).toBe(1);
         expect(r.output, cmd).toMatch(/host refused: UNKNOWN_COMMAND \(3\)/);
       }
-      expect(await sh(vm, 'ip link show dev eth0')).not.toMatch(/alias vxdp:/);
+      expect(await guestSh(vm, 'ip link show dev eth0')).not.toMatch(/alias vxdp:/);
       return;
     }
-    await sh(vm, `test -f ${SAMPLE}`);
+    await guestSh(vm, `test -f ${SAMPLE}`);
     // OBJ_LOAD runs libbpf in a child process on the host (docs/offload-protocol.md §8), which
     // can take seconds on this shared TCG machine: the driver waits for it on its own, longer
     // default (obj_load_timeout_ms), every other request keeps the 3 s one. The defaults load it.
-    expect(await sh(vm, 'cat /sys/module/virtio_net/parameters/obj_load_timeout_ms')).toBe('30000');
-    expect(await sh(vm, 'cat /sys/module/virtio_net/parameters/offload_timeout_ms')).toBe('3000');
-    const load = await sh(vm, `vxdp load ${SAMPLE}`, 60_000);
+    expect(await guestSh(vm, 'cat /sys/module/virtio_net/parameters/obj_load_timeout_ms')).toBe('30000');
+    expect(await guestSh(vm, 'cat /sys/module/virtio_net/parameters/offload_timeout_ms')).toBe('3000');
+    const load = await guestSh(vm, `vxdp load ${SAMPLE}`, 60_000);
     console.log(`[vxdp] ${load}`);
     const tag = /tag ([0-9a-f]{16})/.exec(load)?.[1];
     expect(tag).toBeDefined();
-    expect(await sh(vm, 'ip link show dev eth0')).toMatch(new RegExp(`alias vxdp: xdp_filter ${tag}`));
-    const show = JSON.parse(await sh(vm, 'vxdp show --json')) as {
+    expect(await guestSh(vm, 'ip link show dev eth0')).toMatch(new RegExp(`alias vxdp: xdp_filter ${tag}`));
+    const show = JSON.parse(await guestSh(vm, 'vxdp show --json')) as {
       loaded: boolean; program: string; tag: string; possible_cpus: number; maps: { name: string; type: string; value_size: number }[];
     };
     expect(show).toMatchObject({ loaded: true, program: 'xdp_filter', tag });
@@ -224,7 +218,7 @@ for (const port of ['tap', 'xsk'] as const) describe(`vxdp and /dev/vxdp-<ifname
 
     // Host frames from the configured source port are dropped on the host; the rest pass. The
     // interface must be up: a down one posts no receive buffers, so no frame reaches the program.
-    await sh(vm, 'ip link set dev eth0 up');
+    await guestSh(vm, 'ip link set dev eth0 up');
     const drop0 = await hostDrops();
     const ps = PacketSocket.open(tap);
     try {
@@ -236,26 +230,26 @@ for (const port of ['tap', 'xsk'] as const) describe(`vxdp and /dev/vxdp-<ifname
     expect(await hostDrops() - drop0).toBeGreaterThanOrEqual(5);
 
     // Per-CPU counters: each CPU's value, bpftool's JSON layout; C_DROPPED (index 2) counts them.
-    const dump = JSON.parse(await sh(vm, 'vxdp map dump counters --json')) as { key: string[]; values: { cpu: number; value: string[] }[] }[];
+    const dump = JSON.parse(await guestSh(vm, 'vxdp map dump counters --json')) as { key: string[]; values: { cpu: number; value: string[] }[] }[];
     expect(dump.length).toBe(4);
     expect(dump[0]!.values.length).toBe(show.possible_cpus);
     const le = (b: string[]): number => b.reduce((acc, x, i) => acc + Number.parseInt(x, 16) * 256 ** i, 0);
     const dropped = dump.find((e) => le(e.key) === 2)!.values.reduce((acc, v) => acc + le(v.value), 0);
     expect(dropped).toBeGreaterThanOrEqual(5);
-    const flows = JSON.parse(await sh(vm, 'vxdp map dump flows --json')) as unknown[];
+    const flows = JSON.parse(await guestSh(vm, 'vxdp map dump flows --json')) as unknown[];
     expect(flows.length).toBeGreaterThanOrEqual(1);
-    expect(await sh(vm, 'vxdp map lookup counters key 2 0 0 0')).toMatch(/value \(CPU 00\):/);
+    expect(await guestSh(vm, 'vxdp map lookup counters key 2 0 0 0')).toMatch(/value \(CPU 00\):/);
 
     const objectHandles = new Set((await offloadShow()).object?.mapHandles ?? []);
     expect(objectHandles.size).toBe(show.maps.length);
-    const un = await sh(vm, 'vxdp unload');
+    const un = await guestSh(vm, 'vxdp unload');
     expect(un).toMatch(/eth0: object unloaded/);
-    expect(await sh(vm, 'ip link show dev eth0')).not.toMatch(/alias vxdp:/);
+    expect(await guestSh(vm, 'ip link show dev eth0')).not.toMatch(/alias vxdp:/);
     // The object's maps go with it (a map the kernel path left may still be on its way out).
     const after = await offloadShow();
     expect(after).toMatchObject({ program: null, object: null });
     expect(after.maps.filter((m) => objectHandles.has(m.handle))).toEqual([]);
-    expect(await sh(vm, 'vxdp show')).toMatch(/eth0: no object offloaded/);
+    expect(await guestSh(vm, 'vxdp show')).toMatch(/eth0: no object offloaded/);
   }, 120_000);
 
   test('refusals reach the guest: the verifier\'s message with its C source line, a forbidden helper by name', async () => {
@@ -280,21 +274,21 @@ for (const port of ['tap', 'xsk'] as const) describe(`vxdp and /dev/vxdp-<ifname
     // win the race, it is unloaded and tried again.
     let detach: { detached: boolean; kind: string | null; cancelledLoad: boolean } | undefined;
     for (let attempt = 0; attempt < 3 && !detach?.cancelledLoad; attempt++) {
-      await sh(vm, `rm -f /tmp/load.out /tmp/load.rc; (vxdp load ${SAMPLE} >/tmp/load.out 2>&1; echo $? >/tmp/load.rc) &`);
+      await guestSh(vm, `rm -f /tmp/load.out /tmp/load.rc; (vxdp load ${SAMPLE} >/tmp/load.out 2>&1; echo $? >/tmp/load.rc) &`);
       const end = Date.now() + 30_000;
       while (objectLoadersBelow(be!.proc.pid).length === 0 && Date.now() < end) await new Promise((r) => setTimeout(r, 5));
       detach = (await be!.call('offload.detach', { name })) as { detached: boolean; kind: string | null; cancelledLoad: boolean };
-      await sh(vm, 'while [ ! -s /tmp/load.rc ]; do sleep 0.2; done', 60_000);
-      if (!detach.cancelledLoad) await sh(vm, 'vxdp unload || true');
+      await guestSh(vm, 'while [ ! -s /tmp/load.rc ]; do sleep 0.2; done', 60_000);
+      if (!detach.cancelledLoad) await guestSh(vm, 'vxdp unload || true');
     }
     expect(detach).toEqual({ detached: false, kind: null, cancelledLoad: true });
-    expect(await sh(vm, 'cat /tmp/load.rc')).toBe('1');
-    const out = await sh(vm, 'cat /tmp/load.out');
+    expect(await guestSh(vm, 'cat /tmp/load.rc')).toBe('1');
+    const out = await guestSh(vm, 'cat /tmp/load.out');
     expect(out).toMatch(/host refused: CANCELLED \(24\)/);
     expect(out).toMatch(/operator cancelled the load; nothing was loaded/);
     expect(objectLoadersBelow(be!.proc.pid)).toEqual([]);
     expect(await offloadShow()).toMatchObject({ program: null, object: null });
-    expect(await sh(vm, 'vxdp show')).toMatch(/eth0: no object offloaded/);
-    expect(await sh(vm, 'ip link show dev eth0')).not.toMatch(/alias vxdp:/);
+    expect(await guestSh(vm, 'vxdp show')).toMatch(/eth0: no object offloaded/);
+    expect(await guestSh(vm, 'ip link show dev eth0')).not.toMatch(/alias vxdp:/);
   }, 240_000);
 });

@@ -9,7 +9,7 @@ import { startBackend, tempDir, type Backend } from '../support/backend.js';
 import { addAddress, freeTestSubnet, linkIdentity, run as runHost, uniqueIfName, deleteLink, vethXdpCounters } from '../support/netdev.js';
 import { waitUntil } from '../support/processes.js';
 import { defaultPeerName } from '../../src/ports/xsk.js';
-import { GuestVm } from '../support/guest/guest-vm.js';
+import { GuestVm, guestSh } from '../support/guest/guest-vm.js';
 import { sendRandom, TcpSink } from '../support/guest/host-endpoint.js';
 import { formatTimings, killAndRestart, streamAcross } from '../support/guest/restart.js';
 
@@ -17,12 +17,6 @@ const MAC = '52:54:00:5a:17:09';
 /** The offload-aware driver in the image (vm-images/build.sh). */
 const GUEST_KO = '/lib/vxdp/virtio_net_offload.ko';
 const net = freeTestSubnet(18);
-
-async function sh(vm: GuestVm, cmd: string, timeoutMs = 30_000): Promise<string> {
-  const r = await vm.run(cmd, timeoutMs);
-  if (r.status !== 0) throw new Error(`guest command failed (status ${r.status}): ${cmd}\n${r.output}`);
-  return r.output;
-}
 
 describe('a QEMU guest (2 vCPUs) on the xsk port with --offload (AF_XDP over guest RAM): stock driver, then the offload-aware one', () => {
   const ifname = uniqueIfName('vxg');
@@ -40,7 +34,7 @@ describe('a QEMU guest (2 vCPUs) on the xsk port with --offload (AF_XDP over gue
     addAddress(ifname, `${net.host}/24`);
     // The image's default driver is the offload-aware one, which would claim the reserved pair.
     vm = await GuestVm.boot({ name: 'vx-xskguest', smp: 2, append: 'vxdp.stock=1', net: { kind: 'vhost-user', socket, queues: 2, mac: MAC, reconnectMs: 1000 } });
-    await sh(vm, `ip addr add ${net.guest}/24 dev eth0 && ip link set eth0 up`);
+    await guestSh(vm, `ip addr add ${net.guest}/24 dev eth0 && ip link set eth0 up`);
     sink = await TcpSink.listen(net.host);
   }, 150_000);
 
@@ -56,17 +50,17 @@ describe('a QEMU guest (2 vCPUs) on the xsk port with --offload (AF_XDP over gue
     expect(st.features).not.toContain('CSUM');
     expect(st.features).not.toContain('HOST_TSO4');
     expect(st.features).toContain('MRG_RXBUF');
-    await sh(vm!, `ping -c 3 -w 20 ${net.host}`, 40_000);
+    await guestSh(vm!, `ping -c 3 -w 20 ${net.host}`, 40_000);
     const out = runHost(['ping', '-c', '3', '-w', '20', net.guest], { timeoutMs: 30_000, allowFail: true });
     expect(Number(/(\d+) received/.exec(out)?.[1] ?? 0)).toBeGreaterThanOrEqual(2);
   }, 90_000);
 
   test('4 MiB each way over TCP arrive with matching sha256; zero JS payload copies in either direction', async () => {
     const before = (await be!.call('stats', { name: 'xskg' }))[0].total;
-    await sh(vm!, 'dd if=/dev/urandom of=/tmp/up bs=64k count=64 2>/dev/null');
-    const sum = (await sh(vm!, 'sha256sum /tmp/up')).split(/\s+/)[0];
+    await guestSh(vm!, 'dd if=/dev/urandom of=/tmp/up bs=64k count=64 2>/dev/null');
+    const sum = (await guestSh(vm!, 'sha256sum /tmp/up')).split(/\s+/)[0];
     const got = sink!.next(120_000);
-    await sh(vm!, `nc ${net.host} ${sink!.port} </tmp/up`, 120_000);
+    await guestSh(vm!, `nc ${net.host} ${sink!.port} </tmp/up`, 120_000);
     expect((await got).sha256).toBe(sum);
     const port = 5401;
     const down = vm!.run(`nc -l -p ${port} </dev/null | sha256sum`, 120_000);
@@ -86,14 +80,14 @@ describe('a QEMU guest (2 vCPUs) on the xsk port with --offload (AF_XDP over gue
 
   test('a flow on each vCPU: the reserved pair carries its share to the host (a packet socket on the peer), checksums match', async () => {
     expect((await be!.call('status')).devices[0].offload).toMatchObject({ pair: 1, claimed: false });
-    expect((await sh(vm!, 'ls /sys/class/net/eth0/queues')).split(/\s+/).sort()).toEqual(['rx-0', 'rx-1', 'tx-0', 'tx-1']);
+    expect((await guestSh(vm!, 'ls /sys/class/net/eth0/queues')).split(/\s+/).sort()).toEqual(['rx-0', 'rx-1', 'tx-0', 'tx-1']);
     const before = (await be!.call('stats', { name: 'xskg' }))[0].pairs as { txBytes: number }[];
-    await sh(vm!, 'dd if=/dev/urandom of=/tmp/up2 bs=64k count=32 2>/dev/null');
-    const sum = (await sh(vm!, 'sha256sum /tmp/up2')).split(/\s+/)[0];
+    await guestSh(vm!, 'dd if=/dev/urandom of=/tmp/up2 bs=64k count=32 2>/dev/null');
+    const sum = (await guestSh(vm!, 'sha256sum /tmp/up2')).split(/\s+/)[0];
     const a = sink!.next(120_000);
     const b = sink!.next(120_000);
     // XPS puts CPU n's flow on tx queue n.
-    await sh(vm!, `taskset 1 nc ${net.host} ${sink!.port} </tmp/up2 & taskset 2 nc ${net.host} ${sink!.port} </tmp/up2 & wait`, 120_000);
+    await guestSh(vm!, `taskset 1 nc ${net.host} ${sink!.port} </tmp/up2 & taskset 2 nc ${net.host} ${sink!.port} </tmp/up2 & wait`, 120_000);
     for (const r of await Promise.all([a, b])) expect(r.sha256).toBe(sum);
     const after = (await be!.call('stats', { name: 'xskg' }))[0].pairs as { txBytes: number }[];
     const tx = after.map((p, i) => p.txBytes - before[i]!.txBytes);
@@ -132,17 +126,17 @@ describe('a QEMU guest (2 vCPUs) on the xsk port with --offload (AF_XDP over gue
   }, 300_000);
 
   test('the offload-aware driver (swapped in) offloads xdp_drop.o: host frames die in the kernel at the veth, the backend never sees them; off restores delivery', async () => {
-    await sh(vm!, `rmmod virtio_net && modprobe net_failover && insmod ${GUEST_KO}`, 30_000);
+    await guestSh(vm!, `rmmod virtio_net && modprobe net_failover && insmod ${GUEST_KO}`, 30_000);
     await waitUntil(async () => (await be!.call('status')).devices[0].offload.claimed, 20_000, 'the driver claims the reserved pair');
-    await sh(vm!, `ip addr add ${net.guest}/24 dev eth0 && ip link set eth0 up`);
-    await sh(vm!, `ping -c 2 -w 15 ${net.host}`, 30_000);
-    await sh(vm!, 'ip link set dev eth0 xdpoffload obj /bpf/xdp_drop.o sec xdp 2>&1', 30_000);
+    await guestSh(vm!, `ip addr add ${net.guest}/24 dev eth0 && ip link set eth0 up`);
+    await guestSh(vm!, `ping -c 2 -w 15 ${net.host}`, 30_000);
+    await guestSh(vm!, 'ip link set dev eth0 xdpoffload obj /bpf/xdp_drop.o sec xdp 2>&1', 30_000);
     const rx0 = (await be!.call('stats', { name: 'xskg' }))[0].total.rxPackets as number;
     const drops0 = vethXdpCounters(peer).xdp_drops ?? 0;
     expect(hostPing(net.guest, 5)).toBe(0);
     expect((vethXdpCounters(peer).xdp_drops ?? 0) - drops0).toBeGreaterThanOrEqual(5);
     expect((await be!.call('stats', { name: 'xskg' }))[0].total.rxPackets).toBe(rx0);
-    await sh(vm!, 'ip link set dev eth0 xdpoffload off');
+    await guestSh(vm!, 'ip link set dev eth0 xdpoffload off');
     expect(hostPing(net.guest, 3)).toBe(3);
   }, 120_000);
 });

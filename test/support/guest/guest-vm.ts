@@ -101,6 +101,13 @@ export function shQuote(s: string): string {
   return `'${s.replace(/'/g, `'\\''`)}'`;
 }
 
+/** Runs cmd in the guest and returns its output; a non-zero status fails with the output. */
+export async function guestSh(vm: GuestVm, cmd: string, timeoutMs = 30_000): Promise<string> {
+  const r = await vm.run(cmd, timeoutMs);
+  if (r.status !== 0) throw new Error(`guest command failed (status ${r.status}): ${cmd}\n${r.output}`);
+  return r.output;
+}
+
 let nextVmId = 0;
 
 export class GuestVm {

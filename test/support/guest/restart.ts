@@ -1,6 +1,6 @@
 import type { Backend } from '../backend.js';
 import { spawnManaged, sleep } from '../processes.js';
-import type { GuestVm } from './guest-vm.js';
+import { guestSh, type GuestVm } from './guest-vm.js';
 import { TcpSink, type TransferResult } from './host-endpoint.js';
 
 /**
@@ -72,11 +72,6 @@ export function formatTimings(t: RestartTimings): string {
     `frames flowing (first echo reply) ${t.flowingMs === null ? 'not measured' : `${t.flowingMs} ms`} after serve was spawned`;
 }
 
-async function guestOk(vm: GuestVm, cmd: string, timeoutMs: number): Promise<string> {
-  const r = await vm.run(cmd, timeoutMs);
-  if (r.status !== 0) throw new Error(`guest command failed (status ${r.status}): ${cmd}\n${r.output}`);
-  return r.output;
-}
 
 export interface StreamAcrossOptions<T> {
   vm: GuestVm;
@@ -108,12 +103,12 @@ export async function streamAcross<T>(o: StreamAcrossOptions<T>): Promise<Stream
   const timeoutMs = o.timeoutMs ?? 240_000;
   const file = '/tmp/vx-stream';
   if (!Number.isInteger(o.bytes / 2 ** 20)) throw new Error('streamAcross sends whole MiB');
-  await guestOk(o.vm, `dd if=/dev/urandom of=${file} bs=1M count=${o.bytes / 2 ** 20} 2>/dev/null`, 120_000);
-  const sent = (await guestOk(o.vm, `sha256sum ${file}`, 60_000)).split(/\s+/)[0]!;
+  await guestSh(o.vm, `dd if=/dev/urandom of=${file} bs=1M count=${o.bytes / 2 ** 20} 2>/dev/null`, 120_000);
+  const sent = (await guestSh(o.vm, `sha256sum ${file}`, 60_000)).split(/\s+/)[0]!;
   const sink = await TcpSink.listen(o.host);
   try {
     const done = sink.next(timeoutMs);
-    await guestOk(o.vm, `nc ${o.host} ${sink.port} <${file} >/dev/null 2>&1 &`, 30_000);
+    await guestSh(o.vm, `nc ${o.host} ${sink.port} <${file} >/dev/null 2>&1 &`, 30_000);
     const start = Date.now();
     while (sink.received < Math.min(2 ** 21, o.bytes / 8)) {
       if (Date.now() - start > 60_000) throw new Error(`the guest's stream did not get going: ${sink.received} B in 60 s`);
@@ -122,7 +117,7 @@ export async function streamAcross<T>(o: StreamAcrossOptions<T>): Promise<Stream
     const atInterrupt = sink.received;
     const during = await o.during();
     const result = await done;
-    await guestOk(o.vm, `rm -f ${file}`, 30_000);
+    await guestSh(o.vm, `rm -f ${file}`, 30_000);
     return { result, sent, atInterrupt, during };
   } finally {
     await sink.close();
